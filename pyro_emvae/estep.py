@@ -1,0 +1,584 @@
+"""The exact E-step: the posterior of every enumerated discrete site of a Pyro model.
+
+How it works. The model is traced once under :func:`pyro.poutine.enum`, so every site marked
+``infer={"enumerate": "parallel"}`` carries all its values along a tensor dimension of its own.
+Each sample site then contributes a log-factor :math:`\\phi_f` over the enumerated variables it
+depends on (and over its plates), and
+
+.. math::
+
+    \\log p_\\theta(x) = \\log \\sum_z \\prod_f \\exp \\phi_f(z)
+
+is one sum-product contraction (Pyro's :func:`~pyro.ops.contract.contract_to_tensor`).
+Because :math:`\\log p(x)` is the log-partition function of the factors,
+
+.. math::
+
+    \\frac{\\partial \\log p_\\theta(x)}{\\partial \\phi_f(z_f)} = p_\\theta(z_f \\mid x),
+
+so **one backward pass gives the exact posterior marginal of every factor's scope**: the
+marginal of each latent, the pairwise marginal of neighbours on a Markov chain, the joint of a
+local latent with a global one. The same backward pass can also return the parameter gradient
+:math:`\\nabla_\\theta \\log p_\\theta(x)`, which by Fisher's identity is the gradient of
+:math:`\\mathbb{E}_q[\\log p_\\theta(x, z)]` at the E-step's q (the first EG step comes free).
+
+Long chains. A ``pyro.markov`` loop costs a Python-level site per time step (about 1.4 s for
+one E-step at T=1000, K=8). For T in the thousands write the chain as an observed
+:class:`pyro.distributions.DiscreteHMM` site: its hidden chain is treated as an implicit latent,
+contracted by a parallel scan (``log p`` and all pairwise marginals in tens of milliseconds at
+T=10,000), with marginals, pairwise marginals, MAP (Viterbi by max-product scan) and exact
+samples (forward-filter backward-sample) reported under the site's name.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions import DiscreteHMM
+from pyro.distributions.hmm import _sequential_logmatmulexp
+from pyro.infer.discrete import infer_discrete
+from pyro.infer.traceenum_elbo import (
+    BackwardSampleMessenger,
+    _find_ordinal,
+    _get_common_scale,
+)
+from pyro.infer.util import is_validation_enabled
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_site_shape
+
+__all__ = ["EnumerationError", "ExactEStep", "Posterior"]
+
+
+class EnumerationError(ValueError):
+    """A model site that the exact E-step cannot handle (the message names the site)."""
+
+
+@dataclass
+class Posterior:
+    """The exact posterior of a model's enumerated discrete sites at the current params.
+
+    Attributes:
+        log_likelihood: 0-dim tensor, the exact :math:`\\log p_\\theta(x)` (total, nats; scaled
+            by a common ``poutine.scale`` / subsampling factor if the model has one).
+        marginals: site name -> tensor of shape ``batch_shape + (K,)``,
+            :math:`p(z = k \\mid x)`, where ``batch_shape`` is the site's shape under its plates.
+            For an observed ``DiscreteHMM`` site ``name`` the hidden chain's marginals are
+            ``(*batch_shape, T, K)``.
+        pairwise: ``(parent, child)`` -> ``batch_shape + (K_parent, K_child)``, the joint
+            posterior of a site with its single enumerated parent (neighbours on a chain, a local
+            latent with a global one). For a ``DiscreteHMM`` site the key is ``(name, name)`` and the
+            value is ``(*batch_shape, T, K, K)`` with ``[..., t, i, j] = p(z_{t-1}=i, z_t=j | x)``;
+            ``t = 0`` is the transition out of Pyro's initial state :math:`z_{-1}`.
+        joints: site name -> ``(names, tensor)``: the joint posterior over the enumerated sites in
+            that site's factor (``names``, in model order), shaped ``batch_shape + (K_1, ..., K_m)``.
+            Observed sites are included: this is what expected sufficient statistics are built on.
+        scale: the common scale applied to the enumerated factors (1 without subsampling).
+        param_grads: when asked for, unconstrained param name -> gradient of ``log_likelihood``.
+    """
+
+    log_likelihood: torch.Tensor
+    marginals: dict[str, torch.Tensor] = field(default_factory=dict)
+    pairwise: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    joints: dict[str, tuple[tuple[str, ...], torch.Tensor]] = field(default_factory=dict)
+    scale: float = 1.0
+    param_grads: dict[str, torch.Tensor] | None = None
+    # packed posterior of every factor (site name -> tensor with ``_pyro_dims``) and the
+    # minibatch the E-step saw: what an M-step needs to evaluate E_q[log p(x, z)] again
+    factor_q: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    subsample: Any = field(default=None, repr=False)
+
+
+def _hmm_parts(fn: DiscreteHMM, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-potentials of a DiscreteHMM: ``init (*batch, K)`` over :math:`z_{-1}` and
+    ``M (*batch, T, K, K)`` with ``M[..., t, i, j] = log p(z_t=j | z_{t-1}=i) + log p(x_t | z_t=j)``.
+    """
+    obs = fn.observation_dist
+    value = value.unsqueeze(-1 - obs.event_dim)
+    value_logits = obs.log_prob(value)  # (*batch, T, K)
+    m = fn.transition_logits + value_logits.unsqueeze(-2)
+    batch = fn.batch_shape
+    m = m.expand(batch + m.shape[-3:])
+    init = fn.initial_logits.expand(batch + fn.initial_logits.shape[-1:])
+    return init, m
+
+
+def _hmm_log_prob(init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """:math:`\\log \\sum_{z} \\exp(\\text{init}(z_{-1}) + \\sum_t M_t(z_{t-1}, z_t))`, by parallel scan."""
+    return (init.unsqueeze(-1) + _sequential_logmatmulexp(m)).logsumexp(-1).logsumexp(-1)
+
+
+def _sequential_maxmatmul(m: torch.Tensor) -> torch.Tensor:
+    """Max-plus analogue of Pyro's parallel-scan ``_sequential_logmatmulexp`` (time dim -3)."""
+    batch_shape, k = m.shape[:-3], m.size(-1)
+    while m.size(-3) > 1:
+        time = m.size(-3)
+        even = time // 2 * 2
+        x, y = m[..., :even, :, :].reshape(batch_shape + (even // 2, 2, k, k)).unbind(-3)
+        contracted = (x.unsqueeze(-1) + y.unsqueeze(-3)).max(-2).values
+        if time > even:
+            contracted = torch.cat((contracted, m[..., -1:, :, :]), dim=-3)
+        m = contracted
+    return m.squeeze(-3)
+
+
+def _hmm_map(init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Viterbi path ``(*batch, T)`` of a chain: the gradient of the max-product value with respect
+    to the pairwise potentials is the indicator of the maximizing path."""
+    m = m.detach().requires_grad_()
+    with torch.enable_grad():
+        best = init.detach().unsqueeze(-1) + _sequential_maxmatmul(m)
+        best = best.flatten(-2).max(-1).values
+        (g,) = torch.autograd.grad(best.sum(), [m])
+    return g.sum(-2).argmax(-1)  # indicator of (z_{t-1}, z_t) summed over z_{t-1}
+
+
+def _hmm_sample(
+    pair: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Exact draws ``(num_samples, *batch, T)`` from a chain posterior given its pairwise
+    marginals ``pair[..., t, i, j] = p(z_{t-1}=i, z_t=j | x)`` (the posterior is Markov)."""
+    batch, t_len, k = pair.shape[:-3], pair.size(-3), pair.size(-1)
+    prev = torch.multinomial(
+        pair[..., 0, :, :].sum(-1).reshape(-1, k).clamp_min(0), num_samples, True, generator=generator
+    ).T  # z_{-1}: (S, B)
+    pair = pair.reshape((-1, t_len, k, k))
+    out = torch.empty((num_samples, pair.size(0), t_len), dtype=torch.long, device=pair.device)
+    rows = torch.arange(pair.size(0), device=pair.device)
+    for t in range(t_len):
+        cond = pair[rows, t][rows.expand(num_samples, -1), prev].clamp_min(0)  # (S, B, K)
+        prev = torch.multinomial(cond.reshape(-1, k), 1, generator=generator).reshape(prev.shape)
+        out[..., t] = prev
+    return out.reshape((num_samples,) + batch + (t_len,))
+
+
+def _arrange(t: torch.Tensor, dims_out: list[str | None], shape_out: tuple[int, ...]) -> torch.Tensor:
+    """Permute a packed tensor (dims named by ``t._pyro_dims``) into the positions ``dims_out``
+    (``None`` = a broadcast position) and expand it to ``shape_out``."""
+    src = t._pyro_dims
+    missing = set(src) - {d for d in dims_out if d is not None}
+    if missing:
+        raise AssertionError(f"dims {missing} of a packed tensor were not placed")  # internal bug
+    present = [d for d in dims_out if d is not None and d in src]
+    x = t.permute([src.index(d) for d in present]) if present else t.reshape(())
+    shape = [t.shape[src.index(d)] if d is not None and d in src else 1 for d in dims_out]
+    return x.reshape(shape).expand(shape_out)
+
+
+def _plate_layout(site: dict, trace: Any, depth: int) -> tuple[list[str | None], tuple[int, ...]]:
+    """Symbols and sizes of a site's plate dims, right-aligned as in its value's shape."""
+    frames = {f.dim: f for f in site["cond_indep_stack"] if f.vectorized}
+    if not frames:
+        return [], ()
+    first = min(frames)
+    dims: list[str | None] = []
+    sizes: list[int] = []
+    for d in range(first, 0):
+        f = frames.get(d)
+        dims.append(trace.plate_to_symbol[f.name] if f is not None else None)
+        sizes.append(f.size if f is not None else 1)
+    return dims, tuple(sizes)
+
+
+class _ExactConditionals(BackwardSampleMessenger):
+    """Turns the model's enumerated sites into guide sites drawn from their exact conditional
+    :math:`q(z_s \\mid z_{<s}, x)`: the factors are contracted onto ``z_s`` with the earlier draws
+    gathered in (as Pyro's backward-sample messenger does), and the site is drawn, not
+    enumerated further. No intermediate cache is shared between sites: gathered factors are
+    new tensors whose ids may repeat those of freed ones, which an id-keyed cache would confuse.
+    """
+
+    def _pyro_sample(self, msg):
+        enum_msg = self.enum_trace.nodes.get(msg["name"])
+        if enum_msg is None or "_enumerate_symbol" not in enum_msg["infer"]:
+            return
+        symbol = enum_msg["infer"]["_enumerate_symbol"]
+        logits = contract_to_tensor(
+            self.log_factors,
+            self.sum_dims,
+            target_ordinal=_find_ordinal(self.enum_trace, msg),
+            target_dims={symbol},
+        )
+        logits = packed.unpack(logits, self.enum_trace.symbol_to_dim)
+        logits = logits.unsqueeze(-1).transpose(-1, enum_msg["infer"]["_enumerate_dim"] - 1)
+        while logits.dim() > 1 and logits.shape[0] == 1:
+            logits = logits.squeeze(0)
+        fn = msg["fn"]
+        if isinstance(fn, dist.Bernoulli):
+            msg["fn"] = dist.Bernoulli(logits=logits[..., 1] - logits[..., 0])
+        else:
+            msg["fn"] = dist.Categorical(logits=logits)
+        # drawn, not enumerated: an outer enumerator must neither enumerate it nor track
+        # its markov scope (which names observed sites this guide hides)
+        drop = ("enumerate", "_markov_scope", "_markov_depth")
+        msg["infer"] = {k: v for k, v in msg["infer"].items() if k not in drop}
+
+
+def _is_enumerated(site: dict) -> bool:
+    return site["infer"].get("_enumerate_dim") is not None
+
+
+class ExactEStep:
+    """A Pyro guide whose distribution is the exact posterior :math:`p_\\theta(z \\mid x)` of every
+    discrete site the model marks with ``infer={"enumerate": "parallel"}``.
+
+    Calling it (as ``guide(*args)`` inside SVI) draws every enumerated site from its exact
+    conditional :math:`q(z_s \\mid z_{<s}, x)`, so :math:`\\log p(x, z) - \\log q(z) = \\log p(x)`
+    for every draw: any ELBO estimator with this guide returns the exact log-likelihood.
+    The methods give the posterior in closed form: :meth:`posterior` (log p(x), marginals,
+    pairwise marginals along chains, factor joints; one model pass and one backward pass),
+    :meth:`sample` (exact joint draws) and :meth:`map` (joint MAP; Viterbi on chains).
+
+    Args:
+        model: a Pyro model whose every latent site is discrete and enumerated in parallel
+            (observed :class:`~pyro.distributions.DiscreteHMM` sites count as implicit chains).
+        max_plate_nesting: optional; guessed from one trace of the model if omitted.
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> def model(x):
+        ...     w = pyro.param("w", torch.tensor([0.5, 0.5]), constraint=dist.constraints.simplex)
+        ...     with pyro.plate("data", len(x)):
+        ...         z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+        ...         pyro.sample("x", dist.Normal(torch.tensor([-2.0, 2.0])[z], 1.0), obs=x)
+        >>> post = ExactEStep(model).posterior(torch.tensor([-2.0, 0.0, 2.5]))
+        >>> post.marginals["z"].shape
+        torch.Size([3, 2])
+    """
+
+    def __init__(self, model: Callable, *, max_plate_nesting: int | None = None) -> None:
+        self.model = model
+        self.max_plate_nesting = max_plate_nesting
+
+    # ------------------------------------------------------------------ tracing
+    def _plate_nesting(self, args: tuple, kwargs: dict) -> int:
+        if self.max_plate_nesting is None:
+            with poutine.block(), torch.no_grad():
+                tr = poutine.trace(self.model).get_trace(*args, **kwargs)
+            tr = prune_subsample_sites(tr)
+            dims = [
+                f.dim
+                for s in tr.nodes.values()
+                if s["type"] == "sample"
+                for f in s["cond_indep_stack"]
+                if f.vectorized
+            ]
+            self.max_plate_nesting = -min(dims) if dims else 0
+        return self.max_plate_nesting
+
+    def _enum_trace(self, args: tuple, kwargs: dict, replay: Any = None):
+        """Trace the model with every annotated discrete site enumerated, validate the sites,
+        and compute and pack their log-probs."""
+        depth = self._plate_nesting(args, kwargs)
+        model = poutine.enum(self.model, first_available_dim=-1 - depth)
+        if replay is not None:
+            model = poutine.replay(model, trace=replay)
+        tr = poutine.trace(model, graph_type="flat").get_trace(*args, **kwargs)
+        subsample_sites = {
+            n: s for n, s in tr.nodes.items() if s["type"] == "sample" and isinstance(s["fn"], _Subsample)
+        }
+        tr = prune_subsample_sites(tr)
+        tr._subsample_sites = subsample_sites
+        for name, site in tr.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"]:
+                if isinstance(site["fn"], DiscreteHMM):
+                    init, m = _hmm_parts(site["fn"], site["value"])
+                    if not m.requires_grad:  # a leaf, so that its gradient can be asked for
+                        m = m.detach().requires_grad_()
+                    with torch.enable_grad():
+                        lp = _hmm_log_prob(init, m)
+                    site["_hmm"] = (init, m)
+                    site["unscaled_log_prob"] = lp
+                    site["log_prob"] = packed.scale_and_mask(lp, site["scale"], site["mask"])
+                    site["log_prob_sum"] = site["log_prob"].sum()
+                continue
+            if not _is_enumerated(site):
+                raise EnumerationError(_not_enumerable_message(name, site))
+        tr.compute_log_prob()
+        if is_validation_enabled():
+            for site in tr.nodes.values():
+                if site["type"] == "sample":
+                    check_site_shape(site, depth)
+        tr.pack_tensors()
+        return tr
+
+    def _contract(self, tr, extra_inputs: list[torch.Tensor] | None = None, grads: bool = True):
+        """Sum-product over the trace's factors.
+
+        Returns ``(log p(x), [(site, factor tensor)], d log p / d factor, d log p / d extra,
+        common scale)``; with ``grads=False`` only the first entry is meaningful.
+        """
+        sum_dims = {
+            s["infer"]["_enumerate_symbol"]
+            for s in tr.nodes.values()
+            if s["type"] == "sample" and _is_enumerated(s)
+        }
+        factors: OrderedDict = OrderedDict()
+        inputs: list[tuple[str, torch.Tensor]] = []
+        scales = []
+        log_z = torch.zeros(())
+        for name, site in tr.nodes.items():
+            if site["type"] != "sample":
+                continue
+            lp = site["packed"]["unscaled_log_prob"]
+            if sum_dims.isdisjoint(lp._pyro_dims):
+                log_z = log_z + site["packed"]["log_prob"].sum()
+                if "_hmm" in site:
+                    inputs.append((name, site["_hmm"][1]))
+                continue
+            if "_hmm" in site:
+                raise EnumerationError(
+                    f"site '{name}': a DiscreteHMM whose parameters depend on an enumerated "
+                    "site is not supported; enumerate inside the chain or lift the choice out."
+                )
+            # the mask goes inside the sum over z, the (common) scale outside, as in Pyro
+            lp = packed.scale_and_mask(lp, mask=site["packed"]["mask"])
+            scales.append(site["scale"])
+            if grads and not lp.requires_grad:
+                dims = lp._pyro_dims
+                lp = lp.detach().requires_grad_()
+                lp._pyro_dims = dims
+            factors.setdefault(_find_ordinal(tr, site), []).append(lp)
+            inputs.append((name, lp))
+        scale = 1.0
+        if factors:
+            scale = _get_common_scale(scales)
+            log_z = log_z + scale * contract_to_tensor(factors, sum_dims, target_ordinal=frozenset())
+        wanted = [t for _, t in inputs] + list(extra_inputs or [])
+        out: tuple = ()
+        if grads and wanted:
+            with torch.enable_grad():
+                out = torch.autograd.grad(log_z, wanted, allow_unused=True)
+        return log_z, inputs, out[: len(inputs)], out[len(inputs) :], float(scale)
+
+    # ------------------------------------------------------------------ the posterior
+    def posterior(self, *args: Any, param_grads: bool = False, **kwargs: Any) -> Posterior:
+        """Exact posterior at the current params: one model pass and one backward pass.
+
+        With ``param_grads=True`` the same backward pass also returns the gradient of
+        :math:`\\log p_\\theta(x)` with respect to each param's unconstrained value (keys are
+        param names), which equals the gradient of :math:`\\mathbb{E}_q[\\log p_\\theta(x,z)]`
+        at this q.
+        """
+        if param_grads:
+            with poutine.trace(param_only=True) as pcap:
+                tr = self._enum_trace(args, kwargs)
+            params = {
+                n: s["value"].unconstrained()
+                for n, s in pcap.trace.nodes.items()
+                if s["type"] == "param"
+            }
+            log_z, inputs, grads, pgrads, scale = self._contract(tr, list(params.values()))
+        else:
+            with torch.no_grad():
+                tr = self._enum_trace(args, kwargs)
+            log_z, inputs, grads, pgrads, scale = self._contract(tr)
+        post = Posterior(log_likelihood=log_z.detach(), scale=scale)
+        post.subsample = poutine.Trace()
+        for name, site in tr._subsample_sites.items():
+            post.subsample.add_node(name, **site)
+        if param_grads:
+            post.param_grads = {
+                n: (g if g is not None else torch.zeros_like(p))
+                for (n, p), g in zip(params.items(), pgrads)
+            }
+        self._fill(post, tr, inputs, grads, scale)
+        return post
+
+    def _fill(self, post: Posterior, tr, inputs, grads, scale: float) -> None:
+        depth = self.max_plate_nesting or 0
+        symbol_to_name = {
+            s["infer"]["_enumerate_symbol"]: n
+            for n, s in tr.nodes.items()
+            if s["type"] == "sample" and _is_enumerated(s)
+        }
+        order = {n: i for i, n in enumerate(tr.nodes)}
+        for (name, t), g in zip(inputs, grads):
+            site = tr.nodes[name]
+            if g is None:
+                g = torch.zeros_like(t)
+            if "_hmm" in site:
+                pair = g / site["scale"] if site["scale"] != 1 else g
+                post.factor_q[name] = pair
+                post.pairwise[(name, name)] = pair
+                post.marginals[name] = pair.sum(-2)
+                continue
+            q = g / scale
+            q._pyro_dims = t._pyro_dims
+            post.factor_q[name] = q
+            plate_dims, plate_shape = _plate_layout(site, tr, depth)
+            enum_syms = sorted(
+                (d for d in t._pyro_dims if d in symbol_to_name),
+                key=lambda d: order[symbol_to_name[d]],
+            )
+            names = tuple(symbol_to_name[d] for d in enum_syms)
+            sizes = tuple(t.shape[t._pyro_dims.index(d)] for d in enum_syms)
+            joint = _arrange(q, plate_dims + enum_syms, plate_shape + sizes)
+            post.joints[name] = (names, joint)
+            if _is_enumerated(site):
+                own = site["infer"]["_enumerate_symbol"]
+                k = len(enum_syms)
+                i = enum_syms.index(own)
+                other = tuple(len(plate_dims) + j for j in range(k) if j != i)
+                post.marginals[name] = joint.sum(other) if other else joint
+                if k == 2:
+                    post.pairwise[(names[1 - i], name)] = (
+                        joint if i == 1 else joint.transpose(-1, -2)
+                    )
+
+    def expected_log_joint(self, posterior: Posterior, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """:math:`\\mathbb{E}_q[\\log p_\\theta(x, z)]` at the current params with ``q`` held at
+        ``posterior`` (computed at earlier params): the M-step objective, differentiable in the
+        params. The model is replayed on the E-step's minibatch.
+
+        At the params where ``posterior`` was computed its gradient equals that of
+        :math:`\\log p_\\theta(x)` (Fisher's identity) and its value is
+        :math:`\\log p_\\theta(x) + H(q)`.
+        """
+        tr = self._enum_trace(args, kwargs, replay=posterior.subsample)
+        total = torch.zeros(())
+        for name, site in tr.nodes.items():
+            if site["type"] != "sample":
+                continue
+            q = posterior.factor_q.get(name)
+            if "_hmm" in site:
+                init, m = site["_hmm"]
+                pot = (q * m).flatten(-3).sum(-1) + (q[..., 0, :, :].sum(-1) * init).sum(-1)
+                total = total + packed.scale_and_mask(pot, site["scale"], site["mask"]).sum()
+            elif q is None:
+                total = total + site["packed"]["log_prob"].sum()
+            else:
+                lp = packed.scale_and_mask(
+                    site["packed"]["unscaled_log_prob"], mask=site["packed"]["mask"]
+                )
+                if lp._pyro_dims != q._pyro_dims:
+                    raise RuntimeError(
+                        f"site '{name}' changed its enumerated dims between the E-step and the "
+                        f"M-step ({q._pyro_dims!r} -> {lp._pyro_dims!r}); the model's structure "
+                        "must not depend on its params."
+                    )
+                total = total + posterior.scale * (q * lp).sum()
+        return total
+
+    # ------------------------------------------------------------------ conveniences
+    def log_likelihood(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Exact :math:`\\log p_\\theta(x)` (0-dim tensor, total over the data)."""
+        with torch.no_grad():
+            tr = self._enum_trace(args, kwargs)
+            return self._contract(tr, grads=False)[0]
+
+    def marginals(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Posterior marginals ``{site: (*batch, K)}``; see :class:`Posterior`."""
+        return self.posterior(*args, **kwargs).marginals
+
+    def pairwise_marginals(self, *args: Any, **kwargs: Any) -> dict[tuple[str, str], torch.Tensor]:
+        """Pairwise posterior marginals ``{(parent, child): (*batch, K_parent, K_child)}``."""
+        return self.posterior(*args, **kwargs).pairwise
+
+    def _discrete(self, args, kwargs, temperature: int) -> dict[str, torch.Tensor]:
+        depth = self._plate_nesting(args, kwargs)
+        with torch.no_grad(), poutine.block():
+            fn = infer_discrete(self.model, first_available_dim=-1 - depth, temperature=temperature)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "TraceEnum_ELBO found no sample sites")
+                tr = poutine.trace(fn).get_trace(*args, **kwargs)
+        out = {}
+        for name, site in tr.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"] and isinstance(site["fn"], DiscreteHMM):
+                init, m = _hmm_parts(site["fn"], site["value"])
+                if temperature == 0:
+                    out[name] = _hmm_map(init, m)
+                else:
+                    out[name] = self._hmm_pairwise(init, m)
+            elif site["infer"].get("enumerate") == "parallel" and not site["is_observed"]:
+                out[name] = site["value"]
+        return out
+
+    @staticmethod
+    def _hmm_pairwise(init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        m = m.detach().requires_grad_()
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(_hmm_log_prob(init.detach(), m).sum(), [m])
+        return g
+
+    def map(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Joint MAP assignment :math:`\\arg\\max_z p(z \\mid x)` of every enumerated site
+        (Viterbi on chains), ``{site: (*batch,)}``; ``(*batch, T)`` for a DiscreteHMM site."""
+        return self._discrete(args, kwargs, temperature=0)
+
+    def sample(self, *args: Any, num_samples: int = 1, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Exact joint draws from :math:`p(z \\mid x)`: ``{site: (num_samples, *batch)}``
+        (forward-filter backward-sample; one model pass per draw for ``pyro.markov`` models,
+        one pass in all for DiscreteHMM chains)."""
+        draws: dict[str, list[torch.Tensor]] = {}
+        hmm_pairs: dict[str, torch.Tensor] = {}
+        for i in range(num_samples):
+            for name, value in self._discrete(args, kwargs, temperature=1).items():
+                if value.dtype.is_floating_point and value.dim() >= 3 and name not in draws:
+                    hmm_pairs[name] = value  # a DiscreteHMM chain: sample all draws at once
+                    continue
+                draws.setdefault(name, []).append(value)
+            if hmm_pairs and not draws:
+                break  # only chains: no need for further model passes
+        out = {n: torch.stack(v) for n, v in draws.items()}
+        for name, pair in hmm_pairs.items():
+            out[name] = _hmm_sample(pair, num_samples)
+        return out
+
+    # ------------------------------------------------------------------ the guide
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        """Run as a guide: every enumerated site is drawn from its exact conditional posterior.
+
+        The model itself is re-run under a handler that swaps each enumerated site's prior for
+        its exact conditional (params and observed sites hidden), so plates, subsampling and
+        ``pyro.markov`` structure are the model's own. The model's minibatch indices are replayed.
+        """
+        with poutine.block(), torch.no_grad():
+            tr = self._enum_trace(args, kwargs)
+            messenger = _ExactConditionals(tr, poutine.Trace())
+        subsample = poutine.Trace()
+        for name, site in tr._subsample_sites.items():
+            subsample.add_node(name, **site)
+
+        def hide(msg: dict) -> bool:
+            return msg["type"] == "param" or (msg["type"] == "sample" and msg["is_observed"])
+
+        model = poutine.replay(poutine.block(self.model, hide_fn=hide), trace=subsample)
+        with torch.no_grad(), messenger:
+            model(*args, **kwargs)
+
+
+def _not_enumerable_message(name: str, site: dict) -> str:
+    fn = site["fn"]
+    kind = type(fn).__name__
+    if getattr(fn, "has_enumerate_support", False):
+        how = site["infer"].get("enumerate")
+        if how == "sequential":
+            return (
+                f"site '{name}' ({kind}) is marked enumerate='sequential'; ExactEStep needs "
+                "infer={'enumerate': 'parallel'}."
+            )
+        return (
+            f"site '{name}' ({kind}) is a discrete latent without an enumeration annotation: "
+            "add infer={'enumerate': 'parallel'} to the site, or wrap the model in "
+            "pyro.infer.config_enumerate."
+        )
+    return (
+        f"site '{name}' ({kind}) is a continuous latent variable: ExactEStep can only "
+        "enumerate discrete sites. Give this site a guide of its own (for example an "
+        "AutoNormal or an amortized encoder) and enumerate the discrete sites in the model."
+    )

@@ -1,0 +1,398 @@
+"""``fit``: the loop that climbs the ELBO, whatever the guide.
+
+* With an :class:`~pyro_emvae.estep.ExactEStep` guide each iteration is an exact E-step
+  (which also yields the exact :math:`\\log p_\\theta(x)`, the tight ELBO) followed by an M-step
+  (:class:`~pyro_emvae.optim.GradientMStep` when ``optim`` is a Pyro optimizer: EG / GEM).
+* With any other guide (an AutoGuide, an encoder) each iteration is one
+  :class:`pyro.infer.SVI` step on the ELBO (``TraceEnum_ELBO`` when the model enumerates
+  discrete sites, ``Trace_ELBO`` otherwise).
+
+The loop owns what scikit-learn's mixture fit owns: ``tol`` on the change of the per-datum
+objective, ``max_iter``, restarts (``n_init``, the best run kept), a ``ConvergenceWarning``, and
+a final E-step so the reported log-likelihood belongs to the returned params.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
+from pyro.optim import PyroOptim
+
+from pyro_emvae.estep import ExactEStep, Posterior
+from pyro_emvae.optim import GradientMStep
+
+__all__ = ["ConvergenceWarning", "FitResult", "fit"]
+
+
+class ConvergenceWarning(UserWarning):
+    """The fit stopped at ``max_iter`` before the objective changed by less than ``tol``."""
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        params: param name -> constrained value (detached copy) at the end of the best run.
+        log_likelihood: exact :math:`\\log p_\\theta(x)` (total, nats) at ``params`` when the
+            guide is an ``ExactEStep``; ``None`` otherwise.
+        elbo: the final ELBO (equal to ``log_likelihood`` for an ``ExactEStep`` guide; for SVI,
+            the mean of the last few iterations' estimates).
+        history: ``"log_likelihood"`` (exact, at each E-step: ``n_iter + 1`` values, the first at
+            the initial params, the last at ``params``) or ``"elbo"`` (one SVI estimate per
+            iteration), and ``"time"`` (seconds since the run started, one per value).
+        converged: whether ``|Δ objective| / n_data < tol`` was reached.
+        n_iter: iterations run in the best run.
+        n_data: the count used for per-datum values (see :func:`fit`).
+        algorithm: ``"EG"`` (exact E-step, gradient M-step) or ``"SVI"``.
+        interrupted: the run was stopped by KeyboardInterrupt; params are those of the last
+            completed iteration.
+        restarts: final objective of each run when ``n_init > 1``.
+        info: the last M-step's diagnostics.
+    """
+
+    params: dict[str, torch.Tensor]
+    log_likelihood: float | None
+    elbo: float | None
+    history: dict[str, list[float]]
+    converged: bool
+    n_iter: int
+    n_data: int
+    algorithm: str
+    interrupted: bool = False
+    restarts: list[float] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def objective(self) -> float:
+        """The final objective: ``log_likelihood`` when exact, else ``elbo``."""
+        return self.log_likelihood if self.log_likelihood is not None else self.elbo
+
+    def per_datum(self) -> float:
+        """The final objective divided by ``n_data`` (nats per datum)."""
+        return self.objective / self.n_data
+
+    def __repr__(self) -> str:
+        name = "log_likelihood" if self.log_likelihood is not None else "elbo"
+        return (
+            f"FitResult({self.algorithm}, {name}={self.objective:.6g} "
+            f"({self.per_datum():.6g}/datum, n_data={self.n_data}), n_iter={self.n_iter}, "
+            f"converged={self.converged}, params={sorted(self.params)})"
+        )
+
+
+def _count_data(model: Callable, args: tuple, kwargs: dict) -> int:
+    """The number of data: the largest plate (full size) around an observed site, times the
+    duration of a DiscreteHMM site; the number of observed sites if none is in a plate."""
+    with poutine.block(), torch.no_grad():
+        tr = poutine.trace(model).get_trace(*args, **kwargs)
+    best, n_obs = 0, 0
+    for site in tr.nodes.values():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        n_obs += 1
+        cells = math.prod(f.full_size or f.size for f in site["cond_indep_stack"] if f.vectorized)
+        if isinstance(site["fn"], pyro.distributions.DiscreteHMM):
+            cells *= site["value"].shape[-1 - site["fn"].observation_dist.event_dim]
+        if any(f.vectorized for f in site["cond_indep_stack"]) or cells > 1:
+            best = max(best, cells)
+    return max(best, n_obs if best == 0 else best, 1)
+
+
+def _model_params(model: Callable, args: tuple, kwargs: dict) -> list[str]:
+    with poutine.block(), torch.no_grad(), poutine.trace(param_only=True) as capture:
+        model(*args, **kwargs)
+    return [n for n, s in capture.trace.nodes.items() if s["type"] == "param"]
+
+
+def _snapshot(names: list[str]) -> dict[str, torch.Tensor]:
+    store = pyro.get_param_store()
+    return {n: store.get_param(n).unconstrained().detach().clone() for n in names if n in store}
+
+
+def _restore(snap: dict[str, torch.Tensor]) -> None:
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for n, v in snap.items():
+            store.get_param(n).unconstrained().copy_(v)
+
+
+def _constrained(names: list[str]) -> dict[str, torch.Tensor]:
+    store = pyro.get_param_store()
+    return {n: store[n].detach().clone() for n in names if n in store}
+
+
+def fit(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    optim: Any = None,
+    max_iter: int = 100,
+    tol: float = 1e-5,
+    n_init: int = 1,
+    init: Callable[[int], None] | None = None,
+    seed: int | None = None,
+    svi_steps: int = 1,
+    loss: Any = None,
+    n_data: int | None = None,
+    callback: Callable[[int, dict[str, Any]], bool | None] | None = None,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> FitResult:
+    """Fit ``model``'s params (and the guide's, if any) by climbing the ELBO.
+
+    ``args`` and ``kwargs`` go to the model and the guide, as in ``SVI.step``; fitting options
+    are keyword-only.
+
+    Args:
+        model, guide: a Pyro model and guide. With :class:`~pyro_emvae.estep.ExactEStep` the
+            E-step is exact and :math:`\\log p_\\theta(x)` is tracked exactly.
+        optim: the M-step. A ``pyro.optim`` optimizer gives gradient M-steps (EG, with
+            ``svi_steps`` steps per E-step; for other guides, SVI). Any callable
+            ``mstep(guide, posterior, args, kwargs) -> dict`` is used as the M-step as it is.
+            Default: ``pyro.optim.Adam({"lr": 0.05})`` for ExactEStep, ``{"lr": 0.01}`` else.
+        max_iter: iterations (E-step + M-step, or SVI steps) per run.
+        tol: stop when the objective per datum changes by less than ``tol`` between
+            iterations (for SVI, between the means of successive windows of 20 iterations);
+            ``tol=0`` runs ``max_iter`` iterations.
+        n_init: independent runs; the one with the highest final objective is kept. Run 0
+            starts from the params as they are; each later run re-initializes the model's
+            params, by ``init(run)`` if given, else by deleting them from the param store so the
+            model's own ``pyro.param`` initial values are drawn again (under seed ``seed + run``).
+        init: optional ``init(run)`` that sets the params before run ``run`` (including run 0).
+        seed: optional RNG seed for each run (``seed + run``).
+        loss: the ELBO for SVI (default ``TraceEnum_ELBO`` if the model enumerates, else
+            ``Trace_ELBO``).
+        n_data: the count for per-datum values; default: the largest plate (full size) around
+            an observed site, times the length of a DiscreteHMM site's chain.
+        callback: ``callback(iteration, info)`` after each iteration; returning True stops the
+            run (counted as converged).
+        progress: a tqdm progress bar; ``None`` shows it only on an interactive terminal.
+
+    Returns:
+        A :class:`FitResult`. The param store holds the best run's params.
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from pyro_emvae import ExactEStep, fit
+        >>> def model(x):
+        ...     w = pyro.param("w", torch.tensor([0.3, 0.7]), constraint=dist.constraints.simplex)
+        ...     locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        ...     with pyro.plate("data", len(x)):
+        ...         z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+        ...         pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+        >>> x = torch.cat([torch.randn(50) - 3, torch.randn(50) + 3])
+        >>> result = fit(model, ExactEStep(model), x, max_iter=50, tol=0)
+        >>> result.n_iter
+        50
+    """
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if tol < 0 or not math.isfinite(tol):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
+    if n_init < 1:
+        raise ValueError(f"n_init must be >= 1, got {n_init}")
+    exact = isinstance(guide, ExactEStep)
+    if optim is None:
+        optim = pyro.optim.Adam({"lr": 0.05 if exact else 0.01})
+    if exact:
+        mstep = GradientMStep(optim, svi_steps) if isinstance(optim, PyroOptim) else optim
+        if not callable(mstep):
+            raise TypeError(f"optim must be a pyro.optim optimizer or an M-step, got {optim!r}")
+    elif not isinstance(optim, PyroOptim):
+        raise TypeError(
+            f"with a {type(guide).__name__} guide, optim must be a pyro.optim optimizer "
+            f"(it runs SVI), got {type(optim).__name__}"
+        )
+    if n_data is None:
+        n_data = _count_data(model, args, kwargs)
+
+    best: FitResult | None = None
+    best_snapshot: dict[str, torch.Tensor] = {}
+    finals: list[float] = []
+    for run in range(n_init):
+        if seed is not None:
+            pyro.set_rng_seed(seed + run)
+        if init is not None:
+            init(run)
+        elif run > 0:
+            store = pyro.get_param_store()
+            for name in _model_params(model, args, kwargs):
+                if name in store:
+                    del store[name]
+        runner = _run_exact if exact else _run_svi
+        result = runner(model, guide, mstep if exact else optim, args, kwargs,
+                        max_iter=max_iter, tol=tol, loss=loss, n_data=n_data,
+                        callback=callback, progress=progress, run=run, n_init=n_init)
+        finals.append(result.objective)
+        if best is None or result.objective > best.objective:
+            best = result
+            best_snapshot = _snapshot(list(pyro.get_param_store().keys()))
+        if result.interrupted:
+            break
+    assert best is not None
+    if n_init > 1:
+        _restore(best_snapshot)
+        best.restarts = finals
+    return best
+
+
+def _bar(progress: bool | None, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=(None if progress is None else not progress),
+                leave=False)
+
+
+def _check_finite(value: float, what: str, iteration: int, snap: dict, names: list[str]) -> None:
+    if not math.isfinite(value):
+        _restore(snap)
+        raise FloatingPointError(
+            f"the {what} became {value} at iteration {iteration}; the params of the last finite "
+            f"iteration were restored ({', '.join(names)}). Check the data for extreme values, "
+            "lower the learning rate, or regularize the params."
+        )
+
+
+def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, *, max_iter, tol, loss, n_data,
+               callback, progress, run, n_init) -> FitResult:
+    history: dict[str, list[float]] = {"log_likelihood": [], "time": []}
+    names = _model_params(model, args, kwargs)
+    wants_grads = getattr(mstep, "needs_param_grads", False)
+    converged = interrupted = in_mstep = False
+    info: dict[str, Any] = {}
+    start = time.perf_counter()
+    snap = _snapshot(names)  # params of the last iteration whose log-likelihood was finite
+    post: Posterior | None = None
+    n_done = 0
+    bar = _bar(progress, max_iter, "EM" if n_init == 1 else f"EM run {run}")
+    try:
+        while n_done < max_iter:
+            post = guide.posterior(*args, param_grads=wants_grads, **kwargs)
+            ll = float(post.log_likelihood)
+            _check_finite(ll, "log-likelihood", n_done, snap, names)
+            history["log_likelihood"].append(ll)
+            history["time"].append(time.perf_counter() - start)
+            h = history["log_likelihood"]
+            if tol > 0 and len(h) > 1 and _last_change(h, n_data) < tol:
+                converged = True  # this E-step is the final one
+                break
+            snap = _snapshot(names)
+            in_mstep = True
+            info = dict(mstep(guide, post, args, kwargs) or {})
+            in_mstep = False
+            n_done += 1
+            bar.update()
+            bar.set_postfix(ll_per_datum=f"{ll / n_data:.6g}")
+            if callback is not None and callback(
+                n_done, {"log_likelihood": ll, "posterior": post, **info}
+            ):
+                converged = True
+                post = None
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        if in_mstep:  # a partial M-step is undone: params are those of the last iteration
+            _restore(snap)
+    finally:
+        bar.close()
+    if post is None or not converged or interrupted:
+        # the final E-step: the reported log-likelihood belongs to the returned params
+        post = guide.posterior(*args, **kwargs)
+        _check_finite(float(post.log_likelihood), "log-likelihood", n_done, snap, names)
+        history["log_likelihood"].append(float(post.log_likelihood))
+        history["time"].append(time.perf_counter() - start)
+    final = float(post.log_likelihood)
+    if not converged and not interrupted and tol > 0:
+        warnings.warn(
+            f"fit did not converge in {max_iter} iterations (last change "
+            f"{_last_change(history['log_likelihood'], n_data):.3g} nats/datum >= tol={tol}); "
+            "raise max_iter or tol.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    return FitResult(
+        params=_constrained(names), log_likelihood=final, elbo=final, history=history,
+        converged=converged, n_iter=n_done, n_data=n_data,
+        algorithm="EG" if isinstance(mstep, GradientMStep) else getattr(mstep, "algorithm", "EM"),
+        interrupted=interrupted, info=info,
+    )
+
+
+def _last_change(values: list[float], n_data: int) -> float:
+    return abs(values[-1] - values[-2]) / n_data if len(values) > 1 else float("nan")
+
+
+_WINDOW = 20
+
+
+def _run_svi(model, guide, optim, args, kwargs, *, max_iter, tol, loss, n_data, callback,
+             progress, run, n_init) -> FitResult:
+    if loss is None:
+        loss = TraceEnum_ELBO() if _has_enumeration(model, args, kwargs) else Trace_ELBO()
+    svi = SVI(model, guide, optim, loss)
+    history: dict[str, list[float]] = {"elbo": [], "time": []}
+    converged = interrupted = False
+    start = time.perf_counter()
+    it = 0
+    names: list[str] = []
+    bar = _bar(progress, max_iter, "SVI" if n_init == 1 else f"SVI run {run}")
+    try:
+        for it in range(1, max_iter + 1):
+            elbo = -float(svi.step(*args, **kwargs))
+            if not names:
+                names = list(pyro.get_param_store().keys())
+                snap = _snapshot(names)
+            _check_finite(elbo, "ELBO", it, snap, names)
+            snap = _snapshot(names)
+            history["elbo"].append(elbo)
+            history["time"].append(time.perf_counter() - start)
+            bar.update()
+            bar.set_postfix(elbo_per_datum=f"{elbo / n_data:.6g}")
+            h = history["elbo"]
+            if tol > 0 and len(h) >= 2 * _WINDOW and it % _WINDOW == 0:
+                now = sum(h[-_WINDOW:]) / _WINDOW
+                before = sum(h[-2 * _WINDOW : -_WINDOW]) / _WINDOW
+                if abs(now - before) / n_data < tol:
+                    converged = True
+                    break
+            if callback is not None and callback(it, {"elbo": elbo}):
+                converged = True
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    h = history["elbo"]
+    final = sum(h[-_WINDOW:]) / len(h[-_WINDOW:]) if h else float("nan")
+    if not converged and not interrupted and tol > 0:
+        warnings.warn(
+            f"SVI did not converge in {max_iter} iterations (tol={tol} on the ELBO per datum, "
+            f"averaged over windows of {_WINDOW}); raise max_iter or tol.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    return FitResult(
+        params=_constrained(names), log_likelihood=None, elbo=final, history=history,
+        converged=converged, n_iter=it, n_data=n_data, algorithm="SVI",
+        interrupted=interrupted, info={"guide_params": names},
+    )
+
+
+def _has_enumeration(model, args, kwargs) -> bool:
+    with poutine.block(), torch.no_grad():
+        tr = poutine.trace(model).get_trace(*args, **kwargs)
+    return any(
+        s["type"] == "sample" and s["infer"].get("enumerate") == "parallel"
+        for s in tr.nodes.values()
+    )
