@@ -1,0 +1,1 @@
+"""Hand-written pure-torch reference implementations and benchmark scripts."""
