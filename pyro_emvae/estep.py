@@ -149,7 +149,10 @@ def _hmm_sample(
     marginals ``pair[..., t, i, j] = p(z_{t-1}=i, z_t=j | x)`` (the posterior is Markov)."""
     batch, t_len, k = pair.shape[:-3], pair.size(-3), pair.size(-1)
     prev = torch.multinomial(
-        pair[..., 0, :, :].sum(-1).reshape(-1, k).clamp_min(0), num_samples, True, generator=generator
+        pair[..., 0, :, :].sum(-1).reshape(-1, k).clamp_min(0),
+        num_samples,
+        True,
+        generator=generator,
     ).T  # z_{-1}: (S, B)
     pair = pair.reshape((-1, t_len, k, k))
     out = torch.empty((num_samples, pair.size(0), t_len), dtype=torch.long, device=pair.device)
@@ -161,7 +164,9 @@ def _hmm_sample(
     return out.reshape((num_samples,) + batch + (t_len,))
 
 
-def _arrange(t: torch.Tensor, dims_out: list[str | None], shape_out: tuple[int, ...]) -> torch.Tensor:
+def _arrange(
+    t: torch.Tensor, dims_out: list[str | None], shape_out: tuple[int, ...]
+) -> torch.Tensor:
     """Permute a packed tensor (dims named by ``t._pyro_dims``) into the positions ``dims_out``
     (``None`` = a broadcast position) and expand it to ``shape_out``."""
     src = t._pyro_dims
@@ -285,7 +290,9 @@ class ExactEStep:
             model = poutine.replay(model, trace=replay)
         tr = poutine.trace(model, graph_type="flat").get_trace(*args, **kwargs)
         subsample_sites = {
-            n: s for n, s in tr.nodes.items() if s["type"] == "sample" and isinstance(s["fn"], _Subsample)
+            n: s
+            for n, s in tr.nodes.items()
+            if s["type"] == "sample" and isinstance(s["fn"], _Subsample)
         }
         tr = prune_subsample_sites(tr)
         tr._subsample_sites = subsample_sites
@@ -334,9 +341,12 @@ class ExactEStep:
                 continue
             lp = site["packed"]["unscaled_log_prob"]
             if sum_dims.isdisjoint(lp._pyro_dims):
-                log_z = log_z + site["packed"]["log_prob"].sum()
                 if "_hmm" in site:
+                    # the unpacked log-prob: packing ran under no_grad and cut the graph to M
+                    log_z = log_z + site["log_prob"].sum()
                     inputs.append((name, site["_hmm"][1]))
+                else:
+                    log_z = log_z + site["packed"]["log_prob"].sum()
                 continue
             if "_hmm" in site:
                 raise EnumerationError(
@@ -355,7 +365,9 @@ class ExactEStep:
         scale = 1.0
         if factors:
             scale = _get_common_scale(scales)
-            log_z = log_z + scale * contract_to_tensor(factors, sum_dims, target_ordinal=frozenset())
+            log_z = log_z + scale * contract_to_tensor(
+                factors, sum_dims, target_ordinal=frozenset()
+            )
         wanted = [t for _, t in inputs] + list(extra_inputs or [])
         out: tuple = ()
         if grads and wanted:
@@ -492,7 +504,7 @@ class ExactEStep:
         with torch.no_grad(), poutine.block():
             fn = infer_discrete(self.model, first_available_dim=-1 - depth, temperature=temperature)
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "TraceEnum_ELBO found no sample sites")
+                warnings.filterwarnings("ignore", "infer_discrete found no sample sites")
                 tr = poutine.trace(fn).get_trace(*args, **kwargs)
         out = {}
         for name, site in tr.nodes.items():

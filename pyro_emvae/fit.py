@@ -231,9 +231,21 @@ def fit(
                 if name in store:
                     del store[name]
         runner = _run_exact if exact else _run_svi
-        result = runner(model, guide, mstep if exact else optim, args, kwargs,
-                        max_iter=max_iter, tol=tol, loss=loss, n_data=n_data,
-                        callback=callback, progress=progress, run=run, n_init=n_init)
+        result = runner(
+            model,
+            guide,
+            mstep if exact else optim,
+            args,
+            kwargs,
+            max_iter=max_iter,
+            tol=tol,
+            loss=loss,
+            n_data=n_data,
+            callback=callback,
+            progress=progress,
+            run=run,
+            n_init=n_init,
+        )
         finals.append(result.objective)
         if best is None or result.objective > best.objective:
             best = result
@@ -250,8 +262,9 @@ def fit(
 def _bar(progress: bool | None, total: int, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=(None if progress is None else not progress),
-                leave=False)
+    return tqdm(
+        total=total, desc=desc, disable=(None if progress is None else not progress), leave=False
+    )
 
 
 def _check_finite(value: float, what: str, iteration: int, snap: dict, names: list[str]) -> None:
@@ -264,8 +277,22 @@ def _check_finite(value: float, what: str, iteration: int, snap: dict, names: li
         )
 
 
-def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, *, max_iter, tol, loss, n_data,
-               callback, progress, run, n_init) -> FitResult:
+def _run_exact(
+    model,
+    guide: ExactEStep,
+    mstep,
+    args,
+    kwargs,
+    *,
+    max_iter,
+    tol,
+    loss,
+    n_data,
+    callback,
+    progress,
+    run,
+    n_init,
+) -> FitResult:
     history: dict[str, list[float]] = {"log_likelihood": [], "time": []}
     names = _model_params(model, args, kwargs)
     wants_grads = getattr(mstep, "needs_param_grads", False)
@@ -322,10 +349,16 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, *, max_iter, tol, 
             stacklevel=3,
         )
     return FitResult(
-        params=_constrained(names), log_likelihood=final, elbo=final, history=history,
-        converged=converged, n_iter=n_done, n_data=n_data,
+        params=_constrained(names),
+        log_likelihood=final,
+        elbo=final,
+        history=history,
+        converged=converged,
+        n_iter=n_done,
+        n_data=n_data,
         algorithm="EG" if isinstance(mstep, GradientMStep) else getattr(mstep, "algorithm", "EM"),
-        interrupted=interrupted, info=info,
+        interrupted=interrupted,
+        info=info,
     )
 
 
@@ -336,8 +369,22 @@ def _last_change(values: list[float], n_data: int) -> float:
 _WINDOW = 20
 
 
-def _run_svi(model, guide, optim, args, kwargs, *, max_iter, tol, loss, n_data, callback,
-             progress, run, n_init) -> FitResult:
+def _run_svi(
+    model,
+    guide,
+    optim,
+    args,
+    kwargs,
+    *,
+    max_iter,
+    tol,
+    loss,
+    n_data,
+    callback,
+    progress,
+    run,
+    n_init,
+) -> FitResult:
     if loss is None:
         loss = TraceEnum_ELBO() if _has_enumeration(model, args, kwargs) else Trace_ELBO()
     svi = SVI(model, guide, optim, loss)
@@ -383,9 +430,16 @@ def _run_svi(model, guide, optim, args, kwargs, *, max_iter, tol, loss, n_data, 
             stacklevel=3,
         )
     return FitResult(
-        params=_constrained(names), log_likelihood=None, elbo=final, history=history,
-        converged=converged, n_iter=it, n_data=n_data, algorithm="SVI",
-        interrupted=interrupted, info={"guide_params": names},
+        params=_constrained(names),
+        log_likelihood=None,
+        elbo=final,
+        history=history,
+        converged=converged,
+        n_iter=it,
+        n_data=n_data,
+        algorithm="SVI",
+        interrupted=interrupted,
+        info={"guide_params": names},
     )
 
 

@@ -81,4 +81,3 @@ class GradientMStep:
 
     def __repr__(self) -> str:
         return f"GradientMStep({type(self.optim).__name__}, steps={self.steps})"
-
