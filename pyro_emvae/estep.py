@@ -38,11 +38,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import DiscreteHMM
 from pyro.distributions.hmm import _sequential_logmatmulexp
+from pyro.distributions.util import scale_and_mask
 from pyro.infer.discrete import infer_discrete
 from pyro.infer.traceenum_elbo import (
     BackwardSampleMessenger,
@@ -179,17 +181,19 @@ def _arrange(
     return x.reshape(shape).expand(shape_out)
 
 
-def _plate_layout(site: dict, trace: Any, depth: int) -> tuple[list[str | None], tuple[int, ...]]:
-    """Symbols and sizes of a site's plate dims, right-aligned as in its value's shape."""
-    frames = {f.dim: f for f in site["cond_indep_stack"] if f.vectorized}
+def _plate_layout(
+    stack: list, plate_to_symbol: dict[str, str] | None = None
+) -> tuple[list[str | None], tuple[int, ...]]:
+    """Symbols (if ``plate_to_symbol`` is given) and sizes of the plate dims of a site with
+    ``cond_indep_stack`` ``stack``, right-aligned as in its value's shape."""
+    frames = {f.dim: f for f in stack if f.vectorized}
     if not frames:
         return [], ()
-    first = min(frames)
     dims: list[str | None] = []
     sizes: list[int] = []
-    for d in range(first, 0):
+    for d in range(min(frames), 0):
         f = frames.get(d)
-        dims.append(trace.plate_to_symbol[f.name] if f is not None else None)
+        dims.append(plate_to_symbol[f.name] if f is not None and plate_to_symbol else None)
         sizes.append(f.size if f is not None else 1)
     return dims, tuple(sizes)
 
@@ -226,6 +230,10 @@ class _ExactConditionals(BackwardSampleMessenger):
         # its markov scope (which names observed sites this guide hides)
         drop = ("enumerate", "_markov_scope", "_markov_depth")
         msg["infer"] = {k: v for k, v in msg["infer"].items() if k not in drop}
+
+
+class _NoVectorize(Exception):
+    pass
 
 
 def _is_enumerated(site: dict) -> bool:
@@ -308,7 +316,7 @@ class ExactEStep:
                         lp = _hmm_log_prob(init, m)
                     site["_hmm"] = (init, m)
                     site["unscaled_log_prob"] = lp
-                    site["log_prob"] = packed.scale_and_mask(lp, site["scale"], site["mask"])
+                    site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
                     site["log_prob_sum"] = site["log_prob"].sum()
                 continue
             if not _is_enumerated(site):
@@ -410,7 +418,6 @@ class ExactEStep:
         return post
 
     def _fill(self, post: Posterior, tr, inputs, grads, scale: float) -> None:
-        depth = self.max_plate_nesting or 0
         symbol_to_name = {
             s["infer"]["_enumerate_symbol"]: n
             for n, s in tr.nodes.items()
@@ -430,7 +437,7 @@ class ExactEStep:
             q = g / scale
             q._pyro_dims = t._pyro_dims
             post.factor_q[name] = q
-            plate_dims, plate_shape = _plate_layout(site, tr, depth)
+            plate_dims, plate_shape = _plate_layout(site["cond_indep_stack"], tr.plate_to_symbol)
             enum_syms = sorted(
                 (d for d in t._pyro_dims if d in symbol_to_name),
                 key=lambda d: order[symbol_to_name[d]],
@@ -468,7 +475,7 @@ class ExactEStep:
             if "_hmm" in site:
                 init, m = site["_hmm"]
                 pot = (q * m).flatten(-3).sum(-1) + (q[..., 0, :, :].sum(-1) * init).sum(-1)
-                total = total + packed.scale_and_mask(pot, site["scale"], site["mask"]).sum()
+                total = total + scale_and_mask(pot, site["scale"], site["mask"]).sum()
             elif q is None:
                 total = total + site["packed"]["log_prob"].sum()
             else:
@@ -499,26 +506,84 @@ class ExactEStep:
         """Pairwise posterior marginals ``{(parent, child): (*batch, K_parent, K_child)}``."""
         return self.posterior(*args, **kwargs).pairwise
 
-    def _discrete(self, args, kwargs, temperature: int) -> dict[str, torch.Tensor]:
+    def _discrete(
+        self, args, kwargs, temperature: int, num_samples: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """One pass of Pyro's ``infer_discrete`` (MAP at temperature 0, an exact joint draw at
+        temperature 1; ``num_samples`` draws at once under a particle plate). Returns the values
+        of the enumerated sites and the potentials ``(init, M)`` of DiscreteHMM chains."""
         depth = self._plate_nesting(args, kwargs)
-        with torch.no_grad(), poutine.block():
-            fn = infer_discrete(self.model, first_available_dim=-1 - depth, temperature=temperature)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "infer_discrete found no sample sites")
-                tr = poutine.trace(fn).get_trace(*args, **kwargs)
-        out = {}
+        model, first = self.model, -1 - depth
+        if num_samples is not None:
+
+            def model(*a, **k):
+                with pyro.plate("_num_samples", num_samples, dim=-1 - depth):
+                    return self.model(*a, **k)
+
+            first -= 1
+        with torch.no_grad(), poutine.block(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "infer_discrete found no sample sites")
+            fn = infer_discrete(model, first_available_dim=first, temperature=temperature)
+            tr = poutine.trace(fn).get_trace(*args, **kwargs)
+        values, chains = {}, {}
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
                 continue
             if site["is_observed"] and isinstance(site["fn"], DiscreteHMM):
-                init, m = _hmm_parts(site["fn"], site["value"])
-                if temperature == 0:
-                    out[name] = _hmm_map(init, m)
-                else:
-                    out[name] = self._hmm_pairwise(init, m)
-            elif site["infer"].get("enumerate") == "parallel" and not site["is_observed"]:
-                out[name] = site["value"]
-        return out
+                if num_samples is None:
+                    chains[name] = _hmm_parts(site["fn"], site["value"])
+            elif site["is_observed"] or isinstance(site["fn"], _Subsample):
+                continue
+            elif site["infer"].get("enumerate") != "parallel":
+                raise EnumerationError(_not_enumerable_message(name, site))
+            else:
+                value = site["value"]
+                if num_samples is not None:
+                    stack = [f for f in site["cond_indep_stack"] if f.name != "_num_samples"]
+                    _, shape = _plate_layout(stack)
+                    value = value.reshape((num_samples,) + shape)
+                values[name] = value
+        return values, chains
+
+    def map(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Joint MAP assignment :math:`\\arg\\max_z p(z \\mid x)` of every enumerated site
+        (Viterbi on chains), ``{site: (*batch,)}``; ``(*batch, T)`` for a DiscreteHMM site."""
+        values, chains = self._discrete(args, kwargs, temperature=0)
+        for name, (init, m) in chains.items():
+            values[name] = _hmm_map(init, m)
+        return values
+
+    def sample(
+        self, *args: Any, num_samples: int = 1, vectorize: bool = True, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
+        """Exact joint draws from :math:`p(z \\mid x)`: ``{site: (num_samples, *batch)}``, by
+        forward-filter backward-sample (Pyro's ``infer_discrete``).
+
+        All draws come from one model pass under a particle plate; a model that cannot run
+        with that extra batch dim (``vectorize=False``, or on failure, with a warning) is run
+        once per draw. DiscreteHMM chains are sampled from their pairwise marginals in one pass.
+        """
+        values, chains = self._discrete(args, kwargs, temperature=1)
+        draws = {}
+        if values:
+            try:
+                if not vectorize:
+                    raise _NoVectorize
+                draws, _ = self._discrete(args, kwargs, temperature=1, num_samples=num_samples)
+            except (_NoVectorize, ValueError, RuntimeError, IndexError) as e:
+                if not isinstance(e, _NoVectorize):
+                    warnings.warn(
+                        f"the model failed under a particle plate ({e}); sampling one model "
+                        "pass per draw (pass vectorize=False to skip the attempt)",
+                        stacklevel=2,
+                    )
+                runs = [values] + [
+                    self._discrete(args, kwargs, temperature=1)[0] for _ in range(num_samples - 1)
+                ]
+                draws = {n: torch.stack([r[n] for r in runs]) for n in values}
+        for name, (init, m) in chains.items():
+            draws[name] = _hmm_sample(self._hmm_pairwise(init, m), num_samples)
+        return draws
 
     @staticmethod
     def _hmm_pairwise(init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -526,30 +591,6 @@ class ExactEStep:
         with torch.enable_grad():
             (g,) = torch.autograd.grad(_hmm_log_prob(init.detach(), m).sum(), [m])
         return g
-
-    def map(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """Joint MAP assignment :math:`\\arg\\max_z p(z \\mid x)` of every enumerated site
-        (Viterbi on chains), ``{site: (*batch,)}``; ``(*batch, T)`` for a DiscreteHMM site."""
-        return self._discrete(args, kwargs, temperature=0)
-
-    def sample(self, *args: Any, num_samples: int = 1, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """Exact joint draws from :math:`p(z \\mid x)`: ``{site: (num_samples, *batch)}``
-        (forward-filter backward-sample; one model pass per draw for ``pyro.markov`` models,
-        one pass in all for DiscreteHMM chains)."""
-        draws: dict[str, list[torch.Tensor]] = {}
-        hmm_pairs: dict[str, torch.Tensor] = {}
-        for i in range(num_samples):
-            for name, value in self._discrete(args, kwargs, temperature=1).items():
-                if value.dtype.is_floating_point and value.dim() >= 3 and name not in draws:
-                    hmm_pairs[name] = value  # a DiscreteHMM chain: sample all draws at once
-                    continue
-                draws.setdefault(name, []).append(value)
-            if hmm_pairs and not draws:
-                break  # only chains: no need for further model passes
-        out = {n: torch.stack(v) for n, v in draws.items()}
-        for name, pair in hmm_pairs.items():
-            out[name] = _hmm_sample(pair, num_samples)
-        return out
 
     # ------------------------------------------------------------------ the guide
     def __call__(self, *args: Any, **kwargs: Any) -> None:
