@@ -464,7 +464,8 @@ class ExactEStep:
 
         At the params where ``posterior`` was computed its gradient equals that of
         :math:`\\log p_\\theta(x)` (Fisher's identity) and its value is
-        :math:`\\log p_\\theta(x) + H(q)`.
+        :math:`\\log p_\\theta(x) - H(q)` (the ELBO's first term; the
+        ELBO itself adds :math:`H(q)` back).
         """
         tr = self._enum_trace(args, kwargs, replay=posterior.subsample)
         total = torch.zeros(())

@@ -27,7 +27,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.optim import PyroOptim
 
-from pyro_emvae.estep import ExactEStep, Posterior
+from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.optim import GradientMStep
 
 __all__ = ["ConvergenceWarning", "FitResult", "fit"]
@@ -91,21 +91,20 @@ class FitResult:
 
 
 def _count_data(model: Callable, args: tuple, kwargs: dict) -> int:
-    """The number of data: the largest plate (full size) around an observed site, times the
-    duration of a DiscreteHMM site; the number of observed sites if none is in a plate."""
+    """The number of observed values: over observed sites, the cells of their plates (full
+    sizes under subsampling), times the chain length for a DiscreteHMM site. A GMM on N points
+    counts N; an HMM of N sequences of length T counts N*T in either model form."""
     with poutine.block(), torch.no_grad():
         tr = poutine.trace(model).get_trace(*args, **kwargs)
-    best, n_obs = 0, 0
+    total = 0
     for site in tr.nodes.values():
         if site["type"] != "sample" or not site["is_observed"]:
             continue
-        n_obs += 1
         cells = math.prod(f.full_size or f.size for f in site["cond_indep_stack"] if f.vectorized)
         if isinstance(site["fn"], pyro.distributions.DiscreteHMM):
             cells *= site["value"].shape[-1 - site["fn"].observation_dist.event_dim]
-        if any(f.vectorized for f in site["cond_indep_stack"]) or cells > 1:
-            best = max(best, cells)
-    return max(best, n_obs if best == 0 else best, 1)
+        total += cells
+    return max(total, 1)
 
 
 def _model_params(model: Callable, args: tuple, kwargs: dict) -> list[str]:
@@ -158,22 +157,25 @@ def fit(
             E-step is exact and :math:`\\log p_\\theta(x)` is tracked exactly.
         optim: the M-step. A ``pyro.optim`` optimizer gives gradient M-steps (EG, with
             ``svi_steps`` steps per E-step; for other guides, SVI). Any callable
-            ``mstep(guide, posterior, args, kwargs) -> dict`` is used as the M-step as it is.
+            ``mstep(guide, posterior, args, kwargs) -> dict`` is used as the M-step as it is
+            (give it ``needs_param_grads = True`` to receive ``posterior.param_grads``).
             Default: ``pyro.optim.Adam({"lr": 0.05})`` for ExactEStep, ``{"lr": 0.01}`` else.
         max_iter: iterations (E-step + M-step, or SVI steps) per run.
         tol: stop when the objective per datum changes by less than ``tol`` between
             iterations (for SVI, between the means of successive windows of 20 iterations);
             ``tol=0`` runs ``max_iter`` iterations.
         n_init: independent runs; the one with the highest final objective is kept. Run 0
-            starts from the params as they are; each later run re-initializes the model's
-            params, by ``init(run)`` if given, else by deleting them from the param store so the
-            model's own ``pyro.param`` initial values are drawn again (under seed ``seed + run``).
+            starts from the params as they are; each later run re-initializes the params (the
+            model's, and an SVI guide's), by ``init(run)`` if given, else by deleting them from
+            the param store so their ``pyro.param`` initial values are drawn again (under seed
+            ``seed + run``). A model whose initial values are deterministic needs ``init``.
         init: optional ``init(run)`` that sets the params before run ``run`` (including run 0).
         seed: optional RNG seed for each run (``seed + run``).
         loss: the ELBO for SVI (default ``TraceEnum_ELBO`` if the model enumerates, else
             ``Trace_ELBO``).
-        n_data: the count for per-datum values; default: the largest plate (full size) around
-            an observed site, times the length of a DiscreteHMM site's chain.
+        n_data: the count for per-datum values; default: the number of observed values (the
+            plate cells of each observed site, times the chain length of a DiscreteHMM site), so
+            an HMM counts time steps in either model form.
         callback: ``callback(iteration, info)`` after each iteration; returning True stops the
             run (counted as converged).
         progress: a tqdm progress bar; ``None`` shows it only on an interactive terminal.
@@ -202,6 +204,8 @@ def fit(
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
     if n_init < 1:
         raise ValueError(f"n_init must be >= 1, got {n_init}")
+    if svi_steps < 1:
+        raise ValueError(f"svi_steps must be >= 1, got {svi_steps}")
     exact = isinstance(guide, ExactEStep)
     if optim is None:
         optim = pyro.optim.Adam({"lr": 0.05 if exact else 0.01})
@@ -227,7 +231,10 @@ def fit(
             init(run)
         elif run > 0:
             store = pyro.get_param_store()
-            for name in _model_params(model, args, kwargs):
+            fresh = _model_params(model, args, kwargs)
+            if not exact:
+                fresh += _model_params(guide, args, kwargs)
+            for name in fresh:
                 if name in store:
                     del store[name]
         runner = _run_exact if exact else _run_svi
@@ -270,10 +277,14 @@ def _bar(progress: bool | None, total: int, desc: str):
 def _check_finite(value: float, what: str, iteration: int, snap: dict, names: list[str]) -> None:
     if not math.isfinite(value):
         _restore(snap)
+        restored = (
+            f"the params of the last finite iteration were restored ({', '.join(names)})"
+            if snap
+            else "no earlier params were finite"
+        )
         raise FloatingPointError(
-            f"the {what} became {value} at iteration {iteration}; the params of the last finite "
-            f"iteration were restored ({', '.join(names)}). Check the data for extreme values, "
-            "lower the learning rate, or regularize the params."
+            f"the {what} became {value} at iteration {iteration}; {restored}. Check the data "
+            "for extreme values, lower the learning rate, or regularize the params."
         )
 
 
@@ -305,7 +316,7 @@ def _run_exact(
     bar = _bar(progress, max_iter, "EM" if n_init == 1 else f"EM run {run}")
     try:
         while n_done < max_iter:
-            post = guide.posterior(*args, param_grads=wants_grads, **kwargs)
+            post = _estep(guide, args, kwargs, wants_grads, n_done, snap, names)
             ll = float(post.log_likelihood)
             _check_finite(ll, "log-likelihood", n_done, snap, names)
             history["log_likelihood"].append(ll)
@@ -335,7 +346,7 @@ def _run_exact(
         bar.close()
     if post is None or not converged or interrupted:
         # the final E-step: the reported log-likelihood belongs to the returned params
-        post = guide.posterior(*args, **kwargs)
+        post = _estep(guide, args, kwargs, False, n_done, snap, names)
         _check_finite(float(post.log_likelihood), "log-likelihood", n_done, snap, names)
         history["log_likelihood"].append(float(post.log_likelihood))
         history["time"].append(time.perf_counter() - start)
@@ -360,6 +371,24 @@ def _run_exact(
         interrupted=interrupted,
         info=info,
     )
+
+
+def _estep(guide, args, kwargs, wants_grads, n_done, snap, names) -> Posterior:
+    """The E-step; a model error once the M-step has moved the params (Pyro's validation of a
+    scale driven to 0, say) rolls back to the last finite params and is a FloatingPointError."""
+    try:
+        return guide.posterior(*args, param_grads=wants_grads, **kwargs)
+    except EnumerationError:
+        raise
+    except ValueError as e:
+        if n_done == 0:
+            raise  # the model fails at its initial params: the user's error, as it is
+        _restore(snap)
+        raise FloatingPointError(
+            f"the E-step failed at iteration {n_done} after the M-step moved the params to "
+            f"invalid values; the params of the last finite iteration were restored "
+            f"({', '.join(names)}). Lower the learning rate or regularize. Cause: {e}"
+        ) from e
 
 
 def _last_change(values: list[float], n_data: int) -> float:
@@ -393,14 +422,13 @@ def _run_svi(
     start = time.perf_counter()
     it = 0
     names: list[str] = []
+    snap: dict[str, torch.Tensor] = {}  # empty until the guide has created its params
     bar = _bar(progress, max_iter, "SVI" if n_init == 1 else f"SVI run {run}")
     try:
         for it in range(1, max_iter + 1):
             elbo = -float(svi.step(*args, **kwargs))
-            if not names:
-                names = list(pyro.get_param_store().keys())
-                snap = _snapshot(names)
             _check_finite(elbo, "ELBO", it, snap, names)
+            names = list(pyro.get_param_store().keys())
             snap = _snapshot(names)
             history["elbo"].append(elbo)
             history["time"].append(time.perf_counter() - start)

@@ -3,7 +3,9 @@
 An M-step is any callable ``mstep(guide, posterior, args, kwargs) -> dict`` that updates the
 params in Pyro's param store in place, given the exact posterior ``posterior`` computed by
 ``guide`` (an :class:`~pyro_emvae.estep.ExactEStep`) at the current params, and returns a dict of
-diagnostics. :func:`~pyro_emvae.fit.fit` alternates E-steps with it.
+diagnostics. :func:`~pyro_emvae.fit.fit` alternates E-steps with it. An M-step with the class
+attribute ``needs_param_grads = True`` receives ``posterior.param_grads`` (the gradient of
+:math:`\\log p_\theta(x)`, computed in the E-step's backward pass at no extra model pass).
 """
 
 from __future__ import annotations
