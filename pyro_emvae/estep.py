@@ -54,6 +54,7 @@ from pyro.infer.traceenum_elbo import (
 from pyro.infer.util import is_validation_enabled
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
+from pyro.ops.rings import LogRing
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_site_shape
@@ -211,16 +212,32 @@ class _ExactConditionals(BackwardSampleMessenger):
         if enum_msg is None or "_enumerate_symbol" not in enum_msg["infer"]:
             return
         symbol = enum_msg["infer"]["_enumerate_symbol"]
-        logits = contract_to_tensor(
-            self.log_factors,
-            self.sum_dims,
-            target_ordinal=_find_ordinal(self.enum_trace, msg),
-            target_dims={symbol},
-        )
-        logits = packed.unpack(logits, self.enum_trace.symbol_to_dim)
-        logits = logits.unsqueeze(-1).transpose(-1, enum_msg["infer"]["_enumerate_dim"] - 1)
-        while logits.dim() > 1 and logits.shape[0] == 1:
-            logits = logits.squeeze(0)
+        if symbol not in self.sum_dims:  # one value only (K=1): packing squeezed its dim away
+            logits = torch.zeros(msg["fn"].batch_shape + (1,))
+        else:
+            # plates of size 1 are squeezed out of packed factors: the ring must know their
+            # sizes to broadcast them back
+            sizes = {
+                self.enum_trace.plate_to_symbol[f.name]: f.size
+                for s in self.enum_trace.nodes.values()
+                if s["type"] == "sample"
+                for f in s["cond_indep_stack"]
+                if f.vectorized
+            }
+            for ts in self.log_factors.values():
+                for t in ts:
+                    sizes.update(zip(t._pyro_dims, t.shape))
+            logits = contract_to_tensor(
+                self.log_factors,
+                self.sum_dims,
+                target_ordinal=_find_ordinal(self.enum_trace, msg),
+                target_dims={symbol},
+                ring=LogRing(dim_to_size=sizes),
+            )
+            logits = packed.unpack(logits, self.enum_trace.symbol_to_dim)
+            logits = logits.unsqueeze(-1).transpose(-1, enum_msg["infer"]["_enumerate_dim"] - 1)
+            while logits.dim() > 1 and logits.shape[0] == 1:
+                logits = logits.squeeze(0)
         fn = msg["fn"]
         if isinstance(fn, dist.Bernoulli):
             msg["fn"] = dist.Bernoulli(logits=logits[..., 1] - logits[..., 0])
@@ -230,6 +247,11 @@ class _ExactConditionals(BackwardSampleMessenger):
         # its markov scope (which names observed sites this guide hides)
         drop = ("enumerate", "_markov_scope", "_markov_depth")
         msg["infer"] = {k: v for k, v in msg["infer"].items() if k not in drop}
+
+    def _pyro_post_sample(self, msg):
+        enum_msg = self.enum_trace.nodes.get(msg["name"])
+        if enum_msg is not None and enum_msg["infer"].get("_enumerate_symbol") in self.sum_dims:
+            super()._pyro_post_sample(msg)
 
 
 class _NoVectorize(Exception):
@@ -446,8 +468,8 @@ class ExactEStep:
             sizes = tuple(t.shape[t._pyro_dims.index(d)] for d in enum_syms)
             joint = _arrange(q, plate_dims + enum_syms, plate_shape + sizes)
             post.joints[name] = (names, joint)
-            if _is_enumerated(site):
-                own = site["infer"]["_enumerate_symbol"]
+            own = site["infer"].get("_enumerate_symbol")
+            if _is_enumerated(site) and own in enum_syms:
                 k = len(enum_syms)
                 i = enum_syms.index(own)
                 other = tuple(len(plate_dims) + j for j in range(k) if j != i)
@@ -456,6 +478,11 @@ class ExactEStep:
                     post.pairwise[(names[1 - i], name)] = (
                         joint if i == 1 else joint.transpose(-1, -2)
                     )
+        for name, site in tr.nodes.items():
+            if site["type"] == "sample" and _is_enumerated(site) and name not in post.marginals:
+                # a site with one value: packing squeezed its dim, so no factor carries it
+                _, plate_shape = _plate_layout(site["cond_indep_stack"])
+                post.marginals[name] = torch.ones(plate_shape + (1,))
 
     def expected_log_joint(self, posterior: Posterior, *args: Any, **kwargs: Any) -> torch.Tensor:
         """:math:`\\mathbb{E}_q[\\log p_\\theta(x, z)]` at the current params with ``q`` held at
@@ -526,6 +553,7 @@ class ExactEStep:
             warnings.filterwarnings("ignore", "infer_discrete found no sample sites")
             fn = infer_discrete(model, first_available_dim=first, temperature=temperature)
             tr = poutine.trace(fn).get_trace(*args, **kwargs)
+        shapes = self._latent_shapes(args, kwargs)
         values, chains = {}, {}
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
@@ -538,13 +566,20 @@ class ExactEStep:
             elif site["infer"].get("enumerate") != "parallel":
                 raise EnumerationError(_not_enumerable_message(name, site))
             else:
-                value = site["value"]
-                if num_samples is not None:
-                    stack = [f for f in site["cond_indep_stack"] if f.name != "_num_samples"]
-                    _, shape = _plate_layout(stack)
-                    value = value.reshape((num_samples,) + shape)
-                values[name] = value
+                # infer_discrete squeezes leading size-1 dims: restore the site's own shape
+                lead = () if num_samples is None else (num_samples,)
+                values[name] = site["value"].reshape(lead + shapes[name])
         return values, chains
+
+    def _latent_shapes(self, args, kwargs) -> dict[str, torch.Size]:
+        """Each latent site's shape under its plates, from one plain (prior) trace."""
+        with torch.no_grad(), poutine.block():
+            tr = poutine.trace(self.model).get_trace(*args, **kwargs)
+        return {
+            n: s["value"].shape
+            for n, s in tr.nodes.items()
+            if s["type"] == "sample" and not s["is_observed"]
+        }
 
     def map(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Joint MAP assignment :math:`\\arg\\max_z p(z \\mid x)` of every enumerated site
