@@ -1,0 +1,99 @@
+"""Smoke tests of ``benchmarks/estep.py``: the quick run prints both tables and every
+correctness check passes (no timing assertions: the CI machine is small and shared)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import estep as bench
+
+HAVE_SKLEARN = importlib.util.find_spec("sklearn") is not None
+HAVE_HMMLEARN = importlib.util.find_spec("hmmlearn") is not None
+
+
+@pytest.mark.timeout(120)
+def test_quick_run_prints_tables_and_passes_checks(capsys):
+    result = bench.main(["--quick"])
+    out = capsys.readouterr().out
+
+    assert out.startswith("pyro_emvae E-step benchmark\nmalloc: ")
+    # both tables, with their headers and our rows
+    assert "GMM (diag covariance), K=8, D=8, float64: seconds per E-step (median of 2)" in out
+    assert "Gaussian HMM, K=8, D=4, one sequence, float64: seconds per E-step" in out
+    header_lines = [
+        ln for ln in out.splitlines() if ln.split()[:4] == ["method", "size", "seconds", "ratio"]
+    ]
+    assert len(header_lines) == 2
+    for row in (
+        "ExactEStep.posterior (ours)",
+        "ExactEStep.posterior(param_grads=True)",
+        "reference.gmm_estep (torch)",
+        "ExactEStep.posterior, DiscreteHMM (ours)",
+        "ExactEStep.posterior, pyro.markov (ours)",
+        "reference.hmm_forward_backward (torch)",
+    ):
+        assert any(ln.startswith(row) for ln in out.splitlines()), row
+    assert ("sklearn GaussianMixture (diag)" in out) == HAVE_SKLEARN
+    assert ("hmmlearn GaussianHMM.score_samples" in out) == HAVE_HMMLEARN
+    assert "target (issue): GMM N=1e5 E-step < 0.1 s" in out
+    assert "target (issue): HMM T=1e4 E-step < 1 s" in out
+    assert "Note on malloc" in out
+
+    # every correctness check ran and passed: 2 per non-reference method and size
+    checks = [ln for ln in out.splitlines() if ln.lstrip().startswith("check ")]
+    n_gmm = 2 + HAVE_SKLEARN  # ours, ours(param_grads), sklearn
+    n_hmm = 2 + HAVE_HMMLEARN  # DiscreteHMM, pyro.markov, hmmlearn
+    assert len(checks) == 2 * (n_gmm + n_hmm)
+    assert all(ln.endswith(" ok") for ln in checks), checks
+    assert "FAIL" not in out
+
+    # the smallest sizes only, and our median times come back
+    assert set(result) == {"gmm", "hmm"}
+    assert list(result["gmm"]) == [10_000] and list(result["hmm"]) == [1_000]
+    assert all(t > 0 for d in result.values() for t in d.values())
+
+
+def test_failed_check_raises():
+    bench._check("a method", "max |d resp|", 1e-12, 1e-8)
+    with pytest.raises(AssertionError, match="correctness check failed"):
+        bench._check("a method", "max |d resp|", 1e-3, 1e-8)
+    with pytest.raises(AssertionError):
+        bench._check("a method", "max |d resp|", float("nan"), 1e-8)
+
+
+def test_sizes_parse_and_format():
+    assert bench._size("1e4") == 10_000 and bench._size("10_000") == 10_000
+    assert bench._fmt_size(100_000) == "1e5" and bench._fmt_size(1500) == "1500"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc variables")
+def test_tuned_malloc_reexecutes_with_the_variables():
+    env = {k: v for k, v in os.environ.items() if k not in bench.TUNED_MALLOC}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "estep.py"),
+            "--tuned-malloc",
+            "--skip-gmm",
+            "--skip-hmm",
+        ],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "malloc: tuned (MALLOC_MMAP_THRESHOLD_=4294967296" in proc.stdout
+    assert proc.stdout.count("pyro_emvae E-step benchmark") == 1  # re-executed once, no loop
