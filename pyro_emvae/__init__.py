@@ -2,12 +2,13 @@
 
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.fit import ConvergenceWarning, FitResult, fit
-from pyro_emvae.optim import GradientMStep
+from pyro_emvae.optim import EMOptim, GradientMStep
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConvergenceWarning",
+    "EMOptim",
     "EnumerationError",
     "ExactEStep",
     "FitResult",

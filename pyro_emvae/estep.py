@@ -99,6 +99,7 @@ class Posterior:
     # minibatch the E-step saw: what an M-step needs to evaluate E_q[log p(x, z)] again
     factor_q: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     subsample: Any = field(default=None, repr=False)
+    symbol_to_dim: dict[str, int] = field(default_factory=dict, repr=False)
 
 
 def _hmm_parts(fn: DiscreteHMM, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,6 +429,7 @@ class ExactEStep:
                 tr = self._enum_trace(args, kwargs)
             log_z, inputs, grads, pgrads, scale = self._contract(tr)
         post = Posterior(log_likelihood=log_z.detach(), scale=scale)
+        post.symbol_to_dim = dict(tr.symbol_to_dim)
         post.subsample = poutine.Trace()
         for name, site in tr._subsample_sites.items():
             post.subsample.add_node(name, **site)

@@ -28,7 +28,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.optim import PyroOptim
 
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
-from pyro_emvae.optim import GradientMStep
+from pyro_emvae.optim import EMOptim, GradientMStep
 
 __all__ = ["ConvergenceWarning", "FitResult", "fit"]
 
@@ -53,7 +53,10 @@ class FitResult:
         converged: whether ``|Δ objective| / n_data < tol`` was reached.
         n_iter: iterations run in the best run.
         n_data: the count used for per-datum values (see :func:`fit`).
-        algorithm: ``"EG"`` (exact E-step, gradient M-step) or ``"SVI"``.
+        algorithm: ``"EM"`` (every param in closed form), ``"ECM"`` (closed form and gradient
+            steps), ``"EG"`` (exact E-step, gradient M-steps only) or ``"SVI"``.
+        closed_form: names of the params updated in closed form.
+        gradient: names of the params moved by gradient steps.
         interrupted: the run was stopped by KeyboardInterrupt; params are those of the last
             completed iteration.
         restarts: final objective of each run when ``n_init > 1``.
@@ -71,6 +74,8 @@ class FitResult:
     interrupted: bool = False
     restarts: list[float] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    closed_form: list[str] = field(default_factory=list)
+    gradient: list[str] = field(default_factory=list)
 
     @property
     def objective(self) -> float:
@@ -155,11 +160,12 @@ def fit(
     Args:
         model, guide: a Pyro model and guide. With :class:`~pyro_emvae.estep.ExactEStep` the
             E-step is exact and :math:`\\log p_\\theta(x)` is tracked exactly.
-        optim: the M-step. A ``pyro.optim`` optimizer gives gradient M-steps (EG, with
-            ``svi_steps`` steps per E-step; for other guides, SVI). Any callable
+        optim: the M-step. Default for ExactEStep: :class:`~pyro_emvae.optim.EMOptim` (closed-form
+            updates where the model allows, SVI steps for the rest). A ``pyro.optim`` optimizer
+            gives gradient M-steps only (EG, with ``svi_steps`` steps per E-step; for other
+            guides, SVI; default ``Adam({"lr": 0.01})``). Any callable
             ``mstep(guide, posterior, args, kwargs) -> dict`` is used as the M-step as it is
             (give it ``needs_param_grads = True`` to receive ``posterior.param_grads``).
-            Default: ``pyro.optim.Adam({"lr": 0.05})`` for ExactEStep, ``{"lr": 0.01}`` else.
         max_iter: iterations (E-step + M-step, or SVI steps) per run.
         tol: stop when the objective per datum changes by less than ``tol`` between
             iterations (for SVI, between the means of successive windows of 20 iterations);
@@ -208,7 +214,7 @@ def fit(
         raise ValueError(f"svi_steps must be >= 1, got {svi_steps}")
     exact = isinstance(guide, ExactEStep)
     if optim is None:
-        optim = pyro.optim.Adam({"lr": 0.05 if exact else 0.01})
+        optim = EMOptim() if exact else pyro.optim.Adam({"lr": 0.01})
     if exact:
         mstep = GradientMStep(optim, svi_steps) if isinstance(optim, PyroOptim) else optim
         if not callable(mstep):

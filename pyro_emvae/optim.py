@@ -10,14 +10,24 @@ attribute ``needs_param_grads = True`` receives ``posterior.param_grads`` (the g
 
 from __future__ import annotations
 
+import math
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import pyro
+import torch
+from pyro.distributions import DiscreteHMM
+from pyro.ops import packed
 from pyro.optim import PyroOptim
+from pyro.poutine.subsample_messenger import _Subsample
+from torch.distributions import transform_to
 
 from pyro_emvae.estep import ExactEStep, Posterior
+from pyro_emvae.rules import Stats, summarize_site, unhandled_params
+from pyro_emvae.track import IdSpace, Tracked, probe
 
-__all__ = ["GradientMStep"]
+__all__ = ["EMOptim", "GradientMStep"]
 
 
 class GradientMStep:
@@ -83,3 +93,294 @@ class GradientMStep:
 
     def __repr__(self) -> str:
         return f"GradientMStep({type(self.optim).__name__}, steps={self.steps})"
+
+
+@dataclass
+class _Plan:
+    """What the probe found for one set of model args: sites, ids, closed-form params."""
+
+    trace: Any
+    space: IdSpace
+    closed_form: list[str]
+    gradient: list[str]
+    reasons: dict[str, str]
+
+
+class EMOptim:
+    """The EM M-step: closed-form updates where the model's own sites allow, SVI steps elsewhere.
+
+    Which params have a closed form is found from the model (no declaration): a param qualifies
+    when every distribution argument it reaches is the param itself or a selection of it
+    (indexed by enumerated latents, expanded, reshaped, concatenated) of a family in
+    :data:`pyro_emvae.rules.RULES`. Those params are set to the maximizer of
+    :math:`\\mathbb{E}_q[\\log p_\\theta(x, z)]` in two conditional stages (locations and
+    probabilities, then scales and covariances); the others (neural nets, params under
+    nonlinear transforms, other families) then take ``svi_steps`` gradient steps with q held
+    at the exact posterior (ECM: each step conditions on the ones before).
+
+    Args:
+        svi_optim: Pyro optimizer for the gradient part (default ``Adam({"lr": 0.01})``).
+        svi_steps: gradient steps per M-step (only when some param has no closed form).
+        reg_covar: added to the diagonal of every closed-form covariance and to every
+            closed-form variance (as scikit-learn's ``reg_covar``); 0 for plain maximum
+            likelihood.
+        dirichlet: concentration of a symmetric Dirichlet prior on every closed-form probability
+            vector (MAP-EM); 1.0 is no prior, 2.0 adds one pseudo-count per category.
+        closed_form: ``"auto"``, or the list of param names to update in closed form (each must
+            qualify), or ``[]`` for gradient steps only.
+        min_prob: probabilities are clamped to ``[min_prob, 1 - min_prob]``.
+
+    Example::
+
+        >>> from pyro_emvae import EMOptim
+        >>> mstep = EMOptim(reg_covar=1e-6)
+    """
+
+    def __init__(
+        self,
+        svi_optim: PyroOptim | None = None,
+        svi_steps: int = 10,
+        reg_covar: float = 1e-6,
+        dirichlet: float = 1.0,
+        closed_form: str | list[str] = "auto",
+        min_prob: float = 1e-12,
+    ) -> None:
+        if reg_covar < 0:
+            raise ValueError(f"reg_covar must be >= 0, got {reg_covar}")
+        if dirichlet < 1:
+            raise ValueError(f"dirichlet must be >= 1 (1 = no prior), got {dirichlet}")
+        if closed_form != "auto" and not isinstance(closed_form, (list, tuple)):
+            raise TypeError(f"closed_form must be 'auto' or a list of names, got {closed_form!r}")
+        self.svi_optim = svi_optim or pyro.optim.Adam({"lr": 0.01})
+        self.svi_steps = svi_steps
+        self.reg_covar = reg_covar
+        self.dirichlet = dirichlet
+        self.closed_form = closed_form
+        self.min_prob = min_prob
+        self._plan: _Plan | None = None
+        self._plan_key: tuple | None = None
+
+    needs_param_grads = False
+
+    @property
+    def algorithm(self) -> str:
+        if self._plan is None or not self._plan.gradient:
+            return "EM"
+        return "ECM" if self._plan.closed_form else "EG"
+
+    # ---------------------------------------------------------------- the plan (probe)
+    def plan(self, guide: ExactEStep, args: tuple, kwargs: dict) -> _Plan:
+        """Probe the model (once per set of args) and split its params."""
+        key = tuple(
+            (id(a), tuple(a.shape)) if isinstance(a, torch.Tensor) else id(a)
+            for a in (*args, *sorted(kwargs.items()))
+        )
+        if self._plan is not None and key == self._plan_key:
+            return self._plan
+        depth = guide._plate_nesting(args, kwargs)
+        trace, space = probe(guide.model, args, kwargs, depth)
+        reasons: dict[str, str] = {
+            n: "used by an operation no rule sees through" for n in space.opaque
+        }
+        covered: set[str] = set()
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+                continue
+            for p in unhandled_params(site["fn"]):
+                reasons.setdefault(
+                    p,
+                    f"reaches site '{name}' ({type(site['fn']).__name__}) "
+                    "in a form no closed-form rule covers",
+                )
+            covered |= _tracked_params(site["fn"])
+        for p in space.offsets:
+            if p not in covered:
+                reasons.setdefault(p, "reaches no distribution argument directly")
+        eligible = [p for p in space.offsets if p not in reasons]
+        if self.closed_form == "auto":
+            closed = eligible
+        else:
+            for p in self.closed_form:
+                if p not in space.offsets:
+                    raise ValueError(f"closed_form names '{p}', which the model has no param of")
+                if p in reasons:
+                    raise ValueError(f"param '{p}' has no closed-form update: it {reasons[p]}")
+            closed = list(self.closed_form)
+        gradient = [p for p in space.offsets if p not in closed]
+        self._plan = _Plan(trace, space, closed, gradient, reasons)
+        self._plan_key = key
+        return self._plan
+
+    # ---------------------------------------------------------------- statistics
+    def summarize(self, plan: _Plan, posterior: Posterior, stage: int) -> Stats:
+        """Expected sufficient statistics of every site under ``posterior`` (additive)."""
+        space = plan.space
+        flat = _flat_params(space)
+
+        def current(t):
+            return flat[t.ids] if isinstance(t, Tracked) else t
+
+        stats = Stats(space.size)
+        for name, site in plan.trace.nodes.items():
+            if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+                continue
+            if isinstance(site["fn"], DiscreteHMM):
+                weight = posterior.pairwise[(name, name)]
+            else:
+                q = posterior.factor_q.get(name)
+                weight = (
+                    packed.unpack(q, posterior.symbol_to_dim) if q is not None else torch.ones(())
+                )
+                if site["mask"] is not None:
+                    weight = weight * site["mask"]
+            scale = site["scale"]
+            summarize_site(site["fn"], site["value"], weight * scale, stats, stage, current)
+        return stats
+
+    # ---------------------------------------------------------------- maximization
+    def maximize(self, plan: _Plan, stats: Stats, stage: int) -> dict[str, torch.Tensor]:
+        """New constrained values of the closed-form params from ``stats``."""
+        store = pyro.get_param_store()
+        new = {}
+        sums = stats.sums
+        for name in plan.closed_form:
+            o, shape = plan.space.offsets[name], plan.space.shapes[name]
+            sl = slice(o, o + math.prod(shape))
+            cur = store[name].detach().clone().reshape(-1)
+            changed = False
+            if stage == 0 and "rowmark" in sums and sums["rowmark"][sl].any():
+                last = shape[-1]
+                counts = sums["count"][sl].reshape(-1, last) + (self.dirichlet - 1.0)
+                rows = sums["rowmark"][sl].reshape(-1, last).any(-1)
+                total = counts.sum(-1, keepdim=True)
+                empty = rows & (total.squeeze(-1) <= 0)
+                if empty.any():
+                    warnings.warn(
+                        f"param '{name}': rows {empty.nonzero().flatten().tolist()} "
+                        "have no posterior mass; kept at their current values "
+                        "(use dirichlet > 1 to regularize)",
+                        stacklevel=4,
+                    )
+                ok = rows & ~empty
+                probs = (counts / total.clamp_min(1e-300)).clamp(self.min_prob, 1 - self.min_prob)
+                probs = probs / probs.sum(-1, keepdim=True)
+                cur = cur.reshape(-1, last)
+                cur[ok] = probs[ok].to(cur.dtype)
+                cur = cur.reshape(-1)
+                changed = True
+            if stage == 0 and "mean_den" in sums:
+                den, num = sums["mean_den"][sl], sums["mean_num"][sl]
+                ok = den > 0
+                if ok.any():
+                    value = num[ok] / den[ok]
+                    if isinstance(
+                        store._constraints[name], torch.distributions.constraints._Interval
+                    ):
+                        value = value.clamp(self.min_prob, 1 - self.min_prob)
+                    elif store._constraints[name] is torch.distributions.constraints.positive:
+                        value = value.clamp_min(self.min_prob)
+                    cur[ok] = value
+                    changed = True
+            if stage == 1 and "var_den" in sums:
+                den, num = sums["var_den"][sl], sums["var_num"][sl]
+                ok = den > 0
+                if ok.any():
+                    cur[ok] = (num[ok] / den[ok] + self.reg_covar).sqrt()
+                    changed = True
+            if stage == 1 and "matmark" in sums and sums["matmark"][sl].any():
+                cur = self._covariances(name, shape, cur, sums, sl, stats)
+                changed = True
+            if changed:
+                new[name] = cur.reshape(shape)
+        return new
+
+    def _covariances(self, name, shape, cur, sums, sl, stats) -> torch.Tensor:
+        d = shape[-1]
+        num = sums["cov_num"][sl].reshape(-1, d, d)
+        den = sums["cov_den"][sl].reshape(-1, d, d)[:, 0, 0]
+        used = sums["matmark"][sl].reshape(-1, d, d)[:, 0, 0] > 0
+        kind = next(
+            (k for i, k in stats.forms.items() if sl.start <= i < sl.stop and k != "simplex"),
+            "scale_tril",
+        )
+        cur = cur.reshape(-1, d, d)
+        eye = torch.eye(d, dtype=num.dtype, device=num.device)
+        for m in used.nonzero().flatten().tolist():
+            if den[m] <= 0:
+                warnings.warn(
+                    f"param '{name}': matrix {m} has no posterior mass; kept", stacklevel=5
+                )
+                continue
+            cov = num[m] / den[m] + self.reg_covar * eye
+            cov = 0.5 * (cov + cov.T)
+            if kind == "covariance_matrix":
+                cur[m] = cov
+                continue
+            chol, info = torch.linalg.cholesky_ex(cov)
+            if info:
+                raise torch.linalg.LinAlgError(
+                    f"param '{name}': the covariance of component {m} is singular (too few "
+                    f"points, or collapsed onto a subspace); raise reg_covar (now "
+                    f"{self.reg_covar})"
+                )
+            cur[m] = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
+        return cur.reshape(-1)
+
+    # ---------------------------------------------------------------- the step
+    def __call__(self, guide: ExactEStep, posterior: Posterior, args: tuple, kwargs: dict):
+        plan = self.plan(guide, args, kwargs)
+        if plan.closed_form:
+            for stage in (0, 1):
+                stats = self.summarize(plan, posterior, stage)
+                _write(self.maximize(plan, stats, stage))
+        info: dict[str, Any] = {
+            "closed_form": list(plan.closed_form),
+            "gradient": list(plan.gradient),
+        }
+        if plan.gradient and self.svi_steps > 0:
+            moved = set(plan.gradient)
+            for _ in range(self.svi_steps):
+                with pyro.poutine.trace(param_only=True) as capture:
+                    q = guide.expected_log_joint(posterior, *args, **kwargs)
+                params = {n: s["value"].unconstrained() for n, s in capture.trace.nodes.items()}
+                (-q).backward()
+                self.svi_optim([p for n, p in params.items() if n in moved])
+                pyro.infer.util.zero_grads(set(params.values()))
+            info["expected_log_joint"] = float(q.detach())
+        return info
+
+    def __repr__(self) -> str:
+        return (
+            f"EMOptim(svi_steps={self.svi_steps}, reg_covar={self.reg_covar}, "
+            f"dirichlet={self.dirichlet}, closed_form={self.closed_form!r})"
+        )
+
+
+def _flat_params(space: IdSpace) -> torch.Tensor:
+    store = pyro.get_param_store()
+    return torch.cat([store[n].detach().reshape(-1) for n in space.offsets])
+
+
+def _tracked_params(fn) -> set[str]:
+    out: set[str] = set()
+    for value in vars(fn).values():
+        if isinstance(value, Tracked):
+            out |= set(getattr(value, "param_names", {value.param}))
+        elif isinstance(value, torch.distributions.Distribution):
+            out |= _tracked_params(value)
+    return out
+
+
+def _write(values: dict[str, torch.Tensor]) -> None:
+    """Write constrained values in place through the unconstrained storage (optimizer state
+    stays attached to the same tensor)."""
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for name, value in values.items():
+            unconstrained = store.get_param(name).unconstrained()
+            new = transform_to(store._constraints[name]).inv(value)
+            if not torch.isfinite(new).all():
+                raise FloatingPointError(
+                    f"the closed-form update of param '{name}' is not finite: {value}"
+                )
+            unconstrained.copy_(new)

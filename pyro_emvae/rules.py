@@ -1,0 +1,270 @@
+"""Closed-form M-step rules, registered per distribution family.
+
+Each rule reads one model site (its distribution, whose arguments :mod:`pyro_emvae.track` has
+traced back to param elements, its value, and the exact posterior weight of every position) and
+adds weighted expected sufficient statistics into :class:`Stats`: one vector per kind of
+statistic over the probe's global id space, filled by ``index_add_`` at the ids of the param
+element each position uses. Positions that share a param element (a scale shared by all
+components, the rows of a transition matrix, a tied covariance) therefore pool their statistics
+by construction, and statistics are additive: ``summarize(A) + summarize(B) = summarize(A ∪ B)``.
+
+The maximization runs in two stages (ECM): stage 0 updates location-like arguments
+(means, rates, probabilities) given the current scales; stage 1 updates scales and covariances
+given the new locations. Each stage is an exact conditional maximization of
+:math:`\\mathbb{E}_q[\\log p_\\theta(x, z)]`, so the pair never lowers it.
+
+=======================  =============================  ====================================
+family                   argument (a selection of a      closed form
+                         param, see ``track``)
+=======================  =============================  ====================================
+Categorical              probs (or logits = log p)       p ∝ Σ w [z = k] (+ α − 1)
+OneHotCategorical        probs (or logits = log p)       same, value one-hot
+Multinomial              probs                           p ∝ Σ w x
+Bernoulli                probs                           p = Σ w x / Σ w
+Binomial (fixed n)       probs                           p = Σ w x / Σ w n
+Poisson                  rate                            λ = Σ w x / Σ w
+Exponential              rate                            λ = Σ w / Σ w x
+Normal (and .to_event)   loc; scale                      μ = Σ wλx / Σ wλ; σ² = Σ w (x−μ)² / Σ w
+MultivariateNormal       loc; scale_tril, covariance_    μ = Σ w x / Σ w; Σ = Σ w (x−μ)(x−μ)ᵀ /
+                         matrix or precision_matrix      Σ w + reg_covar·I (full or tied)
+DiscreteHMM              transition / initial logits     Baum–Welch counts from pairwise
+                         (log form); observation_dist    marginals; emissions by their rule
+=======================  =============================  ====================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions.torch_distribution import MaskedDistribution
+
+from pyro_emvae.track import Tracked
+
+__all__ = ["HANDLED", "RULES", "Stats", "register", "summarize_site", "unhandled_params"]
+
+
+@dataclass
+class Stats:
+    """Additive sufficient statistics: ``sums[kind]`` is a vector over the global id space.
+
+    ``used[id]`` marks ids that some rule can update in closed form; ``opaque`` collects params
+    some site uses in a way no rule covers (they are left to gradient steps).
+    """
+
+    size: int
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    forms: dict[int, str] = field(default_factory=dict)
+
+    def add(self, kind: str, ids: torch.Tensor, values: torch.Tensor) -> None:
+        ids, values = torch.broadcast_tensors(ids, values)
+        vec = self.sums.get(kind)
+        if vec is None:
+            vec = self.sums[kind] = torch.zeros(self.size, dtype=values.dtype, device=values.device)
+        vec.index_add_(0, ids.reshape(-1), values.reshape(-1))
+
+    def __add__(self, other: Stats) -> Stats:
+        out = Stats(self.size, dict(self.sums), {**self.forms, **other.forms})
+        for k, v in other.sums.items():
+            out.sums[k] = out.sums[k] + v if k in out.sums else v
+        return out
+
+
+# A rule: rule(fn, value, weight, stats, stage, current) with ``weight`` broadcastable to
+# fn.log_prob(value); ``current(t)`` gives the current value of a (tracked) argument.
+Rule = Callable[..., None]
+RULES: dict[type, Rule] = {}
+
+
+def register(*families: type) -> Callable[[Rule], Rule]:
+    """Register a closed-form rule for distribution families (as Pyro's KL registry does)."""
+
+    def deco(rule: Rule) -> Rule:
+        for f in families:
+            RULES[f] = rule
+        return rule
+
+    return deco
+
+
+def _tracked(fn, *names: str) -> dict[str, Tracked]:
+    return {n: fn.__dict__[n] for n in names if isinstance(fn.__dict__.get(n), Tracked)}
+
+
+def summarize_site(fn, value, weight, stats: Stats, stage: int, current) -> bool:
+    """Add this site's statistics for ``stage``; False if no rule covers the family."""
+    while True:
+        if isinstance(fn, dist.Independent):
+            for _ in range(fn.reinterpreted_batch_ndims):
+                weight = weight.unsqueeze(-1)
+            fn = fn.base_dist
+        elif isinstance(fn, MaskedDistribution):
+            mask = fn._mask
+            for _ in range(fn.event_dim):
+                mask = mask.unsqueeze(-1)
+            weight = weight * mask
+            fn = fn.base_dist
+        elif isinstance(fn, dist.ExpandedDistribution):
+            fn = fn.base_dist
+        else:
+            break
+    rule = RULES.get(type(fn))
+    if rule is None:
+        return False
+    rule(fn, value, weight, stats, stage, current)
+    return True
+
+
+def _value_index(fn, value: torch.Tensor) -> torch.Tensor:
+    if isinstance(fn, dist.OneHotCategorical):
+        return value.argmax(-1)
+    return value.long()
+
+
+@register(dist.Categorical, dist.OneHotCategorical)
+def _categorical(fn, value, weight, stats, stage, current) -> None:
+    if stage != 0:
+        return
+    arg = _tracked(fn, "probs", "logits", "_param")
+    t = next(iter(arg.values()), None)
+    if t is None or t.form not in ("normalized", "log"):
+        return
+    k = _value_index(fn, value)
+    shape = torch.broadcast_shapes(t.shape[:-1], k.shape)
+    ids = t.ids.expand(shape + t.shape[-1:]).gather(-1, k.expand(shape).unsqueeze(-1))
+    stats.add("count", ids.squeeze(-1), weight.expand(shape))
+    stats.add("rowmark", t.ids, torch.ones(()))
+    stats.forms.update({int(i): "simplex" for i in t.ids.reshape(-1)[:1]})
+
+
+@register(dist.Multinomial)
+def _multinomial(fn, value, weight, stats, stage, current) -> None:
+    t = _tracked(fn._categorical, "probs", "logits", "_param")
+    t = next(iter(t.values()), None)
+    if stage != 0 or t is None or t.form not in ("normalized", "log"):
+        return
+    stats.add("count", t.ids, weight.unsqueeze(-1) * value)
+    stats.add("rowmark", t.ids, torch.ones(()))
+
+
+@register(dist.Bernoulli, dist.Binomial)
+def _bernoulli(fn, value, weight, stats, stage, current) -> None:
+    t = _tracked(fn, "probs").get("probs")
+    if stage != 0 or t is None or t.form != "value":
+        return
+    n = fn.total_count if isinstance(fn, dist.Binomial) else torch.ones(())
+    stats.add("mean_num", t.ids, weight * value)
+    stats.add("mean_den", t.ids, weight * n)
+
+
+@register(dist.Poisson)
+def _poisson(fn, value, weight, stats, stage, current) -> None:
+    t = _tracked(fn, "rate").get("rate")
+    if stage != 0 or t is None or t.form != "value":
+        return
+    stats.add("mean_num", t.ids, weight * value)
+    stats.add("mean_den", t.ids, weight)
+
+
+@register(dist.Exponential)
+def _exponential(fn, value, weight, stats, stage, current) -> None:
+    t = _tracked(fn, "rate").get("rate")
+    if stage != 0 or t is None or t.form != "value":
+        return
+    stats.add("mean_num", t.ids, weight)  # rate = Σw / Σwx
+    stats.add("mean_den", t.ids, weight * value)
+
+
+@register(dist.Normal)
+def _normal(fn, value, weight, stats, stage, current) -> None:
+    loc, scale = fn.__dict__.get("loc"), fn.__dict__.get("scale")
+    if stage == 0 and isinstance(loc, Tracked) and loc.form == "value":
+        prec = 1.0 / current(scale) ** 2
+        stats.add("mean_num", loc.ids, weight * prec * value)
+        stats.add("mean_den", loc.ids, weight * prec)
+    if stage == 1 and isinstance(scale, Tracked) and scale.form == "value":
+        resid = value - current(loc)
+        stats.add("var_num", scale.ids, weight * resid**2)
+        stats.add("var_den", scale.ids, weight)
+
+
+@register(dist.MultivariateNormal)
+def _mvn(fn, value, weight, stats, stage, current) -> None:
+    loc = fn.__dict__.get("loc")
+    mats = _tracked(fn, "_unbroadcasted_scale_tril", "covariance_matrix", "precision_matrix")
+    if stage == 0 and isinstance(loc, Tracked) and loc.form == "value":
+        # exact when every position of a loc row shares one covariance (full or tied models)
+        stats.add("mean_num", loc.ids, weight.unsqueeze(-1) * value)
+        stats.add("mean_den", loc.ids, weight.unsqueeze(-1))
+    if stage == 1 and mats:
+        key, mat = next(iter(mats.items()))
+        if mat.form != "value":
+            return
+        resid = value - current(loc)
+        outer = resid.unsqueeze(-1) * resid.unsqueeze(-2)
+        w = weight.unsqueeze(-1).unsqueeze(-1)
+        stats.add("cov_num", mat.ids, w * outer)
+        stats.add("cov_den", mat.ids, w)
+        kind = {"_unbroadcasted_scale_tril": "scale_tril"}.get(key, key)
+        first = mat.ids.reshape(-1)[:1]
+        stats.forms.update({int(first): kind})
+        stats.add("matmark", mat.ids, torch.ones(()))
+
+
+@register(dist.DiscreteHMM)
+def _discrete_hmm(fn, value, weight, stats, stage, current) -> None:
+    """``weight`` here is the chain's pairwise posterior ``(*batch, T, K, K)``."""
+    pair = weight
+    trans = fn.__dict__.get("transition_logits")
+    init = fn.__dict__.get("initial_logits")
+    if stage == 0:
+        if isinstance(trans, Tracked) and trans.form == "log":
+            stats.add("count", trans.ids.expand(pair.shape), pair)
+            stats.add("rowmark", trans.ids, torch.ones(()))
+        if isinstance(init, Tracked) and init.form == "log":
+            stats.add("count", init.ids, pair[..., 0, :, :].sum(-1))
+            stats.add("rowmark", init.ids, torch.ones(()))
+    obs = fn.observation_dist
+    marg = pair.sum(-2)  # (*batch, T, K)
+    obs_value = value.unsqueeze(-1 - obs.event_dim)
+    summarize_site(obs, obs_value, marg, stats, stage, current)
+
+
+# the (argument, form) pairs each rule can update; any other tracked argument is an opaque use
+HANDLED: dict[type, dict[str, set[str]]] = {
+    dist.Categorical: {"probs": {"normalized"}, "logits": {"log"}, "_param": {"normalized", "log"}},
+    dist.OneHotCategorical: {
+        "probs": {"normalized"},
+        "logits": {"log"},
+        "_param": {"normalized", "log"},
+    },
+    dist.Bernoulli: {"probs": {"value"}, "_param": {"value"}},
+    dist.Binomial: {"probs": {"value"}, "_param": {"value"}},
+    dist.Poisson: {"rate": {"value"}},
+    dist.Exponential: {"rate": {"value"}},
+    dist.Normal: {"loc": {"value"}, "scale": {"value"}},
+    dist.MultivariateNormal: {
+        "loc": {"value"},
+        "_unbroadcasted_scale_tril": {"value"},
+        "scale_tril": {"value"},
+        "covariance_matrix": {"value"},
+        "precision_matrix": {"value"},
+    },
+    dist.DiscreteHMM: {"transition_logits": {"log"}, "initial_logits": {"log"}},
+}
+
+
+def unhandled_params(fn) -> set[str]:
+    """Params reaching ``fn``'s arguments in a way no rule covers (they need gradient steps)."""
+    out: set[str] = set()
+    while isinstance(fn, (dist.Independent, MaskedDistribution, dist.ExpandedDistribution)):
+        fn = fn.base_dist
+    handled = HANDLED.get(type(fn), {})
+    for attr, value in vars(fn).items():
+        if isinstance(value, Tracked) and value.form not in handled.get(attr, set()):
+            out |= set(getattr(value, "param_names", {value.param}))
+        elif isinstance(value, torch.distributions.Distribution):
+            out |= unhandled_params(value)
+    return out
