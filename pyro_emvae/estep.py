@@ -102,13 +102,17 @@ class Posterior:
     symbol_to_dim: dict[str, int] = field(default_factory=dict, repr=False)
 
 
-def _hmm_parts(fn: DiscreteHMM, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _hmm_parts(
+    fn: DiscreteHMM, value: torch.Tensor, value_logits: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-potentials of a DiscreteHMM: ``init (*batch, K)`` over :math:`z_{-1}` and
-    ``M (*batch, T, K, K)`` with ``M[..., t, i, j] = log p(z_t=j | z_{t-1}=i) + log p(x_t | z_t=j)``.
+    ``M (*batch, T, K, K)`` with ``M[..., t, i, j] = log p(z_t=j | z_{t-1}=i) + log p(x_t | z_t=j)``
+    (the emission term replaced by ``value_logits`` when given).
     """
     obs = fn.observation_dist
-    value = value.unsqueeze(-1 - obs.event_dim)
-    value_logits = obs.log_prob(value)  # (*batch, T, K)
+    if value_logits is None:
+        value = value.unsqueeze(-1 - obs.event_dim)
+        value_logits = obs.log_prob(value)  # (*batch, T, K)
     m = fn.transition_logits + value_logits.unsqueeze(-2)
     batch = fn.batch_shape
     m = m.expand(batch + m.shape[-3:])
@@ -312,9 +316,11 @@ class ExactEStep:
             self.max_plate_nesting = -min(dims) if dims else 0
         return self.max_plate_nesting
 
-    def _enum_trace(self, args: tuple, kwargs: dict, replay: Any = None):
+    def _enum_trace(self, args: tuple, kwargs: dict, replay: Any = None, potentials=None):
         """Trace the model with every annotated discrete site enumerated, validate the sites,
-        and compute and pack their log-probs."""
+        and compute and pack their log-probs. ``potentials(name, site)``, if given, may return
+        a tensor that replaces an observed site's log-likelihood (for a DiscreteHMM site, its
+        per-step emission log-likelihoods ``(*batch, T, K)``): used by initializations."""
         depth = self._plate_nesting(args, kwargs)
         model = poutine.enum(self.model, first_available_dim=-1 - depth)
         if replay is not None:
@@ -331,13 +337,19 @@ class ExactEStep:
             if site["type"] != "sample":
                 continue
             if site["is_observed"]:
+                override = potentials(name, site) if potentials is not None else None
                 if isinstance(site["fn"], DiscreteHMM):
-                    init, m = _hmm_parts(site["fn"], site["value"])
+                    init, m = _hmm_parts(site["fn"], site["value"], override)
                     if not m.requires_grad:  # a leaf, so that its gradient can be asked for
                         m = m.detach().requires_grad_()
                     with torch.enable_grad():
                         lp = _hmm_log_prob(init, m)
                     site["_hmm"] = (init, m)
+                    site["unscaled_log_prob"] = lp
+                    site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
+                    site["log_prob_sum"] = site["log_prob"].sum()
+                elif override is not None:
+                    lp = override.expand(site["fn"].log_prob(site["value"]).shape)
                     site["unscaled_log_prob"] = lp
                     site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
                     site["log_prob_sum"] = site["log_prob"].sum()
@@ -407,17 +419,20 @@ class ExactEStep:
         return log_z, inputs, out[: len(inputs)], out[len(inputs) :], float(scale)
 
     # ------------------------------------------------------------------ the posterior
-    def posterior(self, *args: Any, param_grads: bool = False, **kwargs: Any) -> Posterior:
+    def posterior(
+        self, *args: Any, param_grads: bool = False, potentials=None, **kwargs: Any
+    ) -> Posterior:
         """Exact posterior at the current params: one model pass and one backward pass.
 
         With ``param_grads=True`` the same backward pass also returns the gradient of
         :math:`\\log p_\\theta(x)` with respect to each param's unconstrained value (keys are
         param names), which equals the gradient of :math:`\\mathbb{E}_q[\\log p_\\theta(x,z)]`
-        at this q.
+        at this q. ``potentials`` replaces observed sites' log-likelihoods (see ``_enum_trace``);
+        the initializations of :func:`~pyro_emvae.fit.fit` use it.
         """
         if param_grads:
             with poutine.trace(param_only=True) as pcap:
-                tr = self._enum_trace(args, kwargs)
+                tr = self._enum_trace(args, kwargs, potentials=potentials)
             params = {
                 n: s["value"].unconstrained()
                 for n, s in pcap.trace.nodes.items()
@@ -426,7 +441,7 @@ class ExactEStep:
             log_z, inputs, grads, pgrads, scale = self._contract(tr, list(params.values()))
         else:
             with torch.no_grad():
-                tr = self._enum_trace(args, kwargs)
+                tr = self._enum_trace(args, kwargs, potentials=potentials)
             log_z, inputs, grads, pgrads, scale = self._contract(tr)
         post = Posterior(log_likelihood=log_z.detach(), scale=scale)
         post.symbol_to_dim = dict(tr.symbol_to_dim)

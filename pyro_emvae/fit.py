@@ -28,6 +28,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.optim import PyroOptim
 
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
+from pyro_emvae.init import STRATEGIES, init_potentials
 from pyro_emvae.optim import EMOptim, GradientMStep
 
 __all__ = ["ConvergenceWarning", "FitResult", "fit"]
@@ -143,7 +144,7 @@ def fit(
     max_iter: int = 100,
     tol: float = 1e-5,
     n_init: int = 1,
-    init: Callable[[int], None] | None = None,
+    init: str | Callable[[int], None] = "model",
     seed: int | None = None,
     svi_steps: int = 1,
     loss: Any = None,
@@ -175,7 +176,11 @@ def fit(
             model's, and an SVI guide's), by ``init(run)`` if given, else by deleting them from
             the param store so their ``pyro.param`` initial values are drawn again (under seed
             ``seed + run``). A model whose initial values are deterministic needs ``init``.
-        init: optional ``init(run)`` that sets the params before run ``run`` (including run 0).
+        init: how each run starts: ``"model"`` (the model's own initial values; later runs
+            draw them again), ``"random"`` (random responsibilities, then one M-step, as
+            scikit-learn's ``'random'``), ``"kmeans++"`` (k-means++ seeding of the observed
+            points, nearest-center responsibilities, then one M-step), or a callable
+            ``init(run)`` that sets the params (see :mod:`pyro_emvae.init`).
         seed: optional RNG seed for each run (``seed + run``).
         loss: the ELBO for SVI (default ``TraceEnum_ELBO`` if the model enumerates, else
             ``Trace_ELBO``).
@@ -210,6 +215,8 @@ def fit(
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
     if n_init < 1:
         raise ValueError(f"n_init must be >= 1, got {n_init}")
+    if not callable(init) and init not in STRATEGIES:
+        raise ValueError(f"init must be one of {STRATEGIES} or a callable, got {init!r}")
     if svi_steps < 1:
         raise ValueError(f"svi_steps must be >= 1, got {svi_steps}")
     exact = isinstance(guide, ExactEStep)
@@ -233,8 +240,12 @@ def fit(
     for run in range(n_init):
         if seed is not None:
             pyro.set_rng_seed(seed + run)
-        if init is not None:
+        if callable(init):
             init(run)
+        elif init in ("random", "kmeans++"):
+            if not exact:
+                raise ValueError(f"init={init!r} needs an ExactEStep guide")
+            _init_by_potentials(guide, mstep, init, args, kwargs, run, model)
         elif run > 0:
             store = pyro.get_param_store()
             fresh = _model_params(model, args, kwargs)
@@ -270,6 +281,24 @@ def fit(
         _restore(best_snapshot)
         best.restarts = finals
     return best
+
+
+def _init_by_potentials(guide, mstep, strategy, args, kwargs, run, model) -> None:
+    """One E-step under init potentials (see :mod:`pyro_emvae.init`), then one M-step."""
+    store = pyro.get_param_store()
+    if run > 0:  # start from the model's own values again before the init M-step
+        for name in _model_params(model, args, kwargs):
+            if name in store:
+                del store[name]
+    depth = guide._plate_nesting(args, kwargs)
+    potentials = init_potentials(strategy, depth)
+    post = guide.posterior(
+        *args,
+        potentials=potentials,
+        param_grads=getattr(mstep, "needs_param_grads", False),
+        **kwargs,
+    )
+    mstep(guide, post, args, kwargs)
 
 
 def _bar(progress: bool | None, total: int, desc: str):
@@ -376,6 +405,8 @@ def _run_exact(
         algorithm="EG" if isinstance(mstep, GradientMStep) else getattr(mstep, "algorithm", "EM"),
         interrupted=interrupted,
         info=info,
+        closed_form=list(info.get("closed_form", [])),
+        gradient=list(info.get("gradient", names if isinstance(mstep, GradientMStep) else [])),
     )
 
 
