@@ -363,6 +363,8 @@ def _run_exact(
             snap = _snapshot(names)
             in_mstep = True
             info = dict(mstep(guide, post, args, kwargs) or {})
+            if "log_likelihood" in info:  # the M-step undid the last update (EMOptim's guard)
+                ll = history["log_likelihood"][-1] = info["log_likelihood"]
             in_mstep = False
             n_done += 1
             bar.update()

@@ -21,7 +21,7 @@ from pyro.distributions import DiscreteHMM
 from pyro.ops import packed
 from pyro.optim import PyroOptim
 from pyro.poutine.subsample_messenger import _Subsample
-from torch.distributions import transform_to
+from torch.distributions import constraints, transform_to
 
 from pyro_emvae.estep import ExactEStep, Posterior
 from pyro_emvae.rules import Stats, summarize_site, unhandled_params
@@ -129,6 +129,11 @@ class EMOptim:
         closed_form: ``"auto"``, or the list of param names to update in closed form (each must
             qualify), or ``[]`` for gradient steps only.
         min_prob: probabilities are clamped to ``[min_prob, 1 - min_prob]``.
+        guard: check at each E-step that the previous M-step did not lower the objective
+            (:math:`\\log p(x)`, plus the log-prior under ``dirichlet``) beyond round-off; if it
+            did, undo it, name the param(s) whose update lowered
+            :math:`\\mathbb{E}_q[\\log p(x, z)]` (``info["rejected"]``, ``self.rejected``), warn,
+            and redo the iteration with closed-form updates only.
 
     Example::
 
@@ -144,6 +149,7 @@ class EMOptim:
         dirichlet: float = 1.0,
         closed_form: str | list[str] = "auto",
         min_prob: float = 1e-12,
+        guard: bool = True,
     ) -> None:
         if reg_covar < 0:
             raise ValueError(f"reg_covar must be >= 0, got {reg_covar}")
@@ -157,6 +163,9 @@ class EMOptim:
         self.dirichlet = dirichlet
         self.closed_form = closed_form
         self.min_prob = min_prob
+        self.guard = guard
+        self.rejected: list[list[str]] = []
+        self._prev: dict | None = None
         self._plan: _Plan | None = None
         self._plan_key: tuple | None = None
 
@@ -327,8 +336,52 @@ class EMOptim:
         return cur.reshape(-1)
 
     # ---------------------------------------------------------------- the step
+    def _objective(self, plan: _Plan, posterior: Posterior) -> float:
+        """What EM never lowers: log p(x), plus the Dirichlet log-prior under MAP-EM."""
+        value = float(posterior.log_likelihood)
+        if self.dirichlet != 1.0:
+            store = pyro.get_param_store()
+            for name in plan.closed_form:
+                if isinstance(store._constraints[name], type(constraints.simplex)):
+                    value += (self.dirichlet - 1.0) * float(store[name].log().sum())
+        return value
+
+    def _guard(self, guide, posterior, plan, args, kwargs):
+        """Undo the previous update if it lowered the objective; name the param(s) that did."""
+        objective = self._objective(plan, posterior)
+        prev, self._prev = self._prev, None
+        if prev is None or objective >= prev["objective"] - 1e-9 * (1.0 + abs(prev["objective"])):
+            return posterior, objective, None
+        after = _snapshot_values(prev["params"])
+        _write(prev["params"])
+        before = guide.posterior(*args, **kwargs)
+        with torch.no_grad():
+            base = float(guide.expected_log_joint(before, *args, **kwargs))
+            culprits = []
+            for name in prev["params"]:
+                _write({name: after[name]})
+                if float(guide.expected_log_joint(before, *args, **kwargs)) < base - 1e-9 * (
+                    1.0 + abs(base)
+                ):
+                    culprits.append(name)
+                _write({name: prev["params"][name]})
+        rejected = culprits or sorted(prev["params"])
+        warnings.warn(
+            f"an M-step lowered the objective by {prev['objective'] - objective:.3g} nats; it was "
+            f"undone (params {rejected}), and this iteration takes closed-form updates only",
+            stacklevel=4,
+        )
+        return before, self._objective(plan, before), rejected
+
     def __call__(self, guide: ExactEStep, posterior: Posterior, args: tuple, kwargs: dict):
         plan = self.plan(guide, args, kwargs)
+        rejected = None
+        if self.guard:
+            posterior, objective, rejected = self._guard(guide, posterior, plan, args, kwargs)
+            self._prev = {
+                "objective": objective,
+                "params": _snapshot_values(plan.closed_form + plan.gradient),
+            }
         if plan.closed_form:
             for stage in (0, 1):
                 stats = self.summarize(plan, posterior, stage)
@@ -337,7 +390,11 @@ class EMOptim:
             "closed_form": list(plan.closed_form),
             "gradient": list(plan.gradient),
         }
-        if plan.gradient and self.svi_steps > 0:
+        if rejected is not None:
+            info["rejected"] = rejected
+            info["log_likelihood"] = float(posterior.log_likelihood)  # at the restored params
+            self.rejected.append(rejected)
+        if plan.gradient and self.svi_steps > 0 and rejected is None:
             moved = set(plan.gradient)
             for _ in range(self.svi_steps):
                 with pyro.poutine.trace(param_only=True) as capture:
@@ -369,6 +426,11 @@ def _tracked_params(fn) -> set[str]:
         elif isinstance(value, torch.distributions.Distribution):
             out |= _tracked_params(value)
     return out
+
+
+def _snapshot_values(names) -> dict[str, torch.Tensor]:
+    store = pyro.get_param_store()
+    return {n: store[n].detach().clone() for n in names if n in store}
 
 
 def _write(values: dict[str, torch.Tensor]) -> None:
