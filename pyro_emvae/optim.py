@@ -178,16 +178,19 @@ class EMOptim:
         return "ECM" if self._plan.closed_form else "EG"
 
     # ---------------------------------------------------------------- the plan (probe)
-    def plan(self, guide: ExactEStep, args: tuple, kwargs: dict) -> _Plan:
-        """Probe the model (once per set of args) and split its params."""
+    def plan(self, guide: ExactEStep, args: tuple, kwargs: dict, subsample=None) -> _Plan:
+        """Probe the model (once per set of args; on the E-step's minibatch ``subsample``, a
+        trace of the plates' subsample sites, when the model subsamples) and split its params."""
         key = tuple(
             (id(a), tuple(a.shape)) if isinstance(a, torch.Tensor) else id(a)
             for a in (*args, *sorted(kwargs.items()))
         )
-        if self._plan is not None and key == self._plan_key:
+        if subsample is not None and len(subsample.nodes):
+            key = None  # a new minibatch each E-step: probe the one the E-step saw
+        if self._plan is not None and key is not None and key == self._plan_key:
             return self._plan
         depth = guide._plate_nesting(args, kwargs)
-        trace, space = probe(guide.model, args, kwargs, depth)
+        trace, space = probe(guide.model, args, kwargs, depth, replay=subsample)
         reasons: dict[str, str] = {
             n: "used by an operation no rule sees through" for n in space.opaque
         }
@@ -223,6 +226,13 @@ class EMOptim:
     # ---------------------------------------------------------------- statistics
     def summarize(self, plan: _Plan, posterior: Posterior, stage: int) -> Stats:
         """Expected sufficient statistics of every site under ``posterior`` (additive)."""
+        for name, site in posterior.subsample.nodes.items() if posterior.subsample else ():
+            probed = plan.trace.nodes.get(name)
+            if probed is None or not torch.equal(probed["value"], site["value"]):
+                raise ValueError(
+                    f"the plan was probed on another minibatch of plate '{name}' than the "
+                    "posterior's; make it with plan(guide, args, kwargs, posterior.subsample)"
+                )
         space = plan.space
         flat = _flat_params(space)
 
@@ -374,7 +384,7 @@ class EMOptim:
         return before, self._objective(plan, before), rejected
 
     def __call__(self, guide: ExactEStep, posterior: Posterior, args: tuple, kwargs: dict):
-        plan = self.plan(guide, args, kwargs)
+        plan = self.plan(guide, args, kwargs, posterior.subsample)
         rejected = None
         if self.guard:
             posterior, objective, rejected = self._guard(guide, posterior, plan, args, kwargs)

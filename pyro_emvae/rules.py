@@ -34,6 +34,7 @@ DiscreteHMM              transition / initial logits     Baum–Welch counts fro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,7 +59,36 @@ class Stats:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     forms: dict[int, str] = field(default_factory=dict)
 
-    def add(self, kind: str, ids: torch.Tensor, values: torch.Tensor) -> None:
+    def add(self, kind: str, ids: torch.Tensor, *factors: torch.Tensor) -> None:
+        """``sums[kind][ids] += prod(factors)``, summed over positions sharing an id.
+
+        The dims along which ``ids`` is broadcast (stride 0: every position there uses the same
+        param entry, e.g. the data plate for a component's mean) are contracted by ``einsum``
+        before the scatter, so the full product is never materialized (a (K, N, D, D)
+        covariance statistic is computed as ``einsum('kn,kni,knj->kij')``).
+        """
+        shape = torch.broadcast_shapes(ids.shape, *(f.shape for f in factors))
+        ids = ids.expand(shape)
+        pooled = [d for d in range(len(shape)) if ids.stride(d) == 0 and shape[d] > 1]
+        kept = [d for d in range(len(shape)) if d not in pooled]
+        letters = [chr(ord("a") + d) for d in range(len(shape))]
+        operands, subs = [], []
+        for f in factors:
+            f = f.reshape((1,) * (len(shape) - f.dim()) + f.shape)
+            dims = [d for d in range(len(shape)) if f.shape[d] > 1]
+            operands.append(f.reshape([f.shape[d] for d in dims]))
+            subs.append("".join(letters[d] for d in dims))
+        out_dims = [d for d in kept if any(letters[d] in sub for sub in subs)]
+        values = torch.einsum(
+            ",".join(subs) + "->" + "".join(letters[d] for d in out_dims), *operands
+        )
+        # a pooled dim no factor carries repeats the same value shape[d] times
+        repeats = math.prod(shape[d] for d in pooled if not any(letters[d] in u for u in subs))
+        if repeats != 1:
+            values = values * repeats
+        values = values.reshape([shape[d] if d in out_dims else 1 for d in kept])
+        index = tuple(slice(None) if d in kept else slice(0, 1) for d in range(len(shape)))
+        ids = ids[index].reshape([shape[d] for d in kept])
         ids, values = torch.broadcast_tensors(ids, values)
         vec = self.sums.get(kind)
         if vec is None:
@@ -66,9 +96,11 @@ class Stats:
         vec.index_add_(0, ids.reshape(-1), values.reshape(-1))
 
     def __add__(self, other: Stats) -> Stats:
-        out = Stats(self.size, dict(self.sums), {**self.forms, **other.forms})
+        out = Stats(
+            self.size, {k: v.clone() for k, v in self.sums.items()}, {**self.forms, **other.forms}
+        )
         for k, v in other.sums.items():
-            out.sums[k] = out.sums[k] + v if k in out.sums else v
+            out.sums[k] = out.sums[k] + v if k in out.sums else v.clone()
         return out
 
 
@@ -87,6 +119,10 @@ def register(*families: type) -> Callable[[Rule], Rule]:
         return rule
 
     return deco
+
+
+def _one(t: torch.Tensor) -> torch.Tensor:
+    return torch.ones((), dtype=t.dtype, device=t.device)
 
 
 def _tracked(fn, *names: str) -> dict[str, Tracked]:
@@ -127,15 +163,16 @@ def _value_index(fn, value: torch.Tensor) -> torch.Tensor:
 def _categorical(fn, value, weight, stats, stage, current) -> None:
     if stage != 0:
         return
-    arg = _tracked(fn, "probs", "logits", "_param")
+    src = fn._categorical if isinstance(fn, dist.OneHotCategorical) else fn
+    arg = _tracked(src, "probs", "logits", "_param")
     t = next(iter(arg.values()), None)
     if t is None or t.form not in ("normalized", "log"):
         return
     k = _value_index(fn, value)
     shape = torch.broadcast_shapes(t.shape[:-1], k.shape)
     ids = t.ids.expand(shape + t.shape[-1:]).gather(-1, k.expand(shape).unsqueeze(-1))
-    stats.add("count", ids.squeeze(-1), weight.expand(shape))
-    stats.add("rowmark", t.ids, torch.ones(()))
+    stats.add("count", ids.squeeze(-1), weight)
+    stats.add("rowmark", t.ids, _one(t))
     stats.forms.update({int(i): "simplex" for i in t.ids.reshape(-1)[:1]})
 
 
@@ -145,8 +182,8 @@ def _multinomial(fn, value, weight, stats, stage, current) -> None:
     t = next(iter(t.values()), None)
     if stage != 0 or t is None or t.form not in ("normalized", "log"):
         return
-    stats.add("count", t.ids, weight.unsqueeze(-1) * value)
-    stats.add("rowmark", t.ids, torch.ones(()))
+    stats.add("count", t.ids, weight.unsqueeze(-1), value)
+    stats.add("rowmark", t.ids, _one(t))
 
 
 @register(dist.Bernoulli, dist.Binomial)
@@ -155,8 +192,8 @@ def _bernoulli(fn, value, weight, stats, stage, current) -> None:
     if stage != 0 or t is None or t.form != "value":
         return
     n = fn.total_count if isinstance(fn, dist.Binomial) else torch.ones(())
-    stats.add("mean_num", t.ids, weight * value)
-    stats.add("mean_den", t.ids, weight * n)
+    stats.add("mean_num", t.ids, weight, value)
+    stats.add("mean_den", t.ids, weight, n)
 
 
 @register(dist.Poisson)
@@ -164,7 +201,7 @@ def _poisson(fn, value, weight, stats, stage, current) -> None:
     t = _tracked(fn, "rate").get("rate")
     if stage != 0 or t is None or t.form != "value":
         return
-    stats.add("mean_num", t.ids, weight * value)
+    stats.add("mean_num", t.ids, weight, value)
     stats.add("mean_den", t.ids, weight)
 
 
@@ -174,7 +211,7 @@ def _exponential(fn, value, weight, stats, stage, current) -> None:
     if stage != 0 or t is None or t.form != "value":
         return
     stats.add("mean_num", t.ids, weight)  # rate = Σw / Σwx
-    stats.add("mean_den", t.ids, weight * value)
+    stats.add("mean_den", t.ids, weight, value)
 
 
 @register(dist.Normal)
@@ -182,11 +219,11 @@ def _normal(fn, value, weight, stats, stage, current) -> None:
     loc, scale = fn.__dict__.get("loc"), fn.__dict__.get("scale")
     if stage == 0 and isinstance(loc, Tracked) and loc.form == "value":
         prec = 1.0 / current(scale) ** 2
-        stats.add("mean_num", loc.ids, weight * prec * value)
-        stats.add("mean_den", loc.ids, weight * prec)
+        stats.add("mean_num", loc.ids, weight, prec, value)
+        stats.add("mean_den", loc.ids, weight, prec)
     if stage == 1 and isinstance(scale, Tracked) and scale.form == "value":
         resid = value - current(loc)
-        stats.add("var_num", scale.ids, weight * resid**2)
+        stats.add("var_num", scale.ids, weight, resid**2)
         stats.add("var_den", scale.ids, weight)
 
 
@@ -196,21 +233,21 @@ def _mvn(fn, value, weight, stats, stage, current) -> None:
     mats = _tracked(fn, "_unbroadcasted_scale_tril", "covariance_matrix", "precision_matrix")
     if stage == 0 and isinstance(loc, Tracked) and loc.form == "value":
         # exact when every position of a loc row shares one covariance (full or tied models)
-        stats.add("mean_num", loc.ids, weight.unsqueeze(-1) * value)
+        stats.add("mean_num", loc.ids, weight.unsqueeze(-1), value)
         stats.add("mean_den", loc.ids, weight.unsqueeze(-1))
     if stage == 1 and mats:
         key, mat = next(iter(mats.items()))
         if mat.form != "value":
             return
+        mat = mat.expand(fn.batch_shape + mat.shape[-2:])  # one matrix per position
         resid = value - current(loc)
-        outer = resid.unsqueeze(-1) * resid.unsqueeze(-2)
         w = weight.unsqueeze(-1).unsqueeze(-1)
-        stats.add("cov_num", mat.ids, w * outer)
+        stats.add("cov_num", mat.ids, w, resid.unsqueeze(-1), resid.unsqueeze(-2))
         stats.add("cov_den", mat.ids, w)
         kind = {"_unbroadcasted_scale_tril": "scale_tril"}.get(key, key)
         first = mat.ids.reshape(-1)[:1]
         stats.forms.update({int(first): kind})
-        stats.add("matmark", mat.ids, torch.ones(()))
+        stats.add("matmark", mat.ids, _one(mat))
 
 
 @register(dist.DiscreteHMM)
@@ -222,10 +259,10 @@ def _discrete_hmm(fn, value, weight, stats, stage, current) -> None:
     if stage == 0:
         if isinstance(trans, Tracked) and trans.form == "log":
             stats.add("count", trans.ids.expand(pair.shape), pair)
-            stats.add("rowmark", trans.ids, torch.ones(()))
+            stats.add("rowmark", trans.ids, _one(trans))
         if isinstance(init, Tracked) and init.form == "log":
             stats.add("count", init.ids, pair[..., 0, :, :].sum(-1))
-            stats.add("rowmark", init.ids, torch.ones(()))
+            stats.add("rowmark", init.ids, _one(init))
     obs = fn.observation_dist
     marg = pair.sum(-2)  # (*batch, T, K)
     obs_value = value.unsqueeze(-1 - obs.event_dim)
@@ -256,12 +293,16 @@ HANDLED: dict[type, dict[str, set[str]]] = {
 }
 
 
+# torch's own Categorical sits inside OneHotCategorical and Multinomial (``_categorical``)
+_ALIASES = {torch.distributions.Categorical: dist.Categorical}
+
+
 def unhandled_params(fn) -> set[str]:
     """Params reaching ``fn``'s arguments in a way no rule covers (they need gradient steps)."""
     out: set[str] = set()
     while isinstance(fn, (dist.Independent, MaskedDistribution, dist.ExpandedDistribution)):
         fn = fn.base_dist
-    handled = HANDLED.get(type(fn), {})
+    handled = HANDLED.get(type(fn), HANDLED.get(_ALIASES.get(type(fn)), {}))
     for attr, value in vars(fn).items():
         if isinstance(value, Tracked) and value.form not in handled.get(attr, set()):
             out |= set(getattr(value, "param_names", {value.param}))

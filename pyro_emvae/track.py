@@ -33,78 +33,26 @@ __all__ = ["IdSpace", "Tracked", "probe", "tracked_arg"]
 
 # ops whose result is a rearrangement of the input's elements: applied to the ids alike
 _SELECT = {
-    "__getitem__",
-    "expand",
-    "expand_as",
-    "broadcast_to",
-    "reshape",
-    "view",
-    "view_as",
-    "unsqueeze",
-    "squeeze",
-    "permute",
-    "transpose",
-    "t",
-    "contiguous",
-    "clone",
-    "detach",
-    "flatten",
-    "unflatten",
-    "movedim",
-    "select",
-    "narrow",
-    "index_select",
-    "unbind",
-    "split",
-    "chunk",
-    "repeat",
-    "T",
-    "mT",
-    "__get__",
-    "to",
-}
+    "__getitem__", "expand", "expand_as", "broadcast_to", "reshape", "view", "view_as",
+    "unsqueeze", "squeeze", "permute", "transpose", "t", "contiguous", "clone", "detach",
+    "flatten", "unflatten", "movedim", "select", "narrow", "index_select", "unbind", "split",
+    "chunk", "repeat", "T", "mT", "__get__", "flip",
+}  # fmt: skip
+_CONVERT = {"to", "type_as", "double", "float", "half", "cpu", "cuda"}
 _MULTI = {"broadcast_tensors", "cat", "concat", "stack"}
 # ops that only inspect (shapes, validation): a param passing through them is not "used"
 _CHECKS = {
-    "size",
-    "dim",
-    "numel",
-    "__len__",
-    "__bool__",
-    "__eq__",
-    "__ne__",
-    "__gt__",
-    "__ge__",
-    "__lt__",
-    "__le__",
-    "eq",
-    "ne",
-    "gt",
-    "ge",
-    "lt",
-    "le",
-    "all",
-    "any",
-    "isnan",
-    "isinf",
-    "isfinite",
-    "_is_all_true",
-    "__and__",
-    "__or__",
-    "shape",
-    "dtype",
-    "device",
-    "__repr__",
-    "__format__",
-    "is_floating_point",
-    "requires_grad",
-    "__hash__",
-    "data_ptr",
-    "stride",
-    "storage_offset",
-    "is_contiguous",
-    "__get__",
-}
+    "size", "dim", "numel", "__len__", "__bool__", "__eq__", "__ne__", "__gt__", "__ge__",
+    "__lt__", "__le__", "eq", "ne", "gt", "ge", "lt", "le", "all", "any", "isnan", "isinf",
+    "isfinite", "_is_all_true", "__and__", "__or__", "shape", "dtype", "device", "__repr__",
+    "__format__", "is_floating_point", "requires_grad", "__hash__", "data_ptr", "stride",
+    "storage_offset", "is_contiguous", "__get__",
+    # factorizations torch's MultivariateNormal runs on a covariance or precision argument it
+    # also stores as given (the rule reads the stored one; a model that passes only the
+    # factor gets no closed form: the param then reaches no handled argument)
+    "linalg_cholesky", "cholesky", "linalg_cholesky_ex", "linalg_solve_triangular",
+    "solve_triangular", "triangular_solve",
+}  # fmt: skip
 _OPAQUE: set | None = None  # while probing: params used by an op no rule can see through
 
 
@@ -132,6 +80,7 @@ class Tracked(torch.Tensor):
         out.param = param
         out.ids = ids if ids is not None else torch.arange(value.numel()).reshape(value.shape)
         out.form = form
+        out.param_names = frozenset([param])
         return out
 
     @classmethod
@@ -147,6 +96,10 @@ class Tracked(torch.Tensor):
         if not sources:
             return result
         src = sources[0]
+        if name in _CONVERT:  # dtype/device conversions: same elements, same ids
+            if isinstance(args[0], Tracked) and isinstance(result, torch.Tensor):
+                return _rewrap(result, args[0], args[0].ids.to(result.device), args[0].form)
+            return _plain(result)  # a tracked tensor only lent its dtype or device
         if name in _SELECT and len(sources) == 1:
             ids = func(*_swap(args), **_swap(kwargs))
             return _rewrap(result, src, ids, src.form)
@@ -233,6 +186,8 @@ def _flat(obj) -> list:
 
 
 def _map(obj, fn):
+    if isinstance(obj, torch.Size):
+        return obj
     if isinstance(obj, tuple):
         return tuple(_map(o, fn) for o in obj)
     if isinstance(obj, list):
@@ -321,12 +276,14 @@ class IdSpace(Messenger):
         }
 
 
-def probe(model, args: tuple, kwargs: dict, max_plate_nesting: int):
+def probe(model, args: tuple, kwargs: dict, max_plate_nesting: int, replay=None):
     """Trace ``model`` under parallel enumeration (the E-step's layout: enumerated dims left of
     ``max_plate_nesting`` plate dims) with tracked params; validation is off, since the probe
     only reads which param elements reach each distribution argument."""
     global _OPAQUE
     model = poutine.enum(model, first_available_dim=-1 - max_plate_nesting)
+    if replay is not None:  # the E-step's minibatch
+        model = poutine.replay(model, trace=replay)
     space = IdSpace()
     _OPAQUE = space.opaque
     try:
