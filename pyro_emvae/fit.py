@@ -96,27 +96,65 @@ class FitResult:
         )
 
 
-def _count_data(model: Callable, args: tuple, kwargs: dict) -> int:
-    """The number of observed values: over observed sites, the cells of their plates (full
-    sizes under subsampling), times the chain length for a DiscreteHMM site. A GMM on N points
-    counts N; an HMM of N sequences of length T counts N*T in either model form."""
+@dataclass
+class _ModelInfo:
+    """What fit needs to know of the model before it starts, from one trace at the initial
+    params: its param names, the number of observed values, whether it enumerates."""
+
+    params: list[str]
+    n_data: int
+    enumerates: bool
+
+
+def _inspect(model: Callable, args: tuple, kwargs: dict) -> _ModelInfo:
+    """One prior trace of the model. ``n_data`` counts observed values: over observed sites,
+    the cells of their plates (full sizes under subsampling), times the chain length for a
+    DiscreteHMM site, so a GMM on N points counts N and an HMM of N sequences of length T
+    counts N*T in either model form."""
     with poutine.block(), torch.no_grad():
         tr = poutine.trace(model).get_trace(*args, **kwargs)
-    total = 0
+    total, enumerates = 0, False
     for site in tr.nodes.values():
-        if site["type"] != "sample" or not site["is_observed"]:
+        if site["type"] != "sample":
+            continue
+        enumerates |= site["infer"].get("enumerate") == "parallel"
+        if not site["is_observed"]:
             continue
         cells = math.prod(f.full_size or f.size for f in site["cond_indep_stack"] if f.vectorized)
         if isinstance(site["fn"], pyro.distributions.DiscreteHMM):
             cells *= site["value"].shape[-1 - site["fn"].observation_dist.event_dim]
         total += cells
-    return max(total, 1)
+    params = [n for n, s in tr.nodes.items() if s["type"] == "param"]
+    return _ModelInfo(params, max(total, 1), enumerates)
 
 
-def _model_params(model: Callable, args: tuple, kwargs: dict) -> list[str]:
+def _model_params(fn: Callable, args: tuple, kwargs: dict) -> list[str]:
     with poutine.block(), torch.no_grad(), poutine.trace(param_only=True) as capture:
-        model(*args, **kwargs)
+        fn(*args, **kwargs)
     return [n for n, s in capture.trace.nodes.items() if s["type"] == "param"]
+
+
+def _forget(names: list[str]) -> None:
+    """Delete params from the store, so that their ``pyro.param`` initial values are drawn again."""
+    store = pyro.get_param_store()
+    for name in names:
+        if name in store:
+            del store[name]
+
+
+@dataclass
+class _Loop:
+    """The options of one run of the loop."""
+
+    max_iter: int
+    tol: float
+    loss: Any
+    n_data: int
+    callback: Callable | None
+    progress: bool | None
+    run: int
+    n_init: int
+    info: _ModelInfo
 
 
 def _snapshot(names: list[str]) -> dict[str, torch.Tensor]:
@@ -231,8 +269,9 @@ def fit(
             f"with a {type(guide).__name__} guide, optim must be a pyro.optim optimizer "
             f"(it runs SVI), got {type(optim).__name__}"
         )
+    info = _inspect(model, args, kwargs)
     if n_data is None:
-        n_data = _count_data(model, args, kwargs)
+        n_data = info.n_data
 
     best: FitResult | None = None
     best_snapshot: dict[str, torch.Tensor] = {}
@@ -245,31 +284,16 @@ def fit(
         elif init in ("random", "kmeans++"):
             if not exact:
                 raise ValueError(f"init={init!r} needs an ExactEStep guide")
-            _init_by_potentials(guide, mstep, init, args, kwargs, run, model)
+            if run > 0:  # start from the model's own values again before the init M-step
+                _forget(info.params)
+            _init_by_potentials(guide, mstep, init, args, kwargs)
         elif run > 0:
-            store = pyro.get_param_store()
-            fresh = _model_params(model, args, kwargs)
-            if not exact:
-                fresh += _model_params(guide, args, kwargs)
-            for name in fresh:
-                if name in store:
-                    del store[name]
-        runner = _run_exact if exact else _run_svi
-        result = runner(
-            model,
-            guide,
-            mstep if exact else optim,
-            args,
-            kwargs,
-            max_iter=max_iter,
-            tol=tol,
-            loss=loss,
-            n_data=n_data,
-            callback=callback,
-            progress=progress,
-            run=run,
-            n_init=n_init,
-        )
+            _forget(info.params + ([] if exact else _model_params(guide, args, kwargs)))
+        loop = _Loop(max_iter, tol, loss, n_data, callback, progress, run, n_init, info)
+        if exact:
+            result = _run_exact(model, guide, mstep, args, kwargs, loop)
+        else:
+            result = _run_svi(model, guide, optim, args, kwargs, loop)
         finals.append(result.objective)
         if best is None or result.objective > best.objective:
             best = result
@@ -283,13 +307,8 @@ def fit(
     return best
 
 
-def _init_by_potentials(guide, mstep, strategy, args, kwargs, run, model) -> None:
+def _init_by_potentials(guide, mstep, strategy, args, kwargs) -> None:
     """One E-step under init potentials (see :mod:`pyro_emvae.init`), then one M-step."""
-    store = pyro.get_param_store()
-    if run > 0:  # start from the model's own values again before the init M-step
-        for name in _model_params(model, args, kwargs):
-            if name in store:
-                del store[name]
     depth = guide._plate_nesting(args, kwargs)
     potentials = init_potentials(strategy, depth)
     post = guide.posterior(
@@ -323,24 +342,10 @@ def _check_finite(value: float, what: str, iteration: int, snap: dict, names: li
         )
 
 
-def _run_exact(
-    model,
-    guide: ExactEStep,
-    mstep,
-    args,
-    kwargs,
-    *,
-    max_iter,
-    tol,
-    loss,
-    n_data,
-    callback,
-    progress,
-    run,
-    n_init,
-) -> FitResult:
+def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> FitResult:
+    max_iter, tol, n_data, callback = loop.max_iter, loop.tol, loop.n_data, loop.callback
     history: dict[str, list[float]] = {"log_likelihood": [], "time": []}
-    names = _model_params(model, args, kwargs)
+    names = loop.info.params
     wants_grads = getattr(mstep, "needs_param_grads", False)
     converged = interrupted = in_mstep = False
     info: dict[str, Any] = {}
@@ -348,7 +353,7 @@ def _run_exact(
     snap = _snapshot(names)  # params of the last iteration whose log-likelihood was finite
     post: Posterior | None = None
     n_done = 0
-    bar = _bar(progress, max_iter, "EM" if n_init == 1 else f"EM run {run}")
+    bar = _bar(loop.progress, max_iter, "EM" if loop.n_init == 1 else f"EM run {loop.run}")
     try:
         while n_done < max_iter:
             post = _estep(guide, args, kwargs, wants_grads, n_done, snap, names)
@@ -437,24 +442,9 @@ def _last_change(values: list[float], n_data: int) -> float:
 _WINDOW = 20
 
 
-def _run_svi(
-    model,
-    guide,
-    optim,
-    args,
-    kwargs,
-    *,
-    max_iter,
-    tol,
-    loss,
-    n_data,
-    callback,
-    progress,
-    run,
-    n_init,
-) -> FitResult:
-    if loss is None:
-        loss = TraceEnum_ELBO() if _has_enumeration(model, args, kwargs) else Trace_ELBO()
+def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
+    max_iter, tol, n_data, callback = loop.max_iter, loop.tol, loop.n_data, loop.callback
+    loss = loop.loss or (TraceEnum_ELBO() if loop.info.enumerates else Trace_ELBO())
     svi = SVI(model, guide, optim, loss)
     history: dict[str, list[float]] = {"elbo": [], "time": []}
     converged = interrupted = False
@@ -462,7 +452,7 @@ def _run_svi(
     it = 0
     names: list[str] = []
     snap: dict[str, torch.Tensor] = {}  # empty until the guide has created its params
-    bar = _bar(progress, max_iter, "SVI" if n_init == 1 else f"SVI run {run}")
+    bar = _bar(loop.progress, max_iter, "SVI" if loop.n_init == 1 else f"SVI run {loop.run}")
     try:
         for it in range(1, max_iter + 1):
             elbo = -float(svi.step(*args, **kwargs))
@@ -507,13 +497,4 @@ def _run_svi(
         algorithm="SVI",
         interrupted=interrupted,
         info={"guide_params": names},
-    )
-
-
-def _has_enumeration(model, args, kwargs) -> bool:
-    with poutine.block(), torch.no_grad():
-        tr = poutine.trace(model).get_trace(*args, **kwargs)
-    return any(
-        s["type"] == "sample" and s["infer"].get("enumerate") == "parallel"
-        for s in tr.nodes.values()
     )
