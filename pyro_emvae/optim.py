@@ -30,6 +30,30 @@ from pyro_emvae.track import IdSpace, Tracked, probe
 __all__ = ["EMOptim", "GradientMStep"]
 
 
+def gradient_steps(
+    guide: ExactEStep,
+    posterior: Posterior,
+    args: tuple,
+    kwargs: dict,
+    optim: PyroOptim,
+    steps: int,
+    names: set[str] | None = None,
+) -> float | None:
+    """``steps`` optimizer steps on :math:`\\mathbb{E}_q[\\log p_\\theta(x, z)]` with q held at
+    ``posterior``, moving the params ``names`` (all the model's if None); each step is one
+    model pass. Returns the last value of the objective (None if ``steps`` is 0)."""
+    value = None
+    for _ in range(steps):
+        with pyro.poutine.trace(param_only=True) as capture:
+            q = guide.expected_log_joint(posterior, *args, **kwargs)
+        params = {n: s["value"].unconstrained() for n, s in capture.trace.nodes.items()}
+        (-q).backward()
+        optim([p for n, p in params.items() if names is None or n in names])
+        pyro.infer.util.zero_grads(set(params.values()))
+        value = float(q.detach())
+    return value
+
+
 class GradientMStep:
     """Generalized EM with a gradient M-step (EG / GEM): ``steps`` optimizer steps on
 
@@ -77,15 +101,7 @@ class GradientMStep:
             p.grad = -posterior.param_grads[name].detach().clone()
         self.optim(params.values())
         pyro.infer.util.zero_grads(set(params.values()))
-        q_value = None
-        for _ in range(self.steps - 1):
-            with pyro.poutine.trace(param_only=True) as capture:
-                q = guide.expected_log_joint(posterior, *args, **kwargs)
-            moved = {s["value"].unconstrained() for s in capture.trace.nodes.values()}
-            (-q).backward()
-            self.optim(moved)
-            pyro.infer.util.zero_grads(moved)
-            q_value = float(q.detach())
+        q_value = gradient_steps(guide, posterior, args, kwargs, self.optim, self.steps - 1)
         info: dict[str, Any] = {"gradient": sorted(params)}
         if q_value is not None:
             info["expected_log_joint"] = q_value
@@ -405,15 +421,9 @@ class EMOptim:
             info["log_likelihood"] = float(posterior.log_likelihood)  # at the restored params
             self.rejected.append(rejected)
         if plan.gradient and self.svi_steps > 0 and rejected is None:
-            moved = set(plan.gradient)
-            for _ in range(self.svi_steps):
-                with pyro.poutine.trace(param_only=True) as capture:
-                    q = guide.expected_log_joint(posterior, *args, **kwargs)
-                params = {n: s["value"].unconstrained() for n, s in capture.trace.nodes.items()}
-                (-q).backward()
-                self.svi_optim([p for n, p in params.items() if n in moved])
-                pyro.infer.util.zero_grads(set(params.values()))
-            info["expected_log_joint"] = float(q.detach())
+            info["expected_log_joint"] = gradient_steps(
+                guide, posterior, args, kwargs, self.svi_optim, self.svi_steps, set(plan.gradient)
+            )
         return info
 
     def __repr__(self) -> str:
