@@ -279,6 +279,8 @@ def fit(
     for run in range(n_init):
         if seed is not None:
             pyro.set_rng_seed(seed + run)
+        if hasattr(mstep if exact else optim, "reset"):
+            (mstep if exact else optim).reset()  # a new run: no memory of the last one's steps
         if callable(init):
             init(run)
         elif init in ("random", "kmeans++"):
@@ -287,6 +289,8 @@ def fit(
             if run > 0:  # start from the model's own values again before the init M-step
                 _forget(info.params)
             _init_by_potentials(guide, mstep, init, args, kwargs)
+            if hasattr(mstep, "reset"):
+                mstep.reset()  # the init M-step's objective was not log p(x)
         elif run > 0:
             _forget(info.params + ([] if exact else _model_params(guide, args, kwargs)))
         loop = _Loop(max_iter, tol, loss, n_data, callback, progress, run, n_init, info)

@@ -253,7 +253,8 @@ class EMOptim:
         flat = _flat_params(space)
 
         def current(t):
-            return flat[t.ids] if isinstance(t, Tracked) else t
+            # gather at the compact ids: broadcast (stride-0) dims stay size 1 and broadcast
+            return flat[_compact(t.ids)] if isinstance(t, Tracked) else t
 
         stats = Stats(space.size)
         for name, site in plan.trace.nodes.items():
@@ -306,6 +307,7 @@ class EMOptim:
             if stage == 0 and "mean_den" in sums:
                 den, num = sums["mean_den"][sl], sums["mean_num"][sl]
                 ok = den > 0
+                _warn_empty(name, stats.touched["mean_den"][sl] & ~ok)
                 if ok.any():
                     value = num[ok] / den[ok]
                     if isinstance(
@@ -319,8 +321,17 @@ class EMOptim:
             if stage == 1 and "var_den" in sums:
                 den, num = sums["var_den"][sl], sums["var_num"][sl]
                 ok = den > 0
+                _warn_empty(name, stats.touched["var_den"][sl] & ~ok)
                 if ok.any():
-                    cur[ok] = (num[ok] / den[ok] + self.reg_covar).sqrt()
+                    var = num[ok] / den[ok] + self.reg_covar
+                    if (var <= 0).any():
+                        bad = ok.nonzero().flatten()[var <= 0].tolist()
+                        raise FloatingPointError(
+                            f"param '{name}': the variance of elements {bad} collapsed to 0 (a "
+                            "component on a single point, or a constant feature); raise "
+                            f"reg_covar (now {self.reg_covar})"
+                        )
+                    cur[ok] = var.sqrt()
                     changed = True
             if stage == 1 and "matmark" in sums and sums["matmark"][sl].any():
                 cur = self._covariances(name, shape, cur, sums, sl, stats)
@@ -369,7 +380,7 @@ class EMOptim:
             store = pyro.get_param_store()
             for name in plan.closed_form:
                 if isinstance(store._constraints[name], type(constraints.simplex)):
-                    value += (self.dirichlet - 1.0) * float(store[name].log().sum())
+                    value += (self.dirichlet - 1.0) * float(store[name].detach().log().sum())
         return value
 
     def _guard(self, guide, posterior, plan, args, kwargs):
@@ -399,8 +410,21 @@ class EMOptim:
         )
         return before, self._objective(plan, before), rejected
 
+    def reset(self) -> None:
+        """Forget the guard's memory of the last update (a new run, or params set by hand)."""
+        self._prev = None
+
     def __call__(self, guide: ExactEStep, posterior: Posterior, args: tuple, kwargs: dict):
         plan = self.plan(guide, args, kwargs, posterior.subsample)
+        before = _snapshot_values(plan.closed_form + plan.gradient)
+        try:
+            return self._step(guide, posterior, plan, args, kwargs)
+        except Exception:
+            _write(before)  # an M-step that fails leaves no half-updated params behind
+            self._prev = None
+            raise
+
+    def _step(self, guide, posterior, plan, args, kwargs):
         rejected = None
         if self.guard:
             posterior, objective, rejected = self._guard(guide, posterior, plan, args, kwargs)
@@ -431,6 +455,25 @@ class EMOptim:
             f"EMOptim(svi_steps={self.svi_steps}, reg_covar={self.reg_covar}, "
             f"dirichlet={self.dirichlet}, closed_form={self.closed_form!r})"
         )
+
+
+def _warn_empty(name: str, empty: torch.Tensor) -> None:
+    if empty.any():
+        warnings.warn(
+            f"param '{name}': elements {empty.nonzero().flatten().tolist()} have no posterior "
+            "mass (an empty component); kept at their current values",
+            stacklevel=5,
+        )
+
+
+def _compact(ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` with every broadcast (stride-0) dim sliced to size 1."""
+    return ids[
+        tuple(
+            slice(0, 1) if st == 0 and n > 1 else slice(None)
+            for st, n in zip(ids.stride(), ids.shape)
+        )
+    ]
 
 
 def _flat_params(space: IdSpace) -> torch.Tensor:

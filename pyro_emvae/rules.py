@@ -58,6 +58,8 @@ class Stats:
     size: int
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     forms: dict[int, str] = field(default_factory=dict)
+    # ids some site reached, per kind (a reached element with zero weight is an empty component)
+    touched: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add(self, kind: str, ids: torch.Tensor, *factors: torch.Tensor) -> None:
         """``sums[kind][ids] += prod(factors)``, summed over positions sharing an id.
@@ -94,6 +96,10 @@ class Stats:
         if vec is None:
             vec = self.sums[kind] = torch.zeros(self.size, dtype=values.dtype, device=values.device)
         vec.index_add_(0, ids.reshape(-1), values.reshape(-1))
+        seen = self.touched.get(kind)
+        if seen is None:
+            seen = self.touched[kind] = torch.zeros(self.size, dtype=torch.bool, device=vec.device)
+        seen[ids.reshape(-1)] = True
 
     def __add__(self, other: Stats) -> Stats:
         out = Stats(
@@ -101,6 +107,9 @@ class Stats:
         )
         for k, v in other.sums.items():
             out.sums[k] = out.sums[k] + v if k in out.sums else v.clone()
+        for k, v in {**self.touched, **other.touched}.items():
+            mine, theirs = self.touched.get(k), other.touched.get(k)
+            out.touched[k] = v if mine is None or theirs is None else mine | theirs
         return out
 
 
