@@ -182,7 +182,7 @@ def _categorical(fn, value, weight, stats, stage, current) -> None:
     ids = t.ids.expand(shape + t.shape[-1:]).gather(-1, k.expand(shape).unsqueeze(-1))
     stats.add("count", ids.squeeze(-1), weight)
     stats.add("rowmark", t.ids, _one(t))
-    stats.forms.update({int(i): "simplex" for i in t.ids.reshape(-1)[:1]})
+    stats.forms[int(t.ids[(0,) * t.ids.dim()])] = "simplex"
 
 
 @register(dist.Multinomial)
@@ -254,8 +254,7 @@ def _mvn(fn, value, weight, stats, stage, current) -> None:
         stats.add("cov_num", mat.ids, w, resid.unsqueeze(-1), resid.unsqueeze(-2))
         stats.add("cov_den", mat.ids, w)
         kind = {"_unbroadcasted_scale_tril": "scale_tril"}.get(key, key)
-        first = mat.ids.reshape(-1)[:1]
-        stats.forms.update({int(first): kind})
+        stats.forms[int(mat.ids[(0,) * mat.ids.dim()])] = kind  # no copy of the expanded ids
         stats.add("matmark", mat.ids, _one(mat))
 
 
