@@ -48,14 +48,9 @@ which setting is in effect.
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -68,18 +63,29 @@ import pyro
 import torch
 from pyro.infer.util import is_validation_enabled
 
+from benchmarks._common import (
+    TUNED_MALLOC,
+    _check,
+    _default_dtype,
+    _dtype_name,
+    _fmt_size,
+    _malloc_setting,
+    _max_abs,
+    _optional,
+    _print_table,
+    _report_load,
+    _size,
+    _tuned_malloc_help,
+    _versions_line,
+    bench,
+    reexec_with_tuned_malloc,
+)
 from benchmarks.reference import gaussian_log_emission, gmm_estep, hmm_forward_backward
 from models.gmm import gmm_model, sample_gmm
 from models.hmm import gaussian_hmm, gaussian_hmm_markov, sample_gaussian_hmm
 from pyro_emvae import ExactEStep
 
 __all__ = ["TUNED_MALLOC", "main"]
-
-TUNED_MALLOC: dict[str, str] = {
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "4294967296",
-    "MALLOC_TOP_PAD_": "1073741824",
-}
 
 GMM_K, GMM_D = 8, 8
 HMM_K, HMM_D = 8, 4
@@ -109,14 +115,6 @@ MARKOV_NOTE = (
 
 
 # ------------------------------------------------------------------------------------- setup
-def _size(text: str) -> int:
-    """Parse ``1e4`` / ``10000`` / ``10_000`` as a positive int."""
-    value = float(text.replace("_", ""))
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"not a positive integer size: {text!r}")
-    return int(value)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python benchmarks/estep.py",
@@ -146,8 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tuned-malloc",
         action="store_true",
-        help="re-execute with glibc malloc tuned: "
-        + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items()),
+        help=_tuned_malloc_help(),
     )
     p.add_argument(
         "--quick",
@@ -159,79 +156,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _malloc_setting() -> str:
-    present = {k: os.environ[k] for k in TUNED_MALLOC if k in os.environ}
-    if present == TUNED_MALLOC:
-        return "tuned (" + " ".join(f"{k}={v}" for k, v in present.items()) + ")"
-    if present:
-        return "custom (" + " ".join(f"{k}={v}" for k, v in present.items()) + ")"
-    return "glibc defaults (no MALLOC_* tuning; try --tuned-malloc)"
-
-
 def _reexec_with_tuned_malloc(argv: Sequence[str]) -> None:
     """Replace this process by the same script with :data:`TUNED_MALLOC` in the environment
     (glibc reads the variables only at start-up). Does nothing if they are already set."""
-    if all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()):
-        return
-    env = dict(os.environ, **TUNED_MALLOC)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    script = str(Path(__file__).resolve())
-    os.execve(sys.executable, [sys.executable, script, *argv], env)
-
-
-def _optional(module: str) -> Any:
-    try:
-        return __import__(module, fromlist=["_"])
-    except ImportError:
-        return None
-
-
-# ------------------------------------------------------------------------------------ timing
-def bench(fn: Callable[[], Any], repeat: int) -> float:
-    """Median wall-clock seconds of ``repeat`` calls of ``fn`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _max_abs(a: Any, b: Any) -> float:
-    a = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).double()
-    b = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b).double()
-    if a.shape != b.shape:
-        raise AssertionError(f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
-    return float((a - b).abs().max())
-
-
-def _check(label: str, what: str, diff: float, tol: float) -> None:
-    ok = diff < tol  # False for NaN as well
-    print(f"  check {label:<44} {what:<18} {diff:9.2e}  (< {tol:.0e})  {'ok' if ok else 'FAIL'}")
-    if not ok:
-        raise AssertionError(f"correctness check failed: {label}: {what} = {diff:.3e} >= {tol}")
-
-
-def _print_table(title: str, rows: list[tuple[str, str, float, float]], notes: list[str]) -> None:
-    width = max([len(r[0]) for r in rows] + [len("method")])
-    header = f"{'method':<{width}}  {'size':>9}  {'seconds':>10}  {'ratio':>7}"
-    print()
-    print(title)
-    print(header)
-    print("-" * len(header))
-    for method, size, seconds, ratio in rows:
-        print(f"{method:<{width}}  {size:>9}  {seconds:>10.4f}  {ratio:>7.2f}")
-    print("ratio = peer_time / our_time (>1: ours is faster; ours = the first row of each size)")
-    for note in notes:
-        print(note)
-
-
-def _fmt_size(n: int) -> str:
-    """``100000`` -> ``1e5``; other numbers as they are."""
-    exp = round(math.log10(n)) if n > 0 else 0
-    return f"1e{exp}" if n >= 1000 and 10**exp == n else str(n)
+    reexec_with_tuned_malloc(str(Path(__file__).resolve()), argv)
 
 
 def _target_line(what: str, size: int, limit: float, ours: dict[int, float], unit: str) -> str:
@@ -423,54 +351,6 @@ def run_hmm(sizes: Sequence[int], repeat: int, dtype: torch.dtype) -> dict[int, 
 
 
 # -------------------------------------------------------------------------------------- main
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """``torch.set_default_dtype(dtype)`` for the block."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def _cpu_busy(seconds: float = 0.5) -> float | None:
-    """Fraction of all CPUs busy over ``seconds`` while this process sleeps (so: busy with
-    other processes), from ``/proc/stat``; ``None`` where that file is not available."""
-
-    def snapshot() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return idle, sum(fields)
-
-    try:
-        idle0, total0 = snapshot()
-        time.sleep(seconds)
-        idle1, total1 = snapshot()
-    except (OSError, ValueError, IndexError):
-        return None
-    total = total1 - total0
-    return 1.0 - (idle1 - idle0) / total if total > 0 else None
-
-
-def _report_load(when: str) -> None:
-    """Print how busy the other processes keep the CPUs, with a warning when it matters:
-    contention lengthens every time here, torch's multi-threaded small ops (the HMM scan,
-    Pyro's per-site work) far more than one long numpy call."""
-    busy = _cpu_busy()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-    cpus = os.cpu_count() or 1
-    shown = "n/a" if busy is None else f"{100 * busy:.0f}%"
-    print(f"other processes' CPU use ({when}): {shown} of {cpus} cpus; load average {load:.2f}")
-    if busy is not None and busy > 0.25:
-        print("WARNING: the machine is busy: timings are unreliable; rerun on an idle machine")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[int, float]]:
     """Run the benchmark; returns ``{"gmm": {N: our seconds}, "hmm": {T: our seconds}}``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -491,10 +371,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[int, float]]:
     threadpoolctl = _optional("threadpoolctl")
     print("pyro_emvae E-step benchmark")
     print(f"malloc: {_malloc_setting()}")
-    print(
-        f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"pyro {pyro.__version__}, numpy {np.__version__}; {os.cpu_count()} cpus"
-    )
+    print(_versions_line())
     print(
         f"threads={args.threads}, dtype={_dtype_name(dtype)}, repeat={repeat} "
         f"(median after 1 warm-up), pyro validation "

@@ -1,5 +1,6 @@
-"""Smoke tests of ``benchmarks/estep.py``: the quick run prints both tables and every
-correctness check passes (no timing assertions: the CI machine is small and shared)."""
+"""Smoke tests of ``benchmarks/estep.py``, ``benchmarks/gmm.py`` and ``benchmarks/hmm.py``: the
+quick runs print their tables and every correctness check passes (no timing assertions: the CI
+machine is small and shared)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import estep as bench
+from benchmarks import gmm as gmm_bench
+from benchmarks import hmm as hmm_bench
 
 HAVE_SKLEARN = importlib.util.find_spec("sklearn") is not None
 HAVE_HMMLEARN = importlib.util.find_spec("hmmlearn") is not None
@@ -97,3 +100,75 @@ def test_tuned_malloc_reexecutes_with_the_variables():
     assert proc.returncode == 0, proc.stderr
     assert "malloc: tuned (MALLOC_MMAP_THRESHOLD_=4294967296" in proc.stdout
     assert proc.stdout.count("pyro_emvae E-step benchmark") == 1  # re-executed once, no loop
+
+
+def _headers(out: str, columns: list[str]) -> list[str]:
+    return [ln for ln in out.splitlines() if ln.split() == columns]
+
+
+def _checks(out: str) -> list[str]:
+    return [ln for ln in out.splitlines() if ln.lstrip().startswith("check ")]
+
+
+@pytest.mark.timeout(60)
+def test_gmm_quick_run_prints_tables_and_passes_checks(capsys):
+    result = gmm_bench.main(["--quick"])
+    out = capsys.readouterr().out
+
+    assert out.startswith("pyro_emvae GMM EM benchmark\nmalloc: ")
+    assert "== GMM (full), K=8, D=8: correctness checks (float64) ==" in out
+    assert "GMM (full covariance), K=8, D=8, float64: seconds per EM iteration" in out
+    assert "wall seconds until log p(x) is within 0.0001 nats/datum of the EM optimum" in out
+    assert len(_headers(out, ["method", "size", "seconds", "ratio"])) == 1
+    assert len(_headers(out, ["method", "size", "iters", "seconds", "ratio"])) == 1
+    lines = out.splitlines()
+    for row in (gmm_bench.OURS, gmm_bench.TORCH, gmm_bench.ADAM):
+        # one row in each table
+        assert sum(ln.startswith(row) and "N=1e4" in ln for ln in lines) == 2, row
+    assert sum(ln.startswith(gmm_bench.SKLEARN) for ln in lines) == 2 * HAVE_SKLEARN
+    assert "targets (issue), GMM D=8 K=8 full:" in out
+    assert "N=1e5: not run at this size" in out and "N=1e6: not run at this size" in out
+
+    # every check ran and passed: at the initial params (ours, Adam, sklearn) and after the
+    # timed iterations (ours, sklearn), each against the hand-written EM
+    checks = _checks(out)
+    assert len(checks) == (2 + HAVE_SKLEARN) + (1 + HAVE_SKLEARN)
+    assert all(ln.endswith(" ok") for ln in checks), checks
+    assert "FAIL" not in out
+
+    assert list(result) == [10_000]
+    per_iter = result[10_000]["per_iter"]
+    assert set(per_iter) == {gmm_bench.OURS, gmm_bench.TORCH, gmm_bench.ADAM} | (
+        {gmm_bench.SKLEARN} if HAVE_SKLEARN else set()
+    )
+    assert all(t > 0 for t in per_iter.values())
+    # EM reaches the optimum it defines, whichever implementation runs it
+    to_opt = result[10_000]["to_optimum"]
+    assert to_opt[gmm_bench.OURS] > 0 and to_opt[gmm_bench.TORCH] > 0
+
+
+@pytest.mark.timeout(60)
+def test_hmm_quick_run_prints_table_and_passes_checks(capsys):
+    result = hmm_bench.main(["--quick"])
+    out = capsys.readouterr().out
+
+    assert out.startswith("pyro_emvae Gaussian HMM Baum-Welch benchmark\nmalloc: ")
+    assert "== Gaussian HMM, K=8, D=4, one sequence: correctness checks (float64) ==" in out
+    assert "Gaussian HMM, K=8, D=4, one sequence, float64: seconds per Baum-Welch iteration" in out
+    assert len(_headers(out, ["method", "size", "seconds", "ratio"])) == 1
+    lines = out.splitlines()
+    for row in (hmm_bench.OURS, hmm_bench.TORCH):
+        assert sum(ln.startswith(row) and "T=1e3" in ln for ln in lines) == 1, row
+    hmmlearn_rows = [ln for ln in lines if ln.startswith("hmmlearn GaussianHMM") and "T=1e3" in ln]
+    assert len(hmmlearn_rows) == 2 * HAVE_HMMLEARN  # implementation "log" and "scaling"
+    assert "target (issue): Gaussian HMM K=8 D=4 T=1e5: per iteration faster than hmmlearn" in out
+
+    # checks at the initial params and after the iterations: ours and both hmmlearns
+    checks = _checks(out)
+    assert len(checks) == 2 * (1 + 2 * HAVE_HMMLEARN)
+    assert all(ln.endswith(" ok") for ln in checks), checks
+    assert "FAIL" not in out
+
+    assert list(result) == [1_000]
+    assert hmm_bench.OURS in result[1_000] and hmm_bench.TORCH in result[1_000]
+    assert all(t > 0 for t in result[1_000].values())
