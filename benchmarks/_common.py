@@ -24,6 +24,7 @@ __all__ = [
     "TUNED_MALLOC",
     "Run",
     "bench",
+    "per_iter_median",
     "reexec_with_tuned_malloc",
 ]
 
@@ -158,14 +159,23 @@ class Run:
     final_ll: float = math.nan  # log p(x) at the params after the last iteration
     wall: float = math.nan  # seconds of the whole call
 
+    def durations(self) -> list[float]:
+        """Seconds of each iteration after the first (the first includes one-off work)."""
+        return np.diff(self.ends).tolist()
+
     def per_iter(self) -> float:
         """Median duration of the iterations after the first."""
-        d = np.diff(self.ends)
-        return float(statistics.median(d)) if len(d) else math.nan
+        return per_iter_median([self])
 
     def reached(self, target: float) -> int | None:
         """Index of the first iteration whose E-step saw ``log p(x) >= target``."""
         return next((i for i, ll in enumerate(self.lls) if ll >= target), None)
+
+
+def per_iter_median(runs: Sequence[Run]) -> float:
+    """Median duration of the iterations after the first, pooled over ``runs``."""
+    d = [s for run in runs for s in run.durations()]
+    return float(statistics.median(d)) if d else math.nan
 
 
 def _rel(a: float, b: float) -> float:

@@ -32,8 +32,9 @@ initial params all four give the same ``log p(x)`` (relative difference < 1e-8);
 ``log p(x)`` (relative difference < 1e-8, each by its own code at its own final params).
 
 Table 1, seconds per iteration: each method's timed run records the end of every iteration;
-the time per iteration is the median of the iteration durations after the first one (the
-first includes one-off work: our M-step probes the model once). An iteration is one E-step and
+the time per iteration is the median of the iteration durations after the first one, pooled
+over ``--repeat`` interleaved runs (default 1; the first iteration includes one-off work: our
+M-step probes the model once). An iteration is one E-step and
 one M-step (for Adam one SVI step). Each method's whole-call time (setup and final E-step
 included) is listed under the table.
 
@@ -59,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 import warnings
@@ -92,6 +94,7 @@ from benchmarks._common import (
     _size,
     _tuned_malloc_help,
     _versions_line,
+    per_iter_median,
     reexec_with_tuned_malloc,
 )
 from benchmarks.reference import gmm_estep
@@ -137,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--iters", type=int, default=12, help="EM iterations of the timed runs (default 12)"
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="timed runs per EM method, interleaved; the time per iteration is the median "
+        "over all their iterations after the first (default 1)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch (and BLAS) threads")
     p.add_argument("--adam-lr", type=float, default=0.05, help="Adam learning rate")
@@ -388,6 +398,10 @@ def _print_optimum_table(title: str, rows: list[tuple[str, str, str, str, str]])
     print("ratio = peer_time / our_time (>1: ours is faster; ours = the first row of each size)")
 
 
+def _runs(repeat: int) -> str:
+    return "one run" if repeat == 1 else f"{repeat} runs"
+
+
 def _verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
@@ -408,7 +422,12 @@ class SizeResult:
 
 
 def run_size(
-    n: int, n_iter: int, adam_lr: float, adam_seconds: float | None, optimum_max_iter: int
+    n: int,
+    n_iter: int,
+    repeat: int,
+    adam_lr: float,
+    adam_seconds: float | None,
+    optimum_max_iter: int,
 ) -> SizeResult:
     mixture = _optional("sklearn.mixture")
     print(f" N={_fmt_size(n)}")
@@ -436,15 +455,20 @@ def run_size(
             f"E-step of iteration {None if k_ref is None else k_ref + 1}"
         )
 
-        # 2. timed runs of n_iter iterations
-        runs: dict[str, Run] = {OURS: run_ours(x, init, n_iter)}
-        if mixture is not None:
-            runs[SKLEARN] = run_sklearn(mixture, x, init, n_iter)
-        runs[TORCH] = run_torch_em(x, init, n_iter)
+        # 2. timed runs of n_iter iterations (interleaved when repeated)
+        timed: dict[str, list[Run]] = {OURS: [], SKLEARN: [], TORCH: []}
+        for _ in range(repeat):
+            timed[OURS].append(run_ours(x, init, n_iter))
+            if mixture is not None:
+                timed[SKLEARN].append(run_sklearn(mixture, x, init, n_iter))
+            timed[TORCH].append(run_torch_em(x, init, n_iter))
+        timed = {name: rs for name, rs in timed.items() if rs}
+        runs: dict[str, Run] = {name: rs[0] for name, rs in timed.items()}
         print(f"  log p(x) after the {n_iter} iterations of the timed runs, vs the {TORCH}:")
-        for name, run in runs.items():
+        ref = runs[TORCH].final_ll
+        for name, rs in timed.items():
             if name != TORCH:
-                diff = _rel(run.final_ll, runs[TORCH].final_ll)
+                diff = max(_rel(run.final_ll, ref) for run in rs)
                 _check(name, "rel |d log p(x)|", diff, LL_RTOL)
 
         # 3. time to the optimum (re-run what stopped short of it)
@@ -475,9 +499,9 @@ def run_size(
     i = adam.reached(target)
     to_opt[ADAM] = None if i is None else adam.ends[i]
     iters_to_opt[ADAM] = None if i is None else i + 1
-    per_iter = {name: runs[name].per_iter() for name in (OURS, SKLEARN, TORCH) if name in runs}
+    per_iter = {name: per_iter_median(rs) for name, rs in timed.items()}
     per_iter[ADAM] = adam.per_iter()
-    wall = {name: runs[name].wall for name in (OURS, SKLEARN, TORCH) if name in runs}
+    wall = {name: statistics.median(run.wall for run in rs) for name, rs in timed.items()}
     return SizeResult(
         n=n,
         per_iter=per_iter,
@@ -545,7 +569,7 @@ def _target_lines(results: dict[int, SizeResult]) -> list[str]:
     return lines
 
 
-def _report(results: dict[int, SizeResult], n_iter: int, adam_lr: float) -> None:
+def _report(results: dict[int, SizeResult], n_iter: int, repeat: int, adam_lr: float) -> None:
     rows: list[tuple[str, str, float, float]] = []
     notes: list[str] = []
     for n, r in results.items():
@@ -553,11 +577,15 @@ def _report(results: dict[int, SizeResult], n_iter: int, adam_lr: float) -> None
         for name, seconds in r.per_iter.items():
             label = f"{name} (lr {adam_lr:g})" if name == ADAM else name
             rows.append((label, f"N={_fmt_size(n)}", seconds, seconds / ours))
-        notes.append(f"whole call of {n_iter} iterations at N={_fmt_size(n)}, seconds:")
+        notes.append(
+            f"whole call of {n_iter} iterations at N={_fmt_size(n)}, seconds"
+            + (f" (median of {repeat})" if repeat > 1 else "")
+            + ":"
+        )
         notes += [f"  {name:<40} {seconds:8.3f}" for name, seconds in r.wall.items()]
     _print_table(
         f"GMM (full covariance), K={K}, D={D}, float64: seconds per EM iteration "
-        f"(median over iterations 2..{n_iter} of one run; Adam: per SVI step)",
+        f"(median over iterations 2..{n_iter} of {_runs(repeat)}; Adam: per SVI step)",
         rows,
         notes,
     )
@@ -603,10 +631,13 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, Any]]:
         reexec_with_tuned_malloc(str(Path(__file__).resolve()), argv)
     sizes = sorted(set(args.sizes))
     n_iter, adam_seconds, optimum_max_iter = args.iters, args.adam_seconds, args.optimum_max_iter
+    repeat = args.repeat
     if args.quick:
-        sizes, n_iter, adam_seconds = [10_000], 3, 1.0
+        sizes, n_iter, repeat, adam_seconds = [10_000], 3, 1, 1.0
     if n_iter < 2:
         raise SystemExit("--iters must be >= 2 (the first iteration is not timed)")
+    if repeat < 1:
+        raise SystemExit("--repeat must be >= 1")
 
     cap = "10.5x our time to the optimum" if adam_seconds is None else f"{adam_seconds:g} s"
     old_threads = torch.get_num_threads()
@@ -616,7 +647,8 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, Any]]:
     print(f"malloc: {_malloc_setting()}")
     print(_versions_line())
     print(
-        f"threads={args.threads}, dtype=float64, iterations={n_iter}, Adam lr={args.adam_lr:g} "
+        f"threads={args.threads}, dtype=float64, iterations={n_iter}, repeat={repeat}, "
+        f"Adam lr={args.adam_lr:g} "
         f"capped at {cap}, pyro validation "
         f"{'on' if is_validation_enabled() else 'off'}"
     )
@@ -635,11 +667,13 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, Any]]:
             print()
             print(f"== GMM (full), K={K}, D={D}: correctness checks (float64) ==")
             for n in sizes:
-                results[n] = run_size(n, n_iter, args.adam_lr, adam_seconds, optimum_max_iter)
+                results[n] = run_size(
+                    n, n_iter, repeat, args.adam_lr, adam_seconds, optimum_max_iter
+                )
     finally:
         torch.set_num_threads(old_threads)
         pyro.clear_param_store()
-    _report(results, n_iter, args.adam_lr)
+    _report(results, n_iter, repeat, args.adam_lr)
     print(f"(this run: malloc {_malloc_setting()})")
     _report_load("end")
     return {

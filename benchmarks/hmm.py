@@ -31,8 +31,9 @@ timed runs they give the same ``log p(x)`` (relative difference < 1e-8, each by 
 at its own final params).
 
 Timing: each method's run records the end of every iteration (one E-step and one M-step); the
-time per iteration is the median of the iteration durations after the first one (the first
-includes one-off work: our M-step probes the model once). Ratios are ``peer_time /
+time per iteration is the median of the iteration durations after the first one, pooled over
+``--repeat`` interleaved runs (default 1; the first iteration includes one-off work: our
+M-step probes the model once). Ratios are ``peer_time /
 our_time`` (>1: ours is faster). The issue's target: per iteration faster than hmmlearn.
 ``torch.set_num_threads(--threads)`` (default 2; numpy's BLAS gets the same number when
 ``threadpoolctl`` is importable). ``--tuned-malloc`` re-executes the script with glibc's malloc
@@ -42,6 +43,7 @@ tuned (see ``benchmarks/estep.py``).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -72,6 +74,7 @@ from benchmarks._common import (
     _size,
     _tuned_malloc_help,
     _versions_line,
+    per_iter_median,
     reexec_with_tuned_malloc,
 )
 from benchmarks.reference import gaussian_log_emission, hmm_forward_backward
@@ -111,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
         help="sequence lengths (default: 1e5)",
     )
     p.add_argument("--iters", type=int, default=5, help="Baum-Welch iterations (default 5)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="timed runs per method, interleaved; the time per iteration is the median over "
+        "all their iterations after the first (default 1)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch (and BLAS) threads")
     p.add_argument("--tuned-malloc", action="store_true", help=_tuned_malloc_help())
     p.add_argument("--quick", action="store_true", help="T=1e3, 3 iterations (a smoke test)")
@@ -278,7 +288,8 @@ def _warm_up(hmm: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------ a size
-def run_size(t_len: int, n_iter: int) -> dict[str, Run]:
+def run_size(t_len: int, n_iter: int, repeat: int) -> dict[str, list[Run]]:
+    """Checks, then ``repeat`` interleaved timed runs of every method: ``{method: runs}``."""
     hmm = _optional("hmmlearn.hmm")
     print(f" T={_fmt_size(t_len)}")
     with _default_dtype(torch.float64):
@@ -289,15 +300,19 @@ def run_size(t_len: int, n_iter: int) -> dict[str, Run]:
         for name, ll in at_init.items():
             if name != TORCH:
                 _check(name, "rel |d log p(x)|", _rel(ll, at_init[TORCH]), LL_RTOL)
-        runs: dict[str, Run] = {OURS: run_ours(x, init, n_iter)}
-        if hmm is not None:
-            for impl in IMPLEMENTATIONS:
-                runs[_hmmlearn_name(impl)] = run_hmmlearn(hmm, x, init, n_iter, impl)
-        runs[TORCH] = run_torch_bw(x, init, n_iter)
+        runs: dict[str, list[Run]] = {}
+        for _ in range(repeat):
+            runs.setdefault(OURS, []).append(run_ours(x, init, n_iter))
+            if hmm is not None:
+                for impl in IMPLEMENTATIONS:
+                    run = run_hmmlearn(hmm, x, init, n_iter, impl)
+                    runs.setdefault(_hmmlearn_name(impl), []).append(run)
+            runs.setdefault(TORCH, []).append(run_torch_bw(x, init, n_iter))
     print(f"  log p(x) after the {n_iter} iterations of the timed runs, vs the {TORCH}:")
-    for name, run in runs.items():
+    ref = runs[TORCH][0].final_ll
+    for name, rs in runs.items():
         if name != TORCH:
-            diff = _rel(run.final_ll, runs[TORCH].final_ll)
+            diff = max(_rel(run.final_ll, ref) for run in rs)
             _check(name, "rel |d log p(x)|", diff, LL_RTOL)
     return runs
 
@@ -327,9 +342,11 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, float]]:
     args = _parser().parse_args(argv)
     if args.tuned_malloc:
         reexec_with_tuned_malloc(str(Path(__file__).resolve()), argv)
-    sizes, n_iter = sorted(set(args.sizes)), args.iters
+    sizes, n_iter, repeat = sorted(set(args.sizes)), args.iters, args.repeat
     if args.quick:
-        sizes, n_iter = [1_000], 3
+        sizes, n_iter, repeat = [1_000], 3, 1
+    if repeat < 1:
+        raise SystemExit("--repeat must be >= 1")
     if n_iter < 2:
         raise SystemExit("--iters must be >= 2 (the first iteration is not timed)")
 
@@ -341,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, float]]:
     print(f"malloc: {_malloc_setting()}")
     print(_versions_line())
     print(
-        f"threads={args.threads}, dtype=float64, iterations={n_iter}, pyro validation "
+        f"threads={args.threads}, dtype=float64, iterations={n_iter}, repeat={repeat}, "
+        f"pyro validation "
         f"{'on' if is_validation_enabled() else 'off'}"
     )
     print(f"Gaussian HMM K={K}, D={D}, diagonal covariance, one sequence; sizes T={sizes}")
@@ -361,19 +379,27 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, float]]:
             print()
             print(f"== Gaussian HMM, K={K}, D={D}, one sequence: correctness checks (float64) ==")
             for t_len in sizes:
-                runs = run_size(t_len, n_iter)
-                per_iter[t_len] = {name: run.per_iter() for name, run in runs.items()}
+                runs = run_size(t_len, n_iter, repeat)
+                per_iter[t_len] = {name: per_iter_median(rs) for name, rs in runs.items()}
                 ours = per_iter[t_len][OURS]
                 for name, seconds in per_iter[t_len].items():
                     rows.append((name, f"T={_fmt_size(t_len)}", seconds, seconds / ours))
-                notes.append(f"whole call of {n_iter} iterations at T={_fmt_size(t_len)}, seconds:")
-                notes += [f"  {name:<44} {run.wall:8.3f}" for name, run in runs.items()]
+                notes.append(
+                    f"whole call of {n_iter} iterations at T={_fmt_size(t_len)}, seconds"
+                    + (f" (median of {repeat})" if repeat > 1 else "")
+                    + ":"
+                )
+                notes += [
+                    f"  {name:<44} {statistics.median(r.wall for r in rs):8.3f}"
+                    for name, rs in runs.items()
+                ]
     finally:
         torch.set_num_threads(old_threads)
         pyro.clear_param_store()
     _print_table(
         f"Gaussian HMM, K={K}, D={D}, one sequence, float64: seconds per Baum-Welch iteration "
-        f"(median over iterations 2..{n_iter} of one run)",
+        f"(median over iterations 2..{n_iter} of "
+        f"{'one run' if repeat == 1 else f'{repeat} runs'})",
         rows,
         notes + _target_lines(per_iter),
     )
