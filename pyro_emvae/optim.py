@@ -485,7 +485,7 @@ def _tracked_params(fn) -> set[str]:
     out: set[str] = set()
     for value in vars(fn).values():
         if isinstance(value, Tracked):
-            out |= set(getattr(value, "param_names", {value.param}))
+            out |= set(value.param_names)
         elif isinstance(value, torch.distributions.Distribution):
             out |= _tracked_params(value)
     return out

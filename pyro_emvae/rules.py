@@ -313,7 +313,7 @@ def unhandled_params(fn) -> set[str]:
     handled = HANDLED.get(type(fn), HANDLED.get(_ALIASES.get(type(fn)), {}))
     for attr, value in vars(fn).items():
         if isinstance(value, Tracked) and value.form not in handled.get(attr, set()):
-            out |= set(getattr(value, "param_names", {value.param}))
+            out |= set(value.param_names)
         elif isinstance(value, torch.distributions.Distribution):
             out |= unhandled_params(value)
     return out

@@ -21,15 +21,12 @@ Example::
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
-__all__ = ["IdSpace", "Tracked", "probe", "tracked_arg"]
+__all__ = ["IdSpace", "Tracked", "probe"]
 
 # ops whose result is a rearrangement of the input's elements: applied to the ids alike
 _SELECT = {
@@ -233,18 +230,13 @@ def _rewrap(result, src: Tracked, ids, form: str):
     with torch._C.DisableTorchFunctionSubclass():
         base = result.as_subclass(torch.Tensor)
     out = Tracked.wrap(base, src.param, ids, form)
-    out.param_names = getattr(src, "param_names", frozenset([src.param]))
+    out.param_names = src.param_names
     return out
-
-
-def tracked_arg(value: Any) -> Tracked | None:
-    """``value`` if it is a tracked selection of a param, else None."""
-    return value if isinstance(value, Tracked) else None
 
 
 class IdSpace(Messenger):
     """Replaces every param's value by a :class:`Tracked` copy (detached: a probe, no grads),
-    giving each param a range of global element ids; :meth:`locate` maps ids back."""
+    giving each param a range of global element ids."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -267,13 +259,6 @@ class IdSpace(Messenger):
     @property
     def size(self) -> int:
         return self._next
-
-    def locate(self, ids: torch.Tensor) -> set[str]:
-        """The names of the params whose elements appear in ``ids``."""
-        lo, hi = int(ids.min()), int(ids.max())
-        return {
-            n for n, o in self.offsets.items() if o <= hi and lo < o + math.prod(self.shapes[n])
-        }
 
 
 def probe(model, args: tuple, kwargs: dict, max_plate_nesting: int, replay=None):

@@ -18,7 +18,7 @@ import torch
 from pyro.distributions import constraints
 
 from pyro_emvae import track
-from pyro_emvae.track import IdSpace, Tracked, probe, tracked_arg
+from pyro_emvae.track import IdSpace, Tracked, probe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -141,7 +141,7 @@ def test_cat_of_two_params_keeps_both_id_ranges(fn):
     space, t = _tracked(P1=a, P2=b)
     out = fn([t["P1"], t["P2"]])
     _check(out, fn([_ref_ids(space, "P1"), _ref_ids(space, "P2")]), fn([a, b]), {"P1", "P2"})
-    assert space.locate(out.ids) == {"P1", "P2"}
+    assert out.param_names == {"P1", "P2"}
     # and a selection of the concatenation keeps both names and the right ids
     sel = out[..., 1:]
     assert set(sel.param_names) == {"P1", "P2"}
@@ -172,7 +172,7 @@ def test_broadcast_tensors_of_two_params_each_keeps_its_own_ids():
     _check(r1, e1, v1, {"P1"})
     _check(r2, e2, v2, {"P2"})
     assert r1.param == "P1" and r2.param == "P2"
-    assert space.locate(r1.ids) == {"P1"} and space.locate(r2.ids) == {"P2"}
+    assert r1.param_names == {"P1"} and r2.param_names == {"P2"}
 
 
 def test_broadcast_tensors_with_a_plain_tensor():
@@ -184,21 +184,11 @@ def test_broadcast_tensors_with_a_plain_tensor():
     assert type(r2) is torch.Tensor and torch.equal(r2, x.expand(K, 5))
 
 
-def test_locate_and_size():
+def test_offsets_and_size():
     space, _t = _tracked(A=torch.randn(2, 3), B=torch.randn(4), C=torch.randn(1))
     assert space.size == 11
     assert space.shapes == {"A": (2, 3), "B": (4,), "C": (1,)}
-    assert space.locate(torch.tensor([5])) == {"A"}
-    assert space.locate(torch.tensor([6, 9])) == {"B"}
-    assert space.locate(torch.tensor([10])) == {"C"}
-    assert space.locate(torch.tensor([0, 10])) == {"A", "B", "C"}
-
-
-def test_tracked_arg():
-    _space, t = _tracked(P=torch.randn(2))
-    assert tracked_arg(t["P"][0]) is not None
-    assert tracked_arg(torch.randn(2)) is None
-    assert tracked_arg(1.0) is None
+    assert space.offsets == {"A": 0, "B": 6, "C": 10}  # each param owns a disjoint id range
 
 
 def test_wrap_docstring_example():
