@@ -552,7 +552,7 @@ class ExactEStep:
         return self.posterior(*args, **kwargs).pairwise
 
     def _discrete(
-        self, args, kwargs, temperature: int, num_samples: int | None = None
+        self, args, kwargs, temperature: int, num_samples: int | None = None, shapes=None
     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """One pass of Pyro's ``infer_discrete`` (MAP at temperature 0, an exact joint draw at
         temperature 1; ``num_samples`` draws at once under a particle plate). Returns the values
@@ -570,7 +570,8 @@ class ExactEStep:
             warnings.filterwarnings("ignore", "infer_discrete found no sample sites")
             fn = infer_discrete(model, first_available_dim=first, temperature=temperature)
             tr = poutine.trace(fn).get_trace(*args, **kwargs)
-        shapes = self._latent_shapes(args, kwargs)
+        if shapes is None:  # each latent site's own shape (infer_discrete squeezes size-1 dims)
+            shapes = self._latent_shapes(args, kwargs)
         values, chains = {}, {}
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
@@ -622,7 +623,10 @@ class ExactEStep:
             try:
                 if not vectorize:
                     raise _NoVectorize
-                draws, _ = self._discrete(args, kwargs, temperature=1, num_samples=num_samples)
+                shapes = {n: v.shape for n, v in values.items()}  # from the first pass
+                draws, _ = self._discrete(
+                    args, kwargs, temperature=1, num_samples=num_samples, shapes=shapes
+                )
             except (_NoVectorize, ValueError, RuntimeError, IndexError) as e:
                 if not isinstance(e, _NoVectorize):
                     warnings.warn(
