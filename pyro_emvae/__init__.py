@@ -1,19 +1,39 @@
 """pyro_emvae: EM, exact E-steps and VAEs on one objective, for Pyro models."""
 
+from pyro_emvae.amortized import AmortizedGuide, MeanFieldGuide
+from pyro_emvae.elbo import KLControlledELBO, linear_warmup
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
+from pyro_emvae.evaluate import (
+    AmortizationGap,
+    Diagnostics,
+    LogMarginal,
+    amortization_gap,
+    diagnostics,
+    log_marginal,
+)
 from pyro_emvae.fit import ConvergenceWarning, FitResult, fit
 from pyro_emvae.optim import EMOptim, GradientMStep
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmortizationGap",
+    "AmortizedGuide",
     "ConvergenceWarning",
+    "Diagnostics",
     "EMOptim",
     "EnumerationError",
     "ExactEStep",
     "FitResult",
     "GradientMStep",
+    "KLControlledELBO",
+    "LogMarginal",
+    "MeanFieldGuide",
     "Posterior",
     "__version__",
+    "amortization_gap",
+    "diagnostics",
     "fit",
+    "linear_warmup",
+    "log_marginal",
 ]

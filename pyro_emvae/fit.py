@@ -27,6 +27,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.optim import PyroOptim
 
+from pyro_emvae.elbo import KLControlledELBO
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.init import STRATEGIES, init_potentials
 from pyro_emvae.optim import EMOptim, GradientMStep
@@ -187,6 +188,8 @@ def fit(
     svi_steps: int = 1,
     loss: Any = None,
     n_data: int | None = None,
+    kl_weight: float | Callable[[int], float] | None = None,
+    free_bits: float = 0.0,
     callback: Callable[[int, dict[str, Any]], bool | None] | None = None,
     progress: bool | None = None,
     **kwargs: Any,
@@ -222,6 +225,11 @@ def fit(
         seed: optional RNG seed for each run (``seed + run``).
         loss: the ELBO for SVI (default ``TraceEnum_ELBO`` if the model enumerates, else
             ``Trace_ELBO``).
+        kl_weight: for SVI, a weight on the KL term (a number, or a schedule
+            ``kl_weight(step) -> float`` such as :func:`~pyro_emvae.elbo.linear_warmup`: KL
+            annealing); see :class:`~pyro_emvae.elbo.KLControlledELBO`.
+        free_bits: for SVI, the free bits per latent element (nats): KL below it is not
+            penalized. History then records the plain ELBO (and ``"kl_weight"``).
         n_data: the count for per-datum values; default: the number of observed values (the
             plate cells of each observed site, times the chain length of a DiscreteHMM site), so
             an HMM counts time steps in either model form.
@@ -269,6 +277,15 @@ def fit(
             f"with a {type(guide).__name__} guide, optim must be a pyro.optim optimizer "
             f"(it runs SVI), got {type(optim).__name__}"
         )
+    if kl_weight is not None or free_bits:
+        if exact:
+            raise ValueError(
+                "kl_weight and free_bits act on the KL of continuous latents; an ExactEStep "
+                "guide has none (its ELBO is log p(x))"
+            )
+        if loss is not None:
+            raise ValueError("give either loss or kl_weight/free_bits, not both")
+        loss = KLControlledELBO(1.0 if kl_weight is None else kl_weight, free_bits)
     info = _inspect(model, args, kwargs)
     if n_data is None:
         n_data = info.n_data
@@ -451,6 +468,10 @@ def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
     loss = loop.loss or (TraceEnum_ELBO() if loop.info.enumerates else Trace_ELBO())
     svi = SVI(model, guide, optim, loss)
     history: dict[str, list[float]] = {"elbo": [], "time": []}
+    controlled = isinstance(loss, KLControlledELBO)
+    if controlled:
+        history["kl_weight"] = []
+        loss.step = 0  # a new run starts its schedule again
     converged = interrupted = False
     start = time.perf_counter()
     it = 0
@@ -461,6 +482,9 @@ def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
         for it in range(1, max_iter + 1):
             elbo = -float(svi.step(*args, **kwargs))
             _check_finite(elbo, "ELBO", it, snap, names)
+            if controlled:  # the plain ELBO, not the weighted objective that was climbed
+                elbo = loss.last_elbo
+                history["kl_weight"].append(loss.beta)
             names = list(pyro.get_param_store().keys())
             snap = _snapshot(names)
             history["elbo"].append(elbo)

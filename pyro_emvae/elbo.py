@@ -1,0 +1,185 @@
+"""The ELBO with its KL term controlled: KL annealing (a weight :math:`\\beta` on the KL, warmed
+up from 0 to 1) and free bits (Kingma et al., 2016), two remedies for posterior collapse.
+
+.. math:: \\mathcal L_{\\beta,\\lambda} = \\mathbb E_q[\\log p(x \\mid z)]
+          - \\beta \\sum_u \\max\\big(\\lambda,\\ \\mathrm{KL}_u\\big),
+
+where :math:`\\mathrm{KL}_u` is the KL of latent element :math:`u` averaged over the data in
+the minibatch (and scaled to the data set). With :math:`\\beta = 1, \\lambda = 0` it is the
+ELBO. Units whose KL is below :math:`\\lambda` get no gradient pushing them further towards
+the prior.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites
+
+from pyro_emvae.amortized import find_data_plate, frames_of, prototype_trace, to_front
+
+__all__ = ["KLControlledELBO", "linear_warmup"]
+
+
+def linear_warmup(steps: int, start: float = 0.0) -> Callable[[int], float]:
+    """A KL weight schedule rising linearly from ``start`` to 1 over ``steps`` SVI steps."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 <= start <= 1.0:
+        raise ValueError(f"start must be in [0, 1], got {start}")
+
+    def weight(step: int) -> float:
+        return min(1.0, start + (1.0 - start) * step / steps)
+
+    return weight
+
+
+class _ScaleLatents(Messenger):
+    """Multiplies the log-density of every continuous latent site by ``beta`` (in the model
+    and in the guide alike, so their difference, the KL, is scaled)."""
+
+    def __init__(self, beta: float):
+        super().__init__()
+        self.beta = beta
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"] or msg["infer"].get("enumerate") == "parallel":
+            return
+        fn = msg["fn"]
+        if getattr(fn, "support", None) is not None and not fn.support.is_discrete:
+            msg["scale"] = msg["scale"] * self.beta
+
+
+class KLControlledELBO:
+    """A Pyro loss, ``loss(model, guide, *args, **kwargs) -> tensor``, for ``SVI`` or
+    :func:`~pyro_emvae.fit.fit`: minus the ELBO with KL weight ``kl_weight`` (a number, or a
+    schedule ``kl_weight(step) -> float`` such as :func:`linear_warmup`) and ``free_bits``
+    :math:`\\lambda` nats per latent element.
+
+    For a model without enumerated sites one trace gives both the controlled objective
+    (what is minimized) and the plain ELBO estimate, kept in :attr:`last_elbo`. For a model
+    that enumerates discrete sites, the KL weight scales the continuous latents' densities
+    under ``TraceEnum_ELBO`` (free bits need a per-element KL, which a mixture prior does not
+    have, and are refused); :attr:`last_elbo` is then the weighted objective.
+
+    Guide sites must be reparameterized (the encoder guides are).
+    """
+
+    def __init__(
+        self,
+        kl_weight: float | Callable[[int], float] = 1.0,
+        free_bits: float = 0.0,
+        num_particles: int = 1,
+    ):
+        if not callable(kl_weight) and not (0.0 <= float(kl_weight) and math.isfinite(kl_weight)):
+            raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight}")
+        if free_bits < 0 or not math.isfinite(free_bits):
+            raise ValueError(f"free_bits must be a finite number >= 0, got {free_bits}")
+        if num_particles < 1:
+            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+        self.kl_weight = kl_weight
+        self.free_bits = float(free_bits)
+        self.num_particles = num_particles
+        self.step = 0
+        self.last_elbo: float | None = None
+        self.last_kl: float | None = None
+        self.beta: float = 1.0
+        self._structure: tuple | None = None
+
+    def _weight(self) -> float:
+        beta = self.kl_weight(self.step) if callable(self.kl_weight) else self.kl_weight
+        beta = float(beta)
+        if not (beta >= 0 and math.isfinite(beta)):
+            raise ValueError(f"kl_weight({self.step}) returned {beta}; it must be finite, >= 0")
+        return beta
+
+    def __call__(self, model, guide, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._structure is None:
+            tr = prototype_trace(model, args, kwargs)
+            enumerates = any(
+                s["type"] == "sample" and s["infer"].get("enumerate") == "parallel"
+                for s in tr.nodes.values()
+            )
+            self._structure = (enumerates, find_data_plate(tr))
+        enumerates, frame = self._structure
+        self.beta = beta = self._weight()
+        self.step += 1
+        if enumerates:
+            if self.free_bits > 0:
+                raise ValueError(
+                    "free_bits needs a KL per latent element; this model enumerates discrete "
+                    "sites (a mixture prior has no per-element KL). Use kl_weight only."
+                )
+            elbo = TraceEnum_ELBO(num_particles=self.num_particles)
+            loss = elbo.differentiable_loss(
+                _ScaleLatents(beta)(model), _ScaleLatents(beta)(guide), *args, **kwargs
+            )
+            self.last_elbo, self.last_kl = -float(loss), None
+            return loss
+        total = 0.0
+        elbo_sum = kl_sum = 0.0
+        for _ in range(self.num_particles):
+            rec, kl, penalty = self._one(model, guide, frame, args, kwargs)
+            total = total - (rec - beta * (kl + penalty))
+            elbo_sum += float(rec - kl)
+            kl_sum += float(kl)
+        self.last_elbo = elbo_sum / self.num_particles
+        self.last_kl = kl_sum / self.num_particles
+        return total / self.num_particles
+
+    def _one(self, model, guide, frame, args, kwargs):
+        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+        guide_tr = prune_subsample_sites(guide_tr)
+        model_tr = prune_subsample_sites(model_tr)
+        model_tr.compute_log_prob()
+        guide_tr.compute_log_prob()
+        rec = kl = penalty = 0.0
+        for name, site in model_tr.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"]:
+                rec = rec + site["log_prob_sum"]
+            else:
+                kl = kl - site["log_prob_sum"]
+        for name, site in guide_tr.nodes.items():
+            if site["type"] != "sample" or site["is_observed"]:
+                continue
+            if not site["fn"].has_rsample:
+                raise ValueError(
+                    f"guide site '{name}' is not reparameterized; KLControlledELBO uses "
+                    "pathwise gradients only"
+                )
+            kl = kl + site["log_prob_sum"]
+            if self.free_bits > 0:
+                penalty = penalty + self._free_bits(site, model_tr.nodes[name], frame)
+        return rec, kl, penalty
+
+    def _free_bits(self, q_site, p_site, frame) -> torch.Tensor:
+        """:math:`N \\sum_u \\mathrm{relu}(\\lambda - \\overline{\\mathrm{KL}}_u)`, the amount that
+        turns :math:`\\sum_u \\mathrm{KL}_u` into :math:`\\sum_u \\max(\\lambda, \\mathrm{KL}_u)`."""
+        from pyro_emvae.evaluate import _per_element
+
+        value = q_site["value"]
+        _, q_lp = _per_element(q_site["fn"], value)
+        _, p_lp = _per_element(p_site["fn"], value)
+        if q_lp is None or p_lp is None:
+            raise ValueError(
+                f"free_bits: site '{q_site['name']}' has no KL per element (its q or prior "
+                "does not factor over elements)"
+            )
+        elem = (q_lp - p_lp).expand(value.shape)
+        scale = q_site["scale"]
+        if frame is not None and frame in frames_of(q_site):
+            per = to_front(elem, frame, q_site["fn"].event_dim).reshape(frame.size, -1)
+            kl_u = per.mean(0)  # per datum
+            n = frame.size * scale  # the data set's size
+        else:
+            kl_u, n = elem.reshape(-1), scale
+        return n * torch.relu(self.free_bits - kl_u).sum()
