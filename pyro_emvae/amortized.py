@@ -36,6 +36,7 @@ from pyro.infer.autoguide import AutoDelta, AutoNormal
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
+from pyro.util import get_rng_state, set_rng_state
 from torch import nn
 from torch.distributions import biject_to, constraints
 
@@ -46,9 +47,15 @@ FAMILIES = ("diagonal", "lowrank", "full")
 
 # ---------------------------------------------------------------------------- model structure
 def prototype_trace(model: Callable, args: tuple, kwargs: dict):
-    """One trace of the model with every latent drawn from its prior (nothing enumerated)."""
-    with poutine.block(), torch.no_grad():
-        return poutine.trace(model).get_trace(*args, **kwargs)
+    """One trace of the model with every latent drawn from its prior (nothing enumerated).
+    The RNG state is restored afterwards, so that looking at a model's structure does not
+    change the draws that follow."""
+    state = get_rng_state()
+    try:
+        with poutine.block(), torch.no_grad():
+            return poutine.trace(model).get_trace(*args, **kwargs)
+    finally:
+        set_rng_state(state)
 
 
 def is_discrete(site: dict) -> bool:

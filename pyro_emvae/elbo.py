@@ -18,8 +18,6 @@ from typing import Any
 
 import torch
 from pyro import poutine
-from pyro.infer import TraceEnum_ELBO
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_emvae.amortized import find_data_plate, frames_of, prototype_trace, to_front
@@ -40,33 +38,18 @@ def linear_warmup(steps: int, start: float = 0.0) -> Callable[[int], float]:
     return weight
 
 
-class _ScaleLatents(Messenger):
-    """Multiplies the log-density of every continuous latent site by ``beta`` (in the model
-    and in the guide alike, so their difference, the KL, is scaled)."""
-
-    def __init__(self, beta: float):
-        super().__init__()
-        self.beta = beta
-
-    def _pyro_sample(self, msg):
-        if msg["is_observed"] or msg["infer"].get("enumerate") == "parallel":
-            return
-        fn = msg["fn"]
-        if getattr(fn, "support", None) is not None and not fn.support.is_discrete:
-            msg["scale"] = msg["scale"] * self.beta
-
-
 class KLControlledELBO:
     """A Pyro loss, ``loss(model, guide, *args, **kwargs) -> tensor``, for ``SVI`` or
     :func:`~pyro_emvae.fit.fit`: minus the ELBO with KL weight ``kl_weight`` (a number, or a
     schedule ``kl_weight(step) -> float`` such as :func:`linear_warmup`) and ``free_bits``
     :math:`\\lambda` nats per latent element.
 
-    For a model without enumerated sites one trace gives both the controlled objective
-    (what is minimized) and the plain ELBO estimate, kept in :attr:`last_elbo`. For a model
-    that enumerates discrete sites, the KL weight scales the continuous latents' densities
-    under ``TraceEnum_ELBO`` (free bits need a per-element KL, which a mixture prior does not
-    have, and are refused); :attr:`last_elbo` is then the weighted objective.
+    One trace gives both the controlled objective (what is minimized) and the plain ELBO
+    estimate, kept in :attr:`last_elbo`. Models that enumerate discrete sites are refused:
+    the exact sum couples the discrete and continuous densities, and Pyro's
+    ``TraceEnum_ELBO`` needs one common scale on every site an enumerated site touches, so
+    the KL of the continuous part cannot be weighted on its own (and a mixture prior has no
+    KL per element for free bits).
 
     Guide sites must be reparameterized (the encoder guides are).
     """
@@ -111,24 +94,19 @@ class KLControlledELBO:
         self.beta = beta = self._weight()
         self.step += 1
         if enumerates:
-            if self.free_bits > 0:
-                raise ValueError(
-                    "free_bits needs a KL per latent element; this model enumerates discrete "
-                    "sites (a mixture prior has no per-element KL). Use kl_weight only."
-                )
-            elbo = TraceEnum_ELBO(num_particles=self.num_particles)
-            loss = elbo.differentiable_loss(
-                _ScaleLatents(beta)(model), _ScaleLatents(beta)(guide), *args, **kwargs
+            raise ValueError(
+                "kl_weight and free_bits need the KL of the continuous latents on its own; this "
+                "model enumerates discrete sites, whose exact sum couples them to the "
+                "continuous ones (TraceEnum_ELBO needs one common scale on the sites an "
+                "enumerated site touches). Fit it with the plain ELBO."
             )
-            self.last_elbo, self.last_kl = -float(loss), None
-            return loss
         total = 0.0
         elbo_sum = kl_sum = 0.0
         for _ in range(self.num_particles):
             rec, kl, penalty = self._one(model, guide, frame, args, kwargs)
             total = total - (rec - beta * (kl + penalty))
-            elbo_sum += float(rec - kl)
-            kl_sum += float(kl)
+            elbo_sum += float(torch.as_tensor(rec - kl).detach())
+            kl_sum += float(torch.as_tensor(kl).detach())
         self.last_elbo = elbo_sum / self.num_particles
         self.last_kl = kl_sum / self.num_particles
         return total / self.num_particles

@@ -33,6 +33,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide import AutoGuide
 from pyro.ops.contract import contract_to_tensor
+from pyro.ops.rings import LogRing
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_emvae.amortized import (
@@ -249,12 +250,24 @@ def _weights(model, guide, args, kwargs, setup: _Setup, n: int, indices, want_kl
         summed = lp.sum(drop) if drop else lp  # (sum over [] would sum everything)
         summed._pyro_dims = "".join(keep)
         log_q = log_q + _as_target(summed, symbols, sizes)
-    log_p = _as_target(contract_to_tensor(joint, sum_dims, target_ordinal=target), symbols, sizes)
+    # size-1 plates are dropped by packing: the ring must know their sizes to broadcast
+    dim_to_size = {
+        p2s[f.name]: f.size
+        for s in model_tr.nodes.values()
+        if s["type"] == "sample"
+        for f in frames_of(s)
+    }
+
+    def contract(tree):
+        ring = LogRing(dim_to_size=dim_to_size)
+        return contract_to_tensor(tree, sum_dims, target_ordinal=target, ring=ring)
+
+    log_p = _as_target(contract(joint), symbols, sizes)
     log_w = log_p - log_q
     kl_term = None
     if want_kl:
         if prior:
-            log_pz = contract_to_tensor(prior, sum_dims, target_ordinal=target)
+            log_pz = contract(prior)
             kl_term = _as_target(log_pz, symbols, sizes) - log_q
         else:
             kl_term = -log_q
@@ -594,7 +607,8 @@ def amortization_gap(
 ) -> AmortizationGap:
     """The amortization gap (Cremer et al., 2018): each datum's q is freed from the encoder
     (initialized at the encoder's output) and optimized on its own ELBO with the model held
-    fixed, by ``steps`` Adam steps on ``num_particles``-sample reparameterized estimates; both
+    fixed, by ``steps`` Adam steps (learning rate decayed from ``lr`` to ``lr / 1000``) on
+    ``num_particles``-sample reparameterized estimates; both
     ELBOs are then estimated with ``num_samples`` draws per datum. The remaining distance to
     :math:`\\log p(x)` (e.g. :func:`log_marginal`) is the approximation gap of q's family.
 
@@ -640,6 +654,8 @@ def amortization_gap(
 
     flat = [t for leaf in leaves.values() for t in leaf.values()]
     opt = torch.optim.Adam(flat, lr=lr)
+    # Adam keeps stepping ~lr at an optimum: decay to lr/1000 so the end point is not jitter
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1e-3 ** (t / max(steps, 1)))
     try:
         for _ in range(steps):
             guide.override(current())
@@ -653,6 +669,7 @@ def amortization_gap(
             for t, g in zip(flat, grads, strict=True):
                 t.grad = g
             opt.step()
+            decay.step()
         with torch.no_grad():
             guide.override({k: {p: v.detach() for p, v in d.items()} for k, d in current().items()})
             opt_elbo = _log_weights(model, guide, args, kwargs, setup, num_samples, chunk_size)

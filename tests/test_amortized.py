@@ -173,10 +173,12 @@ def test_inner_plate_latents_are_laid_out_like_the_model():
     x = torch.randn(6, 5)
 
     def model(x):
-        with pyro.plate("time", 5, dim=-1):
-            with pyro.plate("data", len(x), subsample_size=4, dim=-2) as idx:
-                z = pyro.sample("z", dist.Normal(0.0, 1.0))
-                pyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
+        with (
+            pyro.plate("time", 5, dim=-1),
+            pyro.plate("data", len(x), subsample_size=4, dim=-2) as idx,
+        ):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
 
     guide = AmortizedGuide(model, hidden=(8,))
     tr = poutine.trace(guide).get_trace(x)
