@@ -45,11 +45,13 @@ class KLControlledELBO:
     :math:`\\lambda` nats per latent element.
 
     One trace gives both the controlled objective (what is minimized) and the plain ELBO
-    estimate, kept in :attr:`last_elbo`. Models that enumerate discrete sites are refused:
-    the exact sum couples the discrete and continuous densities, and Pyro's
-    ``TraceEnum_ELBO`` needs one common scale on every site an enumerated site touches, so
-    the KL of the continuous part cannot be weighted on its own (and a mixture prior has no
-    KL per element for free bits).
+    estimate, kept in :attr:`last_elbo`. When the model enumerates discrete sites :math:`c`,
+    they are summed out exactly per datum (as ``TraceEnum_ELBO`` does) and the KL is taken
+    against the marginal prior :math:`p(z) = \\sum_c p(c)\\,p(z \\mid c)`:
+    :math:`\\mathrm{KL} = \\mathbb E_q[\\log q(z) - \\log p(z)]`, reconstruction
+    :math:`\\mathbb E_q[\\log p(x \\mid z)] = \\mathbb E_q[\\log p(x, z) - \\log p(z)]`. A
+    mixture prior has no KL per element, so free bits are refused there. Draws are vectorized
+    under a particle plate (the model must broadcast over a leading particle dim).
 
     Guide sites must be reparameterized (the encoder guides are).
     """
@@ -74,6 +76,7 @@ class KLControlledELBO:
         self.last_kl: float | None = None
         self.beta: float = 1.0
         self._structure: tuple | None = None
+        self._setup = None
 
     def _weight(self) -> float:
         beta = self.kl_weight(self.step) if callable(self.kl_weight) else self.kl_weight
@@ -94,12 +97,13 @@ class KLControlledELBO:
         self.beta = beta = self._weight()
         self.step += 1
         if enumerates:
-            raise ValueError(
-                "kl_weight and free_bits need the KL of the continuous latents on its own; this "
-                "model enumerates discrete sites, whose exact sum couples them to the "
-                "continuous ones (TraceEnum_ELBO needs one common scale on the sites an "
-                "enumerated site touches). Fit it with the plain ELBO."
-            )
+            if self.free_bits > 0:
+                raise ValueError(
+                    "free_bits needs a KL per latent element; this model enumerates discrete "
+                    "sites, and a prior that mixes over them (a mixture prior) has none. Use "
+                    "kl_weight only."
+                )
+            return self._enumerated(model, guide, frame, beta, args, kwargs)
         total = 0.0
         elbo_sum = kl_sum = 0.0
         for _ in range(self.num_particles):
@@ -161,3 +165,19 @@ class KLControlledELBO:
         else:
             kl_u, n = elem.reshape(-1), scale
         return n * torch.relu(self.free_bits - kl_u).sum()
+
+    def _enumerated(self, model, guide, frame, beta, args, kwargs) -> torch.Tensor:
+        from pyro_emvae.evaluate import _plan, _weights
+
+        if self._setup is None:
+            self._setup = _plan(model, guide, args, kwargs, None, None)
+            self._setup.fixed = {}  # training: global latents are drawn, their KL counted
+        setup = self._setup
+        out = _weights(model, guide, args, kwargs, setup, self.num_particles, None, True)
+        # the data plate's subsample scale (Pyro's plate scale N / B) on per-datum terms
+        scale = (frame.full_size or frame.size) / frame.size if frame is not None else 1.0
+        rec = scale * (out.log_w - out.kl_term).sum(-1) + out.global_rec
+        kl = -scale * out.kl_term.sum(-1) + out.global_kl
+        self.last_elbo = float((rec - kl).mean().detach())
+        self.last_kl = float(kl.mean().detach())
+        return -(rec - beta * kl).mean()

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyro
 import pyro.distributions as dist
@@ -189,11 +189,32 @@ def _as_target(t: torch.Tensor, symbols: list[str], sizes: list[int]) -> torch.T
     return out.reshape(shape).expand(sizes)
 
 
-def _weights(model, guide, args, kwargs, setup: _Setup, n: int, indices, want_kl: bool):
-    """One pass of ``n`` particles over one batch of data.
+class _Pass(NamedTuple):
+    """What one vectorized pass gives: per datum ``log w`` ``(n, B)`` and (if asked)
+    ``log p(z) - log q(z)`` ``(n, B)``, enumerated sites summed out of both; the traces; and,
+    for the sites outside the data plate that are not held fixed, their observed
+    log-densities (``global_rec``) and ``log q - log p`` of their latents (``global_kl``),
+    ``(n,)`` each, unscaled."""
 
-    Returns ``log w`` ``(n, B)``, ``log p(z) - log q(z)`` ``(n, B)`` (if ``want_kl``) and the
-    guide and model traces."""
+    log_w: torch.Tensor
+    kl_term: torch.Tensor | None
+    guide_tr: Any
+    model_tr: Any
+    global_rec: torch.Tensor
+    global_kl: torch.Tensor
+
+
+def _reduce(lp: torch.Tensor, symbols: list[str], sizes: list[int]) -> torch.Tensor:
+    """Sum a packed log-density over every dim but ``symbols``; shape ``sizes``."""
+    keep = [d for d in lp._pyro_dims if d in symbols]
+    drop = [i for i, d in enumerate(lp._pyro_dims) if d not in symbols]
+    summed = lp.sum(drop) if drop else lp  # (a sum over [] would sum everything)
+    summed._pyro_dims = "".join(keep)
+    return _as_target(summed, symbols, sizes)
+
+
+def _weights(model, guide, args, kwargs, setup: _Setup, n: int, indices, want_kl: bool) -> _Pass:
+    """One pass of ``n`` particles over one batch of data (see :class:`_Pass`)."""
     frame, depth = setup.frame, setup.depth
     particles = pyro.plate(_PARTICLES, n, dim=-(depth + 1))
     cond_guide = poutine.condition(guide, data=setup.fixed) if setup.fixed else guide
@@ -229,8 +250,16 @@ def _weights(model, guide, args, kwargs, setup: _Setup, n: int, indices, want_kl
     }
     joint: OrderedDict = OrderedDict()
     prior: OrderedDict = OrderedDict()
+    global_rec, global_kl = torch.zeros(n), torch.zeros(n)
     for name, site in model_tr.nodes.items():
-        if site["type"] != "sample" or not local(site) or name in setup.fixed:
+        if site["type"] != "sample" or name in setup.fixed:
+            continue
+        if not local(site):
+            term = _reduce(site["packed"]["unscaled_log_prob"], symbols[:1], [n])
+            if site["is_observed"]:
+                global_rec = global_rec + term
+            else:
+                global_kl = global_kl - term
             continue
         lp = scale_and_mask(site["packed"]["unscaled_log_prob"], mask=site["packed"]["mask"])
         lp._pyro_dims = site["packed"]["unscaled_log_prob"]._pyro_dims
@@ -240,16 +269,12 @@ def _weights(model, guide, args, kwargs, setup: _Setup, n: int, indices, want_kl
             prior.setdefault(ordinal, []).append(lp)
     log_q = torch.zeros(sizes)
     for name, site in guide_tr.nodes.items():
-        if site["type"] != "sample" or not local(site) or name in setup.fixed:
+        if site["type"] != "sample" or site["is_observed"] or name in setup.fixed:
             continue
-        if site["is_observed"]:
-            continue
-        lp = site["packed"]["unscaled_log_prob"]
-        keep = [d for d in lp._pyro_dims if d in symbols]
-        drop = [i for i, d in enumerate(lp._pyro_dims) if d not in symbols]
-        summed = lp.sum(drop) if drop else lp  # (sum over [] would sum everything)
-        summed._pyro_dims = "".join(keep)
-        log_q = log_q + _as_target(summed, symbols, sizes)
+        if local(site):
+            log_q = log_q + _reduce(site["packed"]["unscaled_log_prob"], symbols, sizes)
+        else:
+            global_kl = global_kl + _reduce(site["packed"]["unscaled_log_prob"], symbols[:1], [n])
     # size-1 plates are dropped by packing: the ring must know their sizes to broadcast
     dim_to_size = {
         p2s[f.name]: f.size
@@ -271,7 +296,7 @@ def _weights(model, guide, args, kwargs, setup: _Setup, n: int, indices, want_kl
             kl_term = _as_target(log_pz, symbols, sizes) - log_q
         else:
             kl_term = -log_q
-    return log_w, kl_term, guide_tr, model_tr
+    return _Pass(log_w, kl_term, guide_tr, model_tr, global_rec, global_kl)
 
 
 def _chunks(num_samples: int, chunk_size: int | None) -> list[int]:
@@ -487,7 +512,7 @@ def diagnostics(
             sums: dict[str, torch.Tensor] = {}
             mean_sums: dict[str, torch.Tensor] = {}
             for n in _chunks(num_samples, chunk_size):
-                log_w, kl_term, gtr, mtr = _weights(
+                log_w, kl_term, gtr, mtr, _, _ = _weights(
                     model, guide, args, kwargs, setup, n, indices, True
                 )
                 w_parts.append(log_w)

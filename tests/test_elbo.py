@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from pyro_emvae import AmortizedGuide, ExactEStep, KLControlledELBO, fit, linear_warmup
 
@@ -161,8 +161,36 @@ def test_fit_of_a_hybrid_sums_the_discrete_site_exactly():
     assert sum(h[-20:]) / 20 > sum(h[:20]) / 20
     # the enumerated site is not in the guide: TraceEnum_ELBO summed it
     assert "c" not in poutine.trace(guide).get_trace(x, 40).nodes
-    with pytest.raises(ValueError, match="enumerates discrete sites"):
-        fit(mixture_vae, guide, x, 40, max_iter=2, kl_weight=0.5)
+    annealed = fit(mixture_vae, guide, x, 40, max_iter=5, tol=0, kl_weight=linear_warmup(3))
+    assert annealed.history["kl_weight"] == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0, 1.0])
+    with pytest.raises(ValueError, match="free_bits needs a KL per latent element"):
+        fit(mixture_vae, guide, x, 40, max_iter=2, free_bits=0.5)
+
+
+def test_kl_control_of_a_hybrid_sums_the_discrete_site_and_splits_at_the_marginal_prior():
+    x = torch.randn(30, 4)
+    guide = AmortizedGuide(mixture_vae, hidden=(8,))
+    guide.setup(x, 10)
+    pyro.set_rng_seed(4)
+    ours = KLControlledELBO()(mixture_vae, guide, x, 10)
+    pyro.set_rng_seed(4)
+    theirs = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(mixture_vae, guide, x, 10)
+    assert torch.allclose(ours, theirs, atol=1e-10)
+    # the KL is against p(z) = sum_c p(c) p(z | c), from the same draws
+    loss = KLControlledELBO(kl_weight=0.3)
+    pyro.set_rng_seed(4)
+    value = loss(mixture_vae, guide, x, 10)
+    pyro.set_rng_seed(4)
+    guide_tr = poutine.trace(guide).get_trace(x, 10)
+    z = guide_tr.nodes["z"]["value"]
+    store = pyro.get_param_store()
+    prior = dist.MixtureSameFamily(
+        dist.Categorical(store["weights"]), dist.Normal(store["locs"], 1.0).to_event(1)
+    )
+    kl = 3.0 * (guide_tr.nodes["z"]["fn"].log_prob(z) - prior.log_prob(z)).sum()
+    assert loss.last_kl == pytest.approx(float(kl.detach()), abs=1e-9)
+    assert float(value.detach()) == pytest.approx(-(loss.last_elbo + 0.7 * loss.last_kl))
+    assert loss.last_elbo == pytest.approx(-float(theirs.detach()))
 
 
 def test_fit_refuses_kl_options_where_they_mean_nothing():

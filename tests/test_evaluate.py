@@ -104,7 +104,8 @@ def mixture_guide(x, enumerate_c=True):
 def test_enumerated_sites_are_summed_exactly_inside_the_weights():
     x = torch.randn(30) * 2
     setup = _plan(mixture_model, mixture_guide, (x,), {}, None, None)
-    log_w, _, guide_tr, _ = _weights(mixture_model, mixture_guide, (x,), {}, setup, 7, None, False)
+    out = _weights(mixture_model, mixture_guide, (x,), {}, setup, 7, None, False)
+    log_w, guide_tr = out.log_w, out.guide_tr
     z = guide_tr.nodes["z"]["value"]  # (7, 30)
     weights, locs = torch.tensor([0.2, 0.5, 0.3]), torch.tensor([-3.0, 0.0, 2.5])
     prior = dist.MixtureSameFamily(dist.Categorical(weights), dist.Normal(locs, 1.0))
