@@ -15,6 +15,7 @@ a final E-step so the reported log-likelihood belongs to the returned params.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -26,7 +27,9 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.optim import PyroOptim
+from pyro.util import get_rng_state, set_rng_state
 
+from pyro_emvae.checkpoint import Checkpoint, param_state, register, restore_params
 from pyro_emvae.elbo import KLControlledELBO
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.init import STRATEGIES, init_potentials
@@ -59,8 +62,9 @@ class FitResult:
             steps), ``"EG"`` (exact E-step, gradient M-steps only) or ``"SVI"``.
         closed_form: names of the params updated in closed form.
         gradient: names of the params moved by gradient steps.
-        interrupted: the run was stopped by KeyboardInterrupt; params are those of the last
-            completed iteration.
+        interrupted: the fit was stopped by KeyboardInterrupt; params are those of the last
+            completed iteration (with restarts: of the best run so far). With ``checkpoint``,
+            calling ``fit`` again resumes where it stopped.
         restarts: final objective of each run when ``n_init > 1``.
         info: the last M-step's diagnostics.
     """
@@ -156,6 +160,9 @@ class _Loop:
     run: int
     n_init: int
     info: _ModelInfo
+    ckpt: Checkpoint | None = None
+    resume: dict | None = None  # the checkpoint this run goes on from
+    outer: Callable[[], dict] = dict  # the restarts' state, saved with each checkpoint
 
 
 def _snapshot(names: list[str]) -> dict[str, torch.Tensor]:
@@ -190,6 +197,8 @@ def fit(
     n_data: int | None = None,
     kl_weight: float | Callable[[int], float] | None = None,
     free_bits: float = 0.0,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
     callback: Callable[[int, dict[str, Any]], bool | None] | None = None,
     progress: bool | None = None,
     **kwargs: Any,
@@ -233,6 +242,13 @@ def fit(
         n_data: the count for per-datum values; default: the number of observed values (the
             plate cells of each observed site, times the chain length of a DiscreteHMM site), so
             an HMM counts time steps in either model form.
+        checkpoint: a file to save the fit's state to, atomically (written to ``path.tmp``,
+            then renamed), every ``checkpoint_every`` iterations, at the end of each run and on
+            Ctrl-C: params, optimizer state, iteration, history, RNG state, and the restarts
+            so far. If the file exists, the fit resumes from it and ends exactly as the
+            uninterrupted fit would (the same params, history and draws). A checkpoint from a
+            different fit (another algorithm, data size or ``n_init``) is refused.
+        checkpoint_every: iterations between checkpoints.
         callback: ``callback(iteration, info)`` after each iteration; returning True stops the
             run (counted as converged).
         progress: a tqdm progress bar; ``None`` shows it only on an interactive terminal.
@@ -268,6 +284,7 @@ def fit(
     exact = isinstance(guide, ExactEStep)
     if optim is None:
         optim = EMOptim() if exact else pyro.optim.Adam({"lr": 0.01})
+    mstep = None
     if exact:
         mstep = GradientMStep(optim, svi_steps) if isinstance(optim, PyroOptim) else optim
         if not callable(mstep):
@@ -290,27 +307,31 @@ def fit(
     if n_data is None:
         n_data = info.n_data
 
-    best: FitResult | None = None
-    best_snapshot: dict[str, torch.Tensor] = {}
-    finals: list[float] = []
-    for run in range(n_init):
-        if seed is not None:
-            pyro.set_rng_seed(seed + run)
-        if hasattr(mstep if exact else optim, "reset"):
-            (mstep if exact else optim).reset()  # a new run: no memory of the last one's steps
-        if callable(init):
-            init(run)
-        elif init in ("random", "kmeans++"):
-            if not exact:
-                raise ValueError(f"init={init!r} needs an ExactEStep guide")
-            if run > 0:  # start from the model's own values again before the init M-step
-                _forget(info.params)
-            _init_by_potentials(guide, mstep, init, args, kwargs)
-            if hasattr(mstep, "reset"):
-                mstep.reset()  # the init M-step's objective was not log p(x)
-        elif run > 0:
-            _forget(info.params + ([] if exact else _model_params(guide, args, kwargs)))
-        loop = _Loop(max_iter, tol, loss, n_data, callback, progress, run, n_init, info)
+    state = None
+    ckpt = None
+    if checkpoint is not None:
+        fingerprint = {
+            "algorithm": "exact" if exact else "svi",
+            "n_data": n_data,
+            "n_init": n_init,
+            "params": sorted(info.params),
+        }
+        ckpt = Checkpoint(checkpoint, checkpoint_every, fingerprint)
+        state = ckpt.load()
+    best: FitResult | None = state["best"] if state else None
+    best_snapshot: dict[str, torch.Tensor] = state["best_snapshot"] if state else {}
+    finals: list[float] = list(state["finals"]) if state else []
+
+    def outer() -> dict:
+        return {"finals": list(finals), "best": best, "best_snapshot": best_snapshot}
+
+    for run in range(state["run"] if state else 0, n_init):
+        resume = state if state is not None and run == state["run"] else None
+        if resume is None or resume["n_done"] is None:
+            _start_run(run, seed, exact, mstep, optim, init, info, guide, args, kwargs)
+        loop = _Loop(
+            max_iter, tol, loss, n_data, callback, progress, run, n_init, info, ckpt, resume, outer
+        )
         if exact:
             result = _run_exact(model, guide, mstep, args, kwargs, loop)
         else:
@@ -320,12 +341,74 @@ def fit(
             best = result
             best_snapshot = _snapshot(list(pyro.get_param_store().keys()))
         if result.interrupted:
+            best.interrupted = True  # the fit as a whole was cut short, whichever run is best
             break
+        if ckpt is not None and run + 1 < n_init:  # the next run starts from its own init
+            ckpt.save({"run": run + 1, "n_done": None, **outer()})
     assert best is not None
     if n_init > 1:
         _restore(best_snapshot)
         best.restarts = finals
     return best
+
+
+def _start_run(run, seed, exact, mstep, optim, init, info, guide, args, kwargs) -> None:
+    """Seed and initialize one run of the restarts."""
+    if seed is not None:
+        pyro.set_rng_seed(seed + run)
+    if hasattr(mstep if exact else optim, "reset"):
+        (mstep if exact else optim).reset()  # a new run: no memory of the last one's steps
+    if callable(init):
+        init(run)
+    elif init in ("random", "kmeans++"):
+        if not exact:
+            raise ValueError(f"init={init!r} needs an ExactEStep guide")
+        if run > 0:  # start from the model's own values again before the init M-step
+            _forget(info.params)
+        _init_by_potentials(guide, mstep, init, args, kwargs)
+        if hasattr(mstep, "reset"):
+            mstep.reset()  # the init M-step's objective was not log p(x)
+    elif run > 0:
+        _forget(info.params + ([] if exact else _model_params(guide, args, kwargs)))
+
+
+def _save(loop: _Loop, n_done: int, history: dict, optimizer: Any, rng: Any) -> None:
+    """Write the loop's state after ``n_done`` completed iterations of this run."""
+    if loop.ckpt is None:
+        return
+    values, constraints = param_state()
+    getter = getattr(optimizer, "state_dict", None) or getattr(optimizer, "get_state", None)
+    loop.ckpt.save(
+        {
+            "run": loop.run,
+            "n_done": n_done,
+            "history": {k: list(v) for k, v in history.items()},
+            "params": values,
+            "constraints": constraints,
+            "optimizer": getter() if getter is not None else None,
+            "rng": rng,
+            **loop.outer(),
+        }
+    )
+
+
+def _resume(loop: _Loop, model, guide, optimizer, args, kwargs) -> tuple[int, dict]:
+    """Put the params, optimizer and RNG back as the checkpoint left them; returns the
+    iterations done and the history. A checkpoint written between runs only says which run
+    comes next: that run starts from its own initialization."""
+    state = loop.resume
+    if state is None or state["n_done"] is None:
+        return 0, {}
+    register(model, guide, args, kwargs)
+    restore_params(state["params"], state["constraints"])
+    if state["optimizer"] is not None:
+        if hasattr(optimizer, "load_state_dict"):
+            optimizer.load_state_dict(state["optimizer"])
+        else:  # a pyro.optim optimizer: its per-param optimizers are re-made from the state
+            optimizer.optim_objs.clear()
+            optimizer.set_state(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state["n_done"], {k: list(v) for k, v in state["history"].items()}
 
 
 def _init_by_potentials(guide, mstep, strategy, args, kwargs) -> None:
@@ -370,11 +453,14 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
     wants_grads = getattr(mstep, "needs_param_grads", False)
     converged = interrupted = in_mstep = False
     info: dict[str, Any] = {}
-    start = time.perf_counter()
+    n_done, saved = _resume(loop, model, guide, mstep, args, kwargs)
+    history = saved or history
+    start = time.perf_counter() - (history["time"][-1] if history["time"] else 0.0)
     snap = _snapshot(names)  # params of the last iteration whose log-likelihood was finite
     post: Posterior | None = None
-    n_done = 0
+    rng = get_rng_state() if loop.ckpt is not None else None
     bar = _bar(loop.progress, max_iter, "EM" if loop.n_init == 1 else f"EM run {loop.run}")
+    bar.update(n_done)
     try:
         while n_done < max_iter:
             post = _estep(guide, args, kwargs, wants_grads, n_done, snap, names)
@@ -385,6 +471,8 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
             h = history["log_likelihood"]
             if tol > 0 and len(h) > 1 and _last_change(h, n_data) < tol:
                 converged = True  # this E-step is the final one
+                if loop.ckpt is not None:  # resuming redoes this E-step and stops there
+                    _save(loop, n_done, {k: v[:-1] for k, v in history.items()}, mstep, rng)
                 break
             snap = _snapshot(names)
             in_mstep = True
@@ -393,6 +481,10 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
                 ll = history["log_likelihood"][-1] = info["log_likelihood"]
             in_mstep = False
             n_done += 1
+            if loop.ckpt is not None:
+                rng = get_rng_state()
+                if loop.ckpt.due(n_done) or n_done == max_iter:
+                    _save(loop, n_done, history, mstep, rng)
             bar.update()
             bar.set_postfix(ll_per_datum=f"{ll / n_data:.6g}")
             if callback is not None and callback(
@@ -405,6 +497,9 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
         interrupted = True
         if in_mstep:  # a partial M-step is undone: params are those of the last iteration
             _restore(snap)
+        if loop.ckpt is not None:
+            # the history of the completed iterations: one log-likelihood each
+            _save(loop, n_done, {k: v[:n_done] for k, v in history.items()}, mstep, rng)
     finally:
         bar.close()
     if post is None or not converged or interrupted:
@@ -473,13 +568,22 @@ def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
         history["kl_weight"] = []
         loss.step = 0  # a new run starts its schedule again
     converged = interrupted = False
-    start = time.perf_counter()
-    it = 0
     names: list[str] = []
     snap: dict[str, torch.Tensor] = {}  # empty until the guide has created its params
+    done, saved = _resume(loop, model, guide, optim, args, kwargs)
+    if saved:
+        history = saved
+        names = list(pyro.get_param_store().keys())
+        snap = _snapshot(names)
+    if controlled:
+        loss.step = done
+    start = time.perf_counter() - (history["time"][-1] if history["time"] else 0.0)
+    it = done
+    rng = get_rng_state() if loop.ckpt is not None else None
     bar = _bar(loop.progress, max_iter, "SVI" if loop.n_init == 1 else f"SVI run {loop.run}")
+    bar.update(done)
     try:
-        for it in range(1, max_iter + 1):
+        for it in range(done + 1, max_iter + 1):
             elbo = -float(svi.step(*args, **kwargs))
             _check_finite(elbo, "ELBO", it, snap, names)
             if controlled:  # the plain ELBO, not the weighted objective that was climbed
@@ -489,6 +593,10 @@ def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
             snap = _snapshot(names)
             history["elbo"].append(elbo)
             history["time"].append(time.perf_counter() - start)
+            if loop.ckpt is not None:
+                rng = get_rng_state()
+                if loop.ckpt.due(it) or it == max_iter:
+                    _save(loop, it, history, optim, rng)
             bar.update()
             bar.set_postfix(elbo_per_datum=f"{elbo / n_data:.6g}")
             h = history["elbo"]
@@ -503,6 +611,13 @@ def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
                 break
     except KeyboardInterrupt:
         interrupted = True
+        _restore(snap)  # a step cut short leaves no half-updated params
+        n = len(history["time"])  # appended last: the steps that completed
+        for values in history.values():
+            del values[n:]
+        if loop.ckpt is not None and n:
+            _save(loop, n, history, optim, rng)
+        it = n
     finally:
         bar.close()
     h = history["elbo"]

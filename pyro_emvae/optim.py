@@ -107,6 +107,14 @@ class GradientMStep:
             info["expected_log_joint"] = q_value
         return info
 
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state, for checkpoints."""
+        return {"optim": self.optim.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optim.optim_objs.clear()  # per-param optimizers are re-made from the state
+        self.optim.set_state(state["optim"])
+
     def __repr__(self) -> str:
         return f"GradientMStep({type(self.optim).__name__}, steps={self.steps})"
 
@@ -413,6 +421,22 @@ class EMOptim:
     def reset(self) -> None:
         """Forget the guard's memory of the last update (a new run, or params set by hand)."""
         self._prev = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed fit needs: the gradient optimizer's state and the guard's memory."""
+        prev = None
+        if self._prev is not None:
+            prev = {
+                "objective": self._prev["objective"],
+                "params": {k: v.detach().clone() for k, v in self._prev["params"].items()},
+            }
+        return {"svi_optim": self.svi_optim.get_state(), "prev": prev, "rejected": self.rejected}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.svi_optim.optim_objs.clear()  # per-param optimizers are re-made from the state
+        self.svi_optim.set_state(state["svi_optim"])
+        self._prev = state["prev"]
+        self.rejected = list(state["rejected"])
 
     def __call__(self, guide: ExactEStep, posterior: Posterior, args: tuple, kwargs: dict):
         plan = self.plan(guide, args, kwargs, posterior.subsample)
