@@ -5,6 +5,7 @@ machine is small and shared)."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -172,3 +173,17 @@ def test_hmm_quick_run_prints_table_and_passes_checks(capsys):
     assert list(result) == [1_000]
     assert hmm_bench.OURS in result[1_000] and hmm_bench.TORCH in result[1_000]
     assert all(t > 0 for t in result[1_000].values())
+
+
+@pytest.mark.timeout(120)
+def test_amortized_benchmark_quick_run(capsys):
+    from benchmarks import amortized
+
+    results = amortized.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "amortized" in out and "mean-field" in out
+    amortized_row, mean_field_row = results[("amortized", 1000)], results[("mean-field", 1000)]
+    # the encoder's size does not depend on N; the mean-field guide has 2 N q parameters
+    assert amortized_row["params"] == 2 * 10 * 3 + 2 * 3
+    assert mean_field_row["params"] == 2 * 1000 * 3
+    assert all(map(math.isfinite, (amortized_row["elbo"], mean_field_row["elbo"])))
