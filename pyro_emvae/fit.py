@@ -163,6 +163,7 @@ class _Loop:
     ckpt: Checkpoint | None = None
     resume: dict | None = None  # the checkpoint this run goes on from
     outer: Callable[[], dict] = dict  # the restarts' state, saved with each checkpoint
+    recover: bool = False
 
 
 def _snapshot(names: list[str]) -> dict[str, torch.Tensor]:
@@ -199,6 +200,7 @@ def fit(
     free_bits: float = 0.0,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
+    recover: bool = False,
     callback: Callable[[int, dict[str, Any]], bool | None] | None = None,
     progress: bool | None = None,
     **kwargs: Any,
@@ -249,6 +251,11 @@ def fit(
             uninterrupted fit would (the same params, history and draws). A checkpoint from a
             different fit (another algorithm, data size or ``n_init``) is refused.
         checkpoint_every: iterations between checkpoints.
+        recover: for EM: when an iteration fails (a singular covariance, a collapsed
+            variance, a non-finite log-likelihood), restore the last good params, raise the
+            M-step's ``reg_covar`` tenfold (at least to 1e-6) and redo the iteration, up to 5
+            times, with a warning each time (listed in ``result.info["recoveries"]``).
+            Without it such a failure restores the params and raises.
         callback: ``callback(iteration, info)`` after each iteration; returning True stops the
             run (counted as converged).
         progress: a tqdm progress bar; ``None`` shows it only on an interactive terminal.
@@ -330,7 +337,19 @@ def fit(
         if resume is None or resume["n_done"] is None:
             _start_run(run, seed, exact, mstep, optim, init, info, guide, args, kwargs)
         loop = _Loop(
-            max_iter, tol, loss, n_data, callback, progress, run, n_init, info, ckpt, resume, outer
+            max_iter,
+            tol,
+            loss,
+            n_data,
+            callback,
+            progress,
+            run,
+            n_init,
+            info,
+            ckpt,
+            resume,
+            outer,
+            recover,
         )
         if exact:
             result = _run_exact(model, guide, mstep, args, kwargs, loop)
@@ -459,13 +478,22 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
     snap = _snapshot(names)  # params of the last iteration whose log-likelihood was finite
     post: Posterior | None = None
     rng = get_rng_state() if loop.ckpt is not None else None
+    recoveries: list[dict[str, Any]] = []
     bar = _bar(loop.progress, max_iter, "EM" if loop.n_init == 1 else f"EM run {loop.run}")
     bar.update(n_done)
     try:
         while n_done < max_iter:
-            post = _estep(guide, args, kwargs, wants_grads, n_done, snap, names)
-            ll = float(post.log_likelihood)
-            _check_finite(ll, "log-likelihood", n_done, snap, names)
+            try:
+                post = _estep(guide, args, kwargs, wants_grads, n_done, snap, names)
+                ll = float(post.log_likelihood)
+                _check_finite(ll, "log-likelihood", n_done, snap, names)
+            except FloatingPointError as e:
+                # the last M-step led to invalid params; they were restored: undo that iteration
+                if n_done == 0 or not _recover(loop, mstep, e, n_done, recoveries):
+                    raise
+                n_done -= 1
+                _trim(history, n_done)
+                continue
             history["log_likelihood"].append(ll)
             history["time"].append(time.perf_counter() - start)
             h = history["log_likelihood"]
@@ -476,7 +504,15 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
                 break
             snap = _snapshot(names)
             in_mstep = True
-            info = dict(mstep(guide, post, args, kwargs) or {})
+            try:
+                info = dict(mstep(guide, post, args, kwargs) or {})
+            except (FloatingPointError, torch.linalg.LinAlgError) as e:
+                if not _recover(loop, mstep, e, n_done + 1, recoveries):
+                    raise
+                _restore(snap)  # (EMOptim has already put its params back)
+                in_mstep = False
+                _trim(history, n_done)
+                continue
             if "log_likelihood" in info:  # the M-step undid the last update (EMOptim's guard)
                 ll = history["log_likelihood"][-1] = info["log_likelihood"]
             in_mstep = False
@@ -517,6 +553,8 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
             ConvergenceWarning,
             stacklevel=3,
         )
+    if recoveries:
+        info = {**info, "recoveries": recoveries}
     return FitResult(
         params=_constrained(names),
         log_likelihood=final,
@@ -531,6 +569,40 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
         closed_form=list(info.get("closed_form", [])),
         gradient=list(info.get("gradient", names if isinstance(mstep, GradientMStep) else [])),
     )
+
+
+_MAX_RECOVERIES = 5
+
+
+def _recover(loop: _Loop, mstep, error: Exception, iteration: int, done: list) -> bool:
+    """With ``recover=True``: raise the M-step's ``reg_covar`` tenfold (at least to 1e-6) so
+    that iteration ``iteration`` can be redone from the restored params; False when recovery
+    is off, the M-step has no ``reg_covar``, or it was tried too often."""
+    if not loop.recover or not hasattr(mstep, "reg_covar") or len(done) >= _MAX_RECOVERIES:
+        if loop.recover and len(done) >= _MAX_RECOVERIES:
+            message = (
+                f"{error.args[0] if error.args else error} (gave up after {len(done)} "
+                f"retries with reg_covar raised to {mstep.reg_covar:g})"
+            )
+            error.args = (message,)
+        return False
+    old = mstep.reg_covar
+    mstep.reg_covar = max(10 * old, 1e-6)
+    if hasattr(mstep, "reset"):
+        mstep.reset()
+    done.append({"iteration": iteration, "reg_covar": mstep.reg_covar, "error": str(error)})
+    warnings.warn(
+        f"iteration {iteration} failed ({type(error).__name__}: {error}); the params of the "
+        f"last good iteration were restored and reg_covar raised from {old:g} to "
+        f"{mstep.reg_covar:g} to retry it",
+        stacklevel=4,
+    )
+    return True
+
+
+def _trim(history: dict[str, list[float]], n: int) -> None:
+    for values in history.values():
+        del values[n:]
 
 
 def _estep(guide, args, kwargs, wants_grads, n_done, snap, names) -> Posterior:

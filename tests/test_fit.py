@@ -21,7 +21,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoNormal
 
-from pyro_emvae import ConvergenceWarning, ExactEStep, FitResult, GradientMStep, fit
+from pyro_emvae import ConvergenceWarning, EMOptim, ExactEStep, FitResult, GradientMStep, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -625,3 +625,39 @@ def test_bad_optim_for_svi_guide():
 
     with pytest.raises(TypeError, match="optim"):
         fit(model, AutoNormal(model), x, optim="adam", progress=False)
+
+
+def _collapsing_gmm():
+    # 5 identical points far from the rest: a component started on them collapses to variance
+    # 0 under plain maximum likelihood (reg_covar=0)
+    x = torch.cat([torch.randn(100), torch.full((5,), 8.0)])
+
+    def model(x):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=dist.constraints.simplex)
+        loc = pyro.param("loc", torch.tensor([0.0, 8.0]))
+        scale = pyro.param("scale", torch.ones(2), constraint=dist.constraints.positive)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(loc[z], scale[z]), obs=x)
+
+    return model, x
+
+
+def test_recover_retries_a_failed_iteration_with_more_regularization():
+    model, x = _collapsing_gmm()
+    with pytest.raises(FloatingPointError, match="collapsed"):
+        fit(model, ExactEStep(model), x, optim=EMOptim(reg_covar=0.0), max_iter=20, tol=0)
+    pyro.clear_param_store()
+    model, x = _collapsing_gmm()
+    optim = EMOptim(reg_covar=0.0)
+    with pytest.warns(UserWarning, match="reg_covar raised from 0 to 1e-06"):
+        result = fit(model, ExactEStep(model), x, optim=optim, max_iter=20, tol=0, recover=True)
+    assert result.n_iter == 20 and math.isfinite(result.log_likelihood)
+    assert result.info["recoveries"][0]["reg_covar"] == 1e-6
+    assert optim.reg_covar >= 1e-6
+    # the history stays one value per E-step and EM stays monotone through the retry
+    ll = result.history["log_likelihood"]
+    assert len(ll) == 21
+    assert all(b >= a - 1e-9 * abs(a) for a, b in zip(ll, ll[1:]))
+    # the regularized component sits on the 5 points with variance ~ reg_covar
+    assert float(pyro.param("scale")[1]) ** 2 < 1e-5
