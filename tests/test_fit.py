@@ -658,6 +658,6 @@ def test_recover_retries_a_failed_iteration_with_more_regularization():
     # the history stays one value per E-step and EM stays monotone through the retry
     ll = result.history["log_likelihood"]
     assert len(ll) == 21
-    assert all(b >= a - 1e-9 * abs(a) for a, b in zip(ll, ll[1:]))
+    assert all(b >= a - 1e-9 * abs(a) for a, b in itertools.pairwise(ll))
     # the regularized component sits on the 5 points with variance ~ reg_covar
     assert float(pyro.param("scale")[1]) ** 2 < 1e-5
