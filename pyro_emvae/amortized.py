@@ -532,7 +532,8 @@ class AmortizedGuide(nn.Module):
         if not self.local:
             return values
         if self._override is None:
-            pyro.module(self.name, self.encoder)
+            # the store wins over the module: a loaded param store is what the encoder uses
+            pyro.module(self.name, self.encoder, update_module_params=True)
         plates = self._plates()
         with plates[self.frame.name] as indices:
             outs = self.encode(indices, *args, **kwargs)

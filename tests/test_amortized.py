@@ -301,3 +301,16 @@ def test_linear_vae_reaches_the_ppca_maximum_likelihood():
     # the ELBO is below log p(x), and close to it (the diagonal q can be exact here)
     assert result.elbo / 300 < reached + 0.01
     assert result.elbo / 300 > reached - 0.01
+
+
+def test_a_loaded_param_store_is_what_the_encoder_uses(tmp_path):
+    x = torch.randn(10, 4)
+    guide = AmortizedGuide(fixed_decoder_model, hidden=(5,))
+    guide(x)
+    expected = guide.local_params(x)["z"]["loc"]
+    pyro.get_param_store().save(tmp_path / "store.pt")
+    pyro.clear_param_store()
+    fresh = AmortizedGuide(fixed_decoder_model, hidden=(5,))  # other random weights
+    pyro.get_param_store().load(tmp_path / "store.pt")
+    fresh(x)
+    assert torch.equal(fresh.local_params(x)["z"]["loc"], expected)
