@@ -661,3 +661,41 @@ def test_recover_retries_a_failed_iteration_with_more_regularization():
     assert all(b >= a - 1e-9 * abs(a) for a, b in itertools.pairwise(ll))
     # the regularized component sits on the 5 points with variance ~ reg_covar
     assert float(pyro.param("scale")[1]) ** 2 < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["gmm", "hmm"])
+def test_float32_em_agrees_with_float64(kind):
+    """float32 is supported: the same data and start in both precisions give the same fit to
+    float32 accuracy."""
+    from models import gmm, hmm
+
+    if kind == "gmm":
+        x64, _ = gmm.sample_gmm(500, 3, 2, seed=0)
+        init64 = gmm.init_params(x64, 3, "full", seed=1)
+    else:
+        x64, _ = hmm.sample_gaussian_hmm(4, 100, 3, 2, seed=0)
+        init64 = hmm.init_params(x64, 3, seed=1)
+    results = {}
+    try:
+        for dtype in (torch.float64, torch.float32):
+            torch.set_default_dtype(dtype)
+            pyro.clear_param_store()
+            x = x64.to(dtype)
+            init = {k: v.to(dtype) for k, v in init64.items()}
+            if kind == "gmm":
+                model = gmm.make_gmm_model(3, "full", init=init)
+                result = fit(model, ExactEStep(model), x, max_iter=30, tol=0)
+            else:
+
+                def model(x, init=init):
+                    hmm.gaussian_hmm(x, 3, init=init)
+
+                result = fit(model, ExactEStep(model), x, max_iter=15, tol=0)
+            assert all(v.dtype == dtype for v in result.params.values())
+            results[dtype] = result
+    finally:
+        torch.set_default_dtype(torch.float64)
+    lo, hi = results[torch.float32], results[torch.float64]
+    assert abs(lo.log_likelihood - hi.log_likelihood) < 1e-6 * abs(hi.log_likelihood)
+    for name, value in hi.params.items():
+        assert torch.allclose(lo.params[name].double(), value, atol=1e-4), name
