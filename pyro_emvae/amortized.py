@@ -22,6 +22,7 @@ for the continuous part.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -349,7 +350,8 @@ class AmortizedGuide(nn.Module):
         self.init_scale = init_scale
         self.activation = activation
         self.name = name
-        self.encoder: Encoder | None = None
+        self.encoders = nn.ModuleDict()
+        self.groups: list[dict] = []
         self.local: list[dict] | None = None  # set by setup()
         self.global_names: list[str] = []
         self._override: dict[str, dict[str, torch.Tensor]] | None = None
@@ -358,10 +360,17 @@ class AmortizedGuide(nn.Module):
 
     # ------------------------------------------------------------------ setup
     def setup(self, *args: Any, **kwargs: Any) -> AmortizedGuide:
-        """Build the encoder from one prior trace of the model (run by the first call)."""
+        """Build the encoders from one prior trace of the model (run by the first call).
+
+        Each continuous latent belongs to a *data plate*: ``data_plate`` if given, else the
+        subsampled plate among its plates, else the outermost of its plates that holds an
+        observed site. Latents of the same data plate share one encoder, whose input is that
+        plate's observed values; latents in no such plate are global."""
         tr = prototype_trace(self.model, args, kwargs)
-        frame = find_data_plate(tr, self.data_plate)
-        local: list[dict] = []
+        observed_plates = {f.name for s in observed_sites(tr) for f in frames_of(s)}
+        if self.data_plate is not None:
+            find_data_plate(tr, self.data_plate)  # checks the name
+        groups: dict[str, dict] = {}
         global_names: list[str] = []
         for site in latent_sites(tr):
             if is_discrete(site):
@@ -372,15 +381,23 @@ class AmortizedGuide(nn.Module):
                         "the model so that the ELBO sums it out exactly (TraceEnum_ELBO)."
                     )
                 continue
-            if frame is not None and frame in frames_of(site):
-                local.append(self._describe(site, frame))
-            else:
+            frame = self._data_frame(site, observed_plates)
+            if frame is None:
                 global_names.append(site["name"])
-        self.frame = frame
-        if local:
+                continue
+            group = groups.setdefault(frame.name, {"frame": frame, "sites": []})
+            group["sites"].append(self._describe(site, frame))
+        encoders = {}
+        for name, group in groups.items():
+            frame = group["frame"]
             indices = plate_indices(tr, frame)
-            self._inputs = self._find_inputs(tr, frame, indices, args, kwargs)
-            self.encoder = self._build(self._inputs(indices, args, kwargs), local)
+            group["inputs"] = self._find_inputs(tr, frame, indices, args, kwargs)
+            example = group["inputs"](indices, args, kwargs)
+            encoders[_key(name)] = self._build(example, group["sites"])
+            group["module"] = self.name if len(groups) == 1 else f"{self.name}_{_key(name)}"
+        self.encoders = nn.ModuleDict(encoders)
+        self.groups = list(groups.values())
+        self._size_cache = {_signature(args, kwargs): _plate_sizes(tr)}
         if global_names:
             blocked = poutine.block(self.model, expose=global_names)
             if self.global_kind == "delta":
@@ -390,8 +407,68 @@ class AmortizedGuide(nn.Module):
             guide._pyro_name = f"{self.name}_globals"
             object.__setattr__(self, "global_guide", guide)
         self.global_names = global_names
-        self.local = local
+        self.local = [site for group in self.groups for site in group["sites"]]
         return self
+
+    def _data_frame(self, site: dict, observed_plates: set[str]):
+        frames = frames_of(site)
+        if self.data_plate is not None:
+            return next((f for f in frames if f.name == self.data_plate), None)
+        for f in frames:
+            if f.full_size is not None and f.full_size > f.size:
+                return f
+        return next((f for f in frames if f.name in observed_plates), None)
+
+    @property
+    def encoder(self) -> Encoder:
+        """The encoder, when the model has one data plate (else see ``encoders``)."""
+        if self.local is None:
+            raise RuntimeError("the encoder is built by the guide's first call (or setup())")
+        if len(self.encoders) != 1:
+            # (not AttributeError: nn.Module would replace its message)
+            raise RuntimeError(
+                f"this guide has one encoder per data plate: encoders[{list(self.encoders)}]"
+            )
+        return next(iter(self.encoders.values()))
+
+    @property
+    def frame(self):
+        """The data plate's frame (as first traced), when the model has one."""
+        return self.groups[0]["frame"] if self.local and len(self.groups) == 1 else None
+
+    def _sizes(self, args: tuple, kwargs: dict) -> dict[str, tuple[int, int]]:
+        """Plate sizes ``(full, subsample)`` for these arguments: one prior trace of the model
+        per new signature (argument shapes and plain values), so a trained guide scores data of
+        another size, or the model without subsampling."""
+        key = _signature(args, kwargs)
+        if key not in self._size_cache:
+            if len(self._size_cache) >= 16:
+                self._size_cache.pop(next(iter(self._size_cache)))
+            tr = prototype_trace(self.model, args, kwargs)
+            self._size_cache[key] = _plate_sizes(tr)
+            self._check_layout(tr)
+        return self._size_cache[key]
+
+    def _check_layout(self, tr) -> None:
+        for group in self.groups:
+            for site in group["sites"]:
+                new = tr.nodes.get(site["name"])
+                if new is None:
+                    raise ValueError(
+                        f"site '{site['name']}' that the encoder was built for is missing from "
+                        "the model with these arguments"
+                    )
+                fn = new["fn"]
+                value = new["value"].expand(fn.batch_shape + fn.event_shape)
+                if site["transform"] is not None:
+                    value = site["transform"].inv(value)
+                frame = next(f for f in frames_of(new) if f.name == group["frame"].name)
+                datum = tuple(to_front(value, frame, fn.event_dim).shape[1:])
+                if datum != site["u_datum"]:
+                    raise ValueError(
+                        f"site '{site['name']}': its value per datum now has shape {datum}, "
+                        f"the encoder was built for {site['u_datum']}"
+                    )
 
     def _describe(self, site: dict, frame) -> dict:
         fn = site["fn"]
@@ -473,25 +550,31 @@ class AmortizedGuide(nn.Module):
         return Encoder(trunk, heads).to(device=example.device, dtype=dtype)
 
     # ------------------------------------------------------------------ running
-    def encode(self, indices: torch.Tensor, *args: Any, **kwargs: Any) -> dict:
-        """The encoder's outputs for the data at ``indices``: ``{site: {"loc": (B, n),
-        "scale": (B, n), ...}}`` over each datum's flattened unconstrained latent."""
+    def encode(self, indices: torch.Tensor, *args: Any, group: int = 0, **kwargs: Any) -> dict:
+        """The encoder's outputs for the data at ``indices`` of data plate ``group`` (0 when
+        there is one): ``{site: {"loc": (B, n), "scale": (B, n), ...}}`` over each datum's
+        flattened unconstrained latent."""
         if self.local is None:
             self.setup(*args, **kwargs)
+        g = self.groups[group]
         if self._override is not None:
             return {
-                k: {p: v.index_select(0, indices.to(v.device)) for p, v in params.items()}
-                for k, params in self._override.items()
+                _key(site["name"]): {
+                    p: v.index_select(0, indices.to(v.device))
+                    for p, v in self._override[_key(site["name"])].items()
+                }
+                for site in g["sites"]
             }
-        x = self._inputs(indices, args, kwargs)
+        x = g["inputs"](indices, args, kwargs)
         if not torch.is_floating_point(x):
             x = x.to(torch.get_default_dtype())
-        return self.encoder(x)
+        return self.encoders[_key(g["frame"].name)](x)
 
-    def distribution(self, site: dict, params: dict, batch: int):
+    def distribution(self, site: dict, params: dict, batch: int, frame=None):
         """q for one site from its head's outputs, laid out like the site's value: the data
         dim where the plate puts it, inner plate dims as batch dims, event dims last."""
-        pos = self.frame.dim - site["event_dim"]
+        frame = frame if frame is not None else self.frame
+        pos = frame.dim - site["event_dim"]
         if self.family == "diagonal":
             shape = (batch, *site["u_datum"])
             loc = params["loc"].reshape(shape).movedim(0, pos)
@@ -512,14 +595,14 @@ class AmortizedGuide(nn.Module):
             q = dist.TransformedDistribution(q, [site["transform"]])
         return q
 
-    def _plates(self) -> dict:
+    def _plates(self, sizes: dict[str, tuple[int, int]]) -> dict:
         plates = {}
         for site in self.local:
             for f in site["frames"]:
                 if f.name not in plates:
-                    sub = f.size if f == self.frame else None
+                    full, sub = sizes.get(f.name, (f.full_size or f.size, f.size))
                     plates[f.name] = pyro.plate(
-                        f.name, f.full_size or f.size, subsample_size=sub, dim=f.dim
+                        f.name, full, subsample_size=sub if sub < full else None, dim=f.dim
                     )
         return plates
 
@@ -531,35 +614,77 @@ class AmortizedGuide(nn.Module):
             values.update(self.global_guide(*args, **kwargs))
         if not self.local:
             return values
-        if self._override is None:
-            # the store wins over the module: a loaded param store is what the encoder uses
-            pyro.module(self.name, self.encoder, update_module_params=True)
-        plates = self._plates()
-        with plates[self.frame.name] as indices:
-            outs = self.encode(indices, *args, **kwargs)
-        for site in self.local:
-            q = self.distribution(site, outs[_key(site["name"])], len(indices))
-            with ExitStack() as stack:
-                for f in site["frames"]:
-                    stack.enter_context(plates[f.name])
-                values[site["name"]] = pyro.sample(site["name"], q)
+        plates = self._plates(self._sizes(args, kwargs))
+        for i, group in enumerate(self.groups):
+            frame = group["frame"]
+            if self._override is None:
+                # the store wins over the module: a loaded param store is what it uses
+                encoder = self.encoders[_key(frame.name)]
+                pyro.module(group["module"], encoder, update_module_params=True)
+            with plates[frame.name] as indices:
+                outs = self.encode(indices, *args, group=i, **kwargs)
+            for site in group["sites"]:
+                q = self.distribution(site, outs[_key(site["name"])], len(indices), frame)
+                with ExitStack() as stack:
+                    for f in site["frames"]:
+                        stack.enter_context(plates[f.name])
+                    values[site["name"]] = pyro.sample(site["name"], q)
         return values
 
     def local_params(self, *args: Any, **kwargs: Any) -> dict[str, dict[str, torch.Tensor]]:
-        """The encoder's outputs for every datum (no subsampling), detached:
+        """The encoders' outputs for every datum (no subsampling), detached:
         ``{site: {"loc": (N, n), "scale": (N, n), ...}}``."""
         if self.local is None:
             self.setup(*args, **kwargs)
-        full = self.frame.full_size or self.frame.size
+        sizes = self._sizes(args, kwargs)
+        out = {}
         with torch.no_grad():
-            outs = self.encode(torch.arange(full), *args, **kwargs)
-        return {k: {p: v.detach().clone() for p, v in d.items()} for k, d in outs.items()}
+            for i, group in enumerate(self.groups):
+                full = sizes[group["frame"].name][0]
+                outs = self.encode(torch.arange(full), *args, group=i, **kwargs)
+                out.update(
+                    {k: {p: v.detach().clone() for p, v in d.items()} for k, d in outs.items()}
+                )
+        return out
+
+    def with_model(self, model: Callable) -> AmortizedGuide:
+        """This guide for another model with the same latents (the model without
+        subsampling, say): the same encoders and params, plates read from ``model``."""
+        if model is self.model:
+            return self
+        new = copy.copy(self)
+        new.model = model
+        new._size_cache = {}
+        return new
 
     def override(self, params: dict[str, dict[str, torch.Tensor]] | None) -> None:
         """Use free per-datum parameters (as returned by :meth:`local_params`, possibly
-        optimized) in place of the encoder's outputs; ``None`` restores the encoder. Used to
+        optimized) in place of the encoders' outputs; ``None`` restores the encoders. Used to
         measure the amortization gap."""
         self._override = params
+
+
+def _signature(args: tuple, kwargs: dict):
+    """What decides the model's plate sizes: tensor shapes and plain values."""
+
+    def one(a):
+        if torch.is_tensor(a):
+            return ("tensor", tuple(a.shape), str(a.dtype), str(a.device))
+        if a is None or isinstance(a, (bool, int, float, str)):
+            return a
+        if isinstance(a, (tuple, list)):
+            return tuple(one(b) for b in a)
+        return ("object", id(a))
+
+    return tuple(one(a) for a in args), tuple(sorted((k, one(v)) for k, v in kwargs.items()))
+
+
+def _plate_sizes(tr) -> dict[str, tuple[int, int]]:
+    return {
+        f.name: (f.full_size or f.size, f.size)
+        for s in latent_sites(tr) + observed_sites(tr)
+        for f in frames_of(s)
+    }
 
 
 # ---------------------------------------------------------------------------- mean field

@@ -110,6 +110,14 @@ class _Setup:
     fixed: dict[str, torch.Tensor]  # global latents held at a point
 
 
+def _matched(model, guide):
+    """An AmortizedGuide built for another version of the model (a minibatch model scored
+    without subsampling) reads its plates from the model being evaluated."""
+    if isinstance(guide, AmortizedGuide) and guide.local is not None:
+        return guide.with_model(model)
+    return guide
+
+
 def _plan(model, guide, args, kwargs, data_plate, batch_size) -> _Setup:
     tr = prototype_trace(model, args, kwargs)
     frame = find_data_plate(tr, data_plate)
@@ -364,6 +372,7 @@ def log_marginal(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    guide = _matched(model, guide)
     setup = _plan(model, guide, args, kwargs, data_plate, batch_size)
     with torch.no_grad():
         log_w = _log_weights(model, guide, args, kwargs, setup, num_samples, chunk_size)
@@ -503,6 +512,7 @@ def diagnostics(
         >>> d.active_units["z"]
         1
     """
+    guide = _matched(model, guide)
     setup = _plan(model, guide, args, kwargs, data_plate, None)
     log_ws, kls, elem_kl, means = [], [], {}, {}
     notes: list[str] = []
@@ -653,6 +663,7 @@ def amortization_gap(
         raise TypeError(f"amortization_gap needs an AmortizedGuide, got {type(guide).__name__}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    guide = _matched(model, guide)
     setup = _plan(model, guide, args, kwargs, None, None)
     with torch.no_grad():
         enc = _log_weights(model, guide, args, kwargs, setup, num_samples, chunk_size).mean(0)

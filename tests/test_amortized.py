@@ -76,7 +76,7 @@ def test_inputs_are_found_in_any_argument_and_dim():
     guide = AmortizedGuide(model, hidden=())
     tr = poutine.trace(guide).get_trace(1.0, xt)
     idx = tr.nodes["data"]["value"]
-    assert guide._inputs.located == [(1, 1, None)]
+    assert guide.groups[0]["inputs"].located == [(1, 1, None)]
     assert torch.allclose(
         tr.nodes["z"]["fn"].base_dist.loc, guide.encoder(xt[:, idx].T)["z"]["loc"]
     )
@@ -314,3 +314,35 @@ def test_a_loaded_param_store_is_what_the_encoder_uses(tmp_path):
     pyro.get_param_store().load(tmp_path / "store.pt")
     fresh(x)
     assert torch.equal(fresh.local_params(x)["z"]["loc"], expected)
+
+
+def two_plate_model(xa, xb):
+    with pyro.plate("a", len(xa), subsample_size=4) as ia:
+        za = pyro.sample("za", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        pyro.sample("xa", dist.Normal(za.sum(-1, keepdim=True), 1.0).to_event(1), obs=xa[ia])
+    with pyro.plate("b", len(xb)):
+        zb = pyro.sample("zb", dist.Normal(0.0, 1.0))
+        pyro.sample("xb", dist.Normal(zb.unsqueeze(-1), 1.0).to_event(1), obs=xb)
+
+
+def test_each_data_plate_gets_its_own_encoder():
+    xa, xb = torch.randn(10, 1), torch.randn(6, 3)
+    guide = AmortizedGuide(two_plate_model, hidden=(4,))
+    tr = poutine.trace(guide).get_trace(xa, xb)
+    assert sorted(guide.encoders) == ["a", "b"]
+    assert guide.encoders["a"].trunk[1].in_features == 1  # reads xa
+    assert guide.encoders["b"].trunk[1].in_features == 3  # reads xb
+    assert tr.nodes["za"]["value"].shape == (4, 2) and tr.nodes["zb"]["value"].shape == (6,)
+    with pytest.raises(RuntimeError, match="one encoder per data plate"):
+        _ = guide.encoder
+    svi = SVI(two_plate_model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    assert math.isfinite(svi.step(xa, xb))
+    assert {"encoder_a$$$heads.za.loc.weight", "encoder_b$$$heads.zb.loc.weight"} <= set(
+        pyro.get_param_store()
+    )
+    # data of other sizes: the plates follow the arguments
+    params = guide.local_params(torch.randn(7, 1), torch.randn(2, 3))
+    assert params["za"]["loc"].shape == (7, 2) and params["zb"]["loc"].shape == (2, 1)
+    tr = poutine.trace(guide).get_trace(torch.randn(30, 1), torch.randn(9, 3))
+    assert tr.nodes["a"]["fn"].size == 30  # 4 of 30 rows
+    assert tr.nodes["za"]["value"].shape == (4, 2) and tr.nodes["zb"]["value"].shape == (9,)
