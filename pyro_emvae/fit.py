@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -630,6 +633,57 @@ def _last_change(values: list[float], n_data: int) -> float:
 _WINDOW = 20
 
 
+@contextmanager
+def _atomic_update():
+    """Defer Ctrl-C while the optimizer writes the params, so that an interrupted fit never
+    holds half-updated params (only possible in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _svi_step(svi: SVI, args: tuple, kwargs: dict, it: int) -> float:
+    """``SVI.step``, except that a non-finite loss or gradient is caught *before* the
+    optimizer moves the params (so nothing needs to be rolled back, and no copy of the params
+    is kept per step), and that the update itself is not cut by Ctrl-C."""
+    with poutine.trace(param_only=True) as capture:
+        loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
+    params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+    value = float(loss)
+    if not math.isfinite(value) or any(
+        p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params
+    ):
+        store = pyro.get_param_store()
+        bad = sorted(
+            store.param_name(p)
+            for p in params
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        )
+        pyro.infer.util.zero_grads(params)
+        what = (
+            f"the ELBO became {-value}"
+            if not math.isfinite(value)
+            else (f"the gradient of {bad} became non-finite")
+        )
+        raise FloatingPointError(
+            f"{what} at iteration {it}; the step was not taken, so the params are those of "
+            f"iteration {it - 1}. Check the data for extreme values, lower the learning rate, "
+            "or bound the guide's scales."
+        )
+    with _atomic_update():
+        svi.optim(params)
+    pyro.infer.util.zero_grads(params)
+    return value
+
+
 def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
     max_iter, tol, n_data, callback = loop.max_iter, loop.tol, loop.n_data, loop.callback
     loss = loop.loss or (TraceEnum_ELBO() if loop.info.enumerates else Trace_ELBO())
@@ -640,13 +694,9 @@ def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
         history["kl_weight"] = []
         loss.step = 0  # a new run starts its schedule again
     converged = interrupted = False
-    names: list[str] = []
-    snap: dict[str, torch.Tensor] = {}  # empty until the guide has created its params
     done, saved = _resume(loop, model, guide, optim, args, kwargs)
     if saved:
         history = saved
-        names = list(pyro.get_param_store().keys())
-        snap = _snapshot(names)
     if controlled:
         loss.step = done
     start = time.perf_counter() - (history["time"][-1] if history["time"] else 0.0)
@@ -656,13 +706,10 @@ def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
     bar.update(done)
     try:
         for it in range(done + 1, max_iter + 1):
-            elbo = -float(svi.step(*args, **kwargs))
-            _check_finite(elbo, "ELBO", it, snap, names)
+            elbo = -_svi_step(svi, args, kwargs, it)
             if controlled:  # the plain ELBO, not the weighted objective that was climbed
                 elbo = loss.last_elbo
                 history["kl_weight"].append(loss.beta)
-            names = list(pyro.get_param_store().keys())
-            snap = _snapshot(names)
             history["elbo"].append(elbo)
             history["time"].append(time.perf_counter() - start)
             if loop.ckpt is not None:
@@ -682,8 +729,7 @@ def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
                 converged = True
                 break
     except KeyboardInterrupt:
-        interrupted = True
-        _restore(snap)  # a step cut short leaves no half-updated params
+        interrupted = True  # (optimizer updates defer Ctrl-C: no param is half-updated)
         n = len(history["time"])  # appended last: the steps that completed
         for values in history.values():
             del values[n:]
@@ -701,6 +747,7 @@ def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
             ConvergenceWarning,
             stacklevel=3,
         )
+    names = list(pyro.get_param_store().keys())
     return FitResult(
         params=_constrained(names),
         log_likelihood=None,

@@ -699,3 +699,40 @@ def test_float32_em_agrees_with_float64(kind):
     assert abs(lo.log_likelihood - hi.log_likelihood) < 1e-6 * abs(hi.log_likelihood)
     for name, value in hi.params.items():
         assert torch.allclose(lo.params[name].double(), value, atol=1e-4), name
+
+
+def test_svi_stops_before_a_non_finite_step_moves_the_params():
+    def model(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    def guide(x):
+        pass
+
+    x = torch.randn(20)
+    calls = {"n": 0}
+    real = dist.Normal.log_prob
+
+    def poisoned(self, value):  # the 4th evaluation gives a NaN
+        calls["n"] += 1
+        out = real(self, value)
+        return out * math.nan if calls["n"] == 4 else out
+
+    seen = []
+    dist.Normal.log_prob = poisoned
+    try:
+        with pytest.raises(FloatingPointError, match=r"ELBO became nan at iteration 4; the step"):
+            fit(
+                model,
+                guide,
+                x,
+                optim=pyro.optim.Adam({"lr": 0.1}),
+                max_iter=10,
+                tol=0,
+                callback=lambda it, info: seen.append(float(pyro.param("loc"))),
+            )
+    finally:
+        dist.Normal.log_prob = real
+    # the params are those after iteration 3
+    assert float(pyro.param("loc")) == seen[-1] and len(seen) == 3
