@@ -45,6 +45,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyro_emvae import datasets
+
 __all__ = [
     "IMAGE_SHAPE",
     "LIKELIHOODS",
@@ -69,22 +71,16 @@ LIKELIHOODS = ("bernoulli", "continuous_bernoulli")
 def load_digits(
     binarize: bool = False, return_labels: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled handwritten digits (no download): ``(1797, 64)`` pixels scaled from
-    ``0..16`` to ``[0, 1]`` in the default dtype, and binarized (``x > 0.5``, values 0/1) if
-    ``binarize``. With ``return_labels`` also the digit classes, a ``(1797,)`` LongTensor.
+    """The handwritten digits bundled with pyro_emvae (:func:`pyro_emvae.datasets.load_digits`,
+    no download): ``(1797, 64)`` pixels scaled from ``0..16`` to ``[0, 1]`` in the default
+    dtype, and binarized (``x > 0.5``, values 0/1) if ``binarize``. With ``return_labels``
+    also the digit classes, a ``(1797,)`` LongTensor.
 
     >>> load_digits(binarize=True).shape
     torch.Size([1797, 64])
     """
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    bunch = sk_load_digits()
-    x = torch.as_tensor(bunch.data, dtype=torch.get_default_dtype()) / 16.0
-    if binarize:
-        x = (x > 0.5).to(x.dtype)
-    if return_labels:
-        return x, torch.as_tensor(bunch.target, dtype=torch.long)
-    return x
+    x, labels = datasets.load_digits(binarize=binarize)
+    return (x, labels) if return_labels else x
 
 
 def load_digits_labels() -> torch.Tensor:

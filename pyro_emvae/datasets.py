@@ -8,12 +8,13 @@ for where the numbers come from.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 from importlib import resources
 
 import torch
 
-__all__ = ["load_earthquakes", "load_old_faithful"]
+__all__ = ["load_digits", "load_earthquakes", "load_old_faithful"]
 
 _DATA_PACKAGE = "pyro_emvae"
 _DATA_DIR = "data"
@@ -23,7 +24,10 @@ def _read_csv(filename: str, expected_header: list[str]) -> list[list[str]]:
     """Return the data rows (header removed) of a CSV file shipped in ``pyro_emvae/data``."""
     resource = resources.files(_DATA_PACKAGE).joinpath(_DATA_DIR).joinpath(filename)
     try:
-        text = resource.read_text(encoding="utf-8")
+        if filename.endswith(".gz"):
+            text = gzip.decompress(resource.read_bytes()).decode("utf-8")
+        else:
+            text = resource.read_text(encoding="utf-8")
     except (FileNotFoundError, IsADirectoryError) as exc:
         raise FileNotFoundError(
             f"pyro_emvae data file {_DATA_DIR}/{filename!r} is missing from the installed package "
@@ -100,3 +104,34 @@ def load_earthquakes(dtype: torch.dtype | None = None) -> tuple[torch.Tensor, to
     years = torch.tensor([int(y) for y, _ in rows], dtype=torch.int64)
     counts = torch.tensor([int(c) for _, c in rows], dtype=dtype)
     return years, counts
+
+
+def load_digits(
+    binarize: bool = False, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Handwritten digits, 8x8 grey levels: 1797 images of 0-9 (the copy of UCI's "Optical
+    Recognition of Handwritten Digits" test set that scikit-learn ships as ``load_digits``).
+
+    Args:
+        binarize: threshold the scaled pixels at 0.5 (for a Bernoulli likelihood).
+        dtype: dtype of the pixels; ``None`` means ``torch.get_default_dtype()``.
+
+    Returns:
+        ``(pixels, labels)``: ``pixels`` ``(1797, 64)`` in ``[0, 1]`` (grey level / 16, row by
+        row), ``labels`` ``(1797,)`` int64 in 0-9.
+
+    Example:
+        >>> from pyro_emvae.datasets import load_digits
+        >>> x, y = load_digits()
+        >>> tuple(x.shape), int(y[0]), float(x.max())
+        ((1797, 64), 0, 1.0)
+    """
+    if dtype is None:
+        dtype = torch.get_default_dtype()
+    header = ["label"] + [f"p{i}" for i in range(64)]
+    rows = _read_csv("digits.csv.gz", header)
+    labels = torch.tensor([int(r[0]) for r in rows], dtype=torch.int64)
+    pixels = torch.tensor([[int(v) for v in r[1:]] for r in rows], dtype=dtype) / 16.0
+    if binarize:
+        pixels = (pixels > 0.5).to(dtype)
+    return pixels, labels

@@ -67,3 +67,16 @@ def test_module_entry_point_help():
         check=False,
     )
     assert proc.returncode == 0 and "--model" in proc.stdout
+
+
+def test_demo_vae_reports_iwae_and_active_units(tmp_path, capsys):
+    png = tmp_path / "vae.png"
+    args = ["demo", "--model", "vae", "--max-iter", "40", "--iwae-samples", "20"]
+    assert main([*args, "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "iterations       40 SVI steps" in out
+    elbo = float(re.search(r"held-out\s+(-?[\d.]+) nats\n", out).group(1))
+    iwae = float(re.search(r"IWAE-20\s+held-out\s+(-?[\d.]+)", out).group(1))
+    assert -80 < elbo < iwae < 0  # the IWAE bound is above the ELBO
+    assert re.search(r"active units\s+\d of 8", out)
+    assert png.stat().st_size > 10_000
