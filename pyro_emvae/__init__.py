@@ -13,6 +13,7 @@ from pyro_emvae.evaluate import (
 )
 from pyro_emvae.fit import ConvergenceWarning, FitResult, fit
 from pyro_emvae.optim import EMOptim, GradientMStep
+from pyro_emvae.validate import ModelInputError, PrecisionWarning
 
 __version__ = "0.1.0"
 
@@ -29,7 +30,9 @@ __all__ = [
     "KLControlledELBO",
     "LogMarginal",
     "MeanFieldGuide",
+    "ModelInputError",
     "Posterior",
+    "PrecisionWarning",
     "__version__",
     "amortization_gap",
     "diagnostics",

@@ -59,6 +59,8 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_site_shape
 
+from pyro_emvae import validate as _validate
+
 __all__ = ["EnumerationError", "ExactEStep", "Posterior"]
 
 
@@ -299,12 +301,15 @@ class ExactEStep:
     def __init__(self, model: Callable, *, max_plate_nesting: int | None = None) -> None:
         self.model = model
         self.max_plate_nesting = max_plate_nesting
+        # which arguments the input checks (pyro_emvae.validate) have passed for
+        self._validation = _validate.ValidationState()
 
     # ------------------------------------------------------------------ tracing
     def _plate_nesting(self, args: tuple, kwargs: dict) -> int:
         if self.max_plate_nesting is None:
-            with poutine.block(), torch.no_grad():
-                tr = poutine.trace(self.model).get_trace(*args, **kwargs)
+            tracer = poutine.trace(self.model)
+            with poutine.block(), torch.no_grad(), _validate.explain_model_errors(tracer):
+                tr = tracer.get_trace(*args, **kwargs)
             tr = prune_subsample_sites(tr)
             dims = [
                 f.dim
@@ -325,7 +330,9 @@ class ExactEStep:
         model = poutine.enum(self.model, first_available_dim=-1 - depth)
         if replay is not None:
             model = poutine.replay(model, trace=replay)
-        tr = poutine.trace(model, graph_type="flat").get_trace(*args, **kwargs)
+        tracer = poutine.trace(model, graph_type="flat")
+        with _validate.explain_model_errors(tracer, depth):
+            tr = tracer.get_trace(*args, **kwargs)
         subsample_sites = {
             n: s
             for n, s in tr.nodes.items()
@@ -333,6 +340,9 @@ class ExactEStep:
         }
         tr = prune_subsample_sites(tr)
         tr._subsample_sites = subsample_sites
+        # input checks, before any log-prob: once per set of arguments (see validate.py)
+        state = self.__dict__.setdefault("_validation", _validate.ValidationState())
+        checked = _validate.validate_estep_trace(state, self.model, args, kwargs, tr, depth)
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
                 continue
@@ -361,6 +371,9 @@ class ExactEStep:
             for site in tr.nodes.values():
                 if site["type"] == "sample":
                     check_site_shape(site, depth)
+        if checked is not None:
+            _validate.check_precision(tr, depth)
+            state.remember(*checked)
         tr.pack_tensors()
         return tr
 

@@ -37,6 +37,7 @@ from pyro_emvae.elbo import KLControlledELBO
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.init import STRATEGIES, init_potentials
 from pyro_emvae.optim import EMOptim, GradientMStep
+from pyro_emvae.validate import explain_model_errors, validate_fit_inputs
 
 __all__ = ["ConvergenceWarning", "FitResult", "fit"]
 
@@ -112,6 +113,7 @@ class _ModelInfo:
     params: list[str]
     n_data: int
     enumerates: bool
+    trace: Any = None
 
 
 def _inspect(model: Callable, args: tuple, kwargs: dict) -> _ModelInfo:
@@ -119,8 +121,9 @@ def _inspect(model: Callable, args: tuple, kwargs: dict) -> _ModelInfo:
     the cells of their plates (full sizes under subsampling), times the chain length for a
     DiscreteHMM site, so a GMM on N points counts N and an HMM of N sequences of length T
     counts N*T in either model form."""
-    with poutine.block(), torch.no_grad():
-        tr = poutine.trace(model).get_trace(*args, **kwargs)
+    tracer = poutine.trace(model)
+    with poutine.block(), torch.no_grad(), explain_model_errors(tracer):
+        tr = tracer.get_trace(*args, **kwargs)
     total, enumerates = 0, False
     for site in tr.nodes.values():
         if site["type"] != "sample":
@@ -133,7 +136,7 @@ def _inspect(model: Callable, args: tuple, kwargs: dict) -> _ModelInfo:
             cells *= site["value"].shape[-1 - site["fn"].observation_dist.event_dim]
         total += cells
     params = [n for n, s in tr.nodes.items() if s["type"] == "param"]
-    return _ModelInfo(params, max(total, 1), enumerates)
+    return _ModelInfo(params, max(total, 1), enumerates, tr)
 
 
 def _model_params(fn: Callable, args: tuple, kwargs: dict) -> list[str]:
@@ -314,6 +317,8 @@ def fit(
             raise ValueError("give either loss or kl_weight/free_bits, not both")
         loss = KLControlledELBO(1.0 if kl_weight is None else kl_weight, free_bits)
     info = _inspect(model, args, kwargs)
+    # bad data, params or shapes: a clear error before any work (pyro_emvae.validate)
+    validate_fit_inputs(model, args, kwargs, info.trace, exact=exact)
     if n_data is None:
         n_data = info.n_data
 
