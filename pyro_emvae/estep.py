@@ -55,6 +55,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_site_shape
@@ -265,6 +266,51 @@ class _NoVectorize(Exception):
     pass
 
 
+class _IntegrateObsMask(Messenger):
+    """Pyro's ``obs_mask=`` under an exact E-step.
+
+    ``pyro.sample(name, fn, obs=x, obs_mask=m)`` splits into an observed site ``name_observed``
+    (masked by ``m``) and a latent ``name_unobserved`` (masked by ``~m``) for the missing
+    events. ``m`` masks whole events, and an event's density integrates to one, so the missing
+    events drop out of :math:`p(x)` exactly: the latent becomes a fully masked observed copy
+    (zero log-density, zero weight in every M-step sum). Values of missing events (NaN, say)
+    are replaced by zeros, so that ``0 * nan`` cannot reach the sums. Exact when nothing
+    downstream reads the returned value's missing events."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._filled: dict[str, torch.Tensor] = {}
+
+    def _pyro_sample(self, msg) -> None:
+        name = msg["name"]
+        if msg["is_observed"] and name.endswith("_observed") and torch.is_tensor(msg["mask"]):
+            value = msg["value"]
+            if torch.is_tensor(value) and value.is_floating_point():
+                event = msg["fn"].event_dim
+                mask = msg["mask"].reshape(msg["mask"].shape + (1,) * event)
+                if not bool(torch.isfinite(value).all()):
+                    value = torch.where(mask, value, value.new_zeros(()))
+                    msg["value"] = value
+            self._filled[name[: -len("_observed")]] = msg["value"]
+        elif not msg["is_observed"] and name.endswith("_unobserved"):
+            base = name[: -len("_unobserved")]
+            if base in self._filled:
+                msg["value"] = self._filled.pop(base)
+                msg["is_observed"] = True
+                msg["mask"] = False
+
+
+class _ObsMaskIntegrated:
+    """``model`` run under :class:`_IntegrateObsMask` (a class, so that it pickles)."""
+
+    def __init__(self, model: Callable) -> None:
+        self.__wrapped__ = model
+
+    def __call__(self, *args, **kwargs):
+        with _IntegrateObsMask():
+            return self.__wrapped__(*args, **kwargs)
+
+
 def _is_enumerated(site: dict) -> bool:
     return site["infer"].get("_enumerate_dim") is not None
 
@@ -299,7 +345,8 @@ class ExactEStep:
     """
 
     def __init__(self, model: Callable, *, max_plate_nesting: int | None = None) -> None:
-        self.model = model
+        self.model = _ObsMaskIntegrated(model)  # obs_mask's missing events drop out exactly
+        self.user_model = model
         self.max_plate_nesting = max_plate_nesting
         # which arguments the input checks (pyro_emvae.validate) have passed for
         self._validation = _validate.ValidationState()

@@ -316,9 +316,11 @@ def fit(
         if loss is not None:
             raise ValueError("give either loss or kl_weight/free_bits, not both")
         loss = KLControlledELBO(1.0 if kl_weight is None else kl_weight, free_bits)
-    info = _inspect(model, args, kwargs)
+    # (an ExactEStep's own view of the model: obs_mask's missing events integrated out)
+    seen = guide.model if exact else model
+    info = _inspect(seen, args, kwargs)
     # bad data, params or shapes: a clear error before any work (pyro_emvae.validate)
-    validate_fit_inputs(model, args, kwargs, info.trace, exact=exact)
+    validate_fit_inputs(seen, args, kwargs, info.trace, exact=exact)
     if n_data is None:
         n_data = info.n_data
 

@@ -146,7 +146,7 @@ def summarize_site(fn, value, weight, stats: Stats, stage: int, current) -> bool
                 weight = weight.unsqueeze(-1)
             fn = fn.base_dist
         elif isinstance(fn, MaskedDistribution):
-            mask = fn._mask
+            mask = torch.as_tensor(fn._mask, device=weight.device)  # (a bool mask too)
             for _ in range(fn.event_dim):
                 mask = mask.unsqueeze(-1)
             weight = weight * mask

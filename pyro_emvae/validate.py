@@ -15,8 +15,6 @@ NaN distribution arguments, e.g. from a NaN        :class:`ModelInputError`
 covariate (:func:`check_distributions`)
 value shapes that disagree with the plates or the  :class:`ModelInputError`
 event shape (:func:`check_shapes`)
-``obs_mask=`` under ExactEStep                     :class:`~pyro_emvae.estep.EnumerationError`
-(:func:`check_obs_mask`)
 a dependence longer than a ``pyro.markov`` window  :class:`~pyro_emvae.estep.EnumerationError`
 (:func:`check_markov`)
 an enumeration larger than memory                  :class:`~pyro_emvae.estep.EnumerationError`
@@ -74,7 +72,6 @@ __all__ = [
     "check_distributions",
     "check_enumeration_memory",
     "check_markov",
-    "check_obs_mask",
     "check_observed",
     "check_params",
     "check_precision",
@@ -349,8 +346,8 @@ def _missing_data_advice(exact: bool) -> str:
     )
     if exact:
         return (
-            f"For missing values, {mask_way}. (Pyro's obs_mask= adds a continuous latent site "
-            "for the missing entries, which ExactEStep cannot enumerate.)"
+            f"For missing values, use Pyro's obs_mask= (under ExactEStep the missing events "
+            f"drop out exactly, whatever their values), or {mask_way}."
         )
     return (
         f"For missing values, {mask_way}; or use Pyro's obs_mask= (its '<name>_unobserved' "
@@ -515,29 +512,6 @@ def _check_plate_dims(where, lp_shape, vshape, fn, frames, depth) -> None:
 
 
 # ----------------------------------------------------------------------------------- obs_mask
-def check_obs_mask(trace) -> None:
-    """``pyro.sample(name, fn, obs=x, obs_mask=m)`` splits into an observed site
-    ``name_observed`` and a continuous latent ``name_unobserved``; ExactEStep cannot enumerate
-    the latter. Raise an EnumerationError that points to the supported way (a mask on the
-    log-prob, with finite fill values), instead of the generic continuous-latent message."""
-    for name, site in trace.nodes.items():
-        if not _is_sample(site) or site["is_observed"] or not name.endswith("_unobserved"):
-            continue
-        base = name[: -len("_unobserved")]
-        sibling = trace.nodes.get(base + "_observed")
-        if sibling is None or not sibling["is_observed"]:
-            continue
-        raise _enumeration_error(
-            f"site '{base}' uses obs_mask=: Pyro splits it into the observed site "
-            f"'{base}_observed' and a continuous latent site '{name}' holding the masked "
-            "entries, which ExactEStep cannot enumerate. Mask the log-prob instead (the masked "
-            "entries then drop out of log p(x) exactly): fill them with any finite value and "
-            f"write pyro.sample('{base}', dist.Normal(loc, scale).mask(observed).to_event(1), "
-            f"obs=filled) for single entries, or `with poutine.mask(mask=observed_rows): "
-            f"pyro.sample('{base}', ..., obs=filled)` for whole rows."
-        )
-
-
 # ----------------------------------------------------------------------------------- memory
 def available_memory(device: torch.device | None = None) -> int | None:
     """Bytes that can still be allocated: free CUDA memory for a CUDA device; else
@@ -1102,7 +1076,6 @@ def validate_estep_trace(
     check_params(trace)
     check_distributions(trace)
     check_shapes(trace, max_plate_nesting)
-    check_obs_mask(trace)
     check_enumeration_memory(trace, max_plate_nesting)
     if not state.same_shapes(shapes):
         check_markov(model, args, kwargs, max_plate_nesting, trace=trace)

@@ -475,12 +475,6 @@ CASES = [
     ),
     # enumeration
     Case(
-        "obs-mask",
-        lambda: (obs_mask_gmm, (torch.randn(6, 2), torch.tensor([1, 1, 0, 1, 0, 1]).bool())),
-        EnumerationError,
-        ["site 'x' uses obs_mask=", "'x_unobserved'", ".mask(observed)", "poutine.mask"],
-    ),
-    Case(
         "continuous-latent",
         lambda: (continuous_latent, (torch.randn(5),)),
         EnumerationError,
@@ -887,3 +881,29 @@ def test_masked_missing_data_fit_is_monotone() -> None:
     result = fit(model, ExactEStep(model), x, mask, max_iter=15, tol=0)
     ll = result.history["log_likelihood"]
     assert all(b >= a - 1e-9 * abs(a) for a, b in itertools.pairwise(ll))
+
+
+def test_obs_mask_missing_events_drop_out_exactly():
+    """obs_mask= under ExactEStep: the missing rows (NaN here) contribute nothing to log p(x)
+    (brute force over the observed rows), their posterior is the prior, and EM converges to
+    the fit on the observed rows alone."""
+    x = torch.cat([torch.randn(40, 2) - 2, torch.randn(40, 2) + 2])
+    mask = torch.rand(80, generator=torch.Generator().manual_seed(0)) > 0.3
+    filled = x.clone()
+    filled[~mask] = float("nan")
+    guide = ExactEStep(obs_mask_gmm)
+    post = guide.posterior(filled, mask)
+    w = torch.ones(2) / 2
+    locs = pyro.param("locs").detach()
+    brute = torch.logsumexp(
+        w.log() + dist.Normal(locs, 1.0).to_event(1).log_prob(x[mask][:, None]), -1
+    )
+    assert torch.allclose(post.log_likelihood, brute.sum(), atol=1e-10)
+    assert torch.allclose(post.marginals["z"][~mask], w.expand(int((~mask).sum()), -1))
+    result = fit(obs_mask_gmm, guide, filled, mask, max_iter=400, tol=1e-12)
+    masked_params = dict(result.params)
+    pyro.clear_param_store()
+    alone = fit(obs_mask_gmm, ExactEStep(obs_mask_gmm), x[mask], None, max_iter=400, tol=1e-12)
+    assert abs(result.log_likelihood - alone.log_likelihood) < 1e-6
+    for name, value in alone.params.items():
+        assert torch.allclose(masked_params[name], value, atol=1e-5), name
