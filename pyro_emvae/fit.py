@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
@@ -86,6 +87,7 @@ class FitResult:
     info: dict[str, Any] = field(default_factory=dict)
     closed_form: list[str] = field(default_factory=list)
     gradient: list[str] = field(default_factory=list)
+    constraints: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def objective(self) -> float:
@@ -95,6 +97,52 @@ class FitResult:
     def per_datum(self) -> float:
         """The final objective divided by ``n_data`` (nats per datum)."""
         return self.objective / self.n_data
+
+    def n_parameters(self) -> int:
+        """Free parameters of the fitted params, counted from their shapes and constraints: a
+        simplex of K entries has K - 1, a D x D Cholesky factor or covariance D(D+1)/2, a
+        correlation Cholesky factor D(D-1)/2, anything else (real, positive, an interval) one
+        per entry. For an EM fit these are the model's params; for SVI they include the
+        guide's."""
+        return sum(_free_parameters(v, self.constraints.get(k)) for k, v in self.params.items())
+
+    def aic(self) -> float:
+        """Akaike's criterion :math:`-2 \\log p(x) + 2k` (lower is better); needs the exact
+        log-likelihood (an ExactEStep fit)."""
+        return -2.0 * self._exact("aic") + 2.0 * self.n_parameters()
+
+    def bic(self) -> float:
+        """The Bayesian information criterion :math:`-2 \\log p(x) + k \\log n` with
+        ``n = n_data`` (as scikit-learn's ``GaussianMixture.bic``; lower is better)."""
+        return -2.0 * self._exact("bic") + self.n_parameters() * math.log(self.n_data)
+
+    def _exact(self, what: str) -> float:
+        if self.log_likelihood is None:
+            raise ValueError(
+                f"{what}() needs the exact log-likelihood of an ExactEStep fit; this {self.algorithm}"
+                " fit has an ELBO only (use log_marginal for an estimate)"
+            )
+        return self.log_likelihood
+
+    def plot(self, ax=None, *, time: bool = False):
+        """The history: the objective per datum against iterations (or seconds, ``time=True``).
+        Returns the matplotlib Axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 4))
+        key = "log_likelihood" if "log_likelihood" in self.history else "elbo"
+        values = [v / self.n_data for v in self.history[key]]
+        xs = self.history["time"] if time else list(range(len(values)))
+        label = "exact log p(x)" if key == "log_likelihood" else "ELBO estimate"
+        ax.plot(xs, values, label=f"{self.algorithm}: {label}")
+        ax.set(
+            xlabel="seconds" if time else "iteration",
+            ylabel="nats per datum",
+            title=f"{self.algorithm} fit, {'converged' if self.converged else 'not converged'}",
+        )
+        ax.legend()
+        return ax
 
     def __repr__(self) -> str:
         name = "log_likelihood" if self.log_likelihood is not None else "elbo"
@@ -187,6 +235,34 @@ def _restore(snap: dict[str, torch.Tensor]) -> None:
 def _constrained(names: list[str]) -> dict[str, torch.Tensor]:
     store = pyro.get_param_store()
     return {n: store[n].detach().clone() for n in names if n in store}
+
+
+def _constraints_of(names: list[str]) -> dict[str, Any]:
+    store = pyro.get_param_store()
+    return {n: store._constraints[n] for n in names if n in store}
+
+
+def _free_parameters(value: torch.Tensor, constraint) -> int:
+    """Free parameters of one param: see :meth:`FitResult.n_parameters`."""
+    while isinstance(constraint, dist.constraints.independent):
+        constraint = constraint.base_constraint
+    shape = value.shape
+    if isinstance(constraint, type(dist.constraints.simplex)):
+        return shape[:-1].numel() * (shape[-1] - 1)
+    if isinstance(
+        constraint,
+        (
+            type(dist.constraints.lower_cholesky),
+            type(dist.constraints.positive_definite),
+            type(dist.constraints.positive_semidefinite),
+        ),
+    ):
+        d = shape[-1]
+        return shape[:-2].numel() * d * (d + 1) // 2
+    if isinstance(constraint, type(dist.constraints.corr_cholesky)):
+        d = shape[-1]
+        return shape[:-2].numel() * d * (d - 1) // 2
+    return value.numel()
 
 
 def fit(
@@ -566,6 +642,7 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
     if recoveries:
         info = {**info, "recoveries": recoveries}
     return FitResult(
+        constraints=_constraints_of(names),
         params=_constrained(names),
         log_likelihood=final,
         elbo=final,
@@ -756,6 +833,7 @@ def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
         )
     names = list(pyro.get_param_store().keys())
     return FitResult(
+        constraints=_constraints_of(names),
         params=_constrained(names),
         log_likelihood=None,
         elbo=final,

@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -736,3 +737,46 @@ def test_svi_stops_before_a_non_finite_step_moves_the_params():
         dist.Normal.log_prob = real
     # the params are those after iteration 3
     assert float(pyro.param("loc")) == seen[-1] and len(seen) == 3
+
+
+@pytest.mark.parametrize("cov", ["full", "diag", "tied", "spherical"])
+def test_aic_bic_count_free_parameters_as_scikit_learn(cov):
+    from sklearn.mixture import GaussianMixture
+    from sklearn.mixture._gaussian_mixture import _compute_precision_cholesky
+
+    from models import gmm
+
+    x, _ = gmm.sample_gmm(300, 3, 2, seed=0)
+    model = gmm.make_gmm_model(3, cov, init=gmm.init_params(x, 3, cov, seed=1))
+    result = fit(model, ExactEStep(model), x, max_iter=30, tol=0)
+    p = {k: v.numpy() for k, v in result.params.items()}
+    if cov in ("full", "tied"):
+        covariances = p["scale_tril"] @ np.swapaxes(p["scale_tril"], -1, -2)
+    else:
+        covariances = p["scales"] ** 2
+    sk = GaussianMixture(3, covariance_type=cov)
+    sk.weights_, sk.means_, sk.covariances_ = p["weights"], p["locs"], covariances
+    sk.precisions_cholesky_ = _compute_precision_cholesky(covariances, cov)
+    assert result.n_parameters() == sk._n_parameters()
+    assert result.bic() == pytest.approx(sk.bic(x.numpy()), rel=1e-10)
+    assert result.aic() == pytest.approx(sk.aic(x.numpy()), rel=1e-10)
+
+
+def test_aic_needs_an_exact_log_likelihood_and_plot_draws_the_history():
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+    def model(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    result = fit(model, lambda x: None, torch.randn(10), max_iter=5, tol=0)
+    with pytest.raises(ValueError, match="exact log-likelihood"):
+        result.aic()
+    ax = result.plot()
+    line = ax.get_lines()[0]
+    assert list(line.get_ydata()) == pytest.approx([v / 10 for v in result.history["elbo"]])
+    assert ax.get_xlabel() == "iteration"
+    assert result.plot(time=True).get_xlabel() == "seconds"
