@@ -26,7 +26,7 @@ import copy
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pyro
@@ -47,16 +47,36 @@ FAMILIES = ("diagonal", "lowrank", "full")
 
 
 # ---------------------------------------------------------------------------- model structure
+def rng_state() -> dict:
+    """Pyro's RNG state (torch CPU, Python, NumPy) and, once CUDA is in use, every GPU's."""
+    state = get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng(state: dict) -> None:
+    set_rng_state({k: v for k, v in state.items() if k != "cuda"})
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def preserved_rng():
+    """Run a block and put every RNG back as it was (CUDA's included)."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng(state)
+
+
 def prototype_trace(model: Callable, args: tuple, kwargs: dict):
     """One trace of the model with every latent drawn from its prior (nothing enumerated).
     The RNG state is restored afterwards, so that looking at a model's structure does not
     change the draws that follow."""
-    state = get_rng_state()
-    try:
-        with poutine.block(), torch.no_grad():
-            return poutine.trace(model).get_trace(*args, **kwargs)
-    finally:
-        set_rng_state(state)
+    with preserved_rng(), poutine.block(), torch.no_grad():
+        return poutine.trace(model).get_trace(*args, **kwargs)
 
 
 def is_discrete(site: dict) -> bool:
@@ -184,7 +204,8 @@ class _Inputs:
     def __call__(self, indices: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         if self.user is not None:
             full = self.user(*args, **kwargs)
-            return full.index_select(0, indices.to(full.device))
+            picked = full.index_select(0, indices.to(full.device))
+            return picked if picked.dim() > 1 else picked.unsqueeze(-1)
         parts = []
         for key, d, classes in self.located:
             a = args[key] if isinstance(key, int) else kwargs[key]
@@ -193,7 +214,8 @@ class _Inputs:
                 part = nn.functional.one_hot(part.long(), classes)
             parts.append(part)
         if len(parts) == 1 and self.located[0][2] is None:
-            return parts[0]
+            # one site: the datum as it is (an image stays an image); a scalar gets a dim
+            return parts[0] if parts[0].dim() > 1 else parts[0].unsqueeze(-1)
         dtype = torch.get_default_dtype()
         return torch.cat([p.reshape(p.shape[0], -1).to(dtype) for p in parts], -1)
 
@@ -339,7 +361,8 @@ class AmortizedGuide(nn.Module):
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        self.model = model
+        # kept off the nn.Module: a PyroModule model must not become a submodule of the guide
+        object.__setattr__(self, "model", model)
         self.hidden = tuple(hidden)
         self.family = family
         self.rank = rank
@@ -565,10 +588,12 @@ class AmortizedGuide(nn.Module):
                 }
                 for site in g["sites"]
             }
+        encoder = self.encoders[_key(g["frame"].name)]
         x = g["inputs"](indices, args, kwargs)
-        if not torch.is_floating_point(x):
-            x = x.to(torch.get_default_dtype())
-        return self.encoders[_key(g["frame"].name)](x)
+        weight = next(encoder.parameters(), None)
+        if weight is not None and (x.dtype != weight.dtype or x.device != weight.device):
+            x = x.to(weight)  # data in another dtype than the encoder's (float32 rows, say)
+        return encoder(x)
 
     def distribution(self, site: dict, params: dict, batch: int, frame=None):
         """q for one site from its head's outputs, laid out like the site's value: the data
@@ -653,7 +678,8 @@ class AmortizedGuide(nn.Module):
         if model is self.model:
             return self
         new = copy.copy(self)
-        new.model = model
+        new.__dict__ = dict(self.__dict__)  # its own attributes; the encoders are shared
+        object.__setattr__(new, "model", model)
         new._size_cache = {}
         return new
 

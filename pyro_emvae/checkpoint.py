@@ -106,3 +106,10 @@ def restore_params(saved: dict[str, torch.Tensor], constraints: dict[str, Any]) 
             else:  # not (yet) created by the model: put it in the store as saved
                 constraint = constraints[name]
                 store.setdefault(name, biject_to(constraint)(value), constraint)
+
+
+def load_optim_state(optim, state: dict) -> None:
+    """Give a ``pyro.optim`` optimizer a saved ``get_state()``: its per-param optimizers are
+    made again from it (``set_state`` alone only reaches optimizers not made yet)."""
+    optim.optim_objs.clear()
+    optim.set_state(state)

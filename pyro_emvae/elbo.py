@@ -20,7 +20,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
-from pyro_emvae.amortized import find_data_plate, frames_of, prototype_trace, to_front
+from pyro_emvae.amortized import _signature, find_data_plate, frames_of, prototype_trace, to_front
 
 __all__ = ["KLControlledELBO", "linear_warmup"]
 
@@ -75,8 +75,8 @@ class KLControlledELBO:
         self.last_elbo: float | None = None
         self.last_kl: float | None = None
         self.beta: float = 1.0
-        self._structure: tuple | None = None
-        self._setup = None
+        self._structure: dict = {}  # argument signature -> (enumerates, data plate frame)
+        self._setup: dict = {}  # argument signature -> evaluate's plan (enumerated path)
 
     def _weight(self) -> float:
         beta = self.kl_weight(self.step) if callable(self.kl_weight) else self.kl_weight
@@ -86,14 +86,17 @@ class KLControlledELBO:
         return beta
 
     def __call__(self, model, guide, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._structure is None:
+        key = _signature(args, kwargs)  # plate sizes follow the data: held-out data too
+        if key not in self._structure:
+            if len(self._structure) >= 16:
+                self._structure.pop(next(iter(self._structure)))
             tr = prototype_trace(model, args, kwargs)
             enumerates = any(
                 s["type"] == "sample" and s["infer"].get("enumerate") == "parallel"
                 for s in tr.nodes.values()
             )
-            self._structure = (enumerates, find_data_plate(tr))
-        enumerates, frame = self._structure
+            self._structure[key] = (enumerates, find_data_plate(tr))
+        enumerates, frame = self._structure[key]
         self.beta = beta = self._weight()
         self.step += 1
         if enumerates:
@@ -169,15 +172,50 @@ class KLControlledELBO:
     def _enumerated(self, model, guide, frame, beta, args, kwargs) -> torch.Tensor:
         from pyro_emvae.evaluate import _plan, _weights
 
-        if self._setup is None:
-            self._setup = _plan(model, guide, args, kwargs, None, None)
-            self._setup.fixed = {}  # training: global latents are drawn, their KL counted
-        setup = self._setup
-        out = _weights(model, guide, args, kwargs, setup, self.num_particles, None, True)
-        # the data plate's subsample scale (Pyro's plate scale N / B) on per-datum terms
-        scale = (frame.full_size or frame.size) / frame.size if frame is not None else 1.0
-        rec = scale * (out.log_w - out.kl_term).sum(-1) + out.global_rec
-        kl = -scale * out.kl_term.sum(-1) + out.global_kl
+        key = _signature(args, kwargs)
+        if key not in self._setup:
+            if len(self._setup) >= 16:
+                self._setup.pop(next(iter(self._setup)))
+            setup = _plan(model, guide, args, kwargs, None, None)
+            setup.fixed = {}  # training: global latents are drawn, their KL counted
+            self._setup[key] = setup
+        out = _weights(model, guide, args, kwargs, self._setup[key], self.num_particles, None, True)
+        for name, site in out.guide_tr.nodes.items():
+            if site["type"] == "sample" and not site["is_observed"] and not site["fn"].has_rsample:
+                raise ValueError(
+                    f"guide site '{name}' is not reparameterized; KLControlledELBO uses "
+                    "pathwise gradients only"
+                )
+        # per-datum terms were summed unscaled: apply the model's and the guide's common
+        # scales (the plate's N / B times any poutine.scale), outside the sum over enumerated
+        # values as Pyro does
+        s_model = _common_scale(out.model_tr, frame, "model")
+        s_guide = _common_scale(out.guide_tr, frame, "guide")
+        log_pxz, log_pz = out.log_w + out.log_q, out.kl_term + out.log_q
+        rec = s_model * (log_pxz - log_pz).sum(-1) + out.global_rec
+        kl = (s_guide * out.log_q - s_model * log_pz).sum(-1) + out.global_kl
         self.last_elbo = float((rec - kl).mean().detach())
         self.last_kl = float(kl.mean().detach())
         return -(rec - beta * kl).mean()
+
+
+def _common_scale(tr, frame, which: str) -> float:
+    """The one scale of the ``which`` trace's sites in the data plate (``TraceEnum_ELBO``
+    asks the same of the sites an enumerated site touches); sites outside it must not be
+    scaled (their terms are added unscaled)."""
+    scales, outside = set(), set()
+    for name, site in tr.nodes.items():
+        if site["type"] != "sample":
+            continue
+        value = float(site["scale"])
+        if frame is None or frame in frames_of(site):
+            scales.add(value)
+        elif value != 1.0:
+            outside.add(name)
+    if len(scales) > 1 or outside:
+        raise ValueError(
+            f"kl_weight on a model that enumerates needs one common poutine.scale on the "
+            f"{which}'s sites in the data plate (found {sorted(scales)}) and none outside it "
+            f"(scaled: {sorted(outside)})"
+        )
+    return scales.pop() if scales else 1.0

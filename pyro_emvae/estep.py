@@ -388,8 +388,9 @@ class ExactEStep:
         tr = prune_subsample_sites(tr)
         tr._subsample_sites = subsample_sites
         # input checks, before any log-prob: once per set of arguments (see validate.py)
-        state = self.__dict__.setdefault("_validation", _validate.ValidationState())
-        checked = _validate.validate_estep_trace(state, self.model, args, kwargs, tr, depth)
+        checked = _validate.validate_estep_trace(
+            self._validation, self.model, args, kwargs, tr, depth
+        )
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
                 continue
@@ -420,7 +421,7 @@ class ExactEStep:
                     check_site_shape(site, depth)
         if checked is not None:
             _validate.check_precision(tr, depth)
-            state.remember(*checked)
+            self._validation.remember(*checked)
         tr.pack_tensors()
         return tr
 

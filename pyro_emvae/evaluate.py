@@ -42,6 +42,7 @@ from pyro_emvae.amortized import (
     find_data_plate,
     frames_of,
     latent_sites,
+    preserved_rng,
     prototype_trace,
 )
 
@@ -176,12 +177,22 @@ def _global_point(guide, tr, frame, args, kwargs) -> dict[str, torch.Tensor]:
     if not names:
         return {}
     inner = guide.global_guide if isinstance(guide, AmortizedGuide) else guide
-    with torch.no_grad(), poutine.block():
+    with torch.no_grad(), poutine.block(), preserved_rng():
         if isinstance(inner, AutoGuide):
             point = inner.median(*args, **kwargs)
-        else:
+        else:  # a guide of the user's: the median of each global site's q (else its mean)
             gtr = poutine.trace(guide).get_trace(*args, **kwargs)
-            point = {n: gtr.nodes[n]["value"] for n in names if n in gtr.nodes}
+            point = {}
+            for n in names:
+                if n in gtr.nodes:
+                    fn = gtr.nodes[n]["fn"]
+                    try:
+                        point[n] = fn.median
+                    except (AttributeError, NotImplementedError):
+                        try:
+                            point[n] = fn.mean
+                        except NotImplementedError:
+                            point[n] = gtr.nodes[n]["value"]
     return {n: point[n].detach() for n in names if n in point}
 
 
@@ -210,6 +221,7 @@ class _Pass(NamedTuple):
     model_tr: Any
     global_rec: torch.Tensor
     global_kl: torch.Tensor
+    log_q: torch.Tensor  # (n, B): log q(z) per datum
 
 
 def _reduce(lp: torch.Tensor, symbols: list[str], sizes: list[int]) -> torch.Tensor:
@@ -258,7 +270,12 @@ def _weights(model, guide, args, kwargs, setup: _Setup, n: int, indices, want_kl
     }
     joint: OrderedDict = OrderedDict()
     prior: OrderedDict = OrderedDict()
-    global_rec, global_kl = torch.zeros(n), torch.zeros(n)
+    like = next(  # a traced value: new tensors go on its device, in its dtype
+        s["value"]
+        for s in model_tr.nodes.values()
+        if s["type"] == "sample" and torch.is_tensor(s["value"]) and s["value"].is_floating_point()
+    )
+    global_rec, global_kl = like.new_zeros(n), like.new_zeros(n)
     for name, site in model_tr.nodes.items():
         if site["type"] != "sample" or name in setup.fixed:
             continue
@@ -275,7 +292,7 @@ def _weights(model, guide, args, kwargs, setup: _Setup, n: int, indices, want_kl
         joint.setdefault(ordinal, []).append(lp)
         if not site["is_observed"]:
             prior.setdefault(ordinal, []).append(lp)
-    log_q = torch.zeros(sizes)
+    log_q = like.new_zeros(sizes)
     for name, site in guide_tr.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or name in setup.fixed:
             continue
@@ -304,7 +321,7 @@ def _weights(model, guide, args, kwargs, setup: _Setup, n: int, indices, want_kl
             kl_term = _as_target(log_pz, symbols, sizes) - log_q
         else:
             kl_term = -log_q
-    return _Pass(log_w, kl_term, guide_tr, model_tr, global_rec, global_kl)
+    return _Pass(log_w, kl_term, guide_tr, model_tr, global_rec, global_kl, log_q)
 
 
 def _chunks(num_samples: int, chunk_size: int | None) -> list[int]:
@@ -512,8 +529,15 @@ def diagnostics(
         >>> d.active_units["z"]
         1
     """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     guide = _matched(model, guide)
     setup = _plan(model, guide, args, kwargs, data_plate, None)
+    if setup.n_data < 2:
+        raise ValueError(
+            f"diagnostics need at least 2 data (active units are a variance over the data), "
+            f"got {setup.n_data}"
+        )
     log_ws, kls, elem_kl, means = [], [], {}, {}
     notes: list[str] = []
     with torch.no_grad():
@@ -522,7 +546,7 @@ def diagnostics(
             sums: dict[str, torch.Tensor] = {}
             mean_sums: dict[str, torch.Tensor] = {}
             for n in _chunks(num_samples, chunk_size):
-                log_w, kl_term, gtr, mtr, _, _ = _weights(
+                log_w, kl_term, gtr, mtr, _, _, _ = _weights(
                     model, guide, args, kwargs, setup, n, indices, True
                 )
                 w_parts.append(log_w)
@@ -663,6 +687,10 @@ def amortization_gap(
         raise TypeError(f"amortization_gap needs an AmortizedGuide, got {type(guide).__name__}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if num_particles < 1 or num_samples < 1:
+        raise ValueError(
+            f"num_particles and num_samples must be >= 1, got {num_particles}, {num_samples}"
+        )
     guide = _matched(model, guide)
     setup = _plan(model, guide, args, kwargs, None, None)
     with torch.no_grad():

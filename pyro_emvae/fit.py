@@ -31,14 +31,20 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.optim import PyroOptim
-from pyro.util import get_rng_state, set_rng_state
 
-from pyro_emvae.checkpoint import Checkpoint, param_state, register, restore_params
+from pyro_emvae.amortized import rng_state, set_rng
+from pyro_emvae.checkpoint import (
+    Checkpoint,
+    load_optim_state,
+    param_state,
+    register,
+    restore_params,
+)
 from pyro_emvae.elbo import KLControlledELBO
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.init import STRATEGIES, init_potentials
 from pyro_emvae.optim import EMOptim, GradientMStep
-from pyro_emvae.validate import explain_model_errors, validate_fit_inputs
+from pyro_emvae.validate import explain_model_errors, observed_count, validate_fit_inputs
 
 __all__ = ["ConvergenceWarning", "FitResult", "fit"]
 
@@ -172,17 +178,11 @@ def _inspect(model: Callable, args: tuple, kwargs: dict) -> _ModelInfo:
     tracer = poutine.trace(model)
     with poutine.block(), torch.no_grad(), explain_model_errors(tracer):
         tr = tracer.get_trace(*args, **kwargs)
-    total, enumerates = 0, False
-    for site in tr.nodes.values():
-        if site["type"] != "sample":
-            continue
-        enumerates |= site["infer"].get("enumerate") == "parallel"
-        if not site["is_observed"]:
-            continue
-        cells = math.prod(f.full_size or f.size for f in site["cond_indep_stack"] if f.vectorized)
-        if isinstance(site["fn"], pyro.distributions.DiscreteHMM):
-            cells *= site["value"].shape[-1 - site["fn"].observation_dist.event_dim]
-        total += cells
+    enumerates = any(
+        s["type"] == "sample" and s["infer"].get("enumerate") == "parallel"
+        for s in tr.nodes.values()
+    )
+    total = observed_count(tr)
     params = [n for n, s in tr.nodes.items() if s["type"] == "param"]
     return _ModelInfo(params, max(total, 1), enumerates, tr)
 
@@ -218,6 +218,7 @@ class _Loop:
     resume: dict | None = None  # the checkpoint this run goes on from
     outer: Callable[[], dict] = dict  # the restarts' state, saved with each checkpoint
     recover: bool = False
+    recoveries: list = field(default_factory=list)
 
 
 def _snapshot(names: list[str]) -> dict[str, torch.Tensor]:
@@ -411,6 +412,7 @@ def fit(
         }
         ckpt = Checkpoint(checkpoint, checkpoint_every, fingerprint)
         state = ckpt.load()
+    reg_covar = getattr(mstep, "reg_covar", None) if recover else None
     best: FitResult | None = state["best"] if state else None
     best_snapshot: dict[str, torch.Tensor] = state["best_snapshot"] if state else {}
     finals: list[float] = list(state["finals"]) if state else []
@@ -420,8 +422,16 @@ def fit(
 
     for run in range(state["run"] if state else 0, n_init):
         resume = state if state is not None and run == state["run"] else None
+        if reg_covar is not None:
+            mstep.reg_covar = reg_covar  # recover=True may have raised it in the last run
         if resume is None or resume["n_done"] is None:
-            _start_run(run, seed, exact, mstep, optim, init, info, guide, args, kwargs)
+            try:
+                _start_run(run, seed, exact, mstep, optim, init, info, guide, args, kwargs)
+            except KeyboardInterrupt:
+                if best is None:
+                    raise  # nothing finished to return
+                best.interrupted = True
+                break
         loop = _Loop(
             max_iter,
             tol,
@@ -454,6 +464,8 @@ def fit(
     if n_init > 1:
         _restore(best_snapshot)
         best.restarts = finals
+    if reg_covar is not None:
+        mstep.reg_covar = reg_covar  # the user's EMOptim as it was given
     return best
 
 
@@ -492,6 +504,7 @@ def _save(loop: _Loop, n_done: int, history: dict, optimizer: Any, rng: Any) -> 
             "constraints": constraints,
             "optimizer": getter() if getter is not None else None,
             "rng": rng,
+            "recoveries": list(loop.recoveries),
             **loop.outer(),
         }
     )
@@ -509,10 +522,9 @@ def _resume(loop: _Loop, model, guide, optimizer, args, kwargs) -> tuple[int, di
     if state["optimizer"] is not None:
         if hasattr(optimizer, "load_state_dict"):
             optimizer.load_state_dict(state["optimizer"])
-        else:  # a pyro.optim optimizer: its per-param optimizers are re-made from the state
-            optimizer.optim_objs.clear()
-            optimizer.set_state(state["optimizer"])
-    set_rng_state(state["rng"])
+        else:  # a pyro.optim optimizer
+            load_optim_state(optimizer, state["optimizer"])
+    set_rng(state["rng"])
     return state["n_done"], {k: list(v) for k, v in state["history"].items()}
 
 
@@ -563,8 +575,11 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
     start = time.perf_counter() - (history["time"][-1] if history["time"] else 0.0)
     snap = _snapshot(names)  # params of the last iteration whose log-likelihood was finite
     post: Posterior | None = None
-    rng = get_rng_state() if loop.ckpt is not None else None
-    recoveries: list[dict[str, Any]] = []
+    rng = rng_state() if loop.ckpt is not None else None
+    recoveries: list[dict[str, Any]] = (
+        list(loop.resume.get("recoveries", [])) if loop.resume else []
+    )
+    loop.recoveries = recoveries
     bar = _bar(loop.progress, max_iter, "EM" if loop.n_init == 1 else f"EM run {loop.run}")
     bar.update(n_done)
     try:
@@ -604,7 +619,7 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
             in_mstep = False
             n_done += 1
             if loop.ckpt is not None:
-                rng = get_rng_state()
+                rng = rng_state()
                 if loop.ckpt.due(n_done) or n_done == max_iter:
                     _save(loop, n_done, history, mstep, rng)
             bar.update()
@@ -619,8 +634,9 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
         interrupted = True
         if in_mstep:  # a partial M-step is undone: params are those of the last iteration
             _restore(snap)
-        if loop.ckpt is not None:
-            # the history of the completed iterations: one log-likelihood each
+        # a checkpoint of the completed iterations; not from inside an M-step, whose
+        # optimizer state (Adam's moments, the guard) has moved: the last periodic one stands
+        if loop.ckpt is not None and not in_mstep:
             _save(loop, n_done, {k: v[:n_done] for k, v in history.items()}, mstep, rng)
     finally:
         bar.close()
@@ -718,39 +734,41 @@ _WINDOW = 20
 
 
 @contextmanager
-def _atomic_update():
-    """Defer Ctrl-C while the optimizer writes the params, so that an interrupted fit never
-    holds half-updated params (only possible in the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _deferred_interrupt():
+    """Defer Ctrl-C while the optimizer writes the params: the yielded list records it, and
+    the loop raises KeyboardInterrupt once the step is recorded (history, checkpoint), so an
+    interrupted fit never holds half-updated or unrecorded params (main thread only)."""
     caught: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
     previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
     try:
-        yield
+        yield caught
     finally:
         signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
 
 
-def _svi_step(svi: SVI, args: tuple, kwargs: dict, it: int) -> float:
+def _svi_step(svi: SVI, args: tuple, kwargs: dict, it: int) -> tuple[float, bool]:
     """``SVI.step``, except that a non-finite loss or gradient is caught *before* the
     optimizer moves the params (so nothing needs to be rolled back, and no copy of the params
-    is kept per step), and that the update itself is not cut by Ctrl-C."""
-    with poutine.trace(param_only=True) as capture:
-        loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
+    is kept per step), and that a Ctrl-C during the update is deferred: returns the loss and
+    whether one came."""
+    try:
+        with poutine.trace(param_only=True) as capture:
+            loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
+    except KeyboardInterrupt:  # before the update: the step did not happen, its grads go
+        store = pyro.get_param_store()
+        pyro.infer.util.zero_grads({store.get_param(n).unconstrained() for n in store})
+        raise
     params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
     value = float(loss)
-    if not math.isfinite(value) or any(
-        p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params
-    ):
-        store = pyro.get_param_store()
-        bad = sorted(
-            store.param_name(p)
-            for p in params
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-        )
+    bad = sorted(
+        pyro.get_param_store().param_name(p)
+        for p in params
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+    )
+    if not math.isfinite(value) or bad:
         pyro.infer.util.zero_grads(params)
         what = (
             f"the ELBO became {-value}"
@@ -762,10 +780,10 @@ def _svi_step(svi: SVI, args: tuple, kwargs: dict, it: int) -> float:
             f"iteration {it - 1}. Check the data for extreme values, lower the learning rate, "
             "or bound the guide's scales."
         )
-    with _atomic_update():
+    with _deferred_interrupt() as caught:
         svi.optim(params)
-    pyro.infer.util.zero_grads(params)
-    return value
+        pyro.infer.util.zero_grads(params)
+    return value, bool(caught)
 
 
 def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
@@ -785,23 +803,26 @@ def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
         loss.step = done
     start = time.perf_counter() - (history["time"][-1] if history["time"] else 0.0)
     it = done
-    rng = get_rng_state() if loop.ckpt is not None else None
+    rng = rng_state() if loop.ckpt is not None else None
     bar = _bar(loop.progress, max_iter, "SVI" if loop.n_init == 1 else f"SVI run {loop.run}")
     bar.update(done)
     try:
         for it in range(done + 1, max_iter + 1):
-            elbo = -_svi_step(svi, args, kwargs, it)
+            loss_value, stop = _svi_step(svi, args, kwargs, it)
+            elbo = -loss_value
             if controlled:  # the plain ELBO, not the weighted objective that was climbed
                 elbo = loss.last_elbo
                 history["kl_weight"].append(loss.beta)
             history["elbo"].append(elbo)
             history["time"].append(time.perf_counter() - start)
             if loop.ckpt is not None:
-                rng = get_rng_state()
+                rng = rng_state()
                 if loop.ckpt.due(it) or it == max_iter:
                     _save(loop, it, history, optim, rng)
             bar.update()
             bar.set_postfix(elbo_per_datum=f"{elbo / n_data:.6g}")
+            if stop:  # a Ctrl-C came during the update: the step is recorded, now stop
+                raise KeyboardInterrupt
             h = history["elbo"]
             if tol > 0 and len(h) >= 2 * _WINDOW and it % _WINDOW == 0:
                 now = sum(h[-_WINDOW:]) / _WINDOW
@@ -815,8 +836,7 @@ def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
     except KeyboardInterrupt:
         interrupted = True  # (optimizer updates defer Ctrl-C: no param is half-updated)
         n = len(history["time"])  # appended last: the steps that completed
-        for values in history.values():
-            del values[n:]
+        _trim(history, n)
         if loop.ckpt is not None and n:
             _save(loop, n, history, optim, rng)
         it = n

@@ -23,6 +23,7 @@ from pyro.optim import PyroOptim
 from pyro.poutine.subsample_messenger import _Subsample
 from torch.distributions import constraints, transform_to
 
+from pyro_emvae.checkpoint import load_optim_state
 from pyro_emvae.estep import ExactEStep, Posterior
 from pyro_emvae.rules import Stats, summarize_site, unhandled_params
 from pyro_emvae.track import IdSpace, Tracked, probe
@@ -112,8 +113,7 @@ class GradientMStep:
         return {"optim": self.optim.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optim.optim_objs.clear()  # per-param optimizers are re-made from the state
-        self.optim.set_state(state["optim"])
+        load_optim_state(self.optim, state["optim"])
 
     def __repr__(self) -> str:
         return f"GradientMStep({type(self.optim).__name__}, steps={self.steps})"
@@ -430,13 +430,18 @@ class EMOptim:
                 "objective": self._prev["objective"],
                 "params": {k: v.detach().clone() for k, v in self._prev["params"].items()},
             }
-        return {"svi_optim": self.svi_optim.get_state(), "prev": prev, "rejected": self.rejected}
+        return {
+            "svi_optim": self.svi_optim.get_state(),
+            "prev": prev,
+            "rejected": self.rejected,
+            "reg_covar": self.reg_covar,  # recover=True may have raised it
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.svi_optim.optim_objs.clear()  # per-param optimizers are re-made from the state
-        self.svi_optim.set_state(state["svi_optim"])
+        load_optim_state(self.svi_optim, state["svi_optim"])
         self._prev = state["prev"]
         self.rejected = list(state["rejected"])
+        self.reg_covar = state.get("reg_covar", self.reg_covar)
 
     def __call__(self, guide: ExactEStep, posterior: Posterior, args: tuple, kwargs: dict):
         plan = self.plan(guide, args, kwargs, posterior.subsample)

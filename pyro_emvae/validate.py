@@ -32,9 +32,9 @@ dims) are re-raised with the same information by :func:`explain_model_errors`.
 set of arguments (:func:`validate_estep_trace`), before any log-prob is computed;
 :func:`validate_fit_inputs` holds the checks for :func:`~pyro_emvae.fit.fit`.
 
-Missing data. ``ExactEStep`` does not accept Pyro's ``obs_mask=`` (it adds a continuous latent
-site ``<name>_unobserved`` for the missing entries). The supported way is to fill the missing
-entries with any finite value and mask their log-prob: per entry,
+Missing data. Under ``ExactEStep``, Pyro's ``obs_mask=`` works: the missing events drop out
+of :math:`\\log p(x)` exactly (see ``estep._IntegrateObsMask``). Or fill the missing entries
+with any finite value and mask their log-prob: per entry,
 ``dist.Normal(loc, scale).mask(observed).to_event(1)`` (the mask has the value's shape, so a
 partially observed row keeps the likelihood of its observed entries), or per row,
 ``with poutine.mask(mask=observed_rows): pyro.sample(...)``. The masked entries then drop out
@@ -80,6 +80,12 @@ __all__ = [
     "validate_estep_trace",
     "validate_fit_inputs",
 ]
+
+
+def _preserved_rng():
+    from pyro_emvae.amortized import preserved_rng  # (amortized imports nothing from here)
+
+    return preserved_rng()
 
 
 class ModelInputError(ValueError):
@@ -296,7 +302,7 @@ def check_observed(trace, *, exact: bool = True) -> None:
     ``0 * nan`` is ``nan``. The support is checked only where the distribution validates its
     arguments (Pyro's validation on, and no ``validate_args=False``). ``exact`` says whether
     the model runs under :class:`~pyro_emvae.estep.ExactEStep` (whose advice on missing data
-    differs: it does not accept ``obs_mask=``).
+    differs: it integrates ``obs_mask=``'s missing events out).
     """
     for name, site in trace.nodes.items():
         if not _is_sample(site) or _is_deterministic(site) or not site["is_observed"]:
@@ -511,7 +517,6 @@ def _check_plate_dims(where, lp_shape, vshape, fn, frames, depth) -> None:
             )
 
 
-# ----------------------------------------------------------------------------------- obs_mask
 # ----------------------------------------------------------------------------------- memory
 def available_memory(device: torch.device | None = None) -> int | None:
     """Bytes that can still be allocated: free CUDA memory for a CUDA device; else
@@ -681,7 +686,7 @@ def check_markov(
         return
     try:
         with (
-            torch.random.fork_rng(devices=[]),
+            _preserved_rng(),
             torch.no_grad(),
             pyro.validation_enabled(False),
             poutine.block(),
@@ -791,18 +796,27 @@ def _warn_precision(what: str, length: int, nats: float, like: torch.Tensor) -> 
 
 
 # ----------------------------------------------------------------------------------- fit
-def _observed_count(trace) -> int:
-    """Observed values as :func:`~pyro_emvae.fit.fit` counts them (plate cells of each observed
-    site, full sizes under subsampling, times T for a DiscreteHMM site)."""
-    total = 0
+def observed_count(trace) -> int:
+    """Observed values as :func:`~pyro_emvae.fit.fit` counts them: the plate cells of each
+    observed site (full sizes under subsampling) that its mask keeps, times T for a
+    DiscreteHMM site; deterministic sites and fully masked sites (obs_mask's missing events
+    under ExactEStep) count nothing."""
+    total = 0.0
     for site in trace.nodes.values():
         if not _is_sample(site) or not site["is_observed"] or _is_deterministic(site):
+            continue
+        mask = site["mask"]
+        if mask is False:
             continue
         cells = math.prod(f.full_size or f.size for f in _plates(site))
         if isinstance(site["fn"], DiscreteHMM):
             cells *= _hmm_duration(site)
+        if torch.is_tensor(mask):  # the share of cells the mask keeps
+            batch = site["fn"].batch_shape
+            kept = torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, batch))
+            cells *= float(kept.float().mean())
         total += cells
-    return total
+    return round(total)
 
 
 def check_components(trace) -> None:
@@ -815,7 +829,7 @@ def check_components(trace) -> None:
     components get no data and their maximum-likelihood estimates degenerate (a zero variance, a
     probability of zero); scikit-learn's mixtures refuse ``n_components > n_samples`` likewise.
     """
-    n = _observed_count(trace)
+    n = observed_count(trace)
     if n == 0:
         return
     for name, site in trace.nodes.items():
@@ -860,7 +874,7 @@ def validate_fit_inputs(
     here, before SVI turns it into a NaN loss), and value shapes that fit the plates
     (:func:`check_shapes`). With an :class:`~pyro_emvae.estep.ExactEStep` guide (``exact``):
     no more components than observed values (:func:`check_components`); the E-step's own
-    checks (``obs_mask``, memory, ``pyro.markov`` windows, float32 chains) run in its first
+    checks (memory, ``pyro.markov`` windows, float32 chains) run in its first
     E-step. For SVI on a model that enumerates: the memory of the enumeration and the
     ``pyro.markov`` windows (one enumerated pass of the model).
     """
@@ -868,7 +882,7 @@ def validate_fit_inputs(
     if trace is None:
         tracer = poutine.trace(model)
         with (
-            torch.random.fork_rng(devices=[]),
+            _preserved_rng(),
             poutine.block(),
             torch.no_grad(),
             explain_model_errors(tracer, max_plate_nesting),
@@ -889,7 +903,7 @@ def validate_fit_inputs(
     ):
         tracer = poutine.trace(poutine.enum(model, first_available_dim=-1 - depth))
         with (
-            torch.random.fork_rng(devices=[]),
+            _preserved_rng(),
             poutine.block(),
             torch.no_grad(),
             explain_model_errors(tracer, depth),
@@ -1062,7 +1076,7 @@ def validate_estep_trace(
     validated before; else the arguments' key, which the caller hands to ``state.remember``
     once :func:`check_precision` has read the log-probs.
 
-    Params, observed values and shapes, ``obs_mask``, the memory of the enumeration and the
+    Params, observed values and shapes, the memory of the enumeration and the
     ``pyro.markov`` windows (the latter, one more model pass, only when the argument shapes
     change). Under subsampling the observed values are checked on every call (each call sees
     another minibatch; a cheap pass over it).

@@ -1,0 +1,299 @@
+"""Regression tests for defects found in a review of the amortized, evaluation, checkpoint and
+validation code: interrupts at every point of a step, data of other sizes and dtypes and
+devices, poutine.scale under enumeration, obs_mask counting, recovery state, with_model."""
+
+import os
+import signal
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+from pyro.optim import PyroOptim
+
+from pyro_emvae import AmortizedGuide, EMOptim, ExactEStep, KLControlledELBO, fit
+from pyro_emvae.evaluate import _plan, _weights
+
+
+def scalar_model(x):
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
+        pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+
+def vector_model(x):
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0).expand([2]).to_event(1))
+        pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 0.5).to_event(1), obs=x)
+
+
+def mixture_model(x):
+    w = pyro.param("w", torch.ones(2) / 2, constraint=dist.constraints.simplex)
+    with pyro.plate("data", len(x)):
+        c = pyro.sample("c", dist.Categorical(w), infer={"enumerate": "parallel"})
+        z = pyro.sample("z", dist.Normal(torch.tensor([[-1.0], [1.0]])[c], 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, 0.5).to_event(1), obs=x)
+
+
+# ------------------------------------------------------------------ evaluate / elbo
+def test_weights_stay_on_the_datas_device():
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(x / 2, x.new_ones(())))
+
+    x = torch.randn(5, device="meta")
+    with pyro.validation_enabled(False):
+        setup = _plan(scalar_model, guide, (x,), {}, None, None)
+        out = _weights(scalar_model, guide, (x,), {}, setup, 3, None, True)
+    assert out.log_w.device.type == "meta" and out.log_w.shape == (3, 5)
+
+
+@pytest.mark.parametrize("kind", ["free_bits", "enumerated"])
+def test_kl_controlled_elbo_reused_on_data_of_another_size(kind):
+    model = vector_model if kind == "free_bits" else mixture_model
+    options = {"free_bits": 0.5} if kind == "free_bits" else {}
+    guide = AmortizedGuide(model, hidden=())
+    a, b = torch.randn(30, 1), torch.randn(20, 1)
+    guide.setup(a)  # (building the encoder draws its initial weights)
+    pyro.set_rng_seed(1)
+    fresh = KLControlledELBO(**options)(model, guide, b)
+    loss = KLControlledELBO(**options)
+    loss(model, guide, a)
+    pyro.set_rng_seed(1)
+    reused = loss(model, guide, b)
+    assert torch.allclose(fresh, reused)
+
+
+def test_kl_controlled_elbo_respects_poutine_scale_when_enumerating():
+    scaled = poutine.scale(mixture_model, scale=0.1)
+    x = torch.randn(6, 1)
+    guide = AmortizedGuide(scaled, hidden=())
+    guide.setup(x)
+    pyro.set_rng_seed(1)
+    ours = KLControlledELBO()(scaled, guide, x)
+    pyro.set_rng_seed(1)
+    theirs = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(scaled, guide, x)
+    assert torch.allclose(ours, theirs)
+
+
+# ------------------------------------------------------------------ AmortizedGuide
+def test_amortized_guide_handles_one_scalar_per_datum():
+    guide = AmortizedGuide(scalar_model, hidden=(4,))
+    assert guide(torch.randn(6))["z"].shape == (6,)
+
+
+def test_amortized_guide_accepts_data_in_another_dtype():
+    guide = AmortizedGuide(vector_model, hidden=(4,))
+    x = torch.randn(6, 1, dtype=torch.float32)
+    assert guide(x)["z"].shape == (6, 2)
+
+
+# ------------------------------------------------------------------ fit: interrupts, resume
+def loc_model(x):
+    loc = pyro.param("loc", torch.tensor(0.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+
+def no_guide(x):
+    pass
+
+
+class _CutAfterBackward(Trace_ELBO):
+    """Ctrl-C landing right after backward(), before the optimizer step."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        loss = super().loss_and_grads(model, guide, *args, **kwargs)
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return loss
+
+
+class _SigintInUpdate(PyroOptim):
+    """Ctrl-C arriving while the optimizer writes the params (deferred by _atomic_update)."""
+
+    def __init__(self, at=None):
+        super().__init__(torch.optim.Adam, {"lr": 0.1})
+        self.at, self.n = at, 0
+
+    def __call__(self, params, *args, **kwargs):
+        super().__call__(params, *args, **kwargs)
+        self.n += 1
+        if self.n == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _svi(path, x, loss=None, optim=None):
+    optim = optim or pyro.optim.Adam({"lr": 0.1})
+    return fit(
+        loc_model, no_guide, x, optim=optim, loss=loss, max_iter=10, tol=0,
+        checkpoint=path, checkpoint_every=1, progress=False,
+    )  # fmt: skip
+
+
+def test_svi_interrupted_after_backward_resumes_as_the_whole_fit(tmp_path):
+    x = torch.randn(20) + 3
+    pyro.clear_param_store()
+    whole = _svi(tmp_path / "w", x)
+    pyro.clear_param_store()
+    cut = _svi(tmp_path / "c", x, loss=_CutAfterBackward(5))
+    assert cut.interrupted and cut.n_iter == 4
+    resumed = _svi(tmp_path / "c", x)  # same process, same store: "call fit again"
+    assert torch.equal(whole.params["loc"], resumed.params["loc"])
+
+
+def test_sigint_during_the_svi_update_is_counted(tmp_path):
+    x = torch.randn(20) + 3
+    pyro.clear_param_store()
+    whole = _svi(tmp_path / "w", x, optim=_SigintInUpdate())
+    pyro.clear_param_store()
+    cut = _svi(tmp_path / "c", x, optim=_SigintInUpdate(at=5))
+    assert cut.interrupted
+    pyro.clear_param_store()
+    resumed = _svi(tmp_path / "c", x, optim=_SigintInUpdate())
+    assert torch.equal(whole.params["loc"], resumed.params["loc"])
+
+
+class _CutEMOptim(EMOptim):
+    """Ctrl-C at the end of an M-step (after its Adam steps), before fit counts it."""
+
+    def __init__(self, *args, at=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at, self.calls = at, 0
+
+    def __call__(self, *args):
+        out = super().__call__(*args)
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return out
+
+
+def ecm_model(x):
+    loc = pyro.param("loc", torch.tensor([-1.0, 1.0]))
+    raw = pyro.param("raw", torch.zeros(2))
+    weights = pyro.param("weights", torch.ones(2) / 2, constraint=dist.constraints.simplex)
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.Normal(loc[z], torch.nn.functional.softplus(raw)[z]), obs=x)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_interrupt_inside_an_m_step_resumes_as_the_whole_fit(tmp_path):
+    def run(path=None, at=None):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        x = torch.cat([torch.randn(80) - 2, 0.5 * torch.randn(80) + 2])
+        optim = _CutEMOptim(pyro.optim.Adam({"lr": 0.05}), svi_steps=3, at=at)
+        return fit(
+            ecm_model, ExactEStep(ecm_model), x, optim=optim, max_iter=10, tol=0,
+            checkpoint=path, checkpoint_every=1, progress=False,
+        )  # fmt: skip
+
+    whole = run()
+    cut = run(tmp_path / "c", at=6)
+    assert cut.interrupted and cut.n_iter == 5
+    resumed = run(tmp_path / "c")
+    assert torch.equal(whole.params["raw"], resumed.params["raw"])
+
+
+def test_interrupt_while_a_restart_initializes_returns_the_best_run():
+    def model(x):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=dist.constraints.simplex)
+        loc = pyro.param("loc", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(loc[z], 1.0), obs=x)
+
+    def init(run):
+        if run == 1:
+            raise KeyboardInterrupt
+
+    x = torch.randn(50)
+    try:
+        result = fit(model, ExactEStep(model), x, max_iter=3, tol=0, n_init=2, init=init)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped fit; run 0's result is lost")
+    assert result.interrupted and result.n_iter == 3
+
+
+# ------------------------------------------------------------------ fit: n_data with obs_mask
+def test_n_data_counts_the_data_once_under_obs_mask():
+    def model(x, m):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=dist.constraints.simplex)
+        loc = pyro.param("loc", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(loc[z], 1.0), obs=x, obs_mask=m)
+
+    x, m = torch.randn(10), torch.arange(10) < 6
+    result = fit(model, ExactEStep(model), x, m, max_iter=2, tol=0, progress=False)
+    assert result.n_data <= 10
+
+
+# ------------------------------------------------------------------ evaluate: global point
+def test_a_custom_guides_global_latent_is_held_at_its_median():
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(2.0, 1.0))
+
+    x = torch.randn(5)
+    setup = _plan(model, guide, (x,), {}, None, None)
+    assert float(setup.fixed["mu"]) == 2.0
+
+
+# ------------------------------------------------------------------ fit: recover + checkpoint
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_recovery_state_survives_a_resume(tmp_path):
+    def run(path=None, stop=None):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        x = torch.cat([torch.randn(100), torch.full((5,), 8.0)])
+
+        def model(x):
+            w = pyro.param("w", torch.ones(2) / 2, constraint=dist.constraints.simplex)
+            loc = pyro.param("loc", torch.tensor([0.0, 8.0]))
+            scale = pyro.param("scale", torch.ones(2), constraint=dist.constraints.positive)
+            with pyro.plate("data", len(x)):
+                z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+                pyro.sample("x", dist.Normal(loc[z], scale[z]), obs=x)
+
+        def callback(it, info):
+            if it == stop:
+                raise KeyboardInterrupt
+
+        return fit(
+            model, ExactEStep(model), x, optim=EMOptim(reg_covar=0.0), max_iter=12, tol=0,
+            recover=True, checkpoint=path, checkpoint_every=1, callback=callback, progress=False,
+        )  # fmt: skip
+
+    whole = run()
+    run(tmp_path / "c", stop=6)
+    resumed = run(tmp_path / "c")
+    assert resumed.info.get("recoveries") == whole.info.get("recoveries")
+
+
+# ------------------------------------------------------------------ AmortizedGuide.with_model
+def test_with_model_leaves_the_original_guide_alone():
+    from pyro.nn import PyroModule
+
+    class Model(PyroModule):
+        def forward(self, x):
+            vector_model(x)
+
+    a, b = Model(), Model()
+    guide = AmortizedGuide(a, hidden=())
+    guide.setup(torch.randn(4, 1))
+    guide.with_model(b)
+    assert guide.model is a
