@@ -1,6 +1,7 @@
 """pyro_emvae: EM, exact E-steps and VAEs on one objective, for Pyro models."""
 
 from pyro_emvae.amortized import AmortizedGuide, MeanFieldGuide
+from pyro_emvae.arviz import to_inference_data
 from pyro_emvae.elbo import KLControlledELBO, linear_warmup
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.evaluate import (
@@ -39,4 +40,5 @@ __all__ = [
     "fit",
     "linear_warmup",
     "log_marginal",
+    "to_inference_data",
 ]
