@@ -11,6 +11,7 @@ from pyro_emvae.evaluate import (
     amortization_gap,
     diagnostics,
     log_marginal,
+    score,
 )
 from pyro_emvae.fit import ConvergenceWarning, FitResult, fit
 from pyro_emvae.optim import EMOptim, GradientMStep
@@ -40,5 +41,6 @@ __all__ = [
     "fit",
     "linear_warmup",
     "log_marginal",
+    "score",
     "to_inference_data",
 ]

@@ -28,17 +28,13 @@ from pyro import poutine
 
 from pyro_emvae.amortized import find_data_plate, frames_of, latent_sites, prototype_trace
 from pyro_emvae.estep import ExactEStep
-from pyro_emvae.evaluate import log_marginal
+from pyro_emvae.evaluate import _no_latents, log_marginal
 
 __all__ = ["to_inference_data"]
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
-
-
-def _no_guide(*args: Any, **kwargs: Any) -> None:
-    """A guide with no sites: every latent is enumerated by the model and summed exactly."""
 
 
 def to_inference_data(
@@ -99,7 +95,7 @@ def to_inference_data(
         exact = isinstance(guide, ExactEStep)
         lm = log_marginal(
             model,
-            _no_guide if exact else guide,
+            _no_latents if exact else guide,
             *args,
             num_samples=1 if exact else log_likelihood_samples,
             **kwargs,

@@ -53,6 +53,7 @@ __all__ = [
     "amortization_gap",
     "diagnostics",
     "log_marginal",
+    "score",
 ]
 
 _PARTICLES = "_iwae_particles"
@@ -740,3 +741,40 @@ def amortization_gap(
     finally:
         guide.override(None)
     return AmortizationGap(enc, opt_elbo.mean(0), steps)
+
+
+# ---------------------------------------------------------------------------- held-out score
+def _no_latents(*args: Any, **kwargs: Any) -> None:
+    """The guide of a model whose latents are all enumerated: nothing to draw."""
+
+
+def score(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_samples: int = 1000,
+    **kwargs: Any,
+) -> float:
+    """Mean log-likelihood per datum of (held-out) data under the fitted params, as
+    scikit-learn's ``score``: exact when ``guide`` is an
+    :class:`~pyro_emvae.estep.ExactEStep` (the discrete latents are summed out), else the IWAE
+    estimate with ``num_samples`` draws per datum (:func:`log_marginal`).
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from pyro_emvae import ExactEStep
+        >>> def model(x):
+        ...     with pyro.plate("data", len(x)):
+        ...         z = pyro.sample("z", dist.Bernoulli(0.5), infer={"enumerate": "parallel"})
+        ...         pyro.sample("x", dist.Normal(2.0 * z, 1.0), obs=x)
+        >>> x = torch.tensor([0.0, 2.0])
+        >>> exact = dist.Normal(torch.tensor([0.0, 2.0]), 1.0).log_prob(x[:, None]).exp().mean(-1)
+        >>> abs(score(model, ExactEStep(model), x) - float(exact.log().mean())) < 1e-6
+        True
+    """
+    from pyro_emvae.estep import ExactEStep
+
+    if isinstance(guide, ExactEStep):
+        return log_marginal(model, _no_latents, *args, num_samples=1, **kwargs).mean()
+    return log_marginal(model, guide, *args, num_samples=num_samples, **kwargs).mean()

@@ -237,3 +237,25 @@ def test_amortization_gap_vanishes_for_an_exact_encoder_and_not_for_an_untrained
     assert guide._override is None  # the encoder is back in charge
     with pytest.raises(TypeError, match="AmortizedGuide"):
         amortization_gap(gauss_model, guide_for(), torch.randn(5))
+
+
+def test_score_is_the_exact_held_out_log_likelihood_per_datum():
+    from models import gmm
+    from pyro_emvae import ExactEStep, fit, score
+
+    x, _ = gmm.sample_gmm(200, 2, 2, seed=0)
+    train, test = x[:150], x[150:]
+    model = gmm.make_gmm_model(2, "full", init=gmm.init_params(train, 2, "full", seed=1))
+    result = fit(model, ExactEStep(model), train, max_iter=50, tol=0)
+    assert score(model, ExactEStep(model), train) == pytest.approx(result.per_datum(), rel=1e-10)
+    p = result.params
+    cov = p["scale_tril"] @ p["scale_tril"].transpose(-1, -2)
+    mixture = dist.MixtureSameFamily(
+        dist.Categorical(p["weights"]), dist.MultivariateNormal(p["locs"], cov)
+    )
+    assert score(model, ExactEStep(model), test) == pytest.approx(
+        float(mixture.log_prob(test).mean()), rel=1e-10
+    )
+    # with an encoder guide it is the IWAE estimate
+    est = score(gauss_model, guide_for(), torch.randn(30), num_samples=5)
+    assert math.isfinite(est)
