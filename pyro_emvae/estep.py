@@ -499,11 +499,13 @@ class ExactEStep:
                 for n, s in pcap.trace.nodes.items()
                 if s["type"] == "param"
             }
-            log_z, inputs, grads, pgrads, scale = self._contract(tr, list(params.values()))
+            with torch.enable_grad():  # the posterior is a gradient, even under no_grad
+                log_z, inputs, grads, pgrads, scale = self._contract(tr, list(params.values()))
         else:
             with torch.no_grad():
                 tr = self._enum_trace(args, kwargs, potentials=potentials)
-            log_z, inputs, grads, pgrads, scale = self._contract(tr)
+            with torch.enable_grad():  # the posterior is a gradient, even under no_grad
+                log_z, inputs, grads, pgrads, scale = self._contract(tr)
         post = Posterior(log_likelihood=log_z.detach(), scale=scale)
         post.symbol_to_dim = dict(tr.symbol_to_dim)
         post.subsample = poutine.Trace()

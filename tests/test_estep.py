@@ -1180,3 +1180,20 @@ def test_expected_log_joint_discrete_hmm():
     for n, g1, g2 in zip(names, got, want, strict=True):
         assert g1 is not None, n
         _close(g1, g2, 1e-8)
+
+
+def test_posterior_works_under_no_grad():
+    """The posterior is the gradient of log p(x) with respect to the factors: it must not
+    depend on the caller's grad mode."""
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Bernoulli(0.3), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(2.0 * z, 1.0), obs=x)
+
+    x = torch.tensor([0.0, 2.5, 1.0])
+    guide = ExactEStep(model)
+    expected = guide.posterior(x).marginals["z"]
+    with torch.no_grad():
+        post = guide.posterior(x)
+    assert torch.allclose(post.marginals["z"], expected)
