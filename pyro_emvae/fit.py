@@ -762,7 +762,7 @@ def _svi_step(svi: SVI, args: tuple, kwargs: dict, it: int) -> tuple[float, bool
         pyro.infer.util.zero_grads({store.get_param(n).unconstrained() for n in store})
         raise
     params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
-    value = float(loss)
+    value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
     bad = sorted(
         pyro.get_param_store().param_name(p)
         for p in params
