@@ -58,6 +58,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import DiscreteHMM, constraints
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.infer.util import is_validation_enabled
 from pyro.ops.provenance import ProvenanceTensor, detach_provenance, get_provenance
 from pyro.poutine.messenger import Messenger
@@ -811,10 +812,18 @@ def observed_count(trace) -> int:
         cells = math.prod(f.full_size or f.size for f in _plates(site))
         if isinstance(site["fn"], DiscreteHMM):
             cells *= _hmm_duration(site)
+        fn = site["fn"]
+        while isinstance(fn, dist.Independent):
+            fn = fn.base_dist
+        if isinstance(fn, MaskedDistribution):  # a .mask(...) on the distribution
+            inner = fn._mask
+            mask = inner if mask is None else mask & inner
         if torch.is_tensor(mask):  # the share of cells the mask keeps
             batch = site["fn"].batch_shape
             kept = torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, batch))
             cells *= float(kept.float().mean())
+        elif mask is False:
+            continue
         total += cells
     return round(total)
 
