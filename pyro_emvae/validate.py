@@ -812,18 +812,18 @@ def observed_count(trace) -> int:
         cells = math.prod(f.full_size or f.size for f in _plates(site))
         if isinstance(site["fn"], DiscreteHMM):
             cells *= _hmm_duration(site)
-        fn = site["fn"]
-        while isinstance(fn, dist.Independent):
-            fn = fn.base_dist
-        if isinstance(fn, MaskedDistribution):  # a .mask(...) on the distribution
-            inner = fn._mask
-            mask = inner if mask is None else mask & inner
-        if torch.is_tensor(mask):  # the share of cells the mask keeps
+        if torch.is_tensor(mask):  # the share of cells the site's mask keeps
             batch = site["fn"].batch_shape
             kept = torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, batch))
             cells *= float(kept.float().mean())
-        elif mask is False:
-            continue
+        fn = site["fn"]
+        while isinstance(fn, dist.Independent):
+            fn = fn.base_dist
+        if isinstance(fn, MaskedDistribution) and torch.is_tensor(fn._mask):
+            # a .mask(...) on the distribution: the share of its entries it keeps
+            inner = fn._mask
+            kept = torch.broadcast_to(inner, torch.broadcast_shapes(inner.shape, fn.batch_shape))
+            cells *= float(kept.float().mean())
         total += cells
     return round(total)
 
