@@ -80,7 +80,13 @@ def param_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every param's unconstrained value (detached copies) and its constraint."""
     store = pyro.get_param_store()
     values = {n: store.get_param(n).unconstrained().detach().clone() for n in store}
-    return values, {n: store._constraints[n] for n in values}
+    return values, constraints_of(list(values))
+
+
+def constraints_of(names: list[str]) -> dict[str, Any]:
+    """The constraint of each named param in the store."""
+    store = pyro.get_param_store()
+    return {n: store._constraints[n] for n in names if n in store}
 
 
 def register(model, guide, args: tuple, kwargs: dict) -> None:

@@ -311,10 +311,6 @@ class _ObsMaskIntegrated:
             return self.__wrapped__(*args, **kwargs)
 
 
-def _is_enumerated(site: dict) -> bool:
-    return site["infer"].get("_enumerate_dim") is not None
-
-
 class ExactEStep:
     """A Pyro guide whose distribution is the exact posterior :math:`p_\\theta(z \\mid x)` of every
     discrete site the model marks with ``infer={"enumerate": "parallel"}``.
@@ -412,7 +408,7 @@ class ExactEStep:
                     site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
                     site["log_prob_sum"] = site["log_prob"].sum()
                 continue
-            if not _is_enumerated(site):
+            if not _validate.is_enumerated(site):
                 raise EnumerationError(_not_enumerable_message(name, site))
         tr.compute_log_prob()
         if is_validation_enabled():
@@ -434,7 +430,7 @@ class ExactEStep:
         sum_dims = {
             s["infer"]["_enumerate_symbol"]
             for s in tr.nodes.values()
-            if s["type"] == "sample" and _is_enumerated(s)
+            if s["type"] == "sample" and _validate.is_enumerated(s)
         }
         factors: OrderedDict = OrderedDict()
         inputs: list[tuple[str, torch.Tensor]] = []
@@ -523,7 +519,7 @@ class ExactEStep:
         symbol_to_name = {
             s["infer"]["_enumerate_symbol"]: n
             for n, s in tr.nodes.items()
-            if s["type"] == "sample" and _is_enumerated(s)
+            if s["type"] == "sample" and _validate.is_enumerated(s)
         }
         order = {n: i for i, n in enumerate(tr.nodes)}
         for (name, t), g in zip(inputs, grads):
@@ -549,7 +545,7 @@ class ExactEStep:
             joint = _arrange(q, plate_dims + enum_syms, plate_shape + sizes)
             post.joints[name] = (names, joint)
             own = site["infer"].get("_enumerate_symbol")
-            if _is_enumerated(site) and own in enum_syms:
+            if _validate.is_enumerated(site) and own in enum_syms:
                 k = len(enum_syms)
                 i = enum_syms.index(own)
                 other = tuple(len(plate_dims) + j for j in range(k) if j != i)
@@ -559,7 +555,11 @@ class ExactEStep:
                         joint if i == 1 else joint.transpose(-1, -2)
                     )
         for name, site in tr.nodes.items():
-            if site["type"] == "sample" and _is_enumerated(site) and name not in post.marginals:
+            if (
+                site["type"] == "sample"
+                and _validate.is_enumerated(site)
+                and name not in post.marginals
+            ):
                 # a site with one value: packing squeezed its dim, so no factor carries it
                 _, plate_shape = _plate_layout(site["cond_indep_stack"])
                 post.marginals[name] = torch.ones(plate_shape + (1,))

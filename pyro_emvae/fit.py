@@ -35,6 +35,7 @@ from pyro.optim import PyroOptim
 from pyro_emvae.amortized import rng_state, set_rng
 from pyro_emvae.checkpoint import (
     Checkpoint,
+    constraints_of,
     load_optim_state,
     param_state,
     register,
@@ -236,11 +237,6 @@ def _restore(snap: dict[str, torch.Tensor]) -> None:
 def _constrained(names: list[str]) -> dict[str, torch.Tensor]:
     store = pyro.get_param_store()
     return {n: store[n].detach().clone() for n in names if n in store}
-
-
-def _constraints_of(names: list[str]) -> dict[str, Any]:
-    store = pyro.get_param_store()
-    return {n: store._constraints[n] for n in names if n in store}
 
 
 def _free_parameters(value: torch.Tensor, constraint) -> int:
@@ -658,7 +654,7 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
     if recoveries:
         info = {**info, "recoveries": recoveries}
     return FitResult(
-        constraints=_constraints_of(names),
+        constraints=constraints_of(names),
         params=_constrained(names),
         log_likelihood=final,
         elbo=final,
@@ -853,7 +849,7 @@ def _run_svi(model, guide, optim, args, kwargs, loop: _Loop) -> FitResult:
         )
     names = list(pyro.get_param_store().keys())
     return FitResult(
-        constraints=_constraints_of(names),
+        constraints=constraints_of(names),
         params=_constrained(names),
         log_likelihood=None,
         elbo=final,

@@ -65,6 +65,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 
+from pyro_emvae.amortized import frames_of, preserved_rng
+
 __all__ = [
     "ModelInputError",
     "PrecisionWarning",
@@ -81,12 +83,6 @@ __all__ = [
     "validate_estep_trace",
     "validate_fit_inputs",
 ]
-
-
-def _preserved_rng():
-    from pyro_emvae.amortized import preserved_rng  # (amortized imports nothing from here)
-
-    return preserved_rng()
 
 
 class ModelInputError(ValueError):
@@ -146,10 +142,6 @@ def _kind(fn) -> str:
     return f"{name}({_kind(inner)})" if inner is not None else name
 
 
-def _plates(site: dict) -> list:
-    return [f for f in site["cond_indep_stack"] if f.vectorized]
-
-
 def _plate_list(frames) -> str:
     if not frames:
         return "no plate"
@@ -164,7 +156,8 @@ def _is_deterministic(site: dict) -> bool:
     return bool(site["infer"].get("_deterministic"))
 
 
-def _is_enumerated(site: dict) -> bool:
+def is_enumerated(site: dict) -> bool:
+    """A site that the enum messenger enumerated (it has an enumeration dim)."""
     return site["infer"].get("_enumerate_dim") is not None
 
 
@@ -446,7 +439,7 @@ def check_shapes(trace, max_plate_nesting: int) -> None:
         if not isinstance(value, torch.Tensor):
             continue
         fn = site["fn"]
-        frames = _plates(site)
+        frames = frames_of(site)
         kind = "observed site" if site["is_observed"] else "site"
         where = f"{kind} '{name}' ({_kind(fn)}, inside {_plate_list(frames)})"
         deep = [f for f in frames if f.dim < -max_plate_nesting]
@@ -630,12 +623,12 @@ def _factor_scope(trace, site: dict, shape: tuple[int, ...], depth: int) -> str:
     }
     own = {}
     for n, s in trace.nodes.items():
-        if _is_sample(s) and _is_enumerated(s):
+        if _is_sample(s) and is_enumerated(s):
             own.setdefault(s["infer"]["_enumerate_dim"], []).append(n)
     for d, n in sorted(enum_dims.items(), reverse=True):
         names = own.get(d, ["?"])
         parts.append(f"enumerated site '{names[-1]}' ({n} values)")
-    frames = _plates(site)
+    frames = frames_of(site)
     if frames:
         parts.append(_plate_list(frames))
     return ", ".join(parts) if parts else "no enumerated site"
@@ -656,7 +649,7 @@ class _TrackProvenance(Messenger):
 
 def _has_markov_enumeration(trace) -> bool:
     return any(
-        _is_sample(s) and _is_enumerated(s) and "_markov_depth" in s["infer"]
+        _is_sample(s) and is_enumerated(s) and "_markov_depth" in s["infer"]
         for s in trace.nodes.values()
     )
 
@@ -687,7 +680,7 @@ def check_markov(
         return
     try:
         with (
-            _preserved_rng(),
+            preserved_rng(),
             torch.no_grad(),
             pyro.validation_enabled(False),
             poutine.block(),
@@ -704,7 +697,7 @@ def check_markov(
         scope = site["infer"].get("_markov_scope")
         for dep in sorted(_dependencies(site["fn"]) - {name}):
             up = tr.nodes.get(dep)
-            if up is None or not _is_sample(up) or not _is_enumerated(up):
+            if up is None or not _is_sample(up) or not is_enumerated(up):
                 continue
             depth = up["infer"].get("_markov_depth")
             if depth is None:
@@ -727,7 +720,7 @@ def _markov_message(tr, name: str, site: dict, dep: str, scope) -> str:
         n
         for n, d in scope.items()
         if n in tr.nodes
-        and _is_enumerated(tr.nodes[n])
+        and is_enumerated(tr.nodes[n])
         and tr.nodes[n]["infer"].get("_markov_depth") == d
     )
     return (
@@ -774,7 +767,7 @@ def check_precision(trace, max_plate_nesting: int) -> None:
             best = best[torch.isfinite(best)]
             markov_sum += float(best.sum())
             markov_cells = max(markov_cells, best.numel())
-            markov_sites += _is_enumerated(site)
+            markov_sites += is_enumerated(site)
             dtype = lp
     if markov_sites > 1 and dtype is not None:
         nats = abs(markov_sum) / markov_cells
@@ -809,7 +802,7 @@ def observed_count(trace) -> int:
         mask = site["mask"]
         if mask is False:
             continue
-        cells = math.prod(f.full_size or f.size for f in _plates(site))
+        cells = math.prod(f.full_size or f.size for f in frames_of(site))
         if isinstance(site["fn"], DiscreteHMM):
             cells *= _hmm_duration(site)
         if torch.is_tensor(mask):  # the share of cells the site's mask keeps
@@ -844,7 +837,7 @@ def check_components(trace) -> None:
     for name, site in trace.nodes.items():
         if not _is_sample(site):
             continue
-        frames = _plates(site)
+        frames = frames_of(site)
         if isinstance(site["fn"], DiscreteHMM) and site["is_observed"]:
             k, what = site["fn"].transition_logits.size(-1), "hidden states"
         elif not site["is_observed"] and site["infer"].get("enumerate") == "parallel" and frames:
@@ -862,7 +855,7 @@ def check_components(trace) -> None:
 
 
 def _max_plate_nesting(trace) -> int:
-    dims = [f.dim for s in trace.nodes.values() if s["type"] == "sample" for f in _plates(s)]
+    dims = [f.dim for s in trace.nodes.values() if s["type"] == "sample" for f in frames_of(s)]
     return -min(dims) if dims else 0
 
 
@@ -891,7 +884,7 @@ def validate_fit_inputs(
     if trace is None:
         tracer = poutine.trace(model)
         with (
-            _preserved_rng(),
+            preserved_rng(),
             poutine.block(),
             torch.no_grad(),
             explain_model_errors(tracer, max_plate_nesting),
@@ -912,7 +905,7 @@ def validate_fit_inputs(
     ):
         tracer = poutine.trace(poutine.enum(model, first_available_dim=-1 - depth))
         with (
-            _preserved_rng(),
+            preserved_rng(),
             poutine.block(),
             torch.no_grad(),
             explain_model_errors(tracer, depth),
@@ -966,7 +959,7 @@ def explain_model_errors(tracer=None, max_plate_nesting: int | None = None) -> I
                 f.name: f
                 for s in partial.nodes.values()
                 if s["type"] == "sample"
-                for f in _plates(s)
+                for f in frames_of(s)
                 if f.dim < -max_plate_nesting
             }
             if deep:
@@ -988,7 +981,7 @@ def explain_model_errors(tracer=None, max_plate_nesting: int | None = None) -> I
         count = ""
         if partial is not None:
             n_enum = sum(
-                1 for s in partial.nodes.values() if s["type"] == "sample" and _is_enumerated(s)
+                1 for s in partial.nodes.values() if s["type"] == "sample" and is_enumerated(s)
             )
             count = f" ({n_enum} enumerated sites traced){_last_site(tracer)}"
         raise _enumeration_error(
@@ -1068,7 +1061,7 @@ def _subsampled(trace) -> bool:
         f.full_size is not None and f.size < f.full_size
         for s in trace.nodes.values()
         if s["type"] == "sample"
-        for f in _plates(s)
+        for f in frames_of(s)
     )
 
 
