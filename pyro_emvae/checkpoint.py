@@ -31,12 +31,17 @@ FORMAT = 1
 class Checkpoint:
     """One checkpoint file: ``save(state)`` atomically, ``load()`` (``None`` if absent)."""
 
-    def __init__(self, path: str | os.PathLike, every: int, fingerprint: dict[str, Any]):
+    def __init__(
+        self, path: str | os.PathLike, every: int, fingerprint: dict[str, Any], write: bool = True
+    ):
+        """``write=False`` reads the file but never writes it (the ranks other than 0 of a
+        data-parallel fit)."""
         if every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {every}")
         self.path = Path(path)
         self.every = every
         self.fingerprint = fingerprint
+        self.write = write
         if self.path.exists() and self.path.is_dir():
             raise IsADirectoryError(f"checkpoint={str(self.path)!r} is a directory; give a file")
 
@@ -44,6 +49,8 @@ class Checkpoint:
         return n_done > 0 and n_done % self.every == 0
 
     def save(self, state: dict[str, Any]) -> None:
+        if not self.write:
+            return
         state = {"format": FORMAT, "fingerprint": self.fingerprint, **state}
         tmp = self.path.with_name(self.path.name + ".tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)

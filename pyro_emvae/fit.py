@@ -32,6 +32,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.optim import PyroOptim
 
+from pyro_emvae import distributed as dp
 from pyro_emvae.amortized import rng_state, set_rng
 from pyro_emvae.checkpoint import (
     Checkpoint,
@@ -44,7 +45,8 @@ from pyro_emvae.checkpoint import (
 from pyro_emvae.elbo import KLControlledELBO
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.init import STRATEGIES, init_potentials
-from pyro_emvae.optim import EMOptim, GradientMStep
+from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
+from pyro_emvae.stream import Batches, is_stream
 from pyro_emvae.validate import explain_model_errors, observed_count, validate_fit_inputs
 
 __all__ = ["ConvergenceWarning", "FitResult", "fit"]
@@ -169,6 +171,9 @@ class _ModelInfo:
     n_data: int
     enumerates: bool
     trace: Any = None
+    first: tuple = ((), {})  # the model's (args, kwargs): of the first batch for a stream
+    model: Any = None  # the model as traced
+    rows: int = 0  # a stream's rows (the leading dim of its batches), over all batches
 
 
 def _inspect(model: Callable, args: tuple, kwargs: dict) -> _ModelInfo:
@@ -185,7 +190,37 @@ def _inspect(model: Callable, args: tuple, kwargs: dict) -> _ModelInfo:
     )
     total = observed_count(tr)
     params = [n for n, s in tr.nodes.items() if s["type"] == "param"]
-    return _ModelInfo(params, max(total, 1), enumerates, tr)
+    return _ModelInfo(params, max(total, 1), enumerates, tr, (args, kwargs), model)
+
+
+def _inspect_stream(model: Callable, batches: Batches, exact: bool) -> _ModelInfo:
+    """:func:`_inspect` and the input checks of every batch of a stream, before any work (so a
+    NaN in batch 900 is an error naming the batch, not a failure 3 iterations in); ``n_data``
+    and ``rows`` sum over the batches (data-parallel: over the ranks too)."""
+    info = None
+    n_data = rows = 0
+    for i, (args, kwargs, n) in enumerate(batches.with_rows()):
+        try:
+            one = _inspect(model, args, kwargs)
+            validate_fit_inputs(model, args, kwargs, one.trace, exact=exact)
+        except ValueError as e:
+            e.args = (f"batch {i} of the stream: {e.args[0] if e.args else e}", *e.args[1:])
+            raise
+        n_data += observed_count(one.trace)
+        rows += n
+        if info is None:
+            info = one
+        elif sorted(one.params) != sorted(info.params):
+            raise ValueError(
+                f"batch {i} of the stream makes params {sorted(one.params)}, batch 0 made "
+                f"{sorted(info.params)}; every batch must run the same model"
+            )
+        one.trace = None
+    if info is None:
+        raise ValueError("the stream gave no batch: a DataLoader over an empty dataset?")
+    info.n_data = max(int(dp.all_reduce_float(n_data)), 1)
+    info.rows = int(dp.all_reduce_float(rows))
+    return info
 
 
 def _model_params(fn: Callable, args: tuple, kwargs: dict) -> list[str]:
@@ -220,6 +255,7 @@ class _Loop:
     outer: Callable[[], dict] = dict  # the restarts' state, saved with each checkpoint
     recover: bool = False
     recoveries: list = field(default_factory=list)
+    n_rows: int = 0  # a stream's rows over all its batches (online updates scale by it)
 
 
 def _snapshot(names: list[str]) -> dict[str, torch.Tensor]:
@@ -280,6 +316,7 @@ def fit(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     recover: bool = False,
+    distributed: bool | Any = False,
     callback: Callable[[int, dict[str, Any]], bool | None] | None = None,
     progress: bool | None = None,
     **kwargs: Any,
@@ -335,9 +372,34 @@ def fit(
             M-step's ``reg_covar`` tenfold (at least to 1e-6) and redo the iteration, up to 5
             times, with a warning each time (listed in ``result.info["recoveries"]``).
             Without it such a failure restores the params and raises.
-        callback: ``callback(iteration, info)`` after each iteration; returning True stops the
-            run (counted as converged).
+        distributed: ``True`` (or a process group) for a data-parallel fit over
+            :mod:`torch.distributed`: each rank passes its own shard of the data (in memory or
+            as a stream); statistics, gradients and log-likelihoods are all-reduced, so every
+            rank holds the same params, equal to one process's fit on all the shards (see
+            :mod:`pyro_emvae.distributed`). Params start from rank 0's values; only rank 0
+            writes ``checkpoint``.
+        callback: ``callback(iteration, info)`` after each iteration (for a stream under
+            per-batch updates, after each minibatch); returning True stops the run (counted
+            as converged).
         progress: a tqdm progress bar; ``None`` shows it only on an interactive terminal.
+
+    Streams. If the first of ``args`` is a :class:`torch.utils.data.DataLoader` or a
+    :class:`~pyro_emvae.stream.Batches`, the model's data comes in minibatches (each batch is
+    the model's leading arguments, the rest of ``args`` and ``kwargs`` follow), and an
+    iteration is a pass over the data:
+
+    * with :class:`~pyro_emvae.optim.EMOptim` (the default), **exact streaming EM**: the
+      statistics are summed over the batches before each M-step, so the fit equals full-batch
+      EM (history, params, convergence) with one batch in memory. Gaussian scales and
+      covariances take a second pass per iteration (their statistics are about the new
+      means);
+    * with :class:`~pyro_emvae.optim.OnlineEM`, any other M-step, or an SVI guide, an update
+      after every minibatch, with the model scaled by N / B (as a subsampled plate):
+      **online EM**, minibatch EG, minibatch SVI. ``history[key]`` then holds one value per
+      epoch, the sum of that epoch's minibatch objectives (each at the params of its step),
+      ``history["batch"]`` the per-datum estimate of each minibatch, and an exact ``fit``
+      adds a final pass for ``log_likelihood`` at the returned params. ``checkpoint_every``
+      counts minibatches, and a resumed fit picks up in the middle of its epoch.
 
     Returns:
         A :class:`FitResult`. The param store holds the best run's params.
@@ -357,6 +419,40 @@ def fit(
         >>> result.n_iter
         50
     """
+    if distributed and not dp.active():
+        with dp.data_parallel(None if distributed is True else distributed):
+            return fit(
+                model,
+                guide,
+                *args,
+                optim=optim,
+                max_iter=max_iter,
+                tol=tol,
+                n_init=n_init,
+                init=init,
+                seed=seed,
+                svi_steps=svi_steps,
+                loss=loss,
+                n_data=n_data,
+                kl_weight=kl_weight,
+                free_bits=free_bits,
+                checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every,
+                recover=recover,
+                distributed=distributed,
+                callback=callback,
+                progress=progress,
+                **kwargs,
+            )
+    stream = None
+    if args and is_stream(args[0]):
+        stream = Batches(args[0], *args[1:], **kwargs)
+        args, kwargs = (), {}
+    elif any(is_stream(a) for a in (*args, *kwargs.values())):
+        raise TypeError(
+            "a DataLoader or Batches must be fit's first argument after the guide (the model's "
+            "data); other arguments follow it as they follow the data in the model"
+        )
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     if tol < 0 or not math.isfinite(tol):
@@ -391,11 +487,25 @@ def fit(
         loss = KLControlledELBO(1.0 if kl_weight is None else kl_weight, free_bits)
     # (an ExactEStep's own view of the model: obs_mask's missing events integrated out)
     seen = guide.model if exact else model
-    info = _inspect(seen, args, kwargs)
-    # bad data, params or shapes: a clear error before any work (pyro_emvae.validate)
-    validate_fit_inputs(seen, args, kwargs, info.trace, exact=exact)
+    if stream is None:
+        info = _inspect(seen, args, kwargs)
+        # bad data, params or shapes: a clear error before any work (pyro_emvae.validate)
+        validate_fit_inputs(seen, args, kwargs, info.trace, exact=exact)
+        if dp.active():
+            info.n_data = max(int(dp.all_reduce_float(observed_count(info.trace))), 1)
+    else:
+        info = _inspect_stream(seen, stream, exact)
     if n_data is None:
         n_data = info.n_data
+    # how the data is read: exact passes over a stream (EMOptim), or an update per minibatch
+    per_batch = stream is not None and not (
+        exact and isinstance(mstep, EMOptim) and not isinstance(mstep, OnlineEM)
+    )
+    if stream is not None and recover and per_batch:
+        raise ValueError(
+            "recover=True redoes a failed EM iteration; with updates per minibatch there is "
+            "no iteration to redo: use reg_covar"
+        )
 
     state = None
     ckpt = None
@@ -405,8 +515,9 @@ def fit(
             "n_data": n_data,
             "n_init": n_init,
             "params": sorted(info.params),
+            "data": "minibatches" if per_batch else "stream" if stream is not None else "memory",
         }
-        ckpt = Checkpoint(checkpoint, checkpoint_every, fingerprint)
+        ckpt = Checkpoint(checkpoint, checkpoint_every, fingerprint, write=dp.rank() == 0)
         state = ckpt.load()
     reg_covar = getattr(mstep, "reg_covar", None) if recover else None
     best: FitResult | None = state["best"] if state else None
@@ -422,7 +533,7 @@ def fit(
             mstep.reg_covar = reg_covar  # recover=True may have raised it in the last run
         if resume is None or resume["n_done"] is None:
             try:
-                _start_run(run, seed, exact, mstep, optim, init, info, guide, args, kwargs)
+                _start_run(run, seed, exact, mstep, optim, init, info, guide, stream, per_batch)
             except KeyboardInterrupt:
                 if best is None:
                     raise  # nothing finished to return
@@ -443,8 +554,16 @@ def fit(
             outer,
             recover,
         )
-        if exact:
-            result = _run_exact(model, guide, mstep, args, kwargs, loop)
+        if per_batch:
+            loop.n_rows = info.rows
+            result = _run_minibatch(model, guide, mstep if exact else optim, stream, loop)
+        elif exact:
+            engine = (
+                _Streamed(guide, mstep, stream)
+                if stream is not None
+                else _InMemory(guide, mstep, args, kwargs)
+            )
+            result = _run_exact(model, guide, engine, loop)
         else:
             result = _run_svi(model, guide, optim, args, kwargs, loop)
         finals.append(result.objective)
@@ -465,8 +584,20 @@ def fit(
     return best
 
 
-def _start_run(run, seed, exact, mstep, optim, init, info, guide, args, kwargs) -> None:
-    """Seed and initialize one run of the restarts."""
+def _start_run(run, seed, exact, mstep, optim, init, info, guide, stream, per_batch) -> None:
+    """Seed and initialize one run of the restarts (data-parallel: then every rank takes rank
+    0's params)."""
+    _init_run(run, seed, exact, mstep, optim, init, info, guide, stream, per_batch)
+    if dp.active():
+        args, kwargs = info.first
+        _model_params(info.model, args, kwargs)  # (re)create what the init left out
+        if not exact:
+            _model_params(guide, args, kwargs)
+        dp.broadcast_params()
+
+
+def _init_run(run, seed, exact, mstep, optim, init, info, guide, stream, per_batch) -> None:
+    args, kwargs = info.first
     if seed is not None:
         pyro.set_rng_seed(seed + run)
     if hasattr(mstep if exact else optim, "reset"):
@@ -478,15 +609,19 @@ def _start_run(run, seed, exact, mstep, optim, init, info, guide, args, kwargs) 
             raise ValueError(f"init={init!r} needs an ExactEStep guide")
         if run > 0:  # start from the model's own values again before the init M-step
             _forget(info.params)
-        _init_by_potentials(guide, mstep, init, args, kwargs)
+        if stream is not None and not per_batch:  # a pass over the stream, then the M-step
+            _init_stream_by_potentials(guide, mstep, init, stream)
+        else:  # (a stream updated per minibatch starts from its first batch)
+            _init_by_potentials(guide, mstep, init, args, kwargs)
         if hasattr(mstep, "reset"):
             mstep.reset()  # the init M-step's objective was not log p(x)
     elif run > 0:
         _forget(info.params + ([] if exact else _model_params(guide, args, kwargs)))
 
 
-def _save(loop: _Loop, n_done: int, history: dict, optimizer: Any, rng: Any) -> None:
-    """Write the loop's state after ``n_done`` completed iterations of this run."""
+def _save(loop: _Loop, n_done: int, history: dict, optimizer: Any, rng: Any, position=None) -> None:
+    """Write the loop's state after ``n_done`` completed iterations of this run (and, for
+    updates per minibatch, ``position`` in the epoch under way)."""
     if loop.ckpt is None:
         return
     values, constraints = param_state()
@@ -501,6 +636,7 @@ def _save(loop: _Loop, n_done: int, history: dict, optimizer: Any, rng: Any) -> 
             "optimizer": getter() if getter is not None else None,
             "rng": rng,
             "recoveries": list(loop.recoveries),
+            "position": position,
             **loop.outer(),
         }
     )
@@ -522,6 +658,16 @@ def _resume(loop: _Loop, model, guide, optimizer, args, kwargs) -> tuple[int, di
             load_optim_state(optimizer, state["optimizer"])
     set_rng(state["rng"])
     return state["n_done"], {k: list(v) for k, v in state["history"].items()}
+
+
+def _init_stream_by_potentials(guide, mstep: EMOptim, strategy: str, stream: Batches) -> None:
+    """:func:`_init_by_potentials` over a stream: the potentials' E-step is a pass (k-means++
+    seeds its centers on the first batch and assigns every batch to them), then one M-step."""
+    first_args, first_kwargs = next(iter(stream))
+    depth = guide._plate_nesting(first_args, first_kwargs)
+    potentials = init_potentials(strategy, depth, centers={})
+    spass = mstep.stream_estep(guide, stream, potentials=potentials)
+    mstep.stream_mstep(guide, stream, spass)
 
 
 def _init_by_potentials(guide, mstep, strategy, args, kwargs) -> None:
@@ -559,14 +705,63 @@ def _check_finite(value: float, what: str, iteration: int, snap: dict, names: li
         )
 
 
-def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> FitResult:
+class _InMemory:
+    """EM on data held in memory: an E-step is one posterior, the M-step takes it."""
+
+    def __init__(self, guide: ExactEStep, mstep, args: tuple, kwargs: dict) -> None:
+        self.guide, self.optim, self.args, self.kwargs = guide, mstep, args, kwargs
+
+    def estep(self, wants_grads, n_done, snap, names) -> tuple[float, Posterior]:
+        post = _estep(self.guide, self.args, self.kwargs, wants_grads, n_done, snap, names)
+        return float(post.log_likelihood), post
+
+    def mstep(self, post: Posterior) -> dict[str, Any]:
+        return self.optim(self.guide, post, self.args, self.kwargs)
+
+    def final(self, n_done, snap, names) -> float:
+        return self.estep(False, n_done, snap, names)[0]
+
+
+class _Streamed:
+    """Exact EM on a stream: an E-step is a pass over the batches summing log p(x) and the
+    statistics (:meth:`EMOptim.stream_estep`), the M-step applies them."""
+
+    def __init__(self, guide: ExactEStep, mstep: EMOptim, batches: Batches) -> None:
+        self.guide, self.optim, self.batches = guide, mstep, batches
+
+    def estep(self, wants_grads, n_done, snap, names):
+        spass = _guarded_estep(
+            lambda: self.optim.stream_estep(self.guide, self.batches), n_done, snap, names
+        )
+        return spass.log_likelihood, spass
+
+    def mstep(self, spass) -> dict[str, Any]:
+        return self.optim.stream_mstep(self.guide, self.batches, spass)
+
+    def final(self, n_done, snap, names) -> float:
+        return _guarded_estep(
+            lambda: stream_log_likelihood(self.guide, self.batches), n_done, snap, names
+        )
+
+
+def stream_log_likelihood(guide: ExactEStep, batches: Batches) -> float:
+    """Exact :math:`\\log p(x)` of a stream at the current params: one pass, summed over the
+    batches (and, data-parallel, over the ranks)."""
+    total = 0.0
+    for args, kwargs in batches:
+        total += float(guide.log_likelihood(*args, **kwargs))
+    return dp.all_reduce_float(total)
+
+
+def _run_exact(model, guide: ExactEStep, engine, loop: _Loop) -> FitResult:
     max_iter, tol, n_data, callback = loop.max_iter, loop.tol, loop.n_data, loop.callback
+    mstep = engine.optim
     history: dict[str, list[float]] = {"log_likelihood": [], "time": []}
     names = loop.info.params
     wants_grads = getattr(mstep, "needs_param_grads", False)
     converged = interrupted = in_mstep = False
     info: dict[str, Any] = {}
-    n_done, saved = _resume(loop, model, guide, mstep, args, kwargs)
+    n_done, saved = _resume(loop, model, guide, mstep, *loop.info.first)
     history = saved or history
     start = time.perf_counter() - (history["time"][-1] if history["time"] else 0.0)
     snap = _snapshot(names)  # params of the last iteration whose log-likelihood was finite
@@ -581,8 +776,7 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
     try:
         while n_done < max_iter:
             try:
-                post = _estep(guide, args, kwargs, wants_grads, n_done, snap, names)
-                ll = float(post.log_likelihood)
+                ll, post = engine.estep(wants_grads, n_done, snap, names)
                 _check_finite(ll, "log-likelihood", n_done, snap, names)
             except FloatingPointError as e:
                 # the last M-step led to invalid params; they were restored: undo that iteration
@@ -602,7 +796,7 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
             snap = _snapshot(names)
             in_mstep = True
             try:
-                info = dict(mstep(guide, post, args, kwargs) or {})
+                info = dict(engine.mstep(post) or {})
             except (FloatingPointError, torch.linalg.LinAlgError) as e:
                 if not _recover(loop, mstep, e, n_done + 1, recoveries):
                     raise
@@ -621,7 +815,12 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
             bar.update()
             bar.set_postfix(ll_per_datum=f"{ll / n_data:.6g}")
             if callback is not None and callback(
-                n_done, {"log_likelihood": ll, "posterior": post, **info}
+                n_done,
+                {
+                    "log_likelihood": ll,
+                    "posterior": post if isinstance(engine, _InMemory) else None,
+                    **info,
+                },
             ):
                 converged = True
                 post = None
@@ -638,11 +837,12 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
         bar.close()
     if post is None or not converged or interrupted:
         # the final E-step: the reported log-likelihood belongs to the returned params
-        post = _estep(guide, args, kwargs, False, n_done, snap, names)
-        _check_finite(float(post.log_likelihood), "log-likelihood", n_done, snap, names)
-        history["log_likelihood"].append(float(post.log_likelihood))
+        final = engine.final(n_done, snap, names)
+        _check_finite(final, "log-likelihood", n_done, snap, names)
+        history["log_likelihood"].append(final)
         history["time"].append(time.perf_counter() - start)
-    final = float(post.log_likelihood)
+    else:
+        final = history["log_likelihood"][-1]
     if not converged and not interrupted and tol > 0:
         warnings.warn(
             f"fit did not converge in {max_iter} iterations (last change "
@@ -668,6 +868,179 @@ def _run_exact(model, guide: ExactEStep, mstep, args, kwargs, loop: _Loop) -> Fi
         closed_form=list(info.get("closed_form", [])),
         gradient=list(info.get("gradient", names if isinstance(mstep, GradientMStep) else [])),
     )
+
+
+def _run_minibatch(model, guide, optimizer, stream: Batches, loop: _Loop) -> FitResult:
+    """An update after every minibatch of ``stream``, the model scaled by N / B: online EM or
+    minibatch EG (an ExactEStep guide and its M-step), or SVI. An iteration is an epoch."""
+    max_iter, tol, n_data, callback = loop.max_iter, loop.tol, loop.n_data, loop.callback
+    exact = isinstance(guide, ExactEStep)
+    key = "log_likelihood" if exact else "elbo"
+    history: dict[str, list[float]] = {key: [], "time": [], "batch": []}
+    names = loop.info.params
+    if exact:
+        wants_grads = getattr(optimizer, "needs_param_grads", False)
+    else:
+        loss = loop.loss or (TraceEnum_ELBO() if loop.info.enumerates else Trace_ELBO())
+        svi = SVI(model, guide, optimizer, loss)
+        controlled = isinstance(loss, KLControlledELBO)
+        if controlled:
+            history["kl_weight"] = []
+    n_done, saved = _resume(loop, model, guide, optimizer, *loop.info.first)
+    history = saved or history
+    position = loop.resume.get("position") if saved else None
+    steps = len(history["batch"])
+    start = time.perf_counter() - (history["time"][-1] if history["time"] else 0.0)
+    converged = interrupted = False
+    info: dict[str, Any] = {}
+    snap = _snapshot(names) if exact else {}
+    rng = rng_state() if loop.ckpt is not None else None
+    done_in_epoch, epoch_sum, epoch_batches = 0, 0.0, 0
+    rng_epoch = None
+    label = "online EM" if isinstance(optimizer, OnlineEM) else "EM" if exact else "SVI"
+    bar = _bar(loop.progress, max_iter, label if loop.n_init == 1 else f"{label} run {loop.run}")
+    bar.update(n_done)
+
+    def update(args, kwargs, scale) -> tuple[float, dict, bool]:
+        """One minibatch step; returns its (scaled) objective, the step's info and whether a
+        Ctrl-C came during an optimizer update."""
+        if not exact:
+            if controlled:
+                loss.step = steps
+            with poutine.scale(scale=scale):
+                value, stop = _svi_step(svi, args, kwargs, steps + 1)
+            return (loss.last_elbo if controlled else -value), {}, stop
+
+        def estep() -> Posterior:
+            post = guide.posterior(*args, param_grads=wants_grads, **kwargs)
+            dp.all_reduce_([post.log_likelihood])
+            return post
+
+        with poutine.scale(scale=scale):
+            post = _guarded_estep(estep, steps, snap, names)
+            ll = float(post.log_likelihood)
+            _check_finite(ll, "minibatch log-likelihood", steps, snap, names)
+            step_info = dict(optimizer(guide, post, args, kwargs) or {})
+        return ll, step_info, False
+
+    try:
+        while n_done < max_iter:
+            if position is not None:  # resume inside the epoch: the same shuffle, then skip
+                rng_epoch = position["rng_epoch"]
+                set_rng(rng_epoch)
+                skip, epoch_sum = position["batch"], position["epoch_sum"]
+            else:
+                rng_epoch = rng_state()
+                skip, epoch_sum = 0, 0.0
+            done_in_epoch = 0
+            stopped = False
+            for args, kwargs, n_rows in dp.lockstep(stream.with_rows()):
+                if done_in_epoch < skip:
+                    done_in_epoch += 1
+                    if done_in_epoch == skip:
+                        set_rng(position["rng"])
+                    continue
+                position = None
+                scale = loop.n_rows / dp.all_reduce_float(n_rows)
+                with _deferred_interrupt() as caught:  # a step is never cut in half
+                    value, info, stop = update(args, kwargs, scale)
+                if not exact and controlled:
+                    history["kl_weight"].append(loss.beta)
+                steps += 1
+                done_in_epoch += 1
+                epoch_sum += value / scale
+                history["batch"].append(value / n_data)
+                if exact:
+                    snap = _snapshot(names)
+                if loop.ckpt is not None:
+                    rng = rng_state()
+                    if loop.ckpt.due(steps):
+                        _save(
+                            loop,
+                            n_done,
+                            history,
+                            optimizer,
+                            rng,
+                            _position(done_in_epoch, rng_epoch, epoch_sum, rng),
+                        )
+                bar.set_postfix({f"{key}_per_datum": f"{value / n_data:.6g}"})
+                if callback is not None and callback(
+                    steps, {key: value, "epoch": n_done, "batch": done_in_epoch - 1, **info}
+                ):
+                    converged = stopped = True
+                    break
+                if stop or caught:
+                    raise KeyboardInterrupt
+            if stopped:
+                break
+            if done_in_epoch == 0:
+                raise ValueError("the stream gave no batch in this epoch")
+            epoch_batches = done_in_epoch
+            history[key].append(epoch_sum)
+            history["time"].append(time.perf_counter() - start)
+            n_done += 1
+            done_in_epoch = 0
+            bar.update()
+            if loop.ckpt is not None:
+                rng = rng_state()
+                _save(loop, n_done, history, optimizer, rng)
+            h = history[key]
+            if tol > 0 and len(h) > 1 and _last_change(h, n_data) < tol:
+                converged = True
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        if loop.ckpt is not None:
+            pos = _position(done_in_epoch, rng_epoch, epoch_sum, rng) if done_in_epoch else None
+            _save(loop, n_done, history, optimizer, rng, pos)
+    finally:
+        bar.close()
+    if not converged and not interrupted and tol > 0:
+        warnings.warn(
+            f"fit did not converge in {max_iter} epochs (tol={tol} on the change of the "
+            "epoch's summed minibatch objective per datum); raise max_iter or tol.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    if exact:
+        # the exact log-likelihood of the returned params: one more pass
+        final = _guarded_estep(lambda: stream_log_likelihood(guide, stream), steps, snap, names)
+        _check_finite(final, "log-likelihood", steps, snap, names)
+        history[key].append(final)
+        history["time"].append(time.perf_counter() - start)
+        params = names
+    else:
+        recent = history["batch"][-(epoch_batches or len(history["batch"])) :]
+        final = sum(recent) / len(recent) * n_data if recent else float("nan")
+        params = list(pyro.get_param_store().keys())
+    algorithm = (
+        "SVI"
+        if not exact
+        else (
+            "EG" if isinstance(optimizer, GradientMStep) else getattr(optimizer, "algorithm", "EM")
+        )
+    )
+    return FitResult(
+        constraints=constraints_of(params),
+        params=_constrained(params),
+        log_likelihood=final if exact else None,
+        elbo=final,
+        history=history,
+        converged=converged,
+        n_iter=n_done,
+        n_data=n_data,
+        algorithm=algorithm,
+        interrupted=interrupted,
+        info=info if exact else {"guide_params": params},
+        closed_form=list(info.get("closed_form", [])),
+        gradient=list(info.get("gradient", names if isinstance(optimizer, GradientMStep) else [])),
+    )
+
+
+def _position(batch: int, rng_epoch, epoch_sum: float, rng) -> dict[str, Any]:
+    """Where a minibatch fit is inside its epoch: batches done, the RNG at the epoch's start
+    (the loader's shuffle) and now, and the epoch's running sum."""
+    return {"batch": batch, "rng_epoch": rng_epoch, "epoch_sum": epoch_sum, "rng": rng}
 
 
 _MAX_RECOVERIES = 5
@@ -705,10 +1078,23 @@ def _trim(history: dict[str, list[float]], n: int) -> None:
 
 
 def _estep(guide, args, kwargs, wants_grads, n_done, snap, names) -> Posterior:
-    """The E-step; a model error once the M-step has moved the params (Pyro's validation of a
-    scale driven to 0, say) rolls back to the last finite params and is a FloatingPointError."""
+    """The E-step (data-parallel: its log-likelihood summed over the ranks); see
+    :func:`_guarded_estep`."""
+
+    def run() -> Posterior:
+        post = guide.posterior(*args, param_grads=wants_grads, **kwargs)
+        dp.all_reduce_([post.log_likelihood])
+        return post
+
+    return _guarded_estep(run, n_done, snap, names)
+
+
+def _guarded_estep(run: Callable[[], Any], n_done, snap, names):
+    """Run an E-step; a model error once the M-step has moved the params (Pyro's validation of
+    a scale driven to 0, say) rolls back to the last finite params and is a
+    FloatingPointError."""
     try:
-        return guide.posterior(*args, param_grads=wants_grads, **kwargs)
+        return run()
     except EnumerationError:
         raise
     except ValueError as e:
@@ -757,8 +1143,15 @@ def _svi_step(svi: SVI, args: tuple, kwargs: dict, it: int) -> tuple[float, bool
         store = pyro.get_param_store()
         pyro.infer.util.zero_grads({store.get_param(n).unconstrained() for n in store})
         raise
-    params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+    # (a list in trace order: data-parallel ranks reduce the grads in the same order)
+    params = list(
+        {
+            id(p): p for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())
+        }.values()
+    )
     value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+    dp.all_reduce_grads(params)  # the gradient of the ELBO summed over the shards
+    value = dp.all_reduce_float(value)
     bad = sorted(
         pyro.get_param_store().param_name(p)
         for p in params

@@ -52,10 +52,14 @@ def _lp_shape(site: dict) -> torch.Size:
     return torch.broadcast_shapes(fn.batch_shape, value.shape[: value.dim() - fn.event_dim])
 
 
-def init_potentials(strategy: str, depth: int, generator=None) -> Callable:
+def init_potentials(
+    strategy: str, depth: int, generator=None, centers: dict | None = None
+) -> Callable:
     """The ``potentials(name, site)`` callback of ``strategy`` for
     :meth:`ExactEStep.posterior <pyro_emvae.estep.ExactEStep.posterior>` (``depth`` is the
-    model's max_plate_nesting)."""
+    model's max_plate_nesting). ``centers``, a dict, keeps each site's k-means++ centers from
+    the first call, so that every minibatch of a stream is assigned to the centers seeded on
+    the first one."""
     if strategy not in ("random", "kmeans++"):
         raise ValueError(f"unknown init strategy {strategy!r}; choose one of {STRATEGIES}")
 
@@ -73,7 +77,7 @@ def init_potentials(strategy: str, depth: int, generator=None) -> Callable:
             like = fn.transition_logits
             if strategy == "kmeans++" and value.is_floating_point():
                 points = value.reshape(batch + (t, -1))
-                return _nearest(points, k, generator)
+                return _nearest(points, k, generator, centers, name)
             return random_like(shape, like)
         shape = _lp_shape(site)
         enum = [i for i, s in enumerate(shape) if i < len(shape) - depth and s > 1]
@@ -84,7 +88,7 @@ def init_potentials(strategy: str, depth: int, generator=None) -> Callable:
         k = shape[enum[0]]
         batch = value.shape[: value.dim() - fn.event_dim]
         points = value.reshape(batch + (math.prod(value.shape[len(batch) :]),))
-        pot = _nearest(points, k, generator)  # batch + (K,)
+        pot = _nearest(points, k, generator, centers, name)  # batch + (K,)
         pot = pot.movedim(-1, 0)
         target = (k,) + (1,) * (len(shape) - enum[0] - 1 - len(batch)) + tuple(batch)
         return pot.reshape(target).expand(shape[enum[0] :])
@@ -92,10 +96,16 @@ def init_potentials(strategy: str, depth: int, generator=None) -> Callable:
     return potentials
 
 
-def _nearest(points: torch.Tensor, k: int, generator) -> torch.Tensor:
-    """Hard log-potentials ``(*batch, K)``: 0 at each point's nearest k-means++ center."""
-    flat = points.reshape(-1, points.size(-1))
-    centers = kmeans_pp_centers(flat, k, generator)
+def _nearest(points: torch.Tensor, k: int, generator, cache=None, key=None) -> torch.Tensor:
+    """Hard log-potentials ``(*batch, K)``: 0 at each point's nearest k-means++ center (the
+    centers are seeded on these points, or taken from ``cache[key]`` if an earlier call put
+    them there)."""
+    if cache is not None and key in cache:
+        centers = cache[key]
+    else:
+        centers = kmeans_pp_centers(points.reshape(-1, points.size(-1)), k, generator)
+        if cache is not None:
+            cache[key] = centers
     d2 = ((points.unsqueeze(-2) - centers) ** 2).sum(-1)
     nearest = d2.argmin(-1, keepdim=True)
     pot = torch.full_like(d2, _HARD)

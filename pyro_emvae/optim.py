@@ -23,12 +23,13 @@ from pyro.optim import PyroOptim
 from pyro.poutine.subsample_messenger import _Subsample
 from torch.distributions import constraints, transform_to
 
+from pyro_emvae import distributed as dp
 from pyro_emvae.checkpoint import load_optim_state
 from pyro_emvae.estep import ExactEStep, Posterior
 from pyro_emvae.rules import Stats, summarize_site, unhandled_params
 from pyro_emvae.track import IdSpace, Tracked, probe
 
-__all__ = ["EMOptim", "GradientMStep"]
+__all__ = ["EMOptim", "GradientMStep", "OnlineEM", "StreamPass"]
 
 
 def gradient_steps(
@@ -49,9 +50,11 @@ def gradient_steps(
             q = guide.expected_log_joint(posterior, *args, **kwargs)
         params = {n: s["value"].unconstrained() for n, s in capture.trace.nodes.items()}
         (-q).backward()
-        optim([p for n, p in params.items() if names is None or n in names])
+        moved = [p for n, p in params.items() if names is None or n in names]
+        dp.all_reduce_grads(moved)  # data-parallel: the gradient of the sum over shards
+        optim(moved)
         pyro.infer.util.zero_grads(set(params.values()))
-        value = float(q.detach())
+        value = dp.all_reduce_float(float(q.detach()))
     return value
 
 
@@ -100,6 +103,7 @@ class GradientMStep:
         params = {n: store.get_param(n).unconstrained() for n in posterior.param_grads}
         for name, p in params.items():
             p.grad = -posterior.param_grads[name].detach().clone()
+        dp.all_reduce_grads(params.values())
         self.optim(params.values())
         pyro.infer.util.zero_grads(set(params.values()))
         q_value = gradient_steps(guide, posterior, args, kwargs, self.optim, self.steps - 1)
@@ -128,6 +132,20 @@ class _Plan:
     closed_form: list[str]
     gradient: list[str]
     reasons: dict[str, str]
+
+
+@dataclass
+class StreamPass:
+    """What one pass over a stream gathered: the total :math:`\\log p(x)` at the pass's params,
+    the statistics of stage 0 and stage 1 (None where not gathered), the ids the stage-1 rules
+    read, the last batch's plan, and the params the guard undid (if it did)."""
+
+    log_likelihood: float
+    stats: list
+    reads: torch.Tensor | None
+    plan: _Plan
+    rejected: list[str] | None = None
+    potentials: Any = None  # the E-step's init potentials (an initialization pass)
 
 
 class EMOptim:
@@ -192,6 +210,7 @@ class EMOptim:
         self._prev: dict | None = None
         self._plan: _Plan | None = None
         self._plan_key: tuple | None = None
+        self._two_pass: bool | None = None  # streaming: whether stage 1 needs its own pass
 
     needs_param_grads = False
 
@@ -202,15 +221,20 @@ class EMOptim:
         return "ECM" if self._plan.closed_form else "EG"
 
     # ---------------------------------------------------------------- the plan (probe)
-    def plan(self, guide: ExactEStep, args: tuple, kwargs: dict, subsample=None) -> _Plan:
-        """Probe the model (once per set of args; on the E-step's minibatch ``subsample``, a
-        trace of the plates' subsample sites, when the model subsamples) and split its params."""
+    def plan(
+        self, guide: ExactEStep, args: tuple, kwargs: dict, subsample=None, cache: bool = True
+    ) -> _Plan:
+        """Probe the model (once per set of args, unless ``cache`` is False; on the E-step's
+        minibatch ``subsample``, a trace of the plates' subsample sites, when the model
+        subsamples) and split its params."""
         key = tuple(
             (id(a), tuple(a.shape)) if isinstance(a, torch.Tensor) else id(a)
             for a in (*args, *sorted(kwargs.items()))
         )
-        if subsample is not None and len(subsample.nodes):
-            key = None  # a new minibatch each E-step: probe the one the E-step saw
+        if (subsample is not None and len(subsample.nodes)) or not cache:
+            # a new minibatch each E-step, or a stream (whose freed batches' ids come back):
+            # probe the one the E-step saw
+            key = None
         if self._plan is not None and key is not None and key == self._plan_key:
             return self._plan
         depth = guide._plate_nesting(args, kwargs)
@@ -248,8 +272,19 @@ class EMOptim:
         return self._plan
 
     # ---------------------------------------------------------------- statistics
-    def summarize(self, plan: _Plan, posterior: Posterior, stage: int) -> Stats:
-        """Expected sufficient statistics of every site under ``posterior`` (additive)."""
+    def summarize(
+        self,
+        plan: _Plan,
+        posterior: Posterior,
+        stage: int,
+        flat: torch.Tensor | None = None,
+        reads: torch.Tensor | None = None,
+    ) -> Stats:
+        """Expected sufficient statistics of every site under ``posterior`` (additive).
+
+        The rules read the params' current values (stage 1 reads the locations stage 0 set)
+        from the store, or from ``flat`` (all params flattened over the probe's id space) if
+        given; ``reads`` (bool over the id space), if given, marks the ids they read."""
         for name, site in posterior.subsample.nodes.items() if posterior.subsample else ():
             probed = plan.trace.nodes.get(name)
             if probed is None or not torch.equal(probed["value"], site["value"]):
@@ -258,11 +293,17 @@ class EMOptim:
                     "posterior's; make it with plan(guide, args, kwargs, posterior.subsample)"
                 )
         space = plan.space
-        flat = _flat_params(space)
+        if flat is None:
+            flat = _flat_params(space)
 
         def current(t):
             # gather at the compact ids: broadcast (stride-0) dims stay size 1 and broadcast
-            return flat[_compact(t.ids)] if isinstance(t, Tracked) else t
+            if not isinstance(t, Tracked):
+                return t
+            ids = _compact(t.ids)
+            if reads is not None:
+                reads[ids.reshape(-1)] = True
+            return flat[ids]
 
         stats = Stats(space.size)
         for name, site in plan.trace.nodes.items():
@@ -381,9 +422,9 @@ class EMOptim:
         return cur.reshape(-1)
 
     # ---------------------------------------------------------------- the step
-    def _objective(self, plan: _Plan, posterior: Posterior) -> float:
+    def _objective(self, plan: _Plan, log_likelihood: float) -> float:
         """What EM never lowers: log p(x), plus the Dirichlet log-prior under MAP-EM."""
-        value = float(posterior.log_likelihood)
+        value = float(log_likelihood)
         if self.dirichlet != 1.0:
             store = pyro.get_param_store()
             for name in plan.closed_form:
@@ -393,21 +434,24 @@ class EMOptim:
 
     def _guard(self, guide, posterior, plan, args, kwargs):
         """Undo the previous update if it lowered the objective; name the param(s) that did."""
-        objective = self._objective(plan, posterior)
+        objective = self._objective(plan, posterior.log_likelihood)
         prev, self._prev = self._prev, None
         if prev is None or objective >= prev["objective"] - 1e-9 * (1.0 + abs(prev["objective"])):
             return posterior, objective, None
         after = _snapshot_values(prev["params"])
         _write(prev["params"])
         before = guide.posterior(*args, **kwargs)
+        dp.all_reduce_([before.log_likelihood])
         with torch.no_grad():
-            base = float(guide.expected_log_joint(before, *args, **kwargs))
+
+            def q_value() -> float:
+                return dp.all_reduce_float(float(guide.expected_log_joint(before, *args, **kwargs)))
+
+            base = q_value()
             culprits = []
             for name in prev["params"]:
                 _write({name: after[name]})
-                if float(guide.expected_log_joint(before, *args, **kwargs)) < base - 1e-9 * (
-                    1.0 + abs(base)
-                ):
+                if q_value() < base - 1e-9 * (1.0 + abs(base)):
                     culprits.append(name)
                 _write({name: prev["params"][name]})
         rejected = culprits or sorted(prev["params"])
@@ -416,11 +460,12 @@ class EMOptim:
             f"undone (params {rejected}), and this iteration takes closed-form updates only",
             stacklevel=4,
         )
-        return before, self._objective(plan, before), rejected
+        return before, self._objective(plan, before.log_likelihood), rejected
 
     def reset(self) -> None:
         """Forget the guard's memory of the last update (a new run, or params set by hand)."""
         self._prev = None
+        self._two_pass = None
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed fit needs: the gradient optimizer's state and the guard's memory."""
@@ -462,9 +507,7 @@ class EMOptim:
                 "params": _snapshot_values(plan.closed_form + plan.gradient),
             }
         if plan.closed_form:
-            for stage in (0, 1):
-                stats = self.summarize(plan, posterior, stage)
-                _write(self.maximize(plan, stats, stage))
+            self._closed_form(plan, posterior)
         info: dict[str, Any] = {
             "closed_form": list(plan.closed_form),
             "gradient": list(plan.gradient),
@@ -479,10 +522,264 @@ class EMOptim:
             )
         return info
 
+    def _closed_form(self, plan: _Plan, posterior: Posterior) -> None:
+        """Both stages of the closed-form update from one posterior (data-parallel: from the
+        statistics summed over the ranks)."""
+        for stage in (0, 1):
+            stats = self.summarize(plan, posterior, stage)
+            dp.all_reduce_stats(stats)
+            _write(self.maximize(plan, stats, stage))
+
+    # ---------------------------------------------------------------- streaming EM
+    def stream_estep(self, guide: ExactEStep, batches, potentials=None) -> StreamPass:
+        """The E-step of one exact streaming EM iteration: one pass over ``batches`` (an
+        iterable of ``(args, kwargs)``, read again each iteration) at the current params,
+        summing :math:`\\log p(x)` and the closed-form params' expected sufficient statistics
+        batch by batch (data-parallel: then over the ranks). Only the statistics are kept, so
+        memory is that of one batch. With ``guard``, an iteration that lowered the objective is
+        undone (the pass is then made again at the restored params).
+
+        :meth:`stream_mstep` then applies the update; the pair equals one full-batch
+        ``EMOptim`` iteration on the concatenated batches."""
+        spass = self._pass(guide, batches, potentials)
+        if not self.guard or potentials is not None:
+            return spass
+        objective = self._objective(spass.plan, spass.log_likelihood)
+        prev, self._prev = self._prev, None
+        if prev is not None and objective < prev["objective"] - 1e-9 * (
+            1.0 + abs(prev["objective"])
+        ):
+            _write(prev["params"])
+            rejected = sorted(prev["params"])
+            warnings.warn(
+                f"an M-step lowered the objective by {prev['objective'] - objective:.3g} nats; "
+                f"it was undone (params {rejected}), and this iteration takes closed-form "
+                "updates only",
+                stacklevel=3,
+            )
+            self.rejected.append(rejected)
+            spass = self._pass(guide, batches)
+            spass.rejected = rejected
+            objective = self._objective(spass.plan, spass.log_likelihood)
+        self._prev = {
+            "objective": objective,
+            "params": _snapshot_values(spass.plan.closed_form + spass.plan.gradient),
+        }
+        return spass
+
+    def _pass(self, guide, batches, potentials=None, stage1_flat=None) -> StreamPass:
+        """One pass: ``log p(x)`` and stage-0 statistics (and stage-1 statistics, read at the
+        store's params, or at ``stage1_flat``: only those are summed when it is given)."""
+        total = 0.0
+        stats: list[Stats | None] = [None, None]
+        reads = None
+        plan = None
+        speculate = stage1_flat is None and self._two_pass is not True
+        for args, kwargs in batches:
+            post = guide.posterior(*args, potentials=potentials, **kwargs)
+            total += float(post.log_likelihood)
+            plan = self.plan(guide, args, kwargs, post.subsample, cache=False)
+            if not plan.closed_form:
+                continue
+            if reads is None:  # (over the probe's ids, which live on the CPU)
+                reads = torch.zeros(plan.space.size, dtype=torch.bool)
+            if stats[0] is not None and stats[0].size != plan.space.size:
+                raise ValueError(
+                    f"the model's params changed between minibatches ({stats[0].size} elements, "
+                    f"then {plan.space.size}); a streamed model must make the same params for "
+                    "every batch"
+                )
+            stages = [1] if stage1_flat is not None else [0, 1] if speculate else [0]
+            for stage in stages:
+                s = self.summarize(plan, post, stage, flat=stage1_flat, reads=reads)
+                stats[stage] = s if stats[stage] is None else stats[stage].add_(s)
+            del post
+        if plan is None:
+            raise ValueError("the stream gave no batch: a DataLoader over an empty dataset?")
+        total = dp.all_reduce_float(total)
+        for s in stats:
+            if s is not None:
+                dp.all_reduce_stats(s)
+        if reads is not None and dp.active():
+            counts = reads.double()
+            dp.all_reduce_([counts])
+            reads = counts > 0
+        return StreamPass(total, stats, reads, plan, potentials=potentials)
+
+    def stream_mstep(self, guide: ExactEStep, batches, spass: StreamPass) -> dict[str, Any]:
+        """The M-step of an exact streaming iteration, from :meth:`stream_estep`'s statistics:
+        stage 0 (locations, probabilities) in closed form; stage 1 (scales, covariances) from
+        statistics about the *new* locations, which takes a second pass over the batches at
+        the E-step's params when the stage-1 statistics read a location that stage 0 moved
+        (Gaussian emissions; not for counts, categories or fixed locations). Then, if some
+        params have no closed form, ``svi_steps`` gradient steps per batch on
+        :math:`\\mathbb{E}_q[\\log p(x_b, z_b)]` with q the batch's exact posterior at the current
+        params (stochastic: that part is minibatch EG)."""
+        plan = spass.plan
+        before = _snapshot_values(plan.closed_form + plan.gradient)
+        try:
+            return self._stream_mstep(guide, batches, spass, plan)
+        except Exception:
+            _write(before)
+            self._prev = None
+            raise
+
+    def _stream_mstep(self, guide, batches, spass, plan) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "closed_form": list(plan.closed_form),
+            "gradient": list(plan.gradient),
+            "passes": 1,
+        }
+        if plan.closed_form:
+            new0 = self.maximize(plan, spass.stats[0], 0)
+            stage1 = spass.stats[1]
+            old = _flat_params(plan.space)
+            flat = old.clone()
+            for name, value in new0.items():
+                o = plan.space.offsets[name]
+                flat[o : o + value.numel()] = value.reshape(-1).to(flat.dtype)
+            changed = (flat != old).cpu()
+            if stage1 is None or (spass.reads is not None and (changed & spass.reads).any()):
+                self._two_pass = True
+                stage1 = self._pass(guide, batches, spass.potentials, stage1_flat=flat).stats[1]
+                info["passes"] = 2
+            _write(new0)
+            if stage1 is not None:
+                _write(self.maximize(plan, stage1, 1))
+        if spass.rejected is not None:
+            info["rejected"] = spass.rejected
+        elif plan.gradient and self.svi_steps > 0:
+            for args, kwargs in dp.lockstep(batches):
+                post = guide.posterior(*args, **kwargs)
+                batch_plan = self.plan(guide, args, kwargs, post.subsample, cache=False)
+                info["expected_log_joint"] = gradient_steps(
+                    guide,
+                    post,
+                    args,
+                    kwargs,
+                    self.svi_optim,
+                    self.svi_steps,
+                    set(batch_plan.gradient),
+                )
+            info["passes"] += 1
+        return info
+
     def __repr__(self) -> str:
         return (
             f"EMOptim(svi_steps={self.svi_steps}, reg_covar={self.reg_covar}, "
             f"dirichlet={self.dirichlet}, closed_form={self.closed_form!r})"
+        )
+
+
+class OnlineEM(EMOptim):
+    """Online EM (Cappé & Moulines, 2009): after each minibatch, a stochastic-approximation
+    step on the expected sufficient statistics, then the closed-form update from them.
+
+    With :math:`\\hat s_k` the statistics of minibatch k under its exact posterior (scaled by
+    N / B, as Pyro scales a subsampled plate, so that they estimate the full data's),
+
+    .. math::
+
+        s_k = (1 - \\rho_k)\\, s_{k-1} + \\rho_k \\hat s_k, \\qquad
+        \\rho_k = (k + t_0)^{-\\kappa}, \\quad \\rho_0 = 1,
+
+    and the params are set to the maximizer given :math:`s_k`. With
+    :math:`\\kappa \\in (0.5, 1]` the steps satisfy :math:`\\sum \\rho = \\infty,
+    \\sum \\rho^2 < \\infty`, and the fit converges to a stationary point of the full-data
+    log-likelihood while each update costs one minibatch. The two stages of
+    :class:`EMOptim` (locations, then scales about the new locations) each keep their own
+    average. Params with no closed form take ``svi_steps`` gradient steps on the minibatch.
+
+    Use it with :func:`~pyro_emvae.fit.fit` on a ``DataLoader`` (each iteration is an epoch,
+    an update per minibatch), or on in-memory data with a subsampled plate
+    (``pyro.plate("data", N, subsample_size=B)``: one update per iteration).
+
+    Args:
+        kappa: the step-size decay, in (0.5, 1]; smaller forgets faster.
+        t0: the step-size offset (>= 0); larger damps the early steps.
+        **kwargs: as :class:`EMOptim` (``reg_covar``, ``dirichlet``, ``svi_optim``, ...);
+            there is no guard, since a minibatch step may lower the full-data likelihood.
+
+    Example::
+
+        >>> from pyro_emvae import OnlineEM
+        >>> mstep = OnlineEM(kappa=0.6, t0=2.0)
+        >>> [round(mstep.step_size(k), 3) for k in range(3)]
+        [1.0, 0.517, 0.435]
+    """
+
+    def __init__(self, kappa: float = 0.6, t0: float = 2.0, **kwargs: Any) -> None:
+        if not 0.5 < kappa <= 1.0:
+            raise ValueError(f"kappa must be in (0.5, 1] (Cappé & Moulines), got {kappa}")
+        if t0 < 0 or not math.isfinite(t0):
+            raise ValueError(f"t0 must be a finite number >= 0, got {t0}")
+        if kwargs.pop("guard", False):
+            raise ValueError("OnlineEM has no guard: a minibatch step may lower log p(x)")
+        super().__init__(guard=False, **kwargs)
+        self.kappa = kappa
+        self.t0 = t0
+        self.n_updates = 0
+        self._running: dict[int, Stats] = {}
+
+    @property
+    def algorithm(self) -> str:
+        return "online " + super().algorithm
+
+    def step_size(self, k: int) -> float:
+        """:math:`\\rho_k`: 1 for the first update, then :math:`(k + t_0)^{-\\kappa}`."""
+        return 1.0 if k == 0 else float((k + self.t0) ** -self.kappa)
+
+    def _closed_form(self, plan: _Plan, posterior: Posterior) -> None:
+        rho = self.step_size(self.n_updates)
+        for stage in (0, 1):
+            stats = self.summarize(plan, posterior, stage)
+            dp.all_reduce_stats(stats)
+            running = self._running.get(stage)
+            if running is None or rho == 1.0 or running.size != stats.size:
+                self._running[stage] = stats
+            else:
+                running.scale_(1.0 - rho).add_(stats, alpha=rho)
+            _write(self.maximize(plan, self._running[stage], stage))
+        self.n_updates += 1
+
+    def reset(self) -> None:
+        """A new run: forget the averaged statistics and restart the step sizes."""
+        super().reset()
+        self.n_updates = 0
+        self._running = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["n_updates"] = self.n_updates
+        state["running"] = {
+            stage: {
+                "size": st.size,
+                "sums": {k: v.detach().clone() for k, v in st.sums.items()},
+                "touched": {k: v.clone() for k, v in st.touched.items()},
+                "forms": dict(st.forms),
+            }
+            for stage, st in self._running.items()
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.n_updates = state["n_updates"]
+        self._running = {
+            stage: Stats(s["size"], dict(s["sums"]), dict(s["forms"]), dict(s["touched"]))
+            for stage, s in state["running"].items()
+        }
+
+    def stream_estep(self, *args, **kwargs):
+        raise TypeError(
+            "OnlineEM updates after every minibatch; fit runs it batch by batch (exact "
+            "streaming passes are EMOptim's)"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"OnlineEM(kappa={self.kappa}, t0={self.t0}, reg_covar={self.reg_covar}, "
+            f"dirichlet={self.dirichlet}, svi_steps={self.svi_steps})"
         )
 
 

@@ -101,6 +101,27 @@ class Stats:
             seen = self.touched[kind] = torch.zeros(self.size, dtype=torch.bool, device=vec.device)
         seen[ids.reshape(-1)] = True
 
+    def add_(self, other: Stats, alpha: float = 1.0) -> Stats:
+        """``self += alpha * other`` in place (a streaming pass accumulates batch by batch
+        without copies; online EM blends with ``alpha``); returns ``self``."""
+        for k, v in other.sums.items():
+            mine = self.sums.get(k)
+            if mine is None:
+                self.sums[k] = v * alpha if alpha != 1.0 else v.clone()
+            else:
+                mine.add_(v, alpha=alpha)
+        for k, v in other.touched.items():
+            mine = self.touched.get(k)
+            self.touched[k] = v.clone() if mine is None else mine | v
+        self.forms.update(other.forms)
+        return self
+
+    def scale_(self, factor: float) -> Stats:
+        """Multiply every statistic by ``factor`` in place; returns ``self``."""
+        for v in self.sums.values():
+            v.mul_(factor)
+        return self
+
     def __add__(self, other: Stats) -> Stats:
         out = Stats(
             self.size, {k: v.clone() for k, v in self.sums.items()}, {**self.forms, **other.forms}
