@@ -14,7 +14,8 @@ from pyro_emvae.evaluate import (
     score,
 )
 from pyro_emvae.fit import ConvergenceWarning, FitResult, fit
-from pyro_emvae.optim import EMOptim, GradientMStep
+from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
+from pyro_emvae.stream import Batches
 from pyro_emvae.validate import ModelInputError, PrecisionWarning
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AmortizationGap",
     "AmortizedGuide",
+    "Batches",
     "ConvergenceWarning",
     "Diagnostics",
     "EMOptim",
@@ -33,6 +35,7 @@ __all__ = [
     "LogMarginal",
     "MeanFieldGuide",
     "ModelInputError",
+    "OnlineEM",
     "Posterior",
     "PrecisionWarning",
     "__version__",

@@ -32,6 +32,7 @@ from typing import Any
 
 import pyro
 import torch
+from pyro.poutine.messenger import Messenger
 
 __all__ = [
     "active",
@@ -39,6 +40,7 @@ __all__ = [
     "all_reduce_stats",
     "broadcast_params",
     "check_same_params",
+    "count_globals_once",
     "data_parallel",
     "rank",
     "world_size",
@@ -218,6 +220,41 @@ def all_reduce_grads(params: Iterable[torch.Tensor]) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     all_reduce_([p.grad for p in params])
+
+
+class count_globals_once(Messenger):
+    """Scale every sample site outside the data plate by 1 / world size: each rank's model
+    sees its shard and the global sites (priors, global latents of a guide), and the sum over
+    ranks must count those once, as one process on all the data does."""
+
+    def __init__(self, plate: str) -> None:
+        super().__init__()
+        self.plate = plate
+        self.factor = 1.0 / world_size()
+
+    def _pyro_sample(self, msg) -> None:
+        if not any(f.name == self.plate for f in msg["cond_indep_stack"]):
+            msg["scale"] = msg["scale"] * self.factor
+
+
+def data_plate_of(trace) -> str:
+    """The name of the plate a data-parallel fit shards: the outermost plate shared by every
+    observed site that lies in a plate (a ``pyro.factor`` prior outside all plates aside)."""
+    observed = [
+        s
+        for s in trace.nodes.values()
+        if s["type"] == "sample" and s["is_observed"] and s["cond_indep_stack"]
+    ]
+    names = None
+    for s in observed:
+        mine = [f.name for f in s["cond_indep_stack"] if f.vectorized]
+        names = mine if names is None else [n for n in names if n in mine]
+    if not names:
+        raise ValueError(
+            "a data-parallel fit shards the data along a plate, and the model's observed sites "
+            "share none: put the data in pyro.plate('data', len(x))"
+        )
+    return names[0]  # (cond_indep_stack lists the outermost plate first)
 
 
 def lockstep(batches: Iterable) -> Iterator:

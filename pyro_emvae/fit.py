@@ -14,6 +14,7 @@ a final E-step so the reported log-likelihood belongs to the returned params.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -33,7 +34,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.optim import PyroOptim
 
 from pyro_emvae import distributed as dp
-from pyro_emvae.amortized import rng_state, set_rng
+from pyro_emvae.amortized import preserved_rng, rng_state, set_rng
 from pyro_emvae.checkpoint import (
     Checkpoint,
     constraints_of,
@@ -210,7 +211,8 @@ def _inspect_stream(model: Callable, batches: Batches, exact: bool) -> _ModelInf
         rows += n
         if info is None:
             info = one
-        elif sorted(one.params) != sorted(info.params):
+            continue
+        if sorted(one.params) != sorted(info.params):
             raise ValueError(
                 f"batch {i} of the stream makes params {sorted(one.params)}, batch 0 made "
                 f"{sorted(info.params)}; every batch must run the same model"
@@ -527,54 +529,71 @@ def fit(
     def outer() -> dict:
         return {"finals": list(finals), "best": best, "best_snapshot": best_snapshot}
 
-    for run in range(state["run"] if state else 0, n_init):
-        resume = state if state is not None and run == state["run"] else None
-        if reg_covar is not None:
-            mstep.reg_covar = reg_covar  # recover=True may have raised it in the last run
-        if resume is None or resume["n_done"] is None:
-            try:
-                _start_run(run, seed, exact, mstep, optim, init, info, guide, stream, per_batch)
-            except KeyboardInterrupt:
-                if best is None:
-                    raise  # nothing finished to return
-                best.interrupted = True
-                break
-        loop = _Loop(
-            max_iter,
-            tol,
-            loss,
-            n_data,
-            callback,
-            progress,
-            run,
-            n_init,
-            info,
-            ckpt,
-            resume,
-            outer,
-            recover,
-        )
-        if per_batch:
-            loop.n_rows = info.rows
-            result = _run_minibatch(model, guide, mstep if exact else optim, stream, loop)
-        elif exact:
-            engine = (
-                _Streamed(guide, mstep, stream)
-                if stream is not None
-                else _InMemory(guide, mstep, args, kwargs)
+    scope = contextlib.ExitStack()
+    if dp.active():
+        # each rank's global sites (priors, a guide's global latents) count 1/world of theirs
+        plate = dp.data_plate_of(info.trace)
+        for name, site in info.trace.nodes.items():
+            if (
+                exact
+                and site["type"] == "sample"
+                and site["infer"].get("enumerate") == "parallel"
+                and plate not in {f.name for f in site["cond_indep_stack"]}
+            ):
+                raise EnumerationError(
+                    f"site '{name}' is enumerated outside the data plate '{plate}': its "
+                    "posterior couples every shard, so a data-parallel E-step cannot split it"
+                )
+        scope.enter_context(dp.count_globals_once(plate))
+    with scope:
+        for run in range(state["run"] if state else 0, n_init):
+            resume = state if state is not None and run == state["run"] else None
+            if reg_covar is not None:
+                mstep.reg_covar = reg_covar  # recover=True may have raised it in the last run
+            if resume is None or resume["n_done"] is None:
+                try:
+                    _start_run(run, seed, exact, mstep, optim, init, info, guide, stream, per_batch)
+                except KeyboardInterrupt:
+                    if best is None:
+                        raise  # nothing finished to return
+                    best.interrupted = True
+                    break
+            loop = _Loop(
+                max_iter,
+                tol,
+                loss,
+                n_data,
+                callback,
+                progress,
+                run,
+                n_init,
+                info,
+                ckpt,
+                resume,
+                outer,
+                recover,
             )
-            result = _run_exact(model, guide, engine, loop)
-        else:
-            result = _run_svi(model, guide, optim, args, kwargs, loop)
-        finals.append(result.objective)
-        if best is None or result.objective > best.objective:
-            best = result
-            best_snapshot = _snapshot(list(pyro.get_param_store().keys()))
-        if result.interrupted:
-            best.interrupted = True  # the fit as a whole was cut short, whichever run is best
-            break
-        if ckpt is not None and run + 1 < n_init:  # the next run starts from its own init
-            ckpt.save({"run": run + 1, "n_done": None, **outer()})
+            if per_batch:
+                loop.n_rows = info.rows
+                result = _run_minibatch(model, guide, mstep if exact else optim, stream, loop)
+            elif exact:
+                engine = (
+                    _Streamed(guide, mstep, stream)
+                    if stream is not None
+                    else _InMemory(guide, mstep, args, kwargs)
+                )
+                result = _run_exact(model, guide, engine, loop)
+            else:
+                result = _run_svi(model, guide, optim, args, kwargs, loop)
+            finals.append(result.objective)
+            if best is None or result.objective > best.objective:
+                best = result
+                best_snapshot = _snapshot(list(pyro.get_param_store().keys()))
+            if result.interrupted:
+                best.interrupted = True  # the fit as a whole was cut short, whichever run is best
+                break
+            if ckpt is not None and run + 1 < n_init:  # the next run starts from its own init
+                ckpt.save({"run": run + 1, "n_done": None, **outer()})
     assert best is not None
     if n_init > 1:
         _restore(best_snapshot)
@@ -590,9 +609,10 @@ def _start_run(run, seed, exact, mstep, optim, init, info, guide, stream, per_ba
     _init_run(run, seed, exact, mstep, optim, init, info, guide, stream, per_batch)
     if dp.active():
         args, kwargs = info.first
-        _model_params(info.model, args, kwargs)  # (re)create what the init left out
-        if not exact:
-            _model_params(guide, args, kwargs)
+        with preserved_rng():  # (draws as a one-process fit draws)
+            _model_params(info.model, args, kwargs)  # (re)create what the init left out
+            if not exact:
+                _model_params(guide, args, kwargs)
         dp.broadcast_params()
 
 
