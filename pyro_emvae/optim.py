@@ -438,6 +438,10 @@ class EMOptim:
         prev, self._prev = self._prev, None
         if prev is None or objective >= prev["objective"] - 1e-9 * (1.0 + abs(prev["objective"])):
             return posterior, objective, None
+        if not plan.gradient:
+            # only closed-form maximizers moved: a redo would make the same update (the drop
+            # is reg_covar's or min_prob's, whose regularized update is the one asked for)
+            return posterior, objective, None
         after = _snapshot_values(prev["params"])
         _write(prev["params"])
         before = guide.posterior(*args, **kwargs)
@@ -454,6 +458,9 @@ class EMOptim:
                 if q_value() < base - 1e-9 * (1.0 + abs(base)):
                     culprits.append(name)
                 _write({name: prev["params"][name]})
+        if culprits and not set(culprits) & set(plan.gradient):
+            _write(after)  # (as above: closed-form culprits would do the same again)
+            return posterior, objective, None
         rejected = culprits or sorted(prev["params"])
         warnings.warn(
             f"an M-step lowered the objective by {prev['objective'] - objective:.3g} nats; it was "
@@ -546,8 +553,10 @@ class EMOptim:
             return spass
         objective = self._objective(spass.plan, spass.log_likelihood)
         prev, self._prev = self._prev, None
-        if prev is not None and objective < prev["objective"] - 1e-9 * (
-            1.0 + abs(prev["objective"])
+        if (
+            prev is not None
+            and spass.plan.gradient  # (closed-form maximizers alone: see _guard)
+            and objective < prev["objective"] - 1e-9 * (1.0 + abs(prev["objective"]))
         ):
             _write(prev["params"])
             rejected = sorted(prev["params"])

@@ -630,8 +630,10 @@ def test_bad_optim_for_svi_guide():
 
 def _collapsing_gmm():
     # 5 identical points far from the rest: a component started on them collapses to variance
-    # 0 under plain maximum likelihood (reg_covar=0)
-    x = torch.cat([torch.randn(100), torch.full((5,), 8.0)])
+    # 0 under plain maximum likelihood (reg_covar=0); the same data at every call
+    x = torch.cat(
+        [torch.randn(100, generator=torch.Generator().manual_seed(0)), torch.full((5,), 8.0)]
+    )
 
     def model(x):
         w = pyro.param("w", torch.ones(2) / 2, constraint=dist.constraints.simplex)

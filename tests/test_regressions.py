@@ -297,3 +297,68 @@ def test_with_model_leaves_the_original_guide_alone():
     guide.setup(torch.randn(4, 1))
     guide.with_model(b)
     assert guide.model is a
+
+
+# ---------------------------------------------------------------- found while building streams
+def test_a_scaled_discrete_hmm_keeps_its_posterior():
+    """A DiscreteHMM site under a scale (a subsampled plate, online EM's N / B) lost the
+    gradient that is its posterior: the scaled log-prob was taken under no_grad."""
+    from models.hmm import gaussian_hmm, sample_gaussian_hmm
+
+    data, truth = sample_gaussian_hmm(N=3, T=12, K=2, D=1, seed=0)
+
+    def model(x):
+        gaussian_hmm(x, 2, init=truth)
+
+    guide = ExactEStep(model)
+    plain = guide.posterior(data)
+    with poutine.scale(scale=2.5):
+        scaled = guide.posterior(data)
+    assert float(scaled.log_likelihood) == pytest.approx(2.5 * float(plain.log_likelihood))
+    assert torch.allclose(scaled.marginals["x"], plain.marginals["x"], atol=1e-12)
+
+
+def test_the_first_e_step_leaves_the_rng_as_it_was():
+    """The E-step's first call traced the model from its prior to find the plate nesting and
+    so drew from the RNG: a resumed fit (whose guide is new) drew differently from the
+    uninterrupted one."""
+
+    def model(x):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=dist.constraints.simplex)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(z.to(x.dtype), 1.0), obs=x)
+
+    x = torch.randn(20)
+    pyro.set_rng_seed(3)
+    before = torch.get_rng_state()
+    ExactEStep(model).posterior(x)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_guard_does_not_undo_a_closed_form_update_again_and_again():
+    """A regularized closed-form update (reg_covar) may lower log p(x); the guard undid it and
+    redid the same update at every iteration, so the fit never moved. With no gradient step
+    to blame, the update stands."""
+    import warnings
+
+    x = torch.cat(
+        [torch.randn(60, generator=torch.Generator().manual_seed(1)) - 3, torch.randn(60) + 3]
+    )
+
+    def model(x):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=dist.constraints.simplex)
+        loc = pyro.param("loc", torch.tensor([-1.0, 1.0]))
+        scale = pyro.param("scale", torch.ones(2), constraint=dist.constraints.positive)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(loc[z], scale[z]), obs=x)
+
+    fit(model, ExactEStep(model), x, optim=EMOptim(reg_covar=0.0), max_iter=200, tol=1e-12)
+    opt = EMOptim(reg_covar=4.0)  # at the optimum: the regularized variances lower log p(x)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="an M-step lowered")
+        result = fit(model, ExactEStep(model), x, optim=opt, max_iter=5, tol=0)
+    h = result.history["log_likelihood"]
+    assert opt.rejected == [] and h[1] < h[0]
+    assert float(pyro.param("scale").min()) ** 2 > 4.0
