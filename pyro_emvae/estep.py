@@ -61,6 +61,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_site_shape
 
 from pyro_emvae import validate as _validate
+from pyro_emvae.amortized import preserved_rng
 
 __all__ = ["EnumerationError", "ExactEStep", "Posterior"]
 
@@ -351,7 +352,13 @@ class ExactEStep:
     def _plate_nesting(self, args: tuple, kwargs: dict) -> int:
         if self.max_plate_nesting is None:
             tracer = poutine.trace(self.model)
-            with poutine.block(), torch.no_grad(), _validate.explain_model_errors(tracer):
+            # (a prior trace draws; a setup step leaves a seeded run's draws as they were)
+            with (
+                preserved_rng(),
+                poutine.block(),
+                torch.no_grad(),
+                _validate.explain_model_errors(tracer),
+            ):
                 tr = tracer.get_trace(*args, **kwargs)
             tr = prune_subsample_sites(tr)
             dims = [
@@ -396,11 +403,12 @@ class ExactEStep:
                     init, m = _hmm_parts(site["fn"], site["value"], override)
                     if not m.requires_grad:  # a leaf, so that its gradient can be asked for
                         m = m.detach().requires_grad_()
-                    with torch.enable_grad():
+                    with torch.enable_grad():  # (a scaled chain too: subsampled, online EM)
                         lp = _hmm_log_prob(init, m)
+                        scaled = scale_and_mask(lp, site["scale"], site["mask"])
                     site["_hmm"] = (init, m)
                     site["unscaled_log_prob"] = lp
-                    site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
+                    site["log_prob"] = scaled
                     site["log_prob_sum"] = site["log_prob"].sum()
                 elif override is not None:
                     lp = override.expand(site["fn"].log_prob(site["value"]).shape)

@@ -15,6 +15,7 @@ a final E-step so the reported log-likelihood belongs to the returned params.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import signal
@@ -32,6 +33,8 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.optim import PyroOptim
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites
 
 from pyro_emvae import distributed as dp
 from pyro_emvae.amortized import preserved_rng, rng_state, set_rng
@@ -48,7 +51,12 @@ from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.init import STRATEGIES, init_potentials
 from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
 from pyro_emvae.stream import Batches, is_stream
-from pyro_emvae.validate import explain_model_errors, observed_count, validate_fit_inputs
+from pyro_emvae.validate import (
+    check_components,
+    explain_model_errors,
+    observed_count,
+    validate_fit_inputs,
+)
 
 __all__ = ["ConvergenceWarning", "FitResult", "fit"]
 
@@ -203,7 +211,7 @@ def _inspect_stream(model: Callable, batches: Batches, exact: bool) -> _ModelInf
     for i, (args, kwargs, n) in enumerate(batches.with_rows()):
         try:
             one = _inspect(model, args, kwargs)
-            validate_fit_inputs(model, args, kwargs, one.trace, exact=exact)
+            validate_fit_inputs(model, args, kwargs, one.trace, exact=exact, components=False)
         except ValueError as e:
             e.args = (f"batch {i} of the stream: {e.args[0] if e.args else e}", *e.args[1:])
             raise
@@ -222,6 +230,8 @@ def _inspect_stream(model: Callable, batches: Batches, exact: bool) -> _ModelInf
         raise ValueError("the stream gave no batch: a DataLoader over an empty dataset?")
     info.n_data = max(int(dp.all_reduce_float(n_data)), 1)
     info.rows = int(dp.all_reduce_float(rows))
+    if exact:
+        check_components(prune_subsample_sites(info.trace), info.n_data)
     return info
 
 
@@ -492,9 +502,11 @@ def fit(
     if stream is None:
         info = _inspect(seen, args, kwargs)
         # bad data, params or shapes: a clear error before any work (pyro_emvae.validate)
-        validate_fit_inputs(seen, args, kwargs, info.trace, exact=exact)
+        validate_fit_inputs(seen, args, kwargs, info.trace, exact=exact, components=False)
         if dp.active():
             info.n_data = max(int(dp.all_reduce_float(observed_count(info.trace))), 1)
+        if exact:
+            check_components(prune_subsample_sites(info.trace), info.n_data)
     else:
         info = _inspect_stream(seen, stream, exact)
     if n_data is None:
@@ -900,6 +912,12 @@ def _run_minibatch(model, guide, optimizer, stream: Batches, loop: _Loop) -> Fit
     names = loop.info.params
     if exact:
         wants_grads = getattr(optimizer, "needs_param_grads", False)
+        # the guide on the model scaled by N / B: the E-step, the M-step's probe of the
+        # model and its gradient steps all see the scale (an ambient poutine.scale would not
+        # reach the probe, which blocks the handlers around it)
+        scaler = _Scale()
+        scaled = copy.copy(guide)
+        scaled.model = scaler(guide.model)
     else:
         loss = loop.loss or (TraceEnum_ELBO() if loop.info.enumerates else Trace_ELBO())
         svi = SVI(model, guide, optimizer, loss)
@@ -932,15 +950,15 @@ def _run_minibatch(model, guide, optimizer, stream: Batches, loop: _Loop) -> Fit
             return (loss.last_elbo if controlled else -value), {}, stop
 
         def estep() -> Posterior:
-            post = guide.posterior(*args, param_grads=wants_grads, **kwargs)
+            post = scaled.posterior(*args, param_grads=wants_grads, **kwargs)
             dp.all_reduce_([post.log_likelihood])
             return post
 
-        with poutine.scale(scale=scale):
-            post = _guarded_estep(estep, steps, snap, names)
-            ll = float(post.log_likelihood)
-            _check_finite(ll, "minibatch log-likelihood", steps, snap, names)
-            step_info = dict(optimizer(guide, post, args, kwargs) or {})
+        scaler.factor = scale
+        post = _guarded_estep(estep, steps, snap, names)
+        ll = float(post.log_likelihood)
+        _check_finite(ll, "minibatch log-likelihood", steps, snap, names)
+        step_info = dict(optimizer(scaled, post, args, kwargs) or {})
         return ll, step_info, False
 
     try:
@@ -1055,6 +1073,15 @@ def _run_minibatch(model, guide, optimizer, stream: Batches, loop: _Loop) -> Fit
         closed_form=list(info.get("closed_form", [])),
         gradient=list(info.get("gradient", names if isinstance(optimizer, GradientMStep) else [])),
     )
+
+
+class _Scale(Messenger):
+    """Multiplies every sample site's scale by ``factor`` (set before each minibatch)."""
+
+    factor = 1.0
+
+    def _pyro_sample(self, msg) -> None:
+        msg["scale"] = msg["scale"] * self.factor
 
 
 def _position(batch: int, rng_epoch, epoch_sum: float, rng) -> dict[str, Any]:

@@ -821,8 +821,9 @@ def observed_count(trace) -> int:
     return round(total)
 
 
-def check_components(trace) -> None:
-    """EM needs at least as many observed values as components.
+def check_components(trace, n: int | None = None) -> None:
+    """EM needs at least as many observed values as components (``n``, default those of
+    ``trace``: a stream or a data-parallel fit counts all its batches or shards).
 
     Compares the cardinality K of every enumerated latent that lives inside a plate (a
     per-datum choice: a mixture's component, a chain's state; global choices such as a change
@@ -831,7 +832,8 @@ def check_components(trace) -> None:
     components get no data and their maximum-likelihood estimates degenerate (a zero variance, a
     probability of zero); scikit-learn's mixtures refuse ``n_components > n_samples`` likewise.
     """
-    n = observed_count(trace)
+    if n is None:
+        n = observed_count(trace)
     if n == 0:
         return
     for name, site in trace.nodes.items():
@@ -867,6 +869,7 @@ def validate_fit_inputs(
     *,
     exact: bool = True,
     max_plate_nesting: int | None = None,
+    components: bool = True,
 ) -> None:
     """The checks :func:`~pyro_emvae.fit.fit` runs before its first iteration, on one prior
     trace of the model (``trace``, or a fresh one, taken with the RNG state restored after).
@@ -877,7 +880,8 @@ def validate_fit_inputs(
     (:func:`check_shapes`). With an :class:`~pyro_emvae.estep.ExactEStep` guide (``exact``):
     no more components than observed values (:func:`check_components`); the E-step's own
     checks (memory, ``pyro.markov`` windows, float32 chains) run in its first
-    E-step. For SVI on a model that enumerates: the memory of the enumeration and the
+    E-step (``components=False`` leaves the count of components to the caller, which knows
+    the whole data). For SVI on a model that enumerates: the memory of the enumeration and the
     ``pyro.markov`` windows (one enumerated pass of the model).
     """
     kwargs = kwargs or {}
@@ -897,7 +901,8 @@ def validate_fit_inputs(
     check_distributions(trace)
     check_shapes(trace, depth)
     if exact:
-        check_components(trace)
+        if components:
+            check_components(trace)
         return
     if any(
         _is_sample(s) and not s["is_observed"] and s["infer"].get("enumerate") == "parallel"
