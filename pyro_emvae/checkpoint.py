@@ -23,6 +23,8 @@ import torch
 from pyro import poutine
 from torch.distributions import biject_to
 
+from pyro_emvae import distributed as dp
+
 __all__ = ["Checkpoint"]
 
 FORMAT = 1
@@ -49,8 +51,11 @@ class Checkpoint:
         return n_done > 0 and n_done % self.every == 0
 
     def save(self, state: dict[str, Any]) -> None:
-        if not self.write:
-            return
+        if self.write:
+            self._write(state)
+        dp.barrier()  # data-parallel: no rank goes on (and may read it) before it is written
+
+    def _write(self, state: dict[str, Any]) -> None:
         state = {"format": FORMAT, "fingerprint": self.fingerprint, **state}
         tmp = self.path.with_name(self.path.name + ".tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,6 @@ path without a branch.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -115,6 +114,12 @@ def all_reduce_(tensors: Iterable[torch.Tensor]) -> None:
                 n = t.numel()
                 t.copy_(flat[offset : offset + n].view_as(t).to(t.device))
                 offset += n
+
+
+def barrier() -> None:
+    """Wait for every rank (after rank 0 wrote a checkpoint, before anyone reads it)."""
+    if active():
+        _dist().barrier(group=_group())
 
 
 def all_reduce_float(value: float) -> float:
@@ -270,13 +275,8 @@ def lockstep(batches: Iterable) -> Iterator:
             have = 1.0
         except StopIteration:
             item, have = None, 0.0
-        flag = torch.tensor([have], dtype=torch.float64)
+        flag = torch.tensor([have], dtype=torch.float64, device=_comm_device(torch.device("cpu")))
         _dist().all_reduce(flag, op=_dist().ReduceOp.MIN, group=_group())
         if flag[0] < 1:
             return
         yield item
-
-
-def same_on_all_ranks(obj: Any) -> bool:
-    """Whether ``obj`` pickles to the same bytes on every rank."""
-    return len({pickle.dumps(o) for o in all_gather_object(obj)}) == 1

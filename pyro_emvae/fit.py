@@ -433,7 +433,7 @@ def fit(
     """
     if distributed and not dp.active():
         with dp.data_parallel(None if distributed is True else distributed):
-            return fit(
+            result = fit(
                 model,
                 guide,
                 *args,
@@ -456,6 +456,8 @@ def fit(
                 progress=progress,
                 **kwargs,
             )
+            dp.barrier()  # every rank returns together (gloo aborts one torn down too early)
+            return result
     stream = None
     if args and is_stream(args[0]):
         stream = Batches(args[0], *args[1:], **kwargs)

@@ -314,7 +314,9 @@ class EMOptim:
             else:
                 q = posterior.factor_q.get(name)
                 weight = (
-                    packed.unpack(q, posterior.symbol_to_dim) if q is not None else torch.ones(())
+                    packed.unpack(q, posterior.symbol_to_dim)
+                    if q is not None
+                    else torch.ones((), device=site["value"].device)
                 )
                 if site["mask"] is not None:
                     weight = weight * site["mask"]
@@ -590,8 +592,8 @@ class EMOptim:
             plan = self.plan(guide, args, kwargs, post.subsample, cache=False)
             if not plan.closed_form:
                 continue
-            if reads is None:  # (over the probe's ids, which live on the CPU)
-                reads = torch.zeros(plan.space.size, dtype=torch.bool)
+            if reads is None:  # (over the probe's ids, on the params' device)
+                reads = torch.zeros(plan.space.size, dtype=torch.bool, device=_device(plan))
             if stats[0] is not None and stats[0].size != plan.space.size:
                 raise ValueError(
                     f"the model's params changed between minibatches ({stats[0].size} elements, "
@@ -647,7 +649,7 @@ class EMOptim:
             for name, value in new0.items():
                 o = plan.space.offsets[name]
                 flat[o : o + value.numel()] = value.reshape(-1).to(flat.dtype)
-            changed = (flat != old).cpu()
+            changed = flat != old
             if stage1 is None or (spass.reads is not None and (changed & spass.reads).any()):
                 self._two_pass = True
                 stage1 = self._pass(guide, batches, spass.potentials, stage1_flat=flat).stats[1]
@@ -814,6 +816,13 @@ def _compact(ids: torch.Tensor) -> torch.Tensor:
 def _flat_params(space: IdSpace) -> torch.Tensor:
     store = pyro.get_param_store()
     return torch.cat([store[n].detach().reshape(-1) for n in space.offsets])
+
+
+def _device(plan: _Plan) -> torch.device:
+    """Where the plan's params (and so its ids) live."""
+    store = pyro.get_param_store()
+    name = next(iter(plan.space.offsets), None)
+    return store[name].device if name is not None else torch.device("cpu")
 
 
 def _tracked_params(fn) -> set[str]:

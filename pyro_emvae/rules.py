@@ -90,7 +90,7 @@ class Stats:
             values = values * repeats
         values = values.reshape([shape[d] if d in out_dims else 1 for d in kept])
         index = tuple(slice(None) if d in kept else slice(0, 1) for d in range(len(shape)))
-        ids = ids[index].reshape([shape[d] for d in kept])
+        ids = ids[index].reshape([shape[d] for d in kept]).to(values.device)
         ids, values = torch.broadcast_tensors(ids, values)
         vec = self.sums.get(kind)
         if vec is None:
@@ -221,7 +221,7 @@ def _bernoulli(fn, value, weight, stats, stage, current) -> None:
     t = _tracked(fn, "probs").get("probs")
     if stage != 0 or t is None or t.form != "value":
         return
-    n = fn.total_count if isinstance(fn, dist.Binomial) else torch.ones(())
+    n = fn.total_count if isinstance(fn, dist.Binomial) else _one(value)
     stats.add("mean_num", t.ids, weight, value)
     stats.add("mean_den", t.ids, weight, n)
 

@@ -75,7 +75,9 @@ class Tracked(torch.Tensor):
     ) -> Tracked:
         out = value.as_subclass(Tracked)
         out.param = param
-        out.ids = ids if ids is not None else torch.arange(value.numel()).reshape(value.shape)
+        if ids is None:
+            ids = torch.arange(value.numel(), device=value.device).reshape(value.shape)
+        out.ids = ids
         out.form = form
         out.param_names = frozenset([param])
         return out
@@ -252,7 +254,10 @@ class IdSpace(Messenger):
         if name not in self.offsets:
             self.offsets[name], self.shapes[name] = self._next, value.shape
             self._next += value.numel()
-        ids = self.offsets[name] + torch.arange(value.numel()).reshape(value.shape)
+        # (on the param's device: the rules gather and scatter with them beside the data)
+        ids = self.offsets[name] + torch.arange(value.numel(), device=value.device).reshape(
+            value.shape
+        )
         msg["value"] = Tracked.wrap(value.detach(), name, ids)
         msg["value"].param_names = frozenset([name])
 

@@ -27,7 +27,7 @@ from models.hmm import gaussian_hmm, sample_gaussian_hmm
 from models.hmm import init_params as hmm_init
 from pyro_emvae import EMOptim, ExactEStep, GradientMStep, OnlineEM, fit
 
-CASES = ("gmm", "gmm_stream", "hmm", "ecm", "eg", "online", "svi", "mismatch")
+CASES = ("gmm", "gmm_stream", "hmm", "ecm", "eg", "online", "svi", "mismatch", "resumed")
 
 
 def gmm_data():
@@ -80,7 +80,7 @@ def online_batches(data: torch.Tensor, world: int, batch: int) -> list[torch.Ten
     return [torch.cat([s[k * batch : (k + 1) * batch] for s in shards]) for k in range(steps)]
 
 
-def run(case: str, data_args, distributed: bool, rank: int = 0, world: int = 1):
+def run(case: str, data_args, distributed: bool, rank: int = 0, world: int = 1, tmp=None):
     """Fit ``case`` on this rank's shard (``distributed``) or on all the data (world 1)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
@@ -88,6 +88,40 @@ def run(case: str, data_args, distributed: bool, rank: int = 0, world: int = 1):
     def shard(t):
         return t[rank::world]
 
+    if case == "resumed":
+        # cut at iteration 6 on every rank (rank 0 writes the checkpoint), then resumed
+        data, init = data_args
+
+        def model(x):
+            gmm_model(x, 3, "full", init=init)
+
+        def fit_from(path, stop_at=None):
+            pyro.clear_param_store()
+
+            def callback(it, info):
+                if it == stop_at:
+                    raise KeyboardInterrupt
+
+            loader = DataLoader(TensorDataset(shard(data)), batch_size=64)
+            return fit(
+                model,
+                ExactEStep(model),
+                loader,
+                optim=EMOptim(reg_covar=0.0),
+                max_iter=15,
+                tol=0,
+                checkpoint=path,
+                checkpoint_every=4,
+                callback=callback,
+                distributed=distributed,
+            )
+
+        path = Path(tmp or ".") / "resumed.ckpt"
+        if not distributed:
+            return fit_from(None)
+        cut = fit_from(path, stop_at=6)
+        assert cut.interrupted and cut.n_iter == 6
+        return fit_from(path)
     if case in ("gmm", "gmm_stream", "online", "mismatch"):
         data, init = data_args
 
@@ -207,6 +241,7 @@ DATA = {
     "ecm": ecm_data,
     "eg": ecm_data,
     "svi": svi_data,
+    "resumed": gmm_data,
 }
 
 
@@ -222,7 +257,7 @@ def main(argv: list[str]) -> None:
     rank, world = tdist.get_rank(), tdist.get_world_size()
     try:
         for case in cases:
-            result = run(case, DATA[case](), True, rank, world)
+            result = run(case, DATA[case](), True, rank, world, tmp=out)
             torch.save(
                 {
                     "params": result.params,
@@ -234,6 +269,7 @@ def main(argv: list[str]) -> None:
                 },
                 out / f"{case}.rank{rank}.pt",
             )
+        tdist.barrier()  # (gloo aborts a rank that tears down while its peer still talks)
     finally:
         tdist.destroy_process_group()
 
