@@ -15,7 +15,7 @@ from pyro_emvae.evaluate import (
 )
 from pyro_emvae.fit import ConvergenceWarning, FitResult, fit
 from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
-from pyro_emvae.stream import Batches
+from pyro_emvae.stream import Batches, NpyChunks
 from pyro_emvae.validate import ModelInputError, PrecisionWarning
 
 __version__ = "0.1.0"
@@ -35,6 +35,7 @@ __all__ = [
     "LogMarginal",
     "MeanFieldGuide",
     "ModelInputError",
+    "NpyChunks",
     "OnlineEM",
     "Posterior",
     "PrecisionWarning",

@@ -228,10 +228,11 @@ def _inspect_stream(model: Callable, batches: Batches, exact: bool) -> _ModelInf
         one.trace = None
     if info is None:
         raise ValueError("the stream gave no batch: a DataLoader over an empty dataset?")
-    info.n_data = max(int(dp.all_reduce_float(n_data)), 1)
+    observed = int(dp.all_reduce_float(n_data))
+    info.n_data = max(observed, 1)
     info.rows = int(dp.all_reduce_float(rows))
     if exact:
-        check_components(prune_subsample_sites(info.trace), info.n_data)
+        check_components(prune_subsample_sites(info.trace), observed)
     return info
 
 
@@ -505,10 +506,10 @@ def fit(
         info = _inspect(seen, args, kwargs)
         # bad data, params or shapes: a clear error before any work (pyro_emvae.validate)
         validate_fit_inputs(seen, args, kwargs, info.trace, exact=exact, components=False)
-        if dp.active():
-            info.n_data = max(int(dp.all_reduce_float(observed_count(info.trace))), 1)
+        observed = int(dp.all_reduce_float(observed_count(info.trace)))  # (over the shards)
+        info.n_data = max(observed, 1)
         if exact:
-            check_components(prune_subsample_sites(info.trace), info.n_data)
+            check_components(prune_subsample_sites(info.trace), observed)
     else:
         info = _inspect_stream(seen, stream, exact)
     if n_data is None:

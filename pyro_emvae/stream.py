@@ -11,13 +11,17 @@ every minibatch instead.
 
 from __future__ import annotations
 
+import math
+import os
 import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import Dataset
 
-__all__ = ["Batches", "is_stream"]
+__all__ = ["Batches", "NpyChunks", "is_stream"]
 
 
 class Batches:
@@ -122,3 +126,52 @@ def is_stream(value: Any) -> bool:
     from torch.utils.data import DataLoader
 
     return isinstance(value, (Batches, DataLoader))
+
+
+class NpyChunks(Dataset):
+    """Blocks of ``rows`` consecutive rows of a ``.npy`` array on disk, read at each access
+    (``np.fromfile`` at the block's offset: no memory map, whose touched pages would count as
+    resident), as tensors: the data of a streaming fit that never holds the file.
+
+    ``DataLoader(NpyChunks("x.npy", rows=100_000), batch_size=None)`` yields ``(rows, ...)``
+    tensors (the last block shorter); ``num_workers`` reads ahead in other processes.
+
+    Example::
+
+        >>> import numpy as np, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "x.npy")
+        >>> np.save(path, np.arange(10.0).reshape(5, 2))
+        >>> chunks = NpyChunks(path, rows=2)
+        >>> len(chunks), chunks[2].tolist()
+        (3, [[8.0, 9.0]])
+    """
+
+    def __init__(self, path: str | os.PathLike, rows: int) -> None:
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        self.path = os.fspath(path)
+        with open(self.path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = {1: np.lib.format.read_array_header_1_0}.get(
+                major, np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read(f)
+            self.offset = f.tell()
+        if fortran or not shape:
+            raise ValueError(
+                f"{self.path}: NpyChunks reads C-ordered arrays of at least one dim "
+                f"(got shape {shape}, fortran_order={fortran}); save with np.save(np.ascontiguousarray(x))"
+            )
+        self.shape, self.dtype, self.rows = tuple(shape), np.dtype(dtype), rows
+        self.row_items = math.prod(self.shape[1:])
+
+    def __len__(self) -> int:
+        return math.ceil(self.shape[0] / self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < len(self):
+            raise IndexError(f"chunk {i} of {len(self)}")
+        n = min(self.rows, self.shape[0] - i * self.rows)
+        start = self.offset + i * self.rows * self.row_items * self.dtype.itemsize
+        block = np.fromfile(self.path, dtype=self.dtype, count=n * self.row_items, offset=start)
+        return torch.from_numpy(block.reshape((n, *self.shape[1:])))

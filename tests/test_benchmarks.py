@@ -187,3 +187,28 @@ def test_amortized_benchmark_quick_run(capsys):
     assert amortized_row["params"] == 2 * 10 * 3 + 2 * 3
     assert mean_field_row["params"] == 2 * 1000 * 3
     assert all(map(math.isfinite, (amortized_row["elbo"], mean_field_row["elbo"])))
+
+
+@pytest.mark.timeout(300)
+def test_streaming_quick_run_prints_its_tables_and_checks(capsys):
+    from benchmarks import streaming
+
+    result = streaming.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "1. Peak memory: N=1e5" in out and "2. Time to a log-likelihood: N=1e5" in out
+    checks = [ln for ln in out.splitlines() if ln.lstrip().startswith("check ")]
+    assert len(checks) == 2 and all(ln.endswith(" ok") for ln in checks), checks
+    for row in (
+        "full-batch EM, data in memory",
+        "exact streaming EM (2 passes)",
+        "full-batch EM (ours)",
+        "online EM (kappa 0.6)",
+        "online EM (kappa 0.51)",
+    ):
+        assert any(ln.startswith(row) for ln in out.splitlines()), row
+    mem = result["memory"]
+    assert mem["stream"]["peak_mb"] > 0 and mem["memory"]["peak_mb"] > 0
+    # exact streaming reaches the targets (it is EM), whatever the time
+    times = result[("online", 100_000)]
+    assert all(math.isfinite(t) for t in times["full-batch EM (ours)"])
+    assert all(math.isfinite(t) for t in times["exact streaming EM"])

@@ -13,6 +13,7 @@ import itertools
 import warnings
 import weakref
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -44,6 +45,7 @@ from pyro_emvae import (
     ExactEStep,
     GradientMStep,
     ModelInputError,
+    NpyChunks,
     OnlineEM,
     fit,
 )
@@ -575,3 +577,31 @@ def test_stats_accumulate_in_place_as_they_add():
     blend = Stats(4).add_(a).scale_(0.25).add_(b, alpha=0.75)
     assert blend.sums["count"].tolist() == [0.25, 1.25 + 3.75, 0.0, 5.25]
     assert a.sums["count"].tolist() == [1.0, 5.0, 0.0, 0.0]  # the operands are untouched
+
+
+def test_a_fit_streamed_from_an_npy_file_equals_the_fit_in_memory(tmp_path):
+    model, data = _gmm("tied")
+    path = tmp_path / "x.npy"
+    np.save(path, data.numpy())
+    chunks = NpyChunks(path, rows=128)
+    assert len(chunks) == 6 and chunks[5].shape == (700 - 5 * 128, 2)
+    assert torch.equal(torch.cat([chunks[i] for i in range(len(chunks))]), data)
+    full, _ = _full_and_streamed(model, data, batch_size=700, max_iter=6, tol=0)
+    pyro.clear_param_store()
+    streamed = fit(
+        model,
+        ExactEStep(model),
+        DataLoader(chunks, batch_size=None),
+        optim=EMOptim(reg_covar=0.0),
+        max_iter=6,
+        tol=0,
+    )
+    assert _rel(streamed.history["log_likelihood"], full.history["log_likelihood"]) < 1e-10
+    assert _max_diff(streamed.params, full.params) < 1e-10
+    with pytest.raises(IndexError):
+        chunks[6]
+    with pytest.raises(ValueError, match="rows"):
+        NpyChunks(path, rows=0)
+    np.save(tmp_path / "f.npy", np.asfortranarray(data.numpy()))
+    with pytest.raises(ValueError, match="C-ordered"):
+        NpyChunks(tmp_path / "f.npy", rows=10)
