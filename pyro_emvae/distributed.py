@@ -96,24 +96,29 @@ def _comm_device(like: torch.device) -> torch.device:
     return torch.device("cpu") if like.type != "cpu" else like
 
 
-def all_reduce_(tensors: Iterable[torch.Tensor]) -> None:
-    """Sum each tensor over the ranks, in place (one collective per dtype)."""
-    tensors = [t for t in tensors if t is not None]
-    if not active() or not tensors:
-        return
+def _in_place(tensors: list[torch.Tensor], collective) -> None:
+    """Run ``collective(flat)`` on the tensors flattened into one buffer per dtype (on the
+    backend's device), then copy the result back into each tensor."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
     for ts in by_dtype.values():
         device = _comm_device(ts[0].device)
         flat = torch.cat([t.detach().reshape(-1).to(device) for t in ts])
-        _dist().all_reduce(flat, group=_group())
+        collective(flat)
         offset = 0
         with torch.no_grad():
             for t in ts:
                 n = t.numel()
                 t.copy_(flat[offset : offset + n].view_as(t).to(t.device))
                 offset += n
+
+
+def all_reduce_(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum each tensor over the ranks, in place (one collective per dtype)."""
+    tensors = [t for t in tensors if t is not None]
+    if active() and tensors:
+        _in_place(tensors, lambda flat: _dist().all_reduce(flat, group=_group()))
 
 
 def barrier() -> None:
@@ -199,21 +204,8 @@ def broadcast_params(src: int = 0) -> None:
         return
     check_same_params()
     params = [p for _, p in _store_params()]
-    if not params:
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
-        by_dtype.setdefault(p.dtype, []).append(p)
-    for ps in by_dtype.values():
-        device = _comm_device(ps[0].device)
-        flat = torch.cat([p.detach().reshape(-1).to(device) for p in ps])
-        _dist().broadcast(flat, src=src, group=_group())
-        offset = 0
-        with torch.no_grad():
-            for p in ps:
-                n = p.numel()
-                p.copy_(flat[offset : offset + n].view_as(p).to(p.device))
-                offset += n
+    if params:
+        _in_place(params, lambda flat: _dist().broadcast(flat, src=src, group=_group()))
 
 
 def all_reduce_grads(params: Iterable[torch.Tensor]) -> None:

@@ -660,17 +660,11 @@ class EMOptim:
         if spass.rejected is not None:
             info["rejected"] = spass.rejected
         elif plan.gradient and self.svi_steps > 0:
+            names = set(plan.gradient)  # (the same for every batch: the model's params)
             for args, kwargs in dp.lockstep(batches):
                 post = guide.posterior(*args, **kwargs)
-                batch_plan = self.plan(guide, args, kwargs, post.subsample, cache=False)
                 info["expected_log_joint"] = gradient_steps(
-                    guide,
-                    post,
-                    args,
-                    kwargs,
-                    self.svi_optim,
-                    self.svi_steps,
-                    set(batch_plan.gradient),
+                    guide, post, args, kwargs, self.svi_optim, self.svi_steps, names
                 )
             info["passes"] += 1
         return info
