@@ -35,12 +35,18 @@ from pyro.poutine.messenger import Messenger
 
 __all__ = [
     "active",
+    "all_gather_object",
     "all_reduce_",
+    "all_reduce_float",
+    "all_reduce_grads",
     "all_reduce_stats",
+    "barrier",
     "broadcast_params",
     "check_same_params",
     "count_globals_once",
     "data_parallel",
+    "data_plate_of",
+    "lockstep",
     "rank",
     "world_size",
 ]

@@ -183,6 +183,7 @@ class _ModelInfo:
     first: tuple = ((), {})  # the model's (args, kwargs): of the first batch for a stream
     model: Any = None  # the model as traced
     rows: int = 0  # a stream's rows (the leading dim of its batches), over all batches
+    observed: int = 0  # observed values, unclamped (n_data is at least 1)
 
 
 def _inspect(model: Callable, args: tuple, kwargs: dict) -> _ModelInfo:
@@ -199,7 +200,7 @@ def _inspect(model: Callable, args: tuple, kwargs: dict) -> _ModelInfo:
     )
     total = observed_count(tr)
     params = [n for n, s in tr.nodes.items() if s["type"] == "param"]
-    return _ModelInfo(params, max(total, 1), enumerates, tr, (args, kwargs), model)
+    return _ModelInfo(params, max(total, 1), enumerates, tr, (args, kwargs), model, 0, total)
 
 
 def _inspect_stream(model: Callable, batches: Batches, exact: bool) -> _ModelInfo:
@@ -215,7 +216,7 @@ def _inspect_stream(model: Callable, batches: Batches, exact: bool) -> _ModelInf
         except ValueError as e:
             e.args = (f"batch {i} of the stream: {e.args[0] if e.args else e}", *e.args[1:])
             raise
-        n_data += observed_count(one.trace)
+        n_data += one.observed
         rows += n
         if info is None:
             info = one
@@ -506,7 +507,7 @@ def fit(
         info = _inspect(seen, args, kwargs)
         # bad data, params or shapes: a clear error before any work (pyro_emvae.validate)
         validate_fit_inputs(seen, args, kwargs, info.trace, exact=exact, components=False)
-        observed = int(dp.all_reduce_float(observed_count(info.trace)))  # (over the shards)
+        observed = int(dp.all_reduce_float(info.observed))  # (over the shards)
         info.n_data = max(observed, 1)
         if exact:
             check_components(prune_subsample_sites(info.trace), observed)
@@ -645,7 +646,7 @@ def _init_run(run, seed, exact, mstep, optim, init, info, guide, stream, per_bat
         if run > 0:  # start from the model's own values again before the init M-step
             _forget(info.params)
         if stream is not None and not per_batch:  # a pass over the stream, then the M-step
-            _init_stream_by_potentials(guide, mstep, init, stream)
+            _init_stream_by_potentials(guide, mstep, init, stream, args, kwargs)
         else:  # (a stream updated per minibatch starts from its first batch)
             _init_by_potentials(guide, mstep, init, args, kwargs)
         if hasattr(mstep, "reset"):
@@ -695,11 +696,13 @@ def _resume(loop: _Loop, model, guide, optimizer, args, kwargs) -> tuple[int, di
     return state["n_done"], {k: list(v) for k, v in state["history"].items()}
 
 
-def _init_stream_by_potentials(guide, mstep: EMOptim, strategy: str, stream: Batches) -> None:
-    """:func:`_init_by_potentials` over a stream: the potentials' E-step is a pass (k-means++
-    seeds its centers on the first batch and assigns every batch to them), then one M-step."""
-    first_args, first_kwargs = next(iter(stream))
-    depth = guide._plate_nesting(first_args, first_kwargs)
+def _init_stream_by_potentials(
+    guide, mstep: EMOptim, strategy: str, stream: Batches, args, kwargs
+) -> None:
+    """:func:`_init_by_potentials` over a stream (``args``, ``kwargs``: its first batch's): the
+    potentials' E-step is a pass (k-means++ seeds its centers on the first batch and assigns
+    every batch to them), then one M-step."""
+    depth = guide._plate_nesting(args, kwargs)
     potentials = init_potentials(strategy, depth, centers={})
     spass = mstep.stream_estep(guide, stream, potentials=potentials)
     mstep.stream_mstep(guide, stream, spass)

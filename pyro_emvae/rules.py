@@ -123,15 +123,7 @@ class Stats:
         return self
 
     def __add__(self, other: Stats) -> Stats:
-        out = Stats(
-            self.size, {k: v.clone() for k, v in self.sums.items()}, {**self.forms, **other.forms}
-        )
-        for k, v in other.sums.items():
-            out.sums[k] = out.sums[k] + v if k in out.sums else v.clone()
-        for k, v in {**self.touched, **other.touched}.items():
-            mine, theirs = self.touched.get(k), other.touched.get(k)
-            out.touched[k] = v if mine is None or theirs is None else mine | theirs
-        return out
+        return Stats(self.size).add_(self).add_(other)
 
 
 # A rule: rule(fn, value, weight, stats, stage, current) with ``weight`` broadcastable to
