@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import signal
@@ -40,7 +41,10 @@ from pyro_emvae import distributed as dp
 from pyro_emvae.amortized import preserved_rng, rng_state, set_rng
 from pyro_emvae.checkpoint import (
     Checkpoint,
+    StreamDigest,
+    check_storable,
     constraints_of,
+    data_digest,
     load_optim_state,
     param_state,
     register,
@@ -203,13 +207,18 @@ def _inspect(model: Callable, args: tuple, kwargs: dict) -> _ModelInfo:
     return _ModelInfo(params, max(total, 1), enumerates, tr, (args, kwargs), model, 0, total)
 
 
-def _inspect_stream(model: Callable, batches: Batches, exact: bool) -> _ModelInfo:
+def _inspect_stream(
+    model: Callable, batches: Batches, exact: bool, digest: StreamDigest | None = None
+) -> _ModelInfo:
     """:func:`_inspect` and the input checks of every batch of a stream, before any work (so a
     NaN in batch 900 is an error naming the batch, not a failure 3 iterations in); ``n_data``
-    and ``rows`` sum over the batches (data-parallel: over the ranks too)."""
+    and ``rows`` sum over the batches (data-parallel: over the ranks too). ``digest`` (given
+    with a checkpoint) takes every batch of the same pass."""
     info = None
     n_data = rows = 0
     for i, (args, kwargs, n) in enumerate(batches.with_rows()):
+        if digest is not None:
+            digest.update(args, kwargs, n)
         try:
             one = _inspect(model, args, kwargs)
             validate_fit_inputs(model, args, kwargs, one.trace, exact=exact, components=False)
@@ -378,8 +387,13 @@ def fit(
             then renamed), every ``checkpoint_every`` iterations, at the end of each run and on
             Ctrl-C: params, optimizer state, iteration, history, RNG state, and the restarts
             so far. If the file exists, the fit resumes from it and ends exactly as the
-            uninterrupted fit would (the same params, history and draws). A checkpoint from a
-            different fit (another algorithm, data size or ``n_init``) is refused.
+            uninterrupted fit would (the same params, history and draws). The file holds
+            tensors and plain data only, read with ``torch.load(weights_only=True)``: loading
+            it runs no code. A checkpoint of a different fit is refused: another M-step or
+            optimizer, other data (a SHA-256 digest of the arguments; for a stream, a digest of
+            its rows whatever their order, taken in the validation pass), another size, params
+            or ``n_init``. A path that cannot be written is an error before the first
+            iteration (a missing directory is made).
         checkpoint_every: iterations between checkpoints.
         recover: for EM: when an iteration fails (a singular covariance, a collapsed
             variance, a non-finite log-likelihood), restore the last good params, raise the
@@ -479,6 +493,10 @@ def fit(
         raise ValueError(f"init must be one of {STRATEGIES} or a callable, got {init!r}")
     if svi_steps < 1:
         raise ValueError(f"svi_steps must be >= 1, got {svi_steps}")
+    # an unwritable path is an error now, not after checkpoint_every iterations of work
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = Checkpoint(checkpoint, checkpoint_every, write=dp.rank() == 0)
     exact = isinstance(guide, ExactEStep)
     if optim is None:
         optim = EMOptim() if exact else pyro.optim.Adam({"lr": 0.01})
@@ -503,6 +521,9 @@ def fit(
         loss = KLControlledELBO(1.0 if kl_weight is None else kl_weight, free_bits)
     # (an ExactEStep's own view of the model: obs_mask's missing events integrated out)
     seen = guide.model if exact else model
+    # the data's digest, for a checkpoint only: in memory, of the arguments; of a stream, its
+    # rows over the validation pass that follows (no pass of its own)
+    digest = StreamDigest() if ckpt is not None and stream is not None else None
     if stream is None:
         info = _inspect(seen, args, kwargs)
         # bad data, params or shapes: a clear error before any work (pyro_emvae.validate)
@@ -512,7 +533,7 @@ def fit(
         if exact:
             check_components(prune_subsample_sites(info.trace), observed)
     else:
-        info = _inspect_stream(seen, stream, exact)
+        info = _inspect_stream(seen, stream, exact, digest)
     if n_data is None:
         n_data = info.n_data
     # how the data is read: exact passes over a stream (EMOptim), or an update per minibatch
@@ -526,24 +547,34 @@ def fit(
         )
 
     state = None
-    ckpt = None
-    if checkpoint is not None:
+    if ckpt is not None:
+        if digest is not None:
+            data = digest.hexdigest()
+        else:  # (data-parallel: every rank's shard, in rank order)
+            data = data_digest((), {"shards": dp.all_gather_object(data_digest(args, kwargs))})
         fingerprint = {
-            "algorithm": "exact" if exact else "svi",
+            "algorithm": _algorithm_key(exact, mstep, optim),
             "n_data": n_data,
             "n_init": n_init,
             "params": sorted(info.params),
             "data": "minibatches" if per_batch else "stream" if stream is not None else "memory",
+            "data_digest": data,
         }
-        ckpt = Checkpoint(checkpoint, checkpoint_every, fingerprint, write=dp.rank() == 0)
-        state = ckpt.load()
+        state = ckpt.load(fingerprint)
+        check_storable()  # a constraint a checkpoint cannot hold: an error now
     reg_covar = getattr(mstep, "reg_covar", None) if recover else None
-    best: FitResult | None = state["best"] if state else None
+    best: FitResult | None = FitResult(**state["best"]) if state and state["best"] else None
     best_snapshot: dict[str, torch.Tensor] = state["best_snapshot"] if state else {}
     finals: list[float] = list(state["finals"]) if state else []
 
     def outer() -> dict:
-        return {"finals": list(finals), "best": best, "best_snapshot": best_snapshot}
+        # (the best result as its fields: a checkpoint holds plain data, see checkpoint.py)
+        fields = (
+            None
+            if best is None
+            else {f.name: getattr(best, f.name) for f in dataclasses.fields(best)}
+        )
+        return {"finals": list(finals), "best": fields, "best_snapshot": best_snapshot}
 
     scope = contextlib.ExitStack()
     if dp.active():
@@ -617,6 +648,23 @@ def fit(
     if reg_covar is not None:
         mstep.reg_covar = reg_covar  # the user's EMOptim as it was given
     return best
+
+
+def _algorithm_key(exact: bool, mstep: Any, optim: Any) -> str:
+    """What a checkpoint's optimizer state belongs to: the M-step's class and its gradient
+    optimizer's (``"EMOptim(Adam)"``, ``"GradientMStep(Adam)"``, ``"SVI(Adam)"``)."""
+
+    def name(o: Any) -> str:
+        if not isinstance(o, PyroOptim):
+            return type(o).__name__
+        scheduler = getattr(o, "pt_scheduler_constructor", None)
+        inner = o.pt_optim_constructor.__name__
+        return f"{scheduler.__name__}({inner})" if scheduler is not None else inner
+
+    if not exact:
+        return f"SVI({name(optim)})"
+    inner = getattr(mstep, "optim", None) or getattr(mstep, "svi_optim", None)
+    return f"{type(mstep).__name__}({name(inner)})" if inner is not None else type(mstep).__name__
 
 
 def _start_run(run, seed, exact, mstep, optim, init, info, guide, stream, per_batch) -> None:

@@ -513,7 +513,7 @@ def test_online_em_resumes_inside_an_epoch_exactly(tmp_path):
     whole = run()
     cut = run(stop_at=17, checkpoint=path)  # epoch 1, batch 5 of 12
     assert cut.interrupted and cut.n_iter == 1 and len(cut.history["batch"]) == 17
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     assert state["position"]["batch"] == 5 and state["n_done"] == 1
     resumed = run(checkpoint=path)
     assert resumed.history["batch"] == whole.history["batch"]
