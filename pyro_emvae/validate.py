@@ -291,9 +291,11 @@ def _to_tensor(key: int | str, x: Any) -> Any:
         if values.dtype == object or not (
             np.issubdtype(values.dtype, np.number) or values.dtype == bool
         ):
+            from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
             dtypes = getattr(x, "dtypes", None)
             bad = (
-                [str(c) for c, d in dtypes.items() if not np.issubdtype(d, np.number)]
+                [str(c) for c, d in dtypes.items() if not (is_numeric_dtype(d) or is_bool_dtype(d))]
                 if dtypes is not None and hasattr(dtypes, "items")
                 else []
             )

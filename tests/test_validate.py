@@ -973,9 +973,7 @@ def test_ten_coupled_latents_still_run_and_match_brute_force(monkeypatch) -> Non
     probs = torch.linspace(0.2, 0.8, n)
     post = ExactEStep(summed_binaries(n)).posterior(x)
     z = torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)))  # (1024, 10)
-    log_joint = (
-        dist.Bernoulli(probs).log_prob(z).sum(-1) + dist.Normal(z.sum(-1), 1.0).log_prob(x)
-    )
+    log_joint = dist.Bernoulli(probs).log_prob(z).sum(-1) + dist.Normal(z.sum(-1), 1.0).log_prob(x)
     brute = torch.logsumexp(log_joint, 0)
     assert abs(float(post.log_likelihood) - float(brute)) < 1e-12
     p3 = float((log_joint - brute).exp()[z[:, 3] == 1].sum())
