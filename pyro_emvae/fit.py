@@ -350,7 +350,9 @@ def fit(
     """Fit ``model``'s params (and the guide's, if any) by climbing the ELBO.
 
     ``args`` and ``kwargs`` go to the model and the guide, as in ``SVI.step``; fitting options
-    are keyword-only.
+    are keyword-only. Numpy arrays and pandas DataFrames among them are converted to tensors
+    first (floats in torch's default dtype: :func:`~pyro_emvae.validate.model_inputs`); lists
+    are passed as they are.
 
     Args:
         model, guide: a Pyro model and guide. With :class:`~pyro_emvae.estep.ExactEStep` the
@@ -383,9 +385,12 @@ def fit(
             annealing); see :class:`~pyro_emvae.elbo.KLControlledELBO`.
         free_bits: for SVI, the free bits per latent element (nats): KL below it is not
             penalized. History then records the plain ELBO (and ``"kl_weight"``).
-        n_data: the count for per-datum values; default: the number of observed values (the
-            plate cells of each observed site, times the chain length of a DiscreteHMM site), so
-            an HMM counts time steps in either model form.
+        n_data: the count for per-datum values, ``tol`` and BIC; default: the number of
+            observed values (the plate cells of each observed site that its masks keep, times
+            the chain length of a DiscreteHMM site), so an HMM counts its unmasked time steps
+            in either model form; ``pyro.factor`` terms and latents fixed by
+            ``poutine.condition`` are not data (see
+            :func:`~pyro_emvae.validate.observed_count`).
         checkpoint: a file to save the fit's state to, atomically (written to ``path.tmp``,
             then renamed), every ``checkpoint_every`` iterations, at the end of each run and on
             Ctrl-C: params, optimizer state, iteration, history, RNG state, and the restarts
