@@ -324,6 +324,40 @@ def _free_parameters(value: torch.Tensor, constraint) -> int:
     return value.numel()
 
 
+def _check_optim(optim: Any, exact: bool) -> None:
+    """A torch optimizer, or a pyro.optim constructor not called, is a TypeError that says what
+    to pass (not a failure inside the first M-step)."""
+    if isinstance(optim, torch.optim.Optimizer) or (
+        isinstance(optim, type) and issubclass(optim, torch.optim.Optimizer)
+    ):
+        cls = optim if isinstance(optim, type) else type(optim)
+        name = cls.__name__
+        wrapped = (
+            f"pyro.optim.{name}({{'lr': 0.01}})"
+            if getattr(pyro.optim, name, None) is not None
+            else f"pyro.optim.PyroOptim(torch.optim.{name}, {{'lr': 0.01}})"
+        )
+        what = "a torch.optim optimizer " + ("class" if isinstance(optim, type) else "instance")
+        raise TypeError(
+            f"optim={name} is {what}; fit needs a pyro.optim optimizer, which makes one torch "
+            f"optimizer per param as the model creates its params: pass optim={wrapped} (its "
+            "options as a dict)"
+            + (", or leave optim unset for EM's closed-form M-steps" if exact else "")
+        )
+    if isinstance(optim, type) and issubclass(optim, PyroOptim):
+        raise TypeError(
+            f"optim={optim.__name__} is a class; pass an instance: "
+            f"{optim.__name__}(torch.optim.Adam, {{'lr': 0.01}})"
+        )
+    if isinstance(optim, types.FunctionType) and optim.__module__.startswith("pyro.optim"):
+        names = [n for n in dir(pyro.optim) if getattr(pyro.optim, n) is optim]
+        name = f"pyro.optim.{names[0]}" if names else "the pyro.optim constructor"
+        raise TypeError(
+            f"optim={name} is the optimizer's constructor, not an optimizer: call it with its "
+            f"options, optim={name}({{'lr': 0.01}})"
+        )
+
+
 def fit(
     model: Callable,
     guide: Callable,
@@ -638,40 +672,6 @@ def fit(
     if reg_covar is not None:
         mstep.reg_covar = reg_covar  # the user's EMOptim as it was given
     return best
-
-
-def _check_optim(optim: Any, exact: bool) -> None:
-    """A torch optimizer, or a pyro.optim constructor not called, is a TypeError that says what
-    to pass (not a failure inside the first M-step)."""
-    if isinstance(optim, torch.optim.Optimizer) or (
-        isinstance(optim, type) and issubclass(optim, torch.optim.Optimizer)
-    ):
-        cls = optim if isinstance(optim, type) else type(optim)
-        name = cls.__name__
-        wrapped = (
-            f"pyro.optim.{name}({{'lr': 0.01}})"
-            if getattr(pyro.optim, name, None) is not None
-            else f"pyro.optim.PyroOptim(torch.optim.{name}, {{'lr': 0.01}})"
-        )
-        what = "a torch.optim optimizer " + ("class" if isinstance(optim, type) else "instance")
-        raise TypeError(
-            f"optim={name} is {what}; fit needs a pyro.optim optimizer, which makes one torch "
-            f"optimizer per param as the model creates its params: pass optim={wrapped} (its "
-            "options as a dict)"
-            + (", or leave optim unset for EM's closed-form M-steps" if exact else "")
-        )
-    if isinstance(optim, type) and issubclass(optim, PyroOptim):
-        raise TypeError(
-            f"optim={optim.__name__} is a class; pass an instance: "
-            f"{optim.__name__}(torch.optim.Adam, {{'lr': 0.01}})"
-        )
-    if isinstance(optim, types.FunctionType) and optim.__module__.startswith("pyro.optim"):
-        names = [n for n in dir(pyro.optim) if getattr(pyro.optim, n) is optim]
-        name = f"pyro.optim.{names[0]}" if names else "the pyro.optim constructor"
-        raise TypeError(
-            f"optim={name} is the optimizer's constructor, not an optimizer: call it with its "
-            f"options, optim={name}({{'lr': 0.01}})"
-        )
 
 
 def _start_run(run, seed, exact, mstep, optim, init, info, guide, stream, per_batch) -> None:
