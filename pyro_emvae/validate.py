@@ -17,8 +17,12 @@ value shapes that disagree with the plates or the  :class:`ModelInputError`
 event shape (:func:`check_shapes`)
 a dependence longer than a ``pyro.markov`` window  :class:`~pyro_emvae.estep.EnumerationError`
 (:func:`check_markov`)
-an enumeration larger than memory                  :class:`~pyro_emvae.estep.EnumerationError`
-(:func:`check_enumeration_memory`)
+an enumeration larger than memory, while the       :class:`~pyro_emvae.estep.EnumerationError`
+model runs (:class:`EnumerationBudget`) and before
+its log-probs (:func:`check_enumeration_memory`)
+a list, or an empty tensor, as data                :class:`ModelInputError`
+(:func:`check_observed_types`,
+:func:`check_nonempty`)
 more components than data, for EM                  :class:`ModelInputError`
 (:func:`check_components`)
 float32 on long chains (:func:`check_precision`)   :class:`PrecisionWarning` (a warning)
@@ -73,6 +77,8 @@ from pyro_emvae.amortized import frames_of, preserved_rng
 
 __all__ = [
     "ENUM_BUDGET_ENV",
+    "EnumerationBudget",
+    "MarkConditioned",
     "ModelInputError",
     "PrecisionWarning",
     "available_memory",
@@ -80,12 +86,15 @@ __all__ = [
     "check_distributions",
     "check_enumeration_memory",
     "check_markov",
+    "check_nonempty",
     "check_observed",
+    "check_observed_types",
     "check_params",
     "check_precision",
     "check_shapes",
     "count_observed",
     "enumeration_budget",
+    "explain_input_errors",
     "explain_model_errors",
     "model_inputs",
     "validate_estep_trace",
