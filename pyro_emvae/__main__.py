@@ -17,9 +17,11 @@ and writes a PNG.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -312,7 +314,49 @@ def _plot_hmm(path, years, counts, rates, states, marg, result) -> None:
     plt.close(fig)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (an error, exit code 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _plot_path(parser: argparse.ArgumentParser, plot: str) -> str:
+    """The plot's path, checked before any fit: its directory must exist and be writable (it is
+    not created: a mistyped directory is an error, not a new folder) and its extension be one
+    matplotlib writes (none: PNG)."""
+    path = Path(plot).expanduser()
+    folder = path.parent
+    if not folder.is_dir():
+        parser.error(
+            f"--plot {plot}: the directory {str(folder)!r} does not exist; create it first "
+            "(mkdir -p), or pass --plot none"
+        )
+    if not os.access(folder, os.W_OK):
+        parser.error(f"--plot {plot}: the directory {str(folder)!r} is not writable")
+    if path.is_dir():
+        parser.error(f"--plot {plot} is a directory; give a file name such as {plot}/demo.png")
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:  # pragma: no cover - (the plot itself will say)
+        return str(path)
+    if path.suffix:
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if path.suffix[1:].lower() not in formats:
+            parser.error(
+                f"--plot {plot}: matplotlib cannot write {path.suffix!r} files; use one of "
+                f"{', '.join('.' + f for f in sorted(formats))}"
+            )
+    return str(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line. Arguments are checked before any fit: a value out of range or a plot
+    path that cannot be written is an argparse error (exit code 2, the message on stderr)."""
     parser = argparse.ArgumentParser(
         prog="python -m pyro_emvae", description=__doc__.split("\n")[0]
     )
@@ -320,21 +364,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="fit a bundled model to bundled real data")
     demo.add_argument("--model", choices=["gmm", "hmm", "vae"], default="gmm")
     demo.add_argument(
-        "--max-iter", type=int, default=None, help="EM iterations (500) or SVI steps (6000)"
+        "--max-iter",
+        type=_positive_int,
+        default=None,
+        help="EM iterations (default 500) or SVI steps (default 6000); >= 1",
     )
-    demo.add_argument("--iwae-samples", type=int, default=1000, help="for --model vae")
+    demo.add_argument(
+        "--iwae-samples", type=_positive_int, default=1000, help="for --model vae; >= 1"
+    )
     demo.add_argument(
         "--plot",
         default=None,
-        help="PNG to write (default: pyro_emvae_demo_<model>.png; 'none' to skip)",
+        help="PNG to write, into an existing directory (default: pyro_emvae_demo_<model>.png; "
+        "'none' to skip)",
     )
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    plot = args.plot or f"pyro_emvae_demo_{args.model}.png"
+    plot = None if plot.lower() == "none" else _plot_path(demo, plot)
     torch.set_default_dtype(torch.float64)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
-    plot = args.plot or f"pyro_emvae_demo_{args.model}.png"
-    plot = None if plot.lower() == "none" else plot
     if args.model == "vae":
         print(run_vae(args.max_iter or 6000, plot, args.iwae_samples))
     else:

@@ -753,12 +753,26 @@ def score(
     guide: Callable,
     *args: Any,
     num_samples: int = 1000,
+    per: str = "value",
     **kwargs: Any,
 ) -> float:
-    """Mean log-likelihood per datum of (held-out) data under the fitted params, as
-    scikit-learn's ``score``: exact when ``guide`` is an
-    :class:`~pyro_emvae.estep.ExactEStep` (the discrete latents are summed out), else the IWAE
-    estimate with ``num_samples`` draws per datum (:func:`log_marginal`).
+    """Mean log-likelihood of (held-out) data under the fitted params, as scikit-learn's
+    ``score``: exact when ``guide`` is an :class:`~pyro_emvae.estep.ExactEStep` (the discrete
+    latents are summed out), else the IWAE estimate with ``num_samples`` draws per datum
+    (:func:`log_marginal`).
+
+    ``per`` is the unit it is averaged over:
+
+    * ``"value"`` (the default): per observed value, the unit of ``fit``'s ``n_data``,
+      :meth:`~pyro_emvae.fit.FitResult.per_datum`, ``tol`` and BIC
+      (:func:`~pyro_emvae.validate.observed_count`): a row of a mixture, a time step of an HMM
+      (the unmasked ones), so ``score`` on the training data equals ``result.per_datum()``;
+    * ``"row"``: per element of the data plate (a sequence of an HMM; the whole data when the
+      model has no plate): ``log_marginal(...).mean()``, and the unit of ``score`` in
+      pyro_emvae 0.1.0. For a mixture with one observed site per row the two are equal.
+
+    Numpy arrays and pandas DataFrames are converted as :func:`~pyro_emvae.fit.fit` converts
+    them (:func:`~pyro_emvae.validate.model_inputs`).
 
     Example::
 
@@ -774,7 +788,21 @@ def score(
         True
     """
     from pyro_emvae.estep import ExactEStep
+    from pyro_emvae.validate import count_observed, model_inputs
 
-    if isinstance(guide, ExactEStep):
-        return log_marginal(model, _no_latents, *args, num_samples=1, **kwargs).mean()
-    return log_marginal(model, guide, *args, num_samples=num_samples, **kwargs).mean()
+    if per not in ("value", "row"):
+        raise ValueError(f"per must be 'value' or 'row', got {per!r}")
+    args, kwargs = model_inputs(args, kwargs)
+    exact = isinstance(guide, ExactEStep)
+    est = log_marginal(
+        model,
+        _no_latents if exact else guide,
+        *args,
+        num_samples=1 if exact else num_samples,
+        **kwargs,
+    )
+    if per == "row":
+        return est.mean()
+    # (counted as fit counts: under ExactEStep, obs_mask's missing events are not data)
+    n = count_observed(guide.model if exact else model, args, kwargs)
+    return est.total / max(n, 1)

@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+import types
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -56,8 +57,11 @@ from pyro_emvae.init import STRATEGIES, init_potentials
 from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
 from pyro_emvae.stream import Batches, is_stream
 from pyro_emvae.validate import (
+    MarkConditioned,
     check_components,
+    explain_input_errors,
     explain_model_errors,
+    model_inputs,
     observed_count,
     validate_fit_inputs,
 )
@@ -191,12 +195,20 @@ class _ModelInfo:
 
 
 def _inspect(model: Callable, args: tuple, kwargs: dict) -> _ModelInfo:
-    """One prior trace of the model. ``n_data`` counts observed values: over observed sites,
-    the cells of their plates (full sizes under subsampling), times the chain length for a
+    """One prior trace of the model. ``n_data`` counts observed values
+    (:func:`~pyro_emvae.validate.observed_count`): over observed sites, the cells of their
+    plates (full sizes under subsampling) that their masks keep, times the chain length for a
     DiscreteHMM site, so a GMM on N points counts N and an HMM of N sequences of length T
-    counts N*T in either model form."""
+    counts N*T in either model form; ``pyro.factor`` terms and latents fixed by
+    ``poutine.condition`` are not data."""
     tracer = poutine.trace(model)
-    with poutine.block(), torch.no_grad(), explain_model_errors(tracer):
+    with (
+        poutine.block(),
+        torch.no_grad(),
+        explain_input_errors(args, kwargs),
+        explain_model_errors(tracer, inputs=(args, kwargs)),
+        MarkConditioned(),
+    ):
         tr = tracer.get_trace(*args, **kwargs)
     enumerates = any(
         s["type"] == "sample" and s["infer"].get("enumerate") == "parallel"
@@ -321,6 +333,40 @@ def _free_parameters(value: torch.Tensor, constraint) -> int:
     return value.numel()
 
 
+def _check_optim(optim: Any, exact: bool) -> None:
+    """A torch optimizer, or a pyro.optim constructor not called, is a TypeError that says what
+    to pass (not a failure inside the first M-step)."""
+    if isinstance(optim, torch.optim.Optimizer) or (
+        isinstance(optim, type) and issubclass(optim, torch.optim.Optimizer)
+    ):
+        cls = optim if isinstance(optim, type) else type(optim)
+        name = cls.__name__
+        wrapped = (
+            f"pyro.optim.{name}({{'lr': 0.01}})"
+            if getattr(pyro.optim, name, None) is not None
+            else f"pyro.optim.PyroOptim(torch.optim.{name}, {{'lr': 0.01}})"
+        )
+        what = "a torch.optim optimizer " + ("class" if isinstance(optim, type) else "instance")
+        raise TypeError(
+            f"optim={name} is {what}; fit needs a pyro.optim optimizer, which makes one torch "
+            f"optimizer per param as the model creates its params: pass optim={wrapped} (its "
+            "options as a dict)"
+            + (", or leave optim unset for EM's closed-form M-steps" if exact else "")
+        )
+    if isinstance(optim, type) and issubclass(optim, PyroOptim):
+        raise TypeError(
+            f"optim={optim.__name__} is a class; pass an instance: "
+            f"{optim.__name__}(torch.optim.Adam, {{'lr': 0.01}})"
+        )
+    if isinstance(optim, types.FunctionType) and optim.__module__.startswith("pyro.optim"):
+        names = [n for n in dir(pyro.optim) if getattr(pyro.optim, n) is optim]
+        name = f"pyro.optim.{names[0]}" if names else "the pyro.optim constructor"
+        raise TypeError(
+            f"optim={name} is the optimizer's constructor, not an optimizer: call it with its "
+            f"options, optim={name}({{'lr': 0.01}})"
+        )
+
+
 def fit(
     model: Callable,
     guide: Callable,
@@ -347,7 +393,9 @@ def fit(
     """Fit ``model``'s params (and the guide's, if any) by climbing the ELBO.
 
     ``args`` and ``kwargs`` go to the model and the guide, as in ``SVI.step``; fitting options
-    are keyword-only.
+    are keyword-only. Numpy arrays and pandas DataFrames among them are converted to tensors
+    first (floats in torch's default dtype: :func:`~pyro_emvae.validate.model_inputs`); lists
+    are passed as they are.
 
     Args:
         model, guide: a Pyro model and guide. With :class:`~pyro_emvae.estep.ExactEStep` the
@@ -380,9 +428,12 @@ def fit(
             annealing); see :class:`~pyro_emvae.elbo.KLControlledELBO`.
         free_bits: for SVI, the free bits per latent element (nats): KL below it is not
             penalized. History then records the plain ELBO (and ``"kl_weight"``).
-        n_data: the count for per-datum values; default: the number of observed values (the
-            plate cells of each observed site, times the chain length of a DiscreteHMM site), so
-            an HMM counts time steps in either model form.
+        n_data: the count for per-datum values, ``tol`` and BIC; default: the number of
+            observed values (the plate cells of each observed site that its masks keep, times
+            the chain length of a DiscreteHMM site), so an HMM counts its unmasked time steps
+            in either model form; ``pyro.factor`` terms and latents fixed by
+            ``poutine.condition`` are not data (see
+            :func:`~pyro_emvae.validate.observed_count`).
         checkpoint: a file to save the fit's state to, atomically (written to ``path.tmp``,
             then renamed), every ``checkpoint_every`` iterations, at the end of each run and on
             Ctrl-C: params, optimizer state, iteration, history, RNG state, and the restarts
@@ -474,6 +525,9 @@ def fit(
             )
             dp.barrier()  # every rank returns together (gloo aborts one torn down too early)
             return result
+    # numpy arrays and DataFrames as tensors (dtype kept); a list the model fails on is
+    # explained by _inspect
+    args, kwargs = model_inputs(args, kwargs)
     stream = None
     if args and is_stream(args[0]):
         stream = Batches(args[0], *args[1:], **kwargs)
@@ -498,6 +552,7 @@ def fit(
     if checkpoint is not None:
         ckpt = Checkpoint(checkpoint, checkpoint_every, write=dp.rank() == 0)
     exact = isinstance(guide, ExactEStep)
+    _check_optim(optim, exact)
     if optim is None:
         optim = EMOptim() if exact else pyro.optim.Adam({"lr": 0.01})
     mstep = None

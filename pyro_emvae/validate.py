@@ -17,8 +17,12 @@ value shapes that disagree with the plates or the  :class:`ModelInputError`
 event shape (:func:`check_shapes`)
 a dependence longer than a ``pyro.markov`` window  :class:`~pyro_emvae.estep.EnumerationError`
 (:func:`check_markov`)
-an enumeration larger than memory                  :class:`~pyro_emvae.estep.EnumerationError`
-(:func:`check_enumeration_memory`)
+an enumeration larger than memory, while the       :class:`~pyro_emvae.estep.EnumerationError`
+model runs (:class:`EnumerationBudget`) and before
+its log-probs (:func:`check_enumeration_memory`)
+a list, or an empty tensor, as data                :class:`ModelInputError`
+(:func:`check_observed_types`,
+:func:`check_nonempty`)
 more components than data, for EM                  :class:`ModelInputError`
 (:func:`check_components`)
 float32 on long chains (:func:`check_precision`)   :class:`PrecisionWarning` (a warning)
@@ -48,6 +52,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -61,13 +67,18 @@ from pyro.distributions import DiscreteHMM, constraints
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.infer.util import is_validation_enabled
 from pyro.ops.provenance import ProvenanceTensor, detach_provenance, get_provenance
+from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_emvae.amortized import frames_of, preserved_rng
 
 __all__ = [
+    "ENUM_BUDGET_ENV",
+    "EnumerationBudget",
+    "MarkConditioned",
     "ModelInputError",
     "PrecisionWarning",
     "available_memory",
@@ -75,11 +86,17 @@ __all__ = [
     "check_distributions",
     "check_enumeration_memory",
     "check_markov",
+    "check_nonempty",
     "check_observed",
+    "check_observed_types",
     "check_params",
     "check_precision",
     "check_shapes",
+    "count_observed",
+    "enumeration_budget",
+    "explain_input_errors",
     "explain_model_errors",
+    "model_inputs",
     "validate_estep_trace",
     "validate_fit_inputs",
 ]
@@ -154,6 +171,18 @@ def _is_sample(site: dict) -> bool:
 
 def _is_deterministic(site: dict) -> bool:
     return bool(site["infer"].get("_deterministic"))
+
+
+def _base(fn):
+    """``fn`` without its Independent and MaskedDistribution wrappers."""
+    while isinstance(fn, (dist.Independent, MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+def _is_factor(site: dict) -> bool:
+    """A ``pyro.factor`` site (an observed ``Unit``): a log-density term, not data."""
+    return isinstance(_base(site["fn"]), dist.Unit)
 
 
 def is_enumerated(site: dict) -> bool:
@@ -236,6 +265,218 @@ def _cardinality(site: dict) -> int | None:
 def _hmm_duration(site: dict) -> int:
     fn, value = site["fn"], site["value"]
     return int(value.shape[-1 - fn.observation_dist.event_dim])
+
+
+# ----------------------------------------------------------------------------------- inputs
+def _describe(x: Any) -> str:
+    """``numpy.ndarray of shape (20, 2) and dtype float64``, ``list of 3 lists``..."""
+    kind = f"{type(x).__module__.split('.')[0]}.{type(x).__name__}"
+    if type(x).__module__ == "builtins":
+        kind = type(x).__name__
+    shape = getattr(x, "shape", None)
+    if shape is not None:
+        dtype = getattr(x, "dtype", None)
+        return f"{kind} of shape {_shape(shape)}" + (f" and dtype {dtype}" if dtype else "")
+    if isinstance(x, (list, tuple)):
+        inner = sorted({type(v).__name__ for v in x})
+        return f"{kind} of {len(x)} {'/'.join(inner) or 'item'}{'s' if len(x) != 1 else ''}"
+    return kind
+
+
+def _where(key: int | str) -> str:
+    return f"argument {key}" if isinstance(key, int) else f"keyword argument '{key}'"
+
+
+def _is_pandas(x: Any) -> bool:
+    return type(x).__module__.startswith("pandas") and hasattr(x, "to_numpy")
+
+
+def _to_tensor(key: int | str, x: Any) -> Any:
+    """A numpy array or a pandas DataFrame / Series as a tensor (anything else as it is)."""
+    if _is_pandas(x):
+        import numpy as np
+
+        values = x.to_numpy()
+        if values.dtype == object or not (
+            np.issubdtype(values.dtype, np.number) or values.dtype == bool
+        ):
+            from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+            dtypes = getattr(x, "dtypes", None)
+            bad = (
+                [str(c) for c, d in dtypes.items() if not (is_numeric_dtype(d) or is_bool_dtype(d))]
+                if dtypes is not None and hasattr(dtypes, "items")
+                else []
+            )
+            raise ModelInputError(
+                f"data {_where(key)} is a {_describe(x)} with non-numeric values"
+                + (f" (columns {bad})" if bad else "")
+                + ": a model takes numeric tensors. Select or encode the numeric columns, "
+                "then pass torch.as_tensor(df.to_numpy(dtype='float64'))."
+            )
+        x = values
+    if type(x).__module__ == "numpy" and type(x).__name__ == "ndarray":
+        import numpy as np
+
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or x.dtype.kind == "c":
+            ragged = x.dtype == object and x.ndim == 1 and len({np.shape(v) for v in x}) > 1
+            raise ModelInputError(
+                f"data {_where(key)} is a {_describe(x)}: a model takes numeric tensors. "
+                + (
+                    _ragged_advice()
+                    if ragged
+                    else "Pass torch.as_tensor(x.astype('float64')) (or the integer dtype the "
+                    "model's distribution expects)."
+                )
+            )
+        if not x.flags.writeable:  # (torch shares the array's memory only if it may write it)
+            x = x.copy()
+        t = torch.as_tensor(x)
+        # floats in the dtype the model's params are made in (torch's default): float64 data
+        # beside float32 params would fail in the E-step's contraction
+        return t.to(torch.get_default_dtype()) if t.is_floating_point() else t
+    return x
+
+
+def _ragged_advice() -> str:
+    return (
+        "Sequences of different lengths do not make one tensor: pad them to the longest "
+        "(torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)) and mask the padding "
+        "(poutine.mask(mask=...) per step, or .mask(...) on a DiscreteHMM's observation_dist, "
+        "which leave log p(x) and n_data as for the unpadded data); or let the model loop "
+        "over a list of tensors, one per sequence."
+    )
+
+
+def model_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The model's arguments with numpy arrays and pandas DataFrames / Series converted to
+    tensors: floating arrays to torch's default dtype (the dtype ``pyro.param`` initial values
+    are made in: float64 after ``torch.set_default_dtype(torch.float64)``, else float32),
+    integer and boolean arrays keep their dtype; the memory is shared where the dtype is
+    unchanged. Every other argument is passed as it is (a list too: a model may loop over a
+    list of tensors; :func:`check_observed_types` and :func:`explain_input_errors` explain one
+    that the model cannot take).
+
+    Raises :class:`ModelInputError` for arrays or frames that are not numeric (an object array
+    of sequences of different lengths: padding and masks are the way).
+
+    Example::
+
+        >>> import numpy as np
+        >>> (x, n), _ = model_inputs((np.zeros((3, 2)), np.arange(3)), {})
+        >>> x.dtype == torch.get_default_dtype(), tuple(x.shape), n.dtype
+        (True, (3, 2), torch.int64)
+    """
+    args = tuple(_to_tensor(i, a) for i, a in enumerate(args))
+    kwargs = {k: _to_tensor(k, v) for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def _holds_tensor(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, (list, tuple)):
+        return any(_holds_tensor(v) for v in x)
+    return False
+
+
+def _lengths(x: Any) -> list[int] | None:
+    """The lengths of a list's items, if they are sequences of different lengths."""
+    if not isinstance(x, (list, tuple)) or not x:
+        return None
+    try:
+        lengths = [len(v) for v in x]
+    except TypeError:
+        return None
+    return lengths if len(set(lengths)) > 1 else None
+
+
+@contextlib.contextmanager
+def explain_input_errors(args: tuple, kwargs: dict) -> Iterator[None]:
+    """Re-raise a model's failure on a list argument (``AttributeError: 'list' object has no
+    attribute 'dim'`` from inside the model or Pyro) as a :class:`ModelInputError` that names
+    the argument and says what to pass: a tensor, or for sequences of different lengths,
+    padding and a mask. A list of tensors the model loops over passes untouched."""
+    try:
+        yield
+    except (AttributeError, TypeError, IndexError) as e:
+        items = [*enumerate(args), *kwargs.items()]
+        lists = [(k, v) for k, v in items if isinstance(v, (list, tuple)) and v]
+        if not lists or not any(w in str(e) for w in ("list", "tuple")):
+            raise  # (a failure that is not about a list argument)
+        key, value = lists[0]
+        lengths = _lengths(value)
+        if lengths is not None:
+            shown = ", ".join(map(str, lengths[:5])) + (", ..." if len(lengths) > 5 else "")
+            advice = f"Its items have different lengths ({shown}). " + _ragged_advice()
+        elif _holds_tensor(value):
+            advice = "Pass one tensor: torch.stack(x) (or torch.cat)."
+        else:
+            advice = (
+                "Pass a tensor: torch.tensor(x, dtype=torch.float64) (numpy arrays and pandas "
+                "DataFrames are converted by fit and score; lists are not, since a model may "
+                "loop over a list)."
+            )
+        raise ModelInputError(
+            f"the model failed on data {_where(key)}, a {_describe(value)} "
+            f"({type(e).__name__}: {e}). Pyro models take tensors. {advice}"
+        ) from e
+
+
+def _empty_inputs(inputs: tuple | None) -> str:
+    if inputs is None:
+        return ""
+    args, kwargs = inputs
+    empty = [
+        f"data {_where(k)} has shape {_shape(v.shape)}"
+        for k, v in [*enumerate(args), *kwargs.items()]
+        if isinstance(v, torch.Tensor) and v.numel() == 0
+    ]
+    return f" ({'; '.join(empty)})" if empty else ""
+
+
+def check_observed_types(trace, args: tuple = (), kwargs: dict | None = None) -> None:
+    """Every observed value must be a tensor (a list or an array reaches Pyro's enumeration as
+    ``AttributeError: 'list' object has no attribute 'data'``); the message names the site and,
+    when the value is one of the model's arguments (``args``, ``kwargs``), the argument."""
+    items = [*enumerate(args), *(kwargs or {}).items()]
+    for name, site in trace.nodes.items():
+        if not _is_sample(site) or _is_deterministic(site) or not site["is_observed"]:
+            continue
+        value = site["value"]
+        if isinstance(value, torch.Tensor):
+            continue
+        keys = [k for k, v in items if v is value]
+        source = f" (data {_where(keys[0])})" if keys else ""
+        lengths = _lengths(value)
+        advice = (
+            (f"Its items have different lengths. {_ragged_advice()}")
+            if lengths is not None
+            else "Pass a tensor: torch.as_tensor(x, dtype=torch.float64) (numpy arrays and "
+            "pandas DataFrames passed to fit and score are converted; lists are not, since a "
+            "model may loop over a list)."
+        )
+        raise ModelInputError(
+            f"observed site '{name}' ({_kind(site['fn'])}) has a value of type "
+            f"{_describe(value)}{source}, not a tensor: Pyro's distributions take tensors. "
+            + advice
+        )
+
+
+def check_nonempty(trace) -> None:
+    """Every observed site must hold at least one value: with N = 0 there is no data to fit (and
+    per-datum values, ``tol``, BIC would divide by zero)."""
+    for name, site in trace.nodes.items():
+        if not _is_sample(site) or _is_deterministic(site) or not site["is_observed"]:
+            continue
+        if _is_factor(site):
+            continue  # (pyro.factor's value is always empty)
+        value = site["value"]
+        if isinstance(value, torch.Tensor) and value.numel() == 0:
+            raise ModelInputError(
+                f"observed site '{name}' ({_kind(site['fn'])}) has an empty value (shape "
+                f"{_shape(value.shape)}): there is no data to fit. Pass at least one datum."
+            )
 
 
 # ----------------------------------------------------------------------------------- params
@@ -545,6 +786,191 @@ def available_memory(device: torch.device | None = None) -> int | None:
     return avail
 
 
+#: The environment variable that sets the memory an enumeration may take (see
+#: :func:`enumeration_budget`): bytes, with an optional unit ("64GB", "500MiB"); "inf" turns the
+#: enumeration memory checks off.
+ENUM_BUDGET_ENV = "PYRO_EMVAE_MAX_ENUM_BYTES"
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "kib": 2**10,
+    "m": 1e6,
+    "mb": 1e6,
+    "mib": 2**20,
+    "g": 1e9,
+    "gb": 1e9,
+    "gib": 2**30,
+    "t": 1e12,
+    "tb": 1e12,
+    "tib": 2**40,
+}
+
+
+def _parse_bytes(text: str) -> float:
+    t = text.strip().lower().replace("_", "")
+    if t in ("inf", "infinity", "off", "none"):
+        return math.inf
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)", t)
+    if m is None or m.group(2) not in _UNITS:
+        raise ValueError(
+            f"{ENUM_BUDGET_ENV}={text!r}: give a number of bytes with an optional unit "
+            "(e.g. 8000000000, '64GB', '500MiB'), or 'inf' to turn the memory checks off"
+        )
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def enumeration_budget(device: torch.device | None = None) -> tuple[float | None, str]:
+    """``(bytes, where the number comes from)``: the memory an enumerated model run may take.
+
+    The environment variable ``PYRO_EMVAE_MAX_ENUM_BYTES`` if it is set (a number of bytes with
+    an optional unit, ``"64GB"``, ``"500MiB"``; ``"inf"`` turns the enumeration memory checks
+    off), else :func:`available_memory` of ``device`` (None if unknown).
+
+    Example::
+
+        >>> import os
+        >>> os.environ["PYRO_EMVAE_MAX_ENUM_BYTES"] = "2GiB"
+        >>> enumeration_budget()
+        (2147483648.0, 'PYRO_EMVAE_MAX_ENUM_BYTES=2GiB')
+        >>> del os.environ["PYRO_EMVAE_MAX_ENUM_BYTES"]
+    """
+    raw = os.environ.get(ENUM_BUDGET_ENV)
+    if raw is not None and raw.strip():
+        return _parse_bytes(raw), f"{ENUM_BUDGET_ENV}={raw.strip()}"
+    return available_memory(device), "the available memory"
+
+
+def _budget_advice() -> str:
+    return (
+        f"or, if the model never combines these sites in one tensor, raise the budget: set the "
+        f"environment variable {ENUM_BUDGET_ENV} (bytes, e.g. '200GB'; 'inf' turns this check "
+        "off)."
+    )
+
+
+def _long_shape(shape: tuple[int, ...]) -> str:
+    if len(shape) <= 10:
+        return _shape(shape)
+    head = ", ".join(map(str, shape[:3]))
+    tail = ", ".join(map(str, shape[-3:]))
+    return f"({head}, ..., {tail}) ({len(shape)} dims)"
+
+
+def _enumerated_size(value, dim: int, event_dim: int) -> int:
+    """The number of values an enumerated site takes (the size of its enumeration dim)."""
+    if not isinstance(value, torch.Tensor):
+        return 1
+    at = dim - event_dim
+    return int(value.shape[at]) if value.dim() >= -at else 1
+
+
+class EnumerationBudget(Messenger):
+    """Refuse an enumeration too large for memory *while the model runs*, before the model's
+    own arithmetic or any log-prob allocates it.
+
+    Installed under :func:`pyro.poutine.enum` on the handler stack (by
+    :func:`explain_model_errors`), it sees each sample site after Pyro has enumerated it. At
+    each enumerated site it takes the enumerated sites in the site's scope by Pyro's own rule
+    (that of ``EnumMessenger``): every enumerated site outside ``pyro.markov`` (their dims are
+    never recycled) and the markov-local sites inside the site's window. What the model
+    computes next from the site's value can span all of them: the product of their
+    cardinalities, times the site's plate sizes and event size, bounds the tensors of the
+    model's arithmetic on these values (a sum of them, a distribution that depends on all of
+    them) and of the log-probs that follow. :data:`PEAK_FACTORS` times that, in the site's
+    dtype, must fit the budget (:func:`enumeration_budget`), else an
+    :class:`~pyro_emvae.estep.EnumerationError` names the sites and the size. What the model
+    already computed before the site spans one dim fewer: about ``1 / (2 * PEAK_FACTORS)`` of
+    the budget for binary sites. ``pyro.markov`` chains stay small (a window of sites is in
+    scope), and so do plates (one dim for all their repeats); 40 coupled binary sites outside
+    both are refused at about the 30th site (with 24 GB available) instead of exhausting
+    memory. Observed sites are left to :func:`check_enumeration_memory`, which reads their
+    exact log-prob shapes before any log-prob is computed.
+    """
+
+    #: below this many bytes (with 8-byte elements) the budget is not read at all
+    FLOOR = 2**26
+
+    def __enter__(self):
+        self._global: dict[int, tuple[str, int]] = {}  # enum dim -> (site, cardinality)
+        self._local: dict[str, tuple[int, int]] = {}  # markov-local site -> (dim, cardinality)
+        self._depths: dict[str, int] = {}  # site -> its markov depth (as EnumMessenger keeps)
+        self._budget: tuple[float | None, str] | None = None
+        raw = os.environ.get(ENUM_BUDGET_ENV)
+        self._floor = float(self.FLOOR)
+        if raw is not None and raw.strip():
+            self._budget = enumeration_budget()
+            self._floor = self._budget[0]
+        return super().__enter__()
+
+    def _pyro_sample(self, msg) -> None:
+        fn = msg["fn"]
+        if isinstance(fn, _Subsample) or not isinstance(fn, torch.distributions.Distribution):
+            return
+        infer = msg["infer"] or {}
+        scope = infer.get("_markov_scope")
+        in_scope = dict(self._global)
+        if scope is not None:
+            for name, depth in scope.items():
+                entry = self._local.get(name)
+                if entry is not None and self._depths.get(name) == depth:
+                    in_scope[entry[0]] = (name, entry[1])
+            self._depths[msg["name"]] = infer.get("_markov_depth", 0)
+        dim = infer.get("_enumerate_dim")
+        if dim is None:
+            # (an observed site's log-prob shape is known exactly, and checked before any
+            # log-prob by check_enumeration_memory; the arithmetic that built its
+            # distribution follows enumerated sites, which are checked here)
+            return
+        k = _enumerated_size(msg["value"], dim, len(fn.event_shape))
+        in_scope[dim] = (msg["name"], k)
+        if scope is None:
+            self._global[dim] = (msg["name"], k)
+        else:
+            self._local[msg["name"]] = (dim, k)
+        joint = math.prod(k for _, k in in_scope.values())
+        frames = frames_of(msg)
+        numel = joint * math.prod(f.size for f in frames) * max(1, math.prod(fn.event_shape))
+        if PEAK_FACTORS * numel * 8 <= self._floor:
+            return
+        if self._budget is None:
+            self._budget = enumeration_budget(_site_device(msg))
+        budget, source = self._budget
+        itemsize = torch.empty((), dtype=_site_dtype(msg)).element_size()
+        need = PEAK_FACTORS * numel * itemsize
+        if budget is None or need <= budget:
+            return
+        sizes = {d: k for d, (_, k) in in_scope.items()}
+        sizes.update({f.dim: f.size for f in frames})
+        shape = tuple(sizes.get(d, 1) for d in range(min(sizes), 0)) + tuple(fn.event_shape)
+        sites = [f"'{n}' ({k} values)" for _, (n, k) in sorted(in_scope.items(), reverse=True)]
+        if len(sites) > 8:
+            sites = [*sites[:3], f"... {len(sites) - 6} more ...", *sites[-3:]]
+        where = f", inside {_plate_list(frames)}" if frames else ""
+        raise _enumeration_error(
+            f"enumerating this model would need at least {_bytes(need)} but the budget is "
+            f"{_bytes(budget)} ({source}): at site '{msg['name']}' ({_kind(fn)}{where}), "
+            f"{len(in_scope)} enumerated site(s) are in scope at once: {', '.join(sites)}. A "
+            f"tensor over all of them, of shape {_long_shape(shape)}, has {numel:.3g} values "
+            f"of {itemsize} bytes = {_bytes(numel * itemsize)}"
+            + (
+                f" (their {joint:.3g} joint values times {numel // joint:.3g} plate and event "
+                "cells)"
+                if numel > joint
+                else ""
+            )
+            + f", and the exact E-step holds about {PEAK_FACTORS} such tensors; refused before "
+            "the model's arithmetic on these values (a sum of them, a distribution that "
+            "depends on all of them) or any log-prob allocates it. An enumerated site outside "
+            "pyro.markov keeps its tensor dim for the rest of the model: write chains with "
+            "pyro.markov (only a window of sites is then in scope), put independent repeats "
+            "of a site in a pyro.plate (one site, one dim), lower the cardinalities, "
+            + _budget_advice()
+        )
+
+
 def _factor(name: str, site: dict, depth: int) -> tuple[int, tuple[int, ...], int] | None:
     """``(numel of the largest tensor the site's log-prob makes, its shape, itemsize)``."""
     fn, value = site["fn"], site["value"]
@@ -579,8 +1005,10 @@ def check_enumeration_memory(
     (the cardinalities of the enumerated sites it depends on times its plate sizes; for a
     DiscreteHMM, ``batch * T * K * K``), before any log-prob is computed, and raises when
     ``factors`` (the E-step's measured peak, :data:`PEAK_FACTORS`) times the largest one exceeds
-    ``available`` bytes (default :func:`available_memory`). The model's own arithmetic on
-    enumerated values has run by then; the factors, which are usually far larger, have not.
+    ``available`` bytes (default :func:`enumeration_budget`: ``PYRO_EMVAE_MAX_ENUM_BYTES`` if
+    set, else the available memory). The model's own arithmetic on enumerated values has run
+    by then (:class:`EnumerationBudget` bounds it while the model runs); the factors, which
+    are usually far larger, have not.
     """
     best = None
     for name, site in trace.nodes.items():
@@ -593,20 +1021,23 @@ def check_enumeration_memory(
         return
     name, (numel, shape, itemsize) = best
     need = factors * numel * itemsize
+    source = "available"
     if available is None:
-        available = available_memory(_site_device(trace.nodes[name]))
+        available, source = enumeration_budget(_site_device(trace.nodes[name]))
+        source = "available" if source == "the available memory" else f"the budget ({source})"
     if available is None or need <= available:
         return
     site = trace.nodes[name]
     raise _enumeration_error(
         f"enumerating this model would need at least {_bytes(need)} but {_bytes(available)} "
-        f"is available: site '{name}' ({_kind(site['fn'])}) has a log-prob factor of shape "
+        f"is {source}: site '{name}' ({_kind(site['fn'])}) has a log-prob factor of shape "
         f"{_shape(shape)} ({numel:.3g} values of {itemsize} bytes = {_bytes(numel * itemsize)}"
         f"; the exact E-step holds about {factors} such tensors at once) over "
         f"{_factor_scope(trace, site, shape, max_plate_nesting)}. Enumerate fewer values "
         "jointly: subsample the plate (pyro.plate(..., subsample_size=...)), lower the "
         "cardinalities, make sites depend on fewer enumerated sites at once (pyro.markov for "
-        "chains), or use a lower precision."
+        f"chains), or use a lower precision; the budget is {ENUM_BUDGET_ENV} if set (bytes, "
+        "e.g. '200GB'), else the available memory."
     )
 
 
@@ -790,35 +1221,106 @@ def _warn_precision(what: str, length: int, nats: float, like: torch.Tensor) -> 
 
 
 # ----------------------------------------------------------------------------------- fit
+class MarkConditioned(Messenger):
+    """Marks the sites that an enclosing ``poutine.condition`` made observed
+    (``site["infer"]["_conditioned"] = True``), so that :func:`observed_count` can tell a
+    latent fixed to a value from data: Pyro marks both ``is_observed`` and keeps no other trace
+    of the difference. The rule: a site named in the data of a ``poutine.condition`` (or
+    ``pyro.condition``) that encloses the model run is conditioned, even if the model also
+    gave it ``obs=`` (the condition replaces that value)."""
+
+    def _pyro_post_sample(self, msg) -> None:
+        if not msg["is_observed"] or msg["infer"] is None:
+            return
+        name = msg["name"]
+        for frame in _PYRO_STACK:
+            if not isinstance(frame, ConditionMessenger):
+                continue
+            data = frame.data
+            held = name in data.nodes if isinstance(data, pyro.poutine.Trace) else name in data
+            if held:
+                msg["infer"]["_conditioned"] = True
+                return
+
+
+def _mask_share(fn) -> float:
+    """The share of a distribution's batch entries that its ``.mask(...)`` wrappers keep (1.0
+    without one), read through Independent wrappers."""
+    share = 1.0
+    while isinstance(fn, (dist.Independent, MaskedDistribution)):
+        if isinstance(fn, MaskedDistribution):
+            mask = fn._mask
+            if mask is False:
+                return 0.0
+            if torch.is_tensor(mask):
+                kept = torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, fn.batch_shape))
+                share *= float(kept.float().mean()) if kept.numel() else 0.0
+        fn = fn.base_dist
+    return share
+
+
 def observed_count(trace) -> int:
-    """Observed values as :func:`~pyro_emvae.fit.fit` counts them: the plate cells of each
-    observed site (full sizes under subsampling) that its mask keeps, times T for a
-    DiscreteHMM site; deterministic sites and fully masked sites (obs_mask's missing events
-    under ExactEStep) count nothing."""
+    """Observed values as :func:`~pyro_emvae.fit.fit` counts them (``n_data``: per-datum values,
+    ``tol``, BIC): over the observed sites, the cells of their plates (full sizes under
+    subsampling), times T for a DiscreteHMM site, times the share of those cells that the
+    site's masks keep (``poutine.mask``, a ``.mask(...)`` on the distribution, on a
+    DiscreteHMM's ``observation_dist`` too), so that an HMM over ragged sequences counts the
+    same unpadded time steps in the ``pyro.markov`` and the DiscreteHMM form.
+
+    Not data, so not counted: ``pyro.factor`` terms, deterministic sites, fully masked sites
+    (obs_mask's missing events under ExactEStep) and latents fixed by ``poutine.condition`` (a
+    trace taken under :class:`MarkConditioned`; a site the model gives ``obs=`` is data). Pass
+    ``fit(..., n_data=...)`` to count otherwise.
+    """
     total = 0.0
     for site in trace.nodes.values():
         if not _is_sample(site) or not site["is_observed"] or _is_deterministic(site):
+            continue
+        if _is_factor(site) or site["infer"].get("_conditioned"):
             continue
         mask = site["mask"]
         if mask is False:
             continue
         cells = math.prod(f.full_size or f.size for f in frames_of(site))
-        if isinstance(site["fn"], DiscreteHMM):
-            cells *= _hmm_duration(site)
-        if torch.is_tensor(mask):  # the share of cells the site's mask keeps
-            batch = site["fn"].batch_shape
-            kept = torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, batch))
-            cells *= float(kept.float().mean())
         fn = site["fn"]
-        while isinstance(fn, dist.Independent):
-            fn = fn.base_dist
-        if isinstance(fn, MaskedDistribution) and torch.is_tensor(fn._mask):
-            # a .mask(...) on the distribution: the share of its entries it keeps
-            inner = fn._mask
-            kept = torch.broadcast_to(inner, torch.broadcast_shapes(inner.shape, fn.batch_shape))
-            cells *= float(kept.float().mean())
+        if isinstance(fn, DiscreteHMM):
+            cells *= _hmm_duration(site)
+            # (the emissions' mask: (*batch, T, K) or broadcastable, per step)
+            cells *= _mask_share(fn.observation_dist)
+        else:
+            cells *= _mask_share(fn)
+        if torch.is_tensor(mask):  # the share of cells the site's mask keeps
+            batch = fn.batch_shape
+            kept = torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, batch))
+            cells *= float(kept.float().mean()) if kept.numel() else 0.0
         total += cells
     return round(total)
+
+
+def count_observed(model: Callable, args: tuple = (), kwargs: dict | None = None) -> int:
+    """:func:`observed_count` of one prior trace of ``model`` (the RNG state restored after).
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> def model(x):
+        ...     with pyro.plate("data", len(x)):
+        ...         pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+        ...     pyro.factor("penalty", torch.tensor(-1.0))  # a log-density term, not data
+        >>> count_observed(model, (torch.zeros(5),))
+        5
+    """
+    kwargs = kwargs or {}
+    tracer = poutine.trace(model)
+    with (
+        preserved_rng(),
+        poutine.block(),
+        torch.no_grad(),
+        explain_model_errors(tracer, inputs=(args, kwargs)),
+        MarkConditioned(),
+    ):
+        trace = tracer.get_trace(*args, **kwargs)
+    return observed_count(trace)
 
 
 def check_components(trace, n: int | None = None) -> None:
@@ -876,8 +1378,8 @@ def validate_fit_inputs(
 
     For every guide: finite params (:func:`check_params`), finite and in-support observed values
     and finite distribution parameters (:func:`check_observed`: NaN in the data of a VAE fails
-    here, before SVI turns it into a NaN loss), and value shapes that fit the plates
-    (:func:`check_shapes`). With an :class:`~pyro_emvae.estep.ExactEStep` guide (``exact``):
+    here, before SVI turns it into a NaN loss), value shapes that fit the plates
+    (:func:`check_shapes`), and data that is not empty (:func:`check_nonempty`). With an :class:`~pyro_emvae.estep.ExactEStep` guide (``exact``):
     no more components than observed values (:func:`check_components`); the E-step's own
     checks (memory, ``pyro.markov`` windows, float32 chains) run in its first
     E-step (``components=False`` leaves the count of components to the caller, which knows
@@ -896,10 +1398,12 @@ def validate_fit_inputs(
             trace = tracer.get_trace(*args, **kwargs)
     trace = prune_subsample_sites(trace)
     depth = _max_plate_nesting(trace) if max_plate_nesting is None else max_plate_nesting
+    check_observed_types(trace, args, kwargs)
     check_observed(trace, exact=exact)
     check_params(trace)
     check_distributions(trace)
     check_shapes(trace, depth)
+    check_nonempty(trace)
     if exact:
         if components:
             check_components(trace)
@@ -932,7 +1436,9 @@ def _last_site(tracer) -> str:
 
 
 @contextlib.contextmanager
-def explain_model_errors(tracer=None, max_plate_nesting: int | None = None) -> Iterator[None]:
+def explain_model_errors(
+    tracer=None, max_plate_nesting: int | None = None, inputs: tuple | None = None
+) -> Iterator[None]:
     """Re-raise Pyro's obscure errors from a model run with what they mean and what to do.
 
     * "Expected parameter ... to satisfy the constraint": a distribution built from a NaN (or
@@ -941,11 +1447,31 @@ def explain_model_errors(tracer=None, max_plate_nesting: int | None = None) -> I
     * "Shape mismatch inside plate": a distribution's batch shape disagrees with a plate (or,
       with ``max_plate_nesting`` given, a plate lies where the enumerated dims go).
     * "only tensors with up to 64 dims": more enumerated dims than torch allows.
+    * "size cannot be zero": a ``pyro.plate`` of size 0, i.e. empty data
+      (``inputs``, the model's ``(args, kwargs)``, lets the message name the empty argument).
 
-    ``tracer`` (the ``poutine.trace`` handler that runs the model) gives the partial trace.
+    While the model runs, :class:`EnumerationBudget` refuses an enumeration that would not fit
+    in memory, before it is allocated. ``tracer`` (the ``poutine.trace`` handler that runs the
+    model) gives the partial trace.
     """
     try:
-        yield
+        with EnumerationBudget():
+            yield
+    except ZeroDivisionError as e:
+        if "size cannot be zero" not in str(e):
+            raise
+        partial = _partial_trace(tracer)
+        plates = [
+            n
+            for n, s in (partial.nodes.items() if partial is not None else ())
+            if s["type"] == "sample" and isinstance(s["fn"], _Subsample)
+        ]
+        which = f"pyro.plate '{plates[-1]}'" if plates else "a pyro.plate"
+        raise ModelInputError(
+            f"{which} has size 0: the data is empty"
+            + _empty_inputs(inputs)
+            + ". Pass at least one datum."
+        ) from e
     except ValueError as e:
         text = str(e)
         partial = _partial_trace(tracer)

@@ -80,3 +80,46 @@ def test_demo_vae_reports_iwae_and_active_units(tmp_path, capsys):
     assert -80 < elbo < iwae < 0  # the IWAE bound is above the ELBO
     assert re.search(r"active units\s+\d of 8", out)
     assert png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-iter", "0"], "argument --max-iter: must be >= 1, got 0"),
+        (["--max-iter", "-5"], "argument --max-iter: must be >= 1, got -5"),
+        (["--max-iter", "ten"], "argument --max-iter: expected a whole number >= 1, got 'ten'"),
+        (["--model", "vae", "--iwae-samples", "0"], "argument --iwae-samples: must be >= 1"),
+        (["--plot", "no/such/dir/demo.png"], "the directory 'no/such/dir' does not exist"),
+        (["--plot", "demo.xyz"], "matplotlib cannot write '.xyz' files"),
+    ],
+)
+def test_demo_arguments_are_checked_before_any_fit(args, message, capsys, monkeypatch, tmp_path):
+    """Bad values are argparse errors (exit code 2, the message on stderr), found before the
+    fit starts (nothing is printed to stdout: no report, no fit ran)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["demo", *args])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err, captured.err
+    assert captured.out == ""
+
+
+def test_demo_plot_into_a_directory_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--plot", str(tmp_path)])
+    assert info.value.code == 2
+    assert "is a directory; give a file name" in capsys.readouterr().err
+
+
+def test_demo_bad_arguments_exit_2_from_the_command_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyro_emvae", "demo", "--max-iter", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "must be >= 1, got 0" in proc.stderr and "Traceback" not in proc.stderr

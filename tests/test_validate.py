@@ -449,10 +449,11 @@ CASES = [
         ],
     ),
     Case(
-        "more-enumerated-dims-than-torch",
+        # refused by the budget (at about the 30th site) before torch's 64 dims run out
+        "many-global-sites-beyond-the-budget",
         lambda: (many_global_sites, (torch.randn(70),)),
         EnumerationError,
-        ["64", "pyro.plate", "pyro.markov"],
+        ["'b0' (2 values)", "pyro.plate", "pyro.markov", "PYRO_EMVAE_MAX_ENUM_BYTES"],
     ),
     # params
     Case(
@@ -907,3 +908,121 @@ def test_obs_mask_missing_events_drop_out_exactly():
     assert abs(result.log_likelihood - alone.log_likelihood) < 1e-6
     for name, value in alone.params.items():
         assert torch.allclose(masked_params[name], value, atol=1e-5), name
+
+
+# ---------------------------------------------------------------------------- enumeration budget
+def summed_binaries(n: int) -> Callable:
+    """n global binary latents, all feeding one observation through their sum: the model's own
+    arithmetic builds a tensor over all n enumeration dims (2**n values) before any site that
+    depends on it is traced."""
+    probs = torch.linspace(0.2, 0.8, n)
+
+    def model(x):
+        total = 0.0
+        for i in range(n):
+            total = total + pyro.sample(f"z_{i}", dist.Bernoulli(probs[i]), infer=PAR)
+        pyro.sample("x", dist.Normal(total, 1.0), obs=x)
+
+    return model
+
+
+def test_coupled_binary_latents_are_refused_before_their_memory_is_spent(monkeypatch) -> None:
+    """40 coupled binary latents: without the check the model's sum over them alone needs 2**40
+    values (the OS kills the process); with a budget of 256 MB the refusal comes at the site
+    where PEAK_FACTORS * 2**(i+1) * 8 bytes first exceeds it (z_22: 4 * 2**23 * 8 = 268 MB),
+    quickly and with the model's tensors still small (2**22 values)."""
+    import resource
+    import time
+
+    monkeypatch.setenv(validate.ENUM_BUDGET_ENV, "256MB")
+    model = summed_binaries(40)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with pytest.raises(EnumerationError) as info:
+        ExactEStep(model).posterior(torch.tensor(20.0))
+    seconds = time.perf_counter() - start
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+    message = str(info.value)
+    for fragment in [
+        "at least 268 MB but the budget is 256 MB (PYRO_EMVAE_MAX_ENUM_BYTES=256MB)",
+        "at site 'z_22' (Bernoulli)",
+        "23 enumerated site(s) are in scope at once",
+        "'z_0' (2 values)",
+        "'z_22' (2 values)",
+        "8.39e+06 values of 8 bytes = 67.1 MB",
+        "pyro.markov",
+        "pyro.plate",
+    ]:
+        assert fragment in message, (fragment, message)
+    assert seconds < 3.0
+    assert grown_mib < 300  # the sum had 2**22 float64 values (34 MB) when it was refused
+
+
+def test_the_default_budget_is_the_available_memory(monkeypatch) -> None:
+    monkeypatch.delenv(validate.ENUM_BUDGET_ENV, raising=False)
+    monkeypatch.setattr(validate, "available_memory", lambda device=None: 10**9)
+    with pytest.raises(EnumerationError, match=r"budget is 1 GB \(the available memory\)"):
+        ExactEStep(summed_binaries(40)).posterior(torch.tensor(20.0))
+
+
+def test_ten_coupled_latents_still_run_and_match_brute_force(monkeypatch) -> None:
+    """Below the budget nothing changes: log p(x) and a marginal by the sum over all 2**10
+    assignments."""
+    monkeypatch.setenv(validate.ENUM_BUDGET_ENV, "1MB")  # (4 * 2**10 * 8 bytes = 33 KB)
+    n, x = 10, torch.tensor(6.5)
+    probs = torch.linspace(0.2, 0.8, n)
+    post = ExactEStep(summed_binaries(n)).posterior(x)
+    z = torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)))  # (1024, 10)
+    log_joint = dist.Bernoulli(probs).log_prob(z).sum(-1) + dist.Normal(z.sum(-1), 1.0).log_prob(x)
+    brute = torch.logsumexp(log_joint, 0)
+    assert abs(float(post.log_likelihood) - float(brute)) < 1e-12
+    p3 = float((log_joint - brute).exp()[z[:, 3] == 1].sum())
+    assert abs(float(post.marginals["z_3"].reshape(-1)[1]) - p3) < 1e-12
+
+
+def test_markov_chains_and_plates_are_counted_as_pyro_allocates_them(monkeypatch) -> None:
+    """A pyro.markov HMM (T=200, K=4) keeps two enumerated sites in scope at a time (Pyro
+    recycles the dims), so a 1 MB budget is plenty, and it runs to the DiscreteHMM form's log
+    p(x); a mixture's plate multiplies: K * N * 8 bytes * PEAK_FACTORS is refused one byte
+    below it and runs at it."""
+    monkeypatch.setenv(validate.ENUM_BUDGET_ENV, "1MB")
+    x, truth = hmm.sample_gaussian_hmm(N=1, T=200, K=4, D=1, seed=0)
+    markov = ExactEStep(lambda x: hmm.gaussian_hmm_markov(x, 4, init=truth)).log_likelihood(x)
+    pyro.clear_param_store()
+    chain = ExactEStep(lambda x: hmm.gaussian_hmm(x, 4, init=truth)).log_likelihood(x)
+    assert abs(float(markov) - float(chain)) < 1e-8
+
+    pyro.clear_param_store()
+    model, data = two_big_sites(1000, 3), torch.randn(1000)
+
+    def local(x):  # one enumerated site of 3 values in a plate of 1000
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(torch.ones(3) / 3), infer=PAR)
+            pyro.sample("x", dist.Normal(torch.tensor([-1.0, 0.0, 1.0])[z], 1.0), obs=x)
+
+    need = validate.PEAK_FACTORS * 3 * 1000 * 8
+    monkeypatch.setenv(validate.ENUM_BUDGET_ENV, str(need - 1))
+    with pytest.raises(EnumerationError, match=r"at site 'z' \(Categorical, inside plate 'data'"):
+        ExactEStep(local).posterior(data)
+    monkeypatch.setenv(validate.ENUM_BUDGET_ENV, str(need))
+    ExactEStep(local).posterior(data)
+    # the post-trace check reads the same budget: two global sites of 3 feeding the plate
+    monkeypatch.setenv(validate.ENUM_BUDGET_ENV, str(3 * need - 1))
+    with pytest.raises(EnumerationError, match=r"\(3, 3, 1000\).*PYRO_EMVAE_MAX_ENUM_BYTES"):
+        ExactEStep(model).posterior(data)
+
+
+def test_the_budget_can_be_raised_or_turned_off(monkeypatch) -> None:
+    """'inf' turns the budget off: 70 independent global sites then run into torch's 64 dims,
+    which is explained as before."""
+    monkeypatch.setenv(validate.ENUM_BUDGET_ENV, "inf")
+    with pytest.raises(EnumerationError, match=r"more sites at once than torch has tensor dims"):
+        ExactEStep(many_global_sites).posterior(torch.randn(70))
+    assert validate.enumeration_budget()[0] == float("inf")
+    monkeypatch.setenv(validate.ENUM_BUDGET_ENV, "2GiB")
+    assert validate.enumeration_budget() == (2**31, "PYRO_EMVAE_MAX_ENUM_BYTES=2GiB")
+    monkeypatch.setenv(validate.ENUM_BUDGET_ENV, "1.5e9")
+    assert validate.enumeration_budget()[0] == 1.5e9
+    monkeypatch.setenv(validate.ENUM_BUDGET_ENV, "lots")
+    with pytest.raises(ValueError, match=r"PYRO_EMVAE_MAX_ENUM_BYTES='lots': give a number"):
+        validate.enumeration_budget()
