@@ -14,6 +14,7 @@ from pyro_emvae.evaluate import (
     score,
 )
 from pyro_emvae.fit import ConvergenceWarning, FitResult, fit
+from pyro_emvae.init import KMeansFallbackWarning
 from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
 from pyro_emvae.stream import Batches, NpyChunks
 from pyro_emvae.validate import ModelInputError, PrecisionWarning
@@ -32,6 +33,7 @@ __all__ = [
     "FitResult",
     "GradientMStep",
     "KLControlledELBO",
+    "KMeansFallbackWarning",
     "LogMarginal",
     "MeanFieldGuide",
     "ModelInputError",
