@@ -1,7 +1,7 @@
 """pyro_emvae: EM, exact E-steps and VAEs on one objective, for Pyro models."""
 
 from pyro_emvae.amortized import AmortizedGuide, MeanFieldGuide
-from pyro_emvae.arviz import to_inference_data
+from pyro_emvae.arviz import PointEstimateWarning, to_inference_data
 from pyro_emvae.elbo import KLControlledELBO, linear_warmup
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.evaluate import (
@@ -39,6 +39,7 @@ __all__ = [
     "ModelInputError",
     "NpyChunks",
     "OnlineEM",
+    "PointEstimateWarning",
     "Posterior",
     "PrecisionWarning",
     "__version__",
