@@ -1,7 +1,7 @@
 """pyro_emvae: EM, exact E-steps and VAEs on one objective, for Pyro models."""
 
 from pyro_emvae.amortized import AmortizedGuide, MeanFieldGuide
-from pyro_emvae.arviz import to_inference_data
+from pyro_emvae.arviz import PointEstimateWarning, to_inference_data
 from pyro_emvae.elbo import KLControlledELBO, linear_warmup
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.evaluate import (
@@ -14,6 +14,7 @@ from pyro_emvae.evaluate import (
     score,
 )
 from pyro_emvae.fit import ConvergenceWarning, FitResult, fit
+from pyro_emvae.init import KMeansFallbackWarning
 from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
 from pyro_emvae.stream import Batches, NpyChunks
 from pyro_emvae.validate import ModelInputError, PrecisionWarning
@@ -32,11 +33,13 @@ __all__ = [
     "FitResult",
     "GradientMStep",
     "KLControlledELBO",
+    "KMeansFallbackWarning",
     "LogMarginal",
     "MeanFieldGuide",
     "ModelInputError",
     "NpyChunks",
     "OnlineEM",
+    "PointEstimateWarning",
     "Posterior",
     "PrecisionWarning",
     "__version__",

@@ -216,7 +216,8 @@ class _Inputs:
         if len(parts) == 1 and self.located[0][2] is None:
             # one site: the datum as it is (an image stays an image); a scalar gets a dim
             return parts[0] if parts[0].dim() > 1 else parts[0].unsqueeze(-1)
-        dtype = torch.get_default_dtype()
+        # in the data's own floating dtype (a one-hot or count part follows it)
+        dtype = next((p.dtype for p in parts if p.is_floating_point()), torch.get_default_dtype())
         return torch.cat([p.reshape(p.shape[0], -1).to(dtype) for p in parts], -1)
 
 
@@ -416,7 +417,7 @@ class AmortizedGuide(nn.Module):
             indices = plate_indices(tr, frame)
             group["inputs"] = self._find_inputs(tr, frame, indices, args, kwargs)
             example = group["inputs"](indices, args, kwargs)
-            encoders[_key(name)] = self._build(example, group["sites"])
+            encoders[_key(name)] = self._build(example, group["sites"], _float_dtype(example, tr))
             group["module"] = self.name if len(groups) == 1 else f"{self.name}_{_key(name)}"
         self.encoders = nn.ModuleDict(encoders)
         self.groups = list(groups.values())
@@ -549,8 +550,14 @@ class AmortizedGuide(nn.Module):
             located.append((where[0], where[1], classes))
         return _Inputs(located, None)
 
-    def _build(self, example: torch.Tensor, local: list[dict]) -> Encoder:
-        dtype = torch.get_default_dtype()
+    def _build(self, example: torch.Tensor, local: list[dict], dtype: torch.dtype) -> Encoder:
+        """The encoder for data like ``example``, on its device, in ``dtype`` (see
+        :func:`_float_dtype`) or in the dtype of a user trunk's params."""
+        if self.user_trunk is not None:
+            own = next(
+                (p.dtype for p in self.user_trunk.parameters() if p.is_floating_point()), None
+            )
+            dtype = own or dtype  # a trunk the user built in some dtype stays in it
         example = example.to(dtype)
         if self.user_trunk is not None:
             trunk = self.user_trunk.to(example.device)
@@ -688,6 +695,29 @@ class AmortizedGuide(nn.Module):
         optimized) in place of the encoders' outputs; ``None`` restores the encoders. Used to
         measure the amortization gap."""
         self._override = params
+
+
+def _float_dtype(example: torch.Tensor, tr) -> torch.dtype:
+    """The encoder's dtype: the one q's draws must have to enter the model. In order: the
+    dtype of the model's params (a decoder's weights, which consume the draws), else the
+    observed data's, else the model's continuous latents' (integer data), else torch's
+    default. Not torch's default first: float64 data and decoder under a float32 default
+    would meet a float32 draw in the decoder."""
+    params = [
+        s for s in tr.nodes.values() if s["type"] == "param" and s["value"].is_floating_point()
+    ]
+    # a module's weights (pyro.module names them "module$$$weight") before plain params: a
+    # network is what takes the draw, a scalar noise param may sit in the default dtype
+    params.sort(key=lambda s: "$$$" not in s["name"])
+    if params:
+        return params[0]["value"].dtype
+    if example.is_floating_point():
+        return example.dtype
+    for site in latent_sites(tr):
+        value = site["value"]
+        if torch.is_tensor(value) and value.is_floating_point():
+            return value.dtype
+    return torch.get_default_dtype()
 
 
 def _signature(args: tuple, kwargs: dict):

@@ -4,12 +4,19 @@ Groups:
 
 * ``posterior``: draws of the latent sites from q: exact posterior draws for an
   :class:`~pyro_emvae.estep.ExactEStep` guide (forward filtering, backward sampling on
-  chains), the guide's draws otherwise; one chain, ``num_samples`` draws.
-* ``posterior_predictive``: the observed sites drawn from the model given each posterior draw.
-* ``log_likelihood``: per datum, :math:`\\log p_\\theta(x_i)` with the latents summed out, at the
-  fitted params: exact for an ExactEStep guide, the IWAE estimate otherwise
-  (:func:`~pyro_emvae.evaluate.log_marginal`). The params are point estimates, so the value is
-  the same in every draw (``az.loo`` on it is the plain held-in log-likelihood).
+  chains), the guide's draws otherwise; one chain, ``num_samples`` draws. The hidden chain of
+  an observed :class:`~pyro.distributions.DiscreteHMM` site ``x`` is the variable
+  ``x_states`` (``(*sequences, T)``; exact FFBS draws given the other latents' draws), on
+  the time dim ``x_time`` it shares with ``x``.
+* ``posterior_predictive``: the observed sites drawn from the model given each posterior
+  draw (a DiscreteHMM site: each step's emission given the drawn hidden state).
+* ``log_likelihood``: per datum, :math:`\\log p_{\\hat\\theta}(x_i)` with the latents summed
+  out, at the fitted params: exact for an ExactEStep guide, the IWAE estimate otherwise
+  (:func:`~pyro_emvae.evaluate.log_marginal`). A datum is one entry of the data plate; a
+  DiscreteHMM sequence is one datum (the chain couples its steps, so there is no per-step
+  :math:`\\log p(x_t)`), and a model without a data plate is one datum. See
+  :func:`to_inference_data` on why ``az.loo`` / ``az.waic`` / ``az.compare`` on it are
+  in-sample.
 * ``observed_data``: the observed sites' values.
 * ``fit_history``: the fit's objective and time per iteration (when ``result`` is given).
 
@@ -25,12 +32,31 @@ from typing import Any
 import numpy as np
 import torch
 from pyro import poutine
+from pyro.distributions import DiscreteHMM
+from pyro.poutine.messenger import Messenger
 
 from pyro_emvae.amortized import find_data_plate, frames_of, latent_sites, prototype_trace
-from pyro_emvae.estep import ExactEStep
+from pyro_emvae.estep import ExactEStep, _hmm_parts, _hmm_sample
 from pyro_emvae.evaluate import _no_latents, log_marginal
 
-__all__ = ["to_inference_data"]
+__all__ = ["IN_SAMPLE_NOTE", "PointEstimateWarning", "to_inference_data"]
+
+#: The note on the ``log_likelihood`` group (its ``attrs["note"]``) and in the warning.
+IN_SAMPLE_NOTE = (
+    "log p(x_i) at point-estimate params fitted to these data, the same in every draw: "
+    "az.loo / az.waic / az.compare on it are in-sample (p_loo = p_waic = 0, every Pareto k inf) "
+    "and favour the bigger model. Compare models by score() on held-out data or by "
+    "FitResult.bic()."
+)
+
+
+class PointEstimateWarning(UserWarning):
+    """The exported log-likelihood is at point-estimate params fitted to the data it scores:
+    ArviZ's ``loo`` / ``waic`` / ``compare`` on it are in-sample. Issued once per process;
+    silence it with ``warnings.filterwarnings("ignore", category=PointEstimateWarning)``."""
+
+
+_warned = False  # the warning is shown once per process: every export carries the note anyway
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -48,6 +74,22 @@ def to_inference_data(
 ):
     """Export a fit (the params in the param store, ``guide`` as the posterior) to ArviZ.
 
+    The ``log_likelihood`` group is :math:`\\log p_{\\hat\\theta}(x_i)` per datum at the fitted
+    params :math:`\\hat\\theta` (a point estimate, repeated in every draw), not at draws of a
+    posterior over :math:`\\theta`. On the data the params were fitted to it is **in-sample**:
+    ``az.loo`` and ``az.waic`` find no effective parameters (``p_loo = 0``), flag every Pareto
+    k, and ``az.compare`` prefers the model with more components where BIC does not. Compare
+    models by :func:`~pyro_emvae.evaluate.score` on held-out data or by
+    :meth:`FitResult.bic() <pyro_emvae.fit.FitResult.bic>`. The group's ``attrs`` say so
+    (``in_sample=1``, ``note``, ``method``, ``datum``), and the first export of a process
+    issues a :class:`PointEstimateWarning`.
+
+    Unit of a datum: one entry of the data plate (a data point of a mixture); for an observed
+    :class:`~pyro.distributions.DiscreteHMM` site, one **sequence**: the hidden chain couples
+    the steps, so :math:`\\log p(x_{1:T})` does not split into per-step terms. A model without
+    a data plate (one DiscreteHMM sequence) has a single datum. The values sum to the exact
+    :math:`\\log p(x)` for an ExactEStep guide.
+
     Args:
         model, guide: the fitted model and its guide; ``args``, ``kwargs`` as for the fit.
         result: the :class:`~pyro_emvae.fit.FitResult`, for the ``fit_history`` group.
@@ -56,7 +98,10 @@ def to_inference_data(
             (guides other than ExactEStep).
 
     Returns:
-        an ``arviz.InferenceData``; see the module docstring for its groups.
+        an ``arviz.InferenceData``; see the module docstring for its groups. For a
+        DiscreteHMM site ``x`` of ``N`` sequences of length ``T``: ``posterior["x_states"]``
+        ``(1, num_samples, N, T)``, ``posterior_predictive["x"]`` and ``observed_data["x"]``
+        shaped as ``x``, ``log_likelihood["x_datum"]`` ``(1, num_samples, N)``.
 
     Example::
 
@@ -70,6 +115,8 @@ def to_inference_data(
         >>> idata = to_inference_data(model, ExactEStep(model), torch.randn(20), num_samples=10)
         >>> idata.posterior["z"].shape
         (1, 10, 20)
+        >>> idata.log_likelihood.attrs["in_sample"]
+        1
     """
     import arviz as az
     import xarray as xr
@@ -88,11 +135,19 @@ def to_inference_data(
         for name, s in tr.nodes.items()
         if s["type"] == "sample" and s["is_observed"] and not s["infer"].get("_deterministic")
     }
+    chains = [n for n in observed if isinstance(tr.nodes[n]["fn"], DiscreteHMM)]
+    taken = set(tr.nodes)
+    states = {}  # DiscreteHMM site -> the posterior variable of its hidden chain
+    for name in chains:
+        states[name] = f"{name}_states"
+        while states[name] in taken:
+            states[name] += "_"
+        taken.add(states[name])
     latents = [s["name"] for s in latent_sites(tr)]
+    exact = isinstance(guide, ExactEStep)
     with torch.no_grad():
-        draws = _posterior_draws(model, guide, latents, num_samples, args, kwargs)
-        predictive = _predictive(model, draws, list(observed), num_samples, args, kwargs)
-        exact = isinstance(guide, ExactEStep)
+        draws = _posterior_draws(model, guide, latents, chains, num_samples, args, kwargs)
+        predictive = _predictive(model, draws, list(observed), chains, num_samples, args, kwargs)
         lm = log_marginal(
             model,
             _no_latents if exact else guide,
@@ -100,7 +155,8 @@ def to_inference_data(
             num_samples=1 if exact else log_likelihood_samples,
             **kwargs,
         )
-    dims, coords = _dims(tr, frame)
+    draws = {states.get(k, k): v for k, v in draws.items()}
+    dims, coords = _dims(tr, frame, states)
     per_datum = np.broadcast_to(_numpy(lm.per_datum), (1, num_samples, len(lm.per_datum)))
     obs_name = next(iter(observed)) if len(observed) == 1 else "log_likelihood"
     data_dim = f"{frame.name}_dim" if frame is not None else "datum"
@@ -112,6 +168,17 @@ def to_inference_data(
         "observed_data": {k: _numpy(v) for k, v in observed.items()},
     }
     idata = az.from_dict(**groups, dims=dims, coords=coords)
+    unit = f"one entry of plate '{frame.name}'" if frame is not None else "the whole data set"
+    if chains:
+        unit += f" (a DiscreteHMM sequence of {', '.join(repr(c) for c in chains)} is one datum)"
+    idata.log_likelihood.attrs.update(
+        estimate="point",
+        in_sample=1,
+        method="exact" if exact else f"IWAE, {log_likelihood_samples} samples per datum",
+        datum=unit,
+        note=IN_SAMPLE_NOTE,
+    )
+    _warn_in_sample()
     if result is not None:
         history = {k: np.asarray(v) for k, v in result.history.items()}
         with warnings.catch_warnings():  # a group outside ArviZ's fixed list, on purpose
@@ -128,25 +195,76 @@ def to_inference_data(
     return idata
 
 
-def _posterior_draws(model, guide, latents, num_samples, args, kwargs) -> dict:
-    """``{site: (S, *shape)}`` draws of the latent sites from q."""
+def _warn_in_sample() -> None:
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    warnings.warn(
+        f"to_inference_data: {IN_SAMPLE_NOTE} (Shown once per process; every export's "
+        "log_likelihood.attrs['note'] says it too.)",
+        PointEstimateWarning,
+        stacklevel=3,
+    )
+
+
+def _posterior_draws(model, guide, latents, chains, num_samples, args, kwargs) -> dict:
+    """``{site: (S, *shape)}`` draws of the latent sites from q, and of the hidden chain of each
+    DiscreteHMM site in ``chains`` (``(S, *batch, T)``, under the site's name): exact FFBS
+    given the other latents' draw."""
     if isinstance(guide, ExactEStep):
         return dict(guide.sample(*args, num_samples=num_samples, **kwargs))
-    out: dict[str, list] = {name: [] for name in latents}
+    out: dict[str, list] = {name: [] for name in latents + chains}
     for _ in range(num_samples):
         gtr = poutine.trace(guide).get_trace(*args, **kwargs)
         mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(*args, **kwargs)
         for name in latents:
             out[name].append(mtr.nodes[name]["value"])
+        for name in chains:
+            site = mtr.nodes[name]
+            init, m = _hmm_parts(site["fn"], site["value"])
+            out[name].append(_hmm_sample(ExactEStep._hmm_pairwise(init, m), 1)[0])
     return {k: torch.stack(v) for k, v in out.items()}
 
 
-def _predictive(model, draws, observed, num_samples, args, kwargs) -> dict:
+class _Replicate(Messenger):
+    """Draws every observed site afresh from the model (``poutine.uncondition`` for the sites
+    that were observed, and only those: it sits inside the ``condition`` that fixes the
+    latents to a posterior draw). A DiscreteHMM site draws each step's emission given its
+    hidden chain's draw ``states[name]`` ``(*batch, T)``."""
+
+    def __init__(self, states: dict[str, torch.Tensor]):
+        super().__init__()
+        self.states = states
+
+    def _pyro_sample(self, msg) -> None:
+        if not msg["is_observed"] or msg["infer"].get("_deterministic"):
+            return
+        msg["is_observed"] = False
+        msg["infer"]["was_observed"] = True
+        msg["infer"]["obs"] = msg["value"]
+        msg["done"] = False
+        fn = msg["fn"]
+        msg["value"] = _emit(fn, self.states[msg["name"]]) if isinstance(fn, DiscreteHMM) else None
+
+
+def _emit(fn: DiscreteHMM, states: torch.Tensor) -> torch.Tensor:
+    """``x_t ~ observation_dist[z_t]`` for every step: ``(*batch, T, *event)``."""
+    obs = fn.observation_dist
+    lead = states.shape
+    draw = obs.expand(lead + obs.batch_shape[-1:]).sample()  # (*batch, T, K, *event)
+    event = obs.event_shape
+    index = states.reshape(lead + (1,) * (1 + len(event))).expand(lead + (1,) + event)
+    return draw.gather(len(lead), index).squeeze(len(lead))
+
+
+def _predictive(model, draws, observed, chains, num_samples, args, kwargs) -> dict:
     """The observed sites drawn from the model given each posterior draw."""
     out: dict[str, list] = {name: [] for name in observed}
     for s in range(num_samples):
-        fixed = {k: v[s] for k, v in draws.items()}
-        tr = poutine.trace(poutine.uncondition(poutine.condition(model, data=fixed))).get_trace(
+        fixed = {k: v[s] for k, v in draws.items() if k not in chains}
+        replicate = _Replicate({k: draws[k][s] for k in chains})
+        tr = poutine.trace(poutine.condition(replicate(model), data=fixed)).get_trace(
             *args, **kwargs
         )
         for name in observed:
@@ -154,19 +272,31 @@ def _predictive(model, draws, observed, num_samples, args, kwargs) -> dict:
     return {k: torch.stack(v) for k, v in out.items()}
 
 
-def _dims(tr, frame) -> tuple[dict, dict]:
-    """ArviZ dims: the data plate's dim named after the plate, wherever a site has it."""
+def _dims(tr, frame, states: dict[str, str]) -> tuple[dict, dict]:
+    """ArviZ dims: the data plate's dim named after the plate, wherever a site has it; the
+    time dim of a DiscreteHMM site ``x`` named ``x_time``, shared by ``x`` and the variable of
+    its hidden chain (``states[x]``)."""
     dims, coords = {}, {}
-    if frame is None:
-        return dims, coords
-    name = f"{frame.name}_dim"
-    coords[name] = np.arange(frame.size)
+    plate = f"{frame.name}_dim" if frame is not None else None
+    if frame is not None:
+        coords[plate] = np.arange(frame.size)
     for site_name, site in tr.nodes.items():
-        if site["type"] != "sample" or frame not in frames_of(site):
+        if site["type"] != "sample":
             continue
-        value = site["value"]
+        value, fn = site["value"], site["fn"]
         n_dims = value.dim()
-        pos = n_dims + frame.dim - site["fn"].event_dim
-        if 0 <= pos < n_dims and value.shape[pos] == frame.size:
-            dims[site_name] = [name if i == pos else f"{site_name}_dim_{i}" for i in range(n_dims)]
+        names = [f"{site_name}_dim_{i}" for i in range(n_dims)]
+        named = False
+        if frame is not None and frame in frames_of(site):
+            pos = n_dims + frame.dim - fn.event_dim
+            if 0 <= pos < n_dims and value.shape[pos] == frame.size:
+                names[pos] = plate
+                named = True
+        if site_name in states:
+            time = n_dims - fn.event_dim  # DiscreteHMM: the first event dim is time
+            names[time] = f"{site_name}_time"
+            dims[states[site_name]] = names[: time + 1]
+            named = True
+        if named:
+            dims[site_name] = names
     return dims, coords

@@ -271,10 +271,10 @@ def _weights(model, guide, args, kwargs, setup: _Setup, n: int, indices, want_kl
     }
     joint: OrderedDict = OrderedDict()
     prior: OrderedDict = OrderedDict()
-    like = next(  # a traced value: new tensors go on its device, in its dtype
-        s["value"]
+    like = next(  # a traced log-density: new tensors go on its device, in its dtype
+        s["log_prob"]  # (not a value: integer data, a categorical HMM, has no float value)
         for s in model_tr.nodes.values()
-        if s["type"] == "sample" and torch.is_tensor(s["value"]) and s["value"].is_floating_point()
+        if s["type"] == "sample"
     )
     global_rec, global_kl = like.new_zeros(n), like.new_zeros(n)
     for name, site in model_tr.nodes.items():
@@ -406,7 +406,10 @@ def _log_weights(model, guide, args, kwargs, setup, num_samples, chunk_size) -> 
             _weights(model, guide, args, kwargs, setup, n, indices, False)[0]
             for n in _chunks(num_samples, chunk_size)
         ]
-        out.append(torch.cat(parts, 0)[:, keep])
+        log_w = torch.cat(parts, 0)
+        if setup.frame is None:  # no data plate: the whole data set is one datum
+            log_w = log_w.reshape(-1, 1)
+        out.append(log_w[:, keep])
     return torch.cat(out, 1)
 
 

@@ -11,23 +11,35 @@ chains alike:
 * ``"kmeans++"``: K centers picked from the observed points by k-means++ seeding
   (each next center drawn with probability proportional to its squared distance from the
   nearest chosen one), then each point assigned to its nearest center (hard
-  responsibilities), as scikit-learn's ``'k-means++'``. Sites whose values are not real vectors
-  (counts, categories) get random potentials.
+  responsibilities), as scikit-learn's ``'k-means++'``. Integer values (counts, binary
+  vectors) are seeded on as real vectors; category labels (a ``Categorical`` site, whose
+  values have no distance) get random potentials, and so does a site that depends on more
+  than one enumerated latent (a :class:`KMeansFallbackWarning` says so): its potentials would
+  have to split K centers between the latents, which k-means++ cannot say how to do.
 * ``"model"``: the model's own ``pyro.param`` initial values (no E-step).
+
+The potentials are drawn in a floating dtype whatever the observed values' dtype: the
+value's own if it is real, else the dtype of the site distribution's parameters (the
+log-likelihood the potentials replace has that dtype), else torch's default.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
 from pyro.distributions import DiscreteHMM
 
-__all__ = ["STRATEGIES", "init_potentials", "kmeans_pp_centers"]
+__all__ = ["STRATEGIES", "KMeansFallbackWarning", "init_potentials", "kmeans_pp_centers"]
 
 STRATEGIES = ("model", "random", "kmeans++")
 _HARD = -1e4  # log-potential of a non-nearest center: a hard assignment without -inf
+
+
+class KMeansFallbackWarning(UserWarning):
+    """``init="kmeans++"`` gave a site random potentials instead (the message says why)."""
 
 
 def kmeans_pp_centers(points: torch.Tensor, k: int, generator=None) -> torch.Tensor:
@@ -63,6 +75,8 @@ def init_potentials(
     if strategy not in ("random", "kmeans++"):
         raise ValueError(f"unknown init strategy {strategy!r}; choose one of {STRATEGIES}")
 
+    warned: set[str] = set()  # one warning per site, not one per minibatch of a stream
+
     def random_like(shape, like):
         u = torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
         return u.clamp_min(1e-12).log()
@@ -74,26 +88,71 @@ def init_potentials(
             t, k = value.shape[-1 - obs.event_dim], obs.batch_shape[-1]
             batch = value.shape[: value.dim() - 1 - obs.event_dim]
             shape = batch + (t, k)
-            like = fn.transition_logits
-            if strategy == "kmeans++" and value.is_floating_point():
-                points = value.reshape(batch + (t, -1))
+            like = _float_like(fn, value)
+            if strategy == "kmeans++" and not _is_label(obs):
+                points = value.to(like.dtype).reshape(batch + (t, -1))
                 return _nearest(points, k, generator, centers, name)
             return random_like(shape, like)
         shape = _lp_shape(site)
         enum = [i for i, s in enumerate(shape) if i < len(shape) - depth and s > 1]
         if not enum:
             return None  # the site does not depend on a latent: keep its likelihood
-        if strategy == "random" or len(enum) != 1 or not value.is_floating_point():
-            return random_like(shape, value)
+        like = _float_like(fn, value)
+        if strategy == "random" or _is_label(fn):
+            return random_like(shape, like)
+        if len(enum) != 1:
+            if name not in warned:
+                warned.add(name)
+                warnings.warn(
+                    f"init='kmeans++': observed site '{name}' depends on {len(enum)} enumerated "
+                    f"latents (log-prob shape {tuple(shape)}); k-means++ seeds the clusters of "
+                    "one latent and cannot split them between several, so this site gets "
+                    "random potentials, as with init='random'",
+                    KMeansFallbackWarning,
+                    stacklevel=2,
+                )
+            return random_like(shape, like)
         k = shape[enum[0]]
         batch = value.shape[: value.dim() - fn.event_dim]
-        points = value.reshape(batch + (math.prod(value.shape[len(batch) :]),))
+        points = value.to(like.dtype).reshape(batch + (math.prod(value.shape[len(batch) :]),))
         pot = _nearest(points, k, generator, centers, name)  # batch + (K,)
         pot = pot.movedim(-1, 0)
         target = (k,) + (1,) * (len(shape) - enum[0] - 1 - len(batch)) + tuple(batch)
         return pot.reshape(target).expand(shape[enum[0] :])
 
     return potentials
+
+
+def _base(fn):
+    """The innermost distribution under Independent / Expanded / Masked wrappers."""
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
+
+
+def _is_label(fn) -> bool:
+    """Whether the site's values are category labels (no distance between them)."""
+    return isinstance(_base(fn), torch.distributions.Categorical)
+
+
+def _float_like(fn, value: torch.Tensor) -> torch.Tensor:
+    """A tensor with the floating dtype (and device) the potentials take: the value's own if
+    it is real; for integer values (counts, labels) the first floating parameter of the site's
+    distribution, whose log-prob the potentials replace; else torch's default dtype."""
+    if value.is_floating_point():
+        return value
+    if isinstance(fn, DiscreteHMM):
+        return fn.transition_logits
+    d = fn
+    while d is not None:
+        for arg in getattr(d, "arg_constraints", {}):
+            # __dict__, not getattr: a lazy parameter (Categorical's probs from its logits)
+            # is not computed just to read a dtype
+            t = d.__dict__.get(arg)
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                return t
+        d = getattr(d, "base_dist", None)
+    return torch.empty((), device=value.device)
 
 
 def _nearest(points: torch.Tensor, k: int, generator, cache=None, key=None) -> torch.Tensor:

@@ -69,6 +69,10 @@ class Stats:
         before the scatter, so the full product is never materialized (a (K, N, D, D)
         covariance statistic is computed as ``einsum('kn,kni,knj->kij')``).
         """
+        # integer observations (Long counts) enter the sums in the weights' floating dtype
+        dtype = next((f.dtype for f in factors if f.is_floating_point()), None)
+        if dtype is not None:
+            factors = tuple(f if f.is_floating_point() else f.to(dtype) for f in factors)
         shape = torch.broadcast_shapes(ids.shape, *(f.shape for f in factors))
         ids = ids.expand(shape)
         pooled = [d for d in range(len(shape)) if ids.stride(d) == 0 and shape[d] > 1]

@@ -20,7 +20,7 @@ from models.ppca import (
     principal_angles,
     sample_ppca,
 )
-from pyro_emvae import AmortizedGuide, MeanFieldGuide, fit
+from pyro_emvae import AmortizedGuide, MeanFieldGuide, fit, log_marginal
 
 
 def vae_model(x, batch_size=None, decoder=None):
@@ -346,3 +346,89 @@ def test_each_data_plate_gets_its_own_encoder():
     tr = poutine.trace(guide).get_trace(torch.randn(30, 1), torch.randn(9, 3))
     assert tr.nodes["a"]["fn"].size == 30  # 4 of 30 rows
     assert tr.nodes["za"]["value"].shape == (4, 2) and tr.nodes["zb"]["value"].shape == (9,)
+
+
+# ---------------------------------------------------------------------------- dtypes
+@pytest.fixture
+def float32_default():
+    """torch's default dtype float32 for one test (conftest runs tests in float64)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _linear_vae(decoder, sigma=0.5):
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", len(x)):
+            # a prior in the decoder's dtype, so that the model runs on its own prior draws
+            loc = torch.zeros((), dtype=decoder.weight.dtype)
+            z = pyro.sample("z", dist.Normal(loc, 1.0).expand([2]).to_event(1))
+            pyro.sample("x", dist.Normal(decoder(z), sigma).to_event(1), obs=x)
+
+    return model
+
+
+def _float64_data():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(40, 2, generator=gen, dtype=torch.float64) @ torch.tensor(
+        [[1.0, 0.5, 0.0], [0.0, 1.0, -1.0]], dtype=torch.float64
+    )
+
+
+def test_the_encoder_takes_the_models_dtype_under_a_float32_default(float32_default):
+    """float64 data and decoder, float32 default: the encoder, its heads and q's draws are
+    float64 (a float32 encoder fed the decoder a float32 draw: a dtype error in F.linear)."""
+    assert torch.get_default_dtype() == torch.float32
+    x = _float64_data()
+    decoder = torch.nn.Linear(2, 3).double()
+    model = _linear_vae(decoder)
+    guide = AmortizedGuide(model, hidden=(8,))
+    fit(model, guide, x, optim=pyro.optim.Adam({"lr": 0.01}), max_iter=5, tol=0)
+    params = dict(pyro.get_param_store().items())
+    assert {k for k in params if k.startswith("encoder$$$heads.z")}  # heads in the store
+    assert all(v.dtype == torch.float64 for v in params.values()), {
+        k: v.dtype for k, v in params.items()
+    }
+    assert guide(x)["z"].dtype == torch.float64
+    est = log_marginal(model, guide, x, num_samples=200)
+    assert est.per_datum.dtype == torch.float64 and est.per_datum.shape == (40,)
+    # a linear-Gaussian model: p(x_i) = N(b, W W^T + sigma^2 I), which IWAE bounds from below
+    w, b = decoder.weight.detach(), decoder.bias.detach()
+    exact = dist.MultivariateNormal(b, w @ w.T + 0.25 * torch.eye(3, dtype=w.dtype)).log_prob(x)
+    assert (est.per_datum <= exact + 4 * est.stderr + 1e-9).all()
+    assert float((exact - est.per_datum).mean()) < 1.0
+
+
+def test_a_float32_model_keeps_a_float32_encoder_on_float64_data(float32_default):
+    """The decoder's dtype wins over the data's: float64 rows into a float32 VAE (data read
+    from NumPy, say) still give float32 draws, which the float32 decoder takes."""
+    x = _float64_data()
+    decoder = torch.nn.Linear(2, 3)
+    assert decoder.weight.dtype == torch.float32
+    model = _linear_vae(decoder)
+    guide = AmortizedGuide(model, hidden=(8,))
+    fit(model, guide, x, optim=pyro.optim.Adam({"lr": 0.01}), max_iter=3, tol=0)
+    assert all(p.dtype == torch.float32 for p in guide.encoder.parameters())
+    assert guide(x)["z"].dtype == torch.float32
+    assert torch.isfinite(log_marginal(model, guide, x, num_samples=20).per_datum).all()
+
+
+def test_without_params_the_encoder_takes_the_datas_dtype(float32_default):
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    x = torch.randn(30, dtype=torch.float64)
+    guide = AmortizedGuide(model, hidden=(4,))
+    fit(model, guide, x, optim=pyro.optim.Adam({"lr": 0.01}), max_iter=3, tol=0)
+    assert all(p.dtype == torch.float64 for p in guide.encoder.parameters())
+    # exact here: p(x_i) = N(0, 2), and IWAE bounds it from below
+    est = log_marginal(model, guide, x, num_samples=200)
+    exact = dist.Normal(0.0, 2.0**0.5).log_prob(x)
+    assert est.per_datum.dtype == torch.float64
+    assert (est.per_datum <= exact + 4 * est.stderr + 1e-9).all()

@@ -259,3 +259,19 @@ def test_score_is_the_exact_held_out_log_likelihood_per_datum():
     # with an encoder guide it is the IWAE estimate
     est = score(gauss_model, guide_for(), torch.randn(30), num_samples=5)
     assert math.isfinite(est)
+
+
+def test_log_marginal_of_a_model_without_a_data_plate_on_integer_data():
+    """One categorical DiscreteHMM sequence of Long symbols: no data plate (one datum) and no
+    floating value in the trace (these raised IndexError and StopIteration)."""
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    trans = torch.tensor([[0.9, 0.1], [0.2, 0.8]]).log()
+
+    def model(x):
+        pyro.sample("x", dist.DiscreteHMM(torch.zeros(2), trans, dist.Categorical(probs)), obs=x)
+
+    x = torch.tensor([0, 0, 1, 2, 2, 2, 0, 1])
+    est = log_marginal(model, lambda x: None, x, num_samples=3)
+    exact = dist.DiscreteHMM(torch.zeros(2), trans, dist.Categorical(probs)).log_prob(x)
+    assert est.per_datum.shape == (1,)
+    torch.testing.assert_close(est.per_datum, exact.reshape(1), rtol=1e-12, atol=0)
