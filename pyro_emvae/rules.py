@@ -67,25 +67,26 @@ class Stats:
         The dims along which ``ids`` is broadcast (stride 0: every position there uses the same
         param entry, e.g. the data plate for a component's mean) are contracted by ``einsum``
         before the scatter, so the full product is never materialized (a (K, N, D, D)
-        covariance statistic is computed as ``einsum('kn,kni,knj->kij')``).
+        covariance statistic is computed as ``einsum('kn,kni,knj->kij')``). Only the dims
+        some factor varies along get a subscript, in einsum's integer (sublist) form: a site
+        under any number of enumerated dims (30 global latents) is fine.
         """
         shape = torch.broadcast_shapes(ids.shape, *(f.shape for f in factors))
         ids = ids.expand(shape)
         pooled = [d for d in range(len(shape)) if ids.stride(d) == 0 and shape[d] > 1]
         kept = [d for d in range(len(shape)) if d not in pooled]
-        letters = [chr(ord("a") + d) for d in range(len(shape))]
-        operands, subs = [], []
+        sub: dict[int, int] = {}  # tensor dim -> einsum subscript
+        operands: list = []
         for f in factors:
             f = f.reshape((1,) * (len(shape) - f.dim()) + f.shape)
             dims = [d for d in range(len(shape)) if f.shape[d] > 1]
-            operands.append(f.reshape([f.shape[d] for d in dims]))
-            subs.append("".join(letters[d] for d in dims))
-        out_dims = [d for d in kept if any(letters[d] in sub for sub in subs)]
-        values = torch.einsum(
-            ",".join(subs) + "->" + "".join(letters[d] for d in out_dims), *operands
-        )
+            for d in dims:
+                sub.setdefault(d, len(sub))
+            operands += [f.reshape([f.shape[d] for d in dims]), [sub[d] for d in dims]]
+        out_dims = [d for d in kept if d in sub]
+        values = torch.einsum(*operands, [sub[d] for d in out_dims])
         # a pooled dim no factor carries repeats the same value shape[d] times
-        repeats = math.prod(shape[d] for d in pooled if not any(letters[d] in u for u in subs))
+        repeats = math.prod(shape[d] for d in pooled if d not in sub)
         if repeats != 1:
             values = values * repeats
         values = values.reshape([shape[d] if d in out_dims else 1 for d in kept])
