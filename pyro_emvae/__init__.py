@@ -14,7 +14,7 @@ from pyro_emvae.evaluate import (
     score,
 )
 from pyro_emvae.fit import ConvergenceWarning, FitResult, fit
-from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
+from pyro_emvae.optim import ClosedFormWarning, EMOptim, GradientMStep, OnlineEM
 from pyro_emvae.stream import Batches, NpyChunks
 from pyro_emvae.validate import ModelInputError, PrecisionWarning
 
@@ -24,6 +24,7 @@ __all__ = [
     "AmortizationGap",
     "AmortizedGuide",
     "Batches",
+    "ClosedFormWarning",
     "ConvergenceWarning",
     "Diagnostics",
     "EMOptim",
