@@ -445,7 +445,7 @@ class EMOptim:
                             "component on a single point, or a constant feature); raise "
                             f"reg_covar (now {self.reg_covar})"
                         )
-                    lo, hi = self._bounds(constraint, shape, ok, var.dtype)
+                    lo, hi = self._bounds(constraint, shape, ok, var)
                     sigma = var.sqrt().clamp(lo, hi)
                     # the maximizer without reg_covar, within the bounds (σ ↦ E log p is
                     # unimodal): what reg_covar may cost is the difference
@@ -467,15 +467,16 @@ class EMOptim:
                 new[name] = cur.reshape(shape)
         return new
 
-    def _bounds(self, constraint, shape, ok: torch.Tensor, dtype) -> tuple:
+    def _bounds(self, constraint, shape, ok: torch.Tensor, like: torch.Tensor) -> tuple:
         """The interval the elements ``ok`` of a param with ``constraint`` are clipped to:
         strictly inside its bounds (the transforms of the param store reach them only at
         ±inf), by 1e-12 (at least a few ulps) of the interval's width, or of
-        ``max(1, |bound|)`` for a half-line."""
+        ``max(1, |bound|)`` for a half-line; in ``like``'s dtype and device."""
         lower, upper = constraint_bounds(constraint)
-        margin = max(_MARGIN, 8 * torch.finfo(dtype).eps)
-        lo = torch.as_tensor(lower, dtype=dtype).expand(shape).reshape(-1)[ok]
-        hi = torch.as_tensor(upper, dtype=dtype).expand(shape).reshape(-1)[ok]
+        margin = max(_MARGIN, 8 * torch.finfo(like.dtype).eps)
+        as_like = {"dtype": like.dtype, "device": like.device}  # (ok: on the params' device)
+        lo = torch.as_tensor(lower, **as_like).expand(shape).reshape(-1)[ok.to(like.device)]
+        hi = torch.as_tensor(upper, **as_like).expand(shape).reshape(-1)[ok.to(like.device)]
         finite_lo, finite_hi = torch.isfinite(lo), torch.isfinite(hi)
         width = torch.where(
             finite_lo & finite_hi,
@@ -492,7 +493,7 @@ class EMOptim:
         family's own range (probabilities in [min_prob, 1 - min_prob], rates >= min_prob)."""
         a, b = num[ok], den[ok]
         value = a / b
-        lo, hi = self._bounds(constraint, shape, ok, value.dtype)
+        lo, hi = self._bounds(constraint, shape, ok, value)
         best = torch.minimum(torch.maximum(value, lo), hi)
         role = plan.roles.get(name)
         if role == "probability":
