@@ -15,7 +15,7 @@ from pyro_emvae.evaluate import (
 )
 from pyro_emvae.fit import ConvergenceWarning, FitResult, fit
 from pyro_emvae.init import KMeansFallbackWarning
-from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
+from pyro_emvae.optim import ClosedFormWarning, EMOptim, GradientMStep, OnlineEM
 from pyro_emvae.stream import Batches, NpyChunks
 from pyro_emvae.validate import ModelInputError, PrecisionWarning
 
@@ -25,6 +25,7 @@ __all__ = [
     "AmortizationGap",
     "AmortizedGuide",
     "Batches",
+    "ClosedFormWarning",
     "ConvergenceWarning",
     "Diagnostics",
     "EMOptim",

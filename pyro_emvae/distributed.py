@@ -164,10 +164,10 @@ def all_reduce_stats(stats) -> None:
     for sums, touched, forms in kinds:
         for k in sums:
             if k not in stats.sums:
-                stats.sums[k] = torch.zeros(stats.size, dtype=dtype, device=device)
+                stats.sums[k] = torch.zeros(stats.length(k), dtype=dtype, device=device)
         for k in touched:
             if k not in stats.touched:
-                stats.touched[k] = torch.zeros(stats.size, dtype=torch.bool, device=device)
+                stats.touched[k] = torch.zeros(stats.length(k), dtype=torch.bool, device=device)
         stats.forms.update(forms)
     names = sorted(stats.sums)
     marks = sorted(stats.touched)

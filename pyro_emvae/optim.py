@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
 import torch
-from pyro.distributions import DiscreteHMM
+from pyro.distributions import DiscreteHMM, MultivariateNormal
 from pyro.ops import packed
 from pyro.optim import PyroOptim
 from pyro.poutine.subsample_messenger import _Subsample
@@ -26,10 +26,28 @@ from torch.distributions import constraints, transform_to
 from pyro_emvae import distributed as dp
 from pyro_emvae.checkpoint import load_optim_state
 from pyro_emvae.estep import ExactEStep, Posterior
-from pyro_emvae.rules import Stats, summarize_site, unhandled_params
+from pyro_emvae.rules import (
+    Stats,
+    _compact,
+    _tracked,
+    constraint_bounds,
+    constraint_problem,
+    leaves,
+    roles_of,
+    rows_aligned,
+    summarize_site,
+    unhandled_params,
+)
 from pyro_emvae.track import IdSpace, Tracked, probe
 
-__all__ = ["EMOptim", "GradientMStep", "OnlineEM", "StreamPass"]
+__all__ = ["ClosedFormWarning", "EMOptim", "GradientMStep", "OnlineEM", "StreamPass"]
+
+
+class ClosedFormWarning(UserWarning):
+    """A closed-form M-step lowered :math:`\\log p(x)` by more than round-off and what its
+    regularization (``reg_covar``, ``min_prob``) may cost: EM never does that, so the rule of
+    some param rests on an assumption this model breaks. The message names the params;
+    give them gradient steps (``EMOptim(closed_form=[...])`` without them)."""
 
 
 def gradient_steps(
@@ -132,6 +150,8 @@ class _Plan:
     closed_form: list[str]
     gradient: list[str]
     reasons: dict[str, str]
+    roles: dict[str, str] = field(default_factory=dict)  # what each rule-updated param is
+    plain_locs: frozenset = frozenset()  # MVN locs whose rows each meet one covariance
 
 
 @dataclass
@@ -170,12 +190,15 @@ class EMOptim:
             vector (MAP-EM); 1.0 is no prior, 2.0 adds one pseudo-count per category.
         closed_form: ``"auto"``, or the list of param names to update in closed form (each must
             qualify), or ``[]`` for gradient steps only.
-        min_prob: probabilities are clamped to ``[min_prob, 1 - min_prob]``.
+        min_prob: probabilities are clamped to ``[min_prob, 1 - min_prob]``, rates to
+            ``>= min_prob``. (Any param is also clipped into its own constraint's bounds.)
         guard: check at each E-step that the previous M-step did not lower the objective
             (:math:`\\log p(x)`, plus the log-prior under ``dirichlet``) beyond round-off; if it
             did, undo it, name the param(s) whose update lowered
             :math:`\\mathbb{E}_q[\\log p(x, z)]` (``info["rejected"]``, ``self.rejected``), warn,
-            and redo the iteration with closed-form updates only.
+            and redo the iteration with closed-form updates only. After closed-form updates
+            only (which a redo would repeat), a fall beyond round-off and what ``reg_covar`` /
+            ``min_prob`` may cost raises a :class:`ClosedFormWarning` naming the params.
 
     Example::
 
@@ -207,6 +230,8 @@ class EMOptim:
         self.min_prob = min_prob
         self.guard = guard
         self.rejected: list[list[str]] = []
+        self.allowance = 0.0  # what the last M-step's regularization may cost (see maximize)
+        self._warned = False  # a ClosedFormWarning was given in this run
         self._prev: dict | None = None
         self._plan: _Plan | None = None
         self._plan_key: tuple | None = None
@@ -235,7 +260,15 @@ class EMOptim:
             # a new minibatch each E-step, or a stream (whose freed batches' ids come back):
             # probe the one the E-step saw
             key = None
-        if self._plan is not None and key is not None and key == self._plan_key:
+        if (
+            self._plan is not None
+            and key is not None
+            and key == self._plan_key
+            # the probe's trace holds the values of the arguments no param tracks, some of
+            # them functions of the gradient params (a scale = softplus(ρ)): a plan with
+            # gradient params is probed again at their new values
+            and not self._plan.gradient
+        ):
             return self._plan
         depth = guide._plate_nesting(args, kwargs)
         trace, space = probe(guide.model, args, kwargs, depth, replay=subsample)
@@ -243,16 +276,31 @@ class EMOptim:
             n: "used by an operation no rule sees through" for n in space.opaque
         }
         covered: set[str] = set()
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
-                continue
+        roles: dict[str, set[str]] = {}
+        sites = [
+            (name, site)
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not isinstance(site["fn"], _Subsample)
+        ]
+        for name, site in sites:
             for p in unhandled_params(site["fn"]):
                 reasons.setdefault(
                     p,
                     f"reaches site '{name}' ({type(site['fn']).__name__}) "
                     "in a form no closed-form rule covers",
                 )
+            for p, r in roles_of(site["fn"]).items():
+                roles.setdefault(p, set()).update(r)
             covered |= _tracked_params(site["fn"])
+        constraints_ = pyro.get_param_store()._constraints
+        for p, r in roles.items():
+            if len(r) > 1:
+                reasons.setdefault(
+                    p, f"reaches arguments with different closed forms ({', '.join(sorted(r))})"
+                )
+            elif (why := constraint_problem(next(iter(r)), constraints_[p])) is not None:
+                reasons.setdefault(p, why)
+        plain_locs = _mvn_loc_sharing(sites, space, roles, reasons)
         for p in space.offsets:
             if p not in covered:
                 reasons.setdefault(p, "reaches no distribution argument directly")
@@ -267,7 +315,8 @@ class EMOptim:
                     raise ValueError(f"param '{p}' has no closed-form update: it {reasons[p]}")
             closed = list(self.closed_form)
         gradient = [p for p in space.offsets if p not in closed]
-        self._plan = _Plan(trace, space, closed, gradient, reasons)
+        role = {p: next(iter(r)) for p, r in roles.items() if len(r) == 1}
+        self._plan = _Plan(trace, space, closed, gradient, reasons, role, frozenset(plain_locs))
         self._plan_key = key
         return self._plan
 
@@ -298,14 +347,16 @@ class EMOptim:
 
         def current(t):
             # gather at the compact ids: broadcast (stride-0) dims stay size 1 and broadcast
-            if not isinstance(t, Tracked):
-                return t
+            if not isinstance(t, Tracked) or t.form != "value":
+                # (a log or normalized form belongs to a gradient param: the plan was probed
+                # at its current value)
+                return t.as_subclass(torch.Tensor) if isinstance(t, Tracked) else t
             ids = _compact(t.ids)
             if reads is not None:
                 reads[ids.reshape(-1)] = True
             return flat[ids]
 
-        stats = Stats(space.size)
+        stats = Stats(space.size, plain_locs=plan.plain_locs)
         for name, site in plan.trace.nodes.items():
             if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
                 continue
@@ -326,7 +377,15 @@ class EMOptim:
 
     # ---------------------------------------------------------------- maximization
     def maximize(self, plan: _Plan, stats: Stats, stage: int) -> dict[str, torch.Tensor]:
-        """New constrained values of the closed-form params from ``stats``."""
+        """New constrained values of the closed-form params from ``stats``.
+
+        Each value is the maximizer of :math:`\\mathbb{E}_q[\\log p(x, z)]` over the param's
+        constraint (elementwise bounds clip it, strictly inside by a relative margin of
+        1e-12: the param store's transforms reach a bound only at infinity), regularized by
+        ``reg_covar``, ``dirichlet`` and ``min_prob``. What those regularizations may cost in
+        :math:`\\mathbb{E}_q[\\log p(x, z)]` against the plain constrained maximizer is added
+        to ``self.allowance`` (nats): the guard tolerates that much of a drop in
+        :math:`\\log p(x)` after a closed-form step, and no more."""
         store = pyro.get_param_store()
         new = {}
         sums = stats.sums
@@ -334,6 +393,7 @@ class EMOptim:
             o, shape = plan.space.offsets[name], plan.space.shapes[name]
             sl = slice(o, o + math.prod(shape))
             cur = store[name].detach().clone().reshape(-1)
+            constraint = store._constraints[name]
             changed = False
             if stage == 0 and "rowmark" in sums and sums["rowmark"][sl].any():
                 last = shape[-1]
@@ -349,8 +409,15 @@ class EMOptim:
                         stacklevel=4,
                     )
                 ok = rows & ~empty
-                probs = (counts / total.clamp_min(1e-300)).clamp(self.min_prob, 1 - self.min_prob)
+                exact = counts / total.clamp_min(1e-300)
+                probs = exact.clamp(self.min_prob, 1 - self.min_prob)
                 probs = probs / probs.sum(-1, keepdim=True)
+                # what the clamp costs (nats): the counts' log-likelihood at the exact maximizer
+                # minus at the clamped one
+                c = counts[ok]
+                self.allowance += float(
+                    (torch.xlogy(c, exact[ok]) - torch.xlogy(c, probs[ok])).sum().clamp_min(0)
+                )
                 cur = cur.reshape(-1, last)
                 cur[ok] = probs[ok].to(cur.dtype)
                 cur = cur.reshape(-1)
@@ -360,15 +427,11 @@ class EMOptim:
                 ok = den > 0
                 _warn_empty(name, stats.touched["mean_den"][sl] & ~ok)
                 if ok.any():
-                    value = num[ok] / den[ok]
-                    if isinstance(
-                        store._constraints[name], torch.distributions.constraints._Interval
-                    ):
-                        value = value.clamp(self.min_prob, 1 - self.min_prob)
-                    elif store._constraints[name] is torch.distributions.constraints.positive:
-                        value = value.clamp_min(self.min_prob)
-                    cur[ok] = value
+                    cur[ok] = self._elementwise(name, plan, constraint, shape, ok, num, den)
                     changed = True
+            if stage == 0 and "mvn_pnum" in sums and stats.touched["mvn_pnum"][sl].any():
+                cur = self._precision_weighted_locs(name, shape, cur, stats, sl)
+                changed = True
             if stage == 1 and "var_den" in sums:
                 den, num = sums["var_den"][sl], sums["var_num"][sl]
                 ok = den > 0
@@ -382,7 +445,20 @@ class EMOptim:
                             "component on a single point, or a constant feature); raise "
                             f"reg_covar (now {self.reg_covar})"
                         )
-                    cur[ok] = var.sqrt()
+                    lo, hi = self._bounds(constraint, shape, ok, var)
+                    sigma = var.sqrt().clamp(lo, hi)
+                    # the maximizer without reg_covar, within the bounds (σ ↦ E log p is
+                    # unimodal): what reg_covar may cost is the difference
+                    ml = num[ok] / den[ok]
+                    best = ml.sqrt().clamp(lo, hi)
+
+                    def q(s, ml=ml, d=den[ok]):
+                        return -0.5 * d * (torch.log(s**2) + ml / s**2)
+
+                    # (a variance of 0 without reg_covar: an unbounded likelihood, any cost)
+                    cost = torch.where(best > 0, q(best) - q(sigma), math.inf)
+                    self.allowance += float(cost.clamp_min(0).sum())
+                    cur[ok] = sigma
                     changed = True
             if stage == 1 and "matmark" in sums and sums["matmark"][sl].any():
                 cur = self._covariances(name, shape, cur, sums, sl, stats)
@@ -390,6 +466,74 @@ class EMOptim:
             if changed:
                 new[name] = cur.reshape(shape)
         return new
+
+    def _bounds(self, constraint, shape, ok: torch.Tensor, like: torch.Tensor) -> tuple:
+        """The interval the elements ``ok`` of a param with ``constraint`` are clipped to:
+        strictly inside its bounds (the transforms of the param store reach them only at
+        ±inf), by 1e-12 (at least a few ulps) of the interval's width, or of
+        ``max(1, |bound|)`` for a half-line; in ``like``'s dtype and device."""
+        lower, upper = constraint_bounds(constraint)
+        margin = max(_MARGIN, 8 * torch.finfo(like.dtype).eps)
+        as_like = {"dtype": like.dtype, "device": like.device}  # (ok: on the params' device)
+        lo = torch.as_tensor(lower, **as_like).expand(shape).reshape(-1)[ok.to(like.device)]
+        hi = torch.as_tensor(upper, **as_like).expand(shape).reshape(-1)[ok.to(like.device)]
+        finite_lo, finite_hi = torch.isfinite(lo), torch.isfinite(hi)
+        width = torch.where(
+            finite_lo & finite_hi,
+            hi - lo,
+            torch.where(finite_lo, lo.abs(), hi.abs()).nan_to_num(1.0, 1.0).clamp_min(1.0),
+        )
+        lo = torch.where(finite_lo, lo + margin * width, lo)
+        hi = torch.where(finite_hi, hi - margin * width, hi)
+        return lo, hi
+
+    def _elementwise(self, name, plan, constraint, shape, ok, num, den) -> torch.Tensor:
+        """A mean-like update ``num / den`` (a loc, rate or probability) of the elements ``ok``,
+        clipped into the constraint (exact: each element's objective is concave) and into the
+        family's own range (probabilities in [min_prob, 1 - min_prob], rates >= min_prob)."""
+        a, b = num[ok], den[ok]
+        value = a / b
+        lo, hi = self._bounds(constraint, shape, ok, value)
+        best = torch.minimum(torch.maximum(value, lo), hi)
+        role = plan.roles.get(name)
+        if role == "probability":
+            final = best.clamp(self.min_prob, 1 - self.min_prob)
+            q = lambda p: torch.xlogy(a, p) + torch.xlogy(b - a, 1 - p)
+        elif role == "rate":
+            final = best.clamp_min(self.min_prob)
+            q = lambda r: torch.xlogy(a, r) - b * r
+        else:
+            return best
+        # (the family's range may cut the constrained maximizer: what that costs)
+        self.allowance += float((q(best) - q(final)).nan_to_num(0.0).clamp_min(0).sum())
+        return final
+
+    def _precision_weighted_locs(self, name, shape, cur, stats, sl) -> torch.Tensor:
+        """Each row of a MultivariateNormal loc met under different covariances:
+        :math:`\\mu = (\\sum w P)^{-1} \\sum w P x`, one D x D solve per row."""
+        d = shape[-1]
+        a = stats.sums[f"mvn_prec:{d}"][sl.start * d : sl.stop * d].reshape(-1, d, d)
+        b = stats.sums["mvn_pnum"][sl].reshape(-1, d)
+        used = stats.touched["mvn_pnum"][sl].reshape(-1, d).any(-1)
+        empty = used & ~(a.diagonal(dim1=-2, dim2=-1) > 0).all(-1)
+        if empty.any():
+            warnings.warn(
+                f"param '{name}': rows {empty.nonzero().flatten().tolist()} have no posterior "
+                "mass (an empty component); kept at their current values",
+                stacklevel=5,
+            )
+        ok = used & ~empty
+        cur = cur.reshape(-1, d)
+        if ok.any():
+            a = 0.5 * (a[ok] + a[ok].mT)
+            chol, info = torch.linalg.cholesky_ex(a)
+            if info.any():
+                raise torch.linalg.LinAlgError(
+                    f"param '{name}': the summed precision of rows "
+                    f"{ok.nonzero().flatten()[info > 0].tolist()} is singular"
+                )
+            cur[ok] = torch.cholesky_solve(b[ok].unsqueeze(-1), chol).squeeze(-1).to(cur.dtype)
+        return cur.reshape(-1)
 
     def _covariances(self, name, shape, cur, sums, sl, stats) -> torch.Tensor:
         d = shape[-1]
@@ -408,8 +552,10 @@ class EMOptim:
                     f"param '{name}': matrix {m} has no posterior mass; kept", stacklevel=5
                 )
                 continue
-            cov = num[m] / den[m] + self.reg_covar * eye
-            cov = 0.5 * (cov + cov.T)
+            ml = 0.5 * (num[m] + num[m].T) / den[m]
+            cov = ml + self.reg_covar * eye
+            if self.reg_covar > 0:
+                self.allowance += _reg_cost(ml, cov, float(den[m]))
             if kind == "covariance_matrix":
                 cur[m] = cov
                 continue
@@ -435,14 +581,22 @@ class EMOptim:
         return value
 
     def _guard(self, guide, posterior, plan, args, kwargs):
-        """Undo the previous update if it lowered the objective; name the param(s) that did."""
+        """Undo the previous update if it lowered the objective; name the param(s) that did.
+
+        A drop after closed-form updates only is not undone (a redo would make the same
+        update): within round-off and what ``reg_covar`` / ``min_prob`` may cost
+        (``allowance``) it is the regularized update asked for; beyond, some closed form is
+        wrong for this model, and a :class:`ClosedFormWarning` names the params."""
         objective = self._objective(plan, posterior.log_likelihood)
         prev, self._prev = self._prev, None
-        if prev is None or objective >= prev["objective"] - 1e-9 * (1.0 + abs(prev["objective"])):
+        if prev is None or _minibatch(posterior):
+            # (two minibatches' log-likelihoods do not compare)
             return posterior, objective, None
-        if not plan.gradient:
-            # only closed-form maximizers moved: a redo would make the same update (the drop
-            # is reg_covar's or min_prob's, whose regularized update is the one asked for)
+        drop = prev["objective"] - objective
+        if drop <= 1e-9 * (1.0 + abs(prev["objective"])):
+            return posterior, objective, None
+        slack = _slack(prev, posterior.log_likelihood.dtype)
+        if not plan.gradient and (drop <= slack or self._warned):
             return posterior, objective, None
         after = _snapshot_values(prev["params"])
         _write(prev["params"])
@@ -460,21 +614,41 @@ class EMOptim:
                 if q_value() < base - 1e-9 * (1.0 + abs(base)):
                     culprits.append(name)
                 _write({name: prev["params"][name]})
-        if culprits and not set(culprits) & set(plan.gradient):
-            _write(after)  # (as above: closed-form culprits would do the same again)
+        if not (set(culprits) & set(plan.gradient) if culprits else plan.gradient):
+            _write(after)  # (closed-form culprits would do the same again)
+            if drop > slack:
+                moved = culprits or _moved(prev["params"], after, plan.closed_form)
+                self._warn_closed_form(moved, drop, slack, stacklevel=5)
             return posterior, objective, None
         rejected = culprits or sorted(prev["params"])
         warnings.warn(
-            f"an M-step lowered the objective by {prev['objective'] - objective:.3g} nats; it was "
+            f"an M-step lowered the objective by {drop:.3g} nats; it was "
             f"undone (params {rejected}), and this iteration takes closed-form updates only",
             stacklevel=4,
         )
         return before, self._objective(plan, before.log_likelihood), rejected
 
+    def _warn_closed_form(self, names, drop: float, slack: float, stacklevel: int) -> None:
+        """Warn, once per run, that the closed form of ``names`` lowered the objective."""
+        if self._warned:
+            return
+        self._warned = True
+        others = [n for n in (self._plan.closed_form if self._plan else []) if n not in names]
+        warnings.warn(
+            f"a closed-form M-step lowered log p(x) by {drop:.3g} nats (more than round-off "
+            f"and what reg_covar / min_prob may cost, {slack:.3g}): the closed-form update of "
+            f"param(s) {sorted(names)} does not maximize this model's expected log-likelihood "
+            "(an assumption of its rule does not hold here). Give them gradient steps: "
+            f"EMOptim(closed_form={others!r})",
+            ClosedFormWarning,
+            stacklevel=stacklevel,
+        )
+
     def reset(self) -> None:
         """Forget the guard's memory of the last update (a new run, or params set by hand)."""
         self._prev = None
         self._two_pass = None
+        self._warned = False
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed fit needs: the gradient optimizer's state and the guard's memory."""
@@ -483,6 +657,7 @@ class EMOptim:
             prev = {
                 "objective": self._prev["objective"],
                 "params": {k: v.detach().clone() for k, v in self._prev["params"].items()},
+                "allowance": self._prev.get("allowance", 0.0),
             }
         return {
             "svi_optim": self.svi_optim.get_state(),
@@ -516,7 +691,10 @@ class EMOptim:
                 "params": _snapshot_values(plan.closed_form + plan.gradient),
             }
         if plan.closed_form:
+            self.allowance = 0.0
             self._closed_form(plan, posterior)
+            if self._prev is not None:
+                self._prev["allowance"] = self.allowance
         info: dict[str, Any] = {
             "closed_form": list(plan.closed_form),
             "gradient": list(plan.gradient),
@@ -555,15 +733,16 @@ class EMOptim:
             return spass
         objective = self._objective(spass.plan, spass.log_likelihood)
         prev, self._prev = self._prev, None
+        drop = math.nan if prev is None else prev["objective"] - objective
         if (
             prev is not None
             and spass.plan.gradient  # (closed-form maximizers alone: see _guard)
-            and objective < prev["objective"] - 1e-9 * (1.0 + abs(prev["objective"]))
+            and drop > 1e-9 * (1.0 + abs(prev["objective"]))
         ):
             _write(prev["params"])
             rejected = sorted(prev["params"])
             warnings.warn(
-                f"an M-step lowered the objective by {prev['objective'] - objective:.3g} nats; "
+                f"an M-step lowered the objective by {drop:.3g} nats; "
                 f"it was undone (params {rejected}), and this iteration takes closed-form "
                 "updates only",
                 stacklevel=3,
@@ -572,6 +751,10 @@ class EMOptim:
             spass = self._pass(guide, batches)
             spass.rejected = rejected
             objective = self._objective(spass.plan, spass.log_likelihood)
+        elif prev is not None and drop > (slack := _slack(prev, _dtype(spass.plan))):
+            now = _snapshot_values(prev["params"])
+            moved = _moved(prev["params"], now, spass.plan.closed_form)
+            self._warn_closed_form(moved, drop, slack, stacklevel=4)
         self._prev = {
             "objective": objective,
             "params": _snapshot_values(spass.plan.closed_form + spass.plan.gradient),
@@ -642,6 +825,7 @@ class EMOptim:
             "passes": 1,
         }
         if plan.closed_form:
+            self.allowance = 0.0
             new0 = self.maximize(plan, spass.stats[0], 0)
             stage1 = spass.stats[1]
             old = _flat_params(plan.space)
@@ -657,6 +841,8 @@ class EMOptim:
             _write(new0)
             if stage1 is not None:
                 _write(self.maximize(plan, stage1, 1))
+            if self._prev is not None:
+                self._prev["allowance"] = self.allowance
         if spass.rejected is not None:
             info["rejected"] = spass.rejected
         elif plan.gradient and self.svi_steps > 0:
@@ -797,16 +983,6 @@ def _warn_empty(name: str, empty: torch.Tensor) -> None:
         )
 
 
-def _compact(ids: torch.Tensor) -> torch.Tensor:
-    """``ids`` with every broadcast (stride-0) dim sliced to size 1."""
-    return ids[
-        tuple(
-            slice(0, 1) if st == 0 and n > 1 else slice(None)
-            for st, n in zip(ids.stride(), ids.shape)
-        )
-    ]
-
-
 def _flat_params(space: IdSpace) -> torch.Tensor:
     store = pyro.get_param_store()
     return torch.cat([store[n].detach().reshape(-1) for n in space.offsets])
@@ -817,6 +993,111 @@ def _device(plan: _Plan) -> torch.device:
     store = pyro.get_param_store()
     name = next(iter(plan.space.offsets), None)
     return store[name].device if name is not None else torch.device("cpu")
+
+
+def _mvn_loc_sharing(sites, space: IdSpace, roles: dict, reasons: dict) -> set[str]:
+    """The MultivariateNormal loc params each of whose rows meets a single covariance over
+    every position of every site (GMMs full, tied, diagonal; an HMM's emissions): their
+    closed form is the weighted mean. The others (a loc shared by components of different
+    covariances, a known covariance per datum) are precision-weighted, which needs each
+    position's loc to be a whole row of one param (else a reason is added to ``reasons``)."""
+    pairs: dict[str, list[torch.Tensor]] = {}
+    varies: set[str] = set()
+    unaligned: set[str] = set()
+    for index, (_, site) in enumerate(sites):
+        for leaf in leaves(site["fn"]):
+            loc = leaf.__dict__.get("loc") if isinstance(leaf, MultivariateNormal) else None
+            if not isinstance(loc, Tracked) or loc.form != "value":
+                continue
+            ids = _compact(loc.ids)
+            if (
+                len(loc.param_names) > 1
+                or space.shapes[loc.param][-1] != ids.shape[-1]
+                or not rows_aligned(ids, space.offsets[loc.param])
+            ):
+                unaligned |= loc.param_names
+            mats = _tracked(
+                leaf, "_unbroadcasted_scale_tril", "covariance_matrix", "precision_matrix"
+            )
+            if mats:  # a matrix of params: known by its elements' ids
+                key = _compact(next(iter(mats.values())).ids).flatten(-2)
+            elif all(n == 1 for n in leaf._unbroadcasted_scale_tril.shape[:-2]):
+                key = torch.full((1,), -1 - index, device=ids.device)  # one matrix: this site's
+            else:  # a matrix per position, not of params (data, or a function of params)
+                varies |= loc.param_names
+                continue
+            rows = ids[..., :1]
+            shape = torch.broadcast_shapes(rows.shape[:-1], key.shape[:-1])
+            pair = torch.cat(
+                [rows.expand(shape + rows.shape[-1:]), key.expand(shape + key.shape[-1:])], -1
+            ).reshape(-1, 1 + key.shape[-1])
+            for p in loc.param_names:
+                pairs.setdefault(p, []).append(pair)
+    plain = set()
+    for p, found in pairs.items():
+        if p in varies:
+            continue
+        width = max(f.shape[-1] for f in found)  # (sites' matrices may differ in size)
+        found = [
+            torch.nn.functional.pad(f, (0, width - f.shape[-1]), value=-(2**62)) for f in found
+        ]
+        unique = torch.unique(torch.cat(found), dim=0)
+        if len(torch.unique(unique[:, 0])) == len(unique):  # one key per row
+            plain.add(p)
+    for p in (set(pairs) | varies) - plain:
+        if p in unaligned:
+            reasons.setdefault(
+                p,
+                "is a MultivariateNormal loc met under different covariances (precision-"
+                "weighted) whose positions are not whole rows of it",
+            )
+    return plain
+
+
+_MARGIN = 1e-12  # how far inside its bounds an update clips a param (relative to the interval)
+
+
+def _slack(prev: dict, dtype) -> float:
+    """How far log p(x) may fall after closed-form updates only: round-off (relative,
+    :math:`\\max(10^{-8}, \\sqrt{\\epsilon})`) plus what their regularization may cost."""
+    roundoff = max(1e-8, torch.finfo(dtype).eps ** 0.5) * (1.0 + abs(prev["objective"]))
+    return roundoff + prev.get("allowance", 0.0)
+
+
+def _moved(old: dict, new: dict, names) -> list[str]:
+    """The params among ``names`` whose value differs between ``old`` and ``new``."""
+    return [n for n in names if n in old and n in new and not torch.equal(old[n], new[n])]
+
+
+def _minibatch(posterior: Posterior) -> bool:
+    """Whether ``posterior`` is of a minibatch (a plate subsampled to fewer than its size)."""
+    sub = posterior.subsample
+    return sub is not None and any(
+        isinstance(site.get("fn"), _Subsample)
+        and site["fn"].subsample_size is not None
+        and site["fn"].subsample_size < site["fn"].size
+        for site in sub.nodes.values()
+    )
+
+
+def _reg_cost(ml: torch.Tensor, cov: torch.Tensor, n: float) -> float:
+    """What a covariance ``cov`` (regularized) costs against the maximizer ``ml`` in the
+    expected log-likelihood of ``n`` (weighted) points:
+    :math:`\\tfrac n2 (\\log|C| - \\log|S| + \\mathrm{tr}(C^{-1} S) - d)`; infinite for a
+    singular ``ml`` (whose likelihood is unbounded)."""
+    sign, logdet_ml = torch.linalg.slogdet(ml)
+    if sign <= 0:
+        return math.inf
+    _, logdet = torch.linalg.slogdet(cov)
+    trace = torch.linalg.solve(cov, ml).diagonal().sum()
+    return max(0.0, 0.5 * n * float(logdet - logdet_ml + trace - ml.shape[-1]))
+
+
+def _dtype(plan: _Plan) -> torch.dtype:
+    """The dtype of the plan's params (that of the log-likelihoods computed from them)."""
+    store = pyro.get_param_store()
+    name = next(iter(plan.space.offsets), None)
+    return store[name].dtype if name is not None else torch.get_default_dtype()
 
 
 def _tracked_params(fn) -> set[str]:

@@ -25,11 +25,15 @@ Binomial (fixed n)       probs                           p = Σ w x / Σ w n
 Poisson                  rate                            λ = Σ w x / Σ w
 Exponential              rate                            λ = Σ w / Σ w x
 Normal (and .to_event)   loc; scale                      μ = Σ wλx / Σ wλ; σ² = Σ w (x−μ)² / Σ w
-MultivariateNormal       loc; scale_tril, covariance_    μ = Σ w x / Σ w; Σ = Σ w (x−μ)(x−μ)ᵀ /
-                         matrix or precision_matrix      Σ w + reg_covar·I (full or tied)
+MultivariateNormal       loc; scale_tril, covariance_    μ = Σ w x / Σ w (one covariance per loc
+                         matrix or precision_matrix      row; else μ = (Σ w P)⁻¹ Σ w P x);
+                                                         Σ = Σ w (x−μ)(x−μ)ᵀ / Σ w + reg_covar·I
 DiscreteHMM              transition / initial logits     Baum–Welch counts from pairwise
                          (log form); observation_dist    marginals; emissions by their rule
 =======================  =============================  ====================================
+
+Each updated argument has a role (:data:`ROLES`): a param reaching two roles, or whose
+constraint its role's update cannot respect (:func:`constraint_problem`), takes gradient steps.
 """
 
 from __future__ import annotations
@@ -41,10 +45,24 @@ from dataclasses import dataclass, field
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
+from torch.distributions import constraints
 
 from pyro_emvae.track import Tracked
 
-__all__ = ["HANDLED", "RULES", "Stats", "register", "summarize_site", "unhandled_params"]
+__all__ = [
+    "HANDLED",
+    "ROLES",
+    "RULES",
+    "Stats",
+    "constraint_bounds",
+    "constraint_problem",
+    "leaves",
+    "register",
+    "roles_of",
+    "summarize_site",
+    "unhandled_params",
+    "uses",
+]
 
 
 @dataclass
@@ -60,6 +78,9 @@ class Stats:
     forms: dict[int, str] = field(default_factory=dict)
     # ids some site reached, per kind (a reached element with zero weight is an empty component)
     touched: dict[str, torch.Tensor] = field(default_factory=dict)
+    # MultivariateNormal loc params each of whose rows meets one covariance only (EMOptim.plan
+    # finds them): their update is the plain weighted mean; any other loc is precision-weighted
+    plain_locs: frozenset = frozenset()
 
     def add(self, kind: str, ids: torch.Tensor, *factors: torch.Tensor) -> None:
         """``sums[kind][ids] += prod(factors)``, summed over positions sharing an id.
@@ -67,7 +88,9 @@ class Stats:
         The dims along which ``ids`` is broadcast (stride 0: every position there uses the same
         param entry, e.g. the data plate for a component's mean) are contracted by ``einsum``
         before the scatter, so the full product is never materialized (a (K, N, D, D)
-        covariance statistic is computed as ``einsum('kn,kni,knj->kij')``).
+        covariance statistic is computed as ``einsum('kn,kni,knj->kij')``). Only the dims
+        some factor varies along get a subscript, in einsum's integer (sublist) form: a site
+        under any number of enumerated dims (30 global latents) is fine.
         """
         # integer observations (Long counts) enter the sums in the weights' floating dtype
         dtype = next((f.dtype for f in factors if f.is_floating_point()), None)
@@ -77,19 +100,18 @@ class Stats:
         ids = ids.expand(shape)
         pooled = [d for d in range(len(shape)) if ids.stride(d) == 0 and shape[d] > 1]
         kept = [d for d in range(len(shape)) if d not in pooled]
-        letters = [chr(ord("a") + d) for d in range(len(shape))]
-        operands, subs = [], []
+        sub: dict[int, int] = {}  # tensor dim -> einsum subscript
+        operands: list = []
         for f in factors:
             f = f.reshape((1,) * (len(shape) - f.dim()) + f.shape)
             dims = [d for d in range(len(shape)) if f.shape[d] > 1]
-            operands.append(f.reshape([f.shape[d] for d in dims]))
-            subs.append("".join(letters[d] for d in dims))
-        out_dims = [d for d in kept if any(letters[d] in sub for sub in subs)]
-        values = torch.einsum(
-            ",".join(subs) + "->" + "".join(letters[d] for d in out_dims), *operands
-        )
+            for d in dims:
+                sub.setdefault(d, len(sub))
+            operands += [f.reshape([f.shape[d] for d in dims]), [sub[d] for d in dims]]
+        out_dims = [d for d in kept if d in sub]
+        values = torch.einsum(*operands, [sub[d] for d in out_dims])
         # a pooled dim no factor carries repeats the same value shape[d] times
-        repeats = math.prod(shape[d] for d in pooled if not any(letters[d] in u for u in subs))
+        repeats = math.prod(shape[d] for d in pooled if d not in sub)
         if repeats != 1:
             values = values * repeats
         values = values.reshape([shape[d] if d in out_dims else 1 for d in kept])
@@ -98,12 +120,22 @@ class Stats:
         ids, values = torch.broadcast_tensors(ids, values)
         vec = self.sums.get(kind)
         if vec is None:
-            vec = self.sums[kind] = torch.zeros(self.size, dtype=values.dtype, device=values.device)
+            vec = self.sums[kind] = torch.zeros(
+                self.length(kind), dtype=values.dtype, device=values.device
+            )
         vec.index_add_(0, ids.reshape(-1), values.reshape(-1))
         seen = self.touched.get(kind)
         if seen is None:
-            seen = self.touched[kind] = torch.zeros(self.size, dtype=torch.bool, device=vec.device)
+            seen = self.touched[kind] = torch.zeros(
+                self.length(kind), dtype=torch.bool, device=vec.device
+            )
         seen[ids.reshape(-1)] = True
+
+    def length(self, kind: str) -> int:
+        """The length of ``sums[kind]``: the id space, times ``w`` for a kind named ``"name:w"``
+        (``w`` entries per id: the rows of a D x D matrix statistic indexed by a vector's ids)."""
+        _, _, width = kind.partition(":")
+        return self.size * (int(width) if width else 1)
 
     def add_(self, other: Stats, alpha: float = 1.0) -> Stats:
         """``self += alpha * other`` in place (a streaming pass accumulates batch by batch
@@ -258,9 +290,13 @@ def _mvn(fn, value, weight, stats, stage, current) -> None:
     loc = fn.__dict__.get("loc")
     mats = _tracked(fn, "_unbroadcasted_scale_tril", "covariance_matrix", "precision_matrix")
     if stage == 0 and isinstance(loc, Tracked) and loc.form == "value":
-        # exact when every position of a loc row shares one covariance (full or tied models)
-        stats.add("mean_num", loc.ids, weight.unsqueeze(-1), value)
-        stats.add("mean_den", loc.ids, weight.unsqueeze(-1))
+        if loc.param_names <= stats.plain_locs:
+            # every position of a loc row shares one covariance (full, tied, diagonal models):
+            # the maximizer is the weighted mean
+            stats.add("mean_num", loc.ids, weight.unsqueeze(-1), value)
+            stats.add("mean_den", loc.ids, weight.unsqueeze(-1))
+        else:
+            _mvn_loc_precision_weighted(fn, loc, mats, value, weight, stats, current)
     if stage == 1 and mats:
         key, mat = next(iter(mats.items()))
         if mat.form != "value":
@@ -273,6 +309,59 @@ def _mvn(fn, value, weight, stats, stage, current) -> None:
         kind = {"_unbroadcasted_scale_tril": "scale_tril"}.get(key, key)
         stats.forms[int(mat.ids[(0,) * mat.ids.dim()])] = kind  # no copy of the expanded ids
         stats.add("matmark", mat.ids, _one(mat))
+
+
+def mvn_precision(fn, mats: dict, current) -> torch.Tensor:
+    """The precision matrices of ``fn`` at the params' current values, in their own
+    (unbroadcast) batch shape: from the tracked matrix argument if any, else from the
+    distribution's own factor (data, or a function of params that take gradient steps)."""
+    if mats:
+        key, mat = next(iter(mats.items()))
+        m = current(mat)
+        if key == "precision_matrix":
+            return m
+        if key == "covariance_matrix":
+            m = torch.linalg.cholesky(m)
+        return torch.cholesky_inverse(m)
+    return torch.cholesky_inverse(fn._unbroadcasted_scale_tril)
+
+
+def rows_aligned(ids: torch.Tensor, offset: int) -> bool:
+    """Whether the last dim of ``ids`` runs over whole rows of its param, in order (element
+    ``a`` of every position is element ``a`` of some row of a param whose last dim is D)."""
+    d = ids.shape[-1]
+    rel = ids - offset
+    return bool(((rel % d) == torch.arange(d, device=ids.device)).all())
+
+
+def _mvn_loc_precision_weighted(fn, loc, mats, value, weight, stats, current) -> None:
+    """A loc row met under different covariances (a loc shared by components of different
+    covariances; a known covariance per datum): the maximizer of
+    :math:`\\sum_n w_n (x_n - \\mu)^T P_n (x_n - \\mu)` is
+    :math:`(\\sum_n w_n P_n)^{-1} \\sum_n w_n P_n x_n`, not the weighted mean. Statistics:
+    ``mvn_pnum`` (the vector, at the loc's ids) and ``mvn_prec:D`` (the matrix: entry ``b`` of
+    row ``a`` at ``id_a * D + b``); ``EMOptim.maximize`` solves the system per row."""
+    d = value.shape[-1]
+    ids = _compact(loc.ids)
+    steps = torch.arange(d, device=ids.device)
+    if not bool((ids - ids[..., :1] == steps).all()):  # (EMOptim.plan checks the rows)
+        return
+    prec = mvn_precision(fn, mats, current)
+    w = weight.unsqueeze(-1).unsqueeze(-1)
+    stats.add("mvn_pnum", loc.ids.unsqueeze(-1), w, prec, value.unsqueeze(-2))
+    # (built on the compact ids, then broadcast: every position counts, none is copied)
+    pair = (ids.unsqueeze(-1) * d + steps).expand(loc.ids.shape + (d,))
+    stats.add(f"mvn_prec:{d}", pair, w, prec)
+
+
+def _compact(ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` with every broadcast (stride-0) dim sliced to size 1."""
+    return ids[
+        tuple(
+            slice(0, 1) if st == 0 and n > 1 else slice(None)
+            for st, n in zip(ids.stride(), ids.shape)
+        )
+    ]
 
 
 @register(dist.DiscreteHMM)
@@ -318,19 +407,156 @@ HANDLED: dict[type, dict[str, set[str]]] = {
 }
 
 
+# what each rule writes into each argument it updates. A param reaching two roles has no closed
+# form (the rules' statistics would mix: Normal(θ, θ), a rate that is also a loc), and a
+# role decides which constraints its update can respect (see ``constraint_problem``)
+ROLES: dict[type, dict[str, str]] = {
+    dist.Categorical: {"probs": "probs", "logits": "probs", "_param": "probs"},
+    dist.OneHotCategorical: {"probs": "probs", "logits": "probs", "_param": "probs"},
+    dist.Bernoulli: {"probs": "probability", "_param": "probability"},
+    dist.Binomial: {"probs": "probability", "_param": "probability"},
+    dist.Poisson: {"rate": "rate"},
+    dist.Exponential: {"rate": "rate"},
+    dist.Normal: {"loc": "loc", "scale": "scale"},
+    dist.MultivariateNormal: {
+        "loc": "mvn_loc",
+        "_unbroadcasted_scale_tril": "scale_tril",
+        "scale_tril": "scale_tril",
+        "covariance_matrix": "covariance_matrix",
+        "precision_matrix": "precision_matrix",
+    },
+    dist.DiscreteHMM: {"transition_logits": "probs", "initial_logits": "probs"},
+}
+
 # torch's own Categorical sits inside OneHotCategorical and Multinomial (``_categorical``)
 _ALIASES = {torch.distributions.Categorical: dist.Categorical}
+_WRAPPERS = (dist.Independent, MaskedDistribution, dist.ExpandedDistribution)
+
+
+def leaves(fn):
+    """The distributions the rules read from a site's ``fn``, as :func:`summarize_site` reaches
+    them: through ``Independent``, masks and ``expand``, and into a ``DiscreteHMM``'s
+    ``observation_dist``."""
+    while isinstance(fn, _WRAPPERS):
+        fn = fn.base_dist
+    yield fn
+    if isinstance(fn, dist.DiscreteHMM):
+        yield from leaves(fn.observation_dist)
+
+
+def uses(fn) -> list[tuple[Tracked, str | None]]:
+    """Every tracked argument anywhere in ``fn``, each with the role of the rule that updates
+    it, or None where no rule reads it in that form (another family, a wrong form, a
+    distribution nested where no rule looks, such as a ``MixtureSameFamily``'s components)."""
+    out: list[tuple[Tracked, str | None]] = []
+    for leaf in leaves(fn):
+        family = _ALIASES.get(type(leaf), type(leaf))
+        _args(leaf, family, out)
+    return out
+
+
+def _args(leaf, family, out) -> None:
+    handled, roles = HANDLED.get(family, {}), ROLES.get(family, {})
+    for attr, value in vars(leaf).items():
+        if isinstance(value, Tracked):
+            ok = value.form in handled.get(attr, set()) and family in RULES
+            out.append((value, roles.get(attr) if ok else None))
+        elif isinstance(value, torch.distributions.Distribution):
+            if isinstance(leaf, dist.DiscreteHMM) and attr == "observation_dist":
+                continue  # a leaf of its own
+            if attr == "_categorical" and family in (dist.OneHotCategorical, dist.Multinomial):
+                _args(value, dist.Categorical, out)  # what their rules read
+            else:
+                out.extend((t, None) for t, _ in _all_tracked(value))
+
+
+def _all_tracked(fn) -> list[tuple[Tracked, None]]:
+    out: list[tuple[Tracked, None]] = []
+    for value in vars(fn).values():
+        if isinstance(value, Tracked):
+            out.append((value, None))
+        elif isinstance(value, torch.distributions.Distribution):
+            out.extend(_all_tracked(value))
+    return out
 
 
 def unhandled_params(fn) -> set[str]:
     """Params reaching ``fn``'s arguments in a way no rule covers (they need gradient steps)."""
-    out: set[str] = set()
-    while isinstance(fn, (dist.Independent, MaskedDistribution, dist.ExpandedDistribution)):
-        fn = fn.base_dist
-    handled = HANDLED.get(type(fn), HANDLED.get(_ALIASES.get(type(fn)), {}))
-    for attr, value in vars(fn).items():
-        if isinstance(value, Tracked) and value.form not in handled.get(attr, set()):
-            out |= set(value.param_names)
-        elif isinstance(value, torch.distributions.Distribution):
-            out |= unhandled_params(value)
+    return {p for t, role in uses(fn) if role is None for p in t.param_names}
+
+
+def roles_of(fn) -> dict[str, set[str]]:
+    """``{param: roles}`` of the params some rule updates through ``fn``'s arguments."""
+    out: dict[str, set[str]] = {}
+    for t, role in uses(fn):
+        if role is not None:
+            for p in t.param_names:
+                out.setdefault(p, set()).add(role)
     return out
+
+
+# ---------------------------------------------------------------- constraints
+_ELEMENTWISE = {"loc", "scale", "probability", "rate"}
+_MATRIX_OK = {
+    "scale_tril": (constraints._LowerCholesky, constraints._LowerTriangular, constraints._Square),
+    "covariance_matrix": (constraints._Symmetric, constraints._Square),
+    "precision_matrix": (constraints._Symmetric, constraints._Square),
+}
+
+
+def base_constraint(c):
+    """``c`` without its ``independent`` wrappers (``real_vector`` is ``real``)."""
+    while isinstance(c, constraints._IndependentConstraint):
+        c = c.base_constraint
+    return c
+
+
+def constraint_bounds(c):
+    """``(lower, upper)`` (floats or tensors, ``±inf`` where unbounded) of an elementwise
+    constraint: real, positive, greater_than(_eq), nonnegative, less_than, interval,
+    unit_interval, half_open_interval (also under ``independent``); None for any other."""
+    c = base_constraint(c)
+    inf = math.inf
+    if type(c) is constraints._Real:
+        return -inf, inf
+    if isinstance(c, (constraints._GreaterThan, constraints._GreaterThanEq)):
+        return c.lower_bound, inf
+    if isinstance(c, constraints._LessThan):
+        return -inf, c.upper_bound
+    if isinstance(c, (constraints._Interval, constraints._HalfOpenInterval)):
+        return c.lower_bound, c.upper_bound
+    return None
+
+
+def constraint_problem(role: str, c) -> str | None:
+    """Why the closed form of ``role`` cannot respect the param's constraint ``c`` (None if it
+    can). Elementwise updates (means, rates, probabilities, scales) are clipped into any
+    elementwise bound (exact: each element's objective is unimodal); probability rows need
+    a constraint holding the simplex; a MultivariateNormal loc is unconstrained (clipping
+    coordinates of a correlated quadratic is not its constrained maximum); matrices need a
+    constraint holding the Cholesky factors / positive-definite matrices the update writes."""
+    base = base_constraint(c)
+    if type(base) is constraints._Real:
+        return None
+    if role in _ELEMENTWISE:
+        if constraint_bounds(base) is None:
+            return f"its constraint {c} is not an elementwise bound the update can clip to"
+        return None
+    if role == "probs":
+        if isinstance(base, constraints._Simplex):
+            return None
+        b = constraint_bounds(base)
+        if (
+            b is not None
+            and bool(torch.all(torch.as_tensor(b[0]) <= 0))
+            and bool(torch.all(torch.as_tensor(b[1]) >= 1))
+        ):
+            return None
+        return f"its constraint {c} does not hold the probability vectors the update writes"
+    if role == "mvn_loc":
+        return (
+            f"its constraint {c} binds a MultivariateNormal loc, whose closed form is unconstrained"
+        )
+    if isinstance(base, _MATRIX_OK.get(role, ())):
+        return None
+    return f"its constraint {c} does not hold the {role.replace('_', ' ')} the update writes"
