@@ -32,6 +32,7 @@ samples (forward-filter backward-sample) reported under the site's name.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -49,7 +50,6 @@ from pyro.infer.discrete import infer_discrete
 from pyro.infer.traceenum_elbo import (
     BackwardSampleMessenger,
     _find_ordinal,
-    _get_common_scale,
 )
 from pyro.infer.util import is_validation_enabled
 from pyro.ops import packed
@@ -79,6 +79,9 @@ class Posterior:
             by a common ``poutine.scale`` / subsampling factor if the model has one).
         marginals: site name -> tensor of shape ``batch_shape + (K,)``,
             :math:`p(z = k \\mid x)`, where ``batch_shape`` is the site's shape under its plates.
+            A latent masked by ``poutine.mask`` keeps its prior (as in ``TraceEnum_ELBO``): where
+            it is masked with everything that depends on it, its marginal is its prior given
+            its parents.
             For an observed ``DiscreteHMM`` site ``name`` the hidden chain's marginals are
             ``(*batch_shape, T, K)``.
         pairwise: ``(parent, child)`` -> ``batch_shape + (K_parent, K_child)``, the joint
@@ -100,7 +103,10 @@ class Posterior:
     scale: float = 1.0
     param_grads: dict[str, torch.Tensor] | None = None
     # packed posterior of every factor (site name -> tensor with ``_pyro_dims``) and the
-    # minibatch the E-step saw: what an M-step needs to evaluate E_q[log p(x, z)] again
+    # minibatch the E-step saw: what an M-step needs to evaluate E_q[log p(x, z)] again. An
+    # enumerated latent's entry is zero where it drops out of p(x) (masked with all that
+    # depends on it, or replaced by obs_mask's observed value; see _dropped_rows), so that
+    # EM on masked rows equals EM without them; joints keep the posterior there.
     factor_q: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     subsample: Any = field(default=None, repr=False)
     symbol_to_dim: dict[str, int] = field(default_factory=dict, repr=False)
@@ -208,6 +214,211 @@ def _plate_layout(
     return dims, tuple(sizes)
 
 
+def _site_dims(site: dict) -> str:
+    """The dims a site's factor spans: its log-prob's and its mask's (a mask may read an
+    enumerated value, ``poutine.mask(mask=(which == k))``: the site then depends on it)."""
+    dims = site["packed"]["unscaled_log_prob"]._pyro_dims
+    mask = site["packed"].get("mask")
+    if torch.is_tensor(mask):
+        dims += "".join(d for d in mask._pyro_dims if d not in dims)
+    return dims
+
+
+def _factor(site: dict) -> torch.Tensor:
+    """A site's factor in :math:`\\log p(x)`, as ``TraceEnum_ELBO`` forms it: an enumerated
+    latent's unmasked log-prob (a masked latent keeps its prior), any other site's log-prob
+    with its mask (inside the sum over the latents; the common scale goes outside)."""
+    lp = site["packed"]["unscaled_log_prob"]
+    if _validate.is_enumerated(site):
+        return lp
+    return packed.scale_and_mask(lp, mask=site["packed"]["mask"])
+
+
+def _named(t: torch.Tensor, dims: str) -> torch.Tensor:
+    t._pyro_dims = dims
+    return t
+
+
+def _all_but(t: torch.Tensor, keep) -> torch.Tensor:
+    """``all()`` of a packed bool tensor over its dims not in ``keep``."""
+    dims = t._pyro_dims
+    for i in reversed(range(len(dims))):
+        if dims[i] not in keep:
+            t = t.all(i)
+    return _named(t, "".join(d for d in dims if d in keep))
+
+
+def _and(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = packed.broadcast_all(a, b)
+    return _named(a & b, a._pyro_dims)
+
+
+def _packed_bool(mask, site: dict) -> torch.Tensor | None:
+    """A site-level mask (None, a bool, or a tensor in the site's layout) packed; None when it
+    holds everywhere or cannot be laid out in the site's dims (then nothing is claimed)."""
+    if mask is None or mask is True:
+        return None
+    if mask is False:
+        return _named(torch.tensor(False), "")
+    try:
+        return packed.pack(torch.as_tensor(mask, dtype=torch.bool), site["infer"]["_dim_to_symbol"])
+    except (ValueError, KeyError):
+        return None
+
+
+def _dropped_rows(tr) -> dict[str, torch.Tensor]:
+    """Where an enumerated latent drops out of :math:`p(x)` for every value of the params:
+    ``{site: packed bool over its plate dims}``, for the sites where it does somewhere.
+
+    A latent drops out at a position where (a) the model masks it (``poutine.mask``; its mask
+    is kept under ``site["_emvae_mask"]`` by :class:`_ExactView`) and every site whose factor
+    spans it is masked there too, for every value of the other enumerated sites, or is itself
+    an enumerated latent that drops out there (a padded tail of a ``pyro.markov`` chain); or
+    (b) ``obs_mask=`` replaced its value by the observed one (``site["_emvae_replaced"]``).
+    Its factor then sums to one over its values whatever the params, so the M-step gives it
+    zero weight there: EM on the masked model equals EM on the model with those rows removed.
+    Elsewhere its factor keeps its full weight, mask or not (as in ``TraceEnum_ELBO``).
+    """
+    sites = [(n, s) for n, s in tr.nodes.items() if s["type"] == "sample"]
+    if not any(
+        _validate.is_enumerated(s) and ("_emvae_replaced" in s or s.get("_emvae_mask") is not None)
+        for _, s in sites
+    ):
+        return {}
+    users: dict[str, list[str]] = {}  # enumeration symbol -> sites whose factor spans it
+    for name, site in sites:
+        for d in _site_dims(site):
+            users.setdefault(d, []).append(name)
+    # site -> packed bool: True where its factor is identically one (masked, or dropped out)
+    dropped: dict[str, torch.Tensor] = {}
+    for name, site in reversed(sites):
+        if not _validate.is_enumerated(site):
+            if site["infer"].get("_deterministic"):  # a Delta masked to zero log-density
+                dropped[name] = _named(torch.tensor(True), "")
+            elif site["is_observed"] and "_hmm" not in site:
+                mask = site["packed"]["mask"]
+                if mask is False:
+                    dropped[name] = _named(torch.tensor(True), "")
+                elif torch.is_tensor(mask):
+                    dropped[name] = _named(~mask, mask._pyro_dims)
+            continue
+        keep = _find_ordinal(tr, site)
+        symbol = site["infer"]["_enumerate_symbol"]
+        out = None
+        unmasked = _packed_bool(site.get("_emvae_mask"), site)
+        if unmasked is not None:
+            out = _all_but(_named(~unmasked, unmasked._pyro_dims), keep)
+            for other in users.get(symbol, ()):
+                if other == name:
+                    continue
+                if other not in dropped:
+                    out = None
+                    break
+                out = _and(out, _all_but(dropped[other], keep))
+        replaced = _packed_bool(site.get("_emvae_replaced"), site)
+        if replaced is not None:
+            replaced = _all_but(replaced, keep)
+            if out is not None:
+                a, b = packed.broadcast_all(out, replaced)
+                replaced = _named(a | b, a._pyro_dims)
+            out = replaced
+        if out is not None and bool(out.any()):
+            dropped[name] = out
+    return {n: t for n, t in dropped.items() if _validate.is_enumerated(tr.nodes[n])}
+
+
+def _weigh(q: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """``q`` (packed) with zero weight where ``drop`` (packed bool) holds."""
+    drop = _all_but(drop, q._pyro_dims)
+    keep = _named((~drop).to(q.dtype), drop._pyro_dims)
+    q2, keep = packed.broadcast_all(q, keep, dims=q._pyro_dims)
+    return _named(q2 * keep, q._pyro_dims)
+
+
+def _plates_named(tr, symbols) -> str:
+    names = {v: k for k, v in tr.plate_to_symbol.items()}
+    return ", ".join(f"'{names.get(s, s)}'" for s in sorted(symbols, key=lambda s: names.get(s, s)))
+
+
+def _common_scale(tr, scaled: list[tuple[str, Any]]):
+    """The one ``poutine.scale`` of the sites that depend on enumerated latents (``scaled``:
+    ``[(site, scale)]``), as Pyro's ``_get_common_scale``, with an error naming the sites."""
+    groups: dict[float, list[str]] = {}
+    for name, scale in scaled:
+        if torch.is_tensor(scale) and scale.dim():
+            raise EnumerationError(
+                f"site '{name}' has a poutine.scale tensor of shape {tuple(scale.shape)}; a "
+                "site that depends on an enumerated latent needs a scalar scale (its log-prob "
+                "is scaled after the sum over the latent). Weight the data with one number "
+                "per model (poutine.scale around the whole model), or mask rows out with "
+                "poutine.mask instead of a zero weight."
+            )
+        groups.setdefault(float(scale), []).append(name)
+    if len(groups) > 1:
+        found = "; ".join(
+            f"scale {value:g} on {', '.join(repr(n) for n in names[:4])}"
+            + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            for value, names in groups.items()
+        )
+        raise EnumerationError(
+            "the sites that depend on an enumerated latent must share one poutine.scale (the "
+            "scale multiplies log p(x) after the sum over the latents, as in Pyro's "
+            f"TraceEnum_ELBO), but found {found}. Put one poutine.scale around the whole model "
+            "(or let a subsampled plate scale it), or move the scale to sites that no "
+            "enumerated latent reaches."
+        )
+    return scaled[0][1] if scaled else 1.0
+
+
+def _tree_error(tr, err: Exception) -> EnumerationError:
+    """Pyro's ``Expected tree-structured plate nesting`` as an error naming the sites: a site
+    that reads enumerated latents of two independent plates, whose sum does not factor."""
+    match = re.search(r"plates \[([^\]]*)\]", str(err))
+    leaf = frozenset(s.strip() for s in match.group(1).split(",")) if match else None
+    latents = {
+        s["infer"]["_enumerate_symbol"]: (n, _find_ordinal(tr, s))
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample" and _validate.is_enumerated(s)
+    }
+    for name, site in tr.nodes.items():
+        if site["type"] != "sample":
+            continue
+        ordinal = _find_ordinal(tr, site)
+        if leaf is not None and ordinal != leaf:
+            continue
+        dims = _site_dims(site)
+        reads = [v for d, v in latents.items() if d in dims and v[1] < ordinal]  # model order
+        apart = [
+            (a, b)
+            for i, a in enumerate(reads)
+            for b in reads[i + 1 :]
+            if not (a[1] <= b[1] or b[1] <= a[1])
+        ]
+        if apart:
+            (a, pa), (b, pb) = apart[0]
+            return EnumerationError(
+                f"site '{name}' (plates {_plates_named(tr, ordinal)}) depends on enumerated "
+                f"site '{a}' (plates {_plates_named(tr, pa) or 'none'}) and on enumerated site "
+                f"'{b}' (plates {_plates_named(tr, pb) or 'none'}), which lie in independent "
+                "plates: the sum over them does not factor along the plates (exact "
+                "enumeration, as Pyro's TraceEnum_ELBO, needs tree-structured plate nesting). "
+                "Make one of the plates sequential (for i in pyro.plate(...): at a cost "
+                "exponential in its size), or nest one plate inside the other."
+            )
+    plates = _plates_named(tr, leaf) if leaf else "(unknown)"
+    return EnumerationError(
+        f"enumerated sites depend on each other across the independent plates {plates}: the "
+        "sum over them does not factor along the plates (exact enumeration, as Pyro's "
+        "TraceEnum_ELBO, needs tree-structured plate nesting). Make one of the plates "
+        "sequential (for i in pyro.plate(...): at a cost exponential in its size), or nest "
+        "one plate inside the other."
+    )
+
+
+def _is_tree_error(err: Exception) -> bool:
+    return isinstance(err, NotImplementedError) and "tree-structured plate" in str(err)
+
+
 class _ExactConditionals(BackwardSampleMessenger):
     """Turns the model's enumerated sites into guide sites drawn from their exact conditional
     :math:`q(z_s \\mid z_{<s}, x)`: the factors are contracted onto ``z_s`` with the earlier draws
@@ -267,20 +478,41 @@ class _NoVectorize(Exception):
     pass
 
 
-class _IntegrateObsMask(Messenger):
-    """Pyro's ``obs_mask=`` under an exact E-step.
+class _ExactView(Messenger):
+    """The model as the exact E-step reads it: Pyro's ``TraceEnum_ELBO`` semantics for masks
+    on enumerated sites, and ``obs_mask=``'s missing events summed out exactly.
 
-    ``pyro.sample(name, fn, obs=x, obs_mask=m)`` splits into an observed site ``name_observed``
-    (masked by ``m``) and a latent ``name_unobserved`` (masked by ``~m``) for the missing
-    events. ``m`` masks whole events, and an event's density integrates to one, so the missing
-    events drop out of :math:`p(x)` exactly: the latent becomes a fully masked observed copy
-    (zero log-density, zero weight in every M-step sum). Values of missing events (NaN, say)
-    are replaced by zeros, so that ``0 * nan`` cannot reach the sums. Exact when nothing
-    downstream reads the returned value's missing events."""
+    * A mask (``poutine.mask``) on an enumerated latent does not enter :math:`p(x)`: as in
+      ``TraceEnum_ELBO``'s ``_compute_model_factors``, the latent's factor is its *unmasked*
+      log-prob, and the masks act only on the sites that depend on it. A latent masked together
+      with everything that depends on it then sums to one and its rows drop out exactly (not
+      as a uniform sum, which would add :math:`\\log K` per row). The site's mask is removed
+      here (so every trace of the E-step, its MAP and samples, and the M-step's plan read the
+      latent's factor unmasked) and kept under ``site["_emvae_mask"]``: where the latent is
+      masked and nothing unmasked depends on it, :class:`ExactEStep` gives its factor zero
+      weight in the M-step (see :func:`_dropped_rows`).
+    * ``pyro.sample(name, fn, obs=x, obs_mask=m)`` splits into an observed site
+      ``name_observed`` (masked by ``m``) and a latent ``name_unobserved`` (masked by ``~m``)
+      for the missing events. A discrete, enumerable ``name_unobserved`` stays a latent and is
+      enumerated (Pyro passes no ``infer=`` on to it, so it is marked here): the missing labels
+      of a semi-supervised model are summed over, whatever their fill values. Where ``m`` holds
+      the returned value is the observed one, so the latent's factor there gets zero M-step
+      weight (``site["_emvae_replaced"]``). Any other ``name_unobserved`` is integrated out:
+      ``m`` masks whole events and an event's density integrates to one, so the missing events
+      drop out of :math:`p(x)` exactly and the latent becomes a fully masked observed copy
+      (zero log-density, zero weight in every M-step sum). Missing floating-point values
+      (NaN, say) are replaced by zeros, so that ``0 * nan`` cannot reach the sums; exact when
+      nothing downstream reads the returned value's missing events.
 
-    def __init__(self) -> None:
+    With ``latent_masks=True`` the masks of enumerated latents are left as the model sets them
+    (the guide's own run under SVI, whose model side applies them).
+    """
+
+    def __init__(self, latent_masks: bool = False) -> None:
         super().__init__()
+        self._latent_masks = latent_masks
         self._filled: dict[str, torch.Tensor] = {}
+        self._masks: dict[str, Any] = {}
 
     def _pyro_sample(self, msg) -> None:
         name = msg["name"]
@@ -293,22 +525,37 @@ class _IntegrateObsMask(Messenger):
                     value = torch.where(mask, value, value.new_zeros(()))
                     msg["value"] = value
             self._filled[name[: -len("_observed")]] = msg["value"]
-        elif not msg["is_observed"] and name.endswith("_unobserved"):
-            base = name[: -len("_unobserved")]
-            if base in self._filled:
-                msg["value"] = self._filled.pop(base)
+            self._masks[name[: -len("_observed")]] = msg["mask"]
+            return
+        if msg["is_observed"]:
+            return
+        base = name[: -len("_unobserved")] if name.endswith("_unobserved") else None
+        if base is not None and base in self._filled:
+            value = self._filled.pop(base)
+            replaced = self._masks.pop(base)
+            if getattr(msg["fn"], "has_enumerate_support", False):
+                if "enumerate" not in msg["infer"]:
+                    msg["infer"] = {**msg["infer"], "enumerate": "parallel"}
+                msg["_emvae_replaced"] = replaced
+            else:
+                msg["value"] = value
                 msg["is_observed"] = True
                 msg["mask"] = False
+                return
+        if not self._latent_masks and msg["infer"].get("enumerate") == "parallel":
+            msg["_emvae_mask"] = msg["mask"]
+            msg["mask"] = None
 
 
-class _ObsMaskIntegrated:
-    """``model`` run under :class:`_IntegrateObsMask` (a class, so that it pickles)."""
+class _ExactViewModel:
+    """``model`` run under :class:`_ExactView` (a class, so that it pickles)."""
 
-    def __init__(self, model: Callable) -> None:
+    def __init__(self, model: Callable, latent_masks: bool = False) -> None:
         self.__wrapped__ = model
+        self._latent_masks = latent_masks
 
     def __call__(self, *args, **kwargs):
-        with _IntegrateObsMask():
+        with _ExactView(self._latent_masks):
             return self.__wrapped__(*args, **kwargs)
 
 
@@ -322,6 +569,10 @@ class ExactEStep:
     The methods give the posterior in closed form: :meth:`posterior` (log p(x), marginals,
     pairwise marginals along chains, factor joints; one model pass and one backward pass),
     :meth:`sample` (exact joint draws) and :meth:`map` (joint MAP; Viterbi on chains).
+    ``poutine.mask`` and ``obs_mask=`` are read as Pyro's ``TraceEnum_ELBO`` reads them: a masked
+    latent keeps its prior, so rows masked together with their latents drop out exactly, and
+    the missing entries of an enumerable ``obs_mask=`` site are summed over (see
+    :class:`_ExactView`).
 
     Args:
         model: a Pyro model whose every latent site is discrete and enumerated in parallel
@@ -342,7 +593,7 @@ class ExactEStep:
     """
 
     def __init__(self, model: Callable, *, max_plate_nesting: int | None = None) -> None:
-        self.model = _ObsMaskIntegrated(model)  # obs_mask's missing events drop out exactly
+        self.model = _ExactViewModel(model)  # masks as TraceEnum_ELBO reads them; obs_mask
         self.user_model = model
         self.max_plate_nesting = max_plate_nesting
         # which arguments the input checks (pyro_emvae.validate) have passed for
@@ -447,8 +698,7 @@ class ExactEStep:
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
                 continue
-            lp = site["packed"]["unscaled_log_prob"]
-            if sum_dims.isdisjoint(lp._pyro_dims):
+            if sum_dims.isdisjoint(_site_dims(site)):
                 if "_hmm" in site:
                     # the unpacked log-prob: packing ran under no_grad and cut the graph to M
                     log_z = log_z + site["log_prob"].sum()
@@ -462,8 +712,8 @@ class ExactEStep:
                     "site is not supported; enumerate inside the chain or lift the choice out."
                 )
             # the mask goes inside the sum over z, the (common) scale outside, as in Pyro
-            lp = packed.scale_and_mask(lp, mask=site["packed"]["mask"])
-            scales.append(site["scale"])
+            lp = _factor(site)
+            scales.append((name, site["scale"]))
             if grads and not lp.requires_grad:
                 dims = lp._pyro_dims
                 lp = lp.detach().requires_grad_()
@@ -472,10 +722,15 @@ class ExactEStep:
             inputs.append((name, lp))
         scale = 1.0
         if factors:
-            scale = _get_common_scale(scales)
-            log_z = log_z + scale * contract_to_tensor(
-                factors, sum_dims, target_ordinal=frozenset()
-            )
+            scale = _common_scale(tr, scales)
+            try:
+                log_z = log_z + scale * contract_to_tensor(
+                    factors, sum_dims, target_ordinal=frozenset()
+                )
+            except NotImplementedError as e:
+                if _is_tree_error(e):
+                    raise _tree_error(tr, e) from e
+                raise
         wanted = [t for _, t in inputs] + list(extra_inputs or [])
         out: tuple = ()
         if grads and wanted:
@@ -530,6 +785,7 @@ class ExactEStep:
             if s["type"] == "sample" and _validate.is_enumerated(s)
         }
         order = {n: i for i, n in enumerate(tr.nodes)}
+        dropped = _dropped_rows(tr)
         for (name, t), g in zip(inputs, grads):
             site = tr.nodes[name]
             if g is None:
@@ -542,7 +798,8 @@ class ExactEStep:
                 continue
             q = g / scale
             q._pyro_dims = t._pyro_dims
-            post.factor_q[name] = q
+            # the M-step's weight: none where a masked latent drops out of p(x)
+            post.factor_q[name] = _weigh(q, dropped[name]) if name in dropped else q
             plate_dims, plate_shape = _plate_layout(site["cond_indep_stack"], tr.plate_to_symbol)
             enum_syms = sorted(
                 (d for d in t._pyro_dims if d in symbol_to_name),
@@ -595,9 +852,7 @@ class ExactEStep:
             elif q is None:
                 total = total + site["packed"]["log_prob"].sum()
             else:
-                lp = packed.scale_and_mask(
-                    site["packed"]["unscaled_log_prob"], mask=site["packed"]["mask"]
-                )
+                lp = _factor(site)
                 if lp._pyro_dims != q._pyro_dims:
                     raise RuntimeError(
                         f"site '{name}' changed its enumerated dims between the E-step and the "
@@ -640,7 +895,12 @@ class ExactEStep:
         with torch.no_grad(), poutine.block(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "infer_discrete found no sample sites")
             fn = infer_discrete(model, first_available_dim=first, temperature=temperature)
-            tr = poutine.trace(fn).get_trace(*args, **kwargs)
+            try:
+                tr = poutine.trace(fn).get_trace(*args, **kwargs)
+            except NotImplementedError as e:
+                if _is_tree_error(e):
+                    raise _tree_error(self._enum_trace(args, kwargs), e) from e
+                raise
         if shapes is None:  # each latent site's own shape (infer_discrete squeezes size-1 dims)
             shapes = self._latent_shapes(args, kwargs)
         values, chains = {}, {}
@@ -730,6 +990,19 @@ class ExactEStep:
         """
         with poutine.block(), torch.no_grad():
             tr = self._enum_trace(args, kwargs)
+            sum_dims = {
+                s["infer"]["_enumerate_symbol"]
+                for s in tr.nodes.values()
+                if s["type"] == "sample" and _validate.is_enumerated(s)
+            }
+            _common_scale(
+                tr,
+                [
+                    (n, s["scale"])
+                    for n, s in tr.nodes.items()
+                    if s["type"] == "sample" and not sum_dims.isdisjoint(_site_dims(s))
+                ],
+            )
             messenger = _ExactConditionals(tr, poutine.Trace())
         subsample = poutine.Trace()
         for name, site in tr._subsample_sites.items():
@@ -738,9 +1011,17 @@ class ExactEStep:
         def hide(msg: dict) -> bool:
             return msg["type"] == "param" or (msg["type"] == "sample" and msg["is_observed"])
 
-        model = poutine.replay(poutine.block(self.model, hide_fn=hide), trace=subsample)
-        with torch.no_grad(), messenger:
-            model(*args, **kwargs)
+        # the latents' own masks stay: SVI's model side masks their log-probs, so the guide's
+        # must be masked alike (a masked row then adds nothing to log p - log q)
+        model = _ExactViewModel(self.user_model, latent_masks=True)
+        model = poutine.replay(poutine.block(model, hide_fn=hide), trace=subsample)
+        try:
+            with torch.no_grad(), messenger:
+                model(*args, **kwargs)
+        except NotImplementedError as e:
+            if _is_tree_error(e):
+                raise _tree_error(tr, e) from e
+            raise
 
 
 def _not_enumerable_message(name: str, site: dict) -> str:

@@ -30,8 +30,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide import AutoGuide
+from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
 from pyro.poutine.util import prune_subsample_sites
@@ -287,8 +287,11 @@ def _weights(model, guide, args, kwargs, setup: _Setup, n: int, indices, want_kl
             else:
                 global_kl = global_kl - term
             continue
-        lp = scale_and_mask(site["packed"]["unscaled_log_prob"], mask=site["packed"]["mask"])
-        lp._pyro_dims = site["packed"]["unscaled_log_prob"]._pyro_dims
+        lp = site["packed"]["unscaled_log_prob"]
+        if site["infer"].get("_enumerate_dim") is None:
+            # as TraceEnum_ELBO: an enumerated site keeps its unmasked prior, the others' masks
+            # act inside the sum (and may read an enumerated value: packed, to keep its dims)
+            lp = packed.scale_and_mask(lp, mask=site["packed"]["mask"])
         ordinal = frozenset(p2s[f.name] for f in frames_of(site))
         joint.setdefault(ordinal, []).append(lp)
         if not site["is_observed"]:
@@ -790,13 +793,16 @@ def score(
         >>> abs(score(model, ExactEStep(model), x) - float(exact.log().mean())) < 1e-6
         True
     """
-    from pyro_emvae.estep import ExactEStep
+    from pyro_emvae.estep import ExactEStep, _ExactViewModel
     from pyro_emvae.validate import count_observed, model_inputs
 
     if per not in ("value", "row"):
         raise ValueError(f"per must be 'value' or 'row', got {per!r}")
     args, kwargs = model_inputs(args, kwargs)
     exact = isinstance(guide, ExactEStep)
+    if exact:
+        # the model as the E-step reads it (obs_mask's missing discrete labels enumerated)
+        model = _ExactViewModel(model)
     est = log_marginal(
         model,
         _no_latents if exact else guide,

@@ -37,7 +37,8 @@ set of arguments (:func:`validate_estep_trace`), before any log-prob is computed
 :func:`validate_fit_inputs` holds the checks for :func:`~pyro_emvae.fit.fit`.
 
 Missing data. Under ``ExactEStep``, Pyro's ``obs_mask=`` works: the missing events drop out
-of :math:`\\log p(x)` exactly (see ``estep._IntegrateObsMask``). Or fill the missing entries
+of :math:`\\log p(x)` exactly, and the missing entries of an enumerable discrete site (a
+partly observed label) are summed over (see ``estep._ExactView``). Or fill the missing entries
 with any finite value and mask their log-prob: per entry,
 ``dist.Normal(loc, scale).mask(observed).to_event(1)`` (the mask has the value's shape, so a
 partially observed row keeps the likelihood of its observed entries), or per row,
@@ -548,7 +549,10 @@ def check_observed(trace, *, exact: bool = True) -> None:
         value = detach_provenance(value)
         if value.is_floating_point() or value.is_complex():
             _check_finite_value(name, site, value, exact)
-        _check_support(name, site, value)
+        base = name[: -len("_observed")] if name.endswith("_observed") else None
+        _check_support(
+            name, site, value, obs_mask_of=base if f"{base}_unobserved" in trace else None
+        )
 
 
 def check_distributions(trace) -> None:
@@ -627,7 +631,10 @@ def _validates(fn) -> bool:
     return True
 
 
-def _check_support(name: str, site: dict, value: torch.Tensor) -> None:
+def _check_support(
+    name: str, site: dict, value: torch.Tensor, obs_mask_of: str | None = None
+) -> None:
+    """``obs_mask_of``: the site's name when ``name`` is the observed part of its ``obs_mask=``."""
     fn = site["fn"]
     if not _validates(fn):
         return
@@ -652,12 +659,26 @@ def _check_support(name: str, site: dict, value: torch.Tensor) -> None:
     idx = _index(bad)
     shown = value[idx]
     shown = shown.item() if shown.dim() == 0 else shown.flatten()[:5].tolist()
-    raise ModelInputError(
+    head = (
         f"observed site '{name}' ({_kind(fn)}): {int(bad.sum())} value(s) of its value of shape "
         f"{_shape(value.shape)} are outside the distribution's support {support}, the first at "
-        f"index {idx}: {shown}. Check the data's encoding (categories 0..K-1, counts >= 0, "
-        "binary 0/1) or the distribution family; fill missing entries with a valid value and "
-        "mask them (dist.<Family>(...).mask(observed) or poutine.mask)."
+        f"index {idx}: {shown}."
+    )
+    if obs_mask_of is not None:
+        raise ModelInputError(
+            f"{head} It is the observed part of site '{obs_mask_of}' (obs_mask=): Pyro computes "
+            "its log-prob at the missing entries too before masking it, so fill them with any "
+            "value inside the support (e.g. 0 for categories); they do not enter log p(x) (under "
+            f"ExactEStep a discrete '{obs_mask_of}_unobserved' is summed over at the missing "
+            "entries, whatever the fill value)."
+        )
+    raise ModelInputError(
+        f"{head} Check the data's encoding (categories 0..K-1, counts >= 0, binary 0/1) or the "
+        "distribution family. For missing entries that no other site reads, fill them with a "
+        "valid value and mask them (dist.<Family>(...).mask(observed) or poutine.mask); for a "
+        "partly observed value that other sites depend on (a missing label), do not mask it: "
+        "pass obs=filled, obs_mask=observed (fill with any valid value), so that ExactEStep "
+        "sums the missing entries over."
     )
 
 
