@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -35,7 +36,7 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.optim import PyroOptim
-from pyro.poutine.messenger import Messenger
+from pyro.poutine.messenger import Messenger, _bound_partial, _context_wrap, unwrap
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_emvae import distributed as dp
@@ -58,6 +59,7 @@ from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
 from pyro_emvae.stream import Batches, is_stream
 from pyro_emvae.validate import (
     MarkConditioned,
+    ModelInputError,
     check_components,
     explain_input_errors,
     explain_model_errors,
@@ -192,6 +194,43 @@ class _ModelInfo:
     model: Any = None  # the model as traced
     rows: int = 0  # a stream's rows (the leading dim of its batches), over all batches
     observed: int = 0  # observed values, unclamped (n_data is at least 1)
+
+
+def _unwrap_once(fn: Any) -> Any:
+    """The function one handler or wrapper inside ``fn`` (a ``poutine.*(model)`` handler, a
+    ``functools.wraps`` wrapper), or None."""
+    if isinstance(fn, _bound_partial):
+        return fn.func
+    if isinstance(fn, functools.partial) and fn.func is _context_wrap and len(fn.args) >= 2:
+        return fn.args[1]
+    return getattr(fn, "__wrapped__", None)
+
+
+def _check_guide_model(model: Callable, guide: ExactEStep) -> None:
+    """An ExactEStep computes its posterior, log-likelihood and M-step plan from the model it
+    was built with, not from fit's ``model``: refuse a guide built for another model (a notebook
+    whose model cell was re-run, with a new K, and the guide cell not). A guide built on a
+    handler-wrapped form of ``model`` (``ExactEStep(config_enumerate(model))``) is its own."""
+    fn, seen = guide.user_model, set()
+    while fn is not None and id(fn) not in seen:
+        if fn is model:
+            return
+        seen.add(id(fn))
+        fn = _unwrap_once(fn)
+
+    def name(f) -> str:
+        inner = unwrap(f)
+        label = getattr(inner, "__qualname__", None) or type(inner).__name__
+        return f"'{label}'" + (" (wrapped in handlers)" if inner is not f else "")
+
+    given, built = name(model), name(guide.user_model)
+    same = " (another object of the same name: an earlier definition?)" if given == built else ""
+    raise ModelInputError(
+        f"fit's model {given} is not the model the ExactEStep guide was built with, "
+        f"{built}{same}. ExactEStep computes the posterior and log p(x) of its own model, so "
+        "fit would fit that one and ignore the model given: build the guide from the model "
+        "you fit, fit(model, ExactEStep(model), ...)."
+    )
 
 
 def _inspect(model: Callable, args: tuple, kwargs: dict) -> _ModelInfo:
@@ -547,6 +586,8 @@ def fit(
         raise ValueError(f"init must be one of {STRATEGIES} or a callable, got {init!r}")
     if svi_steps < 1:
         raise ValueError(f"svi_steps must be >= 1, got {svi_steps}")
+    if isinstance(guide, ExactEStep):
+        _check_guide_model(model, guide)
     # an unwritable path is an error now, not after checkpoint_every iterations of work
     ckpt = None
     if checkpoint is not None:

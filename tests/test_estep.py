@@ -1197,3 +1197,109 @@ def test_posterior_works_under_no_grad():
     with torch.no_grad():
         post = guide.posterior(x)
     assert torch.allclose(post.marginals["z"], expected)
+
+
+# ---------------------------------------------------------------------------- Pyro's errors, named
+def _scaled_likelihood(x):
+    """The likelihood alone under poutine.scale: its scale would sit inside the sum over z."""
+    w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+        with poutine.scale(scale=2.0):
+            pyro.sample("x", dist.Normal(torch.tensor([-1.0, 1.0])[z], 1.0), obs=x)
+
+
+@pytest.mark.parametrize("call", ["log_likelihood", "posterior", "guide"])
+def test_error_scales_differ_across_enumerated_factors(call):
+    """Pyro's 'Expected all enumerated sample sites to share a common poutine.scale' names
+    the sites and their scales, as an EnumerationError."""
+    guide = ExactEStep(_scaled_likelihood)
+    fn = guide if call == "guide" else getattr(guide, call)
+    with pytest.raises(EnumerationError) as err:
+        fn(X_ERR)
+    msg = str(err.value)
+    for part in ["one poutine.scale", "scale 1 on 'z'", "scale 2 on 'x'", "whole model"]:
+        assert part in msg, (part, msg)
+
+
+def _crossed(x):
+    """x[b, a] reads latents of two independent plates: not tree-structured."""
+    loc = torch.tensor([[-2.0, 0.0], [1.0, 3.0]])
+    plate_a = pyro.plate("rows_a", x.shape[1], dim=-1)
+    plate_b = pyro.plate("rows_b", x.shape[0], dim=-2)
+    with plate_a:
+        a = pyro.sample("a", dist.Categorical(torch.ones(2) / 2), infer=PAR)
+    with plate_b:
+        b = pyro.sample("b", dist.Categorical(torch.ones(2) / 2), infer=PAR)
+    with plate_a, plate_b:
+        pyro.sample("x", dist.Normal(loc[a, b], 1.0), obs=x)
+
+
+@pytest.mark.parametrize("call", ["log_likelihood", "posterior", "map", "sample", "guide"])
+def test_error_plates_not_tree_structured(call):
+    guide = ExactEStep(_crossed)
+    fn = guide if call == "guide" else getattr(guide, call)
+    with pytest.raises(EnumerationError) as err:
+        fn(torch.zeros(3, 2))
+    msg = str(err.value)
+    for part in [
+        "site 'x' (plates 'rows_a', 'rows_b')",
+        "enumerated site 'a' (plates 'rows_a')",
+        "enumerated site 'b' (plates 'rows_b')",
+        "independent plates",
+        "sequential",
+    ]:
+        assert part in msg, (part, msg)
+    assert isinstance(err.value.__cause__, NotImplementedError)
+
+
+# ---------------------------------------------------------------------------- fit: the guide's model
+def _mixture_k(k: int):
+    def model(x):
+        w = pyro.param("w", torch.ones(k) / k, constraint=constraints.simplex)
+        loc = pyro.param("loc", torch.linspace(-2.0, 2.0, k))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+            pyro.sample("x", dist.Normal(loc[z], 1.0), obs=x)
+
+    return model
+
+
+def test_fit_refuses_a_guide_built_for_another_model():
+    """Re-running a notebook's model cell (new K) but not its guide cell: fit would fit the
+    guide's old model. Both are named 'model'; the error says so."""
+    from pyro_emvae import fit
+    from pyro_emvae.validate import ModelInputError
+
+    old, new = _mixture_k(2), _mixture_k(3)
+    x = torch.tensor([-2.0, 0.1, 2.2, 1.9])
+    with pytest.raises(ModelInputError) as err:
+        fit(new, ExactEStep(old), x, max_iter=2)
+    msg = str(err.value)
+    for part in [
+        "'_mixture_k.<locals>.model'",
+        "not the model the ExactEStep guide was built",
+        "same name",
+        "ExactEStep(model)",
+    ]:
+        assert part in msg, (part, msg)
+    assert "w" not in pyro.get_param_store()  # refused before any work
+
+
+def test_fit_accepts_a_guide_built_on_the_model_wrapped_in_handlers():
+    """ExactEStep(config_enumerate(model)) is a guide of model: fit runs, on that model."""
+    from pyro.infer import config_enumerate
+
+    from pyro_emvae import fit
+
+    def raw(x):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+        loc = pyro.param("loc", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w))
+            pyro.sample("x", dist.Normal(loc[z], 1.0), obs=x)
+
+    x = torch.tensor([-2.0, 0.1, 2.2, 1.9])
+    guide = ExactEStep(config_enumerate(raw))
+    result = fit(raw, guide, x, max_iter=3, tol=0)
+    assert result.log_likelihood == pytest.approx(float(guide.log_likelihood(x)), abs=1e-10)
