@@ -206,14 +206,64 @@ def _unwrap_once(fn: Any) -> Any:
     return getattr(fn, "__wrapped__", None)
 
 
+def _code_key(code: types.CodeType) -> tuple:
+    """What a code object computes, without where it was written (line and column)."""
+    consts = tuple(_code_key(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+    return (
+        code.co_code,
+        consts,
+        code.co_names,
+        code.co_varnames,
+        code.co_freevars,
+        code.co_cellvars,
+        code.co_argcount,
+        code.co_posonlyargcount,
+        code.co_kwonlyargcount,
+        code.co_flags,
+    )
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same_values(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_values(a[k], b[k]) for k in a)
+    return isinstance(a, (int, float, complex, str, bytes)) and a == b
+
+
+def _same_function(a: Any, b: Any) -> bool:
+    """Two function objects that compute the same: equal code (where written aside), the same
+    globals, and the same (or equal plain-number) defaults and closure values. Two copies of
+    ``lambda x: model(x, 2)`` are; ``model`` before and after its K changed are not."""
+    if not (isinstance(a, types.FunctionType) and isinstance(b, types.FunctionType)):
+        return False
+    try:
+        cells_a = tuple(c.cell_contents for c in a.__closure__ or ())
+        cells_b = tuple(c.cell_contents for c in b.__closure__ or ())
+    except ValueError:  # an empty cell
+        return False
+    return (
+        a.__globals__ is b.__globals__
+        and _code_key(a.__code__) == _code_key(b.__code__)
+        and _same_values(a.__defaults__, b.__defaults__)
+        and _same_values(a.__kwdefaults__, b.__kwdefaults__)
+        and _same_values(cells_a, cells_b)
+    )
+
+
 def _check_guide_model(model: Callable, guide: ExactEStep) -> None:
     """An ExactEStep computes its posterior, log-likelihood and M-step plan from the model it
     was built with, not from fit's ``model``: refuse a guide built for another model (a notebook
     whose model cell was re-run, with a new K, and the guide cell not). A guide built on a
-    handler-wrapped form of ``model`` (``ExactEStep(config_enumerate(model))``) is its own."""
+    handler-wrapped form of ``model`` (``ExactEStep(config_enumerate(model))``), or on another
+    copy of the same function (two ``lambda x: model(x, 2)``), is its own."""
     fn, seen = guide.user_model, set()
     while fn is not None and id(fn) not in seen:
-        if fn is model:
+        if fn is model or _same_function(fn, model):
             return
         seen.add(id(fn))
         fn = _unwrap_once(fn)

@@ -1286,6 +1286,25 @@ def test_fit_refuses_a_guide_built_for_another_model():
     assert "w" not in pyro.get_param_store()  # refused before any work
 
 
+def test_fit_tells_copies_of_a_function_from_changed_ones():
+    """Two copies of the same lambda compute the same model: accepted. The same lambda with
+    another constant, or a closure over another K, is another model: refused."""
+    from pyro_emvae import fit
+    from pyro_emvae.validate import ModelInputError
+
+    def mixture(x, k):
+        _mixture_k(k)(x)
+
+    x = torch.tensor([-2.0, 0.1, 2.2, 1.9])
+    result = fit(lambda x: mixture(x, 2), ExactEStep(lambda x: mixture(x, 2)), x, max_iter=2)
+    assert result.n_iter == 2
+    pyro.clear_param_store()
+    with pytest.raises(ModelInputError, match="not the model the ExactEStep guide"):
+        fit(lambda x: mixture(x, 3), ExactEStep(lambda x: mixture(x, 2)), x, max_iter=2)
+    with pytest.raises(ModelInputError, match="same name"):
+        fit(_mixture_k(3), ExactEStep(_mixture_k(2)), x, max_iter=2)
+
+
 def test_fit_accepts_a_guide_built_on_the_model_wrapped_in_handlers():
     """ExactEStep(config_enumerate(model)) is a guide of model: fit runs, on that model."""
     from pyro.infer import config_enumerate

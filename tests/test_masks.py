@@ -116,7 +116,8 @@ def test_masked_rows_drop_out_of_the_mixture():
     _close(post.marginals["z"], torch.stack([_marginal(a, w, n, K) for n in range(N)]))
     _close(post.marginals["z"][~MASK], _p("w").expand(int((~MASK).sum()), K))
     assert torch.equal(guide.map(X, MASK)["z"], a[int(lj.argmax())])
-    _close(score(gmm, guide, X, MASK), logpx / N)  # the mean over the plate's rows
+    _close(score(gmm, guide, X, MASK, per="row"), logpx / N)  # over the plate's rows
+    _close(score(gmm, guide, X, MASK), logpx / int(MASK.sum()))  # over the observed values
     # the exact guide under SVI: every draw's ELBO is log p(x)
     _close(-Trace_ELBO().loss(gmm, guide, X, MASK), logpx)
     # the M-step's weight of the masked latent: zero on its masked rows
@@ -275,7 +276,8 @@ def test_mask_that_reads_an_enumerated_value():
     _close(_trace_enum(which_model, X), logpx)
     _close(post.marginals["which"], torch.stack([_marginal(a, w, n, K) for n in range(N)]))
     assert torch.equal(guide.map(X)["which"], a[int(lj.argmax())])
-    _close(score(which_model, guide, X), logpx / N)
+    _close(score(which_model, guide, X, per="row"), logpx / N)
+    _close(score(which_model, guide, X), logpx / N)  # one observed value per row
     _close(-Trace_ELBO().loss(which_model, guide, X), logpx)
 
 
@@ -349,7 +351,8 @@ def test_obs_mask_labels_are_summed_over(fill):
     marg = post.marginals["z_unobserved"][free]
     _close(marg, torch.stack([_marginal(a, w, i, K) for i in range(len(free))]))
     assert torch.equal(guide.map(X, filled, LABELED)["z_unobserved"][free], a[int(lj.argmax())])
-    _close(score(semi, guide, X, filled, LABELED), logpx / N)
+    _close(score(semi, guide, X, filled, LABELED, per="row"), logpx / N)
+    _close(score(semi, guide, X, filled, LABELED), logpx / (N + int(LABELED.sum())))
     _close(-Trace_ELBO().loss(semi, guide, X, filled, LABELED), logpx)
 
 
