@@ -222,7 +222,7 @@ def _posterior_draws(model, guide, latents, chains, num_samples, args, kwargs) -
             out[name].append(mtr.nodes[name]["value"])
         for name in chains:
             site = mtr.nodes[name]
-            init, m = _hmm_parts(site["fn"], site["value"])
+            init, m = _hmm_parts(site["fn"], site["value"], mask=site["mask"])
             out[name].append(_hmm_sample(ExactEStep._hmm_pairwise(init, m), 1)[0])
     return {k: torch.stack(v) for k, v in out.items()}
 

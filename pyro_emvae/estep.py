@@ -113,18 +113,28 @@ class Posterior:
 
 
 def _hmm_parts(
-    fn: DiscreteHMM, value: torch.Tensor, value_logits: torch.Tensor | None = None
+    fn: DiscreteHMM,
+    value: torch.Tensor,
+    value_logits: torch.Tensor | None = None,
+    mask: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-potentials of a DiscreteHMM: ``init (*batch, K)`` over :math:`z_{-1}` and
     ``M (*batch, T, K, K)`` with ``M[..., t, i, j] = log p(z_t=j | z_{t-1}=i) + log p(x_t | z_t=j)``
-    (the emission term replaced by ``value_logits`` when given).
+    (the emission term replaced by ``value_logits`` when given). Where ``mask`` (the site's
+    ``poutine.mask``, broadcastable to ``batch``) is False the sequence is not observed: its
+    emission term is dropped, so ``M`` there is the prior chain's (its MAP, draws and marginals
+    are the prior's, as for an enumerated latent whose observations are all masked).
     """
     obs = fn.observation_dist
     if value_logits is None:
         value = value.unsqueeze(-1 - obs.event_dim)
         value_logits = obs.log_prob(value)  # (*batch, T, K)
+    if mask is not None and mask is not True:
+        keep = torch.as_tensor(mask, dtype=torch.bool, device=value_logits.device)
+        keep = keep.reshape(keep.shape + (1, 1))
+        value_logits = torch.where(keep, value_logits, value_logits.new_zeros(()))
     m = fn.transition_logits + value_logits.unsqueeze(-2)
-    batch = fn.batch_shape
+    batch = torch.broadcast_shapes(fn.batch_shape, m.shape[:-3])
     m = m.expand(batch + m.shape[-3:])
     init = fn.initial_logits.expand(batch + fn.initial_logits.shape[-1:])
     return init, m
@@ -651,7 +661,7 @@ class ExactEStep:
             if site["is_observed"]:
                 override = potentials(name, site) if potentials is not None else None
                 if isinstance(site["fn"], DiscreteHMM):
-                    init, m = _hmm_parts(site["fn"], site["value"], override)
+                    init, m = _hmm_parts(site["fn"], site["value"], override, site["mask"])
                     if not m.requires_grad:  # a leaf, so that its gradient can be asked for
                         m = m.detach().requires_grad_()
                     with torch.enable_grad():  # (a scaled chain too: subsampled, online EM)
@@ -792,7 +802,15 @@ class ExactEStep:
                 g = torch.zeros_like(t)
             if "_hmm" in site:
                 pair = g / site["scale"] if site["scale"] != 1 else g
+                # the M-step's weight: zero on a masked sequence (the mask cuts its gradient)
                 post.factor_q[name] = pair
+                mask = site["mask"]
+                if mask is not None and mask is not True:
+                    # a masked sequence is not observed: its chain's posterior is the prior
+                    # chain's (``_hmm_parts`` dropped its emissions from M)
+                    prior = self._hmm_pairwise(*site["_hmm"])
+                    keep = torch.as_tensor(mask, dtype=torch.bool, device=pair.device)
+                    pair = torch.where(keep.reshape(keep.shape + (1, 1, 1)), pair, prior)
                 post.pairwise[(name, name)] = pair
                 post.marginals[name] = pair.sum(-2)
                 continue
@@ -909,7 +927,7 @@ class ExactEStep:
                 continue
             if site["is_observed"] and isinstance(site["fn"], DiscreteHMM):
                 if num_samples is None:
-                    chains[name] = _hmm_parts(site["fn"], site["value"])
+                    chains[name] = _hmm_parts(site["fn"], site["value"], mask=site["mask"])
             elif site["is_observed"] or isinstance(site["fn"], _Subsample):
                 continue
             elif site["infer"].get("enumerate") != "parallel":

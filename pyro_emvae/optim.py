@@ -361,7 +361,8 @@ class EMOptim:
             if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
                 continue
             if isinstance(site["fn"], DiscreteHMM):
-                weight = posterior.pairwise[(name, name)]
+                # factor_q: zero on a sequence poutine.mask drops (pairwise holds its prior)
+                weight = posterior.factor_q[name]
             else:
                 q = posterior.factor_q.get(name)
                 weight = (
