@@ -429,59 +429,199 @@ def _is_tree_error(err: Exception) -> bool:
     return isinstance(err, NotImplementedError) and "tree-structured plate" in str(err)
 
 
-class _ExactConditionals(BackwardSampleMessenger):
-    """Turns the model's enumerated sites into guide sites drawn from their exact conditional
-    :math:`q(z_s \\mid z_{<s}, x)`: the factors are contracted onto ``z_s`` with the earlier draws
-    gathered in (as Pyro's backward-sample messenger does), and the site is drawn, not
-    enumerated further. No intermediate cache is shared between sites: gathered factors are
-    new tensors whose ids may repeat those of freed ones, which an id-keyed cache would confuse.
+class _Drawn(dist.TorchDistribution):
+    """A guide site's distribution: it returns the value drawn beforehand from the exact joint
+    posterior, and its log-density at a value is the exact conditional of that value given the
+    earlier draws: ``log_softmax(logits)`` at the value (per element) plus ``extra`` (per
+    element; the coupling of a site's elements, see :class:`_ExactConditionals`).
+
+    ``kind`` is the model site's family, so that the value keeps its form: ``"bernoulli"``
+    (floats 0/1), ``"onehot"`` (one-hot vectors, event_dim 1) or ``"categorical"`` (integers).
     """
+
+    arg_constraints: dict = {}
+    has_enumerate_support = False
+
+    def __init__(self, logits, value, extra, kind: str, support) -> None:
+        self.logits = logits.log_softmax(-1)
+        self._value, self._extra, self._kind, self._support = value, extra, kind, support
+        event_shape = logits.shape[-1:] if kind == "onehot" else torch.Size()
+        super().__init__(logits.shape[:-1], event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self._support
+
+    def sample(self, sample_shape=torch.Size()):
+        return self._value.expand(sample_shape + self._value.shape)
+
+    def log_prob(self, value):
+        if self._kind == "onehot":
+            lp = (value * self.logits).sum(-1)
+        else:
+            idx = value.long().unsqueeze(-1)
+            logits = self.logits.expand(idx.shape[:-1] + self.logits.shape[-1:])
+            lp = logits.gather(-1, idx).squeeze(-1)
+        return lp + self._extra
+
+
+class _ExactConditionals(BackwardSampleMessenger):
+    """Turns the model's enumerated sites into guide sites that return a joint draw ``values``
+    (made beforehand from the exact posterior, by :meth:`ExactEStep.sample`'s backward
+    sampling) with log-density the exact conditional :math:`\\log q(z_s \\mid z_{<s}, x)`, so
+    that the log-densities of a run sum to :math:`\\log p(z \\mid x)` of the draw.
+
+    Each site's factors are contracted onto ``z_s`` with the earlier draws gathered in (as
+    Pyro's backward-sample messenger does): the per-element conditional of ``z_s``. The
+    elements of a vectorized site are independent given the earlier draws unless a later
+    enumerated site outside the site's plates reaches it through the factors (a global latent
+    drawn after a plate of local ones): then the site's total conditional is computed as the
+    difference of two contractions, :math:`\\log p(z_{\\le s}, x) - \\log p(z_{<s}, x)`, and
+    what the product of the elements' marginals misses is spread over its unmasked elements.
+    No intermediate cache is shared between sites: gathered factors are new tensors whose ids
+    may repeat those of freed ones, which an id-keyed cache would confuse.
+    """
+
+    def __init__(self, enum_trace, guide_trace, values: dict[str, torch.Tensor]) -> None:
+        super().__init__(enum_trace, guide_trace)
+        self.values = values
+        self.symbol_ordinal = {
+            s["infer"]["_enumerate_symbol"]: _find_ordinal(enum_trace, s)
+            for s in enum_trace.nodes.values()
+            if s["type"] == "sample" and "_enumerate_symbol" in s["infer"]
+        }
+
+    def _ring(self) -> LogRing:
+        # plates of size 1 are squeezed out of packed factors: the ring must know their
+        # sizes to broadcast them back
+        sizes = {
+            self.enum_trace.plate_to_symbol[f.name]: f.size
+            for s in self.enum_trace.nodes.values()
+            if s["type"] == "sample"
+            for f in s["cond_indep_stack"]
+            if f.vectorized
+        }
+        for ts in self.log_factors.values():
+            for t in ts:
+                sizes.update(zip(t._pyro_dims, t.shape))
+        return LogRing(dim_to_size=sizes)
+
+    def _coupled(self, symbol: str) -> bool:
+        """Whether a later enumerated site outside ``symbol``'s plates reaches it through the
+        factors (with the earlier draws gathered in): its elements are then dependent."""
+        own = self.symbol_ordinal[symbol]
+        seen, todo = {symbol}, [symbol]
+        while todo:
+            d = todo.pop()
+            for ts in self.log_factors.values():
+                for t in ts:
+                    if d in t._pyro_dims:
+                        for e in t._pyro_dims:
+                            if e in self.sum_dims and e not in seen:
+                                if not own <= self.symbol_ordinal.get(e, own):
+                                    return True
+                                seen.add(e)
+                                todo.append(e)
+        return False
+
+    def _total(self) -> torch.Tensor:
+        return contract_to_tensor(
+            self.log_factors, self.sum_dims, target_ordinal=frozenset(), ring=self._ring()
+        )
 
     def _pyro_sample(self, msg):
         enum_msg = self.enum_trace.nodes.get(msg["name"])
         if enum_msg is None or "_enumerate_symbol" not in enum_msg["infer"]:
             return
         symbol = enum_msg["infer"]["_enumerate_symbol"]
+        fn = msg["fn"]
+        value = self.values[msg["name"]]
+        kind = (
+            "bernoulli"
+            if isinstance(fn, dist.Bernoulli)
+            else "onehot"
+            if isinstance(fn, dist.OneHotCategorical)
+            else "categorical"
+        )
+        extra = torch.zeros(())
         if symbol not in self.sum_dims:  # one value only (K=1): packing squeezed its dim away
-            logits = torch.zeros(msg["fn"].batch_shape + (1,))
+            logits = torch.zeros(fn.batch_shape + (1,))
         else:
-            # plates of size 1 are squeezed out of packed factors: the ring must know their
-            # sizes to broadcast them back
-            sizes = {
-                self.enum_trace.plate_to_symbol[f.name]: f.size
-                for s in self.enum_trace.nodes.values()
-                if s["type"] == "sample"
-                for f in s["cond_indep_stack"]
-                if f.vectorized
-            }
-            for ts in self.log_factors.values():
-                for t in ts:
-                    sizes.update(zip(t._pyro_dims, t.shape))
             logits = contract_to_tensor(
                 self.log_factors,
                 self.sum_dims,
                 target_ordinal=_find_ordinal(self.enum_trace, msg),
                 target_dims={symbol},
-                ring=LogRing(dim_to_size=sizes),
+                ring=self._ring(),
             )
             logits = packed.unpack(logits, self.enum_trace.symbol_to_dim)
             logits = logits.unsqueeze(-1).transpose(-1, enum_msg["infer"]["_enumerate_dim"] - 1)
             while logits.dim() > 1 and logits.shape[0] == 1:
                 logits = logits.squeeze(0)
-        fn = msg["fn"]
-        if isinstance(fn, dist.Bernoulli):
-            msg["fn"] = dist.Bernoulli(logits=logits[..., 1] - logits[..., 0])
-        else:
-            msg["fn"] = dist.Categorical(logits=logits)
+            if self._coupled(symbol):
+                before = self._total()
+                self._gather(enum_msg, value)
+                exact = self._total() - before  # log p(z_s | z_<s, x), the whole site
+                parts = _Drawn(logits, value, torch.zeros(()), kind, fn.support)
+                elements = parts.log_prob(value)
+                mask = msg["mask"]
+                keep = torch.ones(elements.shape, dtype=torch.bool)
+                if mask is not None and mask is not True:
+                    keep = torch.as_tensor(mask, dtype=torch.bool).expand(elements.shape)
+                if not bool(keep.any()):
+                    keep = torch.ones(elements.shape, dtype=torch.bool)
+                extra = (exact - elements.sum()) / keep.sum() * keep
+        msg["fn"] = _Drawn(logits, value, extra, kind, fn.support)
         # drawn, not enumerated: an outer enumerator must neither enumerate it nor track
         # its markov scope (which names observed sites this guide hides)
         drop = ("enumerate", "_markov_scope", "_markov_depth")
         msg["infer"] = {k: v for k, v in msg["infer"].items() if k not in drop}
 
+    def _gather(self, enum_msg, value) -> None:
+        symbol = enum_msg["infer"]["_enumerate_symbol"]
+        if symbol not in self.sum_dims:
+            return
+        if isinstance(enum_msg["fn"], dist.OneHotCategorical):
+            value = value.argmax(-1)
+        value = packed.pack(value.long(), enum_msg["infer"]["_dim_to_symbol"])
+        for terms in self.log_factors.values():
+            for i, term in enumerate(terms):
+                if symbol in term._pyro_dims:
+                    terms[i] = packed.gather(term, value, symbol)
+        self.sum_dims.remove(symbol)
+
     def _pyro_post_sample(self, msg):
         enum_msg = self.enum_trace.nodes.get(msg["name"])
-        if enum_msg is not None and enum_msg["infer"].get("_enumerate_symbol") in self.sum_dims:
-            super()._pyro_post_sample(msg)
+        if enum_msg is not None and "_enumerate_symbol" in enum_msg["infer"]:
+            self._gather(enum_msg, msg["value"])
+
+
+class _OneHotAsIndex(Messenger):
+    """Runs an enumerated ``OneHotCategorical`` site as a ``Categorical`` (Pyro's
+    ``infer_discrete`` packs and gathers a site's value as an index, which a one-hot vector is
+    not) and hands the model the one-hot vector of the drawn index. The traces record the
+    index; ``sizes`` names the sites and their sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: dict[str, int] = {}
+
+    def _pyro_sample(self, msg) -> None:
+        fn = msg["fn"]
+        if (
+            not msg["is_observed"]
+            and isinstance(fn, dist.OneHotCategorical)
+            and msg["infer"].get("enumerate") == "parallel"
+        ):
+            msg["fn"] = dist.Categorical(logits=fn.logits)
+            self.sizes[msg["name"]] = fn.event_shape[-1]
+            msg["_emvae_onehot_dtype"] = fn.probs.dtype
+
+    def _pyro_post_sample(self, msg) -> None:
+        k = self.sizes.get(msg["name"])
+        if k is not None and "_emvae_onehot_dtype" in msg and msg["value"] is not None:
+            value = torch.nn.functional.one_hot(msg["value"].long(), k)
+            msg["value"] = value.to(msg["_emvae_onehot_dtype"])
 
 
 class _NoVectorize(Exception):
@@ -895,19 +1035,44 @@ class ExactEStep:
         """Pairwise posterior marginals ``{(parent, child): (*batch, K_parent, K_child)}``."""
         return self.posterior(*args, **kwargs).pairwise
 
+    def _subsample(self, args, kwargs) -> poutine.Trace:
+        """The minibatch of every subsampled plate, drawn once (a plain trace of the model):
+        replayed by every internal pass of one call, as ``infer_discrete`` replays its own."""
+        with torch.no_grad(), poutine.block():
+            tr = poutine.trace(self.model).get_trace(*args, **kwargs)
+        sub = poutine.Trace()
+        for name, site in tr.nodes.items():
+            if site["type"] == "sample" and isinstance(site["fn"], _Subsample):
+                sub.add_node(name, **site)
+        return sub
+
     def _discrete(
-        self, args, kwargs, temperature: int, num_samples: int | None = None, shapes=None
+        self,
+        args,
+        kwargs,
+        temperature: int,
+        num_samples: int | None = None,
+        shapes=None,
+        subsample: poutine.Trace | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """One pass of Pyro's ``infer_discrete`` (MAP at temperature 0, an exact joint draw at
-        temperature 1; ``num_samples`` draws at once under a particle plate). Returns the values
-        of the enumerated sites and the potentials ``(init, M)`` of DiscreteHMM chains."""
+        temperature 1; ``num_samples`` draws at once under a particle plate) on the minibatch
+        ``subsample`` (drawn here if not given). Returns the values of the enumerated sites and
+        the potentials ``(init, M)`` of DiscreteHMM chains."""
         depth = self._plate_nesting(args, kwargs)
-        model, first = self.model, -1 - depth
+        if subsample is None:
+            subsample = self._subsample(args, kwargs)
+        # infer_discrete runs the model twice (enumerated, then sampled): both passes, and the
+        # shapes' trace, must see the same minibatch (a sequential subsampled plate names its
+        # sites by index: another minibatch is a KeyError, a vectorized one the wrong rows)
+        onehot = _OneHotAsIndex()
+        base = poutine.replay(onehot(self.model), trace=subsample)
+        model, first = base, -1 - depth
         if num_samples is not None:
 
             def model(*a, **k):
                 with pyro.plate("_num_samples", num_samples, dim=-1 - depth):
-                    return self.model(*a, **k)
+                    return base(*a, **k)
 
             first -= 1
         with torch.no_grad(), poutine.block(), warnings.catch_warnings():
@@ -920,7 +1085,7 @@ class ExactEStep:
                     raise _tree_error(self._enum_trace(args, kwargs), e) from e
                 raise
         if shapes is None:  # each latent site's own shape (infer_discrete squeezes size-1 dims)
-            shapes = self._latent_shapes(args, kwargs)
+            shapes = self._latent_shapes(args, kwargs, subsample)
         values, chains = {}, {}
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
@@ -935,13 +1100,24 @@ class ExactEStep:
             else:
                 # infer_discrete squeezes leading size-1 dims: restore the site's own shape
                 lead = () if num_samples is None else (num_samples,)
-                values[name] = site["value"].reshape(lead + shapes[name])
+                v, shape = site["value"], lead + shapes[name]
+                if name in onehot.sizes:  # the trace holds the index: the model saw one-hot
+                    v = torch.nn.functional.one_hot(v.long(), onehot.sizes[name])
+                    v = v.to(site["_emvae_onehot_dtype"])
+                # (a site with one value comes back unbatched: it holds everywhere)
+                if v.numel() != shape.numel():
+                    while v.dim() > len(shape) and v.shape[0] == 1:
+                        v = v.squeeze(0)
+                    values[name] = v.expand(shape)
+                else:
+                    values[name] = v.reshape(shape)
         return values, chains
 
-    def _latent_shapes(self, args, kwargs) -> dict[str, torch.Size]:
+    def _latent_shapes(self, args, kwargs, subsample=None) -> dict[str, torch.Size]:
         """Each latent site's shape under its plates, from one plain (prior) trace."""
+        model = self.model if subsample is None else poutine.replay(self.model, trace=subsample)
         with torch.no_grad(), poutine.block():
-            tr = poutine.trace(self.model).get_trace(*args, **kwargs)
+            tr = poutine.trace(model).get_trace(*args, **kwargs)
         return {
             n: s["value"].shape
             for n, s in tr.nodes.items()
@@ -951,7 +1127,7 @@ class ExactEStep:
     def map(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Joint MAP assignment :math:`\\arg\\max_z p(z \\mid x)` of every enumerated site
         (Viterbi on chains), ``{site: (*batch,)}``; ``(*batch, T)`` for a DiscreteHMM site."""
-        values, chains = self._discrete(args, kwargs, temperature=0)
+        values, chains = self._discrete(args, kwargs, temperature=0)  # one minibatch
         for name, (init, m) in chains.items():
             values[name] = _hmm_map(init, m)
         return values
@@ -966,7 +1142,8 @@ class ExactEStep:
         with that extra batch dim (``vectorize=False``, or on failure, with a warning) is run
         once per draw. DiscreteHMM chains are sampled from their pairwise marginals in one pass.
         """
-        values, chains = self._discrete(args, kwargs, temperature=1)
+        sub = self._subsample(args, kwargs)  # one minibatch for every pass of this call
+        values, chains = self._discrete(args, kwargs, temperature=1, subsample=sub)
         draws = {}
         if values:
             try:
@@ -974,7 +1151,12 @@ class ExactEStep:
                     raise _NoVectorize
                 shapes = {n: v.shape for n, v in values.items()}  # from the first pass
                 draws, _ = self._discrete(
-                    args, kwargs, temperature=1, num_samples=num_samples, shapes=shapes
+                    args,
+                    kwargs,
+                    temperature=1,
+                    num_samples=num_samples,
+                    shapes=shapes,
+                    subsample=sub,
                 )
             except (_NoVectorize, ValueError, RuntimeError, IndexError) as e:
                 if not isinstance(e, _NoVectorize):
@@ -984,7 +1166,8 @@ class ExactEStep:
                         stacklevel=2,
                     )
                 runs = [values] + [
-                    self._discrete(args, kwargs, temperature=1)[0] for _ in range(num_samples - 1)
+                    self._discrete(args, kwargs, temperature=1, subsample=sub)[0]
+                    for _ in range(num_samples - 1)
                 ]
                 draws = {n: torch.stack([r[n] for r in runs]) for n in values}
         for name, (init, m) in chains.items():
@@ -1000,11 +1183,15 @@ class ExactEStep:
 
     # ------------------------------------------------------------------ the guide
     def __call__(self, *args: Any, **kwargs: Any) -> None:
-        """Run as a guide: every enumerated site is drawn from its exact conditional posterior.
+        """Run as a guide: the enumerated sites are one exact draw from :math:`p(z \\mid x)`, each
+        site scored by its exact conditional :math:`\\log q(z_s \\mid z_{<s}, x)`, so that
+        :math:`\\log p(x, z) - \\log q(z) = \\log p(x)` for every draw.
 
         The model itself is re-run under a handler that swaps each enumerated site's prior for
-        its exact conditional (params and observed sites hidden), so plates, subsampling and
-        ``pyro.markov`` structure are the model's own. The model's minibatch indices are replayed.
+        that conditional (params and observed sites hidden), so plates, subsampling and
+        ``pyro.markov`` structure are the model's own; the values keep the site's form (a
+        ``OneHotCategorical`` site gets one-hot vectors, event_dim 1). The model's minibatch
+        indices are replayed.
         """
         with poutine.block(), torch.no_grad():
             tr = self._enum_trace(args, kwargs)
@@ -1021,10 +1208,16 @@ class ExactEStep:
                     if s["type"] == "sample" and not sum_dims.isdisjoint(_site_dims(s))
                 ],
             )
-            messenger = _ExactConditionals(tr, poutine.Trace())
         subsample = poutine.Trace()
         for name, site in tr._subsample_sites.items():
             subsample.add_node(name, **site)
+        # one exact joint draw (backward sampling over the whole factor graph, as sample()),
+        # then each site is emitted with its exact conditional log-density given the earlier
+        # ones: drawing site by site from per-element conditionals would draw the elements of
+        # a plate independently where a later global latent couples them
+        values, _ = self._discrete(args, kwargs, temperature=1, subsample=subsample)
+        with poutine.block(), torch.no_grad():
+            messenger = _ExactConditionals(tr, poutine.Trace(), values)
 
         def hide(msg: dict) -> bool:
             return msg["type"] == "param" or (msg["type"] == "sample" and msg["is_observed"])

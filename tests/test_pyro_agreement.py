@@ -3,6 +3,7 @@ where Pyro itself is wrong it must refuse: masked DiscreteHMM sequences, ExactES
 exact guide, subsampled sequential plates in map()/sample(), and Pyro's known wrong answers."""
 
 import itertools
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -94,3 +95,136 @@ def test_em_on_masked_hmm_sequences_equals_em_without_them():
     alone = fit(_hmm_em_model, ExactEStep(_hmm_em_model), x[mask], keep, max_iter=4, tol=0)
     for name, value in alone.params.items():
         _close(params[name], value, 1e-8)
+
+
+# ---------------------------------------------------------------- B: ExactEStep as a guide
+def _coupled(enumerate_sites: bool):
+    """Local bits b_i (a plate of 2), then a global bit g: x_i reads b_i xor g, so the
+    posterior couples b_0 and b_1 through g (drawn after them)."""
+    infer = PAR if enumerate_sites else {}
+
+    def model(x):
+        data = pyro.plate("data", 2)
+        with data:
+            b = pyro.sample("b", dist.Bernoulli(0.5), infer=infer)
+        g = pyro.sample("g", dist.Bernoulli(0.3), infer=infer)
+        with data:
+            loc = 4.0 * (b - g).abs()
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    return model
+
+
+def _coupled_brute(x):
+    """{(b0, b1, g): log p(x, b, g)}."""
+    out = {}
+    for b0, b1, g in itertools.product((0, 1), repeat=3):
+        lp = torch.tensor([0.5, 0.5]).log().sum() + torch.tensor(0.3 if g else 0.7).log()
+        for bi, xi in zip((b0, b1), x):
+            lp = lp + dist.Normal(4.0 * abs(bi - g), 1.0).log_prob(xi)
+        out[(b0, b1, g)] = lp
+    return out
+
+
+def _guide_draw_elbo(model, guide, *args):
+    gtr = poutine.trace(guide).get_trace(*args)
+    mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(*args)
+    return gtr, mtr.log_prob_sum() - gtr.log_prob_sum()
+
+
+def test_guide_draws_are_exact_where_a_later_global_latent_couples_a_plate():
+    x = torch.tensor([0.1, 0.2])
+    joint = _coupled_brute(x)
+    log_px = torch.stack(list(joint.values())).logsumexp(0)
+    p_apart = sum((lp - log_px).exp() for (b0, b1, _), lp in joint.items() if b0 != b1)
+    plain, guide = _coupled(False), ExactEStep(_coupled(True))
+    n, apart = 50, 0
+    for _ in range(n):
+        gtr, elbo = _guide_draw_elbo(plain, guide, x)
+        _close(elbo, log_px, 1e-8)  # every draw: log p(x, z) - log q(z) = log p(x)
+        b = gtr.nodes["b"]["value"]
+        apart += int(b[0] != b[1])
+        # the guide's log q of the draw is the exact log p(z | x)
+        key = (int(b[0]), int(b[1]), int(gtr.nodes["g"]["value"]))
+        _close(gtr.log_prob_sum(), joint[key] - log_px, 1e-8)
+    se = (p_apart * (1 - p_apart) / n) ** 0.5
+    assert abs(apart / n - p_apart) < 4 * se, (apart / n, float(p_apart))
+    # the per-draw loss of Pyro's own Trace_ELBO is -log p(x) too
+    loss = pyro.infer.Trace_ELBO().loss(plain, guide, x)
+    assert loss == pytest.approx(-float(log_px), abs=1e-8)
+
+
+def _onehot_model(x):
+    w = pyro.param("w", torch.tensor([0.2, 0.5, 0.3]), constraint=constraints.simplex)
+    loc = pyro.param("loc", torch.tensor([-2.0, 0.0, 2.0]))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.OneHotCategorical(w), infer=PAR)
+        assert z.shape[-1] == 3, z.shape  # a model that reads the one-hot form
+        pyro.sample("x", dist.Normal((z * loc).sum(-1), 1.0), obs=x)
+
+
+def test_guide_draws_one_hot_vectors_for_one_hot_sites():
+    x = torch.tensor([-1.5, 0.4, 2.2])
+    w, loc = torch.tensor([0.2, 0.5, 0.3]), torch.tensor([-2.0, 0.0, 2.0])
+    log_px = (w.log() + dist.Normal(loc, 1.0).log_prob(x.unsqueeze(-1))).logsumexp(-1).sum()
+    guide = ExactEStep(_onehot_model)
+    _close(guide.log_likelihood(x), log_px, 1e-10)
+    gtr = poutine.trace(guide).get_trace(x)
+    z = gtr.nodes["z"]["value"]
+    assert z.shape == (3, 3) and bool((z.sum(-1) == 1).all()), z
+    assert gtr.nodes["z"]["fn"].event_dim == 1
+    for _ in range(5):
+        loss = pyro.infer.Trace_ELBO().loss(_onehot_model, guide, x)
+        assert loss == pytest.approx(-float(log_px), abs=1e-8)
+    # TraceEnum_ELBO with this guide (was: "Model and guide event_dims disagree")
+    with warnings.catch_warnings():  # (the guide's draws leave nothing to enumerate)
+        warnings.filterwarnings("ignore", "TraceEnum_ELBO found no sample sites")
+        loss = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).loss(_onehot_model, guide, x)
+    assert loss == pytest.approx(-float(log_px), abs=1e-8)
+
+
+# ---------------------------------------------------------------- C: subsampled plates
+_W = torch.tensor([0.3, 0.7], dtype=torch.float64)
+_LOC = torch.tensor([-1.0, 1.5], dtype=torch.float64)
+
+
+def _subsampled(sequential: bool):
+    def model(x):
+        w = pyro.param("w", _W.clone(), constraint=constraints.simplex)
+        loc = pyro.param("loc", _LOC.clone())
+        if sequential:
+            for i in pyro.plate("data", len(x), subsample_size=3):
+                z = pyro.sample(f"z_{i}", dist.Categorical(w), infer=PAR)
+                pyro.sample(f"x_{i}", dist.Normal(loc[z], 1.0), obs=x[i])
+        else:
+            with pyro.plate("data", len(x), subsample_size=3) as idx:
+                z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+                pyro.sample("x", dist.Normal(loc[z], 1.0), obs=x[idx])
+
+    return model
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["vectorized", "sequential"])
+def test_map_and_sample_on_a_randomly_subsampled_plate(sequential):
+    """map()/sample() draw one minibatch per call and every internal pass replays it (each
+    pass drew its own before: KeyError 'x_<i>' on a sequential plate, the wrong rows on a
+    vectorized one); the answers are the brute-force posterior of the rows drawn."""
+    x = torch.tensor([-2.0, 2.5, 0.2, -0.6, 1.1, 3.0, -1.4, 0.4])
+    model = _subsampled(sequential)
+    guide = ExactEStep(model)
+    post = (_W.log() + dist.Normal(_LOC, 1.0).log_prob(x.unsqueeze(-1))).softmax(-1)  # (8, 2)
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        best = guide.map(x)
+        pyro.set_rng_seed(seed)  # the call's minibatch is the first thing it draws
+        rows = poutine.trace(model).get_trace(x).nodes["data"]["value"].tolist()
+        pyro.set_rng_seed(seed)
+        draws = guide.sample(x, num_samples=3000)
+        if sequential:
+            assert sorted(best) == sorted(f"z_{i}" for i in rows)
+            best = torch.stack([best[f"z_{i}"] for i in rows])
+            freq = torch.stack([draws[f"z_{i}"].double().mean(0) for i in rows])
+        else:
+            best, freq = best["z"], draws["z"].double().mean(0)
+        assert best.tolist() == post[rows].argmax(-1).tolist()
+        _close(freq, post[rows, 1], 0.04)
