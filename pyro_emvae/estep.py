@@ -37,8 +37,9 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+import opt_einsum
 import pyro
 import pyro.distributions as dist
 import torch
@@ -56,6 +57,7 @@ from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _ENUM_ALLOCATOR
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_site_shape
@@ -439,7 +441,7 @@ class _Drawn(dist.TorchDistribution):
     (floats 0/1), ``"onehot"`` (one-hot vectors, event_dim 1) or ``"categorical"`` (integers).
     """
 
-    arg_constraints: dict = {}
+    arg_constraints: ClassVar[dict] = {}
     has_enumerate_support = False
 
     def __init__(self, logits, value, extra, kind: str, support) -> None:
@@ -452,8 +454,8 @@ class _Drawn(dist.TorchDistribution):
     def support(self):
         return self._support
 
-    def sample(self, sample_shape=torch.Size()):
-        return self._value.expand(sample_shape + self._value.shape)
+    def sample(self, sample_shape=()):
+        return self._value.expand(torch.Size(sample_shape) + self._value.shape)
 
     def log_prob(self, value):
         if self._kind == "onehot":
@@ -622,6 +624,45 @@ class _OneHotAsIndex(Messenger):
         if k is not None and "_emvae_onehot_dtype" in msg and msg["value"] is not None:
             value = torch.nn.functional.one_hot(msg["value"].long(), k)
             msg["value"] = value.to(msg["_emvae_onehot_dtype"])
+
+
+class _Unrecycled(Messenger):
+    """For :meth:`ExactEStep._check_dims`: gives every enumerated site a dim of its own (no
+    ``pyro.markov`` recycling) and leaves an unused dim before each one (``gaps``: that dim's
+    allocation id -> the site after it), so that a dim that moved (an enumerated value reduced
+    over a dim) lands on no site's dim instead of on a neighbour's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gaps: dict[int, str] = {}
+
+    def _pyro_sample(self, msg) -> None:
+        infer = msg["infer"]
+        if "_markov_scope" in infer:
+            drop = ("_markov_scope", "_markov_depth")
+            msg["infer"] = infer = {k: v for k, v in infer.items() if k not in drop}
+        if not msg["is_observed"] and infer.get("enumerate") == "parallel" and not msg["done"]:
+            _, id_ = _ENUM_ALLOCATOR.allocate(None)
+            self.gaps[id_] = msg["name"]
+
+
+def _reads(tr) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Each sample site's enumerated parents by name (from its factor's dims), and the dims
+    of its factor that are neither a plate's nor an enumerated site's."""
+    owner = {
+        s["infer"]["_enumerate_symbol"]: n
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample" and "_enumerate_symbol" in s["infer"]
+    }
+    plates = set(tr.plate_to_symbol.values())
+    reads, stray = {}, {}
+    for name, site in tr.nodes.items():
+        if site["type"] != "sample":
+            continue
+        dims = _site_dims(site)
+        reads[name] = {owner[d] for d in dims if d in owner}
+        stray[name] = {d for d in dims if d not in owner and d not in plates}
+    return reads, stray
 
 
 class _NoVectorize(Exception):
@@ -826,9 +867,75 @@ class ExactEStep:
                     check_site_shape(site, depth)
         if checked is not None:
             _validate.check_precision(tr, depth)
-            self._validation.remember(*checked)
         tr.pack_tensors()
+        if checked is not None:
+            self._check_dims(tr, args, kwargs, depth)
+            self._validation.remember(*checked)
         return tr
+
+    def _check_dims(self, tr, args, kwargs, depth: int) -> None:
+        """Refuse a model whose factor graph under enumeration is not the one it describes,
+        where Pyro's ``TraceEnum_ELBO`` returns a wrong number without a word: the model is
+        traced once more with every enumerated site on a dim of its own and an unused dim
+        before each, and every site must read the same enumerated sites as in ``tr``.
+
+        * A site whose factor carries an unused dim computed its parameters by reducing over
+          a dim of an enumerated value (``y ~ Bernoulli(x.float().mean(-1))`` with ``x``
+          enumerated inside a plate: the reduction runs over the plate's size-1 dim and moves
+          ``x``'s enumeration dim onto another site's).
+        * A site that reads other sites than with recycled dims was given a dim that a
+          ``pyro.markov`` window recycled while it was still read (``keep=True`` grids).
+
+        Models with too many enumerated sites for one dim each are not checked.
+        """
+        enumerated = [
+            n for n, s in tr.nodes.items() if s["type"] == "sample" and _validate.is_enumerated(s)
+        ]
+        if not enumerated or depth + 2 * len(enumerated) + 1 > 56:
+            return
+        spread = _Unrecycled()
+        model = poutine.enum(spread(self.model), first_available_dim=-1 - depth)
+        sub = poutine.Trace()
+        for name, site in tr._subsample_sites.items():
+            sub.add_node(name, **site)
+        try:
+            with torch.no_grad(), poutine.block():
+                check = poutine.trace(poutine.replay(model, trace=sub)).get_trace(*args, **kwargs)
+                check = prune_subsample_sites(check)
+                check.compute_log_prob()
+                check.pack_tensors()
+        # the model ran once with its own dims; extra ones may upset it (then nothing is said)
+        except (ValueError, RuntimeError, IndexError, TypeError, AssertionError):
+            return
+        want, _ = _reads(tr)
+        got, stray = _reads(check)
+        gap = {opt_einsum.get_symbol(1 + 2 * i): n for i, n in spread.gaps.items()}
+        for name in want:
+            moved = sorted(gap[d] for d in stray.get(name, ()) if d in gap)
+            if moved:
+                raise EnumerationError(
+                    f"site '{name}' reads an enumerated value through a reduction over one of "
+                    f"its dims (the values of {', '.join(repr(m) for m in moved)} or what is "
+                    "computed from them, e.g. x.float().mean(-1) of a site enumerated inside a "
+                    "plate): under enumeration that dim has size 1, so the reduction moves the "
+                    "enumeration dim onto another site's and the factor graph is wrong (Pyro's "
+                    "TraceEnum_ELBO returns a wrong log p(x) here). Sample the site that reads "
+                    "the reduction inside the plate, or make the plate sequential "
+                    "(for i in pyro.plate(...)) and combine the per-element values explicitly."
+                )
+            if name in got and got[name] != want[name]:
+                fmt = ", ".join(f"'{n}'" for n in sorted(got[name])) or "none"
+                was = ", ".join(f"'{n}'" for n in sorted(want[name])) or "none"
+                raise EnumerationError(
+                    f"site '{name}' reads the enumerated sites {fmt}, but with pyro.markov's "
+                    f"recycled dims its factor reads {was}: a dim was recycled while a later "
+                    "site still read it (a pyro.markov(..., keep=True) loop reused across "
+                    "another markov loop, as in a 2-D grid, or a site that reads outside its "
+                    "markov window), so the factor graph is not the model's (Pyro's "
+                    "TraceEnum_ELBO returns a wrong log p(x) here). Use pyro.markov without "
+                    "keep=True, or widen the window (pyro.markov(history=k)) to cover every "
+                    "site that is read."
+                )
 
     def _contract(self, tr, extra_inputs: list[torch.Tensor] | None = None, grads: bool = True):
         """Sum-product over the trace's factors.

@@ -4,6 +4,7 @@ exact guide, subsampled sequential plates in map()/sample(), and Pyro's known wr
 
 import itertools
 import warnings
+from collections import defaultdict
 
 import pyro
 import pyro.distributions as dist
@@ -12,6 +13,7 @@ import torch
 from _brute import build_hmm_model, hmm_brute_force, random_hmm_spec
 from pyro import poutine
 from pyro.distributions import constraints
+from pyro.ops.indexing import Vindex
 
 from pyro_emvae import ExactEStep, fit
 from pyro_emvae.estep import EnumerationError
@@ -228,3 +230,108 @@ def test_map_and_sample_on_a_randomly_subsampled_plate(sequential):
             best, freq = best["z"], draws["z"].double().mean(0)
         assert best.tolist() == post[rows].argmax(-1).tolist()
         _close(freq, post[rows, 1], 0.04)
+
+
+# ---------------------------------------------------------------- D: where Pyro is wrong
+def _reduction_model(reduce: bool):
+    """c: an independent global bit; x: enumerated bits in a plate; y reads their mean outside
+    the plate (reduce=True: Pyro's value is log 0.5, the truth log 0.3) or a global latent
+    feeds the plate (reduce=False: the legit neighbour)."""
+
+    def model():
+        c = pyro.sample("c", dist.Bernoulli(0.5), infer=PAR)
+        with pyro.plate("p", 2):
+            probs = torch.tensor([0.2, 0.4])
+            x = pyro.sample("x", dist.Bernoulli(probs if reduce else probs + 0.3 * c), infer=PAR)
+            if not reduce:
+                pyro.sample("o", dist.Normal(2.0 * x, 1.0), obs=torch.tensor([0.4, 1.3]))
+        if reduce:
+            pyro.sample("y", dist.Bernoulli(x.float().mean(-1)), obs=torch.tensor(1.0))
+
+    return model
+
+
+def test_reduction_over_an_enumerated_plate_is_refused():
+    model = _reduction_model(True)
+    # brute force: c is independent, P(y = 1) = E[mean(x)] = (0.2 + 0.4) / 2
+    truth = torch.tensor(0.3).log()
+    pyro_value = -pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).loss(model, lambda: None)
+    assert abs(pyro_value - float(truth)) > 0.3  # Pyro: log 0.5 (why this is refused)
+    with pytest.raises(
+        EnumerationError,
+        match=r"site 'y' reads an enumerated value through a "
+        r"reduction.*'x'",
+    ):
+        ExactEStep(model).log_likelihood()
+
+
+def test_a_global_latent_feeding_a_plate_is_not_refused():
+    model = _reduction_model(False)
+    o = torch.tensor([0.4, 1.3])
+    terms, post_c = [], []
+    for c in (0, 1):
+        lp = torch.tensor(0.5).log()
+        for k, p in enumerate((0.2 + 0.3 * c, 0.4 + 0.3 * c)):
+            p = torch.tensor([1 - p, p])
+            lp = lp + (p.log() + dist.Normal(2.0 * torch.tensor([0.0, 1.0]), 1.0).log_prob(o[k]))
+            lp = lp.logsumexp(-1) if lp.dim() else lp
+        terms.append(lp)
+    truth = torch.stack(terms).logsumexp(0)
+    post_c = (torch.stack(terms) - truth).exp()
+    guide = ExactEStep(model)
+    _close(guide.log_likelihood(), truth, 1e-10)
+    _close(guide.marginals()["c"], post_c, 1e-10)
+
+
+def _grid(keep: bool, markov_rows: bool):
+    """Pyro's recycling grid (2 x 2): x[i, j] reads x[i-1, j] and x[i, j-1]; each cell has
+    an observation. keep=True: the inner markov is reused across rows (Pyro's value is wrong;
+    its own funsor test of it is an xfail); markov_rows without an inner markov is the legit
+    neighbour."""
+    g = torch.Generator().manual_seed(0)
+    P = torch.rand(2, 2, 2, generator=g, dtype=torch.float64)
+    P = P / P.sum(-1, keepdim=True)
+    obs = torch.tensor([[0.3, -0.5], [1.2, 0.1]])
+
+    def model():
+        x = defaultdict(lambda: torch.tensor(0))
+        cols = pyro.markov(range(2), keep=True) if keep else range(2)
+        for i in pyro.markov(range(2)) if markov_rows else range(2):
+            for j in cols:
+                probs = Vindex(P)[x[i - 1, j], x[i, j - 1]]
+                x[i, j] = pyro.sample(f"x_{i}_{j}", dist.Categorical(probs), infer=PAR)
+                pyro.sample(f"o_{i}_{j}", dist.Normal(1.5 * x[i, j], 1.0), obs=obs[i, j])
+
+    def brute():
+        out = []
+        for a in itertools.product(range(2), repeat=4):
+            x = dict(zip([(0, 0), (0, 1), (1, 0), (1, 1)], a))
+            lp = torch.zeros(())
+            for (i, j), v in x.items():
+                lp = lp + P[x.get((i - 1, j), 0), x.get((i, j - 1), 0), v].log()
+                lp = lp + dist.Normal(1.5 * v, 1.0).log_prob(obs[i, j])
+            out.append(lp)
+        return torch.stack(out).logsumexp(0)
+
+    return model, brute()
+
+
+def test_markov_keep_true_grid_is_refused():
+    model, truth = _grid(keep=True, markov_rows=True)
+    pyro_value = -pyro.infer.TraceEnum_ELBO(max_plate_nesting=0).loss(model, lambda: None)
+    assert abs(pyro_value - float(truth)) > 0.05  # Pyro is wrong here (why this is refused)
+    with pytest.raises(
+        EnumerationError,
+        match=r"site 'x_1_1' reads the enumerated sites "
+        r"'x_0_1', 'x_1_0', 'x_1_1', but with pyro.markov's recycled dims",
+    ):
+        ExactEStep(model).log_likelihood()
+
+
+@pytest.mark.parametrize("markov_rows", [True, False])
+def test_grids_without_keep_equal_brute_force(markov_rows):
+    model, truth = _grid(keep=False, markov_rows=markov_rows)
+    guide = ExactEStep(model)
+    _close(guide.log_likelihood(), truth, 1e-10)
+    pyro_value = -pyro.infer.TraceEnum_ELBO(max_plate_nesting=0).loss(model, lambda: None)
+    assert pyro_value == pytest.approx(float(truth), abs=1e-10)
