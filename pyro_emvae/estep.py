@@ -46,6 +46,7 @@ import torch
 from pyro import poutine
 from pyro.distributions import DiscreteHMM
 from pyro.distributions.hmm import _sequential_logmatmulexp
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.discrete import infer_discrete
 from pyro.infer.traceenum_elbo import (
@@ -728,6 +729,12 @@ class _ExactView(Messenger):
                 if "enumerate" not in msg["infer"]:
                     msg["infer"] = {**msg["infer"], "enumerate": "parallel"}
                 msg["_emvae_replaced"] = replaced
+                # the missing events are summed over their values, which a normalized density
+                # does (to one, where nothing reads them); a .mask() on the distribution would
+                # turn a masked event's factor into a uniform sum (log K per event: a discrete
+                # observation's log p(x) above 0). As for poutine.mask, the mask leaves it.
+                while isinstance(msg["fn"], MaskedDistribution):
+                    msg["fn"] = msg["fn"].base_dist
             else:
                 msg["value"] = value
                 msg["is_observed"] = True

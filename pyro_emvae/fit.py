@@ -953,6 +953,22 @@ class _InMemory:
     def final(self, n_done, snap, names) -> float:
         return self.estep(False, n_done, snap, names)[0]
 
+    def stationary(self, post: Posterior, gradient: list[str], tol: float, n_data: int) -> bool:
+        """Whether the params that take gradient steps are at a stationary point: a small
+        change of log p(x) is no proof of it (an optimizer's step across the optimum, or one
+        that the guard undid, changes log p(x) little while the gradient stays large).
+        :math:`\\max |\\nabla \\log p(x)| / n \\le \\sqrt{tol}` in the unconstrained values
+        (a step of a gradient method moves log p(x) by about the gradient's square)."""
+        grads = post.param_grads
+        if grads is None:
+            grads = self.guide.posterior(*self.args, param_grads=True, **self.kwargs).param_grads
+        moved = [grads[n] for n in gradient if n in grads]
+        if not moved:
+            return True
+        dp.all_reduce_(moved)
+        worst = max(float(g.abs().max()) for g in moved)
+        return worst / n_data <= math.sqrt(tol)
+
 
 class _Streamed:
     """Exact EM on a stream: an E-step is a pass over the batches summing log p(x) and the
@@ -974,6 +990,11 @@ class _Streamed:
         return _guarded_estep(
             lambda: stream_log_likelihood(self.guide, self.batches), n_done, snap, names
         )
+
+    def stationary(self, post, gradient: list[str], tol: float, n_data: int) -> bool:
+        # (exact streaming EM: its gradient params, if any, take steps per batch; the change
+        # of log p(x) over a pass is the test)
+        return True
 
 
 def stream_log_likelihood(guide: ExactEStep, batches: Batches) -> float:
@@ -1020,7 +1041,15 @@ def _run_exact(model, guide: ExactEStep, engine, loop: _Loop) -> FitResult:
             history["log_likelihood"].append(ll)
             history["time"].append(time.perf_counter() - start)
             h = history["log_likelihood"]
-            if tol > 0 and len(h) > 1 and _last_change(h, n_data) < tol:
+            # (after an M-step whose gradient steps the guard undid, log p(x) stands still
+            # because those params did not move: that is no sign of a stationary point)
+            if (
+                tol > 0
+                and len(h) > 1
+                and _last_change(h, n_data) < tol
+                and not info.get("rejected")
+                and engine.stationary(post, info.get("gradient") or [], tol, n_data)
+            ):
                 converged = True  # this E-step is the final one
                 if loop.ckpt is not None:  # resuming redoes this E-step and stops there
                     _save(loop, n_done, {k: v[:-1] for k, v in history.items()}, mstep, rng)

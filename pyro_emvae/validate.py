@@ -888,107 +888,142 @@ def _enumerated_size(value, dim: int, event_dim: int) -> int:
     return int(value.shape[at]) if value.dim() >= -at else 1
 
 
+#: Elementwise ops whose result has the broadcast shape of their tensor arguments: the ops
+#: by which a model's arithmetic on enumerated values grows (``total + z``, ``a * b``,
+#: ``torch.where(c, a, b)``). Indexing, reductions and products are left out: their result is
+#: not the broadcast of their arguments, and estimating it so could refuse a model that fits.
+_BROADCASTING_OPS = frozenset(
+    {
+        f"{prefix}{op}{suffix}"
+        for op in (
+            "add", "sub", "mul", "div", "truediv", "floordiv", "pow", "and", "or", "xor",
+            "eq", "ne", "lt", "le", "gt", "ge", "mod",
+        )
+        for prefix, suffix in (("__", "__"), ("__r", "__"), ("", ""))
+    }
+    | {
+        "true_divide", "subtract", "multiply", "where", "maximum", "minimum", "logaddexp",
+        "atan2", "fmod", "remainder", "logical_and", "logical_or", "logical_xor",
+        "bitwise_and", "bitwise_or", "bitwise_xor", "greater", "less", "equal", "not_equal",
+        "greater_equal", "less_equal", "lerp", "hypot", "xlogy", "copysign",
+    }
+)  # fmt: skip
+
+
+class _BroadcastWatch(torch.overrides.TorchFunctionMode):
+    """Looks at each elementwise op (:data:`_BROADCASTING_OPS`) of a model run *before* it runs:
+    the shape its result will have is the broadcast of its arguments' shapes, so a result too
+    big for the budget is refused before it is allocated."""
+
+    def __init__(self, budget: EnumerationBudget) -> None:
+        super().__init__()
+        self.budget = budget
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.budget.sites and getattr(func, "__name__", "") in _BROADCASTING_OPS:
+            shapes = [a.shape for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            if shapes:
+                try:
+                    shape = torch.broadcast_shapes(*shapes)
+                except RuntimeError:  # (the op itself will say what is wrong)
+                    shape = None
+                if shape is not None and math.prod(shape) > max(map(math.prod, shapes)):
+                    self.budget.check(tuple(shape), args, kwargs)
+        return func(*args, **kwargs)
+
+
 class EnumerationBudget(Messenger):
     """Refuse an enumeration too large for memory *while the model runs*, before the model's
-    own arithmetic or any log-prob allocates it.
+    own arithmetic allocates it.
 
     Installed under :func:`pyro.poutine.enum` on the handler stack (by
-    :func:`explain_model_errors`), it sees each sample site after Pyro has enumerated it. At
-    each enumerated site it takes the enumerated sites in the site's scope by Pyro's own rule
-    (that of ``EnumMessenger``): every enumerated site outside ``pyro.markov`` (their dims are
-    never recycled) and the markov-local sites inside the site's window. What the model
-    computes next from the site's value can span all of them: the product of their
-    cardinalities, times the site's plate sizes and event size, bounds the tensors of the
-    model's arithmetic on these values (a sum of them, a distribution that depends on all of
-    them) and of the log-probs that follow. :data:`PEAK_FACTORS` times that, in the site's
-    dtype, must fit the budget (:func:`enumeration_budget`), else an
-    :class:`~pyro_emvae.estep.EnumerationError` names the sites and the size. What the model
-    already computed before the site spans one dim fewer: about ``1 / (2 * PEAK_FACTORS)`` of
-    the budget for binary sites. ``pyro.markov`` chains stay small (a window of sites is in
-    scope), and so do plates (one dim for all their repeats); 40 coupled binary sites outside
-    both are refused at about the 30th site (with 24 GB available) instead of exhausting
-    memory. Observed sites are left to :func:`check_enumeration_memory`, which reads their
-    exact log-prob shapes before any log-prob is computed.
+    :func:`explain_model_errors`), it records each enumerated site's dim as Pyro allocates it,
+    and watches the model's elementwise arithmetic (a torch function mode,
+    :class:`_BroadcastWatch`): an op whose result broadcasts its arguments to a larger shape
+    (``total + z``, the way enumerated values combine) is checked before it runs.
+    :data:`PEAK_FACTORS` times the result's size must fit the budget
+    (:func:`enumeration_budget`: ``PYRO_EMVAE_MAX_ENUM_BYTES``, else the available memory),
+    else an :class:`~pyro_emvae.estep.EnumerationError` names the enumerated sites the result
+    spans and its size. So 40 binary sites summed into one observation are refused at about
+    the 30th (with 24 GB available) instead of exhausting memory, while 30 independent binary
+    sites, each with its own observation, never build a tensor over more than one of them and
+    run. Observed sites' log-probs are left to :func:`check_enumeration_memory`, which reads
+    their exact shapes before any log-prob is computed.
     """
 
     #: below this many bytes (with 8-byte elements) the budget is not read at all
     FLOOR = 2**26
 
     def __enter__(self):
-        self._global: dict[int, tuple[str, int]] = {}  # enum dim -> (site, cardinality)
-        self._local: dict[str, tuple[int, int]] = {}  # markov-local site -> (dim, cardinality)
-        self._depths: dict[str, int] = {}  # site -> its markov depth (as EnumMessenger keeps)
+        # enum dim -> the latest site on it: (name, size, fn, order of enumeration)
+        self.sites: dict[int, tuple[str, int, Any, int]] = {}
+        self._count = 0
         self._budget: tuple[float | None, str] | None = None
         raw = os.environ.get(ENUM_BUDGET_ENV)
         self._floor = float(self.FLOOR)
         if raw is not None and raw.strip():
             self._budget = enumeration_budget()
             self._floor = self._budget[0]
-        return super().__enter__()
+        self._watch = _BroadcastWatch(self)
+        self._watch.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._watch.__exit__(None, None, None)
+            raise
 
-    def _pyro_sample(self, msg) -> None:
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._watch.__exit__(*exc)
+
+    def _pyro_post_sample(self, msg) -> None:
         fn = msg["fn"]
-        if isinstance(fn, _Subsample) or not isinstance(fn, torch.distributions.Distribution):
+        dim = (msg["infer"] or {}).get("_enumerate_dim")
+        if dim is None or not isinstance(fn, torch.distributions.Distribution):
             return
-        infer = msg["infer"] or {}
-        scope = infer.get("_markov_scope")
-        in_scope = dict(self._global)
-        if scope is not None:
-            for name, depth in scope.items():
-                entry = self._local.get(name)
-                if entry is not None and self._depths.get(name) == depth:
-                    in_scope[entry[0]] = (name, entry[1])
-            self._depths[msg["name"]] = infer.get("_markov_depth", 0)
-        dim = infer.get("_enumerate_dim")
-        if dim is None:
-            # (an observed site's log-prob shape is known exactly, and checked before any
-            # log-prob by check_enumeration_memory; the arithmetic that built its
-            # distribution follows enumerated sites, which are checked here)
-            return
+        # (a pyro.markov chain recycles dims: the latest site on a dim is the one it holds)
         k = _enumerated_size(msg["value"], dim, len(fn.event_shape))
-        in_scope[dim] = (msg["name"], k)
-        if scope is None:
-            self._global[dim] = (msg["name"], k)
-        else:
-            self._local[msg["name"]] = (dim, k)
-        joint = math.prod(k for _, k in in_scope.values())
-        frames = frames_of(msg)
-        numel = joint * math.prod(f.size for f in frames) * max(1, math.prod(fn.event_shape))
+        self._count += 1
+        self.sites[dim] = (msg["name"], k, fn, self._count)
+
+    def check(self, shape: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        """Refuse an op whose result has ``shape`` if it does not fit the budget."""
+        numel = math.prod(shape)
         if PEAK_FACTORS * numel * 8 <= self._floor:
             return
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        dtype = next((t.dtype for t in tensors if t.is_floating_point()), tensors[0].dtype)
+        device = tensors[0].device
         if self._budget is None:
-            self._budget = enumeration_budget(_site_device(msg))
+            self._budget = enumeration_budget(device)
         budget, source = self._budget
-        itemsize = torch.empty((), dtype=_site_dtype(msg)).element_size()
+        itemsize = torch.empty((), dtype=dtype).element_size()
         need = PEAK_FACTORS * numel * itemsize
         if budget is None or need <= budget:
             return
-        sizes = {d: k for d, (_, k) in in_scope.items()}
-        sizes.update({f.dim: f.size for f in frames})
-        shape = tuple(sizes.get(d, 1) for d in range(min(sizes), 0)) + tuple(fn.event_shape)
-        sites = [f"'{n}' ({k} values)" for _, (n, k) in sorted(in_scope.items(), reverse=True)]
-        if len(sites) > 8:
-            sites = [*sites[:3], f"... {len(sites) - 6} more ...", *sites[-3:]]
-        where = f", inside {_plate_list(frames)}" if frames else ""
+        spanned = [
+            (d, self.sites[d])
+            for d in range(-len(shape), 0)
+            if shape[d] > 1 and d in self.sites and self.sites[d][1] == shape[d]
+        ]
+        names = [f"'{e[0]}' ({e[1]} values)" for _, e in sorted(spanned, reverse=True)]
+        if len(names) > 8:
+            names = [*names[:3], f"... {len(names) - 6} more ...", *names[-3:]]
+        latest = max([e for _, e in spanned] or self.sites.values(), key=lambda e: e[3])
         raise _enumeration_error(
             f"enumerating this model would need at least {_bytes(need)} but the budget is "
-            f"{_bytes(budget)} ({source}): at site '{msg['name']}' ({_kind(fn)}{where}), "
-            f"{len(in_scope)} enumerated site(s) are in scope at once: {', '.join(sites)}. A "
-            f"tensor over all of them, of shape {_long_shape(shape)}, has {numel:.3g} values "
-            f"of {itemsize} bytes = {_bytes(numel * itemsize)}"
-            + (
-                f" (their {joint:.3g} joint values times {numel // joint:.3g} plate and event "
-                "cells)"
-                if numel > joint
-                else ""
-            )
-            + f", and the exact E-step holds about {PEAK_FACTORS} such tensors; refused before "
-            "the model's arithmetic on these values (a sum of them, a distribution that "
-            "depends on all of them) or any log-prob allocates it. An enumerated site outside "
-            "pyro.markov keeps its tensor dim for the rest of the model: write chains with "
-            "pyro.markov (only a window of sites is then in scope), put independent repeats "
-            "of a site in a pyro.plate (one site, one dim), lower the cardinalities, "
-            + _budget_advice()
+            f"{_bytes(budget)} ({source}): after site '{latest[0]}' ({_kind(latest[2])}), the "
+            f"model's arithmetic builds a tensor of shape {_long_shape(shape)} over "
+            f"{len(spanned)} enumerated site(s) at once: {', '.join(names)}. It has "
+            f"{numel:.3g} values of {itemsize} bytes = {_bytes(numel * itemsize)}, and the "
+            f"exact E-step holds about {PEAK_FACTORS} such tensors; refused before it is "
+            "allocated. An enumerated site outside pyro.markov keeps its tensor dim for the "
+            "rest of the model: write chains with pyro.markov (only a window of sites is then "
+            "in scope), put independent repeats of a site in a pyro.plate (one site, one dim), "
+            "lower the cardinalities, " + _budget_advice()
         )
 
 
