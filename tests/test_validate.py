@@ -1003,7 +1003,10 @@ def test_markov_chains_and_plates_are_counted_as_pyro_allocates_them(monkeypatch
 
     need = validate.PEAK_FACTORS * 3 * 1000 * 8
     monkeypatch.setenv(validate.ENUM_BUDGET_ENV, str(need - 1))
-    with pytest.raises(EnumerationError, match=r"site 'z' \(Categorical\) has a log-prob factor of shape \(3, 1000\)"):
+    with pytest.raises(
+        EnumerationError,
+        match=r"site 'z' \(Categorical\) has a log-prob factor of shape \(3, 1000\)",
+    ):
         ExactEStep(local).posterior(data)
     monkeypatch.setenv(validate.ENUM_BUDGET_ENV, str(need))
     ExactEStep(local).posterior(data)
