@@ -830,7 +830,9 @@ class ExactEStep:
         if replay is not None:
             model = poutine.replay(model, trace=replay)
         tracer = poutine.trace(model, graph_type="flat")
-        with _validate.explain_model_errors(tracer, depth):
+        # (the enumeration's sizes follow the arguments' shapes: watched once per argument set)
+        fresh = not self._validation.seen(self._validation.key(args, kwargs)[0])
+        with _validate.explain_model_errors(tracer, depth, budget=fresh):
             tr = tracer.get_trace(*args, **kwargs)
         subsample_sites = {
             n: s

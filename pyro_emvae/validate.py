@@ -1493,7 +1493,10 @@ def _last_site(tracer) -> str:
 
 @contextlib.contextmanager
 def explain_model_errors(
-    tracer=None, max_plate_nesting: int | None = None, inputs: tuple | None = None
+    tracer=None,
+    max_plate_nesting: int | None = None,
+    inputs: tuple | None = None,
+    budget: bool = True,
 ) -> Iterator[None]:
     """Re-raise Pyro's obscure errors from a model run with what they mean and what to do.
 
@@ -1507,11 +1510,12 @@ def explain_model_errors(
       (``inputs``, the model's ``(args, kwargs)``, lets the message name the empty argument).
 
     While the model runs, :class:`EnumerationBudget` refuses an enumeration that would not fit
-    in memory, before it is allocated. ``tracer`` (the ``poutine.trace`` handler that runs the
-    model) gives the partial trace.
+    in memory, before it is allocated (unless ``budget`` is False: arguments an earlier run
+    was checked on, whose enumeration has the same sizes). ``tracer`` (the ``poutine.trace``
+    handler that runs the model) gives the partial trace.
     """
     try:
-        with EnumerationBudget():
+        with EnumerationBudget() if budget else contextlib.nullcontext():
             yield
     except ZeroDivisionError as e:
         if "size cannot be zero" not in str(e):
