@@ -255,6 +255,23 @@ def _same_function(a: Any, b: Any) -> bool:
     )
 
 
+def _same_model(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` run the same model: the same object, the same method of the same object
+    (a bound method is made anew at each attribute access: ``m.model is not m.model``), partials of the same model
+    with the same arguments, or copies of the same function (:func:`_same_function`)."""
+    if a is b:
+        return True
+    if isinstance(a, types.MethodType) and isinstance(b, types.MethodType):
+        return a.__self__ is b.__self__ and _same_model(a.__func__, b.__func__)
+    if isinstance(a, functools.partial) and isinstance(b, functools.partial):
+        return (
+            _same_model(a.func, b.func)
+            and _same_values(a.args, b.args)
+            and _same_values(a.keywords, b.keywords)
+        )
+    return _same_function(a, b)
+
+
 def _check_guide_model(model: Callable, guide: ExactEStep) -> None:
     """An ExactEStep computes its posterior, log-likelihood and M-step plan from the model it
     was built with, not from fit's ``model``: refuse a guide built for another model (a notebook
@@ -263,7 +280,7 @@ def _check_guide_model(model: Callable, guide: ExactEStep) -> None:
     copy of the same function (two ``lambda x: model(x, 2)``), is its own."""
     fn, seen = guide.user_model, set()
     while fn is not None and id(fn) not in seen:
-        if fn is model or _same_function(fn, model):
+        if _same_model(fn, model):
             return
         seen.add(id(fn))
         fn = _unwrap_once(fn)
@@ -953,16 +970,29 @@ class _InMemory:
     def final(self, n_done, snap, names) -> float:
         return self.estep(False, n_done, snap, names)[0]
 
-    def stationary(self, post: Posterior, gradient: list[str], tol: float, n_data: int) -> bool:
+    def stationary(self, post: Posterior, tol: float, n_data: int) -> bool:
         """Whether the params that take gradient steps are at a stationary point: a small
         change of log p(x) is no proof of it (an optimizer's step across the optimum, or one
         that the guard undid, changes log p(x) little while the gradient stays large).
         :math:`\\max |\\nabla \\log p(x)| / n \\le \\sqrt{tol}` in the unconstrained values
-        (a step of a gradient method moves log p(x) by about the gradient's square)."""
+        (a step of a gradient method moves log p(x) by about the gradient's square). Plain EM
+        has no such params and costs nothing here; ECM pays one backward pass, on the
+        iterations where the change is below ``tol``."""
+        if isinstance(self.optim, EMOptim):
+            plan = self.optim._plan  # (None after a resume, before the first M-step)
+            if plan is None:
+                plan = self.optim.plan(self.guide, self.args, self.kwargs, post.subsample)
+            names = set(plan.gradient)
+        elif isinstance(self.optim, GradientMStep):
+            names = None  # all of the model's params
+        else:
+            return True  # a user's M-step: its params are its own business
+        if names is not None and not names:
+            return True
         grads = post.param_grads
         if grads is None:
             grads = self.guide.posterior(*self.args, param_grads=True, **self.kwargs).param_grads
-        moved = [grads[n] for n in gradient if n in grads]
+        moved = [g for n, g in grads.items() if names is None or n in names]
         if not moved:
             return True
         dp.all_reduce_(moved)
@@ -991,7 +1021,7 @@ class _Streamed:
             lambda: stream_log_likelihood(self.guide, self.batches), n_done, snap, names
         )
 
-    def stationary(self, post, gradient: list[str], tol: float, n_data: int) -> bool:
+    def stationary(self, post, tol: float, n_data: int) -> bool:
         # (exact streaming EM: its gradient params, if any, take steps per batch; the change
         # of log p(x) over a pass is the test)
         return True
@@ -1048,7 +1078,7 @@ def _run_exact(model, guide: ExactEStep, engine, loop: _Loop) -> FitResult:
                 and len(h) > 1
                 and _last_change(h, n_data) < tol
                 and not info.get("rejected")
-                and engine.stationary(post, info.get("gradient") or [], tol, n_data)
+                and engine.stationary(post, tol, n_data)
             ):
                 converged = True  # this E-step is the final one
                 if loop.ckpt is not None:  # resuming redoes this E-step and stops there

@@ -1322,3 +1322,33 @@ def test_fit_accepts_a_guide_built_on_the_model_wrapped_in_handlers():
     guide = ExactEStep(config_enumerate(raw))
     result = fit(raw, guide, x, max_iter=3, tol=0)
     assert result.log_likelihood == pytest.approx(float(guide.log_likelihood(x)), abs=1e-10)
+
+
+def test_fit_accepts_the_same_bound_method_or_partial_and_refuses_others():
+    """A bound method is made anew at each attribute access (``m.model is not m.model``) and a
+    partial is a new object each time: the same method of the same object, or a partial of the
+    same model with the same arguments, is the guide's own model; another object's method, or
+    other arguments, is not."""
+    import functools
+
+    from pyro_emvae import fit
+    from pyro_emvae.validate import ModelInputError
+
+    def mixture(k, x):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(torch.tensor([-1.0, 1.0])[z] * k, 1.0), obs=x)
+
+    class Holder:
+        def model(self, x):
+            mixture(1.0, x)
+
+    holder, x = Holder(), torch.tensor([-2.0, 0.1, 2.2, 1.9])
+    fit(holder.model, ExactEStep(holder.model), x, max_iter=2, tol=0)
+    pyro.clear_param_store()
+    fit(functools.partial(mixture, 2.0), ExactEStep(functools.partial(mixture, 2.0)), x, max_iter=2)
+    with pytest.raises(ModelInputError, match="is not the model the ExactEStep guide was built"):
+        fit(functools.partial(mixture, 2.0), ExactEStep(functools.partial(mixture, 3.0)), x)
+    with pytest.raises(ModelInputError, match="is not the model the ExactEStep guide was built"):
+        fit(Holder().model, ExactEStep(holder.model), x)
