@@ -266,13 +266,18 @@ def _and(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _named(a & b, a._pyro_dims)
 
 
+def _device_of(site: dict) -> torch.device:
+    """The device of a site's factor (where flags about it must live)."""
+    return site["packed"]["unscaled_log_prob"].device
+
+
 def _packed_bool(mask, site: dict) -> torch.Tensor | None:
     """A site-level mask (None, a bool, or a tensor in the site's layout) packed; None when it
     holds everywhere or cannot be laid out in the site's dims (then nothing is claimed)."""
     if mask is None or mask is True:
         return None
     if mask is False:
-        return _named(torch.tensor(False), "")
+        return _named(torch.tensor(False, device=_device_of(site)), "")
     try:
         return packed.pack(torch.as_tensor(mask, dtype=torch.bool), site["infer"]["_dim_to_symbol"])
     except (ValueError, KeyError):
@@ -307,11 +312,11 @@ def _dropped_rows(tr) -> dict[str, torch.Tensor]:
     for name, site in reversed(sites):
         if not _validate.is_enumerated(site):
             if site["infer"].get("_deterministic"):  # a Delta masked to zero log-density
-                dropped[name] = _named(torch.tensor(True), "")
+                dropped[name] = _named(torch.tensor(True, device=_device_of(site)), "")
             elif site["is_observed"] and "_hmm" not in site:
                 mask = site["packed"]["mask"]
                 if mask is False:
-                    dropped[name] = _named(torch.tensor(True), "")
+                    dropped[name] = _named(torch.tensor(True, device=_device_of(site)), "")
                 elif torch.is_tensor(mask):
                     dropped[name] = _named(~mask, mask._pyro_dims)
             continue
@@ -568,11 +573,14 @@ class _ExactConditionals(BackwardSampleMessenger):
                 parts = _Drawn(logits, value, torch.zeros(()), kind, fn.support)
                 elements = parts.log_prob(value)
                 mask = msg["mask"]
-                keep = torch.ones(elements.shape, dtype=torch.bool)
+                keep = torch.ones_like(elements, dtype=torch.bool)
                 if mask is not None and mask is not True:
-                    keep = torch.as_tensor(mask, dtype=torch.bool).expand(elements.shape)
+                    m = torch.as_tensor(mask, dtype=torch.bool, device=elements.device)
+                    while m.dim() > elements.dim() and m.shape[0] == 1:  # (as the logits)
+                        m = m.squeeze(0)
+                    keep = m.expand(elements.shape)
                 if not bool(keep.any()):
-                    keep = torch.ones(elements.shape, dtype=torch.bool)
+                    keep = torch.ones_like(elements, dtype=torch.bool)
                 extra = (exact - elements.sum()) / keep.sum() * keep
         msg["fn"] = _Drawn(logits, value, extra, kind, fn.support)
         # drawn, not enumerated: an outer enumerator must neither enumerate it nor track
@@ -830,8 +838,9 @@ class ExactEStep:
         if replay is not None:
             model = poutine.replay(model, trace=replay)
         tracer = poutine.trace(model, graph_type="flat")
-        # (the enumeration's sizes follow the arguments' shapes: watched once per argument set)
-        fresh = not self._validation.seen(self._validation.key(args, kwargs)[0])
+        # (the enumeration's sizes follow the arguments' shapes: watched once per set of shapes,
+        # not at every minibatch of a stream)
+        fresh = not self._validation.same_shapes(self._validation.key(args, kwargs)[1])
         with _validate.explain_model_errors(tracer, depth, budget=fresh):
             tr = tracer.get_trace(*args, **kwargs)
         subsample_sites = {
@@ -878,7 +887,8 @@ class ExactEStep:
             _validate.check_precision(tr, depth)
         tr.pack_tensors()
         if checked is not None:
-            self._check_dims(tr, args, kwargs, depth)
+            if not self._validation.same_shapes(checked[1]):  # (structure follows shapes)
+                self._check_dims(tr, args, kwargs, depth)
             self._validation.remember(*checked)
         return tr
 

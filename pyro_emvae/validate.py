@@ -1009,6 +1009,8 @@ class EnumerationBudget(Messenger):
             for d in range(-len(shape), 0)
             if shape[d] > 1 and d in self.sites and self.sites[d][1] == shape[d]
         ]
+        if not spanned:  # (the model's own arithmetic on its data: not the enumeration's)
+            return
         names = [f"'{e[0]}' ({e[1]} values)" for _, e in sorted(spanned, reverse=True)]
         if len(names) > 8:
             names = [*names[:3], f"... {len(names) - 6} more ...", *names[-3:]]

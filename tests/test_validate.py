@@ -1030,3 +1030,19 @@ def test_the_budget_can_be_raised_or_turned_off(monkeypatch) -> None:
     monkeypatch.setenv(validate.ENUM_BUDGET_ENV, "lots")
     with pytest.raises(ValueError, match=r"PYRO_EMVAE_MAX_ENUM_BYTES='lots': give a number"):
         validate.enumeration_budget()
+
+
+def test_the_budget_leaves_the_models_own_data_arithmetic_alone(monkeypatch) -> None:
+    """A big tensor that spans no enumerated dim (a distance matrix of the data, built after an
+    enumerated site) is the model's own business, not the enumeration's: not refused."""
+    monkeypatch.setenv(validate.ENUM_BUDGET_ENV, "10MB")
+    x = torch.randn(1000)
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2), infer=PAR)
+            d = (x.unsqueeze(-1) - x).abs().mean(-1)  # (1000, 1000): 8 MB, 4x that > 10 MB
+            pyro.sample("x", dist.Normal(torch.tensor([-1.0, 1.0])[z] + d, 1.0), obs=x)
+
+    post = ExactEStep(model).posterior(x)
+    assert post.marginals["z"].shape == (1000, 2)
