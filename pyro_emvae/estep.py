@@ -25,8 +25,8 @@ local latent with a global one. The same backward pass can also return the param
 Long chains. A ``pyro.markov`` loop costs a Python-level site per time step (about 1.4 s for
 one E-step at T=1000, K=8). For T in the thousands write the chain as an observed
 :class:`pyro.distributions.DiscreteHMM` site: its hidden chain is treated as an implicit latent,
-contracted by a parallel scan (``log p`` and all pairwise marginals in tens of milliseconds at
-T=10,000), with marginals, pairwise marginals, MAP (Viterbi by max-product scan) and exact
+contracted by an exact forward-backward (:mod:`pyro_emvae.distributions.hmm`: ``log p`` and all
+pairwise marginals as one autograd op, in batched matmuls over a tree of time spans), with marginals, pairwise marginals, MAP (Viterbi by max-product scan) and exact
 samples (forward-filter backward-sample) reported under the site's name.
 """
 
@@ -45,7 +45,6 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import DiscreteHMM
-from pyro.distributions.hmm import _sequential_logmatmulexp
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.discrete import infer_discrete
@@ -65,6 +64,7 @@ from pyro.util import check_site_shape
 
 from pyro_emvae import validate as _validate
 from pyro_emvae.amortized import preserved_rng
+from pyro_emvae.distributions.hmm import hmm_log_z, hmm_pairwise
 
 __all__ = ["EnumerationError", "ExactEStep", "Posterior"]
 
@@ -144,8 +144,10 @@ def _hmm_parts(
 
 
 def _hmm_log_prob(init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """:math:`\\log \\sum_{z} \\exp(\\text{init}(z_{-1}) + \\sum_t M_t(z_{t-1}, z_t))`, by parallel scan."""
-    return (init.unsqueeze(-1) + _sequential_logmatmulexp(m)).logsumexp(-1).logsumexp(-1)
+    """:math:`\\log \\sum_{z} \\exp(\\text{init}(z_{-1}) + \\sum_t M_t(z_{t-1}, z_t))` ``(*batch)``, by
+    :func:`~pyro_emvae.distributions.hmm.hmm_log_z`: its gradient in ``M`` is the chain's pairwise
+    posterior marginals (one exact forward-backward)."""
+    return hmm_log_z(init, m)
 
 
 def _sequential_maxmatmul(m: torch.Tensor) -> torch.Tensor:
@@ -1302,10 +1304,7 @@ class ExactEStep:
 
     @staticmethod
     def _hmm_pairwise(init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        m = m.detach().requires_grad_()
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(_hmm_log_prob(init.detach(), m).sum(), [m])
-        return g
+        return hmm_pairwise(init, m)
 
     # ------------------------------------------------------------------ the guide
     def __call__(self, *args: Any, **kwargs: Any) -> None:

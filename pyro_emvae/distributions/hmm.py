@@ -1,0 +1,241 @@
+r"""Exact forward-backward for a discrete Markov chain given as log-potentials.
+
+A chain of ``T`` steps over ``K`` states is given by ``init (*batch, K)``, a log-potential on the
+state :math:`z_{-1}`, and ``M (*batch, T, K, K)`` with ``M[..., t, i, j]`` the log-potential of
+:math:`(z_{t-1}=i, z_t=j)` (for Pyro's ``DiscreteHMM``: log transition plus log emission). Its
+log-partition function is
+
+.. math::
+
+    \log Z = \log \sum_{z_{-1}, \dots, z_{T-1}}
+        \exp\Big(\text{init}(z_{-1}) + \sum_{t=0}^{T-1} M_t(z_{t-1}, z_t)\Big),
+
+and its gradients are the posterior marginals :math:`\partial \log Z / \partial\,\text{init}(i)
+= p(z_{-1}=i)` and :math:`\partial \log Z / \partial M_t(i, j) = \xi_t(i, j) = p(z_{t-1}=i,
+z_t=j)`, the pairwise marginals Baum-Welch needs. :func:`hmm_log_z` returns :math:`\log Z`
+as a differentiable tensor whose backward pass is one exact forward-backward: autograd through
+it (the E-step's posterior, EG's parameter gradients) works as through any torch op.
+
+The algorithm (work :math:`O(T K^3)` in batched matmuls, :math:`O(\log T)` Python steps).
+With :math:`c_t = \max_{ij} M_t(i, j)` and :math:`W_t = \exp(M_t - c_t)` (entries in [0, 1]):
+
+* **up-sweep**: a binary tree over time whose nodes are the products
+  :math:`W_a W_{a+1} \cdots W_b` of their spans, each rescaled to max entry 1 with its log
+  scale carried (one ``matmul`` of all nodes of a level at once); the root gives
+  :math:`\log Z = \log(\pi^\top P_{\text{root}} \mathbf 1) + \sum` scales;
+* **down-sweeps**: the forward message entering each node
+  (:math:`\alpha \propto \pi^\top W_0 \cdots W_{a-1}`, a left child inherits its parent's, a
+  right child's is its parent's times its left sibling's product) and the backward message
+  leaving each node (mirrored), level by level, each rescaled to max 1;
+* at the leaves :math:`\xi_t \propto \alpha_{t-1} \mathbf 1^\top \odot W_t \odot
+  \mathbf 1 \beta_t^\top`, normalized per step (so no scale needs to be tracked for it).
+
+The arithmetic runs in float64 whatever the input's dtype (a float32 chain of any length keeps
+float64's range), in the probability domain like hmmlearn's ``implementation="scaling"``:
+exact up to rounding unless a partial path falls below ~1e-300 of the best one and later
+carries the sum. Where a rescaling factor falls below ``1e-250`` or is not finite (a chain of
+probability zero, supports that only meet through such tiny paths, ``inf``/``nan`` inputs) the
+call falls back to the log-space scan :func:`log_space_log_z` for both value and gradients.
+
+Example::
+
+    >>> init = torch.randn(3)                       # (K,)
+    >>> m = torch.randn(2, 100, 3, 3, requires_grad=True)  # (batch, T, K, K)
+    >>> log_z = hmm_log_z(init, m)                  # (2,)
+    >>> (xi,) = torch.autograd.grad(log_z.sum(), [m])  # pairwise marginals, each step sums to 1
+    >>> torch.allclose(xi.sum((-1, -2)), torch.ones(2, 100, dtype=xi.dtype))
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["hmm_log_z", "hmm_pairwise", "log_space_log_z"]
+
+# a rescaling factor below this (or 0, inf, nan) sends the call to the log-space scan: float64's
+# smallest normal is 2.2e-308, so every factor above it leaves > 50 orders of headroom
+_TINY = 1e-250
+
+
+def log_space_log_z(init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log Z` ``(*batch)`` of ``init (*batch, K)``, ``M (*batch, T, K, K)`` by a log-space
+    parallel scan (pairwise ``logsumexp`` products of neighbouring steps, :math:`O(\log T)`
+    levels of :math:`O(T K^3)` broadcasts): slower than :func:`hmm_log_z`, exact in any case
+    that has a finite answer. Differentiable by plain autograd.
+
+    Example::
+
+        >>> log_space_log_z(torch.zeros(2), torch.zeros(5, 2, 2))  # 2 ** 6 paths
+        tensor(4.1589)
+    """
+    while m.size(-3) > 1:
+        time = m.size(-3)
+        even = time // 2 * 2
+        x, y = m[..., 0:even:2, :, :], m[..., 1:even:2, :, :]
+        xy = (x.unsqueeze(-1) + y.unsqueeze(-3)).logsumexp(-2)
+        m = torch.cat((xy, m[..., even:, :, :]), dim=-3) if time > even else xy
+    return (init.unsqueeze(-1) + m.squeeze(-3)).logsumexp(-1).logsumexp(-1)
+
+
+def _up(w: torch.Tensor, ls: torch.Tensor):
+    """The up-sweep over time-major ``w (T, B, K, K)`` (max entry 1 per step) with log scales
+    ``ls (T, B)``: the levels of the tree (level 0 is ``w``), the root's log scale ``(B,)``, and
+    the smallest rescaling factor met (0-dim)."""
+    levels, mins = [w], []
+    while w.size(0) > 1:
+        n = w.size(0)
+        h = n // 2
+        prod = torch.matmul(w[0 : 2 * h : 2], w[1 : 2 * h : 2])
+        s = prod.amax((-1, -2))  # (h, B)
+        mins.append(s.amin())
+        s = torch.where(s > 0, s, torch.ones((), dtype=s.dtype, device=s.device))
+        prod /= s[..., None, None]
+        lsn = ls[0 : 2 * h : 2] + ls[1 : 2 * h : 2] + s.log()
+        if n > 2 * h:  # an odd node is carried up unchanged
+            prod = torch.cat((prod, w[2 * h :]))
+            lsn = torch.cat((lsn, ls[2 * h :]))
+        w, ls = prod, lsn
+        levels.append(w)
+    low = torch.stack(mins).amin() if mins else torch.ones((), dtype=w.dtype, device=w.device)
+    return levels, ls[0], low
+
+
+def _normalized(v: torch.Tensor, mins: list) -> torch.Tensor:
+    s = v.amax(-1, keepdim=True)
+    mins.append(s.amin())
+    return v / torch.where(s > 0, s, torch.ones((), dtype=s.dtype, device=s.device))
+
+
+def _down(levels: list, start: torch.Tensor, end: torch.Tensor):
+    """Forward messages entering and backward messages leaving every leaf: ``(T, B, K)`` each,
+    each rescaled to max 1, from the root's ``start`` and ``end`` ``(1, B, K)``; and the smallest
+    rescaling factor met."""
+    mins: list = []
+    fwd, bwd = start, end
+    for level in reversed(levels[:-1]):
+        n = level.size(0)
+        h = n // 2
+        # forward: a left child (even) enters with its parent's message; a right child (odd)
+        # with its parent's message times its left sibling's product
+        f = fwd.new_empty((n,) + fwd.shape[1:])
+        f[0::2] = fwd
+        f[1::2] = _normalized((fwd[:h].unsqueeze(-2) @ level[0 : 2 * h : 2]).squeeze(-2), mins)
+        # backward: a right child (and a carried odd one) leaves with its parent's message; a
+        # left child with its right sibling's product times its parent's message
+        b = bwd.new_empty((n,) + bwd.shape[1:])
+        b[1::2] = bwd[:h]
+        if n > 2 * h:
+            b[2 * h] = bwd[h]
+        b[0 : 2 * h : 2] = _normalized(
+            (level[1 : 2 * h : 2] @ bwd[:h].unsqueeze(-1)).squeeze(-1), mins
+        )
+        fwd, bwd = f, b
+    low = torch.stack(mins).amin() if mins else None
+    return fwd, bwd, low
+
+
+def _bad(low: torch.Tensor | None) -> bool:
+    # one sync per sweep: ``not (x > tiny)`` is also true for nan
+    return low is not None and not bool(low > _TINY)
+
+
+def _time_major_weights(m: torch.Tensor):
+    """``W = exp(M - c)`` in float64, time-major ``(T, B, K, K)``, and ``c (T, B)``."""
+    b, t, k = m.shape[0], m.shape[1], m.shape[-1]
+    x = m.detach().transpose(0, 1)  # (T, B, K, K): a view
+    c = x.amax((-1, -2))
+    c = torch.where(torch.isfinite(c), c, torch.zeros((), dtype=c.dtype, device=c.device))
+    w = torch.empty((t, b, k, k), dtype=torch.float64, device=m.device)
+    torch.sub(x, c[..., None, None], out=w)  # (one pass: the subtraction, the cast and the copy)
+    w.exp_()
+    return w, c.to(torch.float64)
+
+
+def _sweep_up(init: torch.Tensor, m: torch.Tensor):
+    """The up-sweep of ``init (B, K)``, ``M (B, T, K, K)``: ``None`` where it must fall back,
+    else ``(levels, pi, v, z, log Z)`` with ``pi`` the rescaled ``exp(init)``, ``v`` the root's
+    product times ones and ``z = pi . v`` (``(B, K)``, ``(B, K)``, ``(B,)``)."""
+    w, c = _time_major_weights(m)
+    levels, root_ls, low = _up(w, c)
+    i0 = init.detach().to(torch.float64)
+    imax = i0.amax(-1, keepdim=True)
+    imax = torch.where(torch.isfinite(imax), imax, torch.zeros_like(imax))
+    pi = (i0 - imax).exp()  # (B, K)
+    v = levels[-1][0].sum(-1)  # (B, K)
+    z = (pi * v).sum(-1)
+    if _bad(low) or _bad(z.amin()):
+        return None
+    return levels, pi, v, z, z.log() + imax.squeeze(-1) + root_ls
+
+
+class _ForwardBackward(torch.autograd.Function):
+    """``log Z (B,)`` of ``init (B, K)``, ``M (B, T, K, K)``; backward: the marginals."""
+
+    @staticmethod
+    def forward(ctx, init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(init, m)
+        ctx.up, ctx.spent = _sweep_up(init, m), False
+        if ctx.up is None:
+            return log_space_log_z(init, m)
+        return ctx.up[-1].to(m.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        init, m = ctx.saved_tensors
+        # the backward pass spends the forward's buffers (W becomes xi in place); a second
+        # backward (retain_graph=True) runs the up-sweep again
+        up = _sweep_up(init, m) if ctx.spent else ctx.up
+        ctx.spent, ctx.up = True, None
+        if up is not None:
+            levels, pi, v, z, _ = up
+            ones = torch.ones_like(v)
+            alpha, beta, low = _down(levels, pi.unsqueeze(0), ones.unsqueeze(0))
+            if not _bad(low):
+                # xi_t = alpha_{t-1} W_t beta_t, normalized per step (in place: W is spent)
+                xi = levels[0].mul_(alpha.unsqueeze(-1)).mul_(beta.unsqueeze(-2))
+                norm = xi.sum((-1, -2))  # (T, B)
+                if not _bad(norm.amin()):
+                    xi.mul_((g.detach().to(torch.float64) / norm)[..., None, None])
+                    g_init = pi * v * (g.detach().to(torch.float64) / z).unsqueeze(-1)
+                    return g_init.to(init.dtype), xi.transpose(0, 1).to(m.dtype)
+        with torch.enable_grad():
+            i_, m_ = init.detach().requires_grad_(), m.detach().requires_grad_()
+            return torch.autograd.grad(log_space_log_z(i_, m_), [i_, m_], g)
+
+
+def hmm_log_z(init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log Z` ``(*batch)`` of a chain with log-potentials ``init (*batch, K)`` over
+    :math:`z_{-1}` and ``M (*batch, T, K, K)`` over :math:`(z_{t-1}, z_t)` (batch dims broadcast),
+    differentiable: the gradient is ``p(z_{-1})`` for ``init`` and the pairwise marginals
+    :math:`\xi_t(i, j)` for ``M`` (see the module's docstring). Any float dtype and device;
+    ``-inf`` entries (forbidden transitions) are fine. Not twice differentiable.
+
+    Example::
+
+        >>> hmm_log_z(torch.zeros(2), torch.zeros(5, 2, 2))  # log(2 ** 6)
+        tensor(4.1589)
+    """
+    k, t = m.shape[-1], m.shape[-3]
+    batch = torch.broadcast_shapes(init.shape[:-1], m.shape[:-3])
+    init_b = init.expand(batch + (k,)).reshape((-1, k))
+    m_b = m.expand(batch + m.shape[-3:]).reshape((-1, t, k, k))
+    return _ForwardBackward.apply(init_b, m_b).reshape(batch)
+
+
+def hmm_pairwise(init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    r"""The pairwise posterior marginals :math:`\xi_t(i, j) = p(z_{t-1}=i, z_t=j)`
+    ``(*batch, T, K, K)`` of a chain (see :func:`hmm_log_z`), without tracking gradients.
+
+    Example::
+
+        >>> hmm_pairwise(torch.zeros(2), torch.zeros(3, 2, 2))[0]  # uniform
+        tensor([[0.2500, 0.2500],
+                [0.2500, 0.2500]])
+    """
+    m = m.detach().requires_grad_()
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(hmm_log_z(init.detach(), m).sum(), [m])
+    return g
