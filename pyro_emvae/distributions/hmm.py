@@ -33,9 +33,10 @@ With :math:`c_t = \max_{ij} M_t(i, j)` and :math:`W_t = \exp(M_t - c_t)` (entrie
 The arithmetic runs in float64 whatever the input's dtype (a float32 chain of any length keeps
 float64's range), in the probability domain like hmmlearn's ``implementation="scaling"``:
 exact up to rounding unless a partial path falls below ~1e-300 of the best one and later
-carries the sum. Where a rescaling factor falls below ``1e-250`` or is not finite (a chain of
-probability zero, supports that only meet through such tiny paths, ``inf``/``nan`` inputs) the
-call falls back to the log-space scan :func:`log_space_log_z` for both value and gradients.
+carries the sum. A chain where a rescaling factor falls below ``1e-250`` or is not finite (a
+chain of probability zero, supports that only meet through such tiny paths, ``inf``/``nan``
+inputs) falls back to the log-space scan :func:`log_space_log_z` for its value and gradients
+(the other chains of the batch keep the fast path).
 
 Example::
 
@@ -79,18 +80,23 @@ def log_space_log_z(init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return (init.unsqueeze(-1) + m.squeeze(-3)).logsumexp(-1).logsumexp(-1)
 
 
+def _safe(s: torch.Tensor) -> torch.Tensor:
+    """``s`` with zeros replaced by ones (a zero product stays zero; the chain is flagged)."""
+    return torch.where(s > 0, s, torch.ones((), dtype=s.dtype, device=s.device))
+
+
 def _up(w: torch.Tensor, ls: torch.Tensor):
     """The up-sweep over time-major ``w (T, B, K, K)`` (max entry 1 per step) with log scales
     ``ls (T, B)``: the levels of the tree (level 0 is ``w``), the root's log scale ``(B,)``, and
-    the smallest rescaling factor met (0-dim)."""
-    levels, mins = [w], []
+    the smallest rescaling factor each chain met ``(B,)``."""
+    levels, mins = [w], [torch.ones_like(ls[0])]
     while w.size(0) > 1:
         n = w.size(0)
         h = n // 2
         prod = torch.matmul(w[0 : 2 * h : 2], w[1 : 2 * h : 2])
         s = prod.amax((-1, -2))  # (h, B)
-        mins.append(s.amin())
-        s = torch.where(s > 0, s, torch.ones((), dtype=s.dtype, device=s.device))
+        mins.append(s.amin(0))
+        s = _safe(s)
         prod /= s[..., None, None]
         lsn = ls[0 : 2 * h : 2] + ls[1 : 2 * h : 2] + s.log()
         if n > 2 * h:  # an odd node is carried up unchanged
@@ -98,21 +104,20 @@ def _up(w: torch.Tensor, ls: torch.Tensor):
             lsn = torch.cat((lsn, ls[2 * h :]))
         w, ls = prod, lsn
         levels.append(w)
-    low = torch.stack(mins).amin() if mins else torch.ones((), dtype=w.dtype, device=w.device)
-    return levels, ls[0], low
+    return levels, ls[0], torch.stack(mins).amin(0)
 
 
 def _normalized(v: torch.Tensor, mins: list) -> torch.Tensor:
-    s = v.amax(-1, keepdim=True)
-    mins.append(s.amin())
-    return v / torch.where(s > 0, s, torch.ones((), dtype=s.dtype, device=s.device))
+    s = v.amax(-1, keepdim=True)  # (n, B, 1)
+    mins.append(s.amin((0, 2)))
+    return v / _safe(s)
 
 
 def _down(levels: list, start: torch.Tensor, end: torch.Tensor):
     """Forward messages entering and backward messages leaving every leaf: ``(T, B, K)`` each,
     each rescaled to max 1, from the root's ``start`` and ``end`` ``(1, B, K)``; and the smallest
-    rescaling factor met."""
-    mins: list = []
+    rescaling factor each chain met ``(B,)``."""
+    mins: list = [torch.ones_like(start[0, :, 0])]
     fwd, bwd = start, end
     for level in reversed(levels[:-1]):
         n = level.size(0)
@@ -132,13 +137,7 @@ def _down(levels: list, start: torch.Tensor, end: torch.Tensor):
             (level[1 : 2 * h : 2] @ bwd[:h].unsqueeze(-1)).squeeze(-1), mins
         )
         fwd, bwd = f, b
-    low = torch.stack(mins).amin() if mins else None
-    return fwd, bwd, low
-
-
-def _bad(low: torch.Tensor | None) -> bool:
-    # one sync per sweep: ``not (x > tiny)`` is also true for nan
-    return low is not None and not bool(low > _TINY)
+    return fwd, bwd, torch.stack(mins).amin(0)
 
 
 def _time_major_weights(m: torch.Tensor):
@@ -154,9 +153,10 @@ def _time_major_weights(m: torch.Tensor):
 
 
 def _sweep_up(init: torch.Tensor, m: torch.Tensor):
-    """The up-sweep of ``init (B, K)``, ``M (B, T, K, K)``: ``None`` where it must fall back,
-    else ``(levels, pi, v, z, log Z)`` with ``pi`` the rescaled ``exp(init)``, ``v`` the root's
-    product times ones and ``z = pi . v`` (``(B, K)``, ``(B, K)``, ``(B,)``)."""
+    """The up-sweep of ``init (B, K)``, ``M (B, T, K, K)``: ``(levels, pi, v, z, log Z, ok)``
+    with ``pi`` the rescaled ``exp(init)``, ``v`` the root's product times ones, ``z = pi . v``
+    (``(B, K)``, ``(B, K)``, ``(B,)``) and ``ok (B,)`` False for the chains that must fall back
+    (``not (x > tiny)`` is also true for nan)."""
     w, c = _time_major_weights(m)
     levels, root_ls, low = _up(w, c)
     i0 = init.detach().to(torch.float64)
@@ -165,21 +165,54 @@ def _sweep_up(init: torch.Tensor, m: torch.Tensor):
     pi = (i0 - imax).exp()  # (B, K)
     v = levels[-1][0].sum(-1)  # (B, K)
     z = (pi * v).sum(-1)
-    if _bad(low) or _bad(z.amin()):
-        return None
-    return levels, pi, v, z, z.log() + imax.squeeze(-1) + root_ls
+    ok = (low > _TINY) & (z > _TINY)
+    return levels, pi, v, z, z.log() + imax.squeeze(-1) + root_ls, ok
+
+
+def _log_space_grads(init: torch.Tensor, m: torch.Tensor, g: torch.Tensor):
+    """``g * p(z_-1)`` and ``g * xi`` of ``init (B, K)``, ``M (B, T, K, K)`` by the same tree in
+    log space (logsumexp products: no rescaling, so no range limit; a forbidden entry gets an
+    exact 0, where autograd through ``logsumexp`` of all ``-inf`` would give nan)."""
+    lm = m.detach().transpose(0, 1)  # (T, B, K, K)
+    levels = [lm]
+    while lm.size(0) > 1:
+        n, h = lm.size(0), lm.size(0) // 2
+        prod = (lm[0 : 2 * h : 2].unsqueeze(-1) + lm[1 : 2 * h : 2].unsqueeze(-3)).logsumexp(-2)
+        lm = torch.cat((prod, lm[2 * h :])) if n > 2 * h else prod
+        levels.append(lm)
+    root = lm[0].logsumexp(-1)  # (B, K)
+    init = init.detach()
+    log_z = (init + root).logsumexp(-1)  # (B,)
+    fwd, bwd = init.unsqueeze(0), torch.zeros_like(init).unsqueeze(0)
+    for level in reversed(levels[:-1]):
+        n, h = level.size(0), level.size(0) // 2
+        f = fwd.new_empty((n,) + fwd.shape[1:])
+        f[0::2] = fwd
+        f[1::2] = (fwd[:h].unsqueeze(-1) + level[0 : 2 * h : 2]).logsumexp(-2)
+        b = bwd.new_empty((n,) + bwd.shape[1:])
+        b[1::2] = bwd[:h]
+        if n > 2 * h:
+            b[2 * h] = bwd[h]
+        b[0 : 2 * h : 2] = (level[1 : 2 * h : 2] + bwd[:h].unsqueeze(-2)).logsumexp(-1)
+        fwd, bwd = f, b
+    xi = (fwd.unsqueeze(-1) + levels[0] + bwd.unsqueeze(-2) - log_z[:, None, None]).exp()
+    g_init = (init + root - log_z.unsqueeze(-1)).exp()
+    return g_init * g.unsqueeze(-1), xi.transpose(0, 1) * g[:, None, None, None]
 
 
 class _ForwardBackward(torch.autograd.Function):
-    """``log Z (B,)`` of ``init (B, K)``, ``M (B, T, K, K)``; backward: the marginals."""
+    """``log Z (B,)`` of ``init (B, K)``, ``M (B, T, K, K)``; backward: the marginals. Chains the
+    probability domain cannot hold (see ``_TINY``) go to the log-space scan, one by one."""
 
     @staticmethod
     def forward(ctx, init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(init, m)
         ctx.up, ctx.spent = _sweep_up(init, m), False
-        if ctx.up is None:
-            return log_space_log_z(init, m)
-        return ctx.up[-1].to(m.dtype)
+        log_z, ok = ctx.up[-2].to(m.dtype), ctx.up[-1]
+        if not bool(ok.all()):  # (one sync)
+            bad = (~ok).nonzero().squeeze(-1)
+            log_z[bad] = log_space_log_z(init[bad], m[bad])
+        return log_z
 
     @staticmethod
     @once_differentiable
@@ -189,21 +222,20 @@ class _ForwardBackward(torch.autograd.Function):
         # backward (retain_graph=True) runs the up-sweep again
         up = _sweep_up(init, m) if ctx.spent else ctx.up
         ctx.spent, ctx.up = True, None
-        if up is not None:
-            levels, pi, v, z, _ = up
-            ones = torch.ones_like(v)
-            alpha, beta, low = _down(levels, pi.unsqueeze(0), ones.unsqueeze(0))
-            if not _bad(low):
-                # xi_t = alpha_{t-1} W_t beta_t, normalized per step (in place: W is spent)
-                xi = levels[0].mul_(alpha.unsqueeze(-1)).mul_(beta.unsqueeze(-2))
-                norm = xi.sum((-1, -2))  # (T, B)
-                if not _bad(norm.amin()):
-                    xi.mul_((g.detach().to(torch.float64) / norm)[..., None, None])
-                    g_init = pi * v * (g.detach().to(torch.float64) / z).unsqueeze(-1)
-                    return g_init.to(init.dtype), xi.transpose(0, 1).to(m.dtype)
-        with torch.enable_grad():
-            i_, m_ = init.detach().requires_grad_(), m.detach().requires_grad_()
-            return torch.autograd.grad(log_space_log_z(i_, m_), [i_, m_], g)
+        levels, pi, v, z, _, ok = up
+        alpha, beta, low = _down(levels, pi.unsqueeze(0), torch.ones_like(v).unsqueeze(0))
+        # xi_t = alpha_{t-1} W_t beta_t, normalized per step (in place: W is spent)
+        xi = levels[0].mul_(alpha.unsqueeze(-1)).mul_(beta.unsqueeze(-2))
+        norm = xi.sum((-1, -2))  # (T, B)
+        ok = ok & (low > _TINY) & (norm.amin(0) > _TINY)
+        gg = g.detach().to(torch.float64)
+        xi.mul_((gg / _safe(norm))[..., None, None])
+        g_init = (pi * v * (gg / _safe(z)).unsqueeze(-1)).to(init.dtype)
+        xi = xi.transpose(0, 1).to(m.dtype)
+        if not bool(ok.all()):
+            bad = (~ok).nonzero().squeeze(-1)
+            g_init[bad], xi[bad] = _log_space_grads(init[bad], m[bad], g[bad])
+        return g_init, xi
 
 
 def hmm_log_z(init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
