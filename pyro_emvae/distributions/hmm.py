@@ -85,80 +85,122 @@ def _safe(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones((), dtype=s.dtype, device=s.device))
 
 
-def _up(w: torch.Tensor, ls: torch.Tensor):
-    """The up-sweep over time-major ``w (T, B, K, K)`` (max entry 1 per step) with log scales
-    ``ls (T, B)``: the levels of the tree (level 0 is ``w``), the root's log scale ``(B,)``, and
-    the smallest rescaling factor each chain met ``(B,)``."""
-    levels, mins = [w], [torch.ones_like(ls[0])]
-    while w.size(0) > 1:
-        n = w.size(0)
-        h = n // 2
-        prod = torch.matmul(w[0 : 2 * h : 2], w[1 : 2 * h : 2])
-        s = prod.amax((-1, -2))  # (h, B)
-        mins.append(s.amin(0))
-        s = _safe(s)
-        prod /= s[..., None, None]
-        lsn = ls[0 : 2 * h : 2] + ls[1 : 2 * h : 2] + s.log()
-        if n > 2 * h:  # an odd node is carried up unchanged
-            prod = torch.cat((prod, w[2 * h :]))
-            lsn = torch.cat((lsn, ls[2 * h :]))
-        w, ls = prod, lsn
-        levels.append(w)
+def _rescale(x: torch.Tensor, dims, mins: list):
+    """``(x / s, s)`` with ``s`` the max of ``x`` over ``dims`` (kept); each chain's smallest
+    ``s`` goes to ``mins`` (dim 1 of ``x`` is the chain)."""
+    s = x.amax(dims, keepdim=True)
+    if x.size(0):
+        mins.append(s.amin(0).reshape(s.size(1), -1).amin(-1))
+    return x / _safe(s), s
+
+
+def _weights(m: torch.Tensor):
+    """``W_t = exp(M_t - c_t)`` in float64, time-major, split by the parity of ``t`` (so that
+    the bottom level of the tree multiplies contiguous operands): ``(even (ceil(T/2), B, K, K),
+    odd (floor(T/2), B, K, K), c (T, B))``."""
+    x = m.detach().transpose(0, 1)  # (T, B, K, K): a view
+    c = x.amax((-1, -2))
+    c = torch.where(torch.isfinite(c), c, torch.zeros((), dtype=c.dtype, device=c.device))
+    out = []
+    for p in (0, 1):
+        xp = x[p::2]
+        w = torch.empty(xp.shape, dtype=torch.float64, device=m.device)
+        torch.sub(xp, c[p::2, :, None, None], out=w)  # (the subtraction, the cast, the copy)
+        out.append(w.exp_())
+    return out[0], out[1], c.to(torch.float64)
+
+
+def _up(even: torch.Tensor, odd: torch.Tensor, c: torch.Tensor):
+    """The up-sweep: level 1 of the tree is ``W_{2i} W_{2i+1}`` (and a last even step carried
+    up), each level above multiplies neighbouring nodes, every node rescaled to max entry 1 with
+    its log scale carried. Returns the levels from 1 up (interleaved, time-major), the root's log
+    scale ``(B,)`` and each chain's smallest rescaling factor ``(B,)``."""
+    mins = [torch.ones_like(c[0])]
+    h = odd.size(0)
+    prod, s = _rescale(torch.matmul(even[:h], odd), (-1, -2), mins)
+    ls = c[0 : 2 * h : 2] + c[1::2] + s.log()[..., 0, 0]
+    if even.size(0) > h:  # an odd T: the last step is carried up unchanged
+        prod, ls = torch.cat((prod, even[h:])), torch.cat((ls, c[2 * h :]))
+    levels = [prod]
+    while prod.size(0) > 1:
+        n, h = prod.size(0), prod.size(0) // 2
+        nxt, s = _rescale(torch.matmul(prod[0 : 2 * h : 2], prod[1 : 2 * h : 2]), (-1, -2), mins)
+        lsn = ls[0 : 2 * h : 2] + ls[1 : 2 * h : 2] + s.log()[..., 0, 0]
+        if n > 2 * h:
+            nxt, lsn = torch.cat((nxt, prod[2 * h :])), torch.cat((lsn, ls[2 * h :]))
+        prod, ls = nxt, lsn
+        levels.append(prod)
     return levels, ls[0], torch.stack(mins).amin(0)
 
 
-def _normalized(v: torch.Tensor, mins: list) -> torch.Tensor:
-    s = v.amax(-1, keepdim=True)  # (n, B, 1)
-    mins.append(s.amin((0, 2)))
-    return v / _safe(s)
-
-
-def _down(levels: list, start: torch.Tensor, end: torch.Tensor):
-    """Forward messages entering and backward messages leaving every leaf: ``(T, B, K)`` each,
-    each rescaled to max 1, from the root's ``start`` and ``end`` ``(1, B, K)``; and the smallest
-    rescaling factor each chain met ``(B,)``."""
-    mins: list = [torch.ones_like(start[0, :, 0])]
+def _down(levels: list, start: torch.Tensor, end: torch.Tensor, mins: list):
+    """Forward messages entering and backward messages leaving every node of level 1, each
+    rescaled to max 1, from the root's ``start`` and ``end`` ``(1, B, K)``."""
     fwd, bwd = start, end
     for level in reversed(levels[:-1]):
-        n = level.size(0)
-        h = n // 2
+        n, h = level.size(0), level.size(0) // 2
         # forward: a left child (even) enters with its parent's message; a right child (odd)
         # with its parent's message times its left sibling's product
         f = fwd.new_empty((n,) + fwd.shape[1:])
         f[0::2] = fwd
-        f[1::2] = _normalized((fwd[:h].unsqueeze(-2) @ level[0 : 2 * h : 2]).squeeze(-2), mins)
-        # backward: a right child (and a carried odd one) leaves with its parent's message; a
+        f[1::2] = _rescale((fwd[:h].unsqueeze(-2) @ level[0 : 2 * h : 2]).squeeze(-2), -1, mins)[0]
+        # backward: a right child (and a carried last one) leaves with its parent's message; a
         # left child with its right sibling's product times its parent's message
         b = bwd.new_empty((n,) + bwd.shape[1:])
         b[1::2] = bwd[:h]
         if n > 2 * h:
             b[2 * h] = bwd[h]
-        b[0 : 2 * h : 2] = _normalized(
-            (level[1 : 2 * h : 2] @ bwd[:h].unsqueeze(-1)).squeeze(-1), mins
-        )
+        b[0 : 2 * h : 2] = _rescale(
+            (level[1 : 2 * h : 2] @ bwd[:h].unsqueeze(-1)).squeeze(-1), -1, mins
+        )[0]
         fwd, bwd = f, b
-    return fwd, bwd, torch.stack(mins).amin(0)
+    return fwd, bwd
 
 
-def _time_major_weights(m: torch.Tensor):
-    """``W = exp(M - c)`` in float64, time-major ``(T, B, K, K)``, and ``c (T, B)``."""
-    b, t, k = m.shape[0], m.shape[1], m.shape[-1]
-    x = m.detach().transpose(0, 1)  # (T, B, K, K): a view
-    c = x.amax((-1, -2))
-    c = torch.where(torch.isfinite(c), c, torch.zeros((), dtype=c.dtype, device=c.device))
-    w = torch.empty((t, b, k, k), dtype=torch.float64, device=m.device)
-    torch.sub(x, c[..., None, None], out=w)  # (one pass: the subtraction, the cast and the copy)
-    w.exp_()
-    return w, c.to(torch.float64)
+def _pairwise(up, g: torch.Tensor, dtype: torch.dtype):
+    """The backward pass of the fast path: ``g * p(z_-1)`` ``(B, K)``, ``g * xi``
+    ``(B, T, K, K)`` and each chain's ``ok`` ``(B,)``. The weights are spent (xi is written in
+    their place)."""
+    levels, even, odd, pi, v, z, _, ok = up
+    mins: list = [torch.ones_like(z)]
+    fwd, bwd = _down(levels, pi.unsqueeze(0), torch.ones_like(v).unsqueeze(0), mins)
+    # the bottom level, by parity: alpha entering each step, beta leaving it, and the per-step
+    # normalizer sum_ij alpha_i W_ij beta_j from the same products (no extra pass over W)
+    h = odd.size(0)
+    f_odd, sf = _rescale((fwd[:h].unsqueeze(-2) @ even[:h]).squeeze(-2), -1, mins)
+    b_even = bwd.clone()
+    b_even[:h], sb = _rescale((odd @ bwd[:h].unsqueeze(-1)).squeeze(-1), -1, mins)
+    both = (f_odd * b_even[:h]).sum(-1)  # alpha W_{2i} | W_{2i+1} beta, rescaled: (h, B)
+    norm_odd, norm_even = both * sb[..., 0], both * sf[..., 0]
+    if even.size(0) > h:  # the last step, an even one: alpha_{T-2} W_{T-1} beta_{T-1}
+        last = ((fwd[h:].unsqueeze(-2) @ even[h:]).squeeze(-2) * b_even[h:]).sum(-1)
+        norm_even = torch.cat((norm_even, last))
+    ok = ok & torch.stack(mins).amin(0).gt(_TINY)
+    ok = ok & norm_even.amin(0).gt(_TINY) & (norm_odd.amin(0).gt(_TINY) if h else True)
+    gg = g.detach().to(torch.float64)
+    t_len, b, k = even.size(0) + h, even.size(1), even.size(-1)
+    xi = torch.empty((t_len, b, k, k), dtype=dtype, device=even.device)
+    for w, a, beta, norm, p in (
+        (even, fwd, b_even, norm_even, 0),
+        (odd, f_odd, bwd[:h], norm_odd, 1),
+    ):
+        a = a * (gg / _safe(norm)).unsqueeze(-1)
+        w.mul_(a.unsqueeze(-1))
+        if dtype == torch.float64:
+            torch.mul(w, beta.unsqueeze(-2), out=xi[p::2])
+        else:
+            xi[p::2] = w.mul_(beta.unsqueeze(-2))
+    g_init = pi * v * (gg / _safe(z)).unsqueeze(-1)
+    return g_init, xi.transpose(0, 1), ok
 
 
 def _sweep_up(init: torch.Tensor, m: torch.Tensor):
-    """The up-sweep of ``init (B, K)``, ``M (B, T, K, K)``: ``(levels, pi, v, z, log Z, ok)``
-    with ``pi`` the rescaled ``exp(init)``, ``v`` the root's product times ones, ``z = pi . v``
-    (``(B, K)``, ``(B, K)``, ``(B,)``) and ``ok (B,)`` False for the chains that must fall back
-    (``not (x > tiny)`` is also true for nan)."""
-    w, c = _time_major_weights(m)
-    levels, root_ls, low = _up(w, c)
+    """The up-sweep of ``init (B, K)``, ``M (B, T, K, K)``: ``(levels, even, odd, pi, v, z,
+    log Z, ok)`` with ``pi`` the rescaled ``exp(init)``, ``v`` the root's product times ones,
+    ``z = pi . v`` (``(B, K)``, ``(B, K)``, ``(B,)``) and ``ok (B,)`` False for the chains that
+    must fall back (``x > tiny`` is also False for nan)."""
+    even, odd, c = _weights(m)
+    levels, root_ls, low = _up(even, odd, c)
     i0 = init.detach().to(torch.float64)
     imax = i0.amax(-1, keepdim=True)
     imax = torch.where(torch.isfinite(imax), imax, torch.zeros_like(imax))
@@ -166,7 +208,7 @@ def _sweep_up(init: torch.Tensor, m: torch.Tensor):
     v = levels[-1][0].sum(-1)  # (B, K)
     z = (pi * v).sum(-1)
     ok = (low > _TINY) & (z > _TINY)
-    return levels, pi, v, z, z.log() + imax.squeeze(-1) + root_ls, ok
+    return levels, even, odd, pi, v, z, z.log() + imax.squeeze(-1) + root_ls, ok
 
 
 def _log_space_grads(init: torch.Tensor, m: torch.Tensor, g: torch.Tensor):
@@ -222,16 +264,8 @@ class _ForwardBackward(torch.autograd.Function):
         # backward (retain_graph=True) runs the up-sweep again
         up = _sweep_up(init, m) if ctx.spent else ctx.up
         ctx.spent, ctx.up = True, None
-        levels, pi, v, z, _, ok = up
-        alpha, beta, low = _down(levels, pi.unsqueeze(0), torch.ones_like(v).unsqueeze(0))
-        # xi_t = alpha_{t-1} W_t beta_t, normalized per step (in place: W is spent)
-        xi = levels[0].mul_(alpha.unsqueeze(-1)).mul_(beta.unsqueeze(-2))
-        norm = xi.sum((-1, -2))  # (T, B)
-        ok = ok & (low > _TINY) & (norm.amin(0) > _TINY)
-        gg = g.detach().to(torch.float64)
-        xi.mul_((gg / _safe(norm))[..., None, None])
-        g_init = (pi * v * (gg / _safe(z)).unsqueeze(-1)).to(init.dtype)
-        xi = xi.transpose(0, 1).to(m.dtype)
+        g_init, xi, ok = _pairwise(up, g, m.dtype)
+        g_init = g_init.to(init.dtype)
         if not bool(ok.all()):
             bad = (~ok).nonzero().squeeze(-1)
             g_init[bad], xi[bad] = _log_space_grads(init[bad], m[bad], g[bad])
