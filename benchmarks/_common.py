@@ -25,6 +25,7 @@ __all__ = [
     "Run",
     "bench",
     "per_iter_median",
+    "reexec_with_peers_at_full_speed",
     "reexec_with_tuned_malloc",
 ]
 
@@ -83,6 +84,50 @@ def _versions_line() -> str:
         f"python {platform.python_version()}, torch {torch.__version__}, "
         f"pyro {pyro.__version__}, numpy {np.__version__}; {os.cpu_count()} cpus"
     )
+
+
+# OpenBLAS overrides some machines set (older OpenBLAS builds misbehave on their CPUs): they pick
+# an older, slower kernel for numpy's OpenBLAS, i.e. for the peers (scikit-learn, hmmlearn); torch
+# on x86 uses MKL and does not read them
+OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def reexec_with_peers_at_full_speed(script: str, argv: Sequence[str]) -> None:
+    """Replace this process by ``python script *argv`` without :data:`OPENBLAS_OVERRIDES`
+    (OpenBLAS reads them only at load time), so numpy-based peers run at full speed; the
+    variables are unset for this benchmark's process only, never for tests. Does nothing if
+    neither is set, or if torch itself uses OpenBLAS (then it would change our side too)."""
+    if not any(k in os.environ for k in OPENBLAS_OVERRIDES):
+        return
+    if "BLAS_INFO=mkl" not in torch.__config__.show():
+        return
+    env = {k: v for k, v in os.environ.items() if k not in OPENBLAS_OVERRIDES}
+    env["_EMVAE_UNSET_OPENBLAS"] = ",".join(k for k in OPENBLAS_OVERRIDES if k in os.environ)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, script, *argv], env)
+
+
+def _peer_blas_line() -> str:
+    """Which OpenBLAS kernel numpy (the peers' BLAS) runs, and whether overrides were unset."""
+    unset = os.environ.get("_EMVAE_UNSET_OPENBLAS")
+    kept = [k for k in OPENBLAS_OVERRIDES if k in os.environ]
+    head = (
+        f"peers at full speed: {unset} unset for this benchmark's process"
+        if unset
+        else f"peers: {', '.join(kept)} set (slower numpy kernel)"
+        if kept
+        else "peers at full speed: no OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE override"
+    )
+    tpc = _optional("threadpoolctl")
+    if tpc is None:
+        return head
+    arch = [
+        f"{i.get('internal_api')} {i.get('architecture')}"
+        for i in tpc.threadpool_info()
+        if i.get("user_api") == "blas"
+    ]
+    return head + (f"; numpy BLAS kernels: {', '.join(arch)}" if arch else "")
 
 
 # ------------------------------------------------------------------------------------ timing

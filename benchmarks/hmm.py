@@ -68,6 +68,7 @@ from benchmarks._common import (
     _fmt_size,
     _malloc_setting,
     _optional,
+    _peer_blas_line,
     _print_table,
     _rel,
     _report_load,
@@ -75,6 +76,7 @@ from benchmarks._common import (
     _tuned_malloc_help,
     _versions_line,
     per_iter_median,
+    reexec_with_peers_at_full_speed,
     reexec_with_tuned_malloc,
 )
 from benchmarks.reference import gaussian_log_emission, hmm_forward_backward
@@ -340,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, float]]:
     """Run the benchmark; returns ``{T: {method: seconds per iteration}}``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    reexec_with_peers_at_full_speed(str(Path(__file__).resolve()), argv)
     if args.tuned_malloc:
         reexec_with_tuned_malloc(str(Path(__file__).resolve()), argv)
     sizes, n_iter, repeat = sorted(set(args.sizes)), args.iters, args.repeat
@@ -356,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, float]]:
     hmm = _optional("hmmlearn.hmm")
     print("pyro_emvae Gaussian HMM Baum-Welch benchmark")
     print(f"malloc: {_malloc_setting()}")
+    print(_peer_blas_line())
     print(_versions_line())
     print(
         f"threads={args.threads}, dtype=float64, iterations={n_iter}, repeat={repeat}, "

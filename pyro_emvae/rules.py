@@ -364,6 +364,29 @@ def _compact(ids: torch.Tensor) -> torch.Tensor:
     ]
 
 
+def _pool_time(ids: torch.Tensor, pair: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(ids, weight)`` pieces whose ``Stats.add`` sums equal those of
+    ``(ids.expand(pair.shape), pair)`` for a chain's transition ids ``(..., T, K, K)`` and
+    pairwise posterior ``pair (*batch, T, K, K)``: the trailing time steps whose ids all equal
+    the last step's (a homogeneous chain after a few distinct steps, e.g. ``z_0``'s start rows
+    then ``trans``) are summed over time first, so that the ``(*batch, T, K, K)`` weights are not
+    copied and scattered one element at a time.
+
+    Example: ids of ``cat([start_rows (1, K, K), trans (T-1, K, K)])`` give two pieces, step 0
+    as it is and ``pair[..., 1:, :, :].sum(-3)`` at ``trans``'s ids.
+    """
+    t_len = pair.size(-3)
+    if ids.dim() < 3 or ids.size(-3) != t_len or t_len < 64:
+        return [(ids.expand(pair.shape), pair)]
+    flat = ids.movedim(-3, 0).reshape(t_len, -1)
+    same = (flat == flat[-1:]).all(-1)  # (T,)
+    head = t_len - int(same.flip(0).cumprod(0).sum())  # the steps before the equal tail
+    pieces = [(ids[..., -1:, :, :], pair[..., head:, :, :].sum(-3, keepdim=True))]
+    if head:
+        pieces.append((ids[..., :head, :, :], pair[..., :head, :, :]))
+    return pieces
+
+
 @register(dist.DiscreteHMM)
 def _discrete_hmm(fn, value, weight, stats, stage, current) -> None:
     """``weight`` here is the chain's pairwise posterior ``(*batch, T, K, K)``."""
@@ -372,7 +395,8 @@ def _discrete_hmm(fn, value, weight, stats, stage, current) -> None:
     init = fn.__dict__.get("initial_logits")
     if stage == 0:
         if isinstance(trans, Tracked) and trans.form == "log":
-            stats.add("count", trans.ids.expand(pair.shape), pair)
+            for ids, w in _pool_time(trans.ids, pair):
+                stats.add("count", ids, w)
             stats.add("rowmark", trans.ids, _one(trans))
         if isinstance(init, Tracked) and init.form == "log":
             stats.add("count", init.ids, pair[..., 0, :, :].sum(-1))

@@ -13,6 +13,7 @@ from pyro.distributions.hmm import _sequential_logmatmulexp
 
 from pyro_emvae.distributions.hmm import _sweep_up, hmm_log_z, hmm_pairwise, log_space_log_z
 from pyro_emvae.estep import _hmm_parts
+from pyro_emvae.rules import Stats, _pool_time
 
 NEG_INF = float("-inf")
 
@@ -200,3 +201,32 @@ def test_parameter_gradients_equal_autograd_through_pyro():
     ref = torch.autograd.grad(dist_().log_prob(x).sum(), params)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b.nan_to_num(0.0), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("head", [0, 1, 3])
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_transition_counts_pooled_over_a_homogeneous_tail_equal_the_full_scatter(head, batch):
+    """``_discrete_hmm``'s transition counts: the pooled pieces add what the (T, K, K) scatter
+    adds, ids that differ only at the first steps (start rows, then trans) or not at all."""
+    k, t_len = 3, 80
+    trans_ids = torch.arange(k * k).reshape(k, k) + 100
+    first = torch.arange(head * k * k).reshape(head, k, k)
+    ids = torch.cat([first, trans_ids.expand(t_len - head, k, k)])
+    pair = torch.rand(batch + (t_len, k, k), dtype=torch.float64)
+    full, pooled = Stats(size=200), Stats(size=200)
+    full.add("count", ids.expand(pair.shape), pair)
+    pieces = _pool_time(ids, pair)
+    assert len(pieces) == 1 + (head > 0)
+    for i, w in pieces:
+        pooled.add("count", i, w)
+    torch.testing.assert_close(pooled.sums["count"], full.sums["count"], rtol=1e-12, atol=0)
+    assert torch.equal(pooled.touched["count"], full.touched["count"])
+    # ids that vary at the last step too: nothing is pooled, the sums are the same
+    ids[-1] = ids[-1] + 50
+    full, pooled = Stats(size=200), Stats(size=200)
+    full.add("count", ids.expand(pair.shape), pair)
+    pieces = _pool_time(ids, pair)
+    assert len(pieces) == 2
+    for i, w in pieces:
+        pooled.add("count", i, w)
+    torch.testing.assert_close(pooled.sums["count"], full.sums["count"], rtol=1e-12, atol=0)
