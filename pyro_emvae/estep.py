@@ -61,10 +61,11 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _ENUM_ALLOCATOR
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_site_shape
+from pyro.util import check_site_shape, warn_if_inf, warn_if_nan
 
 from pyro_emvae import validate as _validate
 from pyro_emvae.amortized import preserved_rng
+from pyro_emvae.kernels import fused_log_prob
 
 __all__ = ["EnumerationError", "ExactEStep", "Posterior"]
 
@@ -875,6 +876,8 @@ class ExactEStep:
                     site["unscaled_log_prob"] = lp
                     site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
                     site["log_prob_sum"] = site["log_prob"].sum()
+                else:
+                    _fused_log_prob(name, site)
                 continue
             if not _validate.is_enumerated(site):
                 raise EnumerationError(_not_enumerable_message(name, site))
@@ -1359,6 +1362,27 @@ class ExactEStep:
             if _is_tree_error(e):
                 raise _tree_error(tr, e) from e
             raise
+
+
+def _fused_log_prob(name: str, site: dict) -> None:
+    """Fill an observed Gaussian site's log-probs by the fused kernels (see
+    :mod:`pyro_emvae.kernels`), as ``Trace.compute_log_prob`` would, which then skips it; a
+    site they do not cover (or whose value the distribution refuses: the generic path then
+    raises with the trace's shapes) is left to it."""
+    if site["args"] or site["kwargs"]:
+        return
+    try:
+        lp = fused_log_prob(site["fn"], site["value"])
+    except ValueError:
+        return
+    if lp is None:
+        return
+    site["unscaled_log_prob"] = lp
+    site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
+    site["log_prob_sum"] = site["log_prob"].sum()
+    if is_validation_enabled():
+        warn_if_nan(site["log_prob_sum"], f"log_prob_sum at site '{name}'")
+        warn_if_inf(site["log_prob_sum"], f"log_prob_sum at site '{name}'", allow_neginf=True)
 
 
 def _not_enumerable_message(name: str, site: dict) -> str:
