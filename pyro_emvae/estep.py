@@ -925,9 +925,9 @@ class ExactEStep:
                 check = poutine.trace(poutine.replay(model, trace=sub)).get_trace(*args, **kwargs)
                 check = prune_subsample_sites(check)
                 for name, site in check.nodes.items():  # (no (K, N, D) broadcast here either)
-                    if site["type"] == "sample" and site["is_observed"]:
-                        if not isinstance(site["fn"], DiscreteHMM):
-                            _fused_log_prob(name, site)
+                    observed = site["type"] == "sample" and site["is_observed"]
+                    if observed and not isinstance(site["fn"], DiscreteHMM):
+                        _fused_log_prob(name, site)
                 check.compute_log_prob()
                 check.pack_tensors()
         # the model ran once with its own dims; extra ones may upset it (then nothing is said)
