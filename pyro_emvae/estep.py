@@ -389,6 +389,43 @@ def _common_scale(tr, scaled: list[tuple[str, Any]]):
     return scaled[0][1] if scaled else 1.0
 
 
+def _one_latent(factors: OrderedDict, sum_dims: set, inputs: list, extra_inputs):
+    r"""The sum-product of one enumerated site's factors, all in the same plates (a mixture):
+    :math:`\log Z = \sum_{n} \log \sum_k \exp \sum_f \phi_f(k, n)` and its gradient in
+    each factor, the posterior :math:`q(k, n)` summed over the dims the factor lacks, without
+    autograd: one ``(K, N)`` buffer (the generic contraction and its backward pass keep
+    several). None where the factor graph is any other (the generic path then runs)."""
+    if len(sum_dims) != 1 or len(factors) != 1 or extra_inputs:
+        return None
+    (terms,) = factors.values()
+    if len(terms) != len(inputs):  # (other inputs: a chain's factors, which need autograd)
+        return None
+    (symbol,) = sum_dims
+    with torch.no_grad():
+        values = packed.broadcast_all(*terms)
+        dims = values[0]._pyro_dims
+        i = dims.index(symbol)
+        total = values[0] + values[1] if len(values) > 1 else values[0].clone()
+        for v in values[2:]:
+            total += v
+        top = total.amax(i, keepdim=True)
+        top = top.masked_fill(~torch.isfinite(top), 0.0)  # (a row of -inf: its sum is 0)
+        total.sub_(top).exp_()
+        norm = total.sum(i, keepdim=True)
+        log_z = (norm.log() + top).sum()
+        q = total.div_(norm)
+        qs = []
+        for t in terms:
+            own = t._pyro_dims
+            lacks = [j for j, d in enumerate(dims) if d not in own]
+            g = q.sum(lacks) if lacks else q  # (sum([]) would sum every dim)
+            rest = [d for d in dims if d in own]
+            if rest != list(own):
+                g = g.permute([rest.index(d) for d in own])
+            qs.append(g)
+    return log_z, qs
+
+
 def _tree_error(tr, err: Exception) -> EnumerationError:
     """Pyro's ``Expected tree-structured plate nesting`` as an error naming the sites: a site
     that reads enumerated latents of two independent plates, whose sum does not factor."""
@@ -1006,6 +1043,11 @@ class ExactEStep:
         scale = 1.0
         if factors:
             scale = _common_scale(tr, scales)
+            one = _one_latent(factors, sum_dims, inputs, extra_inputs)
+            if one is not None:
+                part, qs = one
+                out = tuple(q * scale if scale != 1 else q for q in qs) if grads else ()
+                return log_z + scale * part, inputs, out, (), float(scale)
             try:
                 log_z = log_z + scale * contract_to_tensor(
                     factors, sum_dims, target_ordinal=frozenset()
@@ -1087,7 +1129,7 @@ class ExactEStep:
                 post.pairwise[(name, name)] = pair
                 post.marginals[name] = pair.sum(-2)
                 continue
-            q = g / scale
+            q = g / scale if scale != 1 else g  # (no copy of a (K, N) factor)
             q._pyro_dims = t._pyro_dims
             # the M-step's weight: none where a masked latent drops out of p(x)
             post.factor_q[name] = _weigh(q, dropped[name]) if name in dropped else q

@@ -426,7 +426,9 @@ class EMOptim:
                 if site["mask"] is not None:
                     weight = weight * site["mask"]
             scale = site["scale"]
-            summarize_site(site["fn"], site["value"], weight * scale, stats, stage, current)
+            if not (isinstance(scale, (int, float)) and scale == 1):  # (no (K, N) copy)
+                weight = weight * scale
+            summarize_site(site["fn"], site["value"], weight, stats, stage, current)
         return stats
 
     # ---------------------------------------------------------------- maximization

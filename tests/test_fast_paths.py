@@ -126,6 +126,7 @@ def test_outer_scatter_equals_the_broadcast_sums():
 def _generic(monkeypatch):
     monkeypatch.setattr(estep_module, "fused_log_prob", lambda fn, value: None)
     monkeypatch.setattr(rules, "outer_scatter", lambda *a, **k: None)
+    monkeypatch.setattr(estep_module, "_one_latent", lambda *a, **k: None)
 
 
 def _mixture(cov: str, wrap: str):
