@@ -172,14 +172,13 @@ def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
     shift = torch.einsum("md,mde->me", loc - centre, prec).reshape(m * d)
     const = -tril.diagonal(dim1=-2, dim2=-1).log().sum(-1) - d * _HALF_LOG_2PI  # (M,)
     grad = torch.is_grad_enabled() and (fn.loc.requires_grad or tril.requires_grad)
-    parts = []
-    for a, b in _chunks(x.shape[0]):
+
+    def block(a: int, b: int) -> torch.Tensor:
         y = torch.addmm(shift, x[a:b] - centre, stacked, beta=-1)
         y = y.square() if grad else y.square_()
-        parts.append(y.view(b - a, m, d).sum(-1))
-    maha = torch.cat(parts).T if len(parts) != 1 else parts[0].T  # (M, N)
-    out = const.unsqueeze(-1) - 0.5 * maha
-    return _place(out, batch, pd, vd)
+        return y.view(b - a, m, d).sum(-1).T  # (M, c)
+
+    return _place(_assemble(block, x.shape[0], const, grad), batch, pd, vd)
 
 
 def _diag_normal(loc, scale, value, event: int) -> torch.Tensor | None:
@@ -202,14 +201,27 @@ def _diag_normal(loc, scale, value, event: int) -> torch.Tensor | None:
     inv = scale.reciprocal()
     const = -scale.log().sum(-1) - loc.shape[-1] * _HALF_LOG_2PI  # (M,)
     grad = torch.is_grad_enabled() and (loc.requires_grad or scale.requires_grad)
-    parts = []
-    for a, b in _chunks(x.shape[0]):
+
+    def block(a: int, b: int) -> torch.Tensor:
         z = (x[a:b].unsqueeze(0) - loc.unsqueeze(1)) * inv.unsqueeze(1)  # (M, c, E)
         z = z.square() if grad else z.square_()
-        parts.append(z.sum(-1))
-    maha = torch.cat(parts, 1) if len(parts) != 1 else parts[0]
-    out = const.unsqueeze(-1) - 0.5 * maha
-    return _place(out, batch, pd, vd)
+        return z.sum(-1)  # (M, c)
+
+    return _place(_assemble(block, x.shape[0], const, grad), batch, pd, vd)
+
+
+def _assemble(block, rows: int, const: torch.Tensor, grad: bool) -> torch.Tensor:
+    """``const - maha / 2`` as ``(M, rows)`` from the chunks ``block(a, b)`` of the squared
+    distances: written into one output (no ``(M, N)`` temporaries) unless autograd records it
+    (then concatenated, which it can differentiate)."""
+    if grad:
+        parts = [block(a, b) for a, b in _chunks(rows)]
+        maha = torch.cat(parts, 1) if len(parts) != 1 else parts[0]
+        return const.unsqueeze(-1) - 0.5 * maha
+    out = torch.empty(const.shape[0], rows, dtype=const.dtype, device=const.device)
+    for a, b in _chunks(rows):
+        out[:, a:b] = const.unsqueeze(-1) - 0.5 * block(a, b)
+    return out
 
 
 # ------------------------------------------------------------------------------ statistics
