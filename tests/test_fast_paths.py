@@ -260,3 +260,22 @@ def test_a_new_minibatch_is_probed_again(monkeypatch):
     post = guide.posterior(x)
     plan = opt.plan(guide, (x,), {}, post.subsample)
     assert calls[0] == 4 and opt.plan(guide, (x,), {}, post.subsample) is plan
+
+
+@pytest.mark.parametrize("cov", ["full", "diag"])
+def test_a_fit_in_chunks_of_5_rows_equals_one_chunk(monkeypatch, cov):
+    def run():
+        pyro.clear_param_store()
+        model, x = _mixture(cov, "none")
+        result = fit(
+            model, ExactEStep(model), x, optim=EMOptim(reg_covar=0), max_iter=3, tol=0,
+            progress=False,
+        )  # fmt: skip
+        return result, {n: v.detach().clone() for n, v in pyro.get_param_store().items()}
+
+    whole, whole_params = run()
+    monkeypatch.setattr(kernels, "CHUNK", 5)
+    chunked, chunked_params = run()
+    assert _rel(torch.tensor(chunked.log_likelihood), torch.tensor(whole.log_likelihood)) < 1e-13
+    for name, value in whole_params.items():
+        assert torch.allclose(chunked_params[name], value, rtol=1e-12, atol=1e-13), name
