@@ -1419,7 +1419,7 @@ def _fused_log_prob(name: str, site: dict) -> None:
         return
     try:
         lp = fused_log_prob(site["fn"], site["value"])
-    except ValueError:
+    except (ValueError, RuntimeError):  # (the generic path raises it, with the trace's shapes)
         return
     if lp is None:
         return
