@@ -1111,6 +1111,7 @@ class ExactEStep:
         }
         order = {n: i for i, n in enumerate(tr.nodes)}
         dropped = _dropped_rows(tr)
+        arranged: dict[tuple, torch.Tensor] = {}
         for (name, t), g in zip(inputs, grads):
             site = tr.nodes[name]
             if g is None:
@@ -1140,7 +1141,12 @@ class ExactEStep:
             )
             names = tuple(symbol_to_name[d] for d in enum_syms)
             sizes = tuple(t.shape[t._pyro_dims.index(d)] for d in enum_syms)
-            joint = _arrange(q, plate_dims + enum_syms, plate_shape + sizes)
+            # sites whose factors share one posterior tensor (a mixture's latent and its
+            # observation: one (K, N) buffer, see _one_latent) share its arrangement too
+            key = (id(q), tuple(plate_dims + enum_syms), plate_shape + sizes)
+            joint = arranged.get(key)
+            if joint is None:
+                joint = arranged[key] = _arrange(q, plate_dims + enum_syms, plate_shape + sizes)
             post.joints[name] = (names, joint)
             own = site["infer"].get("_enumerate_symbol")
             if _validate.is_enumerated(site) and own in enum_syms:
