@@ -60,11 +60,12 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _ENUM_ALLOCATOR
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_site_shape
+from pyro.util import check_site_shape, warn_if_inf, warn_if_nan
 
 from pyro_emvae import validate as _validate
 from pyro_emvae.amortized import preserved_rng
 from pyro_emvae.distributions.hmm import hmm_log_z, hmm_pairwise
+from pyro_emvae.kernels import fused_log_prob
 
 __all__ = ["EnumerationError", "ExactEStep", "Posterior"]
 
@@ -388,6 +389,43 @@ def _common_scale(tr, scaled: list[tuple[str, Any]]):
             "enumerated latent reaches."
         )
     return scaled[0][1] if scaled else 1.0
+
+
+def _one_latent(factors: OrderedDict, sum_dims: set, inputs: list, extra_inputs):
+    r"""The sum-product of one enumerated site's factors, all in the same plates (a mixture):
+    :math:`\log Z = \sum_{n} \log \sum_k \exp \sum_f \phi_f(k, n)` and its gradient in
+    each factor, the posterior :math:`q(k, n)` summed over the dims the factor lacks, without
+    autograd: one ``(K, N)`` buffer (the generic contraction and its backward pass keep
+    several). None where the factor graph is any other (the generic path then runs)."""
+    if len(sum_dims) != 1 or len(factors) != 1 or extra_inputs:
+        return None
+    (terms,) = factors.values()
+    if len(terms) != len(inputs):  # (other inputs: a chain's factors, which need autograd)
+        return None
+    (symbol,) = sum_dims
+    with torch.no_grad():
+        values = packed.broadcast_all(*terms)
+        dims = values[0]._pyro_dims
+        i = dims.index(symbol)
+        total = values[0] + values[1] if len(values) > 1 else values[0].clone()
+        for v in values[2:]:
+            total += v
+        top = total.amax(i, keepdim=True)
+        top = top.masked_fill(~torch.isfinite(top), 0.0)  # (a row of -inf: its sum is 0)
+        total.sub_(top).exp_()
+        norm = total.sum(i, keepdim=True)
+        log_z = (norm.log() + top).sum()
+        q = total.div_(norm)
+        qs = []
+        for t in terms:
+            own = t._pyro_dims
+            lacks = [j for j, d in enumerate(dims) if d not in own]
+            g = q.sum(lacks) if lacks else q  # (sum([]) would sum every dim)
+            rest = [d for d in dims if d in own]
+            if rest != list(own):
+                g = g.permute([rest.index(d) for d in own])
+            qs.append(g)
+    return log_z, qs
 
 
 def _tree_error(tr, err: Exception) -> EnumerationError:
@@ -877,6 +915,8 @@ class ExactEStep:
                     site["unscaled_log_prob"] = lp
                     site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
                     site["log_prob_sum"] = site["log_prob"].sum()
+                else:
+                    _fused_log_prob(name, site)
                 continue
             if not _validate.is_enumerated(site):
                 raise EnumerationError(_not_enumerable_message(name, site))
@@ -923,6 +963,10 @@ class ExactEStep:
             with torch.no_grad(), poutine.block():
                 check = poutine.trace(poutine.replay(model, trace=sub)).get_trace(*args, **kwargs)
                 check = prune_subsample_sites(check)
+                for name, site in check.nodes.items():  # (no (K, N, D) broadcast here either)
+                    observed = site["type"] == "sample" and site["is_observed"]
+                    if observed and not isinstance(site["fn"], DiscreteHMM):
+                        _fused_log_prob(name, site)
                 check.compute_log_prob()
                 check.pack_tensors()
         # the model ran once with its own dims; extra ones may upset it (then nothing is said)
@@ -1001,6 +1045,11 @@ class ExactEStep:
         scale = 1.0
         if factors:
             scale = _common_scale(tr, scales)
+            one = _one_latent(factors, sum_dims, inputs, extra_inputs)
+            if one is not None:
+                part, qs = one
+                out = tuple(q * scale if scale != 1 else q for q in qs) if grads else ()
+                return log_z + scale * part, inputs, out, (), float(scale)
             try:
                 log_z = log_z + scale * contract_to_tensor(
                     factors, sum_dims, target_ordinal=frozenset()
@@ -1064,6 +1113,7 @@ class ExactEStep:
         }
         order = {n: i for i, n in enumerate(tr.nodes)}
         dropped = _dropped_rows(tr)
+        arranged: dict[tuple, torch.Tensor] = {}
         for (name, t), g in zip(inputs, grads):
             site = tr.nodes[name]
             if g is None:
@@ -1082,7 +1132,7 @@ class ExactEStep:
                 post.pairwise[(name, name)] = pair
                 post.marginals[name] = pair.sum(-2)
                 continue
-            q = g / scale
+            q = g / scale if scale != 1 else g  # (no copy of a (K, N) factor)
             q._pyro_dims = t._pyro_dims
             # the M-step's weight: none where a masked latent drops out of p(x)
             post.factor_q[name] = _weigh(q, dropped[name]) if name in dropped else q
@@ -1093,7 +1143,12 @@ class ExactEStep:
             )
             names = tuple(symbol_to_name[d] for d in enum_syms)
             sizes = tuple(t.shape[t._pyro_dims.index(d)] for d in enum_syms)
-            joint = _arrange(q, plate_dims + enum_syms, plate_shape + sizes)
+            # sites whose factors share one posterior tensor (a mixture's latent and its
+            # observation: one (K, N) buffer, see _one_latent) share its arrangement too
+            key = (id(q), tuple(plate_dims + enum_syms), plate_shape + sizes)
+            joint = arranged.get(key)
+            if joint is None:
+                joint = arranged[key] = _arrange(q, plate_dims + enum_syms, plate_shape + sizes)
             post.joints[name] = (names, joint)
             own = site["infer"].get("_enumerate_symbol")
             if _validate.is_enumerated(site) and own in enum_syms:
@@ -1358,6 +1413,27 @@ class ExactEStep:
             if _is_tree_error(e):
                 raise _tree_error(tr, e) from e
             raise
+
+
+def _fused_log_prob(name: str, site: dict) -> None:
+    """Fill an observed Gaussian site's log-probs by the fused kernels (see
+    :mod:`pyro_emvae.kernels`), as ``Trace.compute_log_prob`` would, which then skips it; a
+    site they do not cover (or whose value the distribution refuses: the generic path then
+    raises with the trace's shapes) is left to it."""
+    if site["args"] or site["kwargs"]:
+        return
+    try:
+        lp = fused_log_prob(site["fn"], site["value"])
+    except (ValueError, RuntimeError):  # (the generic path raises it, with the trace's shapes)
+        return
+    if lp is None:
+        return
+    site["unscaled_log_prob"] = lp
+    site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
+    site["log_prob_sum"] = site["log_prob"].sum()
+    if is_validation_enabled():
+        warn_if_nan(site["log_prob_sum"], f"log_prob_sum at site '{name}'")
+        warn_if_inf(site["log_prob_sum"], f"log_prob_sum at site '{name}'", allow_neginf=True)
 
 
 def _not_enumerable_message(name: str, site: dict) -> str:

@@ -24,6 +24,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch.distributions import constraints, transform_to
 
 from pyro_emvae import distributed as dp
+from pyro_emvae import track as _track
 from pyro_emvae.checkpoint import load_optim_state
 from pyro_emvae.estep import ExactEStep, Posterior
 from pyro_emvae.rules import (
@@ -38,7 +39,7 @@ from pyro_emvae.rules import (
     summarize_site,
     unhandled_params,
 )
-from pyro_emvae.track import IdSpace, Tracked, probe
+from pyro_emvae.track import IdSpace, Tracked
 
 __all__ = ["ClosedFormWarning", "EMOptim", "GradientMStep", "OnlineEM", "StreamPass"]
 
@@ -154,6 +155,56 @@ class _Plan:
     plain_locs: frozenset = frozenset()  # MVN locs whose rows each meet one covariance
 
 
+class _PlanKey:
+    """What a plan depends on besides the plates' rows: the argument objects themselves (held,
+    compared by identity: the probe's trace holds their values, which the statistics read),
+    their shapes, dtypes, devices and in-place versions, and the param store's names, shapes,
+    dtypes and constraints. Checking it costs microseconds."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        self.objects = (*args, *(v for _, v in sorted(kwargs.items())))
+        self.names = tuple(sorted(kwargs))
+        self.meta = tuple(_meta(a) for a in self.objects)
+        store = pyro.get_param_store()
+        self.params = tuple(
+            (n, tuple(v.shape), v.dtype, v.device, id(store._constraints.get(n)))
+            for n, v in store._params.items()
+        )
+
+    def matches(self, other: _PlanKey) -> bool:
+        return (
+            len(self.objects) == len(other.objects)
+            and self.names == other.names
+            and all(a is b for a, b in zip(self.objects, other.objects))
+            and self.meta == other.meta
+            and self.params == other.params
+        )
+
+
+def _meta(a) -> tuple:
+    if isinstance(a, torch.Tensor):
+        return (tuple(a.shape), a.dtype, a.device, a._version)
+    return ()
+
+
+def _same_rows(trace, subsample) -> bool:
+    """Whether ``subsample`` (the E-step's plate subsample sites) selects the same rows as the
+    probe's ``trace`` did (no subsample sites: a model without plates)."""
+    sites = subsample.nodes if subsample is not None else {}
+    probed = {
+        n: s
+        for n, s in trace.nodes.items()
+        if s["type"] == "sample" and isinstance(s["fn"], _Subsample)
+    }
+    if set(sites) != set(probed):
+        return not sites  # (a probe made without the E-step's subsample trace)
+    for name, site in sites.items():
+        old, new = probed[name]["value"], site["value"]
+        if old is not new and not (old.shape == new.shape and torch.equal(old, new)):
+            return False
+    return True
+
+
 @dataclass
 class StreamPass:
     """What one pass over a stream gathered: the total :math:`\\log p(x)` at the pass's params,
@@ -234,7 +285,7 @@ class EMOptim:
         self._warned = False  # a ClosedFormWarning was given in this run
         self._prev: dict | None = None
         self._plan: _Plan | None = None
-        self._plan_key: tuple | None = None
+        self._plan_key: _PlanKey | None = None
         self._two_pass: bool | None = None  # streaming: whether stage 1 needs its own pass
 
     needs_param_grads = False
@@ -249,29 +300,29 @@ class EMOptim:
     def plan(
         self, guide: ExactEStep, args: tuple, kwargs: dict, subsample=None, cache: bool = True
     ) -> _Plan:
-        """Probe the model (once per set of args, unless ``cache`` is False; on the E-step's
-        minibatch ``subsample``, a trace of the plates' subsample sites, when the model
-        subsamples) and split its params."""
-        key = tuple(
-            (id(a), tuple(a.shape)) if isinstance(a, torch.Tensor) else id(a)
-            for a in (*args, *sorted(kwargs.items()))
-        )
-        if (subsample is not None and len(subsample.nodes)) or not cache:
-            # a new minibatch each E-step, or a stream (whose freed batches' ids come back):
-            # probe the one the E-step saw
-            key = None
+        """Probe the model and split its params: once per fit, unless ``cache`` is False.
+
+        The plan depends on the model's structure, not on the params' values, so it is
+        reused while what it depends on stays the same (:class:`_PlanKey`): the same argument
+        objects (unchanged in place, same shapes and dtypes), the same params (names, shapes,
+        constraints), and the same rows of every plate (``subsample``, the E-step's trace of
+        the plates' subsample sites: a plate that does not subsample has the same full range
+        each time; a new minibatch is probed again, on its rows). A plan with gradient params
+        is probed again at each call: its trace holds the values of the arguments no param
+        tracks, some of them functions of the gradient params (a scale = softplus(ρ)), which
+        move."""
+        key = _PlanKey(args, kwargs)
         if (
-            self._plan is not None
-            and key is not None
-            and key == self._plan_key
-            # the probe's trace holds the values of the arguments no param tracks, some of
-            # them functions of the gradient params (a scale = softplus(ρ)): a plan with
-            # gradient params is probed again at their new values
+            cache
+            and self._plan is not None
             and not self._plan.gradient
+            and self._plan_key is not None
+            and self._plan_key.matches(key)
+            and _same_rows(self._plan.trace, subsample)
         ):
             return self._plan
         depth = guide._plate_nesting(args, kwargs)
-        trace, space = probe(guide.model, args, kwargs, depth, replay=subsample)
+        trace, space = _track.probe(guide.model, args, kwargs, depth, replay=subsample)
         reasons: dict[str, str] = {
             n: "used by an operation no rule sees through" for n in space.opaque
         }
@@ -317,7 +368,7 @@ class EMOptim:
         gradient = [p for p in space.offsets if p not in closed]
         role = {p: next(iter(r)) for p, r in roles.items() if len(r) == 1}
         self._plan = _Plan(trace, space, closed, gradient, reasons, role, frozenset(plain_locs))
-        self._plan_key = key
+        self._plan_key = _PlanKey(args, kwargs)  # (after the probe: it may create params)
         return self._plan
 
     # ---------------------------------------------------------------- statistics
@@ -336,7 +387,9 @@ class EMOptim:
         given; ``reads`` (bool over the id space), if given, marks the ids they read."""
         for name, site in posterior.subsample.nodes.items() if posterior.subsample else ():
             probed = plan.trace.nodes.get(name)
-            if probed is None or not torch.equal(probed["value"], site["value"]):
+            if probed is None or not (
+                probed["value"] is site["value"] or torch.equal(probed["value"], site["value"])
+            ):
                 raise ValueError(
                     f"the plan was probed on another minibatch of plate '{name}' than the "
                     "posterior's; make it with plan(guide, args, kwargs, posterior.subsample)"
@@ -373,7 +426,9 @@ class EMOptim:
                 if site["mask"] is not None:
                     weight = weight * site["mask"]
             scale = site["scale"]
-            summarize_site(site["fn"], site["value"], weight * scale, stats, stage, current)
+            if not (isinstance(scale, (int, float)) and scale == 1):  # (no (K, N) copy)
+                weight = weight * scale
+            summarize_site(site["fn"], site["value"], weight, stats, stage, current)
         return stats
 
     # ---------------------------------------------------------------- maximization

@@ -47,6 +47,7 @@ import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 from torch.distributions import constraints
 
+from pyro_emvae.kernels import outer_scatter
 from pyro_emvae.track import Tracked
 
 __all__ = [
@@ -280,7 +281,16 @@ def _normal(fn, value, weight, stats, stage, current) -> None:
         stats.add("mean_num", loc.ids, weight, prec, value)
         stats.add("mean_den", loc.ids, weight, prec)
     if stage == 1 and isinstance(scale, Tracked) and scale.form == "value":
-        resid = value - current(loc)
+        ids, mu = _compact(scale.ids), current(loc)
+        # a mixture's outer product (locs along the components, data along the plate): the
+        # sums per component without the (K, N, D) residual, chunk by chunk
+        fused = outer_scatter(weight, value, mu, ids.shape, event=0, outer=False)
+        if fused is not None:
+            den, num = fused
+            stats.add("var_num", ids, num)
+            stats.add("var_den", ids, den)
+            return
+        resid = value - mu
         stats.add("var_num", scale.ids, weight, resid**2)
         stats.add("var_den", scale.ids, weight)
 
@@ -302,10 +312,19 @@ def _mvn(fn, value, weight, stats, stage, current) -> None:
         if mat.form != "value":
             return
         mat = mat.expand(fn.batch_shape + mat.shape[-2:])  # one matrix per position
-        resid = value - current(loc)
-        w = weight.unsqueeze(-1).unsqueeze(-1)
-        stats.add("cov_num", mat.ids, w, resid.unsqueeze(-1), resid.unsqueeze(-2))
-        stats.add("cov_den", mat.ids, w)
+        ids, mu = _compact(mat.ids), current(loc)
+        # a mixture's outer product: per-component scatter matrices chunk by chunk, without
+        # the (K, N, D) residual (same formula, centred at each component's loc)
+        fused = outer_scatter(weight, value, mu, ids.shape[:-2], event=1, outer=True)
+        if fused is not None:
+            den, num = fused
+            stats.add("cov_num", ids, num)
+            stats.add("cov_den", ids, den.unsqueeze(-1).unsqueeze(-1))
+        else:
+            resid = value - mu
+            w = weight.unsqueeze(-1).unsqueeze(-1)
+            stats.add("cov_num", mat.ids, w, resid.unsqueeze(-1), resid.unsqueeze(-2))
+            stats.add("cov_den", mat.ids, w)
         kind = {"_unbroadcasted_scale_tril": "scale_tril"}.get(key, key)
         stats.forms[int(mat.ids[(0,) * mat.ids.dim()])] = kind  # no copy of the expanded ids
         stats.add("matmark", mat.ids, _one(mat))

@@ -1,0 +1,321 @@
+"""Fused kernels for Gaussian sites under the outer-product broadcast of a mixture.
+
+Under parallel enumeration a mixture's observed site has parameters that vary only along the
+enumerated dims (``locs[z]``: ``(K, 1, D)``) and a value that varies only along the plate dims
+(``x``: ``(N, D)``). The generic ``log_prob`` then materializes the broadcast ``(K, N, D)``
+(several times: the residual, the triangular solve, its square), and so do the M-step's
+residual statistics. The kernels here compute the same numbers from the ``M`` distinct
+parameter rows and the ``N`` distinct value rows, in row chunks of :data:`CHUNK`, so the
+temporaries stay ``(CHUNK, M * D)`` whatever ``N`` is:
+
+* :func:`fused_log_prob`: all ``M x N`` log-densities of a ``MultivariateNormal`` by one GEMM,
+  :math:`Y = (X - c) P - (\\mu - c) P` with the stacked precision Cholesky factors
+  :math:`P_m = L_m^{-\\top}` (``(D, M D)``), :math:`\\log p = -\\tfrac12\\lVert Y_m\\rVert^2 -
+  \\log|L_m| - \\tfrac D2 \\log 2\\pi` (``c`` the mean of the locs, so that the two products are
+  of the data's spread, not of its distance to the origin); and of a diagonal ``Normal`` under
+  ``Independent`` by the residual per chunk.
+* :func:`outer_scatter`: :math:`W_m = \\sum_n w_{mn}` and
+  :math:`S_m = \\sum_n w_{mn} (x_n - \\mu_m)(x_n - \\mu_m)^\\top` (or its diagonal, elementwise
+  along dims both vary along), centred at each row's own loc, chunk by chunk: the same formula
+  as the generic path's, so no cancellation.
+
+Each returns None when the site does not have that structure (params and value varying along a
+common batch dim, other families, wrappers it does not know): the caller then runs the generic
+path. The structure is read from shapes and strides (a dim of size > 1 and nonzero stride
+varies), never from names.
+
+Example::
+
+    >>> import torch, pyro.distributions as dist
+    >>> locs, x = torch.randn(3, 1, 2), torch.randn(5, 2)
+    >>> fn = dist.MultivariateNormal(locs, scale_tril=torch.eye(2).expand(3, 1, 2, 2))
+    >>> torch.allclose(fused_log_prob(fn, x), fn.log_prob(x))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.distributions.util import scale_and_mask, sum_rightmost
+
+__all__ = ["CHUNK", "fused_log_prob", "outer_scatter"]
+
+CHUNK = 2048  # rows per chunk: (CHUNK, M * D) temporaries stay in cache
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_MVN = (torch.distributions.MultivariateNormal,)
+_NORMAL = (torch.distributions.Normal,)
+
+
+def _varies(t: torch.Tensor, n: int) -> list[bool]:
+    """Per dim of ``t``'s first ``n`` dims (left-padded to ``n``): size > 1 and stride != 0."""
+    pad = n - t.dim()
+    return [False] * pad + [s > 1 and st != 0 for s, st in zip(t.shape, t.stride())]
+
+
+def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t.reshape((1,) * (n - t.dim()) + t.shape) if t.dim() < n else t
+
+
+def _take(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
+    """``t`` (batch dims broadcastable to ``batch``, then ``len(tail)`` dims broadcastable to
+    ``tail``) reduced to the batch dims ``dims``, in that order: shape
+    ``[batch[d] for d in dims] + tail``. Elsewhere it takes entry 0 (it does not vary there)."""
+    n = len(batch)
+    t = _pad(t, n + len(tail))
+    t = t[tuple(slice(None) if d in dims else 0 for d in range(n))]
+    srt = sorted(dims)
+    t = t.expand([batch[d] for d in srt] + list(tail))
+    return t.permute([srt.index(d) for d in dims] + [len(dims) + i for i in range(len(tail))])
+
+
+def _flat(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
+    """:func:`_take`, with ``dims`` flattened into one leading dim."""
+    return _take(t, dims, batch, tail).reshape((-1,) + tuple(tail))
+
+
+def _chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield start, min(start + CHUNK, n)
+
+
+# ------------------------------------------------------------------------------ log-likelihood
+def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
+    """``fn.log_prob(value)`` by the fused kernels, or None where they do not apply.
+
+    Handles ``MultivariateNormal`` and ``Independent(Normal)`` (a diagonal Gaussian), also under
+    ``MaskedDistribution`` (``fn.mask(m)``), ``ExpandedDistribution`` and, for the
+    multivariate normal, ``Independent``; batch dims of the params anywhere, as long as no
+    batch dim is one that both the params and the value vary along.
+    """
+    if fn._validate_args:  # what the generic log_prob checks first (support, shapes)
+        fn._validate_sample(value)
+    if isinstance(fn, MaskedDistribution):
+        if fn._mask is False:
+            return None
+        lp = fused_log_prob(fn.base_dist, value)
+        if lp is None or fn._mask is True:
+            return lp
+        return scale_and_mask(lp, mask=fn._mask)
+    if isinstance(fn, dist.ExpandedDistribution):
+        lp = fused_log_prob(fn.base_dist, value)
+        if lp is None:
+            return None
+        return lp.expand(
+            torch.broadcast_shapes(fn.batch_shape, value.shape[: -fn.event_dim or None])
+        )
+    if isinstance(fn, torch.distributions.Independent):
+        base, n = fn.base_dist, fn.reinterpreted_batch_ndims
+        if type(base) in (dist.Normal, torch.distributions.Normal):
+            return _diag_normal(base.loc, base.scale, value, n)
+        if type(base) in (dist.MultivariateNormal, torch.distributions.MultivariateNormal):
+            lp = _mvn(base, value)
+            return None if lp is None else sum_rightmost(lp, n)
+        return None
+    if type(fn) in (dist.MultivariateNormal, torch.distributions.MultivariateNormal):
+        return _mvn(fn, value)
+    return None
+
+
+def _layout(params: list[tuple[torch.Tensor, int]], value: torch.Tensor, event: int):
+    """Split the broadcast batch dims: those some param varies along (``pd``), those the value
+    varies along (``vd``); None if a dim is both. ``params`` are ``(tensor, its event dims)``."""
+    batch = torch.broadcast_shapes(
+        *(t.shape[: t.dim() - e] for t, e in params), value.shape[: value.dim() - event]
+    )
+    n = len(batch)
+    pv = [False] * n
+    for t, e in params:
+        bt = t[(Ellipsis,) + (0,) * e] if e else t  # (a view: strides kept)
+        pv = [a or b for a, b in zip(pv, _varies(bt, n))]
+    vb = value[(Ellipsis,) + (0,) * event] if event else value
+    vv = _varies(vb, n)
+    if any(a and b for a, b in zip(pv, vv)):
+        return None
+    pd = [d for d in range(n) if pv[d]]
+    vd = [d for d in range(n) if vv[d]]
+    return batch, pd, vd
+
+
+def _place(out: torch.Tensor, batch, pd: list[int], vd: list[int]) -> torch.Tensor:
+    """``out`` ``(M, N)`` over (the param dims, the value dims) back into ``batch``'s layout."""
+    n = len(batch)
+    sizes = [batch[d] for d in pd] + [batch[d] for d in vd]
+    out = out.reshape(sizes)
+    order = sorted(range(len(pd) + len(vd)), key=lambda i: (pd + vd)[i])
+    out = out.permute(order)
+    shape = [batch[d] if d in pd or d in vd else 1 for d in range(n)]
+    return out.reshape(shape).expand(batch)
+
+
+def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
+    tril = fn._unbroadcasted_scale_tril
+    layout = _layout([(fn.loc, 1), (tril, 2)], value, 1)
+    if layout is None:
+        return None
+    batch, pd, vd = layout
+    d = value.shape[-1]
+    dtype = torch.promote_types(fn.loc.dtype, value.dtype)
+    sizes = [batch[i] for i in pd]
+    loc = _flat(fn.loc, pd, batch, (d,)).to(dtype)  # (M, D)
+    tril = _flat(tril, pd, batch, (d, d)).to(dtype)  # (M, D, D)
+    x = _flat(value, vd, batch, (d,)).to(dtype)  # (N, D)
+    m = max(math.prod(sizes), 1)
+    eye = torch.eye(d, dtype=dtype, device=tril.device)
+    prec = torch.linalg.solve_triangular(tril, eye.expand(tril.shape), upper=False).mT
+    centre = loc.mean(0)
+    # row-vector form: ((x - c) - (mu - c))^T L^{-T}, all M blocks side by side
+    stacked = prec.permute(1, 0, 2).reshape(d, m * d)
+    shift = torch.einsum("md,mde->me", loc - centre, prec).reshape(m * d)
+    const = -tril.diagonal(dim1=-2, dim2=-1).log().sum(-1) - d * _HALF_LOG_2PI  # (M,)
+    grad = torch.is_grad_enabled() and (fn.loc.requires_grad or tril.requires_grad)
+
+    def block(a: int, b: int) -> torch.Tensor:
+        y = torch.addmm(shift, x[a:b] - centre, stacked, beta=-1)
+        y = y.square() if grad else y.square_()
+        return y.view(b - a, m, d).sum(-1).T  # (M, c)
+
+    return _place(_assemble(block, x.shape[0], const, grad), batch, pd, vd)
+
+
+def _diag_normal(loc, scale, value, event: int) -> torch.Tensor | None:
+    if event < 1:
+        return None
+    layout = _layout([(loc, event), (scale, event)], value, event)
+    if layout is None:
+        return None
+    batch, pd, vd = layout
+    ev = torch.broadcast_shapes(
+        loc.shape[loc.dim() - event :],
+        scale.shape[scale.dim() - event :],
+        value.shape[value.dim() - event :],
+    )
+    dtype = torch.promote_types(torch.promote_types(loc.dtype, scale.dtype), value.dtype)
+    loc = _flat(loc, pd, batch, ev).reshape(-1, math.prod(ev))
+    scale = _flat(scale, pd, batch, ev).reshape(-1, math.prod(ev))
+    x = _flat(value, vd, batch, ev).reshape(-1, math.prod(ev)).to(dtype)
+    loc, scale = loc.to(dtype), scale.to(dtype)
+    inv = scale.reciprocal()
+    const = -scale.log().sum(-1) - loc.shape[-1] * _HALF_LOG_2PI  # (M,)
+    grad = torch.is_grad_enabled() and (loc.requires_grad or scale.requires_grad)
+
+    def block(a: int, b: int) -> torch.Tensor:
+        z = (x[a:b].unsqueeze(0) - loc.unsqueeze(1)) * inv.unsqueeze(1)  # (M, c, E)
+        z = z.square() if grad else z.square_()
+        return z.sum(-1)  # (M, c)
+
+    return _place(_assemble(block, x.shape[0], const, grad), batch, pd, vd)
+
+
+def _assemble(block, rows: int, const: torch.Tensor, grad: bool) -> torch.Tensor:
+    """``const - maha / 2`` as ``(M, rows)`` from the chunks ``block(a, b)`` of the squared
+    distances: written into one output (no ``(M, N)`` temporaries) unless autograd records it
+    (then concatenated, which it can differentiate)."""
+    if grad:
+        parts = [block(a, b) for a, b in _chunks(rows)]
+        maha = torch.cat(parts, 1) if len(parts) != 1 else parts[0]
+        return const.unsqueeze(-1) - 0.5 * maha
+    out = torch.empty(const.shape[0], rows, dtype=const.dtype, device=const.device)
+    for a, b in _chunks(rows):
+        out[:, a:b] = const.unsqueeze(-1) - 0.5 * block(a, b)
+    return out
+
+
+# ------------------------------------------------------------------------------ statistics
+def outer_scatter(
+    weight: torch.Tensor,
+    value: torch.Tensor,
+    loc: torch.Tensor,
+    param_batch: torch.Size,
+    event: int,
+    outer: bool,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Weighted residual statistics without the ``(M, N, ...)`` broadcast.
+
+    With ``outer=True`` (a multivariate normal: ``event`` = 1, the loc's last dim the vector):
+    :math:`W_m = \\sum_n w_{mn}` and :math:`S_m = \\sum_n w_{mn} (x_n - \\mu_m)(x_n - \\mu_m)^\\top`;
+    with ``outer=False`` (elementwise; ``event`` = 0): :math:`W_m = \\sum_n w_{mn}` and
+    :math:`S_{m} = \\sum_n w_{mn} (x_{n} - \\mu_{m})^2` at every element, with the dims both
+    the loc and the value vary along (the coordinates of a diagonal Gaussian) kept
+    elementwise.
+
+    Args:
+        weight: broadcastable to the batch shape (for ``outer=False``, the whole shape).
+        value: the site's value; loc: the current locs (compact: size 1 where not varying).
+        param_batch: the batch shape of whatever else the statistics are indexed by (the
+            covariance or scale ids, compact), whose varying dims count as param dims.
+
+    Returns:
+        ``(W, S)`` in the broadcast batch layout (size 1 along the value's dims): ``W`` of
+        shape ``batch``, ``S`` of shape ``batch + (D, D)`` (``outer``), or ``S`` the same shape
+        as ``W`` (elementwise); None if the layout is not an outer product (the weight varies
+        along an elementwise dim, or a param batch dim is also a value dim).
+    """
+    dtype = torch.promote_types(torch.promote_types(weight.dtype, value.dtype), loc.dtype)
+    batch = torch.broadcast_shapes(
+        weight.shape,
+        loc.shape[: loc.dim() - event],
+        value.shape[: value.dim() - event],
+        param_batch,
+    )
+    n = len(batch)
+    w = weight
+    lv = _varies(loc[(Ellipsis,) + (0,) * event] if event else loc, n)
+    iv = [False] * (n - len(param_batch)) + [s > 1 for s in param_batch]
+    pv = [a or b for a, b in zip(lv, iv)]
+    vb = value[(Ellipsis,) + (0,) * event] if event else value
+    vv = _varies(vb, n)
+    wv = _varies(w, n)
+    both = [d for d in range(n) if pv[d] and vv[d]]
+    if outer and both:
+        return None
+    if any(wv[d] for d in both):
+        return None
+    pd = [d for d in range(n) if pv[d] and d not in both]
+    vd = [d for d in range(n) if vv[d] and d not in both]
+    # a dim only the weight varies along: nothing else depends on it, so sum it out first
+    spare = [d for d in range(n) if wv[d] and not pv[d] and not vv[d]]
+    w = _pad(w, n)
+    if spare:
+        w = w.sum(spare, keepdim=True)
+    # a dim nothing varies along (all broadcast) repeats every term, as the generic sums count
+    repeats = math.prod(
+        batch[d] for d in range(n) if batch[d] > 1 and not (pv[d] or vv[d] or wv[d])
+    )
+    if repeats != 1:
+        w = w * repeats
+    sizes_p = [batch[d] for d in pd]
+    m = max(math.prod(sizes_p), 1)
+    # weight as (M, N): param dims first, then value dims
+    wfull = _take(w, pd + vd, batch).reshape(m, -1).to(dtype)
+    if outer:
+        d_ = value.shape[-1]
+        x = _flat(value, vd, batch, (d_,)).to(dtype)  # (N, D)
+        mu = _flat(loc, pd, batch, (d_,)).to(dtype)  # (M, D)
+        d_ = x.shape[-1]
+        s = torch.zeros(m, d_, d_, dtype=dtype, device=x.device)
+        for a, b in _chunks(x.shape[0]):
+            diff = x[a:b].unsqueeze(0) - mu.unsqueeze(1)  # (M, c, D)
+            s.baddbmm_((wfull[:, a:b].unsqueeze(-1) * diff).mT, diff)
+        big = [batch[d] if d in pd else 1 for d in range(n)]
+        return wfull.sum(1).reshape(big), s.reshape(big + [d_, d_])
+    # elementwise: the dims both vary along are the coordinates E
+    ev = [batch[d] for d in both]
+    e = max(math.prod(ev), 1)
+    mu = _take(loc, pd + both, batch).reshape(m, e).to(dtype)
+    x = _take(value, vd + both, batch).reshape(-1, e).to(dtype)
+    s = torch.zeros(m, e, dtype=dtype, device=x.device)
+    for a, b in _chunks(x.shape[0]):
+        diff = x[a:b].unsqueeze(0) - mu.unsqueeze(1)  # (M, c, E)
+        s += torch.bmm(wfull[:, a:b].unsqueeze(1), diff.square_()).squeeze(1)
+    big = [batch[d] if d in pd else 1 for d in range(n)]
+    keep = sorted(pd + both)
+    order = [(pd + both).index(d) for d in keep]
+    out_s = s.reshape(sizes_p + ev).permute(order)
+    out_s = out_s.reshape([batch[d] if d in keep else 1 for d in range(n)])
+    # the weight counts once per coordinate (as each coordinate's statistic does)
+    den = wfull.sum(1).reshape(big).expand(out_s.shape)
+    return den, out_s
