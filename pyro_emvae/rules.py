@@ -1013,7 +1013,12 @@ def _least_squares(ctx: MStepContext):
         b = torch.where(free, rhs, theta)
         empty = ~(a.diagonal(dim1=-2, dim2=-1) > 0).all(-1)
         chol, info = torch.linalg.cholesky_ex(a)
-        singular = ~empty & (info > 0)
+        # singular: no factor, or a pivot lost to round-off (a rank-deficient design factors
+        # with a pivot of the order of eps times the largest diagonal entry)
+        pivots = chol.diagonal(dim1=-2, dim2=-1) ** 2
+        scale = a.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True)
+        tiny = (pivots <= 1e3 * p * torch.finfo(a.dtype).eps * scale).any(-1)
+        singular = ~empty & ((info > 0) | tiny)
         if empty.any():
             ctx.warn(
                 f"param '{ctx.name}': the linear locs of blocks {blocks[empty].tolist()} (their "
