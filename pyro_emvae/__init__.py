@@ -16,6 +16,7 @@ from pyro_emvae.evaluate import (
 from pyro_emvae.fit import ConvergenceWarning, FitResult, fit
 from pyro_emvae.init import KMeansFallbackWarning
 from pyro_emvae.optim import ClosedFormWarning, EMOptim, GradientMStep, OnlineEM
+from pyro_emvae.rules import MStepContext, Rule, register_rule
 from pyro_emvae.stream import Batches, NpyChunks
 from pyro_emvae.validate import ModelInputError, PrecisionWarning
 
@@ -36,6 +37,7 @@ __all__ = [
     "KLControlledELBO",
     "KMeansFallbackWarning",
     "LogMarginal",
+    "MStepContext",
     "MeanFieldGuide",
     "ModelInputError",
     "NpyChunks",
@@ -43,12 +45,14 @@ __all__ = [
     "PointEstimateWarning",
     "Posterior",
     "PrecisionWarning",
+    "Rule",
     "__version__",
     "amortization_gap",
     "diagnostics",
     "fit",
     "linear_warmup",
     "log_marginal",
+    "register_rule",
     "score",
     "to_inference_data",
 ]

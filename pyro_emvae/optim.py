@@ -28,10 +28,11 @@ from pyro_emvae import track as _track
 from pyro_emvae.checkpoint import load_optim_state
 from pyro_emvae.estep import ExactEStep, Posterior
 from pyro_emvae.rules import (
+    MAXIMIZERS,
+    MStepContext,
     Stats,
     _compact,
     _tracked,
-    constraint_bounds,
     constraint_problem,
     leaves,
     roles_of,
@@ -443,187 +444,37 @@ class EMOptim:
         to ``self.allowance`` (nats): the guard tolerates that much of a drop in
         :math:`\\log p(x)` after a closed-form step, and no more."""
         store = pyro.get_param_store()
-        new = {}
-        sums = stats.sums
+        new: dict[str, torch.Tensor] = {}
         for name in plan.closed_form:
-            o, shape = plan.space.offsets[name], plan.space.shapes[name]
-            sl = slice(o, o + math.prod(shape))
-            cur = store[name].detach().clone().reshape(-1)
-            constraint = store._constraints[name]
-            changed = False
-            if stage == 0 and "rowmark" in sums and sums["rowmark"][sl].any():
-                last = shape[-1]
-                counts = sums["count"][sl].reshape(-1, last) + (self.dirichlet - 1.0)
-                rows = sums["rowmark"][sl].reshape(-1, last).any(-1)
-                total = counts.sum(-1, keepdim=True)
-                empty = rows & (total.squeeze(-1) <= 0)
-                if empty.any():
-                    warnings.warn(
-                        f"param '{name}': rows {empty.nonzero().flatten().tolist()} "
-                        "have no posterior mass; kept at their current values "
-                        "(use dirichlet > 1 to regularize)",
-                        stacklevel=4,
-                    )
-                ok = rows & ~empty
-                exact = counts / total.clamp_min(1e-300)
-                probs = exact.clamp(self.min_prob, 1 - self.min_prob)
-                probs = probs / probs.sum(-1, keepdim=True)
-                # what the clamp costs (nats): the counts' log-likelihood at the exact maximizer
-                # minus at the clamped one
-                c = counts[ok]
-                self.allowance += float(
-                    (torch.xlogy(c, exact[ok]) - torch.xlogy(c, probs[ok])).sum().clamp_min(0)
-                )
-                cur = cur.reshape(-1, last)
-                cur[ok] = probs[ok].to(cur.dtype)
-                cur = cur.reshape(-1)
-                changed = True
-            if stage == 0 and "mean_den" in sums:
-                den, num = sums["mean_den"][sl], sums["mean_num"][sl]
-                ok = den > 0
-                _warn_empty(name, stats.touched["mean_den"][sl] & ~ok)
-                if ok.any():
-                    cur[ok] = self._elementwise(name, plan, constraint, shape, ok, num, den)
-                    changed = True
-            if stage == 0 and "mvn_pnum" in sums and stats.touched["mvn_pnum"][sl].any():
-                cur = self._precision_weighted_locs(name, shape, cur, stats, sl)
-                changed = True
-            if stage == 1 and "var_den" in sums:
-                den, num = sums["var_den"][sl], sums["var_num"][sl]
-                ok = den > 0
-                _warn_empty(name, stats.touched["var_den"][sl] & ~ok)
-                if ok.any():
-                    var = num[ok] / den[ok] + self.reg_covar
-                    if (var <= 0).any():
-                        bad = ok.nonzero().flatten()[var <= 0].tolist()
-                        raise FloatingPointError(
-                            f"param '{name}': the variance of elements {bad} collapsed to 0 (a "
-                            "component on a single point, or a constant feature); raise "
-                            f"reg_covar (now {self.reg_covar})"
-                        )
-                    lo, hi = self._bounds(constraint, shape, ok, var)
-                    sigma = var.sqrt().clamp(lo, hi)
-                    # the maximizer without reg_covar, within the bounds (σ ↦ E log p is
-                    # unimodal): what reg_covar may cost is the difference
-                    ml = num[ok] / den[ok]
-                    best = ml.sqrt().clamp(lo, hi)
-
-                    def q(s, ml=ml, d=den[ok]):
-                        return -0.5 * d * (torch.log(s**2) + ml / s**2)
-
-                    # (a variance of 0 without reg_covar: an unbounded likelihood, any cost)
-                    cost = torch.where(best > 0, q(best) - q(sigma), math.inf)
-                    self.allowance += float(cost.clamp_min(0).sum())
-                    cur[ok] = sigma
-                    changed = True
-            if stage == 1 and "matmark" in sums and sums["matmark"][sl].any():
-                cur = self._covariances(name, shape, cur, sums, sl, stats)
-                changed = True
-            if changed:
-                new[name] = cur.reshape(shape)
-        return new
-
-    def _bounds(self, constraint, shape, ok: torch.Tensor, like: torch.Tensor) -> tuple:
-        """The interval the elements ``ok`` of a param with ``constraint`` are clipped to:
-        strictly inside its bounds (the transforms of the param store reach them only at
-        ±inf), by 1e-12 (at least a few ulps) of the interval's width, or of
-        ``max(1, |bound|)`` for a half-line; in ``like``'s dtype and device."""
-        lower, upper = constraint_bounds(constraint)
-        margin = max(_MARGIN, 8 * torch.finfo(like.dtype).eps)
-        as_like = {"dtype": like.dtype, "device": like.device}  # (ok: on the params' device)
-        lo = torch.as_tensor(lower, **as_like).expand(shape).reshape(-1)[ok.to(like.device)]
-        hi = torch.as_tensor(upper, **as_like).expand(shape).reshape(-1)[ok.to(like.device)]
-        finite_lo, finite_hi = torch.isfinite(lo), torch.isfinite(hi)
-        width = torch.where(
-            finite_lo & finite_hi,
-            hi - lo,
-            torch.where(finite_lo, lo.abs(), hi.abs()).nan_to_num(1.0, 1.0).clamp_min(1.0),
-        )
-        lo = torch.where(finite_lo, lo + margin * width, lo)
-        hi = torch.where(finite_hi, hi - margin * width, hi)
-        return lo, hi
-
-    def _elementwise(self, name, plan, constraint, shape, ok, num, den) -> torch.Tensor:
-        """A mean-like update ``num / den`` (a loc, rate or probability) of the elements ``ok``,
-        clipped into the constraint (exact: each element's objective is concave) and into the
-        family's own range (probabilities in [min_prob, 1 - min_prob], rates >= min_prob)."""
-        a, b = num[ok], den[ok]
-        value = a / b
-        lo, hi = self._bounds(constraint, shape, ok, value)
-        best = torch.minimum(torch.maximum(value, lo), hi)
-        role = plan.roles.get(name)
-        if role == "probability":
-            final = best.clamp(self.min_prob, 1 - self.min_prob)
-            q = lambda p: torch.xlogy(a, p) + torch.xlogy(b - a, 1 - p)
-        elif role == "rate":
-            final = best.clamp_min(self.min_prob)
-            q = lambda r: torch.xlogy(a, r) - b * r
-        else:
-            return best
-        # (the family's range may cut the constrained maximizer: what that costs)
-        self.allowance += float((q(best) - q(final)).nan_to_num(0.0).clamp_min(0).sum())
-        return final
-
-    def _precision_weighted_locs(self, name, shape, cur, stats, sl) -> torch.Tensor:
-        """Each row of a MultivariateNormal loc met under different covariances:
-        :math:`\\mu = (\\sum w P)^{-1} \\sum w P x`, one D x D solve per row."""
-        d = shape[-1]
-        a = stats.sums[f"mvn_prec:{d}"][sl.start * d : sl.stop * d].reshape(-1, d, d)
-        b = stats.sums["mvn_pnum"][sl].reshape(-1, d)
-        used = stats.touched["mvn_pnum"][sl].reshape(-1, d).any(-1)
-        empty = used & ~(a.diagonal(dim1=-2, dim2=-1) > 0).all(-1)
-        if empty.any():
-            warnings.warn(
-                f"param '{name}': rows {empty.nonzero().flatten().tolist()} have no posterior "
-                "mass (an empty component); kept at their current values",
-                stacklevel=5,
+            role = plan.roles.get(name)
+            rule = MAXIMIZERS.get(role)
+            if name in new or rule is None or rule.stage_of(role) != stage:
+                continue  # (a rule updating several params at once already set this one)
+            ctx = MStepContext(
+                name=name,
+                role=role,
+                shape=plan.space.shapes[name],
+                offset=plan.space.offsets[name],
+                constraint=store._constraints[name],
+                current=store[name].detach().clone().reshape(-1),
+                stats=stats,
+                reg_covar=self.reg_covar,
+                dirichlet=self.dirichlet,
+                min_prob=self.min_prob,
+                space=plan.space,
+                closed_form=tuple(plan.closed_form),
             )
-        ok = used & ~empty
-        cur = cur.reshape(-1, d)
-        if ok.any():
-            a = 0.5 * (a[ok] + a[ok].mT)
-            chol, info = torch.linalg.cholesky_ex(a)
-            if info.any():
-                raise torch.linalg.LinAlgError(
-                    f"param '{name}': the summed precision of rows "
-                    f"{ok.nonzero().flatten()[info > 0].tolist()} is singular"
-                )
-            cur[ok] = torch.cholesky_solve(b[ok].unsqueeze(-1), chol).squeeze(-1).to(cur.dtype)
-        return cur.reshape(-1)
-
-    def _covariances(self, name, shape, cur, sums, sl, stats) -> torch.Tensor:
-        d = shape[-1]
-        num = sums["cov_num"][sl].reshape(-1, d, d)
-        den = sums["cov_den"][sl].reshape(-1, d, d)[:, 0, 0]
-        used = sums["matmark"][sl].reshape(-1, d, d)[:, 0, 0] > 0
-        kind = next(
-            (k for i, k in stats.forms.items() if sl.start <= i < sl.stop and k != "simplex"),
-            "scale_tril",
-        )
-        cur = cur.reshape(-1, d, d)
-        eye = torch.eye(d, dtype=num.dtype, device=num.device)
-        for m in used.nonzero().flatten().tolist():
-            if den[m] <= 0:
-                warnings.warn(
-                    f"param '{name}': matrix {m} has no posterior mass; kept", stacklevel=5
-                )
-                continue
-            ml = 0.5 * (num[m] + num[m].T) / den[m]
-            cov = ml + self.reg_covar * eye
-            if self.reg_covar > 0:
-                self.allowance += _reg_cost(ml, cov, float(den[m]))
-            if kind == "covariance_matrix":
-                cur[m] = cov
-                continue
-            chol, info = torch.linalg.cholesky_ex(cov)
-            if info:
-                raise torch.linalg.LinAlgError(
-                    f"param '{name}': the covariance of component {m} is singular (too few "
-                    f"points, or collapsed onto a subspace); raise reg_covar (now "
-                    f"{self.reg_covar})"
-                )
-            cur[m] = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
-        return cur.reshape(-1)
+            try:
+                value = rule.maximize(role, stats, ctx)
+            finally:
+                self.allowance += ctx.allowance
+                for message, category in ctx.warnings:
+                    warnings.warn(message, category, stacklevel=4)
+            if isinstance(value, dict):
+                new.update({n: v for n, v in value.items() if n not in new})
+            elif value is not None:
+                new[name] = value.reshape(ctx.shape)
+        return new
 
     # ---------------------------------------------------------------- the step
     def _objective(self, plan: _Plan, log_likelihood: float) -> float:
@@ -1030,15 +881,6 @@ class OnlineEM(EMOptim):
         )
 
 
-def _warn_empty(name: str, empty: torch.Tensor) -> None:
-    if empty.any():
-        warnings.warn(
-            f"param '{name}': elements {empty.nonzero().flatten().tolist()} have no posterior "
-            "mass (an empty component); kept at their current values",
-            stacklevel=5,
-        )
-
-
 def _flat_params(space: IdSpace) -> torch.Tensor:
     store = pyro.get_param_store()
     return torch.cat([store[n].detach().reshape(-1) for n in space.offsets])
@@ -1110,9 +952,6 @@ def _mvn_loc_sharing(sites, space: IdSpace, roles: dict, reasons: dict) -> set[s
     return plain
 
 
-_MARGIN = 1e-12  # how far inside its bounds an update clips a param (relative to the interval)
-
-
 def _slack(prev: dict, dtype) -> float:
     """How far log p(x) may fall after closed-form updates only: round-off (relative,
     :math:`\\max(10^{-8}, \\sqrt{\\epsilon})`) plus what their regularization may cost."""
@@ -1134,19 +973,6 @@ def _minibatch(posterior: Posterior) -> bool:
         and site["fn"].subsample_size < site["fn"].size
         for site in sub.nodes.values()
     )
-
-
-def _reg_cost(ml: torch.Tensor, cov: torch.Tensor, n: float) -> float:
-    """What a covariance ``cov`` (regularized) costs against the maximizer ``ml`` in the
-    expected log-likelihood of ``n`` (weighted) points:
-    :math:`\\tfrac n2 (\\log|C| - \\log|S| + \\mathrm{tr}(C^{-1} S) - d)`; infinite for a
-    singular ``ml`` (whose likelihood is unbounded)."""
-    sign, logdet_ml = torch.linalg.slogdet(ml)
-    if sign <= 0:
-        return math.inf
-    _, logdet = torch.linalg.slogdet(cov)
-    trace = torch.linalg.solve(cov, ml).diagonal().sum()
-    return max(0.0, 0.5 * n * float(logdet - logdet_ml + trace - ml.shape[-1]))
 
 
 def _dtype(plan: _Plan) -> torch.dtype:

@@ -41,7 +41,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
@@ -52,13 +54,17 @@ from pyro_emvae.track import Tracked
 
 __all__ = [
     "HANDLED",
+    "MAXIMIZERS",
     "ROLES",
     "RULES",
+    "MStepContext",
+    "Rule",
     "Stats",
     "constraint_bounds",
     "constraint_problem",
     "leaves",
     "register",
+    "register_rule",
     "roles_of",
     "summarize_site",
     "unhandled_params",
@@ -163,21 +169,286 @@ class Stats:
         return Stats(self.size).add_(self).add_(other)
 
 
-# A rule: rule(fn, value, weight, stats, stage, current) with ``weight`` broadcastable to
-# fn.log_prob(value); ``current(t)`` gives the current value of a (tracked) argument.
-Rule = Callable[..., None]
-RULES: dict[type, Rule] = {}
+# ---------------------------------------------------------------- rules and their registry
+class Rule:
+    """The closed-form M-step of a distribution family: which arguments it updates, in which
+    ECM stage, the statistics it adds, and the maximizer it computes from them.
+
+    A subclass declares
+
+    * ``families``: the distribution classes it reads (``dist.Gamma``, ...);
+    * ``arguments``: ``{attribute: {form: role}}``: the distribution attributes it updates,
+      the provenance forms it reads them in (:class:`~pyro_emvae.track.Tracked`'s ``form``:
+      ``"value"``, ``"log"``, ``"normalized"``, ``"linear"``) and the *role* each gets. A role
+      names one closed form: params are grouped by role (a param reaching two roles takes
+      gradient steps), and the rule that declares a role maximizes every param of it (families
+      sharing a role, as Poisson and Exponential share ``"rate"``, share its statistics);
+    * ``stage`` (0: locations, probabilities, rates; 1: scales, covariances, updated about the
+      new locations), or ``stages = {role: stage}`` where its roles differ;
+
+    and implements
+
+    * ``summarize(fn, value, weight, stats, stage, current)``: add this site's weighted
+      expected sufficient statistics for ``stage`` into ``stats`` (``stats.add(kind, ids,
+      *factors)`` sums ``prod(factors)`` at the param element ids ``ids``; ``weight`` is the
+      posterior weight of every position, broadcastable to ``fn.log_prob(value)``;
+      ``current(t)`` is the current value of a tracked argument ``t``);
+    * ``maximize(role, stats, ctx)``: the new constrained value of the param ``ctx.name``
+      (a tensor of ``ctx.shape``, a ``{name: value}`` dict for several params, or None to
+      keep it), read from ``ctx.stat(kind)`` (the param's slice of its statistics); see
+      :class:`MStepContext` for the options, bounds, allowance and warnings.
+
+    ``log_prob`` is an optional fused kernel: ``log_prob(fn, value)`` equal to
+    ``fn.log_prob(value)`` computed from the family's sufficient statistics (None: the E-step
+    uses the distribution's own). Register a rule with :func:`register_rule`.
+    """
+
+    families: ClassVar[tuple] = ()
+    arguments: ClassVar[dict[str, dict[str, str]]] = {}
+    stage: ClassVar[int] = 0
+    stages: ClassVar[dict[str, int]] = {}
+    log_prob: Callable | None = None
+
+    def stage_of(self, role: str) -> int:
+        """The ECM stage in which params of ``role`` are updated."""
+        return self.stages.get(role, self.stage)
+
+    def summarize(self, fn, value, weight, stats: Stats, stage: int, current) -> None:
+        raise NotImplementedError
+
+    def maximize(self, role: str, stats: Stats, ctx: MStepContext):
+        raise NotImplementedError
+
+    def constraint_problem(self, role: str, constraint) -> str | None:
+        """Why this rule's update of ``role`` cannot respect a param's ``constraint`` (None if
+        it can). The default: the built-in roles as :func:`constraint_problem` says; any other
+        role is elementwise (an unconstrained param, or one with elementwise bounds its
+        update is clipped into by :meth:`MStepContext.elementwise`)."""
+        return _constraint_problem(role, constraint)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f.__name__ for f in self.families)})"
 
 
-def register(*families: type) -> Callable[[Rule], Rule]:
-    """Register a closed-form rule for distribution families (as Pyro's KL registry does)."""
+# family -> the rule reading it (a Rule, or a plain summarize function: ``register``)
+RULES: dict[type, Rule | Callable[..., None]] = {}
+# family -> {attribute: forms} a rule reads, and {attribute: {form: role}}
+HANDLED: dict[type, dict[str, set[str]]] = {}
+ROLES: dict[type, dict[str, dict[str, str]]] = {}
+# role -> the rule whose ``maximize`` updates params of that role
+MAXIMIZERS: dict[str, Rule] = {}
 
-    def deco(rule: Rule) -> Rule:
+
+def register_rule(*families):
+    """Register a :class:`Rule` subclass for distribution families (as Pyro's
+    ``register_kl`` does); it then replaces any rule registered before for them. Use as
+    ``@register_rule`` (the class's own ``families``) or ``@register_rule(dist.Gamma)``.
+
+    Example (the rate of a Gamma with a fixed concentration α: the maximizer of
+    :math:`\\sum_n w_n (\\alpha \\log \\beta - \\beta x_n)` is
+    :math:`\\beta = \\alpha \\sum w / \\sum w x`)::
+
+        >>> import pyro.distributions as dist
+        >>> from pyro_emvae import Rule, register_rule
+        >>> @register_rule
+        ... class GammaRate(Rule):
+        ...     families = (dist.Gamma,)
+        ...     arguments = {"rate": {"value": "gamma_rate"}}
+        ...     def summarize(self, fn, value, weight, stats, stage, current):
+        ...         rate = fn.__dict__.get("rate")
+        ...         if stage == 0 and getattr(rate, "form", None) == "value":
+        ...             stats.add("gamma_num", rate.ids, weight, fn.concentration)
+        ...             stats.add("gamma_den", rate.ids, weight, value)
+        ...     def maximize(self, role, stats, ctx):
+        ...         return ctx.elementwise("gamma_num", "gamma_den")
+    """
+    if len(families) == 1 and isinstance(families[0], type) and issubclass(families[0], Rule):
+        cls = families[0]
+        _register(cls, cls.families)
+        return cls
+
+    def deco(cls: type[Rule]) -> type[Rule]:
+        _register(cls, families or cls.families)
+        return cls
+
+    return deco
+
+
+def _register(cls: type[Rule], families) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Rule)):
+        raise TypeError(f"register_rule registers a Rule subclass, got {cls!r}")
+    if not families:
+        raise ValueError(f"{cls.__name__} names no families (set `families` or pass them)")
+    rule = cls()
+    rule.families = tuple(families)
+    for f in families:
+        RULES[f] = rule
+        HANDLED[f] = {attr: set(forms) for attr, forms in rule.arguments.items()}
+        ROLES[f] = {attr: dict(forms) for attr, forms in rule.arguments.items()}
+    for forms in rule.arguments.values():
+        for role in forms.values():
+            MAXIMIZERS[role] = rule
+
+
+def register(*families: type) -> Callable:
+    """Register a plain summarize function ``rule(fn, value, weight, stats, stage, current)``
+    for families that keep the arguments, roles and maximizers already registered for them
+    (the older, summarize-only form of :func:`register_rule`)."""
+
+    def deco(rule):
         for f in families:
             RULES[f] = rule
         return rule
 
     return deco
+
+
+@dataclass
+class MStepContext:
+    """What :meth:`Rule.maximize` needs to update one param: its place in the statistics, the
+    :class:`~pyro_emvae.optim.EMOptim` options, and ways to record what regularization costs
+    and to warn.
+
+    Attributes:
+        name, role, shape, constraint: the param being updated.
+        offset: where its elements start in the global id space of the statistics.
+        current: its current constrained value, flattened (a copy: the rule may write in it).
+        reg_covar, dirichlet, min_prob: the EMOptim options.
+        space: the probe's :class:`~pyro_emvae.track.IdSpace` (``offsets``, ``shapes``).
+        closed_form: the params updated in closed form in this M-step.
+    """
+
+    name: str
+    role: str
+    shape: torch.Size
+    offset: int
+    constraint: Any
+    current: torch.Tensor
+    stats: Stats
+    reg_covar: float = 0.0
+    dirichlet: float = 1.0
+    min_prob: float = 0.0
+    space: Any = None
+    closed_form: tuple = ()
+    allowance: float = 0.0
+    warnings: list = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.numel)
+
+    def stat(self, kind: str) -> torch.Tensor | None:
+        """This param's slice of ``stats.sums[kind]`` (``numel * w`` entries for a kind
+        ``"name:w"``), or None when no site added that kind."""
+        vec = self.stats.sums.get(kind)
+        if vec is None:
+            return None
+        w = self.stats.length(kind) // self.stats.size
+        return vec[self.offset * w : (self.offset + self.numel) * w]
+
+    def touched(self, kind: str) -> torch.Tensor | None:
+        """Which of this param's elements some site reached with ``kind`` (None: no site)."""
+        seen = self.stats.touched.get(kind)
+        return None if seen is None else seen[self.slice]
+
+    def allow(self, nats: float) -> None:
+        """Record that the regularized update may cost ``nats`` of
+        :math:`\\mathbb{E}_q[\\log p(x, z)]` against the plain maximizer: EMOptim's guard
+        tolerates that much of a drop in :math:`\\log p(x)` and no more."""
+        self.allowance += float(nats)
+
+    def warn(self, message: str, category: type[Warning] = UserWarning) -> None:
+        """A warning for the user, given at the line that called the M-step."""
+        self.warnings.append((message, category))
+
+    def value_of(self, name: str) -> torch.Tensor:
+        """The current constrained value of another param, flattened."""
+        return pyro.get_param_store()[name].detach().reshape(-1)
+
+    def bounds(self, ok: torch.Tensor, like: torch.Tensor) -> tuple:
+        """The interval the elements ``ok`` are clipped to: strictly inside the constraint's
+        bounds (the param store's transforms reach them only at ±inf), by 1e-12 (at least a
+        few ulps) of the interval's width, or of ``max(1, |bound|)`` for a half-line; in
+        ``like``'s dtype and device."""
+        lower, upper = constraint_bounds(self.constraint)
+        margin = max(_MARGIN, 8 * torch.finfo(like.dtype).eps)
+        as_like = {"dtype": like.dtype, "device": like.device}  # (ok: on the params' device)
+        shape = self.shape
+        lo = torch.as_tensor(lower, **as_like).expand(shape).reshape(-1)[ok.to(like.device)]
+        hi = torch.as_tensor(upper, **as_like).expand(shape).reshape(-1)[ok.to(like.device)]
+        finite_lo, finite_hi = torch.isfinite(lo), torch.isfinite(hi)
+        width = torch.where(
+            finite_lo & finite_hi,
+            hi - lo,
+            torch.where(finite_lo, lo.abs(), hi.abs()).nan_to_num(1.0, 1.0).clamp_min(1.0),
+        )
+        lo = torch.where(finite_lo, lo + margin * width, lo)
+        hi = torch.where(finite_hi, hi - margin * width, hi)
+        return lo, hi
+
+    def elementwise(self, num: str, den: str) -> torch.Tensor | None:
+        """A mean-like update ``stat(num) / stat(den)`` of every element with ``den > 0`` (the
+        others, with no posterior mass, keep their values: a warning names those some site
+        reached), clipped into the constraint (exact: each element's objective is concave).
+        Returns the new flat value, or None where nothing moved."""
+        n, d = self.stat(num), self.stat(den)
+        if n is None or d is None:
+            return None
+        ok = d > 0
+        _warn_empty(self, self.touched(den) & ~ok)
+        if not ok.any():
+            return None
+        self.current[ok] = _elementwise(self, ok, n, d).to(self.current.dtype)
+        return self.current
+
+
+_MARGIN = 1e-12  # how far inside its bounds an update clips a param (relative to the interval)
+
+
+def _warn_empty(ctx: MStepContext, empty: torch.Tensor) -> None:
+    if empty.any():
+        ctx.warn(
+            f"param '{ctx.name}': elements {empty.nonzero().flatten().tolist()} have no "
+            "posterior mass (an empty component); kept at their current values"
+        )
+
+
+def _elementwise(ctx: MStepContext, ok, num, den) -> torch.Tensor:
+    """``num / den`` at the elements ``ok`` (a loc, rate or probability), clipped into the
+    constraint and into the family's own range (probabilities in [min_prob, 1 - min_prob],
+    rates >= min_prob); what the family's range costs goes to the allowance."""
+    a, b = num[ok], den[ok]
+    value = a / b
+    lo, hi = ctx.bounds(ok, value)
+    best = torch.minimum(torch.maximum(value, lo), hi)
+    if ctx.role == "probability":
+        final = best.clamp(ctx.min_prob, 1 - ctx.min_prob)
+        q = lambda p: torch.xlogy(a, p) + torch.xlogy(b - a, 1 - p)
+    elif ctx.role == "rate":
+        final = best.clamp_min(ctx.min_prob)
+        q = lambda r: torch.xlogy(a, r) - b * r
+    else:
+        return best
+    # (the family's range may cut the constrained maximizer: what that costs)
+    ctx.allow(float((q(best) - q(final)).nan_to_num(0.0).clamp_min(0).sum()))
+    return final
+
+
+def _reg_cost(ml: torch.Tensor, cov: torch.Tensor, n: float) -> float:
+    """What a covariance ``cov`` (regularized) costs against the maximizer ``ml`` in the
+    expected log-likelihood of ``n`` (weighted) points:
+    :math:`\\tfrac n2 (\\log|C| - \\log|S| + \\mathrm{tr}(C^{-1} S) - d)`; infinite for a
+    singular ``ml`` (whose likelihood is unbounded)."""
+    sign, logdet_ml = torch.linalg.slogdet(ml)
+    if sign <= 0:
+        return math.inf
+    _, logdet = torch.linalg.slogdet(cov)
+    trace = torch.linalg.solve(cov, ml).diagonal().sum()
+    return max(0.0, 0.5 * n * float(logdet - logdet_ml + trace - ml.shape[-1]))
 
 
 def _one(t: torch.Tensor) -> torch.Tensor:
@@ -208,7 +479,10 @@ def summarize_site(fn, value, weight, stats: Stats, stage: int, current) -> bool
     rule = RULES.get(type(fn))
     if rule is None:
         return False
-    rule(fn, value, weight, stats, stage, current)
+    if isinstance(rule, Rule):
+        rule.summarize(fn, value, weight, stats, stage, current)
+    else:  # a plain summarize function (``register``)
+        rule(fn, value, weight, stats, stage, current)
     return True
 
 
@@ -218,7 +492,6 @@ def _value_index(fn, value: torch.Tensor) -> torch.Tensor:
     return value.long()
 
 
-@register(dist.Categorical, dist.OneHotCategorical)
 def _categorical(fn, value, weight, stats, stage, current) -> None:
     if stage != 0:
         return
@@ -235,7 +508,6 @@ def _categorical(fn, value, weight, stats, stage, current) -> None:
     stats.forms[int(t.ids[(0,) * t.ids.dim()])] = "simplex"
 
 
-@register(dist.Multinomial)
 def _multinomial(fn, value, weight, stats, stage, current) -> None:
     t = _tracked(fn._categorical, "probs", "logits", "_param")
     t = next(iter(t.values()), None)
@@ -245,7 +517,6 @@ def _multinomial(fn, value, weight, stats, stage, current) -> None:
     stats.add("rowmark", t.ids, _one(t))
 
 
-@register(dist.Bernoulli, dist.Binomial)
 def _bernoulli(fn, value, weight, stats, stage, current) -> None:
     t = _tracked(fn, "probs").get("probs")
     if stage != 0 or t is None or t.form != "value":
@@ -255,7 +526,6 @@ def _bernoulli(fn, value, weight, stats, stage, current) -> None:
     stats.add("mean_den", t.ids, weight, n)
 
 
-@register(dist.Poisson)
 def _poisson(fn, value, weight, stats, stage, current) -> None:
     t = _tracked(fn, "rate").get("rate")
     if stage != 0 or t is None or t.form != "value":
@@ -264,7 +534,6 @@ def _poisson(fn, value, weight, stats, stage, current) -> None:
     stats.add("mean_den", t.ids, weight)
 
 
-@register(dist.Exponential)
 def _exponential(fn, value, weight, stats, stage, current) -> None:
     t = _tracked(fn, "rate").get("rate")
     if stage != 0 or t is None or t.form != "value":
@@ -273,7 +542,6 @@ def _exponential(fn, value, weight, stats, stage, current) -> None:
     stats.add("mean_den", t.ids, weight, value)
 
 
-@register(dist.Normal)
 def _normal(fn, value, weight, stats, stage, current) -> None:
     loc, scale = fn.__dict__.get("loc"), fn.__dict__.get("scale")
     if stage == 0 and isinstance(loc, Tracked) and loc.form == "value":
@@ -295,7 +563,6 @@ def _normal(fn, value, weight, stats, stage, current) -> None:
         stats.add("var_den", scale.ids, weight)
 
 
-@register(dist.MultivariateNormal)
 def _mvn(fn, value, weight, stats, stage, current) -> None:
     loc = fn.__dict__.get("loc")
     mats = _tracked(fn, "_unbroadcasted_scale_tril", "covariance_matrix", "precision_matrix")
@@ -406,7 +673,6 @@ def _pool_time(ids: torch.Tensor, pair: torch.Tensor) -> list[tuple[torch.Tensor
     return pieces
 
 
-@register(dist.DiscreteHMM)
 def _discrete_hmm(fn, value, weight, stats, stage, current) -> None:
     """``weight`` here is the chain's pairwise posterior ``(*batch, T, K, K)``."""
     pair = weight
@@ -426,50 +692,402 @@ def _discrete_hmm(fn, value, weight, stats, stage, current) -> None:
     summarize_site(obs, obs_value, marg, stats, stage, current)
 
 
-# the (argument, form) pairs each rule can update; any other tracked argument is an opaque use
-HANDLED: dict[type, dict[str, set[str]]] = {
-    dist.Categorical: {"probs": {"normalized"}, "logits": {"log"}, "_param": {"normalized", "log"}},
-    dist.OneHotCategorical: {
-        "probs": {"normalized"},
-        "logits": {"log"},
-        "_param": {"normalized", "log"},
-    },
-    dist.Bernoulli: {"probs": {"value"}, "_param": {"value"}},
-    dist.Binomial: {"probs": {"value"}, "_param": {"value"}},
-    dist.Poisson: {"rate": {"value"}},
-    dist.Exponential: {"rate": {"value"}},
-    dist.Normal: {"loc": {"value"}, "scale": {"value"}},
-    dist.MultivariateNormal: {
-        "loc": {"value"},
-        "_unbroadcasted_scale_tril": {"value"},
-        "scale_tril": {"value"},
-        "covariance_matrix": {"value"},
-        "precision_matrix": {"value"},
-    },
-    dist.DiscreteHMM: {"transition_logits": {"log"}, "initial_logits": {"log"}},
-}
+# ---------------------------------------------------------------- the built-in rules
+class _Counts(Rule):
+    """Probability rows from expected counts: :math:`p \\propto \\sum w\\,[x = k] + \\alpha - 1`
+    (role ``"probs"``: Categorical, OneHotCategorical, Multinomial, a DiscreteHMM's
+    transition and initial logits). Statistics: ``count`` (at the row element counted) and
+    ``rowmark`` (the rows some site reached)."""
+
+    def maximize(self, role, stats, ctx):
+        rowmark = ctx.stat("rowmark")
+        if rowmark is None or not rowmark.any():
+            return None
+        last = ctx.shape[-1]
+        counts = ctx.stat("count").reshape(-1, last) + (ctx.dirichlet - 1.0)
+        rows = rowmark.reshape(-1, last).any(-1)
+        total = counts.sum(-1, keepdim=True)
+        empty = rows & (total.squeeze(-1) <= 0)
+        if empty.any():
+            ctx.warn(
+                f"param '{ctx.name}': rows {empty.nonzero().flatten().tolist()} "
+                "have no posterior mass; kept at their current values "
+                "(use dirichlet > 1 to regularize)"
+            )
+        ok = rows & ~empty
+        exact = counts / total.clamp_min(1e-300)
+        probs = exact.clamp(ctx.min_prob, 1 - ctx.min_prob)
+        probs = probs / probs.sum(-1, keepdim=True)
+        # what the clamp costs (nats): the counts' log-likelihood at the exact maximizer minus
+        # at the clamped one
+        c = counts[ok]
+        ctx.allow(float((torch.xlogy(c, exact[ok]) - torch.xlogy(c, probs[ok])).sum().clamp_min(0)))
+        cur = ctx.current.reshape(-1, last)
+        cur[ok] = probs[ok].to(cur.dtype)
+        return cur.reshape(-1)
 
 
-# what each rule writes into each argument it updates. A param reaching two roles has no closed
-# form (the rules' statistics would mix: Normal(θ, θ), a rate that is also a loc), and a
-# role decides which constraints its update can respect (see ``constraint_problem``)
-ROLES: dict[type, dict[str, str]] = {
-    dist.Categorical: {"probs": "probs", "logits": "probs", "_param": "probs"},
-    dist.OneHotCategorical: {"probs": "probs", "logits": "probs", "_param": "probs"},
-    dist.Bernoulli: {"probs": "probability", "_param": "probability"},
-    dist.Binomial: {"probs": "probability", "_param": "probability"},
-    dist.Poisson: {"rate": "rate"},
-    dist.Exponential: {"rate": "rate"},
-    dist.Normal: {"loc": "loc", "scale": "scale"},
-    dist.MultivariateNormal: {
-        "loc": "mvn_loc",
-        "_unbroadcasted_scale_tril": "scale_tril",
-        "scale_tril": "scale_tril",
-        "covariance_matrix": "covariance_matrix",
-        "precision_matrix": "precision_matrix",
-    },
-    dist.DiscreteHMM: {"transition_logits": "probs", "initial_logits": "probs"},
-}
+_PROBS = {"probs": {"normalized": "probs"}, "logits": {"log": "probs"}}
+_PROBS_PARAM = {**_PROBS, "_param": {"normalized": "probs", "log": "probs"}}
+
+
+@register_rule
+class CategoricalRule(_Counts):
+    families = (dist.Categorical, dist.OneHotCategorical)
+    arguments: ClassVar[dict] = _PROBS_PARAM
+
+    def summarize(self, fn, value, weight, stats, stage, current):
+        _categorical(fn, value, weight, stats, stage, current)
+
+
+@register_rule
+class MultinomialRule(_Counts):
+    families = (dist.Multinomial,)
+    arguments: ClassVar[dict] = {}  # (its probs are its ``_categorical``'s: see ``uses``)
+
+    def summarize(self, fn, value, weight, stats, stage, current):
+        _multinomial(fn, value, weight, stats, stage, current)
+
+
+class _Means(Rule):
+    """Elementwise weighted means ``mean_num / mean_den``, clipped into the param's bounds
+    (and, for probabilities and rates, into [min_prob, 1 - min_prob] / >= min_prob)."""
+
+    def maximize(self, role, stats, ctx):
+        return ctx.elementwise("mean_num", "mean_den")
+
+
+@register_rule
+class BernoulliRule(_Means):
+    families = (dist.Bernoulli, dist.Binomial)
+    arguments: ClassVar[dict] = {
+        "probs": {"value": "probability"},
+        "_param": {"value": "probability"},
+    }
+
+    def summarize(self, fn, value, weight, stats, stage, current):
+        _bernoulli(fn, value, weight, stats, stage, current)
+
+
+@register_rule
+class PoissonRule(_Means):
+    families = (dist.Poisson,)
+    arguments: ClassVar[dict] = {"rate": {"value": "rate"}}
+
+    def summarize(self, fn, value, weight, stats, stage, current):
+        _poisson(fn, value, weight, stats, stage, current)
+
+
+@register_rule
+class ExponentialRule(_Means):
+    families = (dist.Exponential,)
+    arguments: ClassVar[dict] = {"rate": {"value": "rate"}}
+
+    def summarize(self, fn, value, weight, stats, stage, current):
+        _exponential(fn, value, weight, stats, stage, current)
+
+
+@register_rule
+class NormalRule(_Means):
+    """Normal (and ``.to_event``): a loc by precision-weighted means (stage 0), a loc linear
+    in params (``X @ W[z] + b[z]``) by weighted least squares (stage 0), a scale by the
+    weighted variance about the new loc (stage 1)."""
+
+    families = (dist.Normal,)
+    arguments: ClassVar[dict] = {
+        "loc": {"value": "loc", "linear": "linear_loc"},
+        "scale": {"value": "scale"},
+    }
+    stages: ClassVar[dict] = {"loc": 0, "linear_loc": 0, "scale": 1}
+
+    def summarize(self, fn, value, weight, stats, stage, current):
+        loc = fn.__dict__.get("loc")
+        if isinstance(loc, Tracked) and loc.form == "linear":
+            if stage == 0:
+                _linear_loc(fn, loc, value, weight, stats, current)
+            current = _reading_linear(current)  # (stage 1: the scale about the new fit)
+        _normal(fn, value, weight, stats, stage, current)
+
+    def maximize(self, role, stats, ctx):
+        if role == "scale":
+            return _variances(ctx)
+        if role == "linear_loc":
+            return _least_squares(ctx)
+        return super().maximize(role, stats, ctx)
+
+
+@register_rule
+class MultivariateNormalRule(Rule):
+    """MultivariateNormal: a loc by weighted means (one covariance per loc row) or
+    precision-weighted means (stage 0), a covariance / its Cholesky factor / precision
+    about the new loc (stage 1)."""
+
+    families = (dist.MultivariateNormal,)
+    arguments: ClassVar[dict] = {
+        "loc": {"value": "mvn_loc"},
+        "_unbroadcasted_scale_tril": {"value": "scale_tril"},
+        "scale_tril": {"value": "scale_tril"},
+        "covariance_matrix": {"value": "covariance_matrix"},
+        "precision_matrix": {"value": "precision_matrix"},
+    }
+    stage = 1
+    stages: ClassVar[dict] = {"mvn_loc": 0}
+
+    def summarize(self, fn, value, weight, stats, stage, current):
+        _mvn(fn, value, weight, stats, stage, current)
+
+    def maximize(self, role, stats, ctx):
+        if role != "mvn_loc":
+            return _covariances(ctx)
+        out = ctx.elementwise("mean_num", "mean_den")
+        pnum = ctx.touched("mvn_pnum")
+        if pnum is not None and pnum.any():
+            out = _precision_weighted_locs(ctx)
+        return out
+
+
+@register_rule
+class DiscreteHMMRule(_Counts):
+    """Baum–Welch: transition and initial probabilities from the pairwise posterior's
+    expected counts; the emissions by their own family's rule."""
+
+    families = (dist.DiscreteHMM,)
+    arguments: ClassVar[dict] = {
+        "transition_logits": {"log": "probs"},
+        "initial_logits": {"log": "probs"},
+    }
+
+    def summarize(self, fn, value, weight, stats, stage, current):
+        _discrete_hmm(fn, value, weight, stats, stage, current)
+
+
+def _variances(ctx: MStepContext):
+    """Normal scales: :math:`\\sigma^2 = \\sum w (x - \\mu)^2 / \\sum w` + ``reg_covar``,
+    clipped into the bounds; what ``reg_covar`` and the bounds cost goes to the allowance."""
+    den, num = ctx.stat("var_den"), ctx.stat("var_num")
+    if den is None:
+        return None
+    ok = den > 0
+    _warn_empty(ctx, ctx.touched("var_den") & ~ok)
+    if not ok.any():
+        return None
+    var = num[ok] / den[ok] + ctx.reg_covar
+    if (var <= 0).any():
+        bad = ok.nonzero().flatten()[var <= 0].tolist()
+        raise FloatingPointError(
+            f"param '{ctx.name}': the variance of elements {bad} collapsed to 0 (a "
+            "component on a single point, or a constant feature); raise "
+            f"reg_covar (now {ctx.reg_covar})"
+        )
+    lo, hi = ctx.bounds(ok, var)
+    sigma = var.sqrt().clamp(lo, hi)
+    # the maximizer without reg_covar, within the bounds (σ ↦ E log p is unimodal): what
+    # reg_covar may cost is the difference
+    ml = num[ok] / den[ok]
+    best = ml.sqrt().clamp(lo, hi)
+
+    def q(s, ml=ml, d=den[ok]):
+        return -0.5 * d * (torch.log(s**2) + ml / s**2)
+
+    # (a variance of 0 without reg_covar: an unbounded likelihood, any cost)
+    cost = torch.where(best > 0, q(best) - q(sigma), math.inf)
+    ctx.allow(float(cost.clamp_min(0).sum()))
+    ctx.current[ok] = sigma.to(ctx.current.dtype)
+    return ctx.current
+
+
+def _precision_weighted_locs(ctx: MStepContext) -> torch.Tensor:
+    """Each row of a MultivariateNormal loc met under different covariances:
+    :math:`\\mu = (\\sum w P)^{-1} \\sum w P x`, one D x D solve per row."""
+    d = ctx.shape[-1]
+    a = ctx.stat(f"mvn_prec:{d}").reshape(-1, d, d)
+    b = ctx.stat("mvn_pnum").reshape(-1, d)
+    used = ctx.touched("mvn_pnum").reshape(-1, d).any(-1)
+    empty = used & ~(a.diagonal(dim1=-2, dim2=-1) > 0).all(-1)
+    if empty.any():
+        ctx.warn(
+            f"param '{ctx.name}': rows {empty.nonzero().flatten().tolist()} have no posterior "
+            "mass (an empty component); kept at their current values"
+        )
+    ok = used & ~empty
+    cur = ctx.current.reshape(-1, d)
+    if ok.any():
+        a = 0.5 * (a[ok] + a[ok].mT)
+        chol, info = torch.linalg.cholesky_ex(a)
+        if info.any():
+            raise torch.linalg.LinAlgError(
+                f"param '{ctx.name}': the summed precision of rows "
+                f"{ok.nonzero().flatten()[info > 0].tolist()} is singular"
+            )
+        cur[ok] = torch.cholesky_solve(b[ok].unsqueeze(-1), chol).squeeze(-1).to(cur.dtype)
+    return cur.reshape(-1)
+
+
+def _covariances(ctx: MStepContext):
+    """Covariances :math:`\\Sigma = \\sum w (x-\\mu)(x-\\mu)^T / \\sum w` + ``reg_covar``
+    ``I``, written as the param's kind (a covariance, its Cholesky factor, or its inverse)."""
+    matmark = ctx.stat("matmark")
+    if matmark is None or not matmark.any():
+        return None
+    d = ctx.shape[-1]
+    num = ctx.stat("cov_num").reshape(-1, d, d)
+    den = ctx.stat("cov_den").reshape(-1, d, d)[:, 0, 0]
+    used = matmark.reshape(-1, d, d)[:, 0, 0] > 0
+    sl = ctx.slice
+    kind = next(
+        (k for i, k in ctx.stats.forms.items() if sl.start <= i < sl.stop and k != "simplex"),
+        "scale_tril",
+    )
+    cur = ctx.current.reshape(-1, d, d)
+    eye = torch.eye(d, dtype=num.dtype, device=num.device)
+    for m in used.nonzero().flatten().tolist():
+        if den[m] <= 0:
+            ctx.warn(f"param '{ctx.name}': matrix {m} has no posterior mass; kept")
+            continue
+        ml = 0.5 * (num[m] + num[m].T) / den[m]
+        cov = ml + ctx.reg_covar * eye
+        if ctx.reg_covar > 0:
+            ctx.allow(_reg_cost(ml, cov, float(den[m])))
+        if kind == "covariance_matrix":
+            cur[m] = cov
+            continue
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if info:
+            raise torch.linalg.LinAlgError(
+                f"param '{ctx.name}': the covariance of component {m} is singular (too few "
+                f"points, or collapsed onto a subspace); raise reg_covar (now "
+                f"{ctx.reg_covar})"
+            )
+        cur[m] = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
+    return cur.reshape(-1)
+
+
+# ---------------------------------------------------------------- linear locs (least squares)
+def _linear_value(loc: Tracked, current) -> torch.Tensor:
+    """The current value of a linear-form argument: :math:`\\sum_p a_p \\theta_{i_p} + c`."""
+    theta = current(Tracked.wrap(loc.ids, loc.param, loc.ids))  # (P, *compact shape)
+    out = (loc.design * theta).sum(0)
+    return out if loc.const is None else out + loc.const
+
+
+def _reading_linear(current):
+    """``current`` that also evaluates linear-form arguments at the params it reads."""
+
+    def read(t):
+        if isinstance(t, Tracked) and t.form == "linear":
+            return _linear_value(t, current)
+        return current(t)
+
+    return read
+
+
+def _linear_loc(fn, loc: Tracked, value, weight, stats: Stats, current) -> None:
+    """Weighted least squares for a Normal loc :math:`\\mu = \\sum_p a_p \\theta_{i_p} + c`
+    (``X @ W[z] + b[z]``: the design ``a`` is data, ``i`` the param elements): minimizing
+    :math:`\\sum_n w_n \\lambda_n (x_n - c_n - a_n^T \\theta_{i_n})^2`, with
+    :math:`\\lambda = 1/\\sigma^2` at the current scale, gives the normal equations
+    :math:`(\\sum w\\lambda a a^T) \\theta = \\sum w \\lambda a (x - c)` per *block* (the ids
+    one position combines: a component's row of ``W`` and its bias). Statistics, for ``P``
+    slots: ``linP_xy`` at ``i_p``; ``linP_gram:P`` (entry ``q`` of ``i_p``'s row);
+    ``linP_mark`` (positions at ``i_p``) and ``linP_pair:P`` (the sum of the ids beside
+    ``i_p``: their mean is the block, which the maximizer checks is one per id)."""
+    p = loc.design.shape[0]
+    design = loc.design.movedim(0, -1)  # (*shape, P)
+    ids = loc.ids.movedim(0, -1)
+    shape = torch.broadcast_shapes(design.shape, ids.shape)
+    y = value if loc.const is None else value - loc.const
+    prec = 1.0 / current(fn.__dict__.get("scale")) ** 2
+    w = (weight * prec).unsqueeze(-1)
+    compact = _compact(ids)
+    steps = torch.arange(p, device=ids.device)
+    pair = (compact.unsqueeze(-1) * p + steps).expand(shape + (p,))
+    stats.add(f"lin{p}_xy", ids, w, design, y.unsqueeze(-1))
+    stats.add(f"lin{p}_gram:{p}", pair, w.unsqueeze(-1), design.unsqueeze(-1), design.unsqueeze(-2))
+    ones = torch.ones((), dtype=torch.float64, device=ids.device)
+    stats.add(f"lin{p}_mark", ids, ones)
+    stats.add(f"lin{p}_pair:{p}", pair, compact.unsqueeze(-2).to(torch.float64))
+
+
+def _least_squares(ctx: MStepContext):
+    """Solve the normal equations of every block reaching this param (jointly with the other
+    closed-form params of the block, e.g. a bias; those of gradient params are held at their
+    values). A block with no posterior mass, or a singular system (a design of rank below
+    its slots), keeps its values, with a warning. Returns ``{name: value}``."""
+    space = ctx.space
+    names = list(space.offsets)
+    # every param flattened over the id space (the probe gives each a contiguous range)
+    flat = torch.cat([ctx.value_of(n) for n in names])
+    free_ids = torch.zeros(space.size, dtype=torch.bool, device=flat.device)
+    for n in ctx.closed_form:
+        o = space.offsets[n]
+        free_ids[o : o + math.prod(space.shapes[n])] = True
+    moved = torch.zeros_like(free_ids)
+    for kind in sorted(ctx.stats.sums):
+        if not (kind.startswith("lin") and kind.endswith("_mark")):
+            continue
+        p = int(kind[3:-5])
+        mark = ctx.stats.sums[kind]
+        mine = (mark[ctx.slice] > 0).nonzero().flatten() + ctx.offset
+        if not len(mine):
+            continue
+        pairs = ctx.stats.sums[f"lin{p}_pair:{p}"].reshape(-1, p) / mark.unsqueeze(-1)
+        blocks = pairs[mine].round()
+        ok = bool((pairs[mine] - blocks).abs().max() < 1e-6)
+        blocks = torch.unique(blocks.long(), dim=0)  # (B, P)
+        if ok:  # each id of a block sees the same block, at its own slot
+            ok = bool((mark[blocks] > 0).all()) and bool(
+                (pairs[blocks] - blocks.unsqueeze(1)).abs().max() < 1e-6
+            )
+        if not ok:
+            ctx.warn(
+                f"param '{ctx.name}': its linear locs combine its elements with different "
+                "others at different positions (no block structure the least-squares update "
+                "supports); kept at its current values: give it gradient steps"
+            )
+            return None
+        gram = ctx.stats.sums[f"lin{p}_gram:{p}"].reshape(-1, p)[blocks]  # (B, P, P)
+        rhs = ctx.stats.sums[f"lin{p}_xy"][blocks]  # (B, P)
+        theta = flat[blocks].to(gram.dtype)
+        free = free_ids[blocks]
+        # the slots of params not updated in closed form are held: they move to the right
+        rhs = rhs - ((gram * (~free).unsqueeze(-2)) @ theta.unsqueeze(-1)).squeeze(-1)
+        eye = torch.eye(p, dtype=gram.dtype, device=gram.device)
+        a = torch.where(free.unsqueeze(-1) & free.unsqueeze(-2), 0.5 * (gram + gram.mT), eye)
+        b = torch.where(free, rhs, theta)
+        empty = ~(a.diagonal(dim1=-2, dim2=-1) > 0).all(-1)
+        chol, info = torch.linalg.cholesky_ex(a)
+        # singular: no factor, or a pivot lost to round-off (a rank-deficient design factors
+        # with a pivot of the order of eps times the largest diagonal entry)
+        pivots = chol.diagonal(dim1=-2, dim2=-1) ** 2
+        scale = a.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True)
+        tiny = (pivots <= 1e3 * p * torch.finfo(a.dtype).eps * scale).any(-1)
+        singular = ~empty & ((info > 0) | tiny)
+        if empty.any():
+            ctx.warn(
+                f"param '{ctx.name}': the linear locs of blocks {blocks[empty].tolist()} (their "
+                "elements) have no posterior mass (an empty component); kept at their values"
+            )
+        if singular.any():
+            ctx.warn(
+                f"param '{ctx.name}': the least-squares system of blocks "
+                f"{blocks[singular].tolist()} (their elements) is singular (a design of rank "
+                "below its slots, or too few points in a component); kept at their values"
+            )
+        good = ~(empty | singular)
+        if not good.any():
+            continue
+        sol = torch.cholesky_solve(b[good].unsqueeze(-1), chol[good]).squeeze(-1)
+        write = free[good]
+        flat[blocks[good][write]] = sol[write].to(flat.dtype)
+        moved[blocks[good][write]] = True
+    out = {}
+    for n in names:
+        o = space.offsets[n]
+        sl = slice(o, o + math.prod(space.shapes[n]))
+        if moved[sl].any():
+            out[n] = flat[sl].reshape(space.shapes[n])
+    return out or None
+
 
 # torch's own Categorical sits inside OneHotCategorical and Multinomial (``_categorical``)
 _ALIASES = {torch.distributions.Categorical: dist.Categorical}
@@ -499,11 +1117,10 @@ def uses(fn) -> list[tuple[Tracked, str | None]]:
 
 
 def _args(leaf, family, out) -> None:
-    handled, roles = HANDLED.get(family, {}), ROLES.get(family, {})
+    roles = ROLES.get(family, {}) if family in RULES else {}
     for attr, value in vars(leaf).items():
         if isinstance(value, Tracked):
-            ok = value.form in handled.get(attr, set()) and family in RULES
-            out.append((value, roles.get(attr) if ok else None))
+            out.append((value, roles.get(attr, {}).get(value.form)))
         elif isinstance(value, torch.distributions.Distribution):
             if isinstance(leaf, dist.DiscreteHMM) and attr == "observation_dist":
                 continue  # a leaf of its own
@@ -573,6 +1190,15 @@ def constraint_bounds(c):
 
 def constraint_problem(role: str, c) -> str | None:
     """Why the closed form of ``role`` cannot respect the param's constraint ``c`` (None if it
+    can), as the rule that maximizes ``role`` says (:meth:`Rule.constraint_problem`)."""
+    rule = MAXIMIZERS.get(role)
+    if rule is not None:
+        return rule.constraint_problem(role, c)
+    return _constraint_problem(role, c)
+
+
+def _constraint_problem(role: str, c) -> str | None:
+    """Why the closed form of ``role`` cannot respect the param's constraint ``c`` (None if it
     can). Elementwise updates (means, rates, probabilities, scales) are clipped into any
     elementwise bound (exact: each element's objective is unimodal); probability rows need
     a constraint holding the simplex; a MultivariateNormal loc is unconstrained (clipping
@@ -600,6 +1226,13 @@ def constraint_problem(role: str, c) -> str | None:
         return (
             f"its constraint {c} binds a MultivariateNormal loc, whose closed form is unconstrained"
         )
-    if isinstance(base, _MATRIX_OK.get(role, ())):
-        return None
-    return f"its constraint {c} does not hold the {role.replace('_', ' ')} the update writes"
+    if role == "linear_loc":
+        return f"its constraint {c} binds a linear loc, whose least-squares update is unconstrained"
+    if role in _MATRIX_OK:
+        if isinstance(base, _MATRIX_OK[role]):
+            return None
+        return f"its constraint {c} does not hold the {role.replace('_', ' ')} the update writes"
+    # any other role (a user's rule): elementwise
+    if constraint_bounds(base) is None:
+        return f"its constraint {c} is not an elementwise bound the update can clip to"
+    return None

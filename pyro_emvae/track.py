@@ -61,8 +61,11 @@ class Tracked(torch.Tensor):
         ids: long tensor, the same shape: a global element id (each probed param owns the range
             ``offset .. offset + numel``, see :class:`IdSpace`), so a tensor concatenated from
             several params still knows each element's source.
-        form: ``"value"`` (the param's constrained value), ``"log"`` (its log) or
-            ``"normalized"`` (divided by its sum over the last dim).
+        form: ``"value"`` (the param's constrained value), ``"log"`` (its log),
+            ``"normalized"`` (divided by its sum over the last dim) or ``"linear"``: a sum
+            ``sum_p design[p] * θ[ids[p]] + const`` over param elements with data
+            coefficients (``X @ W[z] + b[z]``), whose ``ids`` and ``design`` then lead with a
+            dim of the P slots, and ``const`` is data or None.
     """
 
     param: str
@@ -95,6 +98,10 @@ class Tracked(torch.Tensor):
         if not sources:
             return result
         src = sources[0]
+        if any(_is_linear(a) for a in _flat(args)) or (
+            _OPAQUE is not None and name in _MUL | _MATMUL
+        ):  # (an argument linear in params: ``X @ W[z]``, see ``_linear_op``)
+            return _linear_or_plain(name, func, args, kwargs, result, sources)
         if name in _CONVERT:  # dtype/device conversions: same elements, same ids
             if isinstance(args[0], Tracked) and isinstance(result, torch.Tensor):
                 return _rewrap(result, args[0], args[0].ids.to(result.device), args[0].form)
@@ -236,6 +243,218 @@ def _rewrap(result, src: Tracked, ids, form: str):
     return out
 
 
+# ---------------------------------------------------------------- the linear form
+# ``X @ W[z] + b[z]``: an argument linear in param elements, ``sum_p design[p] * θ[ids[p]] +
+# const`` (``design`` data, of shape (P, *value shape); ``ids`` the param elements, the same
+# shape; ``const`` data or None). Made while probing only, by a product of a tracked param
+# with data (``*``, ``@``), and kept through sums over the last dim, additions of tracked
+# params and data, scaling, and the selection ops; any other op on it is an opaque use.
+_MUL = {"mul", "__mul__", "__rmul__", "multiply"}
+_MATMUL = {"matmul", "__matmul__", "__rmatmul__", "mm", "mv"}
+_ADD = {"add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "subtract"}
+_NEG = {"neg", "__neg__", "negative"}
+_DIV = {"div", "__truediv__", "true_divide", "divide"}
+# while probing: every linear tensor made, and the ids of those some op consumed (a linear
+# tensor neither consumed nor stored in a distribution was computed and dropped: an opaque
+# use, as any other arithmetic on a param)
+_LINEAR: list | None = None
+_CONSUMED: set | None = None
+
+
+def _is_linear(a) -> bool:
+    return isinstance(a, Tracked) and a.form == "linear"
+
+
+def _is_data(a) -> bool:
+    return not isinstance(a, (Tracked, _RowSum)) and (isinstance(a, (torch.Tensor, int, float)))
+
+
+def _lead(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t`` of shape (P, *s) broadcast to (P, *shape) (the slot dim stays first: plain
+    broadcasting would align it with a value dim)."""
+    extra = len(shape) - (t.dim() - 1)
+    if extra > 0:
+        t = t.reshape((t.shape[0],) + (1,) * extra + t.shape[1:])
+    return t.expand((t.shape[0], *shape))
+
+
+def _make_linear(result, src: Tracked, design, ids, const, names) -> Tracked | None:
+    if not isinstance(result, torch.Tensor):
+        return None
+    design, ids = _lead(design, result.shape), _lead(ids, result.shape)
+    with torch._C.DisableTorchFunctionSubclass():
+        base = result.as_subclass(torch.Tensor)
+    out = Tracked.wrap(base, src.param, ids, "linear")
+    out.design = design
+    out.const = None if const is None else torch.as_tensor(const).expand(result.shape)
+    out.param_names = names
+    if _LINEAR is not None:
+        _LINEAR.append(out)
+    return out
+
+
+def _terms(a, shape, sign: float):
+    """``a`` (linear, a tracked param value, or data) as ``(design, ids, const)`` over ``shape``."""
+    if _is_linear(a):
+        const = None if a.const is None else sign * a.const
+        return _lead(sign * a.design, shape), _lead(a.ids, shape), const
+    if isinstance(a, Tracked):  # a param's value: one slot of design 1
+        ones = torch.full((1,), sign, dtype=torch.get_default_dtype(), device=a.device)
+        return (
+            ones.reshape((1,) * (1 + len(shape))).expand((1, *shape)),
+            a.ids.expand(shape).unsqueeze(0),
+            None,
+        )
+    return None, None, sign * torch.as_tensor(a)
+
+
+def _linear_op(name, func, args, kwargs, result, sources):
+    """The linear-form result of ``func(*args)``, or None where it is not linear."""
+    probing = _OPAQUE is not None
+    linear = [a for a in _flat(args) if _is_linear(a)]
+    src = sources[0]
+    names = frozenset().union(*(s.param_names for s in sources))
+    if name in _CONVERT and _is_linear(args[0]):
+        a = args[0]
+        design = a.design.to(dtype=result.dtype, device=result.device)
+        const = None if a.const is None else a.const.to(dtype=result.dtype, device=result.device)
+        return _make_linear(result, a, design, a.ids.to(result.device), const, a.param_names)
+    if name == "broadcast_tensors":
+        out = []
+        for a, r in zip(_flat(args), result):
+            if _is_linear(a):
+                const = None if a.const is None else a.const.expand(r.shape)
+                a = _make_linear(r, a, a.design, a.ids, const, a.param_names)
+            elif isinstance(a, Tracked):
+                a = _rewrap(r, a, a.ids.expand(r.shape), a.form)
+            else:
+                a = _plain(r)
+            if a is None:
+                return None
+            out.append(a)
+        return tuple(out)
+    if name in _SELECT and len(sources) == 1 and linear:
+        a = linear[0]
+
+        def apply(t):
+            return func(*_map(args, lambda o: t if o is a else o), **kwargs)
+
+        design, ids = torch.vmap(apply)(a.design), torch.vmap(apply)(a.ids)
+        const = None if a.const is None else apply(a.const)
+        return _make_linear(result, a, design, ids, const, a.param_names)
+    if name in _NEG:
+        if len(args) != 1 or not linear:
+            return None
+        a = linear[0]
+        const = None if a.const is None else -a.const
+        return _make_linear(result, a, -a.design, a.ids, const, a.param_names)
+    if name == "sum":
+        if not linear or args[0] is not linear[0] or len(args) > 3:
+            return None
+        a = linear[0]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+        if isinstance(dim, (tuple, list)) and len(dim) == 1:
+            dim = dim[0]
+        if not isinstance(dim, int) or set(kwargs) - {"dim", "keepdim"}:
+            return None
+        d = dim + 1 if dim >= 0 else dim  # (design and ids lead with the slot dim)
+        p = a.design.shape[0]
+        design, ids = a.design.movedim(d, 1), a.ids.expand(a.design.shape).movedim(d, 1)
+        design = design.reshape((p * design.shape[1], *design.shape[2:]))
+        ids = ids.reshape(design.shape)
+        if keep:
+            design, ids = design.unsqueeze(d), ids.unsqueeze(d)
+        const = None if a.const is None else a.const.sum(dim, keepdim=keep)
+        return _make_linear(result, a, design, ids, const, a.param_names)
+    if len(args) != 2 or kwargs:
+        return None
+    x, y = args
+    shape = result.shape
+    if name in _MUL or (name in _DIV and _is_data(y)):
+        tracked, data = (x, y) if isinstance(x, Tracked) else (y, x)
+        if not _is_data(data) or not (_is_linear(tracked) or (probing and tracked.form == "value")):
+            return None
+        data = torch.as_tensor(data, dtype=result.dtype, device=result.device)
+        if name in _DIV:
+            data = 1.0 / data
+        design, ids, _ = _terms(tracked, tracked.shape, 1.0)
+        p = design.shape[0]
+        # (the slots lead: expand to the result's shape before the data broadcasts in)
+        design = _lead(design.to(result.dtype), shape) * data
+        const = None if not _is_linear(tracked) or tracked.const is None else tracked.const * data
+        return _make_linear(result, tracked, design, ids, const, names)
+    if name in _MATMUL and probing and len(sources) == 1 and src.form == "value":
+        a, b = (y, x) if name == "__rmatmul__" else (x, y)
+        if not (_is_data(a) or _is_data(b)) or not all(isinstance(t, torch.Tensor) for t in (a, b)):
+            return None
+        a1 = a.unsqueeze(0) if a.dim() == 1 else a  # (..., I, D)
+        b1 = b.unsqueeze(-1) if b.dim() == 1 else b  # (..., D, J)
+        left, right = a1.unsqueeze(-1), b1.unsqueeze(-3)  # (..., I, D, 1), (..., 1, D, J)
+        full = torch.broadcast_shapes(left.shape, right.shape)
+        if b is src:
+            design, ids = left, src.ids.reshape(b1.shape).unsqueeze(-3)
+        else:
+            design, ids = right, src.ids.reshape(a1.shape).unsqueeze(-1)
+        design = design.as_subclass(torch.Tensor).expand(full).movedim(-2, 0)
+        ids = ids.expand(full).movedim(-2, 0)
+        if b.dim() == 1:
+            design, ids = design.squeeze(-1), ids.squeeze(-1)
+        if a.dim() == 1:  # (torch.matmul drops the dims it added to a vector)
+            i = -1 if b.dim() == 1 else -2
+            design, ids = design.squeeze(i), ids.squeeze(i)
+        return _make_linear(result, src, design.to(result.dtype), ids, None, names)
+    if name in _ADD and linear:
+        if not all(_is_linear(a) or _is_data(a) or a.form == "value" for a in (x, y)):
+            return None
+        signs = (1.0, -1.0) if name in ("sub", "__sub__", "subtract") else (1.0, 1.0)
+        if name == "__rsub__":
+            signs = (-1.0, 1.0)
+        parts = [_terms(a, shape, s) for a, s in zip((x, y), signs)]
+        designs = [d.to(result.dtype) for d, _, _ in parts if d is not None]
+        ids = [i for _, i, _ in parts if i is not None]
+        consts = [c for _, _, c in parts if c is not None]
+        const = sum(consts) if consts else None
+        return _make_linear(result, src, torch.cat(designs), torch.cat(ids), const, names)
+    return None
+
+
+def _linear_or_plain(name, func, args, kwargs, result, sources):
+    """Ops on (or making) linear forms: the linear result, or the plain one (an opaque use of
+    the params, unless the op only inspects)."""
+    try:
+        out = _linear_op(name, func, args, kwargs, result, sources)
+    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError):
+        out = None
+    if _CONSUMED is not None and name not in _CHECKS:
+        _CONSUMED.update(id(a) for a in _flat(args) if _is_linear(a))
+    if out is not None:
+        return out
+    if _OPAQUE is not None and name not in _CHECKS:
+        for source in sources:
+            _OPAQUE.update(source.param_names)
+    return _plain(result)
+
+
+def _stored_linear(trace) -> set[int]:
+    """The ids of the linear tensors some sample site's distribution holds."""
+    found: set[int] = set()
+
+    def walk(fn):
+        for v in vars(fn).values():
+            if _is_linear(v):
+                found.add(id(v))
+            elif isinstance(v, torch.distributions.Distribution):
+                walk(v)
+
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and isinstance(
+            site.get("fn"), torch.distributions.Distribution
+        ):
+            walk(site["fn"])
+    return found
+
+
 class IdSpace(Messenger):
     """Replaces every param's value by a :class:`Tracked` copy (detached: a probe, no grads),
     giving each param a range of global element ids."""
@@ -270,15 +489,19 @@ def probe(model, args: tuple, kwargs: dict, max_plate_nesting: int, replay=None)
     """Trace ``model`` under parallel enumeration (the E-step's layout: enumerated dims left of
     ``max_plate_nesting`` plate dims) with tracked params; validation is off, since the probe
     only reads which param elements reach each distribution argument."""
-    global _OPAQUE
+    global _OPAQUE, _LINEAR, _CONSUMED
     model = poutine.enum(model, first_available_dim=-1 - max_plate_nesting)
     if replay is not None:  # the E-step's minibatch
         model = poutine.replay(model, trace=replay)
     space = IdSpace()
-    _OPAQUE = space.opaque
+    _OPAQUE, _LINEAR, _CONSUMED = space.opaque, [], set()
     try:
         with pyro.validation_enabled(False), torch.no_grad(), poutine.block(), space:
             tr = poutine.trace(model, graph_type="flat").get_trace(*args, **kwargs)
+        stored = _stored_linear(tr)
+        for t in _LINEAR:  # computed and dropped (or only inspected): an opaque use
+            if id(t) not in _CONSUMED and id(t) not in stored:
+                space.opaque.update(t.param_names)
     finally:
-        _OPAQUE = None
+        _OPAQUE = _LINEAR = _CONSUMED = None
     return tr, space
