@@ -526,9 +526,12 @@ class _Exact:
 
     def __init__(self, guide: ExactEStep, mstep: Any, names: list[str]) -> None:
         self.guide, self.optimizer = guide, mstep
-        self.algorithm = _algorithm(mstep)
         self.gradient = names if isinstance(mstep, GradientMStep) else []
         self.wants_grads = getattr(mstep, "needs_param_grads", False)
+
+    @property
+    def algorithm(self) -> str:  # (EMOptim's, known once it has planned its M-step)
+        return _algorithm(self.optimizer)
 
     def begin(self, n_done: int) -> None:
         pass
@@ -669,7 +672,6 @@ class Minibatch:
         self.label = (
             "online EM" if isinstance(optimizer, OnlineEM) else "EM" if self.exact else "SVI"
         )
-        self.algorithm = _algorithm(optimizer) if self.exact else "SVI"
         self.gradient = names if isinstance(optimizer, GradientMStep) else []
         self.controlled = False
         if self.exact:
@@ -689,6 +691,10 @@ class Minibatch:
 
     def begin(self, n_done: int) -> None:
         pass
+
+    @property
+    def algorithm(self) -> str:
+        return _algorithm(self.optimizer) if self.exact else "SVI"
 
     def batches(self) -> Iterable:
         return dp.lockstep(self.stream.with_rows())
