@@ -13,10 +13,12 @@ from pyro_emvae.evaluate import (
     log_marginal,
     score,
 )
-from pyro_emvae.fit import ConvergenceWarning, FitResult, fit
+from pyro_emvae.fit import fit
 from pyro_emvae.init import KMeansFallbackWarning
+from pyro_emvae.loop import ConvergenceWarning
 from pyro_emvae.optim import ClosedFormWarning, EMOptim, GradientMStep, OnlineEM
 from pyro_emvae.rules import MStepContext, Rule, register_rule
+from pyro_emvae.result import FitResult
 from pyro_emvae.stream import Batches, NpyChunks
 from pyro_emvae.validate import ModelInputError, PrecisionWarning
 

@@ -11,7 +11,7 @@ The file holds tensors and plain data only (dicts, lists, tuples, strings, numbe
 read with ``torch.load(..., weights_only=True)``, which builds nothing else: a crafted file
 cannot run code when a fit resumes from it. What is not plain is stored as plain data and
 rebuilt: a constraint by its name in :data:`CONSTRAINTS` (and its bounds), a NumPy array (the
-NumPy RNG state) as a tensor and its dtype, the best run's :class:`~pyro_emvae.fit.FitResult`
+NumPy RNG state) as a tensor and its dtype, the best run's :class:`~pyro_emvae.result.FitResult`
 as its fields. A value of any other kind is an error when the checkpoint is written.
 
 Params are restored *in place* into the tensors the param store already holds after one trace

@@ -1,0 +1,848 @@
+"""The one loop of :func:`~pyro_emvae.fit.fit`, and the steps it runs.
+
+A *step* moves the params once and says what that move saw; the loop around it is the same for
+every algorithm. It owns the history, the ``tol`` test, the :class:`ConvergenceWarning`, the
+progress bar, the callback, checkpoints (save and resume), Ctrl-C, rollback to the last good
+params (and, with ``recover=True``, retries with a larger ``reg_covar``), and builds the
+:class:`~pyro_emvae.result.FitResult`. As in NumPyro's ``svi.py`` and BlackJAX, a step
+returns its record (:class:`Tick`: the objective and the update's ``info``) and a run returns a
+named result.
+
+The steps, and the shape of one iteration of each:
+
+===================  ===========================================================================
+:class:`InMemory`    exact EM / ECM / EG on data in memory: **evaluate** (the E-step: the exact
+                     :math:`\\log p_\\theta(x)`, recorded and tested against ``tol`` *before*
+                     the update, so a converged fit stops at an E-step), then one **update**
+                     (the M-step on that posterior)
+:class:`Streamed`    the same over a stream: the E-step is a pass summing the statistics
+:class:`Minibatch`   online EM, minibatch EG or SVI: an iteration is an **epoch** of updates,
+                     one per minibatch (the model scaled by N / B); the epoch's summed
+                     objective is the record
+:class:`SVIStep`     SVI on data in memory: each update is an iteration and its record (the
+                     ELBO estimate), tested on means over windows of 20
+===================  ===========================================================================
+
+A step is an object with these attributes and methods (the loop reads nothing else):
+
+* ``key`` (``"log_likelihood"`` or ``"elbo"``), ``label`` (the progress bar's),
+  ``algorithm``, ``optimizer`` (whose state a checkpoint holds), ``gradient`` (the params
+  reported as moved by gradient steps unless the update's ``info`` says), ``extra`` (history
+  keys of its own), ``exact`` (its final objective is evaluated, not estimated), ``rollback``
+  (keep the last good params), ``window`` (of the ``tol`` test);
+* ``evaluates``: whether an iteration starts with ``evaluate(rollback, n_done) -> (value,
+  posterior)``; ``epochs``: whether it is a pass over ``batches()``;
+* ``begin(n_done)``; ``update(data, ticks, rollback) -> Tick``; ``settled(posterior, info, tol,
+  n_data) -> bool`` (a small change is a stationary point); ``final(rollback, ticks)`` (exact
+  steps) or ``estimate(history, batches)``; ``unconverged(max_iter, tol, history, n_data)`` (the
+  warning's text).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
+from pyro.poutine.messenger import Messenger
+
+from pyro_emvae import distributed as dp
+from pyro_emvae.amortized import rng_state, set_rng
+from pyro_emvae.checkpoint import (
+    Checkpoint,
+    constraints_of,
+    load_optim_state,
+    param_state,
+    register,
+    restore_params,
+)
+from pyro_emvae.elbo import KLControlledELBO
+from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
+from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
+from pyro_emvae.result import FitResult
+from pyro_emvae.stream import Batches
+
+__all__ = [
+    "ConvergenceWarning",
+    "InMemory",
+    "Minibatch",
+    "Options",
+    "SVIStep",
+    "Streamed",
+    "Tick",
+    "run",
+]
+
+
+class ConvergenceWarning(UserWarning):
+    """The fit stopped at ``max_iter`` before the objective changed by less than ``tol``."""
+
+
+class Tick(NamedTuple):
+    """What one update returns.
+
+    ``value``: its objective (at the params before it: an E-step's :math:`\\log p(x)`, an SVI
+    step's ELBO estimate, a minibatch's scaled objective); ``info``: the update's diagnostics;
+    ``stop``: a Ctrl-C came during it and was deferred until the update is recorded; ``extra``:
+    history entries of the step's own keys; ``part``: its share of the epoch's objective;
+    ``report``: entries for the callback besides ``value`` and ``info``."""
+
+    value: float
+    info: dict[str, Any]
+    stop: bool = False
+    extra: dict[str, float] | None = None
+    part: float = 0.0
+    report: dict[str, Any] | None = None
+
+
+@dataclass
+class Options:
+    """The options of one run of the loop (one of fit's restarts)."""
+
+    max_iter: int
+    tol: float
+    n_data: int
+    callback: Callable | None
+    progress: bool | None
+    run: int
+    n_init: int
+    names: list[str]  # the model's params: rolled back, and reported by exact steps
+    model: Any = None  # (model, guide, first batch's args and kwargs): to register the params
+    guide: Any = None  # before a checkpoint's values are put back
+    first: tuple = ((), {})
+    ckpt: Checkpoint | None = None
+    resume: dict | None = None  # the checkpoint this run goes on from
+    outer: Callable[[], dict] = dict  # the restarts' state, saved with each checkpoint
+    recover: bool = False
+    recoveries: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ rollback
+def snapshot(names: list[str]) -> dict[str, torch.Tensor]:
+    """The unconstrained values of the params ``names`` (those in the store), copied."""
+    store = pyro.get_param_store()
+    return {n: store.get_param(n).unconstrained().detach().clone() for n in names if n in store}
+
+
+def restore(snap: dict[str, torch.Tensor]) -> None:
+    """Write a :func:`snapshot` back into the params, in place."""
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for n, v in snap.items():
+            store.get_param(n).unconstrained().copy_(v)
+
+
+def constrained(names: list[str]) -> dict[str, torch.Tensor]:
+    store = pyro.get_param_store()
+    return {n: store[n].detach().clone() for n in names if n in store}
+
+
+class Rollback:
+    """The params of the last good iteration, and the guards that go back to them."""
+
+    def __init__(self, names: list[str], keep: bool) -> None:
+        self.names = names
+        self.snap: dict[str, torch.Tensor] = snapshot(names) if keep else {}
+
+    def take(self) -> None:
+        self.snap = snapshot(self.names)
+
+    def restore(self) -> None:
+        restore(self.snap)
+
+    def check(self, value: float, what: str, iteration: int) -> None:
+        """A non-finite ``value`` restores the params and is a FloatingPointError."""
+        if not math.isfinite(value):
+            self.restore()
+            restored = (
+                f"the params of the last finite iteration were restored ({', '.join(self.names)})"
+                if self.snap
+                else "no earlier params were finite"
+            )
+            raise FloatingPointError(
+                f"the {what} became {value} at iteration {iteration}; {restored}. Check the "
+                "data for extreme values, lower the learning rate, or regularize the params."
+            )
+
+    def guard(self, run: Callable[[], Any], iteration: int) -> Any:
+        """Run an E-step; a model error once the M-step has moved the params (Pyro's validation
+        of a scale driven to 0, say) rolls back to the last finite params and is a
+        FloatingPointError."""
+        try:
+            return run()
+        except EnumerationError:
+            raise
+        except ValueError as e:
+            if iteration == 0:
+                raise  # the model fails at its initial params: the user's error, as it is
+            self.restore()
+            raise FloatingPointError(
+                f"the E-step failed at iteration {iteration} after the M-step moved the params "
+                f"to invalid values; the params of the last finite iteration were restored "
+                f"({', '.join(self.names)}). Lower the learning rate or regularize. Cause: {e}"
+            ) from e
+
+
+_MAX_RECOVERIES = 5
+
+
+def _recover(o: Options, mstep, error: Exception, iteration: int) -> bool:
+    """With ``recover=True``: raise the M-step's ``reg_covar`` tenfold (at least to 1e-6) so
+    that iteration ``iteration`` can be redone from the restored params; False when recovery
+    is off, the M-step has no ``reg_covar``, or it was tried too often."""
+    done = o.recoveries
+    if not o.recover or not hasattr(mstep, "reg_covar") or len(done) >= _MAX_RECOVERIES:
+        if o.recover and len(done) >= _MAX_RECOVERIES:
+            message = (
+                f"{error.args[0] if error.args else error} (gave up after {len(done)} "
+                f"retries with reg_covar raised to {mstep.reg_covar:g})"
+            )
+            error.args = (message,)
+        return False
+    old = mstep.reg_covar
+    mstep.reg_covar = max(10 * old, 1e-6)
+    if hasattr(mstep, "reset"):
+        mstep.reset()
+    done.append({"iteration": iteration, "reg_covar": mstep.reg_covar, "error": str(error)})
+    warnings.warn(
+        f"iteration {iteration} failed ({type(error).__name__}: {error}); the params of the "
+        f"last good iteration were restored and reg_covar raised from {old:g} to "
+        f"{mstep.reg_covar:g} to retry it",
+        stacklevel=4,  # (the user's call of fit)
+    )
+    return True
+
+
+# ------------------------------------------------------------------ checkpoints
+def _save(o: Options, optimizer: Any, n_done: int, history: dict, rng: Any, position=None) -> None:
+    """Write the loop's state after ``n_done`` completed iterations of this run (and, for
+    updates per minibatch, ``position`` in the epoch under way)."""
+    if o.ckpt is None:
+        return
+    values, constraints = param_state()
+    getter = getattr(optimizer, "state_dict", None) or getattr(optimizer, "get_state", None)
+    o.ckpt.save(
+        {
+            "run": o.run,
+            "n_done": n_done,
+            "history": {k: list(v) for k, v in history.items()},
+            "params": values,
+            "constraints": constraints,
+            "optimizer": getter() if getter is not None else None,
+            "rng": rng,
+            "recoveries": list(o.recoveries),
+            "position": position,
+            **o.outer(),
+        }
+    )
+
+
+def _resume(o: Options, optimizer: Any) -> tuple[int, dict]:
+    """Put the params, optimizer and RNG back as the checkpoint left them; returns the
+    iterations done and the history. A checkpoint written between runs only says which run
+    comes next: that run starts from its own initialization."""
+    state = o.resume
+    if state is None or state["n_done"] is None:
+        return 0, {}
+    register(o.model, o.guide, *o.first)
+    restore_params(state["params"], state["constraints"])
+    if state["optimizer"] is not None:
+        if hasattr(optimizer, "load_state_dict"):
+            optimizer.load_state_dict(state["optimizer"])
+        else:  # a pyro.optim optimizer
+            load_optim_state(optimizer, state["optimizer"])
+    set_rng(state["rng"])
+    return state["n_done"], {k: list(v) for k, v in state["history"].items()}
+
+
+def _position(batch: int, rng_epoch, epoch_sum: float, rng) -> dict[str, Any]:
+    """Where a minibatch fit is inside its epoch: batches done, the RNG at the epoch's start
+    (the loader's shuffle) and now, and the epoch's running sum."""
+    return {"batch": batch, "rng_epoch": rng_epoch, "epoch_sum": epoch_sum, "rng": rng}
+
+
+def _bar(progress: bool | None, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc=desc, disable=(None if progress is None else not progress), leave=False
+    )
+
+
+def _trim(history: dict[str, list[float]], n: int) -> None:
+    for values in history.values():
+        del values[n:]
+
+
+def _last_change(values: list[float], n_data: int) -> float:
+    return abs(values[-1] - values[-2]) / n_data if len(values) > 1 else float("nan")
+
+
+# ------------------------------------------------------------------ the loop
+def run(step: Any, o: Options) -> FitResult:
+    """Run ``step`` for ``o.max_iter`` iterations, or until the objective per datum changes by
+    less than ``o.tol`` (``|\\bar h_{now} - \\bar h_{before}| / n < tol`` over the step's
+    window of records, and the step :meth:`settled`), the callback returns True, or Ctrl-C.
+
+    One iteration: ``evaluate`` (record, test) for a step that evaluates first; then its
+    updates (one, or one per minibatch of an epoch), each followed by the checkpoint when due,
+    the progress bar and the callback; an epoch ends with its record and test. Returns the
+    run's :class:`~pyro_emvae.result.FitResult`; the final objective of an exact step is a last
+    evaluation at the returned params.
+    """
+    key, n_data, tol, max_iter, ckpt = step.key, o.n_data, o.tol, o.max_iter, o.ckpt
+    window, callback = step.window, o.callback
+    history: dict[str, list[float]] = {key: [], "time": []}
+    if step.epochs:
+        history["batch"] = []
+    for k in step.extra:
+        history[k] = []
+    n_done, saved = _resume(o, step.optimizer)
+    history = saved or history
+    position = o.resume.get("position") if saved and step.epochs else None
+    ticks = len(history["batch"]) if step.epochs else n_done
+    o.recoveries = list(o.resume.get("recoveries", [])) if o.resume else []
+    step.begin(n_done)
+    records, times = history[key], history["time"]
+    start = time.perf_counter() - (times[-1] if times else 0.0)
+    rb = Rollback(o.names, step.rollback)
+    rng = rng_state() if ckpt is not None else None
+    converged = interrupted = in_update = at_final = False
+    info: dict[str, Any] = {}
+    post: Any = None
+    done_in_epoch, epoch_sum, epoch_batches, rng_epoch = 0, 0.0, 0, None
+    per_datum = f"{'ll' if key == 'log_likelihood' else key}_per_datum"
+
+    def record(value: float) -> None:
+        records.append(value)
+        times.append(time.perf_counter() - start)
+
+    def changed_little() -> bool:
+        """The ``tol`` test on the records (its step's stationarity check comes after)."""
+        h = records
+        if tol <= 0 or len(h) < 2 * window or len(h) % window:
+            return False
+        if window == 1:
+            return abs(h[-1] - h[-2]) / n_data < tol
+        now = sum(h[-window:]) / window
+        before = sum(h[-2 * window : -window]) / window
+        return abs(now - before) / n_data < tol
+
+    label = step.label if o.n_init == 1 else f"{step.label} run {o.run}"
+    bar = _bar(o.progress, max_iter, label)
+    bar.update(n_done)
+    try:
+        while n_done < max_iter:
+            if step.evaluates:  # the objective at the params the update will start from
+                try:
+                    value, post = step.evaluate(rb, n_done)
+                    rb.check(value, "log-likelihood", n_done)
+                except FloatingPointError as e:
+                    # the last update led to invalid params; they were restored: undo it
+                    if n_done == 0 or not _recover(o, step.optimizer, e, n_done):
+                        raise
+                    n_done -= 1
+                    ticks -= 1
+                    _trim(history, n_done)
+                    continue
+                record(value)
+                # (after an update that the M-step's guard undid, the objective stands still
+                # because those params did not move: that is no sign of a stationary point)
+                if changed_little() and step.settled(post, info, tol, n_data):
+                    converged = at_final = True  # this evaluation is the final one
+                    if ckpt is not None:  # resuming redoes this evaluation and stops there
+                        _save(o, step.optimizer, n_done, {k: v[:-1] for k, v in history.items()}, rng)  # fmt: skip
+                    break
+                rb.take()
+            if step.epochs:
+                if position is not None:  # resume inside the epoch: the same shuffle, then skip
+                    rng_epoch = position["rng_epoch"]
+                    set_rng(rng_epoch)
+                    skip, epoch_sum = position["batch"], position["epoch_sum"]
+                else:
+                    rng_epoch = rng_state()
+                    skip, epoch_sum = 0, 0.0
+                done_in_epoch = 0
+                batches: Iterable = step.batches()
+            else:
+                batches, skip = (post,), 0
+            stopped = redo = False
+            for data in batches:
+                if done_in_epoch < skip:
+                    done_in_epoch += 1
+                    if done_in_epoch == skip:
+                        set_rng(position["rng"])
+                    continue
+                position = None
+                in_update = step.evaluates  # (a Ctrl-C inside an M-step undoes it)
+                try:
+                    tick = step.update(data, ticks, rb)
+                except (FloatingPointError, torch.linalg.LinAlgError) as e:
+                    if not _recover(o, step.optimizer, e, n_done + 1):
+                        raise
+                    rb.restore()  # (EMOptim has already put its params back)
+                    in_update = False
+                    _trim(history, n_done)
+                    redo = True
+                    break
+                value, info = tick.value, tick.info
+                if step.evaluates and key in info:  # the M-step undid the update (its guard)
+                    value = records[-1] = info[key]
+                in_update = False
+                if tick.extra:
+                    for k, v in tick.extra.items():
+                        history[k].append(v)
+                ticks += 1
+                if step.epochs:
+                    done_in_epoch += 1
+                    epoch_sum += tick.part
+                    history["batch"].append(value / n_data)
+                    if step.rollback:
+                        rb.take()
+                else:
+                    if not step.evaluates:  # the update is the iteration's record
+                        record(value)
+                    n_done += 1
+                if ckpt is not None:
+                    rng = rng_state()
+                    if step.epochs:
+                        if ckpt.due(ticks):
+                            pos = _position(done_in_epoch, rng_epoch, epoch_sum, rng)
+                            _save(o, step.optimizer, n_done, history, rng, pos)
+                    elif ckpt.due(ticks) or n_done == max_iter:
+                        _save(o, step.optimizer, n_done, history, rng)
+                if not step.epochs:
+                    bar.update()
+                bar.set_postfix({per_datum: f"{value / n_data:.6g}"})
+                if tick.stop:  # a Ctrl-C came during the update: it is recorded, now stop
+                    raise KeyboardInterrupt
+                if not (step.evaluates or step.epochs) and changed_little():
+                    converged = stopped = True
+                    break
+                if callback is not None:
+                    report = {key: value, **(tick.report or {})}
+                    if step.epochs:
+                        report["epoch"], report["batch"] = n_done, done_in_epoch - 1
+                    if callback(ticks, {**report, **info}):
+                        converged = stopped = True
+                        break
+            if stopped:
+                break
+            if redo or not step.epochs:
+                continue
+            if done_in_epoch == 0:
+                raise ValueError("the stream gave no batch in this epoch")
+            epoch_batches = done_in_epoch
+            record(epoch_sum)
+            n_done += 1
+            done_in_epoch = 0
+            bar.update()
+            if ckpt is not None:
+                rng = rng_state()
+                _save(o, step.optimizer, n_done, history, rng)
+            if changed_little():
+                converged = True
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        if in_update:  # a partial M-step is undone: params are those of the last iteration
+            rb.restore()
+        if step.epochs:
+            if ckpt is not None:
+                pos = _position(done_in_epoch, rng_epoch, epoch_sum, rng) if done_in_epoch else None
+                _save(o, step.optimizer, n_done, history, rng, pos)
+        elif step.evaluates:
+            # a checkpoint of the completed iterations; not from inside an M-step, whose
+            # optimizer state (Adam's moments, the guard) has moved: the last periodic one stands
+            if ckpt is not None and not in_update:
+                _save(o, step.optimizer, n_done, {k: v[:n_done] for k, v in history.items()}, rng)  # fmt: skip
+        else:  # (updates defer Ctrl-C, so a step is whole; its record may be cut short)
+            n_done = len(times)
+            _trim(history, n_done)
+            if ckpt is not None and n_done:
+                _save(o, step.optimizer, n_done, history, rng)
+    finally:
+        bar.close()
+    if step.exact:
+        if at_final and not interrupted:
+            final = records[-1]
+        else:  # the final evaluation: the reported objective belongs to the returned params
+            final = step.final(rb, ticks)
+            rb.check(final, "log-likelihood", ticks)
+            record(final)
+    else:
+        final = step.estimate(history, epoch_batches, n_data)
+    if not converged and not interrupted and tol > 0:
+        warnings.warn(
+            step.unconverged(max_iter, tol, history, n_data),
+            ConvergenceWarning,
+            stacklevel=3,  # (the user's call of fit)
+        )
+    if step.exact:
+        names = o.names
+        if o.recoveries:
+            info = {**info, "recoveries": o.recoveries}
+    else:
+        names = list(pyro.get_param_store().keys())
+        info = {"guide_params": names}
+    return FitResult(
+        constraints=constraints_of(names),
+        params=constrained(names),
+        log_likelihood=final if step.exact else None,
+        elbo=final,
+        history=history,
+        converged=converged,
+        n_iter=n_done,
+        n_data=n_data,
+        algorithm=step.algorithm,
+        interrupted=interrupted,
+        info=info,
+        closed_form=list(info.get("closed_form", [])),
+        gradient=list(info.get("gradient", step.gradient)),
+    )
+
+
+# ------------------------------------------------------------------ the steps
+def _algorithm(mstep: Any) -> str:
+    return "EG" if isinstance(mstep, GradientMStep) else getattr(mstep, "algorithm", "EM")
+
+
+class _Exact:
+    """What exact steps share: an E-step first, the M-step as the update."""
+
+    key, label, extra, exact, rollback, window = "log_likelihood", "EM", (), True, True, 1
+    evaluates, epochs = True, False
+
+    def __init__(self, guide: ExactEStep, mstep: Any, names: list[str]) -> None:
+        self.guide, self.optimizer = guide, mstep
+        self.gradient = names if isinstance(mstep, GradientMStep) else []
+        self.wants_grads = getattr(mstep, "needs_param_grads", False)
+
+    @property
+    def algorithm(self) -> str:  # (EMOptim's, known once it has planned its M-step)
+        return _algorithm(self.optimizer)
+
+    def begin(self, n_done: int) -> None:
+        pass
+
+    def unconverged(self, max_iter: int, tol: float, history: dict, n_data: int) -> str:
+        return (
+            f"fit did not converge in {max_iter} iterations (last change "
+            f"{_last_change(history['log_likelihood'], n_data):.3g} nats/datum >= tol={tol}); "
+            "raise max_iter or tol."
+        )
+
+
+class InMemory(_Exact):
+    """EM on data held in memory: an E-step is one posterior, the M-step takes it."""
+
+    def __init__(self, guide: ExactEStep, mstep: Any, args: tuple, kwargs: dict, names) -> None:
+        super().__init__(guide, mstep, names)
+        self.args, self.kwargs = args, kwargs
+
+    def evaluate(self, rb: Rollback, n_done: int) -> tuple[float, Posterior]:
+        """The E-step (data-parallel: its log-likelihood summed over the ranks)."""
+
+        def estep() -> Posterior:
+            post = self.guide.posterior(*self.args, param_grads=self.wants_grads, **self.kwargs)
+            dp.all_reduce_([post.log_likelihood])
+            return post
+
+        post = rb.guard(estep, n_done)
+        return float(post.log_likelihood), post
+
+    def update(self, post: Posterior, ticks: int, rb: Rollback) -> Tick:
+        info = dict(self.optimizer(self.guide, post, self.args, self.kwargs) or {})
+        return Tick(float(post.log_likelihood), info, report={"posterior": post})
+
+    def final(self, rb: Rollback, ticks: int) -> float:
+        return self.evaluate(rb, ticks)[0]
+
+    def settled(self, post: Posterior, info: dict, tol: float, n_data: int) -> bool:
+        """Whether the params that take gradient steps are at a stationary point: a small
+        change of log p(x) is no proof of it (an optimizer's step across the optimum, or one
+        that the guard undid, changes log p(x) little while the gradient stays large).
+        :math:`\\max |\\nabla \\log p(x)| / n \\le \\sqrt{tol}` in the unconstrained values
+        (a step of a gradient method moves log p(x) by about the gradient's square). Plain EM
+        has no such params and costs nothing here; ECM pays one backward pass, on the
+        iterations where the change is below ``tol``."""
+        if info.get("rejected"):
+            return False
+        if isinstance(self.optimizer, EMOptim):
+            plan = self.optimizer._plan  # (None after a resume, before the first M-step)
+            if plan is None:
+                plan = self.optimizer.plan(self.guide, self.args, self.kwargs, post.subsample)
+            names = set(plan.gradient)
+        elif isinstance(self.optimizer, GradientMStep):
+            names = None  # all of the model's params
+        else:
+            return True  # a user's M-step: its params are its own business
+        if names is not None and not names:
+            return True
+        grads = post.param_grads
+        if grads is None:
+            grads = self.guide.posterior(*self.args, param_grads=True, **self.kwargs).param_grads
+        moved = [g for n, g in grads.items() if names is None or n in names]
+        if not moved:
+            return True
+        dp.all_reduce_(moved)
+        worst = max(float(g.abs().max()) for g in moved)
+        return worst / n_data <= math.sqrt(tol)
+
+
+class Streamed(_Exact):
+    """Exact EM on a stream: an E-step is a pass over the batches summing log p(x) and the
+    statistics (:meth:`EMOptim.stream_estep`), the M-step applies them."""
+
+    def __init__(self, guide: ExactEStep, mstep: EMOptim, batches: Batches, names) -> None:
+        super().__init__(guide, mstep, names)
+        self.batches = batches
+
+    def evaluate(self, rb: Rollback, n_done: int):
+        spass = rb.guard(lambda: self.optimizer.stream_estep(self.guide, self.batches), n_done)
+        return spass.log_likelihood, spass
+
+    def update(self, spass, ticks: int, rb: Rollback) -> Tick:
+        info = dict(self.optimizer.stream_mstep(self.guide, self.batches, spass) or {})
+        return Tick(spass.log_likelihood, info, report={"posterior": None})
+
+    def final(self, rb: Rollback, ticks: int) -> float:
+        return rb.guard(lambda: stream_log_likelihood(self.guide, self.batches), ticks)
+
+    def settled(self, post, info: dict, tol: float, n_data: int) -> bool:
+        # (exact streaming EM: its gradient params, if any, take steps per batch; the change
+        # of log p(x) over a pass is the test)
+        return not info.get("rejected")
+
+
+def stream_log_likelihood(guide: ExactEStep, batches: Batches) -> float:
+    """Exact :math:`\\log p(x)` of a stream at the current params: one pass, summed over the
+    batches (and, data-parallel, over the ranks)."""
+    total = 0.0
+    for args, kwargs in batches:
+        total += float(guide.log_likelihood(*args, **kwargs))
+    return dp.all_reduce_float(total)
+
+
+class _Scale(Messenger):
+    """Multiplies every sample site's scale by ``factor`` (set before each minibatch)."""
+
+    factor = 1.0
+
+    def _pyro_sample(self, msg) -> None:
+        msg["scale"] = msg["scale"] * self.factor
+
+
+def _svi_loss(loss: Any, enumerates: bool) -> Any:
+    return loss or (TraceEnum_ELBO() if enumerates else Trace_ELBO())
+
+
+class Minibatch:
+    """An update after every minibatch of ``stream``, the model scaled by N / B: online EM or
+    minibatch EG (an ExactEStep guide and its M-step), or SVI. An iteration is an epoch; its
+    record is the sum of its minibatch objectives, each at the params of its step."""
+
+    evaluates, epochs, window = False, True, 1
+
+    def __init__(
+        self,
+        model,
+        guide,
+        optimizer,
+        stream: Batches,
+        rows: int,
+        names,
+        loss=None,
+        enumerates=False,
+    ) -> None:
+        self.stream, self.rows, self.optimizer = stream, rows, optimizer
+        self.exact = self.rollback = isinstance(guide, ExactEStep)
+        self.key = "log_likelihood" if self.exact else "elbo"
+        self.label = (
+            "online EM" if isinstance(optimizer, OnlineEM) else "EM" if self.exact else "SVI"
+        )
+        self.gradient = names if isinstance(optimizer, GradientMStep) else []
+        self.controlled = False
+        if self.exact:
+            self.guide = guide
+            self.wants_grads = getattr(optimizer, "needs_param_grads", False)
+            # the guide on the model scaled by N / B: the E-step, the M-step's probe of the
+            # model and its gradient steps all see the scale (an ambient poutine.scale would
+            # not reach the probe, which blocks the handlers around it)
+            self.scaler = _Scale()
+            self.scaled = copy.copy(guide)
+            self.scaled.model = self.scaler(guide.model)
+        else:
+            self.loss = _svi_loss(loss, enumerates)
+            self.svi = SVI(model, guide, optimizer, self.loss)
+            self.controlled = isinstance(self.loss, KLControlledELBO)
+        self.extra = ("kl_weight",) if self.controlled else ()
+
+    def begin(self, n_done: int) -> None:
+        pass
+
+    @property
+    def algorithm(self) -> str:
+        return _algorithm(self.optimizer) if self.exact else "SVI"
+
+    def batches(self) -> Iterable:
+        return dp.lockstep(self.stream.with_rows())
+
+    def update(self, batch, ticks: int, rb: Rollback) -> Tick:
+        args, kwargs, n_rows = batch
+        scale = self.rows / dp.all_reduce_float(n_rows)
+        with _deferred_interrupt() as caught:  # a step is never cut in half
+            value, info, stop = self._update(args, kwargs, scale, ticks, rb)
+        extra = {"kl_weight": self.loss.beta} if self.controlled else None
+        return Tick(value, info, stop or bool(caught), extra, value / scale)
+
+    def _update(self, args, kwargs, scale, ticks, rb) -> tuple[float, dict, bool]:
+        if not self.exact:
+            if self.controlled:
+                self.loss.step = ticks
+            with poutine.scale(scale=scale):
+                value, stop = _svi_step(self.svi, args, kwargs, ticks + 1)
+            return (self.loss.last_elbo if self.controlled else -value), {}, stop
+
+        def estep() -> Posterior:
+            post = self.scaled.posterior(*args, param_grads=self.wants_grads, **kwargs)
+            dp.all_reduce_([post.log_likelihood])
+            return post
+
+        self.scaler.factor = scale
+        post = rb.guard(estep, ticks)
+        ll = float(post.log_likelihood)
+        rb.check(ll, "minibatch log-likelihood", ticks)
+        info = dict(self.optimizer(self.scaled, post, args, kwargs) or {})
+        return ll, info, False
+
+    def settled(self, post, info: dict, tol: float, n_data: int) -> bool:
+        return True
+
+    def final(self, rb: Rollback, ticks: int) -> float:
+        """The exact log-likelihood of the returned params: one more pass."""
+        return rb.guard(lambda: stream_log_likelihood(self.guide, self.stream), ticks)
+
+    def estimate(self, history: dict, batches: int, n_data: int) -> float:
+        """The mean per-datum objective of the last epoch's minibatches, times ``n_data``."""
+        recent = history["batch"][-(batches or len(history["batch"])) :]
+        return sum(recent) / len(recent) * n_data if recent else float("nan")
+
+    def unconverged(self, max_iter: int, tol: float, history: dict, n_data: int) -> str:
+        return (
+            f"fit did not converge in {max_iter} epochs (tol={tol} on the change of the "
+            "epoch's summed minibatch objective per datum); raise max_iter or tol."
+        )
+
+
+_WINDOW = 20
+
+
+class SVIStep:
+    """One :class:`pyro.infer.SVI` step on data in memory: an iteration, recorded by its ELBO
+    estimate; ``tol`` compares the means of successive windows of 20."""
+
+    key, label, algorithm, exact, rollback = "elbo", "SVI", "SVI", False, False
+    evaluates, epochs, window, gradient = False, False, _WINDOW, []
+
+    def __init__(self, model, guide, optim, args, kwargs, loss=None, enumerates=False) -> None:
+        self.loss = _svi_loss(loss, enumerates)
+        self.svi = SVI(model, guide, optim, self.loss)
+        self.optimizer, self.args, self.kwargs = optim, args, kwargs
+        self.controlled = isinstance(self.loss, KLControlledELBO)
+        self.extra = ("kl_weight",) if self.controlled else ()
+
+    def begin(self, n_done: int) -> None:
+        if self.controlled:
+            self.loss.step = n_done  # (a new run starts its schedule again)
+
+    def update(self, data, ticks: int, rb: Rollback) -> Tick:
+        loss_value, stop = _svi_step(self.svi, self.args, self.kwargs, ticks + 1)
+        if self.controlled:  # the plain ELBO, not the weighted objective that was climbed
+            return Tick(self.loss.last_elbo, {}, stop, {"kl_weight": self.loss.beta})
+        return Tick(-loss_value, {}, stop)
+
+    def settled(self, post, info: dict, tol: float, n_data: int) -> bool:
+        return True
+
+    def estimate(self, history: dict, batches: int, n_data: int) -> float:
+        """The mean ELBO estimate of the last window."""
+        h = history["elbo"]
+        return sum(h[-_WINDOW:]) / len(h[-_WINDOW:]) if h else float("nan")
+
+    def unconverged(self, max_iter: int, tol: float, history: dict, n_data: int) -> str:
+        return (
+            f"SVI did not converge in {max_iter} iterations (tol={tol} on the ELBO per datum, "
+            f"averaged over windows of {_WINDOW}); raise max_iter or tol."
+        )
+
+
+@contextmanager
+def _deferred_interrupt():
+    """Defer Ctrl-C while the optimizer writes the params: the yielded list records it, and
+    the loop raises KeyboardInterrupt once the step is recorded (history, checkpoint), so an
+    interrupted fit never holds half-updated or unrecorded params (main thread only)."""
+    caught: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _svi_step(svi: SVI, args: tuple, kwargs: dict, it: int) -> tuple[float, bool]:
+    """``SVI.step``, except that a non-finite loss or gradient is caught *before* the
+    optimizer moves the params (so nothing needs to be rolled back, and no copy of the params
+    is kept per step), and that a Ctrl-C during the update is deferred: returns the loss and
+    whether one came."""
+    try:
+        with poutine.trace(param_only=True) as capture:
+            loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
+    except KeyboardInterrupt:  # before the update: the step did not happen, its grads go
+        store = pyro.get_param_store()
+        pyro.infer.util.zero_grads({store.get_param(n).unconstrained() for n in store})
+        raise
+    # (a list in trace order: data-parallel ranks reduce the grads in the same order)
+    params = list(
+        {
+            id(p): p for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())
+        }.values()
+    )
+    value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+    dp.all_reduce_grads(params)  # the gradient of the ELBO summed over the shards
+    value = dp.all_reduce_float(value)
+    bad = sorted(
+        pyro.get_param_store().param_name(p)
+        for p in params
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+    )
+    if not math.isfinite(value) or bad:
+        pyro.infer.util.zero_grads(params)
+        what = (
+            f"the ELBO became {-value}"
+            if not math.isfinite(value)
+            else (f"the gradient of {bad} became non-finite")
+        )
+        raise FloatingPointError(
+            f"{what} at iteration {it}; the step was not taken, so the params are those of "
+            f"iteration {it - 1}. Check the data for extreme values, lower the learning rate, "
+            "or bound the guide's scales."
+        )
+    with _deferred_interrupt() as caught:
+        svi.optim(params)
+        pyro.infer.util.zero_grads(params)
+    return value, bool(caught)
