@@ -69,8 +69,10 @@ from torch.distributions import constraints as _tc
 
 __all__ = [
     "ENUM_ALLOCATOR",
+    "INNER_CATEGORICAL_ATTR",
     "MARKOV_KEYS",
     "MVN_SCALE_TRIL_ATTR",
+    "TORCH_CHECK_OPS",
     "TORCH_PARAM_ATTR",
     "BackwardSampleMessenger",
     "Cat",
@@ -85,6 +87,7 @@ __all__ = [
     "LessThan",
     "LowerCholesky",
     "LowerTriangular",
+    "MixtureSameFamilyConstraint",
     "MultinomialConstraint",
     "ProvenanceTensor",
     "Real",
@@ -130,15 +133,13 @@ def handler_stack() -> list:
 
 
 def handler_inner(fn: Any) -> Callable | None:
-    """The function that one ``poutine.*(fn)`` handler wraps, or None when ``fn`` is not such a
-    handler. Pyro 1.9 wraps ``fn`` as ``_bound_partial(partial(_context_wrap, messenger, fn))``
-    (and a method as a ``_bound_partial``): fit compares the model a guide was built for with
-    the one it is given, through handlers."""
+    """One layer inside a ``poutine.*(fn)`` handler, or None when ``fn`` is not one. Pyro 1.9
+    wraps ``fn`` as ``_bound_partial(partial(_context_wrap, messenger, fn))``: the
+    ``_bound_partial`` gives the partial it holds, the partial gives ``fn`` (two calls per
+    handler). fit walks this chain to compare the model a guide was built for with the one it
+    is given."""
     if isinstance(fn, _bound_partial):
-        fn = fn.func
-        if isinstance(fn, functools.partial) and fn.func is _context_wrap and len(fn.args) >= 2:
-            return fn.args[1]
-        return fn
+        return fn.func
     if isinstance(fn, functools.partial) and fn.func is _context_wrap and len(fn.args) >= 2:
         return fn.args[1]
     return None
@@ -219,6 +220,14 @@ TORCH_PARAM_ATTR = "_param"
 MVN_SCALE_TRIL_ATTR = "_unbroadcasted_scale_tril"
 
 
+#: The attribute of a torch OneHotCategorical / Multinomial that holds its Categorical.
+INNER_CATEGORICAL_ATTR = "_categorical"
+
+#: Private torch ops that only inspect a tensor (distribution argument validation runs
+#: ``Tensor._is_all_true``): a tracked param passing through them is not "used".
+TORCH_CHECK_OPS = frozenset({"_is_all_true"})
+
+
 def mvn_scale_tril(fn) -> torch.Tensor:
     """A MultivariateNormal's Cholesky factor, unbroadcast (shape ``batch' + (D, D)``)."""
     return getattr(fn, MVN_SCALE_TRIL_ATTR)
@@ -231,7 +240,7 @@ def mask_of(fn):
 
 def inner_categorical(fn):
     """The Categorical inside a torch ``OneHotCategorical`` or ``Multinomial``."""
-    return fn._categorical
+    return getattr(fn, INNER_CATEGORICAL_ATTR)
 
 
 def categorical_num_events(fn) -> int:
@@ -275,3 +284,5 @@ LowerCholesky = _tc._LowerCholesky
 LowerTriangular = _tc._LowerTriangular
 Square = _tc._Square
 Symmetric = _tc._Symmetric
+#: MixtureSameFamily's support (public, but new in torch 2.8): None on an older torch.
+MixtureSameFamilyConstraint = getattr(_tc, "MixtureSameFamilyConstraint", None)

@@ -69,8 +69,12 @@ _PARAMETRIZED: dict[str, tuple[type, tuple[str, ...]]] = {
     ),
     "cat": (_compat.Cat, ("cseq", "dim", "lengths")),
     "stack": (_compat.Stack, ("cseq", "dim")),
-    "mixture_same_family": (tc.MixtureSameFamilyConstraint, ("base_constraint",)),
 }
+if _compat.MixtureSameFamilyConstraint is not None:  # torch >= 2.8
+    _PARAMETRIZED["mixture_same_family"] = (
+        _compat.MixtureSameFamilyConstraint,
+        ("base_constraint",),
+    )
 _PARAMETRIZED_BY_TYPE = {cls: (name, attrs) for name, (cls, attrs) in _PARAMETRIZED.items()}
 _NAME_OF = {id(value): name for name, value in reversed(CONSTRAINTS.items())}
 # a constraint class without arguments, whatever instance of it: the named one

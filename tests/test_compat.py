@@ -183,10 +183,15 @@ def test_handler_inner_unwraps_one_handler():
             pass
 
     o = Obj()
+
+    def through(f):  # one handler: two layers
+        return _compat.handler_inner(_compat.handler_inner(f))
+
     scaled = poutine.scale(model, 2.0)
-    assert _compat.handler_inner(scaled) is model
-    assert _compat.handler_inner(poutine.block(scaled)) is scaled  # one handler at a time
-    assert _compat.handler_inner(poutine.block(o.method)) == o.method
+    assert isinstance(_compat.handler_inner(scaled), functools.partial)
+    assert through(scaled) is model
+    assert through(poutine.block(scaled)) is scaled
+    assert through(poutine.block(o.method)) == o.method
     assert _compat.handler_inner(model) is None
     assert _compat.handler_inner(functools.partial(model)) is None
 
@@ -261,6 +266,21 @@ def test_inner_categorical_and_num_events():
         _compat.inner_categorical(dist.Multinomial(4, p)), torch.distributions.Categorical
     )
     assert _compat.categorical_num_events(dist.Categorical(p)) == 3
+    assert getattr(oh, _compat.INNER_CATEGORICAL_ATTR) is _compat.inner_categorical(oh)
+
+
+def test_torch_check_ops_are_what_validation_runs():
+    seen = set()
+
+    class Spy(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.add(getattr(func, "__name__", ""))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    probs = torch.tensor([0.2, 0.8]).as_subclass(Spy)
+    torch.distributions.Categorical(probs=probs, validate_args=True)
+    assert _compat.TORCH_CHECK_OPS <= seen
 
 
 def test_validate_args_flag():
@@ -323,6 +343,16 @@ def test_disable_torch_function_subclass_skips_the_override():
         ("LowerTriangular", tc.lower_triangular, {}),
         ("Square", tc.square, {}),
         ("Symmetric", tc.symmetric, {}),
+        pytest.param(
+            "MixtureSameFamilyConstraint",
+            tc.MixtureSameFamilyConstraint(tc.positive)
+            if hasattr(tc, "MixtureSameFamilyConstraint")
+            else None,
+            {"base_constraint": tc.positive},
+            marks=pytest.mark.skipif(
+                not hasattr(tc, "MixtureSameFamilyConstraint"), reason="torch < 2.8 has none"
+            ),
+        ),
     ],
 )
 def test_constraint_classes(cls, instance, attrs):
@@ -339,9 +369,10 @@ _NOT_YET = {"estep.py", "fit.py", "optim.py", "rules.py", "track.py"}
 
 _PRIVATE_ATTR = re.compile(
     r"\._(pyro_dims|constraints|mask|num_events|validate_args|categorical|version|pyro_name|"
-    r"unbroadcasted_scale_tril|param\b|PYRO_STACK|ENUM_ALLOCATOR)|torch\._C\b|"
+    r"unbroadcasted_scale_tril|param|PYRO_STACK|ENUM_ALLOCATOR)\b|torch\._C\b|"
+    r"\bconstraints\._[A-Z]|"
     r"\"_(enumerate_dim|enumerate_symbol|dim_to_symbol|markov_scope|markov_depth|deterministic|"
-    r"pyro_dims|validate_args|unbroadcasted_scale_tril)\""
+    r"pyro_dims|validate_args|unbroadcasted_scale_tril|param|categorical|is_all_true)\""
 )
 
 
@@ -398,9 +429,10 @@ def test_the_scan_finds_a_private_use():
         "x = t._pyro_dims\n"
         "y = s['infer'].get(\"_enumerate_dim\")\n"
         "with torch._C.DisableTorchFunctionSubclass(): pass\n"
+        "ok = isinstance(c, constraints._Real)\n"
     )
     assert len(_private_imports(ast.parse(src))) == 2
-    assert len(list(_PRIVATE_ATTR.finditer(src))) == 3
+    assert len(list(_PRIVATE_ATTR.finditer(src))) == 4
 
 
 def test_errors_module_imports_nothing_of_the_package():
@@ -418,3 +450,25 @@ def test_errors_module_imports_nothing_of_the_package():
         for n in ast.walk(validate)
         if isinstance(n, ast.ImportFrom) and n.module == "pyro_emvae.estep"
     ]
+
+
+def test_each_error_class_is_one_class():
+    """Whichever module raises or a user imports it from, an error class is the one in errors.py."""
+    import sys
+
+    from pyro_emvae import errors
+
+    for name in errors.__all__:
+        assert getattr(sys.modules["pyro_emvae"], name) is getattr(errors, name)
+    for module, name in [
+        ("estep", "EnumerationError"),
+        ("fit", "EnumerationError"),
+        ("fit", "ConvergenceWarning"),
+        ("optim", "ClosedFormWarning"),
+        ("validate", "EnumerationError"),
+        ("validate", "ModelInputError"),
+        ("validate", "PrecisionWarning"),
+        ("init", "KMeansFallbackWarning"),
+        ("arviz", "PointEstimateWarning"),
+    ]:
+        assert getattr(sys.modules[f"pyro_emvae.{module}"], name) is getattr(errors, name)
