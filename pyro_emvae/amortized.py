@@ -35,11 +35,12 @@ import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import get_rng_state, set_rng_state
 from torch import nn
 from torch.distributions import biject_to, constraints
+
+from pyro_emvae import _compat
+from pyro_emvae._compat import Subsample, get_rng_state, set_rng_state
 
 __all__ = ["AmortizedGuide", "MeanFieldGuide", "find_data_plate", "mlp"]
 
@@ -131,7 +132,7 @@ def find_data_plate(tr, name: str | None = None):
 def plate_indices(tr, frame) -> torch.Tensor:
     """The data indices a traced model used in ``frame``'s plate."""
     site = tr.nodes.get(frame.name)
-    if site is not None and site["type"] == "sample" and isinstance(site["fn"], _Subsample):
+    if site is not None and site["type"] == "sample" and isinstance(site["fn"], Subsample):
         return site["value"]
     return torch.arange(frame.size)
 
@@ -148,7 +149,7 @@ class ForceSubsample(Messenger):
         self.indices = indices
 
     def _pyro_sample(self, msg):
-        if msg["name"] == self.name and isinstance(msg["fn"], _Subsample):
+        if msg["name"] == self.name and isinstance(msg["fn"], Subsample):
             msg["value"] = self.indices
             msg["done"] = True
 
@@ -428,7 +429,7 @@ class AmortizedGuide(nn.Module):
                 guide = AutoDelta(blocked)
             else:
                 guide = AutoNormal(blocked, init_scale=0.1)
-            guide._pyro_name = f"{self.name}_globals"
+            _compat.set_pyro_name(guide, f"{self.name}_globals")
             object.__setattr__(self, "global_guide", guide)
         self.global_names = global_names
         self.local = [site for group in self.groups for site in group["sites"]]
@@ -779,7 +780,7 @@ class MeanFieldGuide(AutoNormal):
 
     @staticmethod
     def _hide(msg) -> bool:
-        if msg["type"] != "sample" or isinstance(msg["fn"], _Subsample):
+        if msg["type"] != "sample" or isinstance(msg["fn"], Subsample):
             return False
         if msg["infer"].get("enumerate") == "parallel":
             return True

@@ -35,7 +35,9 @@ from pyro import poutine
 from pyro.distributions import DiscreteHMM
 from pyro.poutine.messenger import Messenger
 
+from pyro_emvae import _compat
 from pyro_emvae.amortized import find_data_plate, frames_of, latent_sites, prototype_trace
+from pyro_emvae.errors import PointEstimateWarning
 from pyro_emvae.estep import ExactEStep, _hmm_parts, _hmm_sample
 from pyro_emvae.evaluate import _no_latents, log_marginal
 
@@ -48,12 +50,6 @@ IN_SAMPLE_NOTE = (
     "and favour the bigger model. Compare models by score() on held-out data or by "
     "FitResult.bic()."
 )
-
-
-class PointEstimateWarning(UserWarning):
-    """The exported log-likelihood is at point-estimate params fitted to the data it scores:
-    ArviZ's ``loo`` / ``waic`` / ``compare`` on it are in-sample. Issued once per process;
-    silence it with ``warnings.filterwarnings("ignore", category=PointEstimateWarning)``."""
 
 
 _warned = False  # the warning is shown once per process: every export carries the note anyway
@@ -133,7 +129,7 @@ def to_inference_data(
     observed = {
         name: s["value"]
         for name, s in tr.nodes.items()
-        if s["type"] == "sample" and s["is_observed"] and not s["infer"].get("_deterministic")
+        if s["type"] == "sample" and s["is_observed"] and not _compat.is_deterministic(s)
     }
     chains = [n for n in observed if isinstance(tr.nodes[n]["fn"], DiscreteHMM)]
     taken = set(tr.nodes)
@@ -238,7 +234,7 @@ class _Replicate(Messenger):
         self.states = states
 
     def _pyro_sample(self, msg) -> None:
-        if not msg["is_observed"] or msg["infer"].get("_deterministic"):
+        if not msg["is_observed"] or _compat.is_deterministic(msg):
             return
         msg["is_observed"] = False
         msg["infer"]["was_observed"] = True

@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyro
 import pyro.distributions.constraints as pc
 import torch
 from pyro import poutine
-from torch.distributions import biject_to
 from torch.distributions import constraints as tc
 
+from pyro_emvae import _compat, params
 from pyro_emvae import distributed as dp
+from pyro_emvae.params import constraints_of
 
 __all__ = ["CONSTRAINTS", "Checkpoint", "StreamDigest", "data_digest", "from_plain", "to_plain"]
 
@@ -54,20 +54,27 @@ CONSTRAINTS: dict[str, tc.Constraint] = {
 }
 # parametrized kinds, stored as name + the constructor's arguments (read from the attributes)
 _PARAMETRIZED: dict[str, tuple[type, tuple[str, ...]]] = {
-    "greater_than": (tc._GreaterThan, ("lower_bound",)),
-    "greater_than_eq": (tc._GreaterThanEq, ("lower_bound",)),
-    "less_than": (tc._LessThan, ("upper_bound",)),
-    "interval": (tc._Interval, ("lower_bound", "upper_bound")),
-    "half_open_interval": (tc._HalfOpenInterval, ("lower_bound", "upper_bound")),
-    "integer_interval": (tc._IntegerInterval, ("lower_bound", "upper_bound")),
-    "integer_greater_than": (tc._IntegerGreaterThan, ("lower_bound",)),
-    "integer_less_than": (tc._IntegerLessThan, ("upper_bound",)),
-    "multinomial": (tc._Multinomial, ("upper_bound",)),
-    "independent": (tc._IndependentConstraint, ("base_constraint", "reinterpreted_batch_ndims")),
-    "cat": (tc._Cat, ("cseq", "dim", "lengths")),
-    "stack": (tc._Stack, ("cseq", "dim")),
-    "mixture_same_family": (tc.MixtureSameFamilyConstraint, ("base_constraint",)),
+    "greater_than": (_compat.GreaterThan, ("lower_bound",)),
+    "greater_than_eq": (_compat.GreaterThanEq, ("lower_bound",)),
+    "less_than": (_compat.LessThan, ("upper_bound",)),
+    "interval": (_compat.Interval, ("lower_bound", "upper_bound")),
+    "half_open_interval": (_compat.HalfOpenInterval, ("lower_bound", "upper_bound")),
+    "integer_interval": (_compat.IntegerInterval, ("lower_bound", "upper_bound")),
+    "integer_greater_than": (_compat.IntegerGreaterThan, ("lower_bound",)),
+    "integer_less_than": (_compat.IntegerLessThan, ("upper_bound",)),
+    "multinomial": (_compat.MultinomialConstraint, ("upper_bound",)),
+    "independent": (
+        _compat.IndependentConstraint,
+        ("base_constraint", "reinterpreted_batch_ndims"),
+    ),
+    "cat": (_compat.Cat, ("cseq", "dim", "lengths")),
+    "stack": (_compat.Stack, ("cseq", "dim")),
 }
+if _compat.MixtureSameFamilyConstraint is not None:  # torch >= 2.8
+    _PARAMETRIZED["mixture_same_family"] = (
+        _compat.MixtureSameFamilyConstraint,
+        ("base_constraint",),
+    )
 _PARAMETRIZED_BY_TYPE = {cls: (name, attrs) for name, (cls, attrs) in _PARAMETRIZED.items()}
 _NAME_OF = {id(value): name for name, value in reversed(CONSTRAINTS.items())}
 # a constraint class without arguments, whatever instance of it: the named one
@@ -408,21 +415,14 @@ def _short(value: Any) -> str:
 # ------------------------------------------------------------------ params and optimizers
 def param_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every param's unconstrained value (detached copies) and its constraint."""
-    store = pyro.get_param_store()
-    values = {n: store.get_param(n).unconstrained().detach().clone() for n in store}
+    values = params.snapshot()
     return values, constraints_of(list(values))
-
-
-def constraints_of(names: list[str]) -> dict[str, Any]:
-    """The constraint of each named param in the store."""
-    store = pyro.get_param_store()
-    return {n: store._constraints[n] for n in names if n in store}
 
 
 def check_storable() -> None:
     """Raise (TypeError, naming the param) if a param in the store has a constraint a
     checkpoint cannot store: before the first iteration rather than at the first save."""
-    for name, constraint in constraints_of(list(pyro.get_param_store())).items():
+    for name, constraint in constraints_of(params.names()).items():
         to_plain(constraint, f"the constraint of param '{name}'")
 
 
@@ -435,20 +435,17 @@ def register(model, guide, args: tuple, kwargs: dict) -> None:
 
 def restore_params(saved: dict[str, torch.Tensor], constraints: dict[str, Any]) -> None:
     """Write saved unconstrained values into the store's tensors, in place."""
-    store = pyro.get_param_store()
-    with torch.no_grad():
-        for name, value in saved.items():
-            if name in store:
-                target = store.get_param(name).unconstrained()
-                if target.shape != value.shape:
-                    raise ValueError(
-                        f"checkpoint: param '{name}' has shape {tuple(value.shape)}, the model "
-                        f"now makes {tuple(target.shape)}"
-                    )
-                target.copy_(value.to(target.device, target.dtype))
-            else:  # not (yet) created by the model: put it in the store as saved
-                constraint = constraints[name]
-                store.setdefault(name, biject_to(constraint)(value), constraint)
+    live = params.unconstrained(saved)
+    for name, value in saved.items():
+        target = live.get(name)
+        if target is None:  # not (yet) created by the model: put it in the store as saved
+            params.put(name, value, constraints[name])
+        elif target.shape != value.shape:
+            raise ValueError(
+                f"checkpoint: param '{name}' has shape {tuple(value.shape)}, the model "
+                f"now makes {tuple(target.shape)}"
+            )
+    params.restore({n: saved[n].to(t.device, t.dtype) for n, t in live.items()})
 
 
 def load_optim_state(optim, state: dict) -> None:

@@ -29,9 +29,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pyro
 import torch
 from pyro.poutine.messenger import Messenger
+
+from pyro_emvae import params
 
 __all__ = [
     "active",
@@ -178,8 +179,7 @@ def all_reduce_stats(stats) -> None:
 
 
 def _store_params() -> list[tuple[str, torch.Tensor]]:
-    store = pyro.get_param_store()
-    return [(n, store.get_param(n).unconstrained()) for n in sorted(store.keys())]
+    return sorted(params.unconstrained().items())
 
 
 def check_same_params() -> None:

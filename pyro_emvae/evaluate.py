@@ -31,11 +31,12 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoGuide
-from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
 from pyro.poutine.util import prune_subsample_sites
 
+from pyro_emvae import _compat
+from pyro_emvae._compat import packed
 from pyro_emvae.amortized import (
     AmortizedGuide,
     ForceSubsample,
@@ -199,7 +200,7 @@ def _global_point(guide, tr, frame, args, kwargs) -> dict[str, torch.Tensor]:
 
 def _as_target(t: torch.Tensor, symbols: list[str], sizes: list[int]) -> torch.Tensor:
     """A packed tensor -> a plain one over exactly ``symbols`` (broadcast where absent)."""
-    dims = getattr(t, "_pyro_dims", "")
+    dims = _compat.pyro_dims(t, "")
     extra = [d for d in dims if d not in symbols]
     if extra:
         raise RuntimeError(f"unexpected dims {extra} left after contraction")
@@ -227,10 +228,11 @@ class _Pass(NamedTuple):
 
 def _reduce(lp: torch.Tensor, symbols: list[str], sizes: list[int]) -> torch.Tensor:
     """Sum a packed log-density over every dim but ``symbols``; shape ``sizes``."""
-    keep = [d for d in lp._pyro_dims if d in symbols]
-    drop = [i for i, d in enumerate(lp._pyro_dims) if d not in symbols]
+    dims = _compat.pyro_dims(lp)
+    keep = [d for d in dims if d in symbols]
+    drop = [i for i, d in enumerate(dims) if d not in symbols]
     summed = lp.sum(drop) if drop else lp  # (a sum over [] would sum everything)
-    summed._pyro_dims = "".join(keep)
+    _compat.set_pyro_dims(summed, "".join(keep))
     return _as_target(summed, symbols, sizes)
 
 
@@ -265,9 +267,9 @@ def _weights(model, guide, args, kwargs, setup: _Setup, n: int, indices, want_kl
         return frame is None or frame in frames_of(site)
 
     sum_dims = {
-        s["infer"]["_enumerate_symbol"]
+        _compat.enum_symbol(s)
         for s in model_tr.nodes.values()
-        if s["type"] == "sample" and s["infer"].get("_enumerate_dim") is not None
+        if s["type"] == "sample" and _compat.enum_dim(s) is not None
     }
     joint: OrderedDict = OrderedDict()
     prior: OrderedDict = OrderedDict()
@@ -288,7 +290,7 @@ def _weights(model, guide, args, kwargs, setup: _Setup, n: int, indices, want_kl
                 global_kl = global_kl - term
             continue
         lp = site["packed"]["unscaled_log_prob"]
-        if site["infer"].get("_enumerate_dim") is None:
+        if _compat.enum_dim(site) is None:
             # as TraceEnum_ELBO: an enumerated site keeps its unmasked prior, the others' masks
             # act inside the sum (and may read an enumerated value: packed, to keep its dims)
             lp = packed.scale_and_mask(lp, mask=site["packed"]["mask"])

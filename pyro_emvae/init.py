@@ -32,14 +32,12 @@ from collections.abc import Callable
 import torch
 from pyro.distributions import DiscreteHMM
 
+from pyro_emvae.errors import KMeansFallbackWarning
+
 __all__ = ["STRATEGIES", "KMeansFallbackWarning", "init_potentials", "kmeans_pp_centers"]
 
 STRATEGIES = ("model", "random", "kmeans++")
 _HARD = -1e4  # log-potential of a non-nearest center: a hard assignment without -inf
-
-
-class KMeansFallbackWarning(UserWarning):
-    """``init="kmeans++"`` gave a site random potentials instead (the message says why)."""
 
 
 def kmeans_pp_centers(points: torch.Tensor, k: int, generator=None) -> torch.Tensor:

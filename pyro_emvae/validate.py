@@ -15,9 +15,9 @@ NaN distribution arguments, e.g. from a NaN        :class:`ModelInputError`
 covariate (:func:`check_distributions`)
 value shapes that disagree with the plates or the  :class:`ModelInputError`
 event shape (:func:`check_shapes`)
-a dependence longer than a ``pyro.markov`` window  :class:`~pyro_emvae.estep.EnumerationError`
+a dependence longer than a ``pyro.markov`` window  :class:`~pyro_emvae.errors.EnumerationError`
 (:func:`check_markov`)
-an enumeration larger than memory, while the       :class:`~pyro_emvae.estep.EnumerationError`
+an enumeration larger than memory, while the       :class:`~pyro_emvae.errors.EnumerationError`
 model runs (:class:`EnumerationBudget`) and before
 its log-probs (:func:`check_enumeration_memory`)
 a list, or an empty tensor, as data                :class:`ModelInputError`
@@ -67,14 +67,14 @@ from pyro import poutine
 from pyro.distributions import DiscreteHMM, constraints
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.infer.util import is_validation_enabled
-from pyro.ops.provenance import ProvenanceTensor, detach_provenance, get_provenance
 from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import _PYRO_STACK
-from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 
+from pyro_emvae import _compat
+from pyro_emvae._compat import ProvenanceTensor, Subsample, detach_provenance, get_provenance
 from pyro_emvae.amortized import frames_of, preserved_rng
+from pyro_emvae.errors import EnumerationError, ModelInputError, PrecisionWarning
 
 __all__ = [
     "ENUM_BUDGET_ENV",
@@ -101,15 +101,6 @@ __all__ = [
     "validate_estep_trace",
     "validate_fit_inputs",
 ]
-
-
-class ModelInputError(ValueError):
-    """Bad data, shapes or initial params, found before any work; the message names the site or
-    param, the shape or value at fault, and what to do."""
-
-
-class PrecisionWarning(UserWarning):
-    """The dtype is too coarse for the computation asked (float32 on long chains)."""
 
 
 #: The E-step holds about this many tensors the size of its largest factor at once (the
@@ -167,11 +158,11 @@ def _plate_list(frames) -> str:
 
 
 def _is_sample(site: dict) -> bool:
-    return site["type"] == "sample" and not isinstance(site["fn"], _Subsample)
+    return site["type"] == "sample" and not isinstance(site["fn"], Subsample)
 
 
 def _is_deterministic(site: dict) -> bool:
-    return bool(site["infer"].get("_deterministic"))
+    return _compat.is_deterministic(site)
 
 
 def _base(fn):
@@ -188,13 +179,7 @@ def _is_factor(site: dict) -> bool:
 
 def is_enumerated(site: dict) -> bool:
     """A site that the enum messenger enumerated (it has an enumeration dim)."""
-    return site["infer"].get("_enumerate_dim") is not None
-
-
-def _enumeration_error(message: str) -> Exception:
-    from pyro_emvae.estep import EnumerationError  # estep imports this module
-
-    return EnumerationError(message)
+    return _compat.enum_dim(site) is not None
 
 
 def _tensors(fn) -> Iterator[tuple[str, torch.Tensor]]:
@@ -254,7 +239,7 @@ def _cardinality(site: dict) -> int | None:
     if isinstance(fn, dist.Bernoulli):
         return 2
     if isinstance(fn, dist.Categorical):
-        return int(fn._num_events)
+        return _compat.categorical_num_events(fn)
     if not getattr(fn, "has_enumerate_support", False):
         return None
     try:
@@ -624,7 +609,7 @@ def _validates(fn) -> bool:
     turned validation off (Pyro's global switch, or ``validate_args=False`` on a Bernoulli fed
     grey levels in a VAE) is not second-guessed on the support."""
     while fn is not None:
-        flag = getattr(fn, "_validate_args", None)
+        flag = _compat.validate_args_flag(fn)
         if flag is False or (flag is None and not is_validation_enabled()):
             return False
         fn = getattr(fn, "base_dist", None)
@@ -944,7 +929,7 @@ class EnumerationBudget(Messenger):
     (``total + z``, the way enumerated values combine) is checked before it runs.
     :data:`PEAK_FACTORS` times the result's size must fit the budget
     (:func:`enumeration_budget`: ``PYRO_EMVAE_MAX_ENUM_BYTES``, else the available memory),
-    else an :class:`~pyro_emvae.estep.EnumerationError` names the enumerated sites the result
+    else an :class:`~pyro_emvae.errors.EnumerationError` names the enumerated sites the result
     spans and its size. So 40 binary sites summed into one observation are refused at about
     the 30th (with 24 GB available) instead of exhausting memory, while 30 independent binary
     sites, each with its own observation, never build a tensor over more than one of them and
@@ -981,7 +966,7 @@ class EnumerationBudget(Messenger):
 
     def _pyro_post_sample(self, msg) -> None:
         fn = msg["fn"]
-        dim = (msg["infer"] or {}).get("_enumerate_dim")
+        dim = _compat.enum_dim(msg)
         if dim is None or not isinstance(fn, torch.distributions.Distribution):
             return
         # (a pyro.markov chain recycles dims: the latest site on a dim is the one it holds)
@@ -1015,7 +1000,7 @@ class EnumerationBudget(Messenger):
         if len(names) > 8:
             names = [*names[:3], f"... {len(names) - 6} more ...", *names[-3:]]
         latest = max([e for _, e in spanned] or self.sites.values(), key=lambda e: e[3])
-        raise _enumeration_error(
+        raise EnumerationError(
             f"enumerating this model would need at least {_bytes(need)} but the budget is "
             f"{_bytes(budget)} ({source}): after site '{latest[0]}' ({_kind(latest[2])}), the "
             f"model's arithmetic builds a tensor of shape {_long_shape(shape)} over "
@@ -1086,7 +1071,7 @@ def check_enumeration_memory(
     if available is None or need <= available:
         return
     site = trace.nodes[name]
-    raise _enumeration_error(
+    raise EnumerationError(
         f"enumerating this model would need at least {_bytes(need)} but {_bytes(available)} "
         f"is {source}: site '{name}' ({_kind(site['fn'])}) has a log-prob factor of shape "
         f"{_shape(shape)} ({numel:.3g} values of {itemsize} bytes = {_bytes(numel * itemsize)}"
@@ -1113,7 +1098,7 @@ def _factor_scope(trace, site: dict, shape: tuple[int, ...], depth: int) -> str:
     own = {}
     for n, s in trace.nodes.items():
         if _is_sample(s) and is_enumerated(s):
-            own.setdefault(s["infer"]["_enumerate_dim"], []).append(n)
+            own.setdefault(_compat.enum_dim(s), []).append(n)
     for d, n in sorted(enum_dims.items(), reverse=True):
         names = own.get(d, ["?"])
         parts.append(f"enumerated site '{names[-1]}' ({n} values)")
@@ -1130,7 +1115,7 @@ class _TrackProvenance(Messenger):
     parameters names the sample sites they were computed from."""
 
     def _pyro_post_sample(self, msg):
-        if msg["type"] == "sample" and not isinstance(msg["fn"], _Subsample):
+        if msg["type"] == "sample" and not isinstance(msg["fn"], Subsample):
             value = msg["value"]
             if isinstance(value, torch.Tensor):
                 msg["value"] = ProvenanceTensor(detach_provenance(value), frozenset({msg["name"]}))
@@ -1138,7 +1123,7 @@ class _TrackProvenance(Messenger):
 
 def _has_markov_enumeration(trace) -> bool:
     return any(
-        _is_sample(s) and is_enumerated(s) and "_markov_depth" in s["infer"]
+        _is_sample(s) and is_enumerated(s) and _compat.markov_depth(s) is not None
         for s in trace.nodes.values()
     )
 
@@ -1183,17 +1168,17 @@ def check_markov(
     for name, site in tr.nodes.items():
         if not _is_sample(site):
             continue
-        scope = site["infer"].get("_markov_scope")
+        scope = _compat.markov_scope(site)
         for dep in sorted(_dependencies(site["fn"]) - {name}):
             up = tr.nodes.get(dep)
             if up is None or not _is_sample(up) or not is_enumerated(up):
                 continue
-            depth = up["infer"].get("_markov_depth")
+            depth = _compat.markov_depth(up)
             if depth is None:
                 continue  # a global enumerated site: its dim is never recycled
             if scope is not None and scope.get(dep, 0) == depth:
                 continue
-            raise _enumeration_error(_markov_message(tr, name, site, dep, scope))
+            raise EnumerationError(_markov_message(tr, name, site, dep, scope))
 
 
 def _markov_message(tr, name: str, site: dict, dep: str, scope) -> str:
@@ -1208,9 +1193,7 @@ def _markov_message(tr, name: str, site: dict, dep: str, scope) -> str:
     visible = sorted(
         n
         for n, d in scope.items()
-        if n in tr.nodes
-        and is_enumerated(tr.nodes[n])
-        and tr.nodes[n]["infer"].get("_markov_depth") == d
+        if n in tr.nodes and is_enumerated(tr.nodes[n]) and _compat.markov_depth(tr.nodes[n]) == d
     )
     return (
         f"site '{name}' depends on the enumerated site '{dep}', which is outside its pyro.markov "
@@ -1250,7 +1233,7 @@ def check_precision(trace, max_plate_nesting: int) -> None:
                 continue
             nats = float(lp.abs().max())
             _warn_precision(f"site '{name}' (a DiscreteHMM chain)", _hmm_duration(site), nats, lp)
-        elif "_markov_depth" in site["infer"]:
+        elif _compat.markov_depth(site) is not None:
             extra = lp.dim() - max_plate_nesting
             best = lp.flatten(0, extra - 1).amax(0) if extra > 0 else lp
             best = best[torch.isfinite(best)]
@@ -1291,7 +1274,7 @@ class MarkConditioned(Messenger):
         if not msg["is_observed"] or msg["infer"] is None:
             return
         name = msg["name"]
-        for frame in _PYRO_STACK:
+        for frame in _compat.handler_stack():
             if not isinstance(frame, ConditionMessenger):
                 continue
             data = frame.data
@@ -1307,7 +1290,7 @@ def _mask_share(fn) -> float:
     share = 1.0
     while isinstance(fn, (dist.Independent, MaskedDistribution)):
         if isinstance(fn, MaskedDistribution):
-            mask = fn._mask
+            mask = _compat.mask_of(fn)
             if mask is False:
                 return 0.0
             if torch.is_tensor(mask):
@@ -1526,7 +1509,7 @@ def explain_model_errors(
         plates = [
             n
             for n, s in (partial.nodes.items() if partial is not None else ())
-            if s["type"] == "sample" and isinstance(s["fn"], _Subsample)
+            if s["type"] == "sample" and isinstance(s["fn"], Subsample)
         ]
         which = f"pyro.plate '{plates[-1]}'" if plates else "a pyro.plate"
         raise ModelInputError(
@@ -1577,7 +1560,7 @@ def explain_model_errors(
                 1 for s in partial.nodes.values() if s["type"] == "sample" and is_enumerated(s)
             )
             count = f" ({n_enum} enumerated sites traced){_last_site(tracer)}"
-        raise _enumeration_error(
+        raise EnumerationError(
             f"the model enumerates more sites at once than torch has tensor dims (64){count}: "
             "each enumerated site outside pyro.markov takes a dim of its own for the whole "
             "model. Put independent repeats of a site in a pyro.plate (one site, one dim), "
@@ -1597,7 +1580,7 @@ class ValidationState:
     @staticmethod
     def _entries(obj, out: list, shapes: list) -> None:
         if isinstance(obj, torch.Tensor):
-            out.append(("t", weakref.ref(obj), obj._version))
+            out.append(("t", weakref.ref(obj), _compat.tensor_version(obj)))
             shapes.append((tuple(obj.shape), obj.dtype))
         elif isinstance(obj, (list, tuple)):
             out.append(("seq", len(obj)))

@@ -1,0 +1,123 @@
+"""Read, snapshot, restore and write params through Pyro's param store: the one place that
+knows how the store keeps a param (an unconstrained leaf tensor :math:`u` and a constraint
+:math:`c`; the value the model sees is :math:`\\theta = T_c(u)` with
+:math:`T_c` = ``transform_to(c)``).
+
+Two representations, two uses:
+
+- **unconstrained** (:func:`snapshot` / :func:`restore`, :func:`unconstrained`): the tensors
+  the optimizers step and the checkpoint stores; a restore copies them back bit for bit, in
+  place, so that optimizer state stays attached to the same tensors.
+- **constrained** (:func:`constrained` / :func:`write`): the values a closed-form M-step
+  computes; :func:`write` maps them through :math:`T_c^{-1}` into the same tensors.
+
+Example::
+
+    >>> import pyro, torch
+    >>> from torch.distributions import constraints
+    >>> from pyro_emvae import params
+    >>> _ = pyro.param("s", torch.tensor([1.0, 2.0]), constraint=constraints.positive)
+    >>> snap = params.snapshot(["s"])                   # log 1, log 2
+    >>> params.write({"s": torch.tensor([3.0, 4.0])})   # through exp^{-1}
+    >>> params.restore(snap)
+    >>> params.constrained(["s"])["s"]
+    tensor([1., 2.])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pyro
+import torch
+from torch.distributions import transform_to
+
+from pyro_emvae import _compat
+
+__all__ = [
+    "constrained",
+    "constraint_of",
+    "constraints_of",
+    "names",
+    "put",
+    "restore",
+    "snapshot",
+    "unconstrained",
+    "write",
+]
+
+
+def names() -> list[str]:
+    """The names of every param in the store, in creation order."""
+    return list(pyro.get_param_store().keys())
+
+
+def constraint_of(name: str):
+    """The constraint :math:`c` the param ``name`` was created with."""
+    return _compat.param_constraint(name)
+
+
+def constraints_of(names: Iterable[str]) -> dict:
+    """``{name: constraint}`` of the named params that are in the store."""
+    store = pyro.get_param_store()
+    return {n: _compat.param_constraint(n) for n in names if n in store}
+
+
+def unconstrained(names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The live unconstrained leaf tensors :math:`u` (not copies: what optimizers step) of the
+    named params in the store, or of every param when ``names`` is None."""
+    store = pyro.get_param_store()
+    names = store.keys() if names is None else names
+    return {n: store.get_param(n).unconstrained() for n in names if n in store}
+
+
+def snapshot(names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Detached copies of the unconstrained values :math:`u` of the named params in the store
+    (every param when ``names`` is None): what :func:`restore` puts back exactly."""
+    return {n: u.detach().clone() for n, u in unconstrained(names).items()}
+
+
+def restore(snap: dict[str, torch.Tensor]) -> None:
+    """Copy unconstrained values (a :func:`snapshot`) back into the store's tensors, in place.
+    Each param must be in the store with the snapshot's shape (``copy_`` broadcasts a smaller
+    value; use :func:`put` for a param the model has not created)."""
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for n, v in snap.items():
+            store.get_param(n).unconstrained().copy_(v)
+
+
+def constrained(names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Detached copies of the constrained values :math:`\\theta = T_c(u)` of the named params
+    in the store (every param when ``names`` is None)."""
+    store = pyro.get_param_store()
+    names = store.keys() if names is None else names
+    return {n: store[n].detach().clone() for n in names if n in store}
+
+
+def write(values: dict[str, torch.Tensor]) -> None:
+    """Set params to constrained values :math:`\\theta`: :math:`u \\leftarrow T_c^{-1}(\\theta)`,
+    in place (an optimizer's state stays attached to the same tensor). Raises
+    ``FloatingPointError`` naming the param, before writing it, if :math:`T_c^{-1}(\\theta)` is
+    not finite (a value on or outside the constraint's boundary)."""
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for name, value in values.items():
+            u = store.get_param(name).unconstrained()
+            new = transform_to(_compat.param_constraint(name)).inv(value)
+            if not torch.isfinite(new).all():
+                raise FloatingPointError(
+                    f"the closed-form update of param '{name}' is not finite: {value}"
+                )
+            u.copy_(new)
+
+
+def put(name: str, value: torch.Tensor, constraint) -> None:
+    """Create the param ``name`` in the store with the unconstrained value ``value`` exactly
+    (as a checkpoint saved it) and ``constraint``; a param already there is left alone."""
+    store = pyro.get_param_store()
+    if name in store:
+        return
+    store.setdefault(name, transform_to(constraint)(value), constraint)
+    with torch.no_grad():  # T^{-1}(T(u)) need not be u (softmax): keep the saved u itself
+        store.get_param(name).unconstrained().copy_(value)
