@@ -1,7 +1,5 @@
 """pyro_emvae: EM, exact E-steps and VAEs on one objective, for Pyro models."""
 
-import sys as _sys
-
 from pyro_emvae.amortized import AmortizedGuide, MeanFieldGuide
 from pyro_emvae.arviz import to_inference_data
 from pyro_emvae.elbo import KLControlledELBO, linear_warmup
@@ -29,14 +27,6 @@ from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
 from pyro_emvae.result import FitResult
 from pyro_emvae.rules import MStepContext, Rule, register_rule
 from pyro_emvae.stream import Batches, NpyChunks
-
-# TEMPORARY (issue 13, until estep.py, fit.py and optim.py import these classes from errors.py
-# instead of defining their own): one class each, whichever module raises it. Delete then.
-_estep, _fit, _optim = (_sys.modules[f"pyro_emvae.{m}"] for m in ("estep", "fit", "optim"))
-_estep.EnumerationError = _fit.EnumerationError = EnumerationError
-_fit.ConvergenceWarning = ConvergenceWarning
-_optim.ClosedFormWarning = ClosedFormWarning
-del _estep, _fit, _optim, _sys
 
 __version__ = "0.1.0"
 

@@ -48,30 +48,22 @@ from pyro.distributions import DiscreteHMM
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.discrete import infer_discrete
-from pyro.infer.traceenum_elbo import (
-    BackwardSampleMessenger,
-    _find_ordinal,
-)
 from pyro.infer.util import is_validation_enabled
-from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import _ENUM_ALLOCATOR
-from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_site_shape, warn_if_inf, warn_if_nan
 
+from pyro_emvae import _compat
 from pyro_emvae import validate as _validate
+from pyro_emvae._compat import BackwardSampleMessenger, Subsample, find_ordinal, packed
 from pyro_emvae.amortized import preserved_rng
 from pyro_emvae.distributions.hmm import hmm_log_z, hmm_pairwise
+from pyro_emvae.errors import EnumerationError
 from pyro_emvae.kernels import fused_log_prob
 
 __all__ = ["EnumerationError", "ExactEStep", "Posterior"]
-
-
-class EnumerationError(ValueError):
-    """A model site that the exact E-step cannot handle (the message names the site)."""
 
 
 @dataclass
@@ -201,9 +193,9 @@ def _hmm_sample(
 def _arrange(
     t: torch.Tensor, dims_out: list[str | None], shape_out: tuple[int, ...]
 ) -> torch.Tensor:
-    """Permute a packed tensor (dims named by ``t._pyro_dims``) into the positions ``dims_out``
+    """Permute a packed tensor (dims named by ``_compat.pyro_dims(t)``) into the positions ``dims_out``
     (``None`` = a broadcast position) and expand it to ``shape_out``."""
-    src = t._pyro_dims
+    src = _compat.pyro_dims(t)
     missing = set(src) - {d for d in dims_out if d is not None}
     if missing:
         raise AssertionError(f"dims {missing} of a packed tensor were not placed")  # internal bug
@@ -233,10 +225,10 @@ def _plate_layout(
 def _site_dims(site: dict) -> str:
     """The dims a site's factor spans: its log-prob's and its mask's (a mask may read an
     enumerated value, ``poutine.mask(mask=(which == k))``: the site then depends on it)."""
-    dims = site["packed"]["unscaled_log_prob"]._pyro_dims
+    dims = _compat.pyro_dims(site["packed"]["unscaled_log_prob"])
     mask = site["packed"].get("mask")
     if torch.is_tensor(mask):
-        dims += "".join(d for d in mask._pyro_dims if d not in dims)
+        dims += "".join(d for d in _compat.pyro_dims(mask) if d not in dims)
     return dims
 
 
@@ -251,13 +243,13 @@ def _factor(site: dict) -> torch.Tensor:
 
 
 def _named(t: torch.Tensor, dims: str) -> torch.Tensor:
-    t._pyro_dims = dims
+    _compat.set_pyro_dims(t, dims)
     return t
 
 
 def _all_but(t: torch.Tensor, keep) -> torch.Tensor:
     """``all()`` of a packed bool tensor over its dims not in ``keep``."""
-    dims = t._pyro_dims
+    dims = _compat.pyro_dims(t)
     for i in reversed(range(len(dims))):
         if dims[i] not in keep:
             t = t.all(i)
@@ -266,7 +258,7 @@ def _all_but(t: torch.Tensor, keep) -> torch.Tensor:
 
 def _and(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = packed.broadcast_all(a, b)
-    return _named(a & b, a._pyro_dims)
+    return _named(a & b, _compat.pyro_dims(a))
 
 
 def _device_of(site: dict) -> torch.device:
@@ -282,7 +274,7 @@ def _packed_bool(mask, site: dict) -> torch.Tensor | None:
     if mask is False:
         return _named(torch.tensor(False, device=_device_of(site)), "")
     try:
-        return packed.pack(torch.as_tensor(mask, dtype=torch.bool), site["infer"]["_dim_to_symbol"])
+        return packed.pack(torch.as_tensor(mask, dtype=torch.bool), _compat.dim_to_symbol(site))
     except (ValueError, KeyError):
         return None
 
@@ -314,21 +306,21 @@ def _dropped_rows(tr) -> dict[str, torch.Tensor]:
     dropped: dict[str, torch.Tensor] = {}
     for name, site in reversed(sites):
         if not _validate.is_enumerated(site):
-            if site["infer"].get("_deterministic"):  # a Delta masked to zero log-density
+            if _compat.is_deterministic(site):  # a Delta masked to zero log-density
                 dropped[name] = _named(torch.tensor(True, device=_device_of(site)), "")
             elif site["is_observed"] and "_hmm" not in site:
                 mask = site["packed"]["mask"]
                 if mask is False:
                     dropped[name] = _named(torch.tensor(True, device=_device_of(site)), "")
                 elif torch.is_tensor(mask):
-                    dropped[name] = _named(~mask, mask._pyro_dims)
+                    dropped[name] = _named(~mask, _compat.pyro_dims(mask))
             continue
-        keep = _find_ordinal(tr, site)
-        symbol = site["infer"]["_enumerate_symbol"]
+        keep = find_ordinal(tr, site)
+        symbol = _compat.enum_symbol(site)
         out = None
         unmasked = _packed_bool(site.get("_emvae_mask"), site)
         if unmasked is not None:
-            out = _all_but(_named(~unmasked, unmasked._pyro_dims), keep)
+            out = _all_but(_named(~unmasked, _compat.pyro_dims(unmasked)), keep)
             for other in users.get(symbol, ()):
                 if other == name:
                     continue
@@ -341,7 +333,7 @@ def _dropped_rows(tr) -> dict[str, torch.Tensor]:
             replaced = _all_but(replaced, keep)
             if out is not None:
                 a, b = packed.broadcast_all(out, replaced)
-                replaced = _named(a | b, a._pyro_dims)
+                replaced = _named(a | b, _compat.pyro_dims(a))
             out = replaced
         if out is not None and bool(out.any()):
             dropped[name] = out
@@ -350,10 +342,10 @@ def _dropped_rows(tr) -> dict[str, torch.Tensor]:
 
 def _weigh(q: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     """``q`` (packed) with zero weight where ``drop`` (packed bool) holds."""
-    drop = _all_but(drop, q._pyro_dims)
-    keep = _named((~drop).to(q.dtype), drop._pyro_dims)
-    q2, keep = packed.broadcast_all(q, keep, dims=q._pyro_dims)
-    return _named(q2 * keep, q._pyro_dims)
+    drop = _all_but(drop, _compat.pyro_dims(q))
+    keep = _named((~drop).to(q.dtype), _compat.pyro_dims(drop))
+    q2, keep = packed.broadcast_all(q, keep, dims=_compat.pyro_dims(q))
+    return _named(q2 * keep, _compat.pyro_dims(q))
 
 
 def _plates_named(tr, symbols) -> str:
@@ -405,7 +397,7 @@ def _one_latent(factors: OrderedDict, sum_dims: set, inputs: list, extra_inputs)
     (symbol,) = sum_dims
     with torch.no_grad():
         values = packed.broadcast_all(*terms)
-        dims = values[0]._pyro_dims
+        dims = _compat.pyro_dims(values[0])
         i = dims.index(symbol)
         total = values[0] + values[1] if len(values) > 1 else values[0].clone()
         for v in values[2:]:
@@ -418,7 +410,7 @@ def _one_latent(factors: OrderedDict, sum_dims: set, inputs: list, extra_inputs)
         q = total.div_(norm)
         qs = []
         for t in terms:
-            own = t._pyro_dims
+            own = _compat.pyro_dims(t)
             lacks = [j for j, d in enumerate(dims) if d not in own]
             g = q.sum(lacks) if lacks else q  # (sum([]) would sum every dim)
             rest = [d for d in dims if d in own]
@@ -434,14 +426,14 @@ def _tree_error(tr, err: Exception) -> EnumerationError:
     match = re.search(r"plates \[([^\]]*)\]", str(err))
     leaf = frozenset(s.strip() for s in match.group(1).split(",")) if match else None
     latents = {
-        s["infer"]["_enumerate_symbol"]: (n, _find_ordinal(tr, s))
+        _compat.enum_symbol(s): (n, find_ordinal(tr, s))
         for n, s in tr.nodes.items()
         if s["type"] == "sample" and _validate.is_enumerated(s)
     }
     for name, site in tr.nodes.items():
         if site["type"] != "sample":
             continue
-        ordinal = _find_ordinal(tr, site)
+        ordinal = find_ordinal(tr, site)
         if leaf is not None and ordinal != leaf:
             continue
         dims = _site_dims(site)
@@ -534,9 +526,9 @@ class _ExactConditionals(BackwardSampleMessenger):
         super().__init__(enum_trace, guide_trace)
         self.values = values
         self.symbol_ordinal = {
-            s["infer"]["_enumerate_symbol"]: _find_ordinal(enum_trace, s)
+            _compat.enum_symbol(s): find_ordinal(enum_trace, s)
             for s in enum_trace.nodes.values()
-            if s["type"] == "sample" and "_enumerate_symbol" in s["infer"]
+            if s["type"] == "sample" and _compat.enum_symbol(s) is not None
         }
 
     def _ring(self) -> LogRing:
@@ -551,7 +543,7 @@ class _ExactConditionals(BackwardSampleMessenger):
         }
         for ts in self.log_factors.values():
             for t in ts:
-                sizes.update(zip(t._pyro_dims, t.shape))
+                sizes.update(zip(_compat.pyro_dims(t), t.shape))
         return LogRing(dim_to_size=sizes)
 
     def _coupled(self, symbol: str) -> bool:
@@ -563,8 +555,8 @@ class _ExactConditionals(BackwardSampleMessenger):
             d = todo.pop()
             for ts in self.log_factors.values():
                 for t in ts:
-                    if d in t._pyro_dims:
-                        for e in t._pyro_dims:
+                    if d in _compat.pyro_dims(t):
+                        for e in _compat.pyro_dims(t):
                             if e in self.sum_dims and e not in seen:
                                 if not own <= self.symbol_ordinal.get(e, own):
                                     return True
@@ -579,9 +571,9 @@ class _ExactConditionals(BackwardSampleMessenger):
 
     def _pyro_sample(self, msg):
         enum_msg = self.enum_trace.nodes.get(msg["name"])
-        if enum_msg is None or "_enumerate_symbol" not in enum_msg["infer"]:
+        if enum_msg is None or _compat.enum_symbol(enum_msg) is None:
             return
-        symbol = enum_msg["infer"]["_enumerate_symbol"]
+        symbol = _compat.enum_symbol(enum_msg)
         fn = msg["fn"]
         value = self.values[msg["name"]]
         kind = (
@@ -598,12 +590,12 @@ class _ExactConditionals(BackwardSampleMessenger):
             logits = contract_to_tensor(
                 self.log_factors,
                 self.sum_dims,
-                target_ordinal=_find_ordinal(self.enum_trace, msg),
+                target_ordinal=find_ordinal(self.enum_trace, msg),
                 target_dims={symbol},
                 ring=self._ring(),
             )
             logits = packed.unpack(logits, self.enum_trace.symbol_to_dim)
-            logits = logits.unsqueeze(-1).transpose(-1, enum_msg["infer"]["_enumerate_dim"] - 1)
+            logits = logits.unsqueeze(-1).transpose(-1, _compat.enum_dim(enum_msg) - 1)
             while logits.dim() > 1 and logits.shape[0] == 1:
                 logits = logits.squeeze(0)
             if self._coupled(symbol):
@@ -625,25 +617,25 @@ class _ExactConditionals(BackwardSampleMessenger):
         msg["fn"] = _Drawn(logits, value, extra, kind, fn.support)
         # drawn, not enumerated: an outer enumerator must neither enumerate it nor track
         # its markov scope (which names observed sites this guide hides)
-        drop = ("enumerate", "_markov_scope", "_markov_depth")
+        drop = ("enumerate", *_compat.MARKOV_KEYS)
         msg["infer"] = {k: v for k, v in msg["infer"].items() if k not in drop}
 
     def _gather(self, enum_msg, value) -> None:
-        symbol = enum_msg["infer"]["_enumerate_symbol"]
+        symbol = _compat.enum_symbol(enum_msg)
         if symbol not in self.sum_dims:
             return
         if isinstance(enum_msg["fn"], dist.OneHotCategorical):
             value = value.argmax(-1)
-        value = packed.pack(value.long(), enum_msg["infer"]["_dim_to_symbol"])
+        value = packed.pack(value.long(), _compat.dim_to_symbol(enum_msg))
         for terms in self.log_factors.values():
             for i, term in enumerate(terms):
-                if symbol in term._pyro_dims:
+                if symbol in _compat.pyro_dims(term):
                     terms[i] = packed.gather(term, value, symbol)
         self.sum_dims.remove(symbol)
 
     def _pyro_post_sample(self, msg):
         enum_msg = self.enum_trace.nodes.get(msg["name"])
-        if enum_msg is not None and "_enumerate_symbol" in enum_msg["infer"]:
+        if enum_msg is not None and _compat.enum_symbol(enum_msg) is not None:
             self._gather(enum_msg, msg["value"])
 
 
@@ -687,11 +679,11 @@ class _Unrecycled(Messenger):
 
     def _pyro_sample(self, msg) -> None:
         infer = msg["infer"]
-        if "_markov_scope" in infer:
-            drop = ("_markov_scope", "_markov_depth")
+        if _compat.MARKOV_KEYS[0] in infer:
+            drop = _compat.MARKOV_KEYS
             msg["infer"] = infer = {k: v for k, v in infer.items() if k not in drop}
         if not msg["is_observed"] and infer.get("enumerate") == "parallel" and not msg["done"]:
-            _, id_ = _ENUM_ALLOCATOR.allocate(None)
+            _, id_ = _compat.ENUM_ALLOCATOR.allocate(None)
             self.gaps[id_] = msg["name"]
 
 
@@ -699,9 +691,9 @@ def _reads(tr) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """Each sample site's enumerated parents by name (from its factor's dims), and the dims
     of its factor that are neither a plate's nor an enumerated site's."""
     owner = {
-        s["infer"]["_enumerate_symbol"]: n
+        _compat.enum_symbol(s): n
         for n, s in tr.nodes.items()
-        if s["type"] == "sample" and "_enumerate_symbol" in s["infer"]
+        if s["type"] == "sample" and _compat.enum_symbol(s) is not None
     }
     plates = set(tr.plate_to_symbol.values())
     reads, stray = {}, {}
@@ -886,7 +878,7 @@ class ExactEStep:
         subsample_sites = {
             n: s
             for n, s in tr.nodes.items()
-            if s["type"] == "sample" and isinstance(s["fn"], _Subsample)
+            if s["type"] == "sample" and isinstance(s["fn"], Subsample)
         }
         tr = prune_subsample_sites(tr)
         tr._subsample_sites = subsample_sites
@@ -1009,7 +1001,7 @@ class ExactEStep:
         common scale)``; with ``grads=False`` only the first entry is meaningful.
         """
         sum_dims = {
-            s["infer"]["_enumerate_symbol"]
+            _compat.enum_symbol(s)
             for s in tr.nodes.values()
             if s["type"] == "sample" and _validate.is_enumerated(s)
         }
@@ -1037,10 +1029,10 @@ class ExactEStep:
             lp = _factor(site)
             scales.append((name, site["scale"]))
             if grads and not lp.requires_grad:
-                dims = lp._pyro_dims
+                dims = _compat.pyro_dims(lp)
                 lp = lp.detach().requires_grad_()
-                lp._pyro_dims = dims
-            factors.setdefault(_find_ordinal(tr, site), []).append(lp)
+                _compat.set_pyro_dims(lp, dims)
+            factors.setdefault(find_ordinal(tr, site), []).append(lp)
             inputs.append((name, lp))
         scale = 1.0
         if factors:
@@ -1107,7 +1099,7 @@ class ExactEStep:
 
     def _fill(self, post: Posterior, tr, inputs, grads, scale: float) -> None:
         symbol_to_name = {
-            s["infer"]["_enumerate_symbol"]: n
+            _compat.enum_symbol(s): n
             for n, s in tr.nodes.items()
             if s["type"] == "sample" and _validate.is_enumerated(s)
         }
@@ -1133,16 +1125,16 @@ class ExactEStep:
                 post.marginals[name] = pair.sum(-2)
                 continue
             q = g / scale if scale != 1 else g  # (no copy of a (K, N) factor)
-            q._pyro_dims = t._pyro_dims
+            _compat.set_pyro_dims(q, _compat.pyro_dims(t))
             # the M-step's weight: none where a masked latent drops out of p(x)
             post.factor_q[name] = _weigh(q, dropped[name]) if name in dropped else q
             plate_dims, plate_shape = _plate_layout(site["cond_indep_stack"], tr.plate_to_symbol)
             enum_syms = sorted(
-                (d for d in t._pyro_dims if d in symbol_to_name),
+                (d for d in _compat.pyro_dims(t) if d in symbol_to_name),
                 key=lambda d: order[symbol_to_name[d]],
             )
             names = tuple(symbol_to_name[d] for d in enum_syms)
-            sizes = tuple(t.shape[t._pyro_dims.index(d)] for d in enum_syms)
+            sizes = tuple(t.shape[_compat.pyro_dims(t).index(d)] for d in enum_syms)
             # sites whose factors share one posterior tensor (a mixture's latent and its
             # observation: one (K, N) buffer, see _one_latent) share its arrangement too
             key = (id(q), tuple(plate_dims + enum_syms), plate_shape + sizes)
@@ -1150,7 +1142,7 @@ class ExactEStep:
             if joint is None:
                 joint = arranged[key] = _arrange(q, plate_dims + enum_syms, plate_shape + sizes)
             post.joints[name] = (names, joint)
-            own = site["infer"].get("_enumerate_symbol")
+            own = _compat.enum_symbol(site)
             if _validate.is_enumerated(site) and own in enum_syms:
                 k = len(enum_syms)
                 i = enum_syms.index(own)
@@ -1194,10 +1186,10 @@ class ExactEStep:
                 total = total + site["packed"]["log_prob"].sum()
             else:
                 lp = _factor(site)
-                if lp._pyro_dims != q._pyro_dims:
+                if _compat.pyro_dims(lp) != _compat.pyro_dims(q):
                     raise RuntimeError(
                         f"site '{name}' changed its enumerated dims between the E-step and the "
-                        f"M-step ({q._pyro_dims!r} -> {lp._pyro_dims!r}); the model's structure "
+                        f"M-step ({_compat.pyro_dims(q)!r} -> {_compat.pyro_dims(lp)!r}); the model's structure "
                         "must not depend on its params."
                     )
                 total = total + posterior.scale * (q * lp).sum()
@@ -1225,7 +1217,7 @@ class ExactEStep:
             tr = poutine.trace(self.model).get_trace(*args, **kwargs)
         sub = poutine.Trace()
         for name, site in tr.nodes.items():
-            if site["type"] == "sample" and isinstance(site["fn"], _Subsample):
+            if site["type"] == "sample" and isinstance(site["fn"], Subsample):
                 sub.add_node(name, **site)
         return sub
 
@@ -1276,7 +1268,7 @@ class ExactEStep:
             if site["is_observed"] and isinstance(site["fn"], DiscreteHMM):
                 if num_samples is None:
                     chains[name] = _hmm_parts(site["fn"], site["value"], mask=site["mask"])
-            elif site["is_observed"] or isinstance(site["fn"], _Subsample):
+            elif site["is_observed"] or isinstance(site["fn"], Subsample):
                 continue
             elif site["infer"].get("enumerate") != "parallel":
                 raise EnumerationError(_not_enumerable_message(name, site))
@@ -1376,7 +1368,7 @@ class ExactEStep:
         with poutine.block(), torch.no_grad():
             tr = self._enum_trace(args, kwargs)
             sum_dims = {
-                s["infer"]["_enumerate_symbol"]
+                _compat.enum_symbol(s)
                 for s in tr.nodes.values()
                 if s["type"] == "sample" and _validate.is_enumerated(s)
             }

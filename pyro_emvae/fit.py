@@ -31,10 +31,12 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.optim import PyroOptim
-from pyro.poutine.messenger import _bound_partial, _context_wrap, unwrap
+from pyro.poutine.messenger import unwrap
 from pyro.poutine.util import prune_subsample_sites
 
+from pyro_emvae import _compat
 from pyro_emvae import distributed as dp
+from pyro_emvae import params as _params
 from pyro_emvae.amortized import preserved_rng
 from pyro_emvae.checkpoint import Checkpoint, StreamDigest, check_storable, data_digest
 from pyro_emvae.elbo import KLControlledELBO
@@ -86,11 +88,8 @@ class _ModelInfo:
 def _unwrap_once(fn: Any) -> Any:
     """The function one handler or wrapper inside ``fn`` (a ``poutine.*(model)`` handler, a
     ``functools.wraps`` wrapper), or None."""
-    if isinstance(fn, _bound_partial):
-        return fn.func
-    if isinstance(fn, functools.partial) and fn.func is _context_wrap and len(fn.args) >= 2:
-        return fn.args[1]
-    return getattr(fn, "__wrapped__", None)
+    inner = _compat.handler_inner(fn)
+    return inner if inner is not None else getattr(fn, "__wrapped__", None)
 
 
 def _code_key(code: types.CodeType) -> tuple:
@@ -604,7 +603,7 @@ def fit(
             finals.append(result.objective)
             if best is None or result.objective > best.objective:
                 best = result
-                best_snapshot = snapshot(list(pyro.get_param_store().keys()))
+                best_snapshot = snapshot(_params.names())
             if result.interrupted:
                 best.interrupted = True  # the fit as a whole was cut short, whichever run is best
                 break

@@ -58,6 +58,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.poutine.messenger import Messenger
 
 from pyro_emvae import distributed as dp
+from pyro_emvae import params as _params
 from pyro_emvae.amortized import rng_state, set_rng
 from pyro_emvae.checkpoint import (
     Checkpoint,
@@ -68,8 +69,10 @@ from pyro_emvae.checkpoint import (
     restore_params,
 )
 from pyro_emvae.elbo import KLControlledELBO
+from pyro_emvae.errors import ConvergenceWarning
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
+from pyro_emvae.params import constrained, restore, snapshot
 from pyro_emvae.result import FitResult
 from pyro_emvae.stream import Batches
 
@@ -83,10 +86,6 @@ __all__ = [
     "Tick",
     "run",
 ]
-
-
-class ConvergenceWarning(UserWarning):
-    """The fit stopped at ``max_iter`` before the objective changed by less than ``tol``."""
 
 
 class Tick(NamedTuple):
@@ -129,25 +128,6 @@ class Options:
 
 
 # ------------------------------------------------------------------ rollback
-def snapshot(names: list[str]) -> dict[str, torch.Tensor]:
-    """The unconstrained values of the params ``names`` (those in the store), copied."""
-    store = pyro.get_param_store()
-    return {n: store.get_param(n).unconstrained().detach().clone() for n in names if n in store}
-
-
-def restore(snap: dict[str, torch.Tensor]) -> None:
-    """Write a :func:`snapshot` back into the params, in place."""
-    store = pyro.get_param_store()
-    with torch.no_grad():
-        for n, v in snap.items():
-            store.get_param(n).unconstrained().copy_(v)
-
-
-def constrained(names: list[str]) -> dict[str, torch.Tensor]:
-    store = pyro.get_param_store()
-    return {n: store[n].detach().clone() for n in names if n in store}
-
-
 class Rollback:
     """The params of the last good iteration, and the guards that go back to them."""
 
@@ -813,8 +793,7 @@ def _svi_step(svi: SVI, args: tuple, kwargs: dict, it: int) -> tuple[float, bool
         with poutine.trace(param_only=True) as capture:
             loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
     except KeyboardInterrupt:  # before the update: the step did not happen, its grads go
-        store = pyro.get_param_store()
-        pyro.infer.util.zero_grads({store.get_param(n).unconstrained() for n in store})
+        pyro.infer.util.zero_grads(set(_params.unconstrained().values()))
         raise
     # (a list in trace order: data-parallel ranks reduce the grads in the same order)
     params = list(

@@ -18,14 +18,16 @@ from typing import Any
 import pyro
 import torch
 from pyro.distributions import DiscreteHMM, MultivariateNormal
-from pyro.ops import packed
 from pyro.optim import PyroOptim
-from pyro.poutine.subsample_messenger import _Subsample
-from torch.distributions import constraints, transform_to
+from torch.distributions import constraints
 
+from pyro_emvae import _compat
 from pyro_emvae import distributed as dp
+from pyro_emvae import params as _params
 from pyro_emvae import track as _track
+from pyro_emvae._compat import Subsample, packed
 from pyro_emvae.checkpoint import load_optim_state
+from pyro_emvae.errors import ClosedFormWarning
 from pyro_emvae.estep import ExactEStep, Posterior
 from pyro_emvae.rules import (
     MAXIMIZERS,
@@ -43,13 +45,6 @@ from pyro_emvae.rules import (
 from pyro_emvae.track import IdSpace, Tracked
 
 __all__ = ["ClosedFormWarning", "EMOptim", "GradientMStep", "OnlineEM", "StreamPass"]
-
-
-class ClosedFormWarning(UserWarning):
-    """A closed-form M-step lowered :math:`\\log p(x)` by more than round-off and what its
-    regularization (``reg_covar``, ``min_prob``) may cost: EM never does that, so the rule of
-    some param rests on an assumption this model breaks. The message names the params;
-    give them gradient steps (``EMOptim(closed_form=[...])`` without them)."""
 
 
 def gradient_steps(
@@ -166,10 +161,9 @@ class _PlanKey:
         self.objects = (*args, *(v for _, v in sorted(kwargs.items())))
         self.names = tuple(sorted(kwargs))
         self.meta = tuple(_meta(a) for a in self.objects)
-        store = pyro.get_param_store()
         self.params = tuple(
-            (n, tuple(v.shape), v.dtype, v.device, id(store._constraints.get(n)))
-            for n, v in store._params.items()
+            (n, tuple(v.shape), v.dtype, v.device, id(_params.constraint_of(n)))
+            for n, v in _params.unconstrained().items()
         )
 
     def matches(self, other: _PlanKey) -> bool:
@@ -184,7 +178,7 @@ class _PlanKey:
 
 def _meta(a) -> tuple:
     if isinstance(a, torch.Tensor):
-        return (tuple(a.shape), a.dtype, a.device, a._version)
+        return (tuple(a.shape), a.dtype, a.device, _compat.tensor_version(a))
     return ()
 
 
@@ -195,7 +189,7 @@ def _same_rows(trace, subsample) -> bool:
     probed = {
         n: s
         for n, s in trace.nodes.items()
-        if s["type"] == "sample" and isinstance(s["fn"], _Subsample)
+        if s["type"] == "sample" and isinstance(s["fn"], Subsample)
     }
     if set(sites) != set(probed):
         return not sites  # (a probe made without the E-step's subsample trace)
@@ -332,7 +326,7 @@ class EMOptim:
         sites = [
             (name, site)
             for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not isinstance(site["fn"], _Subsample)
+            if site["type"] == "sample" and not isinstance(site["fn"], Subsample)
         ]
         for name, site in sites:
             for p in unhandled_params(site["fn"]):
@@ -344,13 +338,12 @@ class EMOptim:
             for p, r in roles_of(site["fn"]).items():
                 roles.setdefault(p, set()).update(r)
             covered |= _tracked_params(site["fn"])
-        constraints_ = pyro.get_param_store()._constraints
         for p, r in roles.items():
             if len(r) > 1:
                 reasons.setdefault(
                     p, f"reaches arguments with different closed forms ({', '.join(sorted(r))})"
                 )
-            elif (why := constraint_problem(next(iter(r)), constraints_[p])) is not None:
+            elif (why := constraint_problem(next(iter(r)), _params.constraint_of(p))) is not None:
                 reasons.setdefault(p, why)
         plain_locs = _mvn_loc_sharing(sites, space, roles, reasons)
         for p in space.offsets:
@@ -412,7 +405,7 @@ class EMOptim:
 
         stats = Stats(space.size, plain_locs=plan.plain_locs)
         for name, site in plan.trace.nodes.items():
-            if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+            if site["type"] != "sample" or isinstance(site["fn"], Subsample):
                 continue
             if isinstance(site["fn"], DiscreteHMM):
                 # factor_q: zero on a sequence poutine.mask drops (pairwise holds its prior)
@@ -455,7 +448,7 @@ class EMOptim:
                 role=role,
                 shape=plan.space.shapes[name],
                 offset=plan.space.offsets[name],
-                constraint=store._constraints[name],
+                constraint=_params.constraint_of(name),
                 current=store[name].detach().clone().reshape(-1),
                 stats=stats,
                 reg_covar=self.reg_covar,
@@ -483,7 +476,7 @@ class EMOptim:
         if self.dirichlet != 1.0:
             store = pyro.get_param_store()
             for name in plan.closed_form:
-                if isinstance(store._constraints[name], type(constraints.simplex)):
+                if isinstance(_params.constraint_of(name), type(constraints.simplex)):
                     value += (self.dirichlet - 1.0) * float(store[name].detach().log().sum())
         return value
 
@@ -505,8 +498,8 @@ class EMOptim:
         slack = _slack(prev, posterior.log_likelihood.dtype)
         if not plan.gradient and (drop <= slack or self._warned):
             return posterior, objective, None
-        after = _snapshot_values(prev["params"])
-        _write(prev["params"])
+        after = _params.constrained(prev["params"])
+        _params.write(prev["params"])
         before = guide.posterior(*args, **kwargs)
         dp.all_reduce_([before.log_likelihood])
         with torch.no_grad():
@@ -517,12 +510,12 @@ class EMOptim:
             base = q_value()
             culprits = []
             for name in prev["params"]:
-                _write({name: after[name]})
+                _params.write({name: after[name]})
                 if q_value() < base - 1e-9 * (1.0 + abs(base)):
                     culprits.append(name)
-                _write({name: prev["params"][name]})
+                _params.write({name: prev["params"][name]})
         if not (set(culprits) & set(plan.gradient) if culprits else plan.gradient):
-            _write(after)  # (closed-form culprits would do the same again)
+            _params.write(after)  # (closed-form culprits would do the same again)
             if drop > slack:
                 moved = culprits or _moved(prev["params"], after, plan.closed_form)
                 self._warn_closed_form(moved, drop, slack, stacklevel=5)
@@ -581,11 +574,11 @@ class EMOptim:
 
     def __call__(self, guide: ExactEStep, posterior: Posterior, args: tuple, kwargs: dict):
         plan = self.plan(guide, args, kwargs, posterior.subsample)
-        before = _snapshot_values(plan.closed_form + plan.gradient)
+        before = _params.constrained(plan.closed_form + plan.gradient)
         try:
             return self._step(guide, posterior, plan, args, kwargs)
         except Exception:
-            _write(before)  # an M-step that fails leaves no half-updated params behind
+            _params.write(before)  # an M-step that fails leaves no half-updated params behind
             self._prev = None
             raise
 
@@ -595,7 +588,7 @@ class EMOptim:
             posterior, objective, rejected = self._guard(guide, posterior, plan, args, kwargs)
             self._prev = {
                 "objective": objective,
-                "params": _snapshot_values(plan.closed_form + plan.gradient),
+                "params": _params.constrained(plan.closed_form + plan.gradient),
             }
         if plan.closed_form:
             self.allowance = 0.0
@@ -622,7 +615,7 @@ class EMOptim:
         for stage in (0, 1):
             stats = self.summarize(plan, posterior, stage)
             dp.all_reduce_stats(stats)
-            _write(self.maximize(plan, stats, stage))
+            _params.write(self.maximize(plan, stats, stage))
 
     # ---------------------------------------------------------------- streaming EM
     def stream_estep(self, guide: ExactEStep, batches, potentials=None) -> StreamPass:
@@ -646,7 +639,7 @@ class EMOptim:
             and spass.plan.gradient  # (closed-form maximizers alone: see _guard)
             and drop > 1e-9 * (1.0 + abs(prev["objective"]))
         ):
-            _write(prev["params"])
+            _params.write(prev["params"])
             rejected = sorted(prev["params"])
             warnings.warn(
                 f"an M-step lowered the objective by {drop:.3g} nats; "
@@ -659,12 +652,12 @@ class EMOptim:
             spass.rejected = rejected
             objective = self._objective(spass.plan, spass.log_likelihood)
         elif prev is not None and drop > (slack := _slack(prev, _dtype(spass.plan))):
-            now = _snapshot_values(prev["params"])
+            now = _params.constrained(prev["params"])
             moved = _moved(prev["params"], now, spass.plan.closed_form)
             self._warn_closed_form(moved, drop, slack, stacklevel=4)
         self._prev = {
             "objective": objective,
-            "params": _snapshot_values(spass.plan.closed_form + spass.plan.gradient),
+            "params": _params.constrained(spass.plan.closed_form + spass.plan.gradient),
         }
         return spass
 
@@ -717,11 +710,11 @@ class EMOptim:
         :math:`\\mathbb{E}_q[\\log p(x_b, z_b)]` with q the batch's exact posterior at the current
         params (stochastic: that part is minibatch EG)."""
         plan = spass.plan
-        before = _snapshot_values(plan.closed_form + plan.gradient)
+        before = _params.constrained(plan.closed_form + plan.gradient)
         try:
             return self._stream_mstep(guide, batches, spass, plan)
         except Exception:
-            _write(before)
+            _params.write(before)
             self._prev = None
             raise
 
@@ -745,9 +738,9 @@ class EMOptim:
                 self._two_pass = True
                 stage1 = self._pass(guide, batches, spass.potentials, stage1_flat=flat).stats[1]
                 info["passes"] = 2
-            _write(new0)
+            _params.write(new0)
             if stage1 is not None:
-                _write(self.maximize(plan, stage1, 1))
+                _params.write(self.maximize(plan, stage1, 1))
             if self._prev is not None:
                 self._prev["allowance"] = self.allowance
         if spass.rejected is not None:
@@ -837,7 +830,7 @@ class OnlineEM(EMOptim):
                 self._running[stage] = stats
             else:
                 running.scale_(1.0 - rho).add_(stats, alpha=rho)
-            _write(self.maximize(plan, self._running[stage], stage))
+            _params.write(self.maximize(plan, self._running[stage], stage))
         self.n_updates += 1
 
     def reset(self) -> None:
@@ -915,11 +908,11 @@ def _mvn_loc_sharing(sites, space: IdSpace, roles: dict, reasons: dict) -> set[s
             ):
                 unaligned |= loc.param_names
             mats = _tracked(
-                leaf, "_unbroadcasted_scale_tril", "covariance_matrix", "precision_matrix"
+                leaf, _compat.MVN_SCALE_TRIL_ATTR, "covariance_matrix", "precision_matrix"
             )
             if mats:  # a matrix of params: known by its elements' ids
                 key = _compact(next(iter(mats.values())).ids).flatten(-2)
-            elif all(n == 1 for n in leaf._unbroadcasted_scale_tril.shape[:-2]):
+            elif all(n == 1 for n in _compat.mvn_scale_tril(leaf).shape[:-2]):
                 key = torch.full((1,), -1 - index, device=ids.device)  # one matrix: this site's
             else:  # a matrix per position, not of params (data, or a function of params)
                 varies |= loc.param_names
@@ -968,7 +961,7 @@ def _minibatch(posterior: Posterior) -> bool:
     """Whether ``posterior`` is of a minibatch (a plate subsampled to fewer than its size)."""
     sub = posterior.subsample
     return sub is not None and any(
-        isinstance(site.get("fn"), _Subsample)
+        isinstance(site.get("fn"), Subsample)
         and site["fn"].subsample_size is not None
         and site["fn"].subsample_size < site["fn"].size
         for site in sub.nodes.values()
@@ -990,23 +983,3 @@ def _tracked_params(fn) -> set[str]:
         elif isinstance(value, torch.distributions.Distribution):
             out |= _tracked_params(value)
     return out
-
-
-def _snapshot_values(names) -> dict[str, torch.Tensor]:
-    store = pyro.get_param_store()
-    return {n: store[n].detach().clone() for n in names if n in store}
-
-
-def _write(values: dict[str, torch.Tensor]) -> None:
-    """Write constrained values in place through the unconstrained storage (optimizer state
-    stays attached to the same tensor)."""
-    store = pyro.get_param_store()
-    with torch.no_grad():
-        for name, value in values.items():
-            unconstrained = store.get_param(name).unconstrained()
-            new = transform_to(store._constraints[name]).inv(value)
-            if not torch.isfinite(new).all():
-                raise FloatingPointError(
-                    f"the closed-form update of param '{name}' is not finite: {value}"
-                )
-            unconstrained.copy_(new)

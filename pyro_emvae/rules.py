@@ -47,8 +47,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
-from torch.distributions import constraints
 
+from pyro_emvae import _compat
 from pyro_emvae.kernels import outer_scatter
 from pyro_emvae.track import Tracked
 
@@ -467,7 +467,7 @@ def summarize_site(fn, value, weight, stats: Stats, stage: int, current) -> bool
                 weight = weight.unsqueeze(-1)
             fn = fn.base_dist
         elif isinstance(fn, MaskedDistribution):
-            mask = torch.as_tensor(fn._mask, device=weight.device)  # (a bool mask too)
+            mask = torch.as_tensor(_compat.mask_of(fn), device=weight.device)  # (a bool mask too)
             for _ in range(fn.event_dim):
                 mask = mask.unsqueeze(-1)
             weight = weight * mask
@@ -495,8 +495,8 @@ def _value_index(fn, value: torch.Tensor) -> torch.Tensor:
 def _categorical(fn, value, weight, stats, stage, current) -> None:
     if stage != 0:
         return
-    src = fn._categorical if isinstance(fn, dist.OneHotCategorical) else fn
-    arg = _tracked(src, "probs", "logits", "_param")
+    src = _compat.inner_categorical(fn) if isinstance(fn, dist.OneHotCategorical) else fn
+    arg = _tracked(src, "probs", "logits", _compat.TORCH_PARAM_ATTR)
     t = next(iter(arg.values()), None)
     if t is None or t.form not in ("normalized", "log"):
         return
@@ -509,7 +509,7 @@ def _categorical(fn, value, weight, stats, stage, current) -> None:
 
 
 def _multinomial(fn, value, weight, stats, stage, current) -> None:
-    t = _tracked(fn._categorical, "probs", "logits", "_param")
+    t = _tracked(_compat.inner_categorical(fn), "probs", "logits", _compat.TORCH_PARAM_ATTR)
     t = next(iter(t.values()), None)
     if stage != 0 or t is None or t.form not in ("normalized", "log"):
         return
@@ -565,7 +565,7 @@ def _normal(fn, value, weight, stats, stage, current) -> None:
 
 def _mvn(fn, value, weight, stats, stage, current) -> None:
     loc = fn.__dict__.get("loc")
-    mats = _tracked(fn, "_unbroadcasted_scale_tril", "covariance_matrix", "precision_matrix")
+    mats = _tracked(fn, _compat.MVN_SCALE_TRIL_ATTR, "covariance_matrix", "precision_matrix")
     if stage == 0 and isinstance(loc, Tracked) and loc.form == "value":
         if loc.param_names <= stats.plain_locs:
             # every position of a loc row shares one covariance (full, tied, diagonal models):
@@ -592,7 +592,7 @@ def _mvn(fn, value, weight, stats, stage, current) -> None:
             w = weight.unsqueeze(-1).unsqueeze(-1)
             stats.add("cov_num", mat.ids, w, resid.unsqueeze(-1), resid.unsqueeze(-2))
             stats.add("cov_den", mat.ids, w)
-        kind = {"_unbroadcasted_scale_tril": "scale_tril"}.get(key, key)
+        kind = {_compat.MVN_SCALE_TRIL_ATTR: "scale_tril"}.get(key, key)
         stats.forms[int(mat.ids[(0,) * mat.ids.dim()])] = kind  # no copy of the expanded ids
         stats.add("matmark", mat.ids, _one(mat))
 
@@ -609,7 +609,7 @@ def mvn_precision(fn, mats: dict, current) -> torch.Tensor:
         if key == "covariance_matrix":
             m = torch.linalg.cholesky(m)
         return torch.cholesky_inverse(m)
-    return torch.cholesky_inverse(fn._unbroadcasted_scale_tril)
+    return torch.cholesky_inverse(_compat.mvn_scale_tril(fn))
 
 
 def rows_aligned(ids: torch.Tensor, offset: int) -> bool:
@@ -728,7 +728,7 @@ class _Counts(Rule):
 
 
 _PROBS = {"probs": {"normalized": "probs"}, "logits": {"log": "probs"}}
-_PROBS_PARAM = {**_PROBS, "_param": {"normalized": "probs", "log": "probs"}}
+_PROBS_PARAM = {**_PROBS, _compat.TORCH_PARAM_ATTR: {"normalized": "probs", "log": "probs"}}
 
 
 @register_rule
@@ -762,7 +762,7 @@ class BernoulliRule(_Means):
     families = (dist.Bernoulli, dist.Binomial)
     arguments: ClassVar[dict] = {
         "probs": {"value": "probability"},
-        "_param": {"value": "probability"},
+        _compat.TORCH_PARAM_ATTR: {"value": "probability"},
     }
 
     def summarize(self, fn, value, weight, stats, stage, current):
@@ -825,7 +825,7 @@ class MultivariateNormalRule(Rule):
     families = (dist.MultivariateNormal,)
     arguments: ClassVar[dict] = {
         "loc": {"value": "mvn_loc"},
-        "_unbroadcasted_scale_tril": {"value": "scale_tril"},
+        _compat.MVN_SCALE_TRIL_ATTR: {"value": "scale_tril"},
         "scale_tril": {"value": "scale_tril"},
         "covariance_matrix": {"value": "covariance_matrix"},
         "precision_matrix": {"value": "precision_matrix"},
@@ -1124,7 +1124,10 @@ def _args(leaf, family, out) -> None:
         elif isinstance(value, torch.distributions.Distribution):
             if isinstance(leaf, dist.DiscreteHMM) and attr == "observation_dist":
                 continue  # a leaf of its own
-            if attr == "_categorical" and family in (dist.OneHotCategorical, dist.Multinomial):
+            if attr == _compat.INNER_CATEGORICAL_ATTR and family in (
+                dist.OneHotCategorical,
+                dist.Multinomial,
+            ):
                 _args(value, dist.Categorical, out)  # what their rules read
             else:
                 out.extend((t, None) for t, _ in _all_tracked(value))
@@ -1158,15 +1161,15 @@ def roles_of(fn) -> dict[str, set[str]]:
 # ---------------------------------------------------------------- constraints
 _ELEMENTWISE = {"loc", "scale", "probability", "rate"}
 _MATRIX_OK = {
-    "scale_tril": (constraints._LowerCholesky, constraints._LowerTriangular, constraints._Square),
-    "covariance_matrix": (constraints._Symmetric, constraints._Square),
-    "precision_matrix": (constraints._Symmetric, constraints._Square),
+    "scale_tril": (_compat.LowerCholesky, _compat.LowerTriangular, _compat.Square),
+    "covariance_matrix": (_compat.Symmetric, _compat.Square),
+    "precision_matrix": (_compat.Symmetric, _compat.Square),
 }
 
 
 def base_constraint(c):
     """``c`` without its ``independent`` wrappers (``real_vector`` is ``real``)."""
-    while isinstance(c, constraints._IndependentConstraint):
+    while isinstance(c, _compat.IndependentConstraint):
         c = c.base_constraint
     return c
 
@@ -1177,13 +1180,13 @@ def constraint_bounds(c):
     unit_interval, half_open_interval (also under ``independent``); None for any other."""
     c = base_constraint(c)
     inf = math.inf
-    if type(c) is constraints._Real:
+    if type(c) is _compat.Real:
         return -inf, inf
-    if isinstance(c, (constraints._GreaterThan, constraints._GreaterThanEq)):
+    if isinstance(c, (_compat.GreaterThan, _compat.GreaterThanEq)):
         return c.lower_bound, inf
-    if isinstance(c, constraints._LessThan):
+    if isinstance(c, _compat.LessThan):
         return -inf, c.upper_bound
-    if isinstance(c, (constraints._Interval, constraints._HalfOpenInterval)):
+    if isinstance(c, (_compat.Interval, _compat.HalfOpenInterval)):
         return c.lower_bound, c.upper_bound
     return None
 
@@ -1205,14 +1208,14 @@ def _constraint_problem(role: str, c) -> str | None:
     coordinates of a correlated quadratic is not its constrained maximum); matrices need a
     constraint holding the Cholesky factors / positive-definite matrices the update writes."""
     base = base_constraint(c)
-    if type(base) is constraints._Real:
+    if type(base) is _compat.Real:
         return None
     if role in _ELEMENTWISE:
         if constraint_bounds(base) is None:
             return f"its constraint {c} is not an elementwise bound the update can clip to"
         return None
     if role == "probs":
-        if isinstance(base, constraints._Simplex):
+        if isinstance(base, _compat.Simplex):
             return None
         b = constraint_bounds(base)
         if (

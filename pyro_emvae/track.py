@@ -26,6 +26,8 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
+from pyro_emvae import _compat
+
 __all__ = ["IdSpace", "Tracked", "probe"]
 
 # ops whose result is a rearrangement of the input's elements: applied to the ids alike
@@ -41,7 +43,7 @@ _MULTI = {"broadcast_tensors", "cat", "concat", "stack"}
 _CHECKS = {
     "size", "dim", "numel", "__len__", "__bool__", "__eq__", "__ne__", "__gt__", "__ge__",
     "__lt__", "__le__", "eq", "ne", "gt", "ge", "lt", "le", "all", "any", "isnan", "isinf",
-    "isfinite", "_is_all_true", "__and__", "__or__", "shape", "dtype", "device", "__repr__",
+    "isfinite", *_compat.TORCH_CHECK_OPS, "__and__", "__or__", "shape", "dtype", "device", "__repr__",
     "__format__", "is_floating_point", "requires_grad", "__hash__", "data_ptr", "stride",
     "storage_offset", "is_contiguous", "__get__",
     # factorizations torch's MultivariateNormal runs on a covariance or precision argument it
@@ -92,7 +94,7 @@ class Tracked(torch.Tensor):
         if name == "__get__" and getattr(func, "__self__", None) is not None:
             name = getattr(func.__self__, "__name__", name)
         plain_args, plain_kwargs = _strip(args), _strip(kwargs)
-        with torch._C.DisableTorchFunctionSubclass():
+        with _compat.disable_torch_function_subclass():
             result = func(*plain_args, **plain_kwargs)
         sources = [a for a in _flat(args) if isinstance(a, Tracked)]
         if not sources:
@@ -159,7 +161,7 @@ class _RowSum(torch.Tensor):
             isinstance(a, Tracked) for a in args
         ):
             return Tracked.__torch_function__(func, types, args, kwargs)
-        with torch._C.DisableTorchFunctionSubclass():
+        with _compat.disable_torch_function_subclass():
             return _plain(func(*_strip(args), **_strip(kwargs)))
 
 
@@ -206,7 +208,7 @@ def _map(obj, fn):
 def _strip(obj):
     def f(o):
         if isinstance(o, (Tracked, _RowSum)):
-            with torch._C.DisableTorchFunctionSubclass():
+            with _compat.disable_torch_function_subclass():
                 return o.as_subclass(torch.Tensor)
         return o
 
@@ -224,7 +226,7 @@ def _same(sources: list, src: Tracked) -> bool:
 def _plain(result):
     def f(o):
         if isinstance(o, (Tracked, _RowSum)):
-            with torch._C.DisableTorchFunctionSubclass():
+            with _compat.disable_torch_function_subclass():
                 return o.as_subclass(torch.Tensor)
         return o
 
@@ -236,7 +238,7 @@ def _rewrap(result, src: Tracked, ids, form: str):
         return type(result)(_rewrap(r, src, i, form) for r, i in zip(result, ids))
     if not isinstance(result, torch.Tensor) or not isinstance(ids, torch.Tensor):
         return _plain(result)
-    with torch._C.DisableTorchFunctionSubclass():
+    with _compat.disable_torch_function_subclass():
         base = result.as_subclass(torch.Tensor)
     out = Tracked.wrap(base, src.param, ids, form)
     out.param_names = src.param_names
@@ -282,7 +284,7 @@ def _make_linear(result, src: Tracked, design, ids, const, names) -> Tracked | N
     if not isinstance(result, torch.Tensor):
         return None
     design, ids = _lead(design, result.shape), _lead(ids, result.shape)
-    with torch._C.DisableTorchFunctionSubclass():
+    with _compat.disable_torch_function_subclass():
         base = result.as_subclass(torch.Tensor)
     out = Tracked.wrap(base, src.param, ids, "linear")
     out.design = design

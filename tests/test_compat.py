@@ -363,9 +363,7 @@ def test_constraint_classes(cls, instance, attrs):
 
 
 # ------------------------------------------------------------------ the scan
-#: Modules that the issue-13 rewrite has not yet moved onto ``_compat`` (others own them while
-#: it runs; the lead applies the listed edits): TEMPORARY, empty once it lands.
-_NOT_YET = {"estep.py", "fit.py", "optim.py", "rules.py", "track.py"}
+_NOT_YET: set[str] = set()  # (every module goes through _compat)
 
 _PRIVATE_ATTR = re.compile(
     r"\._(pyro_dims|constraints|mask|num_events|validate_args|categorical|version|pyro_name|"
