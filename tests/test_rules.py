@@ -20,7 +20,7 @@ from pyro import poutine
 from pyro.distributions import constraints
 
 from pyro_emvae import EMOptim, ExactEStep
-from pyro_emvae.optim import _write
+from pyro_emvae.params import write as _write
 from pyro_emvae.rules import HANDLED, RULES, Stats, summarize_site, unhandled_params
 from pyro_emvae.track import probe
 
