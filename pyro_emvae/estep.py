@@ -920,6 +920,9 @@ class ExactEStep:
                 continue
             if not _validate.is_enumerated(site):
                 raise EnumerationError(_not_enumerable_message(name, site))
+            # a mixture's weights broadcast along the plate: the log-probs of the K values
+            # without the (K, N, K) broadcast (kernels.categorical_log_prob)
+            _fused_log_prob(name, site)
         tr.compute_log_prob()
         if is_validation_enabled():
             for site in tr.nodes.values():
@@ -1416,7 +1419,7 @@ class ExactEStep:
 
 
 def _fused_log_prob(name: str, site: dict) -> None:
-    """Fill an observed Gaussian site's log-probs by the fused kernels (see
+    """Fill a Gaussian (or Categorical) site's log-probs by the fused kernels (see
     :mod:`pyro_emvae.kernels`), as ``Trace.compute_log_prob`` would, which then skips it; a
     site they do not cover (or whose value the distribution refuses: the generic path then
     raises with the trace's shapes) is left to it."""
