@@ -62,6 +62,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_site_shape, warn_if_inf, warn_if_nan
 
+from pyro_emvae import kernels as _kernels
 from pyro_emvae import validate as _validate
 from pyro_emvae.amortized import preserved_rng
 from pyro_emvae.distributions.hmm import hmm_log_z, hmm_pairwise
@@ -407,15 +408,29 @@ def _one_latent(factors: OrderedDict, sum_dims: set, inputs: list, extra_inputs)
         values = packed.broadcast_all(*terms)
         dims = values[0]._pyro_dims
         i = dims.index(symbol)
-        total = values[0] + values[1] if len(values) > 1 else values[0].clone()
-        for v in values[2:]:
-            total += v
-        top = total.amax(i, keepdim=True)
-        top = top.masked_fill(~torch.isfinite(top), 0.0)  # (a row of -inf: its sum is 0)
-        total.sub_(top).exp_()
-        norm = total.sum(i, keepdim=True)
-        log_z = (norm.log() + top).sum()
-        q = total.div_(norm)
+        shape = values[0].shape
+        # along the longest other dim (the data plate) in row chunks, so that the passes over
+        # each chunk (sum, max, exp, normalize) run in cache; the same operations per element
+        j = max((d for d in range(len(shape)) if d != i), key=lambda d: shape[d], default=None)
+        step = _kernels.CHUNK if j is not None and shape[j] > _kernels.CHUNK else None
+        q = torch.empty(shape, dtype=values[0].dtype, device=values[0].device)
+        parts = []
+        for a in range(0, shape[j], step) if step else [None]:
+            at = (slice(None),) * j + (slice(a, a + step),) if step else ()
+            total = q[at]
+            if len(values) > 1:
+                torch.add(values[0][at], values[1][at], out=total)
+            else:
+                total.copy_(values[0][at])
+            for v in values[2:]:
+                total += v[at]
+            top = total.amax(i, keepdim=True)
+            top = top.masked_fill(~torch.isfinite(top), 0.0)  # (a row of -inf: its sum is 0)
+            total.sub_(top).exp_()
+            norm = total.sum(i, keepdim=True)
+            parts.append((norm.log() + top).sum())
+            total.div_(norm)
+        log_z = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
         qs = []
         for t in terms:
             own = t._pyro_dims

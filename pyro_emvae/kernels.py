@@ -39,6 +39,7 @@ Example::
 from __future__ import annotations
 
 import math
+import weakref
 
 import pyro.distributions as dist
 import torch
@@ -87,6 +88,32 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
     return x.mean(0) if x.shape[0] else x.new_zeros(x.shape[1:])
 
 
+# one slot: the last data seen, centred at their mean row with a column of ones appended (the
+# E-step folds the locs' shift into its GEMM with it; the M-step's scatter reads the centred
+# rows): the data do not change between EM iterations, so neither does this copy. Keyed on the
+# value tensor itself (a weak reference: the slot empties when the data are freed), its
+# in-place version counter, and the layout of the rows read from it.
+_SLOT: list = [None]
+
+
+def _centred_rows(value: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([x - c, 1], c)`` with ``c`` the mean row of ``x`` ``(N, D)`` (``x`` read from
+    ``value``): ``(N, D + 1)`` and ``(D,)``, computed once per data (see ``_SLOT``)."""
+    key = (value._version, x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+    hit = _SLOT[0]
+    if hit is not None and hit[0]() is value and hit[1] == key:
+        return hit[2], hit[3]
+    centre = _centre(x)
+    xa = torch.ones(x.shape[0], x.shape[1] + 1, dtype=x.dtype, device=x.device)
+    torch.sub(x, centre, out=xa[:, :-1])
+    try:
+        ref = weakref.ref(value, lambda _: _SLOT.__setitem__(0, None))
+    except TypeError:  # (not weak-referenceable: no cache)
+        return xa, centre
+    _SLOT[0] = (ref, key, xa, centre)
+    return xa, centre
+
+
 def _chunks(n: int):
     for start in range(0, n, CHUNK):
         yield start, min(start + CHUNK, n)
@@ -126,6 +153,40 @@ def categorical_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
     return lp.expand(torch.broadcast_shapes(value.shape, fn.batch_shape))
 
 
+# (id(value), type(fn), shapes) -> (weak reference to value, its version): data found in the
+# support of a Gaussian (real numbers: not NaN), which EM reads unchanged every iteration
+_CHECKED: dict = {}
+_REAL_SUPPORT = (
+    dist.MultivariateNormal,
+    torch.distributions.MultivariateNormal,
+    dist.Normal,
+    torch.distributions.Normal,
+)
+
+
+def _validate_sample(fn, value: torch.Tensor) -> None:
+    """``fn._validate_sample(value)``, skipped for a Gaussian (support: the reals, whatever
+    the params) that already accepted this very tensor, unmodified, with the same shapes."""
+    base = fn
+    while isinstance(
+        base, (MaskedDistribution, dist.ExpandedDistribution, torch.distributions.Independent)
+    ):
+        base = base.base_dist
+    if type(base) not in _REAL_SUPPORT:
+        fn._validate_sample(value)
+        return
+    key = (id(value), type(fn), fn.batch_shape, fn.event_shape, value.shape)
+    hit = _CHECKED.get(key)
+    if hit is not None and hit[0]() is value and hit[1] == value._version:
+        return
+    fn._validate_sample(value)  # (raises on a value outside the support: nothing is kept)
+    try:
+        ref = weakref.ref(value, lambda _, k=key: _CHECKED.pop(k, None))
+    except TypeError:
+        return
+    _CHECKED[key] = (ref, value._version)
+
+
 def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
     """``fn.log_prob(value)`` by the fused kernels, or None where they do not apply.
 
@@ -136,7 +197,7 @@ def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
     batch dim is one that both the params and the value vary along.
     """
     if fn._validate_args:  # what the generic log_prob checks first (support, shapes)
-        fn._validate_sample(value)
+        _validate_sample(fn, value)
     if isinstance(fn, MaskedDistribution):
         if fn._mask is False:
             return None
@@ -223,19 +284,20 @@ def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
             return y.view(b - a, m, d).sum(-1).T  # (M, c)
 
         return _place(_assemble(block, x.shape[0], const, grad), batch, pd, vd)
-    # no autograd: one GEMM per chunk with the shift folded in ([x - c, 1] @ [P; -shift]),
-    # the block sums of the squares by a GEMM with a (M D, M) 0/1 matrix, written with the
-    # constant straight into rows of an (N, M) output (returned as its (M, N) transpose)
+    # no autograd: one GEMM per chunk with the shift folded in ([x - c', 1] @ [P; -shift'],
+    # c' the data's mean row, the centred rows kept between calls), the block sums of the
+    # squares by a GEMM with a (M D, M) 0/1 matrix, written with the constant straight into
+    # rows of an (N, M) output (returned as its (M, N) transpose)
     n = x.shape[0]
     rows = min(CHUNK, n)
-    xa = torch.ones(rows, d + 1, dtype=dtype, device=x.device)
+    xa, centre = _centred_rows(value, x)
+    shift = torch.einsum("md,mde->me", loc - centre, prec).reshape(m * d)
     pa = torch.cat([stacked, -shift.unsqueeze(0)])  # (D + 1, M D)
     y = torch.empty(rows, m * d, dtype=dtype, device=x.device)
     blocks = torch.eye(m, dtype=dtype, device=x.device).repeat_interleave(d, 0)  # (M D, M)
     out = torch.empty(n, m, dtype=dtype, device=x.device)
     for a, b in _chunks(n):
-        torch.sub(x[a:b], centre, out=xa[: b - a, :d])
-        yc = torch.mm(xa[: b - a], pa, out=y[: b - a]).square_()
+        yc = torch.mm(xa[a:b], pa, out=y[: b - a]).square_()
         torch.addmm(const, yc, blocks, alpha=-0.5, out=out[a:b])
     return _place(out.T, batch, pd, vd)
 
@@ -355,13 +417,13 @@ def outer_scatter(
         d_ = value.shape[-1]
         x = _flat(value, vd, batch, (d_,)).to(dtype)  # (N, D)
         mu = _flat(loc, pd, batch, (d_,)).to(dtype)  # (M, D)
-        centre = _centre(x)
+        xa, centre = _centred_rows(value, x)  # (the E-step's copy, when it ran on these data)
         nu = mu - centre
         s1 = torch.zeros(m, d_, dtype=dtype, device=x.device)
         s2 = torch.zeros(d_, m * d_, dtype=dtype, device=x.device)
         rx = torch.empty(min(CHUNK, x.shape[0]), m, d_, dtype=dtype, device=x.device)
         for a, b in _chunks(x.shape[0]):
-            y = x[a:b] - centre  # (c, D)
+            y = xa[a:b, :-1]  # (c, D), centred
             wc = wfull[:, a:b]  # (M, c)
             s1.addmm_(wc, y)
             # (w ⊗ y) viewed (c, M D): one GEMM gives all M second moments side by side

@@ -119,6 +119,33 @@ def test_categorical_log_prob_equals_log_prob(form):
     assert categorical_log_prob(dist.Bernoulli(torch.tensor(0.3)), torch.tensor(1.0)) is None
 
 
+def test_the_support_check_is_skipped_only_for_the_same_unmodified_data():
+    fn = _dists(torch.float64)["full"]
+    x = torch.randn(40, 3)
+    assert fused_log_prob(fn, x) is not None  # checked, then remembered
+    x[3, 1] = float("nan")  # in place: a new version of the same tensor
+    with pytest.raises(ValueError):
+        fused_log_prob(fn, x)
+    y = torch.randn(40, 3)
+    y[0, 0] = float("nan")
+    with pytest.raises(ValueError):
+        fused_log_prob(fn, y)
+    with pytest.raises(ValueError):  # still refused the second time
+        fused_log_prob(fn, y)
+
+
+def test_the_centred_data_are_recomputed_when_the_data_change():
+    fn = _dists(torch.float64)["full"]
+    x = torch.randn(40, 3) + 5
+    fused_log_prob(fn, x)
+    x.mul_(2.0)  # in place
+    assert _rel(fused_log_prob(fn, x), fn.log_prob(x)) < 1e-12
+    w = torch.rand(4, 40)
+    _, num = outer_scatter(w, x, fn.loc, torch.Size([4, 1]), event=1, outer=True)
+    r = x - fn.loc
+    assert _rel(num[:, 0], torch.einsum("kn,kni,knj->kij", w, r, r)) < 1e-12
+
+
 @pytest.mark.parametrize("chunk", [7, 2048])
 def test_chunks_change_nothing(monkeypatch, chunk):
     fn = _dists(torch.float64)["full"]
