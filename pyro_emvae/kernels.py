@@ -114,6 +114,15 @@ def _centred_rows(value: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, t
     return xa, centre
 
 
+def _cancelled(raw: torch.Tensor, centred: torch.Tensor) -> list[int]:
+    """Rows ``m`` of the ``(M, E)`` diagonals where the uncentred sums ``raw`` exceed the
+    centred result by more than ``eps ** -1/4`` (rounding then costs more than a quarter of
+    the digits: ~4 of float64's 16; e.g. a collapsing component): summed again about their
+    own loc by the caller."""
+    bad = (raw > torch.finfo(raw.dtype).eps ** -0.25 * centred.abs()).any(-1)
+    return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
+
+
 def _chunks(n: int):
     for start in range(0, n, CHUNK):
         yield start, min(start + CHUNK, n)
@@ -434,6 +443,14 @@ def outer_scatter(
         cross = s1.unsqueeze(-1) * nu.unsqueeze(-2)  # (M, D, D)
         s = s2.view(d_, m, d_).transpose(0, 1) - cross - cross.mT
         s += den.view(m, 1, 1) * nu.unsqueeze(-1) * nu.unsqueeze(-2)
+        # the uncentred sums lose digits in proportion to how far they exceed the result (a
+        # component collapsing onto a few points): such rows are summed again, centred
+        raw = s2.view(d_, m, d_).diagonal(dim1=0, dim2=2)  # (M, D): sum_n w y_d^2
+        for i in _cancelled(raw, s.diagonal(dim1=-2, dim2=-1)):
+            s[i] = 0.0
+            for a, b in _chunks(x.shape[0]):
+                diff = x[a:b] - mu[i]
+                s[i] += (wfull[i, a:b].unsqueeze(-1) * diff).T @ diff
         big = [batch[d] if d in pd else 1 for d in range(n)]
         return den.reshape(big), s.reshape(big + [d_, d_])
     # elementwise: the dims both vary along are the coordinates E
@@ -453,6 +470,10 @@ def outer_scatter(
     den1 = wfull.sum(1)
     # sum_n w (y - nu)^2 = sum_n w y^2 - 2 nu s1 + W nu^2
     s = s2 - 2 * nu * s1 + den1.unsqueeze(-1) * nu.square()
+    for i in _cancelled(s2, s):  # (see the outer case)
+        s[i] = 0.0
+        for a, b in _chunks(x.shape[0]):
+            s[i] += wfull[i, a:b] @ (x[a:b] - mu[i]).square_()
     big = [batch[d] if d in pd else 1 for d in range(n)]
     keep = sorted(pd + both)
     order = [(pd + both).index(d) for d in keep]

@@ -146,6 +146,21 @@ def test_the_centred_data_are_recomputed_when_the_data_change():
     assert _rel(num[:, 0], torch.einsum("kn,kni,knj->kij", w, r, r)) < 1e-12
 
 
+def test_outer_scatter_of_a_collapsing_component_is_summed_centred():
+    """A component on 5 points 1e-4 apart, 10 away from the rest: the uncentred sums would
+    lose ~8 digits; the kernel sums that component again about its loc (1e-12 relative)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.cat([torch.randn(200, 2, generator=g), 10 + 1e-4 * torch.randn(5, 2, generator=g)])
+    mu = torch.stack([x[:200].mean(0), x[200:].mean(0)]).unsqueeze(1)  # (2, 1, 2)
+    w = torch.stack([torch.ones(205), torch.zeros(205)])
+    w[0, 200:], w[1, 200:] = 0.0, 1.0
+    r = x - mu
+    _, num = outer_scatter(w, x, mu, torch.Size([2, 1]), event=1, outer=True)
+    assert _rel(num[:, 0], torch.einsum("kn,kni,knj->kij", w, r, r)) < 1e-12
+    _, num = outer_scatter(w.unsqueeze(-1), x, mu, torch.Size([2, 1, 2]), event=0, outer=False)
+    assert _rel(num[:, 0], torch.einsum("kn,knd->kd", w, r**2)) < 1e-12
+
+
 @pytest.mark.parametrize("chunk", [7, 2048])
 def test_chunks_change_nothing(monkeypatch, chunk):
     fn = _dists(torch.float64)["full"]
