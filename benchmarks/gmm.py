@@ -21,14 +21,19 @@ methods run side by side in one process:
   ``init_params="random_from_data"`` (the three ``*_init`` override it; the default
   ``"kmeans"`` would run a k-means first whose result is thrown away);
 * **hand-written torch EM**: E-step :func:`benchmarks.reference.gmm_estep`, closed-form
-  full-covariance M-step :func:`torch_em_mstep` (sklearn's formulas, ``reg_covar=0``);
+  full-covariance M-step :func:`torch_em_mstep` (sklearn's formulas, ``reg_covar=0``): the
+  plain broadcast form, as one would first write it;
+* **hand-written torch EM, GEMM form (the limit)**: :func:`run_torch_em_fast`, i.e.
+  :func:`benchmarks.reference.gmm_em_iteration_fast` per iteration (E-step and M-step fused
+  over row chunks, all in GEMMs, data shifted once by their mean): the same EM written the way
+  a performance engineer would, which the issue's "within 1.5x" target is measured against;
 * **Adam**: plain ``pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}),
   TraceEnum_ELBO(max_plate_nesting=1))`` with an empty guide (``z`` is enumerated in the model),
   so each step's loss is exactly ``-log p(x)`` at the params before the step.
 
 Checks (float64, before any table is printed; a failure raises ``AssertionError``): at the
-initial params all four give the same ``log p(x)`` (relative difference < 1e-8); after the
-``n`` iterations of the timed runs, ours, scikit-learn and the hand-written EM give the same
+initial params all five give the same ``log p(x)`` (relative difference < 1e-8); after the
+``n`` iterations of the timed runs, ours, scikit-learn and both hand-written EMs give the same
 ``log p(x)`` (relative difference < 1e-8, each by its own code at its own final params).
 
 Table 1, seconds per iteration: each method's timed run records the end of every iteration;
@@ -48,7 +53,7 @@ and the ratio is a lower bound.
 
 Ratios are ``peer_time / our_time`` (>1: ours is faster). The issue's targets (GMM D=8 K=8
 full, N=1e5 and 1e6): per iteration >= 2.5x faster than scikit-learn and within 1.5x of the
-hand-written torch EM; EM at the optimum >= 10x sooner than Adam. Each is printed with the
+hand-written torch EM in its GEMM form (the limit; the plain form's ratio is printed too); EM at the optimum >= 10x sooner than Adam. Each is printed with the
 measured value and MET / NOT MET (UNDECIDED when Adam was cut off before 10x our time).
 
 ``torch.set_num_threads(--threads)`` (default 2; numpy's BLAS gets the same number when
@@ -106,11 +111,11 @@ from benchmarks._common import (
     per_iter_median,
     reexec_with_tuned_malloc,
 )
-from benchmarks.reference import gmm_estep
+from benchmarks.reference import gmm_em_iteration_fast, gmm_estep
 from models.gmm import gmm_model, init_params, sample_gmm
 from pyro_emvae import EMOptim, ExactEStep, fit
 
-__all__ = ["main", "torch_em_mstep"]
+__all__ = ["main", "run_torch_em_fast", "torch_em_mstep"]
 
 K, D = 8, 8
 COV = "full"
@@ -129,6 +134,7 @@ ADAM_MARGIN = 1.05  # by default Adam runs up to 1.05 * 10 * our time to the opt
 OURS = "fit(ExactEStep, EMOptim) (ours)"
 SKLEARN = "sklearn GaussianMixture"
 TORCH = "hand-written torch EM"
+LIMIT = "hand-written torch EM, GEMM form (the limit)"
 ADAM = "Pyro SVI, TraceEnum_ELBO + Adam"
 
 
@@ -337,6 +343,30 @@ def run_torch_em(
     return run
 
 
+def run_torch_em_fast(
+    x: Tensor, init: dict[str, Tensor], n_iter: int, target: float | None = None
+) -> Run:
+    """The hand-written EM in its fast form: the data shifted once by their mean (inside the
+    timed call), then :func:`benchmarks.reference.gmm_em_iteration_fast` ``n_iter`` times, or
+    until ``target`` is reached. EM is translation-equivariant: the locs are shifted alike and
+    ``log p(x)`` is unchanged."""
+    run = Run()
+    t0 = time.perf_counter()
+    centre = x.mean(0)
+    xs = x - centre
+    w, locs, tril = init["weights"], init["locs"] - centre, init["scale_tril"]
+    for _ in range(n_iter):
+        ll, (w, locs, tril) = gmm_em_iteration_fast(xs, w, locs, tril)
+        run.ends.append(time.perf_counter() - t0)
+        run.lls.append(float(ll))
+        if target is not None and run.lls[-1] >= target:
+            break
+    else:
+        run.final_ll = float(gmm_estep(xs, w, locs, tril, COV)[0])
+    run.wall = time.perf_counter() - t0
+    return run
+
+
 def run_adam(
     x: Tensor, init: dict[str, Tensor], lr: float, max_seconds: float, target: float | None
 ) -> Run:
@@ -371,6 +401,11 @@ def run_adam(
 def _init_log_likelihoods(x: Tensor, init: dict[str, Tensor], mixture: Any) -> dict[str, float]:
     """``log p(x)`` at the initial params by every method's own code."""
     out = {TORCH: float(gmm_estep(x, init["weights"], init["locs"], init["scale_tril"], COV)[0])}
+    centre = x.mean(0)
+    ll, _ = gmm_em_iteration_fast(
+        x - centre, init["weights"], init["locs"] - centre, init["scale_tril"]
+    )
+    out[LIMIT] = float(ll)
     pyro.clear_param_store()
 
     def model(data: Tensor) -> Tensor:
@@ -476,12 +511,13 @@ def run_size(
         )
 
         # 2. timed runs of n_iter iterations (interleaved when repeated)
-        timed: dict[str, list[Run]] = {OURS: [], SKLEARN: [], TORCH: []}
+        timed: dict[str, list[Run]] = {OURS: [], SKLEARN: [], TORCH: [], LIMIT: []}
         for _ in range(repeat):
             timed[OURS].append(run_ours(x, init, n_iter))
             if mixture is not None:
                 timed[SKLEARN].append(run_sklearn(mixture, x, init, n_iter))
             timed[TORCH].append(run_torch_em(x, init, n_iter))
+            timed[LIMIT].append(run_torch_em_fast(x, init, n_iter))
         timed = {name: rs for name, rs in timed.items() if rs}
         runs: dict[str, Run] = {name: rs[0] for name, rs in timed.items()}
         print(f"  log p(x) after the {n_iter} iterations of the timed runs, vs the {TORCH}:")
@@ -493,7 +529,12 @@ def run_size(
 
         # 3. time to the optimum (re-run what stopped short of it)
         need = (k_ref + 1) if k_ref is not None else optimum_max_iter
-        for name, runner in ((OURS, run_ours), (SKLEARN, None), (TORCH, run_torch_em)):
+        for name, runner in (
+            (OURS, run_ours),
+            (SKLEARN, None),
+            (TORCH, run_torch_em),
+            (LIMIT, run_torch_em_fast),
+        ):
             if name not in runs or runs[name].reached(target) is not None:
                 continue
             if name == SKLEARN:
@@ -503,7 +544,7 @@ def run_size(
 
         to_opt: dict[str, float | None] = {}
         iters_to_opt: dict[str, int | None] = {}
-        for name in (OURS, SKLEARN, TORCH):
+        for name in (OURS, SKLEARN, TORCH, LIMIT):
             if name not in runs:
                 continue
             run = runs.get(name + " (to optimum)", runs[name])
@@ -546,6 +587,7 @@ def _warm_up(mixture: Any) -> None:
         if mixture is not None:
             run_sklearn(mixture, x, init, 2)
         run_torch_em(x, init, 2)
+        run_torch_em_fast(x, init, 2)
         run_adam(x, init, 0.01, 0.0, None)
 
 
@@ -567,10 +609,12 @@ def _target_lines(results: dict[int, SizeResult]) -> list[str]:
             )
         else:
             lines.append(f"  {size}: scikit-learn not importable: its target is not checked")
-        slower = ours / r.per_iter[TORCH]
+        slower = ours / r.per_iter[LIMIT]
         lines.append(
-            f"  {size}: per iteration within {TARGET_TORCH}x of the hand-written torch EM: "
-            f"ours/torch = {slower:.2f} -> {_verdict(slower <= TARGET_TORCH)}"
+            f"  {size}: per iteration within {TARGET_TORCH}x of the hand-written torch EM in its "
+            f"GEMM form (the limit): ours/limit = {slower:.2f} -> "
+            f"{_verdict(slower <= TARGET_TORCH)} (ours/plain torch EM = "
+            f"{ours / r.per_iter[TORCH]:.2f}, not the target)"
         )
         ours_t, adam_t = r.to_opt[OURS], r.to_opt[ADAM]
         head = f"  {size}: EM at the optimum >= {TARGET_ADAM:g}x sooner than Adam: "

@@ -6,6 +6,8 @@ against:
 * :func:`gmm_estep` -- Gaussian-mixture log-likelihood and responsibilities
   (``"diag"``, ``"spherical"``, ``"full"``, ``"tied"`` covariances, same parameterization and
   param names as :mod:`models.gmm`);
+* :func:`gmm_em_iteration_fast` -- one whole EM iteration of a full-covariance mixture written
+  for speed (GEMMs over row chunks): the hardware's limit the benchmarks compare against;
 * :func:`hmm_forward_backward` -- the scaled (normalized, probability-space) forward-backward
   recursion, a plain Python loop over ``t`` with torch ops;
 * :func:`hmm_viterbi` -- max-product (log space) Viterbi decoding;
@@ -36,6 +38,7 @@ __all__ = [
     "categorical_log_emission",
     "gaussian_log_emission",
     "gmm_component_log_probs",
+    "gmm_em_iteration_fast",
     "gmm_estep",
     "hmm_forward_backward",
     "hmm_viterbi",
@@ -121,6 +124,98 @@ def gmm_estep(
     lp = gmm_component_log_probs(x, weights, locs, scales_or_scale_tril, covariance_type)
     log_px = torch.logsumexp(lp, dim=-1)
     return log_px.sum(), (lp - log_px.unsqueeze(-1)).exp()
+
+
+def gmm_em_iteration_fast(
+    x: Tensor, weights: Tensor, locs: Tensor, scale_tril: Tensor, chunk: int = 2048
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    r"""One EM iteration of a full-covariance Gaussian mixture, written for speed: the E-step
+    (``log p(x)`` at the given params) and the closed-form M-step (maximum likelihood, no
+    regularization), fused in one pass over row chunks, all in GEMMs.
+
+    E-step: with the precision Cholesky factors :math:`P_k = L_k^{-\top}` stacked side by side
+    into :math:`P` ``(D, K D)``, :math:`Y = X P - [\mu_1^\top P_1, \dots, \mu_K^\top P_K]`
+    (one GEMM, ``(n, K D)``) holds every :math:`(x_n - \mu_k)^\top L_k^{-\top}`; the squared
+    norm of block :math:`k` of a row is the Mahalanobis distance, and
+
+    .. math::
+
+        \log p(x_n, z_n = k) = \log\pi_k - \textstyle\sum_i \log L_{k,ii}
+        - \tfrac D2 \log 2\pi - \tfrac12 \lVert Y_{n,k}\rVert^2,\qquad
+        r_{nk} = \exp(\log p(x_n, z_n = k) - \log p(x_n)).
+
+    M-step from the uncentred statistics, accumulated by GEMMs chunk by chunk:
+    :math:`N_k = \sum_n r_{nk}`, :math:`S^{(1)} = R^\top X` ``(K, D)`` and all K second
+    moments at once, :math:`S^{(2)} = X^\top (R \otimes X)` ``(D, K D)`` with
+    :math:`(R \otimes X)_{n, kD + e} = r_{nk} x_{ne}` (``addmm_`` into one buffer); then
+    :math:`\pi_k = N_k / N`, :math:`\mu_k = S^{(1)}_k / N_k`,
+    :math:`\Sigma_k = S^{(2)}_k / N_k - \mu_k \mu_k^\top = L_k L_k^\top`.
+
+    Rows go in chunks of ``chunk`` so that the ``(chunk, K D)`` temporaries stay in cache;
+    memory is the data plus a few chunk-sized buffers whatever ``N`` is. The uncentred second
+    moment loses digits when the data sit far from the origin relative to their spread:
+    shift the data once by their global mean before the first iteration (EM is
+    translation-equivariant: shift the locs alike, and back at the end; ``log p(x)`` does
+    not change), as :func:`benchmarks.gmm.run_torch_em_fast` does.
+
+    Args:
+        x: data ``(N, D)`` (ideally centred, see above). weights: ``(K,)``. locs: ``(K, D)``.
+        scale_tril: ``(K, D, D)`` lower Cholesky factors of the covariances.
+        chunk: rows per chunk.
+
+    Returns:
+        ``(log_likelihood, (weights, locs, scale_tril))``: ``log p(x)`` (0-dim, nats, at the
+        params given) and the M-step's new params (same shapes as given).
+
+    Example::
+
+        >>> from models.gmm import init_params, sample_gmm
+        >>> x, _ = sample_gmm(N=500, K=3, D=2, seed=0, covariance_type="full")
+        >>> p = init_params(x, 3, "full", seed=1)
+        >>> ll, (w, mu, L) = gmm_em_iteration_fast(x, p["weights"], p["locs"], p["scale_tril"])
+        >>> bool(torch.isclose(ll, gmm_estep(x, p["weights"], p["locs"], p["scale_tril"],
+        ...                                  "full")[0]))
+        True
+    """
+    n, d = x.shape
+    k = locs.shape[0]
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    prec = torch.linalg.solve_triangular(scale_tril, eye.expand(k, d, d), upper=False).mT
+    stacked = prec.permute(1, 0, 2).reshape(d, k * d)  # (D, K D): [P_1, ..., P_K]
+    shift = torch.einsum("kd,kde->ke", locs, prec).reshape(k * d)  # mu_k^T P_k side by side
+    const = (
+        weights.log()
+        - scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        - 0.5 * d * math.log(2 * math.pi)
+    )
+    nk = torch.zeros(k, dtype=x.dtype, device=x.device)
+    s1 = torch.zeros(k, d, dtype=x.dtype, device=x.device)
+    s2 = torch.zeros(d, k * d, dtype=x.dtype, device=x.device)
+    ll = torch.zeros((), dtype=x.dtype, device=x.device)
+    # block sums of the squares by a GEMM with a (K D, K) 0/1 matrix: faster than a reduction
+    # over a last dim of size D
+    blocks = torch.eye(k, dtype=x.dtype, device=x.device).repeat_interleave(d, 0)
+    # the chunk-sized temporaries, allocated once
+    ybuf = torch.empty(min(chunk, n), k * d, dtype=x.dtype, device=x.device)
+    rxbuf = torch.empty(min(chunk, n), k, d, dtype=x.dtype, device=x.device)
+    for a in range(0, n, chunk):
+        xc = x[a : a + chunk]
+        c = xc.shape[0]
+        y = torch.mm(xc, stacked, out=ybuf[:c]).sub_(shift).square_()  # (c, K D)
+        lp = torch.addmm(const, y, blocks, alpha=-0.5)  # (c, K): log p(x_n, z_n = k)
+        top = lp.amax(1, keepdim=True)
+        r = lp.sub_(top).exp_()  # unnormalized responsibilities, in place
+        tot = r.sum(1, keepdim=True)
+        ll += tot.log().add_(top).sum()
+        r.div_(tot)
+        nk += r.sum(0)
+        s1.addmm_(r.T, xc)
+        rx = torch.mul(r.unsqueeze(-1), xc.unsqueeze(1), out=rxbuf[:c])  # (c, K, D)
+        s2.addmm_(xc.T, rx.view(c, k * d))
+    new_locs = s1 / nk.unsqueeze(-1)
+    cov = s2.view(d, k, d).transpose(0, 1) / nk.view(k, 1, 1)
+    cov = cov - new_locs.unsqueeze(-1) * new_locs.unsqueeze(-2)
+    return ll, (nk / n, new_locs, torch.linalg.cholesky(cov))
 
 
 def gaussian_log_emission(x: Tensor, locs: Tensor, scales: Tensor) -> Tensor:

@@ -56,6 +56,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_site_shape, warn_if_inf, warn_if_nan
 
 from pyro_emvae import _compat
+from pyro_emvae import kernels as _kernels
 from pyro_emvae import validate as _validate
 from pyro_emvae._compat import BackwardSampleMessenger, Subsample, find_ordinal, packed
 from pyro_emvae.amortized import preserved_rng
@@ -399,15 +400,29 @@ def _one_latent(factors: OrderedDict, sum_dims: set, inputs: list, extra_inputs)
         values = packed.broadcast_all(*terms)
         dims = _compat.pyro_dims(values[0])
         i = dims.index(symbol)
-        total = values[0] + values[1] if len(values) > 1 else values[0].clone()
-        for v in values[2:]:
-            total += v
-        top = total.amax(i, keepdim=True)
-        top = top.masked_fill(~torch.isfinite(top), 0.0)  # (a row of -inf: its sum is 0)
-        total.sub_(top).exp_()
-        norm = total.sum(i, keepdim=True)
-        log_z = (norm.log() + top).sum()
-        q = total.div_(norm)
+        shape = values[0].shape
+        # along the longest other dim (the data plate) in row chunks, so that the passes over
+        # each chunk (sum, max, exp, normalize) run in cache; the same operations per element
+        j = max((d for d in range(len(shape)) if d != i), key=lambda d: shape[d], default=None)
+        step = _kernels.CHUNK if j is not None and shape[j] > _kernels.CHUNK else None
+        q = torch.empty(shape, dtype=values[0].dtype, device=values[0].device)
+        parts = []
+        for a in range(0, shape[j], step) if step else [None]:
+            at = (slice(None),) * j + (slice(a, a + step),) if step else ()
+            total = q[at]
+            if len(values) > 1:
+                torch.add(values[0][at], values[1][at], out=total)
+            else:
+                total.copy_(values[0][at])
+            for v in values[2:]:
+                total += v[at]
+            top = total.amax(i, keepdim=True)
+            top = top.masked_fill(~torch.isfinite(top), 0.0)  # (a row of -inf: its sum is 0)
+            total.sub_(top).exp_()
+            norm = total.sum(i, keepdim=True)
+            parts.append((norm.log() + top).sum())
+            total.div_(norm)
+        log_z = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
         qs = []
         for t in terms:
             own = _compat.pyro_dims(t)
@@ -912,6 +927,9 @@ class ExactEStep:
                 continue
             if not _validate.is_enumerated(site):
                 raise EnumerationError(_not_enumerable_message(name, site))
+            # a mixture's weights broadcast along the plate: the log-probs of the K values
+            # without the (K, N, K) broadcast (kernels.categorical_log_prob)
+            _fused_log_prob(name, site)
         tr.compute_log_prob()
         if is_validation_enabled():
             for site in tr.nodes.values():
@@ -1408,7 +1426,7 @@ class ExactEStep:
 
 
 def _fused_log_prob(name: str, site: dict) -> None:
-    """Fill an observed Gaussian site's log-probs by the fused kernels (see
+    """Fill a Gaussian (or Categorical) site's log-probs by the fused kernels (see
     :mod:`pyro_emvae.kernels`), as ``Trace.compute_log_prob`` would, which then skips it; a
     site they do not cover (or whose value the distribution refuses: the generic path then
     raises with the trace's shapes) is left to it."""

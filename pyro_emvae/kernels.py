@@ -16,8 +16,11 @@ temporaries stay ``(CHUNK, M * D)`` whatever ``N`` is:
   ``Independent`` by the residual per chunk.
 * :func:`outer_scatter`: :math:`W_m = \\sum_n w_{mn}` and
   :math:`S_m = \\sum_n w_{mn} (x_n - \\mu_m)(x_n - \\mu_m)^\\top` (or its diagonal, elementwise
-  along dims both vary along), centred at each row's own loc, chunk by chunk: the same formula
-  as the generic path's, so no cancellation.
+  along dims both vary along) from GEMMs over row chunks: with :math:`y_n = x_n - c` (``c`` the
+  data's mean row) and :math:`\\nu_m = \\mu_m - c`, :math:`S_m = \\sum_n w_{mn} y_n y_n^\\top
+  - s_m \\nu_m^\\top - \\nu_m s_m^\\top + W_m \\nu_m \\nu_m^\\top`, :math:`s_m = \\sum_n w_{mn}
+  y_n`; all ``M`` second moments at once as :math:`Y^\\top (W^\\top \\otimes Y)`, the
+  ``(c, M D)`` product in one GEMM (the shift keeps the uncentred sums of the data's spread).
 
 Each returns None when the site does not have that structure (params and value varying along a
 common batch dim, other families, wrappers it does not know): the caller then runs the generic
@@ -36,13 +39,17 @@ Example::
 from __future__ import annotations
 
 import math
+import weakref
 
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import scale_and_mask, sum_rightmost
+from torch.distributions.utils import probs_to_logits
 
-__all__ = ["CHUNK", "fused_log_prob", "outer_scatter"]
+from pyro_emvae import _compat
+
+__all__ = ["CHUNK", "categorical_log_prob", "fused_log_prob", "outer_scatter"]
 
 CHUNK = 2048  # rows per chunk: (CHUNK, M * D) temporaries stay in cache
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -77,29 +84,145 @@ def _flat(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
     return _take(t, dims, batch, tail).reshape((-1,) + tuple(tail))
 
 
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    """The mean row of ``x`` ``(N, E)`` (zeros when ``N = 0``): the common shift of the
+    uncentred moments, so that they are of the data's spread, not of its distance to 0."""
+    return x.mean(0) if x.shape[0] else x.new_zeros(x.shape[1:])
+
+
+# one slot: the last data seen, centred at their mean row with a column of ones appended (the
+# E-step folds the locs' shift into its GEMM with it; the M-step's scatter reads the centred
+# rows): the data do not change between EM iterations, so neither does this copy. Keyed on the
+# value tensor itself (a weak reference: the slot empties when the data are freed), its
+# in-place version counter, and the layout of the rows read from it.
+_SLOT: list = [None]
+
+
+def _centred_rows(value: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([x - c, 1], c)`` with ``c`` the mean row of ``x`` ``(N, D)`` (``x`` read from
+    ``value``): ``(N, D + 1)`` and ``(D,)``, computed once per data (see ``_SLOT``)."""
+    key = (
+        _compat.tensor_version(value),
+        x.data_ptr(),
+        tuple(x.shape),
+        tuple(x.stride()),
+        x.dtype,
+        x.device,
+    )
+    hit = _SLOT[0]
+    if hit is not None and hit[0]() is value and hit[1] == key:
+        return hit[2], hit[3]
+    centre = _centre(x)
+    xa = torch.ones(x.shape[0], x.shape[1] + 1, dtype=x.dtype, device=x.device)
+    torch.sub(x, centre, out=xa[:, :-1])
+    try:
+        ref = weakref.ref(value, lambda _: _SLOT.__setitem__(0, None))
+    except TypeError:  # (not weak-referenceable: no cache)
+        return xa, centre
+    _SLOT[0] = (ref, key, xa, centre)
+    return xa, centre
+
+
+def _cancelled(raw: torch.Tensor, centred: torch.Tensor) -> list[int]:
+    """Rows ``m`` of the ``(M, E)`` diagonals where the uncentred sums ``raw`` exceed the
+    centred result by more than ``eps ** -1/4`` (rounding then costs more than a quarter of
+    the digits: ~4 of float64's 16; e.g. a collapsing component): summed again about their
+    own loc by the caller."""
+    bad = (raw > torch.finfo(raw.dtype).eps ** -0.25 * centred.abs()).any(-1)
+    return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
+
+
 def _chunks(n: int):
     for start in range(0, n, CHUNK):
         yield start, min(start + CHUNK, n)
 
 
 # ------------------------------------------------------------------------------ log-likelihood
+def categorical_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
+    """``fn.log_prob(value)`` of a ``Categorical`` whose params are broadcast along some batch
+    dims (mixture weights ``(K,)`` expanded along a plate: ``(N, K)`` with stride 0), without
+    the ``(K, N, K)`` broadcast the generic ``log_prob`` gathers from: the same elementwise
+    ops (``log`` of the clamped probs, then ``gather``) on the compact params, expanded to the
+    result's shape. None for other distributions.
+
+    Example::
+
+        >>> fn = dist.Categorical(torch.tensor([0.2, 0.8])).expand([5])
+        >>> z = torch.arange(2).reshape(2, 1)  # an enumerated value
+        >>> torch.equal(categorical_log_prob(fn, z), fn.log_prob(z))
+        True
+    """
+    if type(fn) not in (dist.Categorical, torch.distributions.Categorical):
+        return None
+    if _compat.validate_args_flag(fn):
+        fn._validate_sample(value)
+    own = fn.__dict__
+    param = own["logits"] if "logits" in own else own["probs"]
+    compact = param[
+        tuple(
+            slice(0, 1) if st == 0 and n > 1 else slice(None)
+            for st, n in zip(param.stride()[:-1], param.shape[:-1])
+        )
+    ]
+    logits = compact if "logits" in own else probs_to_logits(compact)
+    idx = value.long().unsqueeze(-1)
+    idx, logits = torch.broadcast_tensors(idx, logits)
+    lp = logits.gather(-1, idx[..., :1]).squeeze(-1)
+    return lp.expand(torch.broadcast_shapes(value.shape, fn.batch_shape))
+
+
+# (id(value), type(fn), shapes) -> (weak reference to value, its version): data found in the
+# support of a Gaussian (real numbers: not NaN), which EM reads unchanged every iteration
+_CHECKED: dict = {}
+_REAL_SUPPORT = (
+    dist.MultivariateNormal,
+    torch.distributions.MultivariateNormal,
+    dist.Normal,
+    torch.distributions.Normal,
+)
+
+
+def _validate_sample(fn, value: torch.Tensor) -> None:
+    """``fn._validate_sample(value)``, skipped for a Gaussian (support: the reals, whatever
+    the params) that already accepted this very tensor, unmodified, with the same shapes."""
+    base = fn
+    while isinstance(
+        base, (MaskedDistribution, dist.ExpandedDistribution, torch.distributions.Independent)
+    ):
+        base = base.base_dist
+    if type(base) not in _REAL_SUPPORT:
+        fn._validate_sample(value)
+        return
+    key = (id(value), type(fn), fn.batch_shape, fn.event_shape, value.shape)
+    hit = _CHECKED.get(key)
+    if hit is not None and hit[0]() is value and hit[1] == _compat.tensor_version(value):
+        return
+    fn._validate_sample(value)  # (raises on a value outside the support: nothing is kept)
+    try:
+        ref = weakref.ref(value, lambda _, k=key: _CHECKED.pop(k, None))
+    except TypeError:
+        return
+    _CHECKED[key] = (ref, _compat.tensor_version(value))
+
+
 def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
     """``fn.log_prob(value)`` by the fused kernels, or None where they do not apply.
 
-    Handles ``MultivariateNormal`` and ``Independent(Normal)`` (a diagonal Gaussian), also under
+    Handles ``MultivariateNormal``, ``Independent(Normal)`` (a diagonal Gaussian) and
+    ``Categorical`` (:func:`categorical_log_prob`: a mixture's weights), also under
     ``MaskedDistribution`` (``fn.mask(m)``), ``ExpandedDistribution`` and, for the
     multivariate normal, ``Independent``; batch dims of the params anywhere, as long as no
     batch dim is one that both the params and the value vary along.
     """
-    if fn._validate_args:  # what the generic log_prob checks first (support, shapes)
-        fn._validate_sample(value)
+    if _compat.validate_args_flag(fn):  # what the generic log_prob checks first (support, shapes)
+        _validate_sample(fn, value)
     if isinstance(fn, MaskedDistribution):
-        if fn._mask is False:
+        if _compat.mask_of(fn) is False:
             return None
         lp = fused_log_prob(fn.base_dist, value)
-        if lp is None or fn._mask is True:
+        if lp is None or _compat.mask_of(fn) is True:
             return lp
-        return scale_and_mask(lp, mask=fn._mask)
+        return scale_and_mask(lp, mask=_compat.mask_of(fn))
     if isinstance(fn, dist.ExpandedDistribution):
         lp = fused_log_prob(fn.base_dist, value)
         if lp is None:
@@ -117,7 +240,7 @@ def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
         return None
     if type(fn) in (dist.MultivariateNormal, torch.distributions.MultivariateNormal):
         return _mvn(fn, value)
-    return None
+    return categorical_log_prob(fn, value)
 
 
 def _layout(params: list[tuple[torch.Tensor, int]], value: torch.Tensor, event: int):
@@ -152,7 +275,7 @@ def _place(out: torch.Tensor, batch, pd: list[int], vd: list[int]) -> torch.Tens
 
 
 def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
-    tril = fn._unbroadcasted_scale_tril
+    tril = _compat.mvn_scale_tril(fn)
     layout = _layout([(fn.loc, 1), (tril, 2)], value, 1)
     if layout is None:
         return None
@@ -172,13 +295,29 @@ def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
     shift = torch.einsum("md,mde->me", loc - centre, prec).reshape(m * d)
     const = -tril.diagonal(dim1=-2, dim2=-1).log().sum(-1) - d * _HALF_LOG_2PI  # (M,)
     grad = torch.is_grad_enabled() and (fn.loc.requires_grad or tril.requires_grad)
+    if grad:
 
-    def block(a: int, b: int) -> torch.Tensor:
-        y = torch.addmm(shift, x[a:b] - centre, stacked, beta=-1)
-        y = y.square() if grad else y.square_()
-        return y.view(b - a, m, d).sum(-1).T  # (M, c)
+        def block(a: int, b: int) -> torch.Tensor:
+            y = torch.addmm(shift, x[a:b] - centre, stacked, beta=-1).square()
+            return y.view(b - a, m, d).sum(-1).T  # (M, c)
 
-    return _place(_assemble(block, x.shape[0], const, grad), batch, pd, vd)
+        return _place(_assemble(block, x.shape[0], const, grad), batch, pd, vd)
+    # no autograd: one GEMM per chunk with the shift folded in ([x - c', 1] @ [P; -shift'],
+    # c' the data's mean row, the centred rows kept between calls), the block sums of the
+    # squares by a GEMM with a (M D, M) 0/1 matrix, written with the constant straight into
+    # rows of an (N, M) output (returned as its (M, N) transpose)
+    n = x.shape[0]
+    rows = min(CHUNK, n)
+    xa, centre = _centred_rows(value, x)
+    shift = torch.einsum("md,mde->me", loc - centre, prec).reshape(m * d)
+    pa = torch.cat([stacked, -shift.unsqueeze(0)])  # (D + 1, M D)
+    y = torch.empty(rows, m * d, dtype=dtype, device=x.device)
+    blocks = torch.eye(m, dtype=dtype, device=x.device).repeat_interleave(d, 0)  # (M D, M)
+    out = torch.empty(n, m, dtype=dtype, device=x.device)
+    for a, b in _chunks(n):
+        yc = torch.mm(xa[a:b], pa, out=y[: b - a]).square_()
+        torch.addmm(const, yc, blocks, alpha=-0.5, out=out[a:b])
+    return _place(out.T, batch, pd, vd)
 
 
 def _diag_normal(loc, scale, value, event: int) -> torch.Tensor | None:
@@ -240,7 +379,8 @@ def outer_scatter(
     with ``outer=False`` (elementwise; ``event`` = 0): :math:`W_m = \\sum_n w_{mn}` and
     :math:`S_{m} = \\sum_n w_{mn} (x_{n} - \\mu_{m})^2` at every element, with the dims both
     the loc and the value vary along (the coordinates of a diagonal Gaussian) kept
-    elementwise.
+    elementwise. Computed from uncentred GEMM sums about the data's mean row (see the
+    module's docstring): exact algebra, and the shift keeps the sums of the data's spread.
 
     Args:
         weight: broadcastable to the batch shape (for ``outer=False``, the whole shape).
@@ -295,22 +435,54 @@ def outer_scatter(
         d_ = value.shape[-1]
         x = _flat(value, vd, batch, (d_,)).to(dtype)  # (N, D)
         mu = _flat(loc, pd, batch, (d_,)).to(dtype)  # (M, D)
-        d_ = x.shape[-1]
-        s = torch.zeros(m, d_, d_, dtype=dtype, device=x.device)
+        xa, centre = _centred_rows(value, x)  # (the E-step's copy, when it ran on these data)
+        nu = mu - centre
+        s1 = torch.zeros(m, d_, dtype=dtype, device=x.device)
+        s2 = torch.zeros(d_, m * d_, dtype=dtype, device=x.device)
+        rx = torch.empty(min(CHUNK, x.shape[0]), m, d_, dtype=dtype, device=x.device)
         for a, b in _chunks(x.shape[0]):
-            diff = x[a:b].unsqueeze(0) - mu.unsqueeze(1)  # (M, c, D)
-            s.baddbmm_((wfull[:, a:b].unsqueeze(-1) * diff).mT, diff)
+            y = xa[a:b, :-1]  # (c, D), centred
+            wc = wfull[:, a:b]  # (M, c)
+            s1.addmm_(wc, y)
+            # (w ⊗ y) viewed (c, M D): one GEMM gives all M second moments side by side
+            wy = torch.mul(wc.T.unsqueeze(-1), y.unsqueeze(1), out=rx[: b - a])
+            s2.addmm_(y.T, wy.view(b - a, m * d_))
+        den = wfull.sum(1)
+        # sum_n w (y - nu)(y - nu)^T = sum_n w y y^T - s1 nu^T - nu s1^T + W nu nu^T
+        cross = s1.unsqueeze(-1) * nu.unsqueeze(-2)  # (M, D, D)
+        s = s2.view(d_, m, d_).transpose(0, 1) - cross - cross.mT
+        s += den.view(m, 1, 1) * nu.unsqueeze(-1) * nu.unsqueeze(-2)
+        # the uncentred sums lose digits in proportion to how far they exceed the result (a
+        # component collapsing onto a few points): such rows are summed again, centred
+        raw = s2.view(d_, m, d_).diagonal(dim1=0, dim2=2)  # (M, D): sum_n w y_d^2
+        for i in _cancelled(raw, s.diagonal(dim1=-2, dim2=-1)):
+            s[i] = 0.0
+            for a, b in _chunks(x.shape[0]):
+                diff = x[a:b] - mu[i]
+                s[i] += (wfull[i, a:b].unsqueeze(-1) * diff).T @ diff
         big = [batch[d] if d in pd else 1 for d in range(n)]
-        return wfull.sum(1).reshape(big), s.reshape(big + [d_, d_])
+        return den.reshape(big), s.reshape(big + [d_, d_])
     # elementwise: the dims both vary along are the coordinates E
     ev = [batch[d] for d in both]
     e = max(math.prod(ev), 1)
     mu = _take(loc, pd + both, batch).reshape(m, e).to(dtype)
     x = _take(value, vd + both, batch).reshape(-1, e).to(dtype)
-    s = torch.zeros(m, e, dtype=dtype, device=x.device)
+    centre = _centre(x)
+    nu = mu - centre
+    s1 = torch.zeros(m, e, dtype=dtype, device=x.device)
+    s2 = torch.zeros(m, e, dtype=dtype, device=x.device)
     for a, b in _chunks(x.shape[0]):
-        diff = x[a:b].unsqueeze(0) - mu.unsqueeze(1)  # (M, c, E)
-        s += torch.bmm(wfull[:, a:b].unsqueeze(1), diff.square_()).squeeze(1)
+        y = x[a:b] - centre  # (c, E)
+        wc = wfull[:, a:b]
+        s1.addmm_(wc, y)
+        s2.addmm_(wc, y.square_())
+    den1 = wfull.sum(1)
+    # sum_n w (y - nu)^2 = sum_n w y^2 - 2 nu s1 + W nu^2
+    s = s2 - 2 * nu * s1 + den1.unsqueeze(-1) * nu.square()
+    for i in _cancelled(s2, s):  # (see the outer case)
+        s[i] = 0.0
+        for a, b in _chunks(x.shape[0]):
+            s[i] += wfull[i, a:b] @ (x[a:b] - mu[i]).square_()
     big = [batch[d] if d in pd else 1 for d in range(n)]
     keep = sorted(pd + both)
     order = [(pd + both).index(d) for d in keep]

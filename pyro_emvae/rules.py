@@ -501,8 +501,12 @@ def _categorical(fn, value, weight, stats, stage, current) -> None:
     if t is None or t.form not in ("normalized", "log"):
         return
     k = _value_index(fn, value)
-    shape = torch.broadcast_shapes(t.shape[:-1], k.shape)
-    ids = t.ids.expand(shape + t.shape[-1:]).gather(-1, k.expand(shape).unsqueeze(-1))
+    # the ids' broadcast dims (a weight vector expanded along a plate) stay size 1, so that the
+    # gathered ids are the enumerated value's (K, 1), not (K, N) copies that Stats.add would
+    # scatter one by one (it pools a dim along which the ids are broadcast)
+    tids = _compact(t.ids.expand(t.shape))
+    shape = torch.broadcast_shapes(tids.shape[:-1], k.shape)
+    ids = tids.expand(shape + tids.shape[-1:]).gather(-1, k.expand(shape).unsqueeze(-1))
     stats.add("count", ids.squeeze(-1), weight)
     stats.add("rowmark", t.ids, _one(t))
     stats.forms[int(t.ids[(0,) * t.ids.dim()])] = "simplex"

@@ -123,29 +123,31 @@ def test_gmm_quick_run_prints_tables_and_passes_checks(capsys):
     assert len(_headers(out, ["method", "size", "seconds", "ratio"])) == 1
     assert len(_headers(out, ["method", "size", "iters", "seconds", "ratio"])) == 1
     lines = out.splitlines()
-    for row in (gmm_bench.OURS, gmm_bench.TORCH, gmm_bench.ADAM):
-        # one row in each table
-        assert sum(ln.startswith(row) and "N=1e4" in ln for ln in lines) == 2, row
+    for row in (gmm_bench.OURS, gmm_bench.TORCH, gmm_bench.LIMIT, gmm_bench.ADAM):
+        # one row in each table (the padding after the name tells TORCH from LIMIT)
+        assert sum(ln.startswith(row + " ") and "N=1e4" in ln for ln in lines) == 2, row
     assert sum(ln.startswith(gmm_bench.SKLEARN) for ln in lines) == 2 * HAVE_SKLEARN
     assert "targets (issue), GMM D=8 K=8 full:" in out
     assert "N=1e5: not run at this size" in out and "N=1e6: not run at this size" in out
 
-    # every check ran and passed: at the initial params (ours, Adam, sklearn) and after the
-    # timed iterations (ours, sklearn), each against the hand-written EM
+    # every check ran and passed: at the initial params (ours, the GEMM-form EM, Adam, sklearn)
+    # and after the timed iterations (ours, the GEMM-form EM, sklearn), each against the plain
+    # hand-written EM
     checks = _checks(out)
-    assert len(checks) == (2 + HAVE_SKLEARN) + (1 + HAVE_SKLEARN)
+    assert len(checks) == (3 + HAVE_SKLEARN) + (2 + HAVE_SKLEARN)
     assert all(ln.endswith(" ok") for ln in checks), checks
     assert "FAIL" not in out
 
     assert list(result) == [10_000]
     per_iter = result[10_000]["per_iter"]
-    assert set(per_iter) == {gmm_bench.OURS, gmm_bench.TORCH, gmm_bench.ADAM} | (
+    assert set(per_iter) == {gmm_bench.OURS, gmm_bench.TORCH, gmm_bench.LIMIT, gmm_bench.ADAM} | (
         {gmm_bench.SKLEARN} if HAVE_SKLEARN else set()
     )
     assert all(t > 0 for t in per_iter.values())
     # EM reaches the optimum it defines, whichever implementation runs it
     to_opt = result[10_000]["to_optimum"]
     assert to_opt[gmm_bench.OURS] > 0 and to_opt[gmm_bench.TORCH] > 0
+    assert to_opt[gmm_bench.LIMIT] > 0
 
 
 @pytest.mark.timeout(60)

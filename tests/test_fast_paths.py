@@ -8,6 +8,8 @@
   parameter gradients), under ``poutine.mask``, ``poutine.scale`` and ``obs_mask``.
 * :func:`pyro_emvae.kernels.outer_scatter` (the M-step's residual statistics without the
   ``(K, N, D)`` broadcast) gives the statistics of the generic path: whole fits agree to 1e-12.
+* :func:`pyro_emvae.kernels.categorical_log_prob` (a mixture's weights broadcast along the
+  plate, without the ``(K, N, K)`` gather) equals ``fn.log_prob`` exactly.
 * Row chunks change nothing: chunks of 7 rows equal one chunk.
 * The plan is probed once per fit for models with a plate, again when the shapes change.
 """
@@ -24,7 +26,7 @@ from pyro.distributions import constraints
 from models.gmm import gmm_model, init_params, sample_gmm
 from pyro_emvae import EMOptim, ExactEStep, fit, kernels, rules, track
 from pyro_emvae import estep as estep_module
-from pyro_emvae.kernels import fused_log_prob, outer_scatter
+from pyro_emvae.kernels import categorical_log_prob, fused_log_prob, outer_scatter
 
 PAR = {"enumerate": "parallel"}
 
@@ -89,6 +91,74 @@ def test_fused_log_prob_declines_what_is_not_an_outer_product():
     assert fused_log_prob(dist.Normal(mu, 1.0).to_event(1), x) is None
     assert fused_log_prob(dist.Normal(torch.zeros(3), 1.0), x) is None  # no event dim
     assert fused_log_prob(dist.Poisson(torch.ones(3)), x.abs().round()) is None
+
+
+@pytest.mark.parametrize("form", ["probs", "logits"])
+def test_categorical_log_prob_equals_log_prob(form):
+    g = torch.Generator().manual_seed(4)
+    K, N = 5, 30
+    w = torch.softmax(torch.randn(K, generator=g), -1)
+    base = dist.Categorical(w) if form == "probs" else dist.Categorical(logits=w.log() + 1.0)
+    enum = base.expand([N]).enumerate_support(expand=False)  # (K, 1): Pyro's fast path
+    observed = torch.randint(K, (N,), generator=g)
+    rows = torch.softmax(torch.randn(3, 1, K, generator=g), -1)  # params varying: no stride 0
+    cases = [
+        (base.expand([N]), enum),
+        (base.expand([N]), torch.arange(K).reshape(K, 1)),  # (the generic gather)
+        (base.expand([N]), observed),
+        (base.expand([2, N]), torch.arange(K).reshape(K, 1, 1)),
+        (dist.Categorical(rows).expand([3, N]), observed),
+    ]
+    for fn, value in cases:
+        got = categorical_log_prob(fn, value)
+        assert got.shape == fn.log_prob(value).shape
+        assert torch.equal(got, fn.log_prob(value))
+        assert torch.equal(
+            fused_log_prob(fn.mask(observed > 1), value), fn.mask(observed > 1).log_prob(value)
+        )
+    assert categorical_log_prob(dist.Bernoulli(torch.tensor(0.3)), torch.tensor(1.0)) is None
+
+
+def test_the_support_check_is_skipped_only_for_the_same_unmodified_data():
+    fn = _dists(torch.float64)["full"]
+    x = torch.randn(40, 3)
+    assert fused_log_prob(fn, x) is not None  # checked, then remembered
+    x[3, 1] = float("nan")  # in place: a new version of the same tensor
+    with pytest.raises(ValueError):
+        fused_log_prob(fn, x)
+    y = torch.randn(40, 3)
+    y[0, 0] = float("nan")
+    with pytest.raises(ValueError):
+        fused_log_prob(fn, y)
+    with pytest.raises(ValueError):  # still refused the second time
+        fused_log_prob(fn, y)
+
+
+def test_the_centred_data_are_recomputed_when_the_data_change():
+    fn = _dists(torch.float64)["full"]
+    x = torch.randn(40, 3) + 5
+    fused_log_prob(fn, x)
+    x.mul_(2.0)  # in place
+    assert _rel(fused_log_prob(fn, x), fn.log_prob(x)) < 1e-12
+    w = torch.rand(4, 40)
+    _, num = outer_scatter(w, x, fn.loc, torch.Size([4, 1]), event=1, outer=True)
+    r = x - fn.loc
+    assert _rel(num[:, 0], torch.einsum("kn,kni,knj->kij", w, r, r)) < 1e-12
+
+
+def test_outer_scatter_of_a_collapsing_component_is_summed_centred():
+    """A component on 5 points 1e-4 apart, 10 away from the rest: the uncentred sums would
+    lose ~8 digits; the kernel sums that component again about its loc (1e-12 relative)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.cat([torch.randn(200, 2, generator=g), 10 + 1e-4 * torch.randn(5, 2, generator=g)])
+    mu = torch.stack([x[:200].mean(0), x[200:].mean(0)]).unsqueeze(1)  # (2, 1, 2)
+    w = torch.stack([torch.ones(205), torch.zeros(205)])
+    w[0, 200:], w[1, 200:] = 0.0, 1.0
+    r = x - mu
+    _, num = outer_scatter(w, x, mu, torch.Size([2, 1]), event=1, outer=True)
+    assert _rel(num[:, 0], torch.einsum("kn,kni,knj->kij", w, r, r)) < 1e-12
+    _, num = outer_scatter(w.unsqueeze(-1), x, mu, torch.Size([2, 1, 2]), event=0, outer=False)
+    assert _rel(num[:, 0], torch.einsum("kn,knd->kd", w, r**2)) < 1e-12
 
 
 @pytest.mark.parametrize("chunk", [7, 2048])
