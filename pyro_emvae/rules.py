@@ -213,11 +213,12 @@ class Rule:
         """The ECM stage in which params of ``role`` are updated."""
         return self.stages.get(role, self.stage)
 
+    # (the two methods every rule implements: register_rule refuses a class without them)
     def summarize(self, fn, value, weight, stats: Stats, stage: int, current) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define summarize")
 
     def maximize(self, role: str, stats: Stats, ctx: MStepContext):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define maximize")
 
     def constraint_problem(self, role: str, constraint) -> str | None:
         """Why this rule's update of ``role`` cannot respect a param's ``constraint`` (None if
@@ -279,6 +280,9 @@ def _register(cls: type[Rule], families) -> None:
         raise TypeError(f"register_rule registers a Rule subclass, got {cls!r}")
     if not families:
         raise ValueError(f"{cls.__name__} names no families (set `families` or pass them)")
+    missing = [m for m in ("summarize", "maximize") if getattr(cls, m) is getattr(Rule, m)]
+    if missing:
+        raise TypeError(f"{cls.__name__} must define {' and '.join(missing)} to be registered")
     rule = cls()
     rule.families = tuple(families)
     for f in families:

@@ -119,3 +119,13 @@ def test_register_rule_forms(gamma_rule):
     assert _rules.MAXIMIZERS["gamma_rate"] is _rules.RULES[dist.Gamma]
     with pytest.raises(TypeError, match="Rule subclass"):
         register_rule(dist.Gamma)(lambda *a: None)
+
+    class NoMaximize(Rule):
+        families = (dist.Gamma,)
+
+        def summarize(self, fn, value, weight, stats, stage, current):
+            pass
+
+    with pytest.raises(TypeError, match="NoMaximize must define maximize"):
+        register_rule(NoMaximize)
+    assert _rules.RULES[dist.Gamma].families == (dist.Gamma,)  # the registered rule stays
