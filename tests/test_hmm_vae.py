@@ -242,3 +242,13 @@ def test_digit_sequences_follow_the_chain_and_match_states():
     pred = perm.argsort()[s]
     assert torch.equal(match_states(pred, s, 3), perm)
     assert math.isclose(float((perm[pred] == s).double().mean()), 1.0)
+
+
+def test_benchmark_quick_run_checks_the_two_forms_agree(capsys):
+    from benchmarks import hmm_vae
+
+    results = hmm_vae.main(["--quick"])
+    assert "markov+TraceEnum" in capsys.readouterr().out
+    r = results[5]
+    assert r["rel_diff"] < 1e-10 and math.isfinite(r["elbo"])
+    assert r["hmm"] > 0 and r["markov"] > 0
