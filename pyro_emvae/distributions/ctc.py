@@ -46,6 +46,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution, constraints
@@ -53,6 +55,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     "CTC",
+    "collapse",
     "ctc_lattice",
     "ctc_log_z",
     "ctc_occupancy",
@@ -304,7 +307,7 @@ def ctc_sample(
     with torch.no_grad():
         alphas, _ = _forward(e, skip, n_states)
         _, final, _ = _lattice_masks(e, n_states)
-        b, t_len, n_s = e.shape
+        b, t_len, _ = e.shape
         a_last = alphas[input_lengths - 1, torch.arange(b, device=e.device)]
         a_last = a_last.masked_fill(~final, _NEG)
         w = (a_last - a_last.max(-1, keepdim=True).values).exp().nan_to_num(0.0)
@@ -340,8 +343,9 @@ class CTC(TorchDistribution):
         p(y \mid \text{logits}) = \sum_{\pi:\ \mathcal B(\pi) = y}\ \prod_{t < T_b}
             \mathrm{softmax}(\text{logits}_t)_{\pi_t}
 
-    A value is a padded label sequence ``(*batch, L)`` (no blanks; padded at the end with
-    ``-1``, any ``L``); :meth:`log_prob` is CTC's forward algorithm (the own lattice kernel
+    A value is a label sequence padded at the end with ``-1`` to the event shape ``(*batch, T)``
+    (no blanks; ``log_prob`` takes any padded length ``L``, but Pyro's and ``fit``'s shape checks
+    want ``T``); :meth:`log_prob` is CTC's forward algorithm (the own lattice kernel
     :func:`ctc_log_z`, equal to ``-torch.nn.functional.ctc_loss(..., reduction="none")``).
     :meth:`sample` draws an alignment frame by frame and collapses it (``(*batch, T)``, padded
     with ``-1``). Under :class:`~pyro_emvae.ExactEStep` an observed ``CTC`` site is an implicit
@@ -363,7 +367,7 @@ class CTC(TorchDistribution):
         torch.Size([3])
     """
 
-    arg_constraints = {"logits": constraints.real}
+    arg_constraints: ClassVar[dict] = {"logits": constraints.real}
     support = constraints.integer
     has_enumerate_support = False
 
@@ -376,7 +380,9 @@ class CTC(TorchDistribution):
         batch = logits.shape[:-2]
         if input_lengths is None:
             input_lengths = torch.full(batch, t_len, dtype=torch.long, device=logits.device)
-        self.input_lengths = torch.as_tensor(input_lengths, device=logits.device).long().expand(batch)
+        self.input_lengths = (
+            torch.as_tensor(input_lengths, device=logits.device).long().expand(batch)
+        )
         super().__init__(batch, torch.Size((t_len,)), validate_args=validate_args)
 
     @property
@@ -389,7 +395,9 @@ class CTC(TorchDistribution):
         return CTC(logits, self.input_lengths.expand(batch_shape), self.blank)
 
     def _validate_sample(self, value):
-        if value.dim() < 1 or value.shape[:-1] != torch.broadcast_shapes(value.shape[:-1], self.batch_shape):
+        if value.dim() < 1 or value.shape[:-1] != torch.broadcast_shapes(
+            value.shape[:-1], self.batch_shape
+        ):
             raise ValueError(
                 f"a CTC value is a padded label sequence (*batch, L) with batch {tuple(self.batch_shape)}; "
                 f"got shape {tuple(value.shape)}"
@@ -398,7 +406,9 @@ class CTC(TorchDistribution):
             raise ValueError("CTC labels must be integers")
         v = value.long()
         if ((v == self.blank) | (v >= self.num_classes)).any():
-            raise ValueError(f"CTC labels must lie in [0, {self.num_classes}) without the blank {self.blank}")
+            raise ValueError(
+                f"CTC labels must lie in [0, {self.num_classes}) without the blank {self.blank}"
+            )
         pad = v < 0
         if (pad[..., :-1] & ~pad[..., 1:]).any():
             raise ValueError("CTC label sequences must be padded at the end (negative values)")
@@ -408,8 +418,14 @@ class CTC(TorchDistribution):
         """``(e, skip, input_lengths, n_states, ext)`` flattened to one batch dim: the lattice
         emissions ``e (B, T, S)`` (differentiable in ``logits``), as in :func:`ctc_log_z`."""
         batch = torch.broadcast_shapes(self.batch_shape, value.shape[:-1])
-        lp = self.logits.log_softmax(-1).expand(batch + self.logits.shape[-2:]).reshape((-1,) + self.logits.shape[-2:])
+        lp = (
+            self.logits.log_softmax(-1)
+            .expand(batch + self.logits.shape[-2:])
+            .reshape((-1,) + self.logits.shape[-2:])
+        )
         labels = value.long().expand(batch + value.shape[-1:]).reshape(-1, value.size(-1))
+        # (a value is padded to T labels: the lattice needs only the longest sequence's)
+        labels = labels[:, : int((labels >= 0).sum(-1).max()) if labels.numel() else 0]
         ext, skip, n_states, _ = ctc_lattice(labels, self.blank)
         e = lp.gather(-1, ext.unsqueeze(1).expand(-1, lp.size(1), -1))
         lengths = self.input_lengths.expand(batch).reshape(-1)
@@ -421,7 +437,7 @@ class CTC(TorchDistribution):
         e, skip, lengths, n_states, _, batch = self.lattice(value)
         return ctc_log_z(e, skip, lengths, n_states).reshape(batch)
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         shape = torch.Size(sample_shape) + self.batch_shape
         with torch.no_grad():
             probs = self.logits.softmax(-1).expand(shape + self.logits.shape[-2:])
