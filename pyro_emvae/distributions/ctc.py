@@ -395,12 +395,15 @@ class CTC(TorchDistribution):
         return CTC(logits, self.input_lengths.expand(batch_shape), self.blank)
 
     def _validate_sample(self, value):
-        if value.dim() < 1 or value.shape[:-1] != torch.broadcast_shapes(
-            value.shape[:-1], self.batch_shape
-        ):
+        try:
+            torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+            ok = value.dim() >= 1
+        except RuntimeError:
+            ok = False
+        if not ok:
             raise ValueError(
-                f"a CTC value is a padded label sequence (*batch, L) with batch {tuple(self.batch_shape)}; "
-                f"got shape {tuple(value.shape)}"
+                "a CTC value is a padded label sequence (*batch, L) whose batch broadcasts "
+                f"with {tuple(self.batch_shape)}; got shape {tuple(value.shape)}"
             )
         if value.is_floating_point() and not torch.equal(value, value.round()):
             raise ValueError("CTC labels must be integers")
