@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from pyro_emvae.datasets import load_digits
-from pyro_emvae.distributions.ctc import CTC, collapse, ctc_lattice, ctc_log_z
+from pyro_emvae.distributions.ctc import CTC, collapse
 
 BLANK = 0
 NUM_CLASSES = 11  # blank + ten digits
@@ -147,11 +147,7 @@ def rescored_decode(
         cands = torch.cat((logits.argmax(-1).unsqueeze(0), draws))  # (K+1, B, T)
         labels = collapse(cands, BLANK, lengths)  # (K+1, B, T)
         k = labels.size(0)
-        lp = logits.log_softmax(-1).expand(k, b, t_len, c).reshape(k * b, t_len, c)
-        flat = labels.reshape(k * b, t_len)
-        ext, skip, n_states, _ = ctc_lattice(flat, BLANK)
-        e = lp.gather(-1, ext.unsqueeze(1).expand(-1, t_len, -1))
-        score = ctc_log_z(e, skip, lengths.repeat(k), n_states).reshape(k, b)
+        score = CTC(logits.expand(k, b, t_len, c), lengths.expand(k, b)).log_prob(labels)
         best = score.argmax(0)
         return labels[best, torch.arange(b)]
 

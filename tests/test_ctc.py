@@ -123,6 +123,8 @@ def test_log_z_and_occupancies_equal_brute_force_and_ctc_loss():
         zero_infinity=False,
     )
     torch.testing.assert_close(log_z, ref, atol=1e-12, rtol=0)
+    # the distribution's log_prob (ctc_loss inside) is the same number, -inf included
+    torch.testing.assert_close(CTC(logits, LENGTHS).log_prob(_padded()), log_z, atol=1e-12, rtol=0)
     # occupancies without autograd are the same; the label posterior is ctc_loss's gradient
     torch.testing.assert_close(ctc_occupancy(e.detach(), skip, LENGTHS, n_states), occ)
     x = logits.clone().requires_grad_()
