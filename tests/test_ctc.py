@@ -144,6 +144,23 @@ def test_log_z_and_occupancies_equal_brute_force_and_ctc_loss():
     torch.testing.assert_close(g[finite], want.detach(), atol=1e-12, rtol=0)
 
 
+def test_padding_frames_cannot_turn_the_occupancies_into_nan():
+    """After a sequence's last frame the forward and backward messages run on in the padding,
+    where alpha + beta may exceed log Z by more than exp's range (here 1600 nats)."""
+    logits = torch.zeros(1, 8, 3)
+    logits[0, :3, 1] = 800.0  # the sequence's 3 frames say label 1; its labels are 1 2
+    logits[0, 3:, 2] = 800.0  # the padding frames say label 2
+    d = CTC(logits, torch.tensor([3]))
+    e, skip, lengths, n_states, _, _ = d.lattice(torch.tensor([[1, 2]]))
+    e = e.detach().requires_grad_()
+    log_z = ctc_log_z(e, skip, lengths, n_states)
+    (occ,) = torch.autograd.grad(log_z.sum(), [e])
+    torch.testing.assert_close(log_z, torch.tensor([-800.0]), atol=1e-9, rtol=0)
+    assert not occ.isnan().any()
+    assert occ[0, 3:].abs().sum() == 0
+    torch.testing.assert_close(occ[0, :3].sum(-1), torch.ones(3))
+
+
 def test_log_prob_float32_equals_float64():
     logits = torch.randn(B, T, C) * 4
     lp64 = CTC(logits, LENGTHS).log_prob(LABELS)

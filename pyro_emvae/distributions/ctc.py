@@ -130,8 +130,9 @@ def _forward(e, skip, n_states, semiring: str = "log"):
     read at its last frame; later frames are not used). With ``semiring="max"`` the
     max-product messages and back-pointers ``(T, B, S)`` (0, 1 or 2 states back).
 
-    Each step is two ``logaddexp`` of shifted views of one padded buffer (the shifts cost no
-    copy): the loop runs in Python over T, so few ops per step is what makes it fast."""
+    Each step is one three-way log-sum-exp (:func:`_lse3`) of shifted views of one padded
+    buffer (the shifts cost no copy): the loop runs in Python over T, so few ops per step is
+    what makes it fast."""
     real, _, start = _lattice_masks(e, n_states)
     e = e.masked_fill(~real.unsqueeze(1), _NEG)  # (B, T, S)
     b, t_len, n_s = e.shape
@@ -202,7 +203,9 @@ def _occupancy(e, skip, input_lengths, n_states, alphas, log_z):
     frames = torch.arange(t_len, device=e.device).unsqueeze(-1)
     on = (frames <= ends) & torch.isfinite(log_z)  # (T, B)
     safe_z = torch.where(torch.isfinite(log_z), log_z, 0.0)
-    occ = (alphas + betas - safe_z.unsqueeze(-1)).exp() * on.unsqueeze(-1)
+    # (where, not a product: after a sequence's end alpha + beta may exceed its log Z by any
+    # amount, and exp overflows to inf, whose product with 0 is nan)
+    occ = torch.where(on.unsqueeze(-1), (alphas + betas - safe_z.unsqueeze(-1)).exp(), 0.0)
     return occ.transpose(0, 1)
 
 
