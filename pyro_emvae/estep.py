@@ -28,6 +28,12 @@ one E-step at T=1000, K=8). For T in the thousands write the chain as an observe
 contracted by an exact forward-backward (:mod:`pyro_emvae.distributions.hmm`: ``log p`` and all
 pairwise marginals as one autograd op, in batched matmuls over a tree of time spans), with marginals, pairwise marginals, MAP (Viterbi by max-product scan) and exact
 samples (forward-filter backward-sample) reported under the site's name.
+
+CTC. An observed :class:`~pyro_emvae.distributions.ctc.CTC` site (a label sequence given
+per-frame label scores) is an implicit latent too: its alignment is summed out by the lattice
+forward algorithm, the marginals under the site's name are the lattice occupancies
+``(*batch, T, S)`` (the gradient of ``log p`` in the lattice emissions), ``map()`` gives the best
+alignment and ``sample()`` exact posterior alignments, as per-frame labels ``(*batch, T)``.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from pyro_emvae import kernels as _kernels
 from pyro_emvae import validate as _validate
 from pyro_emvae._compat import BackwardSampleMessenger, Subsample, find_ordinal, packed
 from pyro_emvae.amortized import preserved_rng
+from pyro_emvae.distributions.ctc import CTC, ctc_log_z, ctc_sample, ctc_viterbi
 from pyro_emvae.distributions.hmm import hmm_log_z, hmm_pairwise
 from pyro_emvae.errors import EnumerationError
 from pyro_emvae.kernels import fused_log_prob
@@ -80,7 +87,8 @@ class Posterior:
             it is masked with everything that depends on it, its marginal is its prior given
             its parents.
             For an observed ``DiscreteHMM`` site ``name`` the hidden chain's marginals are
-            ``(*batch_shape, T, K)``.
+            ``(*batch_shape, T, K)``; for an observed ``CTC`` site, the occupancies of its lattice
+            states ``(*batch_shape, T, S)`` (see :mod:`pyro_emvae.distributions.ctc`).
         pairwise: ``(parent, child)`` -> ``batch_shape + (K_parent, K_child)``, the joint
             posterior of a site with its single enumerated parent (neighbours on a chain, a local
             latent with a global one). For a ``DiscreteHMM`` site the key is ``(name, name)`` and the
@@ -189,6 +197,44 @@ def _hmm_sample(
         prev = torch.multinomial(cond.reshape(-1, k), 1, generator=generator).reshape(prev.shape)
         out[..., t] = prev
     return out.reshape((num_samples,) + batch + (t_len,))
+
+
+def _ctc_parts(site: dict) -> None:
+    """Sum out a CTC site's alignment: ``site["_ctc"] = (e, lattice)`` with the lattice
+    emissions ``e (B, T, S)`` (a tensor whose gradient is the occupancies) and its log-probs."""
+    e, *lattice = site["fn"].lattice(site["value"])
+    if not e.requires_grad:  # a leaf, so that its gradient can be asked for
+        e = e.detach().requires_grad_()
+    with torch.enable_grad():
+        lp = ctc_log_z(e, *lattice[:3]).reshape(lattice[-1])
+        scaled = scale_and_mask(lp, site["scale"], site["mask"])
+    site["_ctc"] = (e, lattice)
+    site["unscaled_log_prob"], site["log_prob"], site["log_prob_sum"] = lp, scaled, scaled.sum()
+
+
+def _ctc_decode(fn: CTC, value: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
+    """The best alignment ``(*batch, T)`` (``num_samples=None``) or exact posterior alignments
+    ``(num_samples, *batch, T)`` of a CTC site, as per-frame labels (``-1`` after a sequence's
+    last frame)."""
+    with torch.no_grad():
+        e, skip, lengths, n_states, ext, batch = fn.lattice(value)
+        if num_samples is None:
+            path = ctc_viterbi(e, skip, lengths, n_states)[0]
+        else:
+            path = ctc_sample(e, skip, lengths, n_states, num_samples)
+        labels = ext.expand(path.shape[:-1] + ext.shape[-1:]).gather(-1, path.clamp_min(0))
+        labels = torch.where(path >= 0, labels, -1)
+        return labels.reshape(path.shape[:-2] + batch + path.shape[-1:])
+
+
+def _potential(site: dict) -> torch.Tensor | None:
+    """The tensor whose gradient is an implicit latent's posterior (a DiscreteHMM's pairwise
+    potentials, a CTC lattice's emissions), or None for another site."""
+    if "_hmm" in site:
+        return site["_hmm"][1]
+    if "_ctc" in site:
+        return site["_ctc"][0]
+    return None
 
 
 def _arrange(
@@ -309,7 +355,7 @@ def _dropped_rows(tr) -> dict[str, torch.Tensor]:
         if not _validate.is_enumerated(site):
             if _compat.is_deterministic(site):  # a Delta masked to zero log-density
                 dropped[name] = _named(torch.tensor(True, device=_device_of(site)), "")
-            elif site["is_observed"] and "_hmm" not in site:
+            elif site["is_observed"] and _potential(site) is None:
                 mask = site["packed"]["mask"]
                 if mask is False:
                     dropped[name] = _named(torch.tensor(True, device=_device_of(site)), "")
@@ -829,7 +875,8 @@ class ExactEStep:
 
     Args:
         model: a Pyro model whose every latent site is discrete and enumerated in parallel
-            (observed :class:`~pyro.distributions.DiscreteHMM` sites count as implicit chains).
+            (observed :class:`~pyro.distributions.DiscreteHMM` sites count as implicit chains,
+            observed :class:`~pyro_emvae.distributions.ctc.CTC` sites as implicit alignments).
         max_plate_nesting: optional; guessed from one trace of the model if omitted.
 
     Example::
@@ -917,6 +964,8 @@ class ExactEStep:
                     site["unscaled_log_prob"] = lp
                     site["log_prob"] = scaled
                     site["log_prob_sum"] = site["log_prob"].sum()
+                elif isinstance(site["fn"], CTC):
+                    _ctc_parts(site)
                 elif override is not None:
                     lp = override.expand(site["fn"].log_prob(site["value"]).shape)
                     site["unscaled_log_prob"] = lp
@@ -975,7 +1024,7 @@ class ExactEStep:
                 check = prune_subsample_sites(check)
                 for name, site in check.nodes.items():  # (no (K, N, D) broadcast here either)
                     observed = site["type"] == "sample" and site["is_observed"]
-                    if observed and not isinstance(site["fn"], DiscreteHMM):
+                    if observed and not isinstance(site["fn"], (DiscreteHMM, CTC)):
                         _fused_log_prob(name, site)
                 check.compute_log_prob()
                 check.pack_tensors()
@@ -1031,16 +1080,16 @@ class ExactEStep:
             if site["type"] != "sample":
                 continue
             if sum_dims.isdisjoint(_site_dims(site)):
-                if "_hmm" in site:
+                if _potential(site) is not None:
                     # the unpacked log-prob: packing ran under no_grad and cut the graph to M
                     log_z = log_z + site["log_prob"].sum()
-                    inputs.append((name, site["_hmm"][1]))
+                    inputs.append((name, _potential(site)))
                 else:
                     log_z = log_z + site["packed"]["log_prob"].sum()
                 continue
-            if "_hmm" in site:
+            if _potential(site) is not None:
                 raise EnumerationError(
-                    f"site '{name}': a DiscreteHMM whose parameters depend on an enumerated "
+                    f"site '{name}': a {type(site['fn']).__name__} whose parameters depend on an enumerated "
                     "site is not supported; enumerate inside the chain or lift the choice out."
                 )
             # the mask goes inside the sum over z, the (common) scale outside, as in Pyro
@@ -1128,6 +1177,11 @@ class ExactEStep:
             site = tr.nodes[name]
             if g is None:
                 g = torch.zeros_like(t)
+            if "_ctc" in site:  # the lattice occupancies (zero on a masked sequence)
+                occ = g / site["scale"] if site["scale"] != 1 else g
+                post.factor_q[name] = occ
+                post.marginals[name] = occ.reshape(site["_ctc"][1][-1] + occ.shape[-2:])
+                continue
             if "_hmm" in site:
                 pair = g / site["scale"] if site["scale"] != 1 else g
                 # the M-step's weight: zero on a masked sequence (the mask cuts its gradient)
@@ -1199,6 +1253,10 @@ class ExactEStep:
             if "_hmm" in site:
                 init, m = site["_hmm"]
                 pot = (q * m).flatten(-3).sum(-1) + (q[..., 0, :, :].sum(-1) * init).sum(-1)
+                total = total + scale_and_mask(pot, site["scale"], site["mask"]).sum()
+            elif "_ctc" in site:  # log p(y, alignment) is linear in the lattice emissions
+                e, lattice = site["_ctc"]
+                pot = (q * e).flatten(-2).sum(-1).reshape(lattice[-1])
                 total = total + scale_and_mask(pot, site["scale"], site["mask"]).sum()
             elif q is None:
                 total = total + site["packed"]["log_prob"].sum()
@@ -1286,6 +1344,9 @@ class ExactEStep:
             if site["is_observed"] and isinstance(site["fn"], DiscreteHMM):
                 if num_samples is None:
                     chains[name] = _hmm_parts(site["fn"], site["value"], mask=site["mask"])
+            elif site["is_observed"] and isinstance(site["fn"], CTC):
+                if num_samples is None:
+                    chains[name] = (site["fn"], site["value"])
             elif site["is_observed"] or isinstance(site["fn"], Subsample):
                 continue
             elif site["infer"].get("enumerate") != "parallel":
@@ -1319,10 +1380,11 @@ class ExactEStep:
 
     def map(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Joint MAP assignment :math:`\\arg\\max_z p(z \\mid x)` of every enumerated site
-        (Viterbi on chains), ``{site: (*batch,)}``; ``(*batch, T)`` for a DiscreteHMM site."""
+        (Viterbi on chains), ``{site: (*batch,)}``; ``(*batch, T)`` for a DiscreteHMM site (its
+        states) and for a CTC site (its best alignment's per-frame labels)."""
         values, chains = self._discrete(args, kwargs, temperature=0)  # one minibatch
         for name, (init, m) in chains.items():
-            values[name] = _hmm_map(init, m)
+            values[name] = _ctc_decode(init, m) if isinstance(init, CTC) else _hmm_map(init, m)
         return values
 
     def sample(
@@ -1364,7 +1426,10 @@ class ExactEStep:
                 ]
                 draws = {n: torch.stack([r[n] for r in runs]) for n in values}
         for name, (init, m) in chains.items():
-            draws[name] = _hmm_sample(self._hmm_pairwise(init, m), num_samples)
+            if isinstance(init, CTC):
+                draws[name] = _ctc_decode(init, m, num_samples)
+            else:
+                draws[name] = _hmm_sample(self._hmm_pairwise(init, m), num_samples)
         return draws
 
     @staticmethod
