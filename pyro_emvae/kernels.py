@@ -168,7 +168,7 @@ def categorical_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
     idx = value.long().unsqueeze(-1)
     idx, logits = torch.broadcast_tensors(idx, logits)
     lp = logits.gather(-1, idx[..., :1]).squeeze(-1)
-    return lp.expand(torch.broadcast_shapes(value.shape, fn.batch_shape))
+    return lp.expand(_compat.broadcast_shapes(value.shape, fn.batch_shape))
 
 
 # (id(value), type(fn), shapes) -> (weak reference to value, its version): data found in the
@@ -228,7 +228,7 @@ def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
         if lp is None:
             return None
         return lp.expand(
-            torch.broadcast_shapes(fn.batch_shape, value.shape[: -fn.event_dim or None])
+            _compat.broadcast_shapes(fn.batch_shape, value.shape[: -fn.event_dim or None])
         )
     if isinstance(fn, torch.distributions.Independent):
         base, n = fn.base_dist, fn.reinterpreted_batch_ndims
@@ -246,7 +246,7 @@ def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
 def _layout(params: list[tuple[torch.Tensor, int]], value: torch.Tensor, event: int):
     """Split the broadcast batch dims: those some param varies along (``pd``), those the value
     varies along (``vd``); None if a dim is both. ``params`` are ``(tensor, its event dims)``."""
-    batch = torch.broadcast_shapes(
+    batch = _compat.broadcast_shapes(
         *(t.shape[: t.dim() - e] for t, e in params), value.shape[: value.dim() - event]
     )
     n = len(batch)
@@ -327,7 +327,7 @@ def _diag_normal(loc, scale, value, event: int) -> torch.Tensor | None:
     if layout is None:
         return None
     batch, pd, vd = layout
-    ev = torch.broadcast_shapes(
+    ev = _compat.broadcast_shapes(
         loc.shape[loc.dim() - event :],
         scale.shape[scale.dim() - event :],
         value.shape[value.dim() - event :],
@@ -395,7 +395,7 @@ def outer_scatter(
         along an elementwise dim, or a param batch dim is also a value dim).
     """
     dtype = torch.promote_types(torch.promote_types(weight.dtype, value.dtype), loc.dtype)
-    batch = torch.broadcast_shapes(
+    batch = _compat.broadcast_shapes(
         weight.shape,
         loc.shape[: loc.dim() - event],
         value.shape[: value.dim() - event],

@@ -918,7 +918,7 @@ def _mvn_loc_sharing(sites, space: IdSpace, roles: dict, reasons: dict) -> set[s
                 varies |= loc.param_names
                 continue
             rows = ids[..., :1]
-            shape = torch.broadcast_shapes(rows.shape[:-1], key.shape[:-1])
+            shape = _compat.broadcast_shapes(rows.shape[:-1], key.shape[:-1])
             pair = torch.cat(
                 [rows.expand(shape + rows.shape[-1:]), key.expand(shape + key.shape[-1:])], -1
             ).reshape(-1, 1 + key.shape[-1])

@@ -103,7 +103,7 @@ class Stats:
         dtype = next((f.dtype for f in factors if f.is_floating_point()), None)
         if dtype is not None:
             factors = tuple(f if f.is_floating_point() else f.to(dtype) for f in factors)
-        shape = torch.broadcast_shapes(ids.shape, *(f.shape for f in factors))
+        shape = _compat.broadcast_shapes(ids.shape, *(f.shape for f in factors))
         ids = ids.expand(shape)
         pooled = [d for d in range(len(shape)) if ids.stride(d) == 0 and shape[d] > 1]
         kept = [d for d in range(len(shape)) if d not in pooled]
@@ -509,7 +509,7 @@ def _categorical(fn, value, weight, stats, stage, current) -> None:
     # gathered ids are the enumerated value's (K, 1), not (K, N) copies that Stats.add would
     # scatter one by one (it pools a dim along which the ids are broadcast)
     tids = _compact(t.ids.expand(t.shape))
-    shape = torch.broadcast_shapes(tids.shape[:-1], k.shape)
+    shape = _compat.broadcast_shapes(tids.shape[:-1], k.shape)
     ids = tids.expand(shape + tids.shape[-1:]).gather(-1, k.expand(shape).unsqueeze(-1))
     stats.add("count", ids.squeeze(-1), weight)
     stats.add("rowmark", t.ids, _one(t))
@@ -1002,7 +1002,7 @@ def _linear_loc(fn, loc: Tracked, value, weight, stats: Stats, current) -> None:
     p = loc.design.shape[0]
     design = loc.design.movedim(0, -1)  # (*shape, P)
     ids = loc.ids.movedim(0, -1)
-    shape = torch.broadcast_shapes(design.shape, ids.shape)
+    shape = _compat.broadcast_shapes(design.shape, ids.shape)
     y = value if loc.const is None else value - loc.const
     prec = 1.0 / current(fn.__dict__.get("scale")) ** 2
     w = (weight * prec).unsqueeze(-1)

@@ -297,6 +297,31 @@ def test_tensor_version_counts_in_place_changes():
     assert _compat.tensor_version(t) == v + 1
 
 
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        (),
+        ((2, 1),),
+        ((2, 1), (3,)),
+        (torch.Size([4, 1, 3]), (5, 1), torch.Size([])),
+        ((0, 1), (1, 7)),
+        ([1], (2, 1, 1)),
+    ],
+)
+def test_broadcast_shapes_is_torchs(shapes):
+    got = _compat.broadcast_shapes(*shapes)
+    assert type(got) is torch.Size
+    assert got == torch.broadcast_shapes(*shapes)
+
+
+def test_broadcast_shapes_refuses_a_mismatch_as_torch_does():
+    for shapes in [((2,), (3,)), ((4, 2), (1, 3)), ((2, 1), (5, 3))]:
+        with pytest.raises(RuntimeError):
+            torch.broadcast_shapes(*shapes)
+        with pytest.raises(RuntimeError):
+            _compat.broadcast_shapes(*shapes)
+
+
 def test_disable_torch_function_subclass_skips_the_override():
     calls = []
 
