@@ -1294,7 +1294,9 @@ def _mask_share(fn) -> float:
             if mask is False:
                 return 0.0
             if torch.is_tensor(mask):
-                kept = torch.broadcast_to(mask, _compat.broadcast_shapes(mask.shape, fn.batch_shape))
+                kept = torch.broadcast_to(
+                    mask, _compat.broadcast_shapes(mask.shape, fn.batch_shape)
+                )
                 share *= float(kept.float().mean()) if kept.numel() else 0.0
         fn = fn.base_dist
     return share
