@@ -260,6 +260,23 @@ def tensor_version(t: torch.Tensor) -> int:
     return t._version
 
 
+def einsum_equation(equation: str, operands: list) -> torch.Tensor:
+    """``torch.einsum(equation, *operands)`` for one or two plain tensors, straight to ATen
+    (``torch._VF.einsum``, which ``torch.einsum`` calls for at most two operands, after parsing
+    its arguments in Python): the M-step's statistics call it on small tensors every
+    iteration. Any other input goes through ``torch.einsum``."""
+    if len(operands) <= 2 and all(type(o) is torch.Tensor for o in operands):
+        return torch._VF.einsum(equation, operands)
+    return torch.einsum(equation, *operands)
+
+
+def view_base(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage ``t`` is a view of (``t._base``), or ``t`` itself: a view's
+    values are its base's at the view's geometry (shape, strides, storage offset)."""
+    base = t._base
+    return t if base is None else base
+
+
 def broadcast_shapes(*shapes) -> torch.Size:
     """``torch.broadcast_shapes(*shapes)`` (each a sequence of ints), by ATen's pairwise
     ``torch._C._infer_size``: torch's own is a Python reference implementation (``torch._refs``)

@@ -812,6 +812,20 @@ class _ExactViewModel:
             return self.__wrapped__(*args, **kwargs)
 
 
+def plate_nesting(trace) -> int:
+    """How many plate dims a model uses (``max_plate_nesting``), from one trace of it: the
+    deepest vectorized plate dim of its sample sites (0 without plates)."""
+    tr = prune_subsample_sites(trace)
+    dims = [
+        f.dim
+        for s in tr.nodes.values()
+        if s["type"] == "sample"
+        for f in s["cond_indep_stack"]
+        if f.vectorized
+    ]
+    return -min(dims) if dims else 0
+
+
 class ExactEStep:
     """A Pyro guide whose distribution is the exact posterior :math:`p_\\theta(z \\mid x)` of every
     discrete site the model marks with ``infer={"enumerate": "parallel"}``.
@@ -864,15 +878,7 @@ class ExactEStep:
                 _validate.explain_model_errors(tracer),
             ):
                 tr = tracer.get_trace(*args, **kwargs)
-            tr = prune_subsample_sites(tr)
-            dims = [
-                f.dim
-                for s in tr.nodes.values()
-                if s["type"] == "sample"
-                for f in s["cond_indep_stack"]
-                if f.vectorized
-            ]
-            self.max_plate_nesting = -min(dims) if dims else 0
+            self.max_plate_nesting = plate_nesting(tr)
         return self.max_plate_nesting
 
     def _enum_trace(self, args: tuple, kwargs: dict, replay: Any = None, potentials=None):
