@@ -32,6 +32,7 @@ samples (forward-filter backward-sample) reported under the site's name.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections import OrderedDict
@@ -1447,7 +1448,9 @@ def _fused_log_prob(name: str, site: dict) -> None:
     site["unscaled_log_prob"] = lp
     site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
     site["log_prob_sum"] = site["log_prob"].sum()
-    if is_validation_enabled():
+    # (Pyro's checks, which warn only on a non-finite sum, or hook a gradient: one test first)
+    total = site["log_prob_sum"]
+    if is_validation_enabled() and (total.requires_grad or not math.isfinite(total)):
         warn_if_nan(site["log_prob_sum"], f"log_prob_sum at site '{name}'")
         warn_if_inf(site["log_prob_sum"], f"log_prob_sum at site '{name}'", allow_neginf=True)
 

@@ -1081,9 +1081,9 @@ def _covariances(ctx: MStepContext):
     if not rows:
         return cur.reshape(-1)
     # every matrix at once (batched LAPACK: the same per-matrix results as one by one)
-    at = torch.tensor(rows, device=num.device)
-    n = den[at]
-    ml = 0.5 * (num[at] + num[at].mT) / n.view(-1, 1, 1)
+    at = slice(None) if len(rows) == len(den) else torch.tensor(rows, device=num.device)
+    n, picked = den[at], num[at]
+    ml = 0.5 * (picked + picked.mT) / n.view(-1, 1, 1)
     cov = ml + ctx.reg_covar * eye
     if ctx.reg_covar > 0:
         # (the factors of both in one batched call: the cost reads them, the update keeps C's)
