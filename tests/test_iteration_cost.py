@@ -167,3 +167,24 @@ def test_plate_nesting_of_a_trace_is_the_estep_own():
     guide = ExactEStep(model)
     fit(model, guide, x, max_iter=2, tol=0, progress=False)
     assert guide.max_plate_nesting == 2
+
+
+def test_fused_log_prob_still_warns_on_a_non_finite_sum():
+    import warnings
+
+    from pyro_emvae.estep import _fused_log_prob
+
+    def site(loc):
+        fn = dist.MultivariateNormal(loc, scale_tril=torch.eye(2), validate_args=False)
+        value = torch.zeros(5, 2)
+        return {"fn": fn, "value": value, "args": (), "kwargs": {}, "scale": 1.0, "mask": None}
+
+    ok = site(torch.zeros(3, 1, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _fused_log_prob("x", ok)
+    assert torch.equal(ok["log_prob"], ok["fn"].log_prob(ok["value"]))
+    bad = site(torch.tensor([[[float("nan"), 0.0]]]))
+    with pytest.warns(UserWarning, match="log_prob_sum at site 'x'"):
+        _fused_log_prob("x", bad)
+    assert math.isnan(float(bad["log_prob_sum"]))
