@@ -79,6 +79,88 @@ def run_ours(x: torch.Tensor, init: dict) -> tuple[float, int, float]:
     return seconds, result.n_iter, float(result.log_likelihood)
 
 
+def breakdown(x: torch.Tensor, init: dict, repeat: int) -> dict[str, float]:
+    """Where one of our fits spends its time (torch at 1 thread): the median over ``repeat``
+    fits of the seconds in E-steps, in M-steps (and within them the statistics and the
+    maximization), and the rest (fit's checks and setup, the loop); and the model passes per
+    fit. Measured by wrapping those methods with timers, in runs of their own (the timed
+    runs above are not instrumented)."""
+    from pyro_emvae.estep import ExactEStep as _E
+    from pyro_emvae.optim import EMOptim as _M
+
+    spent: dict[str, float] = {}
+    wrapped = [
+        (_E, "posterior", "E-step"),
+        (_M, "__call__", "M-step"),
+        (_M, "summarize", "  statistics"),
+        (_M, "maximize", "  maximize"),
+    ]
+    originals = [(cls, name, cls.__dict__[name]) for cls, name, _ in wrapped]
+
+    def timed(f, label):
+        def inner(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+
+        return inner
+
+    rows: dict[str, list[float]] = {}
+    counts: dict[str, list[int]] = {}
+    for cls, name, label in wrapped:
+        setattr(cls, name, timed(cls.__dict__[name], label))
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(repeat):
+            spent.clear()
+            passes = [0]
+
+            def model(data, passes=passes):
+                passes[0] += 1
+                return gmm_model(data, K, "full", init=init)
+
+            pyro.clear_param_store()
+            t0 = time.perf_counter()
+            result = fit(
+                model, ExactEStep(model), x, optim=EMOptim(reg_covar=REG), max_iter=1000,
+                tol=TOL, progress=False,
+            )  # fmt: skip
+            total = time.perf_counter() - t0
+            pyro.clear_param_store()
+            spent["rest (checks, setup, loop)"] = total - spent["E-step"] - spent["M-step"]
+            spent["whole fit"] = total
+            for k, v in spent.items():
+                rows.setdefault(k, []).append(v)
+            counts.setdefault("model passes", []).append(passes[0])
+            counts.setdefault("iterations", []).append(result.n_iter)
+    finally:
+        for cls, name, f in originals:
+            setattr(cls, name, f)
+        torch.set_num_threads(old_threads)
+    out = {k: statistics.median(v) for k, v in rows.items()}
+    n_iter = statistics.median(counts["iterations"])
+    print()
+    print(f"where our fit's time goes (torch 1 thread, median of {repeat} instrumented fits, ")
+    print(f"{n_iter:g} iterations: {n_iter + 1:g} E-steps, {n_iter:g} M-steps)")
+    print(f"{'part':<28} {'ms per fit':>11} {'ms per call':>12}")
+    calls = {"E-step": n_iter + 1, "M-step": n_iter, "  statistics": 2 * n_iter}
+    calls["  maximize"] = 2 * n_iter
+    for k in ["whole fit", "E-step", "M-step", "  statistics", "  maximize"]:
+        per = f"{out[k] * 1e3 / calls[k]:12.3f}" if k in calls else f"{'':>12}"
+        print(f"{k:<28} {out[k] * 1e3:11.2f} {per}")
+    k = "rest (checks, setup, loop)"
+    print(f"{k:<28} {out[k] * 1e3:11.2f}")
+    passes = statistics.median(counts["model passes"])
+    print(
+        f"model passes per fit: {passes:g} (one per E-step, {n_iter + 1:g}; the rest is setup: "
+        "the input checks' trace, the E-step's structure check, the plan's probe)"
+    )
+    return out
+
+
 def run_sklearn(mixture, x: torch.Tensor, init: dict) -> tuple[float, int, float]:
     gm = mixture.GaussianMixture(
         K,
@@ -162,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(
             f"target: ours <= {TARGET:g}x scikit-learn's whole fit: {best / ref:.2f}x -> {verdict}"
         )
+    breakdown(x, init, max(3, args.repeat // 2))
     _report_load("end")
     return med
 

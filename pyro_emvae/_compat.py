@@ -260,6 +260,43 @@ def tensor_version(t: torch.Tensor) -> int:
     return t._version
 
 
+def einsum_equation(equation: str, operands: list) -> torch.Tensor:
+    """``torch.einsum(equation, *operands)`` for one or two plain tensors, straight to ATen
+    (``torch._VF.einsum``, which ``torch.einsum`` calls for at most two operands, after parsing
+    its arguments in Python): the M-step's statistics call it on small tensors every
+    iteration. Any other input goes through ``torch.einsum``."""
+    if len(operands) <= 2 and all(type(o) is torch.Tensor for o in operands):
+        return torch._VF.einsum(equation, operands)
+    return torch.einsum(equation, *operands)
+
+
+def view_base(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage ``t`` is a view of (``t._base``), or ``t`` itself: a view's
+    values are its base's at the view's geometry (shape, strides, storage offset)."""
+    base = t._base
+    return t if base is None else base
+
+
+def broadcast_shapes(*shapes) -> torch.Size:
+    """``torch.broadcast_shapes(*shapes)`` (each a sequence of ints), by ATen's pairwise
+    ``torch._C._infer_size``: torch's own is a Python reference implementation (``torch._refs``)
+    at ~25 µs a call, which on small data is a visible share of an EM iteration (the rules and
+    kernels call it several times per site). A mismatch is a RuntimeError, as there.
+
+    Example::
+
+        >>> broadcast_shapes((2, 1), (3,), torch.Size([1, 1]))
+        torch.Size([2, 3])
+    """
+    out = _EMPTY_SIZE
+    for s in shapes:
+        out = torch._C._infer_size(out, s if type(s) is torch.Size else torch.Size(s))
+    return out
+
+
+_EMPTY_SIZE = torch.Size()
+
+
 #: Runs torch functions inside a ``__torch_function__`` override without re-dispatching to the
 #: subclass (the idiom of torch's own subclassing docs): track.Tracked computes its result so.
 disable_torch_function_subclass = torch._C.DisableTorchFunctionSubclass

@@ -38,6 +38,7 @@ alignment and ``sample()`` exact posterior alignments, as per-frame labels ``(*b
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections import OrderedDict
@@ -858,6 +859,20 @@ class _ExactViewModel:
             return self.__wrapped__(*args, **kwargs)
 
 
+def plate_nesting(trace) -> int:
+    """How many plate dims a model uses (``max_plate_nesting``), from one trace of it: the
+    deepest vectorized plate dim of its sample sites (0 without plates)."""
+    tr = prune_subsample_sites(trace)
+    dims = [
+        f.dim
+        for s in tr.nodes.values()
+        if s["type"] == "sample"
+        for f in s["cond_indep_stack"]
+        if f.vectorized
+    ]
+    return -min(dims) if dims else 0
+
+
 class ExactEStep:
     """A Pyro guide whose distribution is the exact posterior :math:`p_\\theta(z \\mid x)` of every
     discrete site the model marks with ``infer={"enumerate": "parallel"}``.
@@ -911,15 +926,7 @@ class ExactEStep:
                 _validate.explain_model_errors(tracer),
             ):
                 tr = tracer.get_trace(*args, **kwargs)
-            tr = prune_subsample_sites(tr)
-            dims = [
-                f.dim
-                for s in tr.nodes.values()
-                if s["type"] == "sample"
-                for f in s["cond_indep_stack"]
-                if f.vectorized
-            ]
-            self.max_plate_nesting = -min(dims) if dims else 0
+            self.max_plate_nesting = plate_nesting(tr)
         return self.max_plate_nesting
 
     def _enum_trace(self, args: tuple, kwargs: dict, replay: Any = None, potentials=None):
@@ -1506,7 +1513,9 @@ def _fused_log_prob(name: str, site: dict) -> None:
     site["unscaled_log_prob"] = lp
     site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
     site["log_prob_sum"] = site["log_prob"].sum()
-    if is_validation_enabled():
+    # (Pyro's checks, which warn only on a non-finite sum, or hook a gradient: one test first)
+    total = site["log_prob_sum"]
+    if is_validation_enabled() and (total.requires_grad or not math.isfinite(total)):
         warn_if_nan(site["log_prob_sum"], f"log_prob_sum at site '{name}'")
         warn_if_inf(site["log_prob_sum"], f"log_prob_sum at site '{name}'", allow_neginf=True)
 

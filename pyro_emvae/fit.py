@@ -40,7 +40,7 @@ from pyro_emvae import params as _params
 from pyro_emvae.amortized import preserved_rng
 from pyro_emvae.checkpoint import Checkpoint, StreamDigest, check_storable, data_digest
 from pyro_emvae.elbo import KLControlledELBO
-from pyro_emvae.estep import EnumerationError, ExactEStep
+from pyro_emvae.estep import EnumerationError, ExactEStep, plate_nesting
 from pyro_emvae.init import STRATEGIES, init_potentials
 from pyro_emvae.loop import (
     ConvergenceWarning,
@@ -520,6 +520,8 @@ def fit(
         info.n_data = max(observed, 1)
         if exact:
             check_components(prune_subsample_sites(info.trace), observed)
+            if guide.max_plate_nesting is None:  # (from this trace: the E-step needs no other)
+                guide.max_plate_nesting = plate_nesting(info.trace)
     else:
         info = _inspect_stream(seen, stream, exact, digest)
     if n_data is None:

@@ -168,7 +168,7 @@ def categorical_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
     idx = value.long().unsqueeze(-1)
     idx, logits = torch.broadcast_tensors(idx, logits)
     lp = logits.gather(-1, idx[..., :1]).squeeze(-1)
-    return lp.expand(torch.broadcast_shapes(value.shape, fn.batch_shape))
+    return lp.expand(_compat.broadcast_shapes(value.shape, fn.batch_shape))
 
 
 # (id(value), type(fn), shapes) -> (weak reference to value, its version): data found in the
@@ -228,7 +228,7 @@ def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
         if lp is None:
             return None
         return lp.expand(
-            torch.broadcast_shapes(fn.batch_shape, value.shape[: -fn.event_dim or None])
+            _compat.broadcast_shapes(fn.batch_shape, value.shape[: -fn.event_dim or None])
         )
     if isinstance(fn, torch.distributions.Independent):
         base, n = fn.base_dist, fn.reinterpreted_batch_ndims
@@ -246,7 +246,7 @@ def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
 def _layout(params: list[tuple[torch.Tensor, int]], value: torch.Tensor, event: int):
     """Split the broadcast batch dims: those some param varies along (``pd``), those the value
     varies along (``vd``); None if a dim is both. ``params`` are ``(tensor, its event dims)``."""
-    batch = torch.broadcast_shapes(
+    batch = _compat.broadcast_shapes(
         *(t.shape[: t.dim() - e] for t, e in params), value.shape[: value.dim() - event]
     )
     n = len(batch)
@@ -289,13 +289,13 @@ def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
     m = max(math.prod(sizes), 1)
     eye = torch.eye(d, dtype=dtype, device=tril.device)
     prec = torch.linalg.solve_triangular(tril, eye.expand(tril.shape), upper=False).mT
-    centre = loc.mean(0)
     # row-vector form: ((x - c) - (mu - c))^T L^{-T}, all M blocks side by side
     stacked = prec.permute(1, 0, 2).reshape(d, m * d)
-    shift = torch.einsum("md,mde->me", loc - centre, prec).reshape(m * d)
     const = -tril.diagonal(dim1=-2, dim2=-1).log().sum(-1) - d * _HALF_LOG_2PI  # (M,)
     grad = torch.is_grad_enabled() and (fn.loc.requires_grad or tril.requires_grad)
     if grad:
+        centre = loc.mean(0)
+        shift = torch.einsum("md,mde->me", loc - centre, prec).reshape(m * d)
 
         def block(a: int, b: int) -> torch.Tensor:
             y = torch.addmm(shift, x[a:b] - centre, stacked, beta=-1).square()
@@ -309,15 +309,30 @@ def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
     n = x.shape[0]
     rows = min(CHUNK, n)
     xa, centre = _centred_rows(value, x)
-    shift = torch.einsum("md,mde->me", loc - centre, prec).reshape(m * d)
+    shift = _compat.einsum_equation("md,mde->me", [loc - centre, prec]).reshape(m * d)
     pa = torch.cat([stacked, -shift.unsqueeze(0)])  # (D + 1, M D)
     y = torch.empty(rows, m * d, dtype=dtype, device=x.device)
-    blocks = torch.eye(m, dtype=dtype, device=x.device).repeat_interleave(d, 0)  # (M D, M)
+    blocks = _blocks(m, d, dtype, x.device)  # (M D, M)
     out = torch.empty(n, m, dtype=dtype, device=x.device)
     for a, b in _chunks(n):
         yc = torch.mm(xa[a:b], pa, out=y[: b - a]).square_()
         torch.addmm(const, yc, blocks, alpha=-0.5, out=out[a:b])
     return _place(out.T, batch, pd, vd)
+
+
+_BLOCKS: dict = {}  # (M, D, dtype, device) -> the 0/1 block-sum matrix, made once
+
+
+def _blocks(m: int, d: int, dtype, device) -> torch.Tensor:
+    """``(M D, M)``: column ``j`` is 1 on rows ``j D .. (j + 1) D - 1`` (sums each block of
+    ``D`` columns by a GEMM); read only, so kept between calls (a few sizes per fit)."""
+    key = (m, d, dtype, device)
+    out = _BLOCKS.get(key)
+    if out is None:
+        if len(_BLOCKS) > 64:
+            _BLOCKS.clear()
+        out = _BLOCKS[key] = torch.eye(m, dtype=dtype, device=device).repeat_interleave(d, 0)
+    return out
 
 
 def _diag_normal(loc, scale, value, event: int) -> torch.Tensor | None:
@@ -327,7 +342,7 @@ def _diag_normal(loc, scale, value, event: int) -> torch.Tensor | None:
     if layout is None:
         return None
     batch, pd, vd = layout
-    ev = torch.broadcast_shapes(
+    ev = _compat.broadcast_shapes(
         loc.shape[loc.dim() - event :],
         scale.shape[scale.dim() - event :],
         value.shape[value.dim() - event :],
@@ -395,7 +410,7 @@ def outer_scatter(
         along an elementwise dim, or a param batch dim is also a value dim).
     """
     dtype = torch.promote_types(torch.promote_types(weight.dtype, value.dtype), loc.dtype)
-    batch = torch.broadcast_shapes(
+    batch = _compat.broadcast_shapes(
         weight.shape,
         loc.shape[: loc.dim() - event],
         value.shape[: value.dim() - event],

@@ -149,6 +149,9 @@ class _Plan:
     reasons: dict[str, str]
     roles: dict[str, str] = field(default_factory=dict)  # what each rule-updated param is
     plain_locs: frozenset = frozenset()  # MVN locs whose rows each meet one covariance
+    # structure-only work of the rules' statistics (Stats.memo): made at the first M-step of
+    # this plan, reused while the plan is (its trace holds the ids the memo is keyed on)
+    memo: dict = field(default_factory=dict, repr=False)
 
 
 class _PlanKey:
@@ -279,6 +282,7 @@ class EMOptim:
         self.allowance = 0.0  # what the last M-step's regularization may cost (see maximize)
         self._warned = False  # a ClosedFormWarning was given in this run
         self._prev: dict | None = None
+        self._wrote = False  # the guard wrote params in this step (see _step)
         self._plan: _Plan | None = None
         self._plan_key: _PlanKey | None = None
         self._two_pass: bool | None = None  # streaming: whether stage 1 needs its own pass
@@ -389,8 +393,8 @@ class EMOptim:
                     "posterior's; make it with plan(guide, args, kwargs, posterior.subsample)"
                 )
         space = plan.space
-        if flat is None:
-            flat = _flat_params(space)
+        # (read from the store when a rule first asks: stage 0's plain means read no param)
+        flats = [flat]
 
         def current(t):
             # gather at the compact ids: broadcast (stride-0) dims stay size 1 and broadcast
@@ -401,9 +405,11 @@ class EMOptim:
             ids = _compact(t.ids)
             if reads is not None:
                 reads[ids.reshape(-1)] = True
-            return flat[ids]
+            if flats[0] is None:
+                flats[0] = _flat_params(space)
+            return flats[0][ids]
 
-        stats = Stats(space.size, plain_locs=plan.plain_locs)
+        stats = Stats(space.size, plain_locs=plan.plain_locs, memo=plan.memo)
         for name, site in plan.trace.nodes.items():
             if site["type"] != "sample" or isinstance(site["fn"], Subsample):
                 continue
@@ -499,6 +505,7 @@ class EMOptim:
         if not plan.gradient and (drop <= slack or self._warned):
             return posterior, objective, None
         after = _params.constrained(prev["params"])
+        self._wrote = True
         _params.write(prev["params"])
         before = guide.posterior(*args, **kwargs)
         dp.all_reduce_([before.log_likelihood])
@@ -576,19 +583,25 @@ class EMOptim:
         plan = self.plan(guide, args, kwargs, posterior.subsample)
         before = _params.constrained(plan.closed_form + plan.gradient)
         try:
-            return self._step(guide, posterior, plan, args, kwargs)
+            return self._step(guide, posterior, plan, args, kwargs, before)
         except Exception:
             _params.write(before)  # an M-step that fails leaves no half-updated params behind
             self._prev = None
             raise
 
-    def _step(self, guide, posterior, plan, args, kwargs):
+    def _step(self, guide, posterior, plan, args, kwargs, before=None):
         rejected = None
         if self.guard:
+            self._wrote = False
             posterior, objective, rejected = self._guard(guide, posterior, plan, args, kwargs)
+            # (the params as this step found them, unless the guard wrote any: then read again)
             self._prev = {
                 "objective": objective,
-                "params": _params.constrained(plan.closed_form + plan.gradient),
+                "params": (
+                    before
+                    if before is not None and not self._wrote
+                    else _params.constrained(plan.closed_form + plan.gradient)
+                ),
             }
         if plan.closed_form:
             self.allowance = 0.0
@@ -918,7 +931,7 @@ def _mvn_loc_sharing(sites, space: IdSpace, roles: dict, reasons: dict) -> set[s
                 varies |= loc.param_names
                 continue
             rows = ids[..., :1]
-            shape = torch.broadcast_shapes(rows.shape[:-1], key.shape[:-1])
+            shape = _compat.broadcast_shapes(rows.shape[:-1], key.shape[:-1])
             pair = torch.cat(
                 [rows.expand(shape + rows.shape[-1:]), key.expand(shape + key.shape[-1:])], -1
             ).reshape(-1, 1 + key.shape[-1])

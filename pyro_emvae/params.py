@@ -66,9 +66,12 @@ def constraints_of(names: Iterable[str]) -> dict:
 def unconstrained(names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """The live unconstrained leaf tensors :math:`u` (not copies: what optimizers step) of the
     named params in the store, or of every param when ``names`` is None."""
-    store = pyro.get_param_store()
-    names = store.keys() if names is None else names
-    return {n: store.get_param(n).unconstrained() for n in names if n in store}
+    # (the store's own map of them: ``get_param(n).unconstrained()`` would first compute and
+    # drop the constrained value, a transform per param, at every snapshot and write)
+    leaves = pyro.get_param_store().named_parameters().mapping
+    if names is None:
+        return dict(leaves)
+    return {n: leaves[n] for n in names if n in leaves}
 
 
 def snapshot(names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -81,10 +84,10 @@ def restore(snap: dict[str, torch.Tensor]) -> None:
     """Copy unconstrained values (a :func:`snapshot`) back into the store's tensors, in place.
     Each param must be in the store with the snapshot's shape (``copy_`` broadcasts a smaller
     value; use :func:`put` for a param the model has not created)."""
-    store = pyro.get_param_store()
+    leaves = pyro.get_param_store().named_parameters().mapping
     with torch.no_grad():
         for n, v in snap.items():
-            store.get_param(n).unconstrained().copy_(v)
+            leaves[n].copy_(v)
 
 
 def constrained(names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -100,10 +103,10 @@ def write(values: dict[str, torch.Tensor]) -> None:
     in place (an optimizer's state stays attached to the same tensor). Raises
     ``FloatingPointError`` naming the param, before writing it, if :math:`T_c^{-1}(\\theta)` is
     not finite (a value on or outside the constraint's boundary)."""
-    store = pyro.get_param_store()
+    leaves = pyro.get_param_store().named_parameters().mapping
     with torch.no_grad():
         for name, value in values.items():
-            u = store.get_param(name).unconstrained()
+            u = leaves[name]
             new = transform_to(_compat.param_constraint(name)).inv(value)
             if not torch.isfinite(new).all():
                 raise FloatingPointError(

@@ -89,6 +89,10 @@ class Stats:
     # finds them): their update is the plain weighted mean; any other loc is precision-weighted
     plain_locs: frozenset = frozenset()
 
+    # structure-only work of ``add`` kept between calls (see :meth:`add`): EMOptim gives each
+    # plan one, so that an iteration does not redo it; None: no memo (every call plans anew)
+    memo: dict | None = field(default=None, repr=False, compare=False)
+
     def add(self, kind: str, ids: torch.Tensor, *factors: torch.Tensor) -> None:
         """``sums[kind][ids] += prod(factors)``, summed over positions sharing an id.
 
@@ -98,45 +102,45 @@ class Stats:
         covariance statistic is computed as ``einsum('kn,kni,knj->kij')``). Only the dims
         some factor varies along get a subscript, in einsum's integer (sublist) form: a site
         under any number of enumerated dims (30 global latents) is fine.
+
+        How the product is contracted and where it lands depend only on ``kind``, the ``ids``
+        tensor and the factors' shapes, dtypes and devices; with a ``memo`` (a dict that
+        outlives this ``Stats``: EMOptim keeps one per plan, whose trace holds the ids) that
+        recipe is made once and reused, keyed on the ids' values (the tensor they are a view
+        of, held by the memo so that its ``id`` cannot be reused, its in-place version, and the
+        view's geometry) and the factors' shapes. The sums are the same either way.
         """
         # integer observations (Long counts) enter the sums in the weights' floating dtype
         dtype = next((f.dtype for f in factors if f.is_floating_point()), None)
         if dtype is not None:
             factors = tuple(f if f.is_floating_point() else f.to(dtype) for f in factors)
-        shape = torch.broadcast_shapes(ids.shape, *(f.shape for f in factors))
-        ids = ids.expand(shape)
-        pooled = [d for d in range(len(shape)) if ids.stride(d) == 0 and shape[d] > 1]
-        kept = [d for d in range(len(shape)) if d not in pooled]
-        sub: dict[int, int] = {}  # tensor dim -> einsum subscript
-        operands: list = []
-        for f in factors:
-            f = f.reshape((1,) * (len(shape) - f.dim()) + f.shape)
-            dims = [d for d in range(len(shape)) if f.shape[d] > 1]
-            for d in dims:
-                sub.setdefault(d, len(sub))
-            operands += [f.reshape([f.shape[d] for d in dims]), [sub[d] for d in dims]]
-        out_dims = [d for d in kept if d in sub]
-        values = torch.einsum(*operands, [sub[d] for d in out_dims])
-        # a pooled dim no factor carries repeats the same value shape[d] times
-        repeats = math.prod(shape[d] for d in pooled if d not in sub)
-        if repeats != 1:
-            values = values * repeats
-        values = values.reshape([shape[d] if d in out_dims else 1 for d in kept])
-        index = tuple(slice(None) if d in kept else slice(0, 1) for d in range(len(shape)))
-        ids = ids[index].reshape([shape[d] for d in kept]).to(values.device)
-        ids, values = torch.broadcast_tensors(ids, values)
+        memo = self.memo
+        recipe = None
+        if memo is not None:
+            base, where = _ids_key(ids)
+            key = (kind, where, tuple((f.shape, f.dtype, f.device) for f in factors))
+            hit = memo.get(key)
+            if hit is not None and hit[0] is base and hit[1].length == self.length(kind):
+                recipe = hit[1]
+        if recipe is None:
+            recipe = _AddRecipe(self.length(kind), ids, factors)
+            if memo is not None:
+                _remember(memo, key, (base, recipe))
+        values = recipe.contract(factors)
+        if recipe.repeats != 1:
+            values = values * recipe.repeats
+        values = values.reshape(recipe.values_shape).expand(recipe.kept_shape).reshape(-1)
         vec = self.sums.get(kind)
         if vec is None:
             vec = self.sums[kind] = torch.zeros(
-                self.length(kind), dtype=values.dtype, device=values.device
+                recipe.length, dtype=values.dtype, device=values.device
             )
-        vec.index_add_(0, ids.reshape(-1), values.reshape(-1))
+        vec.index_add_(0, recipe.ids, values)
         seen = self.touched.get(kind)
         if seen is None:
-            seen = self.touched[kind] = torch.zeros(
-                self.length(kind), dtype=torch.bool, device=vec.device
-            )
-        seen[ids.reshape(-1)] = True
+            self.touched[kind] = recipe.seen.clone()
+        else:
+            seen |= recipe.seen
 
     def length(self, kind: str) -> int:
         """The length of ``sums[kind]``: the id space, times ``w`` for a kind named ``"name:w"``
@@ -167,6 +171,105 @@ class Stats:
 
     def __add__(self, other: Stats) -> Stats:
         return Stats(self.size).add_(self).add_(other)
+
+
+_MEMO_SIZE = 512  # entries a memo holds before it starts over (ids made anew at every call)
+
+
+def _remember(memo: dict, key, entry) -> None:
+    if len(memo) >= _MEMO_SIZE:
+        memo.clear()
+    memo[key] = entry
+
+
+def _ids_key(ids: torch.Tensor) -> tuple:
+    """``(base, key)``: what fixes the values of ``ids``, a view (or not) of ``base``: the
+    base's identity and in-place version and the view's shape, strides and offset."""
+    base = _compat.view_base(ids)
+    geometry = (tuple(ids.shape), ids.stride(), ids.storage_offset())
+    return base, (id(base), _compat.tensor_version(base), *geometry)
+
+
+def _memoized(stats: Stats, objs: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, computed once per plan for the tensors ``objs`` (a rule's structure-only
+    work: ids gathered at an enumerated value), held in ``stats.memo`` (keyed on the objects
+    themselves, which the memo holds); ``make()`` each time when ``stats`` has no memo."""
+    memo = stats.memo
+    if memo is None:
+        return make()
+    key = ("rule", make.__code__, *map(id, objs))
+    hit = memo.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], objs, strict=True)):
+        return hit[1]
+    value = make()
+    _remember(memo, key, (objs, value))
+    return value
+
+
+class _AddRecipe:
+    """How :meth:`Stats.add` contracts factors of given shapes and scatters them at ``ids``:
+    the einsum subscripts of each factor (its non-singleton dims), the output's, the count a
+    pooled dim no factor carries repeats each term, the shapes the result is read in, the
+    flat ids it lands at, and the ids it marks as touched (a statistic of ``length``)."""
+
+    __slots__ = (
+        "equation",
+        "ids",
+        "kept_shape",
+        "length",
+        "out",
+        "repeats",
+        "seen",
+        "shapes",
+        "subs",
+        "values_shape",
+    )
+
+    def __init__(self, length: int, ids: torch.Tensor, factors: tuple) -> None:
+        shape = _compat.broadcast_shapes(ids.shape, *(f.shape for f in factors))
+        ids = ids.expand(shape)
+        pooled = [d for d in range(len(shape)) if ids.stride(d) == 0 and shape[d] > 1]
+        kept = [d for d in range(len(shape)) if d not in pooled]
+        sub: dict[int, int] = {}  # tensor dim -> einsum subscript
+        self.shapes, self.subs = [], []
+        for f in factors:
+            fshape = (1,) * (len(shape) - f.dim()) + tuple(f.shape)
+            dims = [d for d in range(len(shape)) if fshape[d] > 1]
+            for d in dims:
+                sub.setdefault(d, len(sub))
+            self.shapes.append([fshape[d] for d in dims])
+            self.subs.append([sub[d] for d in dims])
+        out_dims = [d for d in kept if d in sub]
+        self.out = [sub[d] for d in out_dims]
+        letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        self.equation = None
+        if len(factors) <= 2 and len(sub) <= len(letters):
+            self.equation = (
+                ",".join("".join(letters[i] for i in fsub) for fsub in self.subs)
+                + "->"
+                + "".join(letters[i] for i in self.out)
+            )
+        # a pooled dim no factor carries repeats the same value shape[d] times
+        self.repeats = math.prod(shape[d] for d in pooled if d not in sub)
+        self.values_shape = [shape[d] if d in out_dims else 1 for d in kept]
+        self.kept_shape = [shape[d] for d in kept]
+        index = tuple(slice(None) if d in kept else slice(0, 1) for d in range(len(shape)))
+        device = factors[0].device if factors else ids.device
+        self.ids = ids[index].reshape(self.kept_shape).to(device).reshape(-1)
+        self.length = length
+        self.seen = torch.zeros(length, dtype=torch.bool, device=device)
+        self.seen[self.ids] = True
+
+    def contract(self, factors: tuple) -> torch.Tensor:
+        """The einsum of ``factors`` over the pooled dims (one or two factors: the equation
+        straight to ATen, as ``torch.einsum`` passes it without a contraction path)."""
+        ops = [f.reshape(fshape) for f, fshape in zip(factors, self.shapes, strict=True)]
+        if self.equation is not None:
+            return _compat.einsum_equation(self.equation, ops)
+        sublists: list = []
+        for op, fsub in zip(ops, self.subs, strict=True):
+            sublists += [op, fsub]
+        return torch.einsum(*sublists, self.out)
 
 
 # ---------------------------------------------------------------- rules and their registry
@@ -379,6 +482,10 @@ class MStepContext:
         few ulps) of the interval's width, or of ``max(1, |bound|)`` for a half-line; in
         ``like``'s dtype and device."""
         lower, upper = constraint_bounds(self.constraint)
+        if type(lower) is float and type(upper) is float and -lower == upper == math.inf:
+            # (unbounded, a mean's usual case: ±inf, without the margin's arithmetic)
+            n = int(ok.sum()) if ok.dtype == torch.bool else ok.numel()
+            return like.new_full((n,), -math.inf), like.new_full((n,), math.inf)
         margin = max(_MARGIN, 8 * torch.finfo(like.dtype).eps)
         as_like = {"dtype": like.dtype, "device": like.device}  # (ok: on the params' device)
         shape = self.shape
@@ -442,17 +549,22 @@ def _elementwise(ctx: MStepContext, ok, num, den) -> torch.Tensor:
     return final
 
 
-def _reg_cost(ml: torch.Tensor, cov: torch.Tensor, n: float) -> float:
-    """What a covariance ``cov`` (regularized) costs against the maximizer ``ml`` in the
-    expected log-likelihood of ``n`` (weighted) points:
-    :math:`\\tfrac n2 (\\log|C| - \\log|S| + \\mathrm{tr}(C^{-1} S) - d)`; infinite for a
-    singular ``ml`` (whose likelihood is unbounded)."""
-    sign, logdet_ml = torch.linalg.slogdet(ml)
-    if sign <= 0:
-        return math.inf
-    _, logdet = torch.linalg.slogdet(cov)
-    trace = torch.linalg.solve(cov, ml).diagonal().sum()
-    return max(0.0, 0.5 * n * float(logdet - logdet_ml + trace - ml.shape[-1]))
+def _reg_cost(ml: torch.Tensor, chol_ml, chol, n: torch.Tensor) -> list[float]:
+    """What covariances :math:`C = L L^T` (regularized; ``chol`` holds ``L``) cost against
+    the maximizers :math:`S` (``ml``) in the expected log-likelihood of ``n`` (weighted) points
+    each: :math:`\\tfrac n2 (\\log|C| - \\log|S| + \\mathrm{tr}(C^{-1} S) - d)`; infinite for
+    an ``S`` that is not positive definite (``chol_ml``: its factor and ``cholesky_ex`` info;
+    a singular S's likelihood is unbounded). Batched: ``(M, D, D)`` matrices, ``n`` ``(M,)``;
+    one cost per matrix, from the factors the update computes anyway."""
+    factor_ml, info_ml = chol_ml
+    logdet_ml = 2 * factor_ml.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    logdet = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    trace = torch.cholesky_solve(ml, chol).diagonal(dim1=-2, dim2=-1).sum(-1)
+    gap = (logdet - logdet_ml + trace - ml.shape[-1]).tolist()
+    return [
+        math.inf if bad else max(0.0, 0.5 * float(k) * g)
+        for bad, k, g in zip(info_ml.ne(0).tolist(), n.tolist(), gap, strict=True)
+    ]
 
 
 def _one(t: torch.Tensor) -> torch.Tensor:
@@ -504,16 +616,22 @@ def _categorical(fn, value, weight, stats, stage, current) -> None:
     t = next(iter(arg.values()), None)
     if t is None or t.form not in ("normalized", "log"):
         return
-    k = _value_index(fn, value)
-    # the ids' broadcast dims (a weight vector expanded along a plate) stay size 1, so that the
-    # gathered ids are the enumerated value's (K, 1), not (K, N) copies that Stats.add would
-    # scatter one by one (it pools a dim along which the ids are broadcast)
-    tids = _compact(t.ids.expand(t.shape))
-    shape = torch.broadcast_shapes(tids.shape[:-1], k.shape)
-    ids = tids.expand(shape + tids.shape[-1:]).gather(-1, k.expand(shape).unsqueeze(-1))
-    stats.add("count", ids.squeeze(-1), weight)
-    stats.add("rowmark", t.ids, _one(t))
-    stats.forms[int(t.ids[(0,) * t.ids.dim()])] = "simplex"
+
+    def structure() -> tuple:
+        k = _value_index(fn, value)
+        # the ids' broadcast dims (a weight vector expanded along a plate) stay size 1, so that
+        # the gathered ids are the enumerated value's (K, 1), not (K, N) copies that Stats.add
+        # would scatter one by one (it pools a dim along which the ids are broadcast)
+        tids = _compact(t.ids.expand(t.shape))
+        shape = _compat.broadcast_shapes(tids.shape[:-1], k.shape)
+        ids = tids.expand(shape + tids.shape[-1:]).gather(-1, k.expand(shape).unsqueeze(-1))
+        return ids.squeeze(-1), _one(t), int(t.ids[(0,) * t.ids.dim()])
+
+    # (the probe's argument and value: the same at every iteration of a plan)
+    ids, one, first = _memoized(stats, (t, value), structure)
+    stats.add("count", ids, weight)
+    stats.add("rowmark", t.ids, one)
+    stats.forms[first] = "simplex"
 
 
 def _multinomial(fn, value, weight, stats, stage, current) -> None:
@@ -586,8 +704,15 @@ def _mvn(fn, value, weight, stats, stage, current) -> None:
         key, mat = next(iter(mats.items()))
         if mat.form != "value":
             return
-        mat = mat.expand(fn.batch_shape + mat.shape[-2:])  # one matrix per position
-        ids, mu = _compact(mat.ids), current(loc)
+
+        def structure() -> tuple:
+            m = mat.expand(fn.batch_shape + mat.shape[-2:])  # one matrix per position
+            # (the first id: no copy of the expanded ids)
+            return m.ids, _compact(m.ids), int(m.ids[(0,) * m.ids.dim()]), _one(mat)
+
+        # (the probe's distribution: the same at every iteration of a plan)
+        mat_ids, ids, first, one = _memoized(stats, (fn, mat), structure)
+        mu = current(loc)
         # a mixture's outer product: per-component scatter matrices chunk by chunk, without
         # the (K, N, D) residual (same formula, centred at each component's loc)
         fused = outer_scatter(weight, value, mu, ids.shape[:-2], event=1, outer=True)
@@ -598,11 +723,10 @@ def _mvn(fn, value, weight, stats, stage, current) -> None:
         else:
             resid = value - mu
             w = weight.unsqueeze(-1).unsqueeze(-1)
-            stats.add("cov_num", mat.ids, w, resid.unsqueeze(-1), resid.unsqueeze(-2))
-            stats.add("cov_den", mat.ids, w)
-        kind = {_compat.MVN_SCALE_TRIL_ATTR: "scale_tril"}.get(key, key)
-        stats.forms[int(mat.ids[(0,) * mat.ids.dim()])] = kind  # no copy of the expanded ids
-        stats.add("matmark", mat.ids, _one(mat))
+            stats.add("cov_num", mat_ids, w, resid.unsqueeze(-1), resid.unsqueeze(-2))
+            stats.add("cov_den", mat_ids, w)
+        stats.forms[first] = {_compat.MVN_SCALE_TRIL_ATTR: "scale_tril"}.get(key, key)
+        stats.add("matmark", mat_ids, one)
 
 
 def mvn_precision(fn, mats: dict, current) -> torch.Tensor:
@@ -948,25 +1072,39 @@ def _covariances(ctx: MStepContext):
     )
     cur = ctx.current.reshape(-1, d, d)
     eye = torch.eye(d, dtype=num.dtype, device=num.device)
-    for m in used.nonzero().flatten().tolist():
-        if den[m] <= 0:
+    rows = []
+    for m, w in zip(used.nonzero().flatten().tolist(), den[used].tolist(), strict=True):
+        if w <= 0:
             ctx.warn(f"param '{ctx.name}': matrix {m} has no posterior mass; kept")
             continue
-        ml = 0.5 * (num[m] + num[m].T) / den[m]
-        cov = ml + ctx.reg_covar * eye
-        if ctx.reg_covar > 0:
-            ctx.allow(_reg_cost(ml, cov, float(den[m])))
-        if kind == "covariance_matrix":
-            cur[m] = cov
-            continue
+        rows.append(m)
+    if not rows:
+        return cur.reshape(-1)
+    # every matrix at once (batched LAPACK: the same per-matrix results as one by one)
+    at = slice(None) if len(rows) == len(den) else torch.tensor(rows, device=num.device)
+    n, picked = den[at], num[at]
+    ml = 0.5 * (picked + picked.mT) / n.view(-1, 1, 1)
+    cov = ml + ctx.reg_covar * eye
+    if ctx.reg_covar > 0:
+        # (the factors of both in one batched call: the cost reads them, the update keeps C's)
+        factors, infos = torch.linalg.cholesky_ex(torch.cat([ml, cov]))
+        m_ = len(rows)
+        chol, info = factors[m_:], infos[m_:]
+        for cost in _reg_cost(ml, (factors[:m_], infos[:m_]), chol, n):
+            ctx.allow(cost)
+    elif kind != "covariance_matrix":
         chol, info = torch.linalg.cholesky_ex(cov)
-        if info:
-            raise torch.linalg.LinAlgError(
-                f"param '{ctx.name}': the covariance of component {m} is singular (too few "
-                f"points, or collapsed onto a subspace); raise reg_covar (now "
-                f"{ctx.reg_covar})"
-            )
-        cur[m] = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
+    if kind == "covariance_matrix":
+        cur[at] = cov
+        return cur.reshape(-1)
+    if info.any():
+        m = rows[int(info.ne(0).nonzero()[0, 0])]
+        raise torch.linalg.LinAlgError(
+            f"param '{ctx.name}': the covariance of component {m} is singular (too few "
+            f"points, or collapsed onto a subspace); raise reg_covar (now "
+            f"{ctx.reg_covar})"
+        )
+    cur[at] = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
     return cur.reshape(-1)
 
 
@@ -1002,7 +1140,7 @@ def _linear_loc(fn, loc: Tracked, value, weight, stats: Stats, current) -> None:
     p = loc.design.shape[0]
     design = loc.design.movedim(0, -1)  # (*shape, P)
     ids = loc.ids.movedim(0, -1)
-    shape = torch.broadcast_shapes(design.shape, ids.shape)
+    shape = _compat.broadcast_shapes(design.shape, ids.shape)
     y = value if loc.const is None else value - loc.const
     prec = 1.0 / current(fn.__dict__.get("scale")) ** 2
     w = (weight * prec).unsqueeze(-1)

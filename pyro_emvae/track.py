@@ -393,7 +393,7 @@ def _linear_op(name, func, args, kwargs, result, sources):
         a1 = a.unsqueeze(0) if a.dim() == 1 else a  # (..., I, D)
         b1 = b.unsqueeze(-1) if b.dim() == 1 else b  # (..., D, J)
         left, right = a1.unsqueeze(-1), b1.unsqueeze(-3)  # (..., I, D, 1), (..., 1, D, J)
-        full = torch.broadcast_shapes(left.shape, right.shape)
+        full = _compat.broadcast_shapes(left.shape, right.shape)
         if b is src:
             design, ids = left, src.ids.reshape(b1.shape).unsqueeze(-3)
         else:

@@ -718,7 +718,7 @@ def check_shapes(trace, max_plate_nesting: int) -> None:
             )
         vbatch = vshape[: len(vshape) - event_dim]
         try:
-            lp_shape = torch.broadcast_shapes(fn.batch_shape, vbatch)
+            lp_shape = _compat.broadcast_shapes(fn.batch_shape, vbatch)
         except RuntimeError:
             raise ModelInputError(
                 f"{where}: its value's batch shape {_shape(vbatch)} (value shape "
@@ -910,7 +910,7 @@ class _BroadcastWatch(torch.overrides.TorchFunctionMode):
             shapes = [a.shape for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             if shapes:
                 try:
-                    shape = torch.broadcast_shapes(*shapes)
+                    shape = _compat.broadcast_shapes(*shapes)
                 except RuntimeError:  # (the op itself will say what is wrong)
                     shape = None
                 if shape is not None and math.prod(shape) > max(map(math.prod, shapes)):
@@ -1022,7 +1022,7 @@ def _factor(name: str, site: dict, depth: int) -> tuple[int, tuple[int, ...], in
     itemsize = torch.empty((), dtype=_site_dtype(site)).element_size()
     if isinstance(fn, DiscreteHMM):
         k = fn.transition_logits.size(-1)
-        batch = torch.broadcast_shapes(
+        batch = _compat.broadcast_shapes(
             fn.batch_shape, value.shape[: value.dim() - 1 - fn.observation_dist.event_dim]
         )
         shape = tuple(batch) + (_hmm_duration(site), k, k)
@@ -1030,7 +1030,7 @@ def _factor(name: str, site: dict, depth: int) -> tuple[int, tuple[int, ...], in
     event_dim = _event_dim(fn)
     try:
         shape = tuple(
-            torch.broadcast_shapes(fn.batch_shape, value.shape[: value.dim() - event_dim])
+            _compat.broadcast_shapes(fn.batch_shape, value.shape[: value.dim() - event_dim])
         )
     except RuntimeError:
         return None
@@ -1294,7 +1294,9 @@ def _mask_share(fn) -> float:
             if mask is False:
                 return 0.0
             if torch.is_tensor(mask):
-                kept = torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, fn.batch_shape))
+                kept = torch.broadcast_to(
+                    mask, _compat.broadcast_shapes(mask.shape, fn.batch_shape)
+                )
                 share *= float(kept.float().mean()) if kept.numel() else 0.0
         fn = fn.base_dist
     return share
@@ -1332,7 +1334,7 @@ def observed_count(trace) -> int:
             cells *= _mask_share(fn)
         if torch.is_tensor(mask):  # the share of cells the site's mask keeps
             batch = fn.batch_shape
-            kept = torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, batch))
+            kept = torch.broadcast_to(mask, _compat.broadcast_shapes(mask.shape, batch))
             cells *= float(kept.float().mean()) if kept.numel() else 0.0
         total += cells
     return round(total)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import estep as bench
 from benchmarks import gmm as gmm_bench
 from benchmarks import hmm as hmm_bench
+from benchmarks import small as small_bench
 
 HAVE_SKLEARN = importlib.util.find_spec("sklearn") is not None
 HAVE_HMMLEARN = importlib.util.find_spec("hmmlearn") is not None
@@ -64,6 +65,24 @@ def test_quick_run_prints_tables_and_passes_checks(capsys):
     assert set(result) == {"gmm", "hmm"}
     assert list(result["gmm"]) == [10_000] and list(result["hmm"]) == [1_000]
     assert all(t > 0 for d in result.values() for t in d.values())
+
+
+@pytest.mark.timeout(120)
+def test_small_data_run_prints_the_table_and_the_breakdown(capsys):
+    med = small_bench.main(["--repeat", "1"])
+    out = capsys.readouterr().out
+    assert "ours, torch 1 thread" in med and all(t > 0 for t in med.values())
+    assert ("sklearn GaussianMixture" in med) == HAVE_SKLEARN
+    if HAVE_SKLEARN:
+        checks = [ln for ln in out.splitlines() if ln.lstrip().startswith("check ")]
+        assert len(checks) == 2 and all(ln.endswith(" ok") for ln in checks), checks
+    # the breakdown: E-steps, M-steps, and one model pass per E-step plus the setup's three
+    assert "where our fit's time goes" in out
+    for part in ("whole fit", "E-step", "M-step", "  statistics", "  maximize", "rest ("):
+        assert any(ln.startswith(part) for ln in out.splitlines()), part
+    line = next(ln for ln in out.splitlines() if ln.startswith("model passes per fit:"))
+    passes, e_steps = line.split()[4], line.split("one per E-step, ")[1].split(";")[0]
+    assert int(passes) == int(e_steps) + 3
 
 
 def test_failed_check_raises():

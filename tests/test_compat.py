@@ -297,6 +297,53 @@ def test_tensor_version_counts_in_place_changes():
     assert _compat.tensor_version(t) == v + 1
 
 
+def test_einsum_equation_is_torchs():
+    a, b, c = torch.randn(3, 4), torch.randn(4, 5), torch.randn(5)
+    for eq, ops in [
+        ("ij,jk->ik", [a, b]),
+        ("ij->j", [a]),
+        ("ij,j->", [b.T, a[0]]),
+        ("k,k->", [c, c]),
+    ]:
+        assert torch.equal(_compat.einsum_equation(eq, ops), torch.einsum(eq, *ops))
+    # (three operands: torch.einsum's contraction path)
+    got = _compat.einsum_equation("ij,jk,k->i", [a, b, c])
+    assert torch.equal(got, torch.einsum("ij,jk,k->i", a, b, c))
+
+
+def test_view_base_is_the_viewed_tensor():
+    t = torch.arange(6).reshape(2, 3)  # (a view of arange's result)
+    root = _compat.view_base(t)
+    assert root.shape == (6,) and _compat.view_base(root) is root
+    assert _compat.view_base(t[:, :1].expand(2, 5)) is root
+    assert _compat.view_base(t.clone()) is not root
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        (),
+        ((2, 1),),
+        ((2, 1), (3,)),
+        (torch.Size([4, 1, 3]), (5, 1), torch.Size([])),
+        ((0, 1), (1, 7)),
+        ([1], (2, 1, 1)),
+    ],
+)
+def test_broadcast_shapes_is_torchs(shapes):
+    got = _compat.broadcast_shapes(*shapes)
+    assert type(got) is torch.Size
+    assert got == torch.broadcast_shapes(*shapes)
+
+
+def test_broadcast_shapes_refuses_a_mismatch_as_torch_does():
+    for shapes in [((2,), (3,)), ((4, 2), (1, 3)), ((2, 1), (5, 3))]:
+        with pytest.raises(RuntimeError):
+            torch.broadcast_shapes(*shapes)
+        with pytest.raises(RuntimeError):
+            _compat.broadcast_shapes(*shapes)
+
+
 def test_disable_torch_function_subclass_skips_the_override():
     calls = []
 
