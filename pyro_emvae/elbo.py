@@ -45,7 +45,7 @@ class KLControlledELBO:
     :math:`\\lambda` nats per latent element.
 
     One trace gives both the controlled objective (what is minimized) and the plain ELBO
-    estimate, kept in :attr:`last_elbo`. When the model enumerates discrete sites :math:`c`,
+    estimate, kept in ``last_elbo``. When the model enumerates discrete sites :math:`c`,
     they are summed out exactly per datum (as ``TraceEnum_ELBO`` does) and the KL is taken
     against the marginal prior :math:`p(z) = \\sum_c p(c)\\,p(z \\mid c)`:
     :math:`\\mathrm{KL} = \\mathbb E_q[\\log q(z) - \\log p(z)]`, reconstruction

@@ -57,7 +57,7 @@ class FitResult:
 
     @property
     def objective(self) -> float:
-        """The final objective: ``log_likelihood`` when exact, else ``elbo``."""
+        """The final objective, ``log_likelihood`` when exact, else ``elbo``."""
         return self.log_likelihood if self.log_likelihood is not None else self.elbo
 
     def per_datum(self) -> float:
