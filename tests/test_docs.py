@@ -97,6 +97,21 @@ def test_the_doctests_are_collected():
     assert len(DOCTESTS) >= 60
 
 
+@pytest.fixture
+def _rule_registry():
+    """An example may register a closed-form rule (``register_rule``): undo it afterwards, so
+    the tests that follow see the built-in rules only."""
+    from pyro_emvae import rules
+
+    tables = [getattr(rules, n) for n in ("RULES", "HANDLED", "ROLES", "MAXIMIZERS")]
+    saved = [dict(t) for t in tables]
+    yield
+    for table, old in zip(tables, saved, strict=True):
+        table.clear()
+        table.update(old)
+
+
+@pytest.mark.usefixtures("_rule_registry")
 @pytest.mark.parametrize("test", DOCTESTS, ids=[t.name for t in DOCTESTS])
 def test_docstring_example(test: doctest.DocTest):
     """Each docstring's example, run as doctest runs it (float64, seed 0, empty param store:
