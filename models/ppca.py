@@ -71,7 +71,7 @@ def init_params(x: torch.Tensor, latent_dim: int, seed: int = 0) -> None:
         >>> import pyro, torch
         >>> from models.ppca import init_params
         >>> init_params(torch.randn(50, 4), 2)
-        >>> pyro.param("W").shape, pyro.param("mu").shape, float(pyro.param("sigma"))
+        >>> pyro.param("W").shape, pyro.param("mu").shape, pyro.param("sigma").item()
         (torch.Size([4, 2]), torch.Size([4]), 1.0)
     """
     g = torch.Generator().manual_seed(seed)
