@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # pyro_emvae and the model zoo (models/) from this checkout
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import pyro_emvae  # noqa: E402
+import pyro_emvae
 
 project = "pyro_emvae"
 author = "pyro_emvae contributors"
-copyright = "pyro_emvae contributors"  # noqa: A001
+copyright = "pyro_emvae contributors"
 release = version = pyro_emvae.__version__
 
 extensions = [
@@ -53,12 +53,11 @@ napoleon_use_rtype = False
 # A broken reference to our own API is an error; references to other projects are not
 # resolved (no intersphinx), so they are not checked.
 nitpicky = True
+# Annotations autodoc shortens to a bare name of another project's class (``nn.Module``,
+# ``pyro.optim.PyroOptim``).
+nitpick_ignore = [("py:class", "Module"), ("py:class", "PyroOptim")]
 nitpick_ignore_regex = [
     (r"py:.*", r"(?!pyro_emvae\b|models\b).*\..*"),  # dotted names outside this project
-    (r"py:.*", r"(Tensor|Any|Callable|Iterable|Iterator|Sequence|Mapping|Module|Path|"
-     r"Distribution|Trace|Constraint|DataLoader|ndarray|Dataset|ELBO|PyroOptim|"
-     r"TraceEnum_ELBO|Trace_ELBO|AutoGuide|Figure|Axes|InferenceData|PathLike|"
-     r"ProcessGroup|Number|NoneType|optional|callable|tensor|dtype|device)"),
 ]
 suppress_warnings = ["myst.header"]
 

@@ -75,9 +75,7 @@ def _public() -> list[tuple[str, object]]:
 
 def test_every_public_name_has_a_docstring_with_an_example():
     """``pyro_emvae.__all__`` and every public function and class of the model zoo."""
-    missing = [
-        name for name, obj in _public() if ">>> " not in (inspect.getdoc(obj) or "")
-    ]
+    missing = [name for name, obj in _public() if ">>> " not in (inspect.getdoc(obj) or "")]
     assert not missing, f"public names without a docstring example: {missing}"
 
 
