@@ -132,3 +132,33 @@ def test_readme_is_a_landing_page_that_links_into_the_docs():
     # every docs page the README links to exists
     for page in re.findall(r"\(docs/([\w/]+)\.md\)", readme):
         assert (ROOT / "docs" / f"{page}.md").exists(), page
+
+
+@pytest.mark.usefixtures("_rule_registry")
+def test_custom_rule_page_example_registers_a_rule_that_em_uses():
+    """docs/guide/custom_rule.md's code block, as printed, makes a Gamma mixture's rates
+    closed-form, and one EM step from it gives the page's formula β = α Σw / Σ w x."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from pyro_emvae import EMOptim, ExactEStep, fit
+
+    page = (ROOT / "docs" / "guide" / "custom_rule.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.DOTALL).group(1)
+    exec(compile(code, "custom_rule.md", "exec"), {})  # noqa: S102 (the page is ours)
+
+    def model(x):
+        rates = pyro.param("rates", torch.tensor([1.0, 2.0]), constraint=dist.constraints.positive)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample(
+                "z", dist.Categorical(torch.ones(2) / 2), infer={"enumerate": "parallel"}
+            )
+            pyro.sample("x", dist.Gamma(3.0, rates[z]), obs=x)
+
+    x = dist.Gamma(3.0, torch.tensor([0.5, 5.0])).sample((100,)).flatten()
+    assert EMOptim().plan(ExactEStep(model), (x,), {}).closed_form == ["rates"]
+    w = ExactEStep(model).marginals(x)["z"]
+    fit(model, ExactEStep(model), x, max_iter=1, tol=0)
+    expected = 3.0 * w.sum(0) / (w * x[:, None]).sum(0)
+    assert torch.allclose(pyro.param("rates").detach(), expected, rtol=1e-10)
