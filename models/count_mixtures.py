@@ -76,6 +76,14 @@ def init_poisson(data: Tensor, K: int, seed: int = 0, jitter: float = 0.5) -> di
 
     Returns:
         ``{"weights": (K,), "rates": (K, D)}``.
+
+    Example::
+
+        >>> import torch
+        >>> from models.count_mixtures import init_poisson
+        >>> init = init_poisson(torch.tensor([[1.0, 4.0], [3.0, 8.0], [2.0, 6.0]]), K=3)
+        >>> init["weights"], init["rates"].shape
+        (tensor([0.3333, 0.3333, 0.3333]), torch.Size([3, 2]))
     """
     data = _as_2d(data).detach()
     N, D = data.shape
@@ -96,6 +104,14 @@ def init_bernoulli(data: Tensor, K: int, seed: int = 0, jitter: float = 0.25) ->
 
     Returns:
         ``{"weights": (K,), "probs": (K, D)}``.
+
+    Example::
+
+        >>> import torch
+        >>> from models.count_mixtures import init_bernoulli
+        >>> init = init_bernoulli(torch.tensor([[0.0, 1.0], [1.0, 1.0]]), K=2)
+        >>> init["probs"].shape, bool(((0.01 <= init["probs"]) & (init["probs"] <= 0.99)).all())
+        (torch.Size([2, 2]), True)
     """
     data = _as_2d(data).detach()
     N, D = data.shape
@@ -121,6 +137,20 @@ def poisson_mixture(data: Tensor, K: int, init: Mapping[str, Tensor] | None = No
 
     Returns:
         the value of ``z``.
+
+    :math:`z_n \\sim \\mathrm{Categorical}(w)`, :math:`x_{nd} \\mid z_n = k \\sim
+    \\mathrm{Poisson}(\\lambda_{kd})`; EM's rate update is :math:`\\lambda_{kd} = \\sum_n w_{nk}
+    x_{nd} / \\sum_n w_{nk}`.
+
+    Example::
+
+        >>> from pyro_emvae import ExactEStep, fit
+        >>> from models.count_mixtures import poisson_mixture, sample_poisson_mixture
+        >>> x, truth = sample_poisson_mixture(300, K=2, D=3, seed=0)
+        >>> model = lambda x: poisson_mixture(x, 2)
+        >>> result = fit(model, ExactEStep(model), x)
+        >>> result.algorithm, result.params["rates"].shape  # closed-form Poisson and weight updates
+        ('EM', torch.Size([2, 3]))
     """
     data = _as_2d(data)
     if init is None:
@@ -140,6 +170,18 @@ def bernoulli_mixture(data: Tensor, K: int, init: Mapping[str, Tensor] | None = 
 
     Returns:
         the value of ``z``.
+
+    :math:`z_n \\sim \\mathrm{Categorical}(w)`, :math:`x_{nd} \\mid z_n = k \\sim
+    \\mathrm{Bernoulli}(p_{kd})`.
+
+    Example::
+
+        >>> from pyro_emvae import ExactEStep
+        >>> from models.count_mixtures import bernoulli_mixture, sample_bernoulli_mixture
+        >>> x, truth = sample_bernoulli_mixture(100, K=3, D=8, seed=0)
+        >>> post = ExactEStep(lambda x: bernoulli_mixture(x, 3)).posterior(x)
+        >>> post.marginals["z"].shape  # p(z_n = k | x_n)
+        torch.Size([100, 3])
     """
     data = _as_2d(data)
     if init is None:
@@ -165,6 +207,13 @@ def sample_poisson_mixture(
 
     Returns:
         ``(data (N, D), {"weights", "rates"})`` and, with ``return_assignments``, ``z (N,)``.
+
+    Example::
+
+        >>> from models.count_mixtures import sample_poisson_mixture
+        >>> x, truth, z = sample_poisson_mixture(50, K=3, D=2, seed=0, return_assignments=True)
+        >>> x.shape, truth["rates"].shape, z.shape
+        (torch.Size([50, 2]), torch.Size([3, 2]), torch.Size([50]))
     """
     dtype = torch.get_default_dtype()
     gen = torch.Generator().manual_seed(seed)
@@ -186,6 +235,13 @@ def sample_bernoulli_mixture(N: int, K: int, D: int, seed: int = 0, return_assig
 
     Returns:
         ``(data (N, D), {"weights", "probs"})`` and, with ``return_assignments``, ``z (N,)``.
+
+    Example::
+
+        >>> from models.count_mixtures import sample_bernoulli_mixture
+        >>> x, truth = sample_bernoulli_mixture(50, K=3, D=4, seed=0)
+        >>> x.shape, sorted(x.unique().tolist()), truth["probs"].shape
+        (torch.Size([50, 4]), [0.0, 1.0], torch.Size([3, 4]))
     """
     dtype = torch.get_default_dtype()
     gen = torch.Generator().manual_seed(seed)

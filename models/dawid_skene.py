@@ -86,6 +86,14 @@ def init_params(
 
     Returns:
         ``{"pi": (K,), "confusion": (J, K, K)}``.
+
+    Example::
+
+        >>> from models.dawid_skene import init_params, sample_dawid_skene
+        >>> labels, observed, truth = sample_dawid_skene(20, 4, K=3, seed=0)
+        >>> init = init_params(labels, observed, K=3)
+        >>> init["pi"].shape, init["confusion"].shape  # (K,), (J, K, K): rows sum to one
+        (torch.Size([3]), torch.Size([4, 3, 3]))
     """
     _check(labels, observed)
     dtype = torch.get_default_dtype()
@@ -109,6 +117,23 @@ def dawid_skene_model(
 
     Returns:
         the value of ``z``.
+
+    :math:`z_i \\sim \\mathrm{Categorical}(\\pi)`, :math:`y_{ij} \\mid z_i = k \\sim
+    \\mathrm{Categorical}(C_{j,k,:})` for the observed labels, with :math:`C_j` the ``(K, K)``
+    confusion matrix of annotator :math:`j`.
+
+    Example::
+
+        >>> from pyro_emvae import ExactEStep, fit
+        >>> from models.dawid_skene import dawid_skene_model, majority_vote, sample_dawid_skene
+        >>> labels, observed, truth = sample_dawid_skene(100, 5, K=3, seed=0)
+        >>> model = lambda: dawid_skene_model(labels, observed, K=3)
+        >>> result = fit(model, ExactEStep(model), tol=1e-4)
+        >>> z = ExactEStep(model).map()["z"].flatten()  # each item's most probable class
+        >>> em = (z == truth["z"]).double().mean()
+        >>> vote = (majority_vote(labels, observed, 3).argmax(-1) == truth["z"]).double().mean()
+        >>> bool(em >= vote)
+        True
     """
     _check(labels, observed)
     I, J = labels.shape
@@ -147,6 +172,13 @@ def sample_dawid_skene(
     Returns:
         ``(labels, observed, truth)``: ``labels`` ``(I, J)`` int64 (0 where missing),
         ``observed`` ``(I, J)`` bool, and ``truth = {"pi", "confusion", "z"}``.
+
+    Example::
+
+        >>> from models.dawid_skene import sample_dawid_skene
+        >>> labels, observed, truth = sample_dawid_skene(10, 3, K=4, seed=0, p_missing=0.3)
+        >>> labels.shape, observed.dtype, truth["confusion"].shape, bool(observed.any(1).all())
+        (torch.Size([10, 3]), torch.bool, torch.Size([3, 4, 4]), True)
     """
     dtype = torch.get_default_dtype()
     gen = torch.Generator().manual_seed(seed)

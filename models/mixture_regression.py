@@ -54,7 +54,23 @@ __all__ = ["init_params", "mixture_regression", "sample_mixture_regression"]
 
 def mixture_regression(X: Tensor, y: Tensor, K: int, init: Mapping[str, Tensor] | None = None):
     """The model: ``X`` (N, D) covariates, ``y`` (N,) responses, ``K`` components; ``init``
-    gives the params' first values (see :func:`init_params`)."""
+    gives the params' first values (see :func:`init_params`).
+
+    :math:`z_n \\sim \\mathrm{Categorical}(w)`, :math:`y_n \\mid z_n = k \\sim
+    \\mathrm{Normal}(x_n^\\top \\beta_k + b_k, \\sigma_k)`.
+
+    Example::
+
+        >>> from pyro_emvae import ExactEStep, fit
+        >>> from models.mixture_regression import init_params, mixture_regression
+        >>> from models.mixture_regression import sample_mixture_regression
+        >>> X, y, truth = sample_mixture_regression(400, K=2, D=3, seed=0)
+        >>> init = init_params(X, y, 2)
+        >>> model = lambda X, y: mixture_regression(X, y, 2, init=init)
+        >>> result = fit(model, ExactEStep(model), X, y, max_iter=5, tol=0)
+        >>> result.algorithm  # every param in closed form: weighted least squares per component
+        'EM'
+    """
     N, D = X.shape
     # (copies: the param store updates a real param's tensor in place)
     init = {k: v.detach().clone() for k, v in (init or {}).items()}
@@ -76,7 +92,15 @@ def sample_mixture_regression(
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """``N`` draws ``(X, y)`` from a random mixture of ``K`` regressions on ``D`` standard
     normal features (slopes N(0, 2²), intercepts N(0, 1), noise uniform in ``noise``,
-    weights Dirichlet(5)); returns ``X``, ``y`` and the true params and labels."""
+    weights Dirichlet(5)); returns ``X``, ``y`` and the true params and labels.
+
+    Example::
+
+        >>> from models.mixture_regression import sample_mixture_regression
+        >>> X, y, truth = sample_mixture_regression(100, K=3, D=2, seed=0)
+        >>> X.shape, y.shape, sorted(truth)
+        (torch.Size([100, 2]), torch.Size([100]), ['W', 'b', 'sigma', 'weights', 'z'])
+    """
     g = torch.Generator().manual_seed(seed)
     weights = torch._standard_gamma(torch.full((K,), 5.0), generator=g)
     weights = weights / weights.sum()
@@ -92,7 +116,15 @@ def sample_mixture_regression(
 
 def init_params(X: Tensor, y: Tensor, K: int, seed: int = 1) -> dict[str, Tensor]:
     """A random start: the pooled least-squares fit plus noise per component, the residual
-    scale, equal weights."""
+    scale, equal weights.
+
+    Example::
+
+        >>> from models.mixture_regression import init_params, sample_mixture_regression
+        >>> X, y, truth = sample_mixture_regression(100, K=3, D=2, seed=0)
+        >>> {k: tuple(v.shape) for k, v in init_params(X, y, 3).items()}
+        {'weights': (3,), 'W': (3, 2), 'b': (3,), 'sigma': (3,)}
+    """
     g = torch.Generator().manual_seed(seed)
     N, D = X.shape
     design = torch.cat([X, torch.ones(N, 1, dtype=X.dtype)], -1)

@@ -115,7 +115,21 @@ def make_mixture_vae(
 
 def mixture_log_joint(z: torch.Tensor) -> torch.Tensor:
     """:math:`\\log \\pi_k + \\log \\mathcal N(z_i; \\mu_k, \\sigma_k^2)` from the param store:
-    ``z`` ``(N, q)`` -> ``(N, K)``."""
+    ``z`` ``(N, q)`` -> ``(N, K)``.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_emvae import AmortizedGuide
+        >>> from models.mixture_vae import make_mixture_vae, mixture_log_joint
+        >>> model, decoder = make_mixture_vae(data_dim=4, latent_dim=2, n_clusters=3, hidden=(8,))
+        >>> x = torch.bernoulli(torch.full((10, 4), 0.5))
+        >>> guide = AmortizedGuide(model, hidden=(8,))
+        >>> model(x); _ = guide(x)  # the first calls create the params
+
+        >>> mixture_log_joint(torch.zeros(5, 2)).shape  # (N, q) -> (N, K)
+        torch.Size([5, 3])
+    """
     store = pyro.get_param_store()
     weights, locs, scales = store["weights"], store["locs"], store["scales"]
     return weights.log() + dist.Normal(locs, scales).to_event(1).log_prob(z.unsqueeze(-2))
@@ -124,7 +138,22 @@ def mixture_log_joint(z: torch.Tensor) -> torch.Tensor:
 def cluster_posterior(guide, x: torch.Tensor) -> torch.Tensor:
     """:math:`p(c_i = k \\mid z_i = \\mathbb E_q[z_i \\mid x_i])` by Bayes with the mixture prior
     (params from the store): ``(N, K)``, rows summing to 1; ``.argmax(-1)`` clusters the data.
-    ``x`` may be held-out data of any size."""
+    ``x`` may be held-out data of any size.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_emvae import AmortizedGuide
+        >>> from models.mixture_vae import make_mixture_vae, cluster_posterior
+        >>> model, decoder = make_mixture_vae(data_dim=4, latent_dim=2, n_clusters=3, hidden=(8,))
+        >>> x = torch.bernoulli(torch.full((10, 4), 0.5))
+        >>> guide = AmortizedGuide(model, hidden=(8,))
+        >>> model(x); _ = guide(x)  # the first calls create the params
+
+        >>> p = cluster_posterior(guide, x)
+        >>> p.shape, torch.allclose(p.sum(-1), torch.ones(10))
+        (torch.Size([10, 3]), True)
+    """
     with torch.no_grad():
         return mixture_log_joint(encode_mean(guide, x)).softmax(-1)
 
@@ -218,7 +247,18 @@ def m2_inputs(n_classes: int) -> Callable[..., torch.Tensor]:
     function of the model's arguments ``(x, y, labeled, ...)`` giving ``[x, onehot(y)]`` for
     labeled data and ``[x, 0]`` for unlabeled ones, ``(N, data_dim + n_classes)``, so
     :math:`q(z \\mid x, y)` sees a label only where there is one (the guide's default input
-    would one-hot the placeholder labels of unlabeled data too)."""
+    would one-hot the placeholder labels of unlabeled data too).
+
+    Example::
+
+        >>> import torch
+        >>> from models.mixture_vae import m2_inputs
+        >>> x, y = torch.zeros(3, 2), torch.tensor([0, 2, 0])
+        >>> m2_inputs(3)(x, y, torch.tensor([True, True, False]))  # the third is unlabeled
+        tensor([[0., 0., 1., 0., 0.],
+                [0., 0., 0., 0., 1.],
+                [0., 0., 0., 0., 0.]])
+    """
 
     def inputs(x: torch.Tensor, y: torch.Tensor, labeled: torch.Tensor, *args, **kwargs):
         onehot = nn.functional.one_hot(y.long(), n_classes) * labeled.unsqueeze(-1)
@@ -245,6 +285,20 @@ def m2_classify(
 
     ``guide`` is the ``AmortizedGuide(model, inputs=m2_inputs(K))`` the model was trained with;
     ``x`` may be held-out data of any size.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_emvae import AmortizedGuide
+        >>> from models.mixture_vae import m2_classify, m2_inputs, make_m2
+        >>> model, decoder = make_m2(data_dim=4, latent_dim=2, n_classes=3, hidden=(8,))
+        >>> x = torch.bernoulli(torch.full((6, 4), 0.5))
+        >>> y, labeled = torch.tensor([0, 1, 2, 0, 0, 0]), torch.tensor([True] * 3 + [False] * 3)
+        >>> guide = AmortizedGuide(model, inputs=m2_inputs(3), hidden=(8,))
+        >>> model(x, y, labeled); _ = guide(x, y, labeled)  # the first calls create the params
+        >>> p = m2_classify(decoder, guide, x[3:], num_samples=10)
+        >>> p.shape, torch.allclose(p.sum(-1), torch.ones(3))
+        (torch.Size([3, 3]), True)
     """
     pi = pyro.param("class_weights").detach()
     K = len(pi)

@@ -84,13 +84,29 @@ def load_digits(
 
 
 def load_digits_labels() -> torch.Tensor:
-    """The digit class (0..9) of each row of :func:`load_digits`: a ``(1797,)`` LongTensor."""
+    """The digit class (0..9) of each row of :func:`load_digits`: a ``(1797,)`` LongTensor.
+
+    Example::
+
+        >>> from models.vae import load_digits_labels
+        >>> y = load_digits_labels()
+        >>> y.shape, y.dtype, y.unique().tolist()
+        (torch.Size([1797]), torch.int64, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    """
     return load_digits(return_labels=True)[1]
 
 
 def train_test_split(n: int, n_train: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A random split of ``range(n)``: ``(train indices (n_train,), test indices)``, from a
-    generator seeded with ``seed`` (the global RNG is left alone)."""
+    generator seeded with ``seed`` (the global RNG is left alone).
+
+    Example::
+
+        >>> from models.vae import train_test_split
+        >>> train, test = train_test_split(10, 7)
+        >>> len(train), len(test), sorted(train.tolist() + test.tolist()) == list(range(10))
+        (7, 3, True)
+    """
     if not 0 < n_train < n:
         raise ValueError(f"n_train must be in [1, {n - 1}], got {n_train}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -98,7 +114,15 @@ def train_test_split(n: int, n_train: int, seed: int = 0) -> tuple[torch.Tensor,
 
 
 def to_images(x: torch.Tensor) -> torch.Tensor:
-    """``(..., 64)`` -> ``(..., 8, 8)``."""
+    """``(..., 64)`` -> ``(..., 8, 8)``.
+
+    Example::
+
+        >>> import torch
+        >>> from models.vae import to_images
+        >>> to_images(torch.zeros(5, 64)).shape
+        torch.Size([5, 8, 8])
+    """
     return x.reshape(*x.shape[:-1], *IMAGE_SHAPE)
 
 
@@ -106,7 +130,16 @@ def to_images(x: torch.Tensor) -> torch.Tensor:
 def decoder_net(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
     """An MLP ``in_dim -> hidden... -> out_dim`` with ReLU between layers and none on the
     output (the logits), in the default dtype. ``nn.Linear`` acts on the last dim, so any
-    leading dims (particles, enumerated values, data) pass through."""
+    leading dims (particles, enumerated values, data) pass through.
+
+    Example::
+
+        >>> import torch
+        >>> from models.vae import decoder_net
+        >>> net = decoder_net(2, (16,), 64)
+        >>> net(torch.zeros(10, 3, 2)).shape  # leading dims pass through
+        torch.Size([10, 3, 64])
+    """
     sizes = [in_dim, *hidden, out_dim]
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
@@ -118,7 +151,16 @@ def decoder_net(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequenti
 
 def likelihood_dist(logits: torch.Tensor, likelihood: str) -> dist.TorchDistribution:
     """The per-pixel likelihood with these logits, pixels as one event: batch shape
-    ``logits.shape[:-1]``, event shape ``logits.shape[-1:]``."""
+    ``logits.shape[:-1]``, event shape ``logits.shape[-1:]``.
+
+    Example::
+
+        >>> import torch
+        >>> from models.vae import likelihood_dist
+        >>> d = likelihood_dist(torch.zeros(3, 64), "bernoulli")
+        >>> d.batch_shape, d.event_shape
+        (torch.Size([3]), torch.Size([64]))
+    """
     if likelihood == "bernoulli":
         return dist.Bernoulli(logits=logits).to_event(1)
     if likelihood == "continuous_bernoulli":
@@ -128,7 +170,18 @@ def likelihood_dist(logits: torch.Tensor, likelihood: str) -> dist.TorchDistribu
 
 def pixel_means(logits: torch.Tensor, likelihood: str) -> torch.Tensor:
     """:math:`\\mathbb E[x \\mid \\lambda]` per pixel: :math:`\\sigma(\\lambda)` for the Bernoulli,
-    the continuous Bernoulli's own mean (pulled towards 1/2) for ``"continuous_bernoulli"``."""
+    the continuous Bernoulli's own mean (pulled towards 1/2) for ``"continuous_bernoulli"``.
+
+    Example::
+
+        >>> import torch
+        >>> from models.vae import pixel_means
+        >>> logits = torch.tensor([0.0, 2.0])
+        >>> pixel_means(logits, "bernoulli")  # sigmoid
+        tensor([0.5000, 0.8808])
+        >>> bool((pixel_means(logits, "continuous_bernoulli")[1] < 0.8808))  # pulled towards 1/2
+        True
+    """
     return likelihood_dist(logits, likelihood).mean
 
 
@@ -175,7 +228,21 @@ def make_vae(
 def encode_mean(guide, *args, **kwargs) -> torch.Tensor:
     """The encoder's mean of :math:`q(z_i \\mid x_i)` for every datum of ``args`` (the model's
     arguments, held-out data of any size included): ``(N, latent_dim)``, detached, for the
-    guide's one local site."""
+    guide's one local site.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_emvae import AmortizedGuide
+        >>> from models.vae import load_digits, make_vae, encode_mean
+        >>> x = load_digits(binarize=True)[:20]
+        >>> model, decoder = make_vae(latent_dim=2, hidden=(16,))
+        >>> guide = AmortizedGuide(model, hidden=(16,))
+        >>> model(x); _ = guide(x)  # the first calls create the params
+
+        >>> encode_mean(guide, x).shape  # (N, latent_dim)
+        torch.Size([20, 2])
+    """
     if guide.local is None:
         guide.setup(*args, **kwargs)
     if len(guide.local) != 1:
@@ -188,7 +255,22 @@ def reconstructions(
     decoder: nn.Module, guide, x: torch.Tensor, likelihood: str = "bernoulli"
 ) -> torch.Tensor:
     """Mean reconstructions :math:`\\mathbb E[x \\mid z = \\mathbb E_q[z \\mid x_i]]` as images
-    ``(N, 8, 8)`` in ``[0, 1]``: the encoder's mean, decoded, then each pixel's mean."""
+    ``(N, 8, 8)`` in ``[0, 1]``: the encoder's mean, decoded, then each pixel's mean.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_emvae import AmortizedGuide
+        >>> from models.vae import load_digits, make_vae, reconstructions
+        >>> x = load_digits(binarize=True)[:20]
+        >>> model, decoder = make_vae(latent_dim=2, hidden=(16,))
+        >>> guide = AmortizedGuide(model, hidden=(16,))
+        >>> model(x); _ = guide(x)  # the first calls create the params
+
+        >>> r = reconstructions(decoder, guide, x)
+        >>> r.shape, bool(((0 <= r) & (r <= 1)).all())
+        (torch.Size([20, 8, 8]), True)
+    """
     z = encode_mean(guide, x)
     with torch.no_grad():
         return to_images(pixel_means(decoder(z), likelihood))
@@ -202,7 +284,15 @@ def prior_samples(
     seed: int | None = None,
 ) -> torch.Tensor:
     """``n`` images ``(n, 8, 8)`` decoded from :math:`z \\sim \\mathcal N(0, I)`: each pixel's
-    mean given z (not a noisy draw of the pixels, which is what one usually shows)."""
+    mean given z (not a noisy draw of the pixels, which is what one usually shows).
+
+    Example::
+
+        >>> from models.vae import make_vae, prior_samples
+        >>> model, decoder = make_vae(latent_dim=2, hidden=(16,))
+        >>> prior_samples(decoder, 4, latent_dim=2, seed=0).shape
+        torch.Size([4, 8, 8])
+    """
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     dtype = next(decoder.parameters()).dtype
     z = torch.randn(n, latent_dim, generator=g, dtype=dtype)

@@ -100,6 +100,31 @@ class Posterior:
             Observed sites are included: this is what expected sufficient statistics are built on.
         scale: the common scale applied to the enumerated factors (1 without subsampling).
         param_grads: when asked for, unconstrained param name -> gradient of ``log_likelihood``.
+
+    For a mixture, :math:`\\log p(x) = \\sum_n \\log \\sum_k w_k\\, p(x_n \\mid k)` and the
+    marginals are the responsibilities :math:`p(z_n = k \\mid x_n) \\propto w_k\\, p(x_n \\mid k)`:
+
+    Example::
+
+        >>> import math, torch, pyro, pyro.distributions as dist
+        >>> from pyro_emvae import ExactEStep, fit
+        >>> def model(x):
+        ...     w = pyro.param("w", torch.ones(2) / 2, constraint=dist.constraints.simplex)
+        ...     locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        ...     with pyro.plate("data", len(x)):
+        ...         z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+        ...         pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+        >>> x = torch.cat([torch.randn(100) - 3, torch.randn(100) + 3])
+
+        >>> post = ExactEStep(model).posterior(x)
+        >>> post.marginals["z"].shape  # batch_shape + (K,)
+        torch.Size([200, 2])
+        >>> w, locs = pyro.param("w"), pyro.param("locs")
+        >>> log_joint = w.log() + dist.Normal(locs, 1.0).log_prob(x[:, None])  # (N, K)
+        >>> torch.allclose(post.log_likelihood, log_joint.logsumexp(-1).sum())
+        True
+        >>> torch.allclose(post.marginals["z"], log_joint.softmax(-1))
+        True
     """
 
     log_likelihood: torch.Tensor

@@ -71,6 +71,27 @@ class LogMarginal:
         elbo: the mean of :math:`\\log w` per datum (the single-sample ELBO estimate).
         ess: the effective sample size :math:`(\\sum w)^2 / \\sum w^2` per datum.
         num_samples: S.
+
+    With weights :math:`w_s = p(x_i, z_s) / q(z_s \\mid x_i)`, the estimate is :math:`\\log \\frac1S
+    \\sum_s w_s`, above the ELBO estimate :math:`\\frac1S \\sum_s \\log w_s` (Jensen); the ESS is
+    between 1 and S:
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from pyro_emvae import log_marginal
+        >>> def model(x):
+        ...     with pyro.plate("data", len(x)):
+        ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        ...         pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+        >>> def guide(x):  # the prior as q: a poor proposal, and the ESS says so
+        ...     with pyro.plate("data", len(x)):
+        ...         pyro.sample("z", dist.Normal(0.0, 1.0))
+        >>> est = log_marginal(model, guide, torch.tensor([0.0, 4.0]), num_samples=200)
+        >>> est.per_datum.shape, est.stderr.shape, est.num_samples
+        (torch.Size([2]), torch.Size([2]), 200)
+        >>> bool((est.elbo <= est.per_datum).all()), bool(est.ess[1] < est.ess[0])
+        (True, True)
     """
 
     per_datum: torch.Tensor
@@ -447,6 +468,24 @@ class Diagnostics:
         log_marginal: the IWAE estimate from the same draws.
         n_data: the number of data.
         notes: what was left out and why.
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from pyro_emvae import diagnostics
+        >>> def model(x):
+        ...     with pyro.plate("data", len(x)):
+        ...         z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        ...         pyro.sample("x", dist.Normal(z[..., :1], 1.0).to_event(1), obs=x)
+        >>> def guide(x):  # unit 0 reads the datum, unit 1 stays at the prior (collapsed)
+        ...     with pyro.plate("data", len(x)):
+        ...         loc = torch.cat([x / 2, torch.zeros_like(x)], -1)
+        ...         pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+        >>> d = diagnostics(model, guide, torch.randn(50, 1), num_samples=10)
+        >>> d.kl_per_dim["z"].shape, d.active_units["z"], d.n_data
+        (torch.Size([2]), 1, 50)
+        >>> abs(d.elbo - (d.reconstruction - d.kl)) < 1e-6 * abs(d.elbo)
+        True
     """
 
     elbo: float
@@ -642,6 +681,24 @@ class AmortizationGap:
         encoder_elbo: ``(N,)`` ELBO per datum with q from the encoder.
         optimized_elbo: ``(N,)`` ELBO per datum with each datum's q optimized on its own.
         steps: optimization steps taken.
+
+    The gap is the mean of ``optimized_elbo - encoder_elbo`` per datum, :math:`\\ge 0` up to the
+    optimizer's reach:
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from pyro_emvae import AmortizedGuide, amortization_gap
+        >>> def model(x):
+        ...     with pyro.plate("data", len(x)):
+        ...         z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+        ...         pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+        >>> guide = AmortizedGuide(model, hidden=())  # untrained
+        >>> g = amortization_gap(model, guide, 3 * torch.randn(20, 1), steps=20)
+        >>> g.encoder_elbo.shape, g.optimized_elbo.shape, g.steps
+        (torch.Size([20]), torch.Size([20]), 20)
+        >>> g.gap > 0  # an untrained encoder: freeing each q gains ELBO
+        True
     """
 
     encoder_elbo: torch.Tensor
@@ -688,7 +745,7 @@ def amortization_gap(
         ...         z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
         ...         pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
         >>> guide = AmortizedGuide(model, hidden=())  # untrained: q far from the posterior
-        >>> g = amortization_gap(model, guide, 3 * torch.randn(20, 1), steps=100)
+        >>> g = amortization_gap(model, guide, 3 * torch.randn(20, 1), steps=20)
         >>> g.gap > 0
         True
     """

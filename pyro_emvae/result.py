@@ -38,6 +38,30 @@ class FitResult:
             calling ``fit`` again resumes where it stopped.
         restarts: final objective of each run when ``n_init > 1``.
         info: the last M-step's diagnostics.
+
+    BIC is :math:`-2 \\log p_\\theta(x) + k \\log N`, with :math:`k` the free parameters counted
+    from the params' shapes and constraints:
+
+    Example::
+
+        >>> import math, torch, pyro, pyro.distributions as dist
+        >>> from pyro_emvae import ExactEStep, fit
+        >>> def model(x):
+        ...     w = pyro.param("w", torch.ones(2) / 2, constraint=dist.constraints.simplex)
+        ...     locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        ...     with pyro.plate("data", len(x)):
+        ...         z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+        ...         pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+        >>> x = torch.cat([torch.randn(100) - 3, torch.randn(100) + 3])
+
+        >>> result = fit(model, ExactEStep(model), x, tol=1e-8)
+        >>> result.algorithm, result.converged, result.n_data, sorted(result.closed_form)
+        ('EM', True, 200, ['locs', 'w'])
+        >>> len(result.history["log_likelihood"]) == result.n_iter + 1
+        True
+        >>> k = 1 + 2  # free parameters: w on the simplex of 2 has 1, locs 2
+        >>> math.isclose(result.bic(), -2 * result.log_likelihood + k * math.log(200))
+        True
     """
 
     params: dict[str, torch.Tensor]
@@ -57,7 +81,7 @@ class FitResult:
 
     @property
     def objective(self) -> float:
-        """The final objective: ``log_likelihood`` when exact, else ``elbo``."""
+        """The final objective, ``log_likelihood`` when exact, else ``elbo``."""
         return self.log_likelihood if self.log_likelihood is not None else self.elbo
 
     def per_datum(self) -> float:

@@ -304,6 +304,41 @@ class Rule:
     ``log_prob`` is an optional fused kernel: ``log_prob(fn, value)`` equal to
     ``fn.log_prob(value)`` computed from the family's sufficient statistics (None: the E-step
     uses the distribution's own). Register a rule with :func:`register_rule`.
+
+    The rate of a Gamma with a fixed concentration :math:`\\alpha`: the maximizer of :math:`\\sum_n
+    w_{nk} (\\alpha \\log \\beta_k - \\beta_k x_n)` is :math:`\\beta_k = \\alpha \\sum_n w_{nk} /
+    \\sum_n w_{nk} x_n` (see :doc:`/guide/custom_rule`):
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from pyro_emvae import EMOptim, ExactEStep, Rule, fit, register_rule
+        >>> @register_rule
+        ... class GammaRate(Rule):
+        ...     families = (dist.Gamma,)
+        ...     arguments = {"rate": {"value": "gamma_rate"}}  # attribute: {provenance form: role}
+        ...     stage = 0  # ECM stage: 0 locations/rates/probabilities, 1 scales
+        ...     def summarize(self, fn, value, weight, stats, stage, current):
+        ...         rate = fn.__dict__.get("rate")
+        ...         if stage == 0 and getattr(rate, "form", None) == "value":  # the param itself
+        ...             stats.add("gamma_num", rate.ids, weight, current(fn.concentration))
+        ...             stats.add("gamma_den", rate.ids, weight, value)
+        ...     def maximize(self, role, stats, ctx):
+        ...         return ctx.elementwise("gamma_num", "gamma_den")
+        >>> def model(x):
+        ...     rates = pyro.param("rates", torch.tensor([1.0, 2.0]),
+        ...                        constraint=dist.constraints.positive)
+        ...     with pyro.plate("data", len(x)):
+        ...         z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2),
+        ...                         infer={"enumerate": "parallel"})
+        ...         pyro.sample("x", dist.Gamma(3.0, rates[z]), obs=x)
+        >>> x = dist.Gamma(3.0, torch.tensor([0.5, 5.0])).sample((100,)).flatten()
+        >>> w = ExactEStep(model).marginals(x)["z"]  # (N, K) responsibilities
+        >>> EMOptim().plan(ExactEStep(model), (x,), {}).closed_form
+        ['rates']
+        >>> result = fit(model, ExactEStep(model), x, max_iter=1, tol=0)  # one EM step
+        >>> torch.allclose(pyro.param("rates"), 3.0 * w.sum(0) / (w * x[:, None]).sum(0))
+        True
     """
 
     families: ClassVar[tuple] = ()
@@ -423,6 +458,41 @@ class MStepContext:
         reg_covar, dirichlet, min_prob: the EMOptim options.
         space: the probe's :class:`~pyro_emvae.track.IdSpace` (``offsets``, ``shapes``).
         closed_form: the params updated in closed form in this M-step.
+
+    The Gamma rate rule of :class:`Rule`, looking at its context:
+
+    Example::
+
+        >>> seen = {}
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from pyro_emvae import EMOptim, ExactEStep, Rule, fit, register_rule
+        >>> @register_rule
+        ... class GammaRate(Rule):
+        ...     families = (dist.Gamma,)
+        ...     arguments = {"rate": {"value": "gamma_rate"}}  # attribute: {provenance form: role}
+        ...     stage = 0  # ECM stage: 0 locations/rates/probabilities, 1 scales
+        ...     def summarize(self, fn, value, weight, stats, stage, current):
+        ...         rate = fn.__dict__.get("rate")
+        ...         if stage == 0 and getattr(rate, "form", None) == "value":  # the param itself
+        ...             stats.add("gamma_num", rate.ids, weight, current(fn.concentration))
+        ...             stats.add("gamma_den", rate.ids, weight, value)
+        ...     def maximize(self, role, stats, ctx):
+        ...         seen.update(name=ctx.name, shape=ctx.shape, num=ctx.stat("gamma_num"))
+        ...         return ctx.elementwise("gamma_num", "gamma_den")
+        >>> def model(x):
+        ...     rates = pyro.param("rates", torch.tensor([1.0, 2.0]),
+        ...                        constraint=dist.constraints.positive)
+        ...     with pyro.plate("data", len(x)):
+        ...         z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2),
+        ...                         infer={"enumerate": "parallel"})
+        ...         pyro.sample("x", dist.Gamma(3.0, rates[z]), obs=x)
+        >>> x = dist.Gamma(3.0, torch.tensor([0.5, 5.0])).sample((100,)).flatten()
+        >>> w = ExactEStep(model).marginals(x)["z"]  # (N, K) responsibilities
+        >>> result = fit(model, ExactEStep(model), x, max_iter=1, tol=0)
+        >>> seen["name"], seen["shape"]
+        ('rates', torch.Size([2]))
+        >>> torch.allclose(seen["num"], 3.0 * w.sum(0))  # the param's slice: sum_n w_nk alpha
+        True
     """
 
     name: str

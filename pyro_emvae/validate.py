@@ -18,8 +18,9 @@ event shape (:func:`check_shapes`)
 a dependence longer than a ``pyro.markov`` window  :class:`~pyro_emvae.errors.EnumerationError`
 (:func:`check_markov`)
 an enumeration larger than memory, while the       :class:`~pyro_emvae.errors.EnumerationError`
-model runs (:class:`EnumerationBudget`) and before
-its log-probs (:func:`check_enumeration_memory`)
+model runs (:class:`EnumerationBudget`) and
+before its log-probs
+(:func:`check_enumeration_memory`)
 a list, or an empty tensor, as data                :class:`ModelInputError`
 (:func:`check_observed_types`,
 :func:`check_nonempty`)

@@ -1,4 +1,5 @@
-"""Adding a closed-form family from outside the package: the README's worked example.
+"""Adding a closed-form family from outside the package: the worked example of
+docs/guide/custom_rule.md (formerly in the README).
 
 A Gamma rate with a fixed concentration, :math:`\\beta = \\alpha \\sum w / \\sum w x`,
 registered with the public :func:`pyro_emvae.register_rule` from this file (not from the
@@ -20,7 +21,7 @@ from pyro_emvae import EMOptim, ExactEStep, Rule, fit, register_rule
 from pyro_emvae import rules as _rules
 
 
-# ------------------------------------------------------------ the README's example, verbatim
+# ------------------------------------------ docs/guide/custom_rule.md's example, verbatim
 class GammaRate(Rule):
     """Gamma(concentration α fixed, rate β): the maximizer of
     sum_n w_n (α log β - β x_n) is β = α Σw / Σ w x."""
