@@ -456,12 +456,28 @@ def _common_scale(tr, scaled: list[tuple[str, Any]]):
     return scaled[0][1] if scaled else 1.0
 
 
-def _one_latent(factors: OrderedDict, sum_dims: set, inputs: list, extra_inputs):
+def _one_latent(
+    factors: OrderedDict,
+    sum_dims: set,
+    inputs: list,
+    extra_inputs,
+    scratch: frozenset = frozenset(),
+):
     r"""The sum-product of one enumerated site's factors, all in the same plates (a mixture):
     :math:`\log Z = \sum_{n} \log \sum_k \exp \sum_f \phi_f(k, n)` and its gradient in
     each factor, the posterior :math:`q(k, n)` summed over the dims the factor lacks, without
     autograd: one ``(K, N)`` buffer (the generic contraction and its backward pass keep
-    several). None where the factor graph is any other (the generic path then runs)."""
+    several). None where the factor graph is any other (the generic path then runs).
+
+    The data plate is walked in chunks of :data:`~pyro_emvae.kernels.CHUNK` rows: each chunk
+    is summed, normalized and exponentiated on its own (the rows are conditionally
+    independent given the params: one latent, every factor in the same plates), so beyond
+    the ``(K, N)`` posterior nothing larger than a ``(K, CHUNK)`` block is allocated. The
+    posterior is written over a factor that is a scratch buffer of this E-step (``scratch``:
+    ids of factors that a fused kernel made and nothing reads again, see
+    :func:`_fused_log_prob`), so the E-step holds one ``(K, N)`` tensor, not two: the same
+    operations, equal to round-off to a buffer of its own (the buffer's layout may order the
+    sum over ``K`` differently). The chunks' :math:`\log Z` are summed in order."""
     if len(sum_dims) != 1 or len(factors) != 1 or extra_inputs:
         return None
     (terms,) = factors.values()
@@ -477,12 +493,26 @@ def _one_latent(factors: OrderedDict, sum_dims: set, inputs: list, extra_inputs)
         # each chunk (sum, max, exp, normalize) run in cache; the same operations per element
         j = max((d for d in range(len(shape)) if d != i), key=lambda d: shape[d], default=None)
         step = _kernels.CHUNK if j is not None and shape[j] > _kernels.CHUNK else None
-        q = torch.empty(shape, dtype=values[0].dtype, device=values[0].device)
+        own = next(
+            (
+                i
+                for i in range(min(2, len(values)))
+                if id(terms[i]) in scratch and _exclusive(values[i], values)
+            ),
+            None,
+        )
+        if own is None:
+            q = torch.empty(shape, dtype=values[0].dtype, device=values[0].device)
+        else:  # (the factor's own buffer, overwritten chunk by chunk: see the docstring)
+            q = values[own].detach()  # (a leaf of _contract's, which reads no gradient here)
         parts = []
         for a in range(0, shape[j], step) if step else [None]:
             at = (slice(None),) * j + (slice(a, a + step),) if step else ()
             total = q[at]
-            if len(values) > 1:
+            if own is not None:
+                if len(values) > 1:
+                    total += values[1 - own][at]
+            elif len(values) > 1:
                 torch.add(values[0][at], values[1][at], out=total)
             else:
                 total.copy_(values[0][at])
@@ -505,6 +535,17 @@ def _one_latent(factors: OrderedDict, sum_dims: set, inputs: list, extra_inputs)
                 g = g.permute([rest.index(d) for d in own])
             qs.append(g)
     return log_z, qs
+
+
+def _exclusive(t: torch.Tensor, values) -> bool:
+    """Whether ``t`` covers its storage one element per entry (no broadcast, no other view's
+    room) in the dtype of every value: a buffer the posterior may be written over."""
+    return (
+        all(st != 0 or n == 1 for st, n in zip(t.stride(), t.shape))
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        and t.grad_fn is None
+        and all(v.dtype == t.dtype for v in values)
+    )
 
 
 def _tree_error(tr, err: Exception) -> EnumerationError:
@@ -1055,9 +1096,8 @@ class ExactEStep:
                 check = poutine.trace(poutine.replay(model, trace=sub)).get_trace(*args, **kwargs)
                 check = prune_subsample_sites(check)
                 for name, site in check.nodes.items():  # (no (K, N, D) broadcast here either)
-                    observed = site["type"] == "sample" and site["is_observed"]
-                    if observed and not isinstance(site["fn"], (DiscreteHMM, CTC)):
-                        _fused_log_prob(name, site)
+                    if site["type"] == "sample" and not isinstance(site["fn"], (DiscreteHMM, CTC)):
+                        _fused_log_prob(name, site)  # (and no (N, K) logits of the weights)
                 check.compute_log_prob()
                 check.pack_tensors()
         # the model ran once with its own dims; extra ones may upset it (then nothing is said)
@@ -1097,7 +1137,9 @@ class ExactEStep:
         """Sum-product over the trace's factors.
 
         Returns ``(log p(x), [(site, factor tensor)], d log p / d factor, d log p / d extra,
-        common scale)``; with ``grads=False`` only the first entry is meaningful.
+        common scale)``; with ``grads=False`` only the first entry is meaningful. The trace's
+        log-probs are read once: a fused kernel's factor may hold the posterior afterwards
+        (see :func:`_one_latent`).
         """
         sum_dims = {
             _compat.enum_symbol(s)
@@ -1107,6 +1149,7 @@ class ExactEStep:
         factors: OrderedDict = OrderedDict()
         inputs: list[tuple[str, torch.Tensor]] = []
         scales = []
+        scratch: set[int] = set()  # factors made by a fused kernel for this E-step only
         log_z = torch.zeros(())
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
@@ -1131,12 +1174,14 @@ class ExactEStep:
                 dims = _compat.pyro_dims(lp)
                 lp = lp.detach().requires_grad_()
                 _compat.set_pyro_dims(lp, dims)
+            if site.get("_emvae_scratch") == lp.untyped_storage().data_ptr():
+                scratch.add(id(lp))
             factors.setdefault(find_ordinal(tr, site), []).append(lp)
             inputs.append((name, lp))
         scale = 1.0
         if factors:
             scale = _common_scale(tr, scales)
-            one = _one_latent(factors, sum_dims, inputs, extra_inputs)
+            one = _one_latent(factors, sum_dims, inputs, extra_inputs, frozenset(scratch))
             if one is not None:
                 part, qs = one
                 out = tuple(q * scale if scale != 1 else q for q in qs) if grads else ()
@@ -1538,6 +1583,8 @@ def _fused_log_prob(name: str, site: dict) -> None:
     site["unscaled_log_prob"] = lp
     site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
     site["log_prob_sum"] = site["log_prob"].sum()
+    # the kernels return a new buffer: the E-step may write the posterior over it
+    site["_emvae_scratch"] = lp.untyped_storage().data_ptr()
     # (Pyro's checks, which warn only on a non-finite sum, or hook a gradient: one test first)
     total = site["log_prob_sum"]
     if is_validation_enabled() and (total.requires_grad or not math.isfinite(total)):

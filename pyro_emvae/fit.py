@@ -582,6 +582,9 @@ def fit(
                     "posterior couples every shard, so a data-parallel E-step cannot split it"
                 )
         scope.enter_context(dp.count_globals_once(plate))
+    # (the prior trace holds what the model computed on the whole data: a mixture's locs[z]
+    # at a drawn z, (N, D) per param; nothing reads it from here on)
+    info.trace = None
     with scope:
         for run in range(state["run"] if state else 0, n_init):
             resume = state if state is not None and run == state["run"] else None

@@ -325,6 +325,9 @@ def run(step: Any, o: Options) -> FitResult:
     try:
         while n_done < max_iter:
             if step.evaluates:  # the objective at the params the update will start from
+                # the last posterior goes before the next E-step makes one: an in-memory
+                # posterior is as large as the data, and two would be alive at once
+                post = batches = data = tick = None
                 try:
                     value, post = step.evaluate(rb, n_done)
                     rb.check(value, "log-likelihood", n_done)
@@ -458,6 +461,7 @@ def run(step: Any, o: Options) -> FitResult:
         if at_final and not interrupted:
             final = records[-1]
         else:  # the final evaluation: the reported objective belongs to the returned params
+            post = batches = data = tick = None  # (as before each E-step)
             final = step.final(rb, ticks)
             rb.check(final, "log-likelihood", ticks)
             record(final)

@@ -588,7 +588,8 @@ def _missing_data_advice(exact: bool) -> str:
 
 def _check_finite_value(name: str, site: dict, value: torch.Tensor, exact: bool) -> None:
     nan = torch.isnan(value)
-    inf = torch.isinf(value)
+    # (torch.isinf(x) is x.abs() == inf: a float copy of the data; the comparisons are bools)
+    inf = (value == math.inf) | (value == -math.inf) if value.is_floating_point() else value.isinf()
     if not (nan.any() or inf.any()):
         return
     n_nan, n_inf = int(nan.sum()), int(inf.sum())
