@@ -259,6 +259,15 @@ def state_marginals(
     :math:`p(u \\mid x)`. ``mean=True`` uses q's mean once in place of draws.
 
     ``.argmax(-1)`` labels every frame with a state.
+
+    >>> pyro.clear_param_store()
+    >>> model, _ = make_hmm_vae(3, latent_dim=2, data_dim=4, hidden=(8,), seed=0)
+    >>> guide = StepEncoderGuide(latent_dim=2, data_dim=4, hidden=(8,))
+    >>> x = torch.rand(5, 6, 4).round()
+    >>> model(x)  # (creates the params)
+    >>> g = state_marginals(model, guide, x, num_samples=4)
+    >>> g.shape, bool(torch.allclose(g.sum(-1), torch.ones(5, 6)))
+    (torch.Size([5, 6, 3]), True)
     """
     S = 1 if mean else num_samples
     N, T = x.shape[0], x.shape[1]
@@ -270,7 +279,14 @@ def state_marginals(
 
 def chain_log_prob(u: torch.Tensor) -> torch.Tensor:
     """:math:`\\log p(u) = \\log \\sum_z p(z) \\prod_t \\mathcal N(u_t; \\mu_{z_t},
-    \\sigma_{z_t}^2)` per sequence, params from the store: ``u`` ``(..., T, q)`` -> ``(...)``."""
+    \\sigma_{z_t}^2)` per sequence, params from the store: ``u`` ``(..., T, q)`` -> ``(...)``.
+
+    >>> pyro.clear_param_store()
+    >>> model, _ = make_hmm_vae(3, latent_dim=2, data_dim=4, hidden=(8,), seed=0)
+    >>> model(torch.rand(5, 6, 4).round())  # (creates the params)
+    >>> chain_log_prob(torch.zeros(5, 6, 2)).shape
+    torch.Size([5])
+    """
     store = pyro.get_param_store()
     start, trans = store["start"], store["trans"]
     init_logits, trans_logits = discrete_hmm_logits(start, trans, u.shape[-2])
@@ -297,6 +313,16 @@ def kl_decomposition(model, guide, x: torch.Tensor, num_samples: int = 10) -> di
     Returns:
         ``{"per_dim": (q,) summed over steps, "per_step_dim": (T, q), "chain": float,
         "total": float}``; ``per_dim.sum() + chain == total``.
+
+    Example:
+        >>> pyro.clear_param_store()
+        >>> model, _ = make_hmm_vae(3, latent_dim=2, data_dim=4, hidden=(8,), seed=0)
+        >>> guide = StepEncoderGuide(latent_dim=2, data_dim=4, hidden=(8,))
+        >>> x = torch.rand(5, 6, 4).round()
+        >>> model(x)  # (creates the params)
+        >>> kl = kl_decomposition(model, guide, x, num_samples=3)
+        >>> kl["per_dim"].shape, abs(float(kl["per_dim"].sum()) + kl["chain"] - kl["total"]) < 1e-9
+        (torch.Size([2]), True)
     """
     store = pyro.get_param_store()
     T = x.shape[1]
