@@ -61,6 +61,7 @@ from pyro_emvae import validate as _validate
 from pyro_emvae._compat import BackwardSampleMessenger, Subsample, find_ordinal, packed
 from pyro_emvae.amortized import preserved_rng
 from pyro_emvae.distributions.hmm import hmm_log_z, hmm_pairwise
+from pyro_emvae.distributions.pcfg import PCFG
 from pyro_emvae.errors import EnumerationError
 from pyro_emvae.kernels import fused_log_prob
 
@@ -906,7 +907,9 @@ class ExactEStep:
                 continue
             if site["is_observed"]:
                 override = potentials(name, site) if potentials is not None else None
-                if isinstance(site["fn"], DiscreteHMM):
+                if isinstance(site["fn"], PCFG):  # an implicit latent: one flat leaf
+                    _implicit_log_prob(site)
+                elif isinstance(site["fn"], DiscreteHMM):
                     init, m = _hmm_parts(site["fn"], site["value"], override, site["mask"])
                     if not m.requires_grad:  # a leaf, so that its gradient can be asked for
                         m = m.detach().requires_grad_()
@@ -975,7 +978,7 @@ class ExactEStep:
                 check = prune_subsample_sites(check)
                 for name, site in check.nodes.items():  # (no (K, N, D) broadcast here either)
                     observed = site["type"] == "sample" and site["is_observed"]
-                    if observed and not isinstance(site["fn"], DiscreteHMM):
+                    if observed and not isinstance(site["fn"], (DiscreteHMM, PCFG)):
                         _fused_log_prob(name, site)
                 check.compute_log_prob()
                 check.pack_tensors()
@@ -1031,16 +1034,16 @@ class ExactEStep:
             if site["type"] != "sample":
                 continue
             if sum_dims.isdisjoint(_site_dims(site)):
-                if "_hmm" in site:
+                if "_hmm" in site or "_implicit" in site:
                     # the unpacked log-prob: packing ran under no_grad and cut the graph to M
                     log_z = log_z + site["log_prob"].sum()
-                    inputs.append((name, site["_hmm"][1]))
+                    inputs.append((name, site.get("_implicit", site.get("_hmm", (None,)))[-1]))
                 else:
                     log_z = log_z + site["packed"]["log_prob"].sum()
                 continue
-            if "_hmm" in site:
+            if "_hmm" in site or "_implicit" in site:
                 raise EnumerationError(
-                    f"site '{name}': a DiscreteHMM whose parameters depend on an enumerated "
+                    f"site '{name}': a {type(site['fn']).__name__} whose parameters depend on an enumerated "
                     "site is not supported; enumerate inside the chain or lift the choice out."
                 )
             # the mask goes inside the sum over z, the (common) scale outside, as in Pyro
@@ -1128,6 +1131,10 @@ class ExactEStep:
             site = tr.nodes[name]
             if g is None:
                 g = torch.zeros_like(t)
+            if "_implicit" in site:  # (the flat counts: what the rule's summarize reads)
+                post.factor_q[name] = g / site["scale"] if site["scale"] != 1 else g
+                post.marginals[name] = site["fn"].split(post.factor_q[name])[2]
+                continue
             if "_hmm" in site:
                 pair = g / site["scale"] if site["scale"] != 1 else g
                 # the M-step's weight: zero on a masked sequence (the mask cuts its gradient)
@@ -1196,7 +1203,9 @@ class ExactEStep:
             if site["type"] != "sample":
                 continue
             q = posterior.factor_q.get(name)
-            if "_hmm" in site:
+            if "_implicit" in site:  # E_q[log p(x, t)]: the counts times the log-potentials
+                total = total + site["scale"] * (q * site["_implicit"][0]).sum()
+            elif "_hmm" in site:
                 init, m = site["_hmm"]
                 pot = (q * m).flatten(-3).sum(-1) + (q[..., 0, :, :].sum(-1) * init).sum(-1)
                 total = total + scale_and_mask(pot, site["scale"], site["mask"]).sum()
@@ -1283,7 +1292,10 @@ class ExactEStep:
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
                 continue
-            if site["is_observed"] and isinstance(site["fn"], DiscreteHMM):
+            if site["is_observed"] and isinstance(site["fn"], PCFG):
+                if num_samples is None:
+                    chains[name] = (site["fn"], site["value"])
+            elif site["is_observed"] and isinstance(site["fn"], DiscreteHMM):
                 if num_samples is None:
                     chains[name] = _hmm_parts(site["fn"], site["value"], mask=site["mask"])
             elif site["is_observed"] or isinstance(site["fn"], Subsample):
@@ -1322,7 +1334,7 @@ class ExactEStep:
         (Viterbi on chains), ``{site: (*batch,)}``; ``(*batch, T)`` for a DiscreteHMM site."""
         values, chains = self._discrete(args, kwargs, temperature=0)  # one minibatch
         for name, (init, m) in chains.items():
-            values[name] = _hmm_map(init, m)
+            values[name] = init.viterbi(m) if isinstance(init, PCFG) else _hmm_map(init, m)
         return values
 
     def sample(
@@ -1364,7 +1376,10 @@ class ExactEStep:
                 ]
                 draws = {n: torch.stack([r[n] for r in runs]) for n in values}
         for name, (init, m) in chains.items():
-            draws[name] = _hmm_sample(self._hmm_pairwise(init, m), num_samples)
+            if isinstance(init, PCFG):  # (init is the distribution, m its words)
+                draws[name] = init.posterior_sample(m, num_samples)
+            else:
+                draws[name] = _hmm_sample(self._hmm_pairwise(init, m), num_samples)
         return draws
 
     @staticmethod
@@ -1423,6 +1438,23 @@ class ExactEStep:
             if _is_tree_error(e):
                 raise _tree_error(tr, e) from e
             raise
+
+
+def _implicit_log_prob(site: dict) -> None:
+    """An observed implicit-latent site (a :class:`~pyro_emvae.distributions.PCFG`): its
+    log-potentials as one flat leaf (connected to the params when their gradients are asked
+    for), whose gradient of :math:`\\log p(x)` is the site's expected counts and marginals."""
+    fn = site["fn"]
+    with torch.enable_grad():
+        leaf = fn.implicit_potentials(site["value"])
+        if not leaf.requires_grad:
+            leaf = leaf.detach().requires_grad_()
+        lp = fn.implicit_log_z(leaf)
+        scaled = scale_and_mask(lp, site["scale"], site["mask"])
+    site["_implicit"] = (leaf,)
+    site["unscaled_log_prob"] = lp
+    site["log_prob"] = scaled
+    site["log_prob_sum"] = scaled.sum()
 
 
 def _fused_log_prob(name: str, site: dict) -> None:

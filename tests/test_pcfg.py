@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pyro_emvae import EMOptim, ExactEStep, fit
-from pyro_emvae.distributions import PCFG, pcfg_log_z, pcfg_marginals, pcfg_sample, pcfg_viterbi
+from pyro_emvae.distributions import PCFG, pcfg_marginals, pcfg_sample, pcfg_viterbi
 
 HAVE_TORCH_STRUCT = importlib.util.find_spec("torch_struct") is not None
 
@@ -138,10 +138,12 @@ def test_posterior_samples_follow_the_brute_force_posterior():
     root, rules, emission = _grammar(1, 2, 2, seed=2, sharp=1.5)
     x = [0, 1, 1]
     d, words = _dist(root, rules, emission, [x])
-    draws = pcfg_sample(*d._parts(words), num_samples=4000, generator=torch.Generator().manual_seed(0))
+    draws = pcfg_sample(
+        *d._parts(words), num_samples=4000, generator=torch.Generator().manual_seed(0)
+    )
     _, _, _, _, _, scores, trees = _brute(root, rules, emission, x)
     post = (scores - scores.logsumexp(0)).exp()
-    key = lambda lab: tuple(sorted(lab.items()))  # noqa: E731
+    key = lambda lab: tuple(sorted(lab.items()))
     want = {key(lab): float(p) for p, (_, lab) in zip(post, trees)}
     counts: dict = {}
     for t in draws[:, 0]:
@@ -184,7 +186,7 @@ def test_float32_long_sentences_match_float64():
 def test_partition_and_marginals_equal_torch_struct_sentcfg():
     try:
         from torch_struct import SentCFG
-    except Exception as e:  # (an import that fails on this torch)
+    except (ImportError, AttributeError, RuntimeError) as e:  # (fails on this torch)
         pytest.skip(f"torch_struct does not import: {e}")
     nt, pt, v = 3, 4, 6
     root, rules, emission = _grammar(nt, pt, v, seed=4)
@@ -234,7 +236,12 @@ def _hand_em(root, rules, emission, words, lengths, iters):
     """Inside-outside EM written out: counts by brute force over every tree, normalized."""
     out = []
     for _ in range(iters):
-        cr, cu, ce, ll = torch.zeros_like(root), torch.zeros_like(rules), torch.zeros_like(emission), 0.0
+        cr, cu, ce, ll = (
+            torch.zeros_like(root),
+            torch.zeros_like(rules),
+            torch.zeros_like(emission),
+            0.0,
+        )
         for b in range(len(lengths)):
             x = words[b, : lengths[b]].tolist()
             lz, r, u, sp, *_ = _brute(root, rules, emission, x)
@@ -281,9 +288,11 @@ def test_em_is_monotone_and_equals_hand_written_inside_outside():
     _init(nt, pt, v, seed=5)
     root, rules, emission = _grammar(nt, pt, v, seed=5)
     want, (r_end, u_end, e_end) = _hand_em(root, rules, emission, words, lengths, 4)
-    res = fit(_model, ExactEStep(_model), words, lengths, nt, pt, v, optim=EMOptim(), num_steps=4, tol=0.0)
+    res = fit(
+        _model, ExactEStep(_model), words, lengths, nt, pt, v, optim=EMOptim(), max_iter=4, tol=0.0
+    )
     ll = [float(x) for x in res.history["log_likelihood"]][:4]
-    assert all(b >= a - 1e-9 for a, b in zip(ll, ll[1:]))
+    assert all(b >= a - 1e-9 for a, b in itertools.pairwise(ll))
     assert ll == pytest.approx(want, abs=1e-8)
     assert torch.allclose(pyro.param("root").detach(), r_end.exp(), atol=1e-8)
     assert torch.allclose(pyro.param("rules").detach(), u_end.exp().reshape(nt, -1), atol=1e-8)

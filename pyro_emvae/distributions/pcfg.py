@@ -45,6 +45,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pyro.distributions import TorchDistribution, constraints
 
@@ -173,7 +175,7 @@ def pcfg_marginals(root, rules, spans, lengths):
 
 def _tree_from_spans(ind: torch.Tensor) -> torch.Tensor:
     """``(B, L, L)`` labels from a width-major ``(..., L, L, S)`` 0/1 span indicator."""
-    *batch, length, _, s = ind.shape
+    *batch, length, _, _s = ind.shape
     on = ind > 0.5
     label = torch.where(on.any(-1), on.float().argmax(-1), -1)  # (..., w, i)
     out = torch.full((*batch, length, length), -1, dtype=torch.long, device=ind.device)
@@ -319,7 +321,7 @@ class PCFG(TorchDistribution):
         (torch.Size([2]), torch.Size([3]))
     """
 
-    arg_constraints: dict = {}
+    arg_constraints: ClassVar[dict] = {}
     has_enumerate_support = False
 
     def __init__(
@@ -430,7 +432,7 @@ class PCFG(TorchDistribution):
         """Exact posterior trees ``(num_samples, B, L, L)`` (see :func:`pcfg_sample`)."""
         return pcfg_sample(*self._parts(value), num_samples=num_samples, generator=generator)
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         """Sentences ``sample_shape + (B, L)`` of the given lengths, from :math:`p(x \\mid |x|)`:
         a tree drawn given its yield length (words summed out), then a word per preterminal
         (padding: word 0)."""
