@@ -218,7 +218,13 @@ def _model(words, lengths, nt, pt, v):
     with pyro.plate("sentences", len(lengths)):
         pyro.sample(
             "x",
-            PCFG(root.log(), rules.log().reshape(nt, s, s), emission.log(), lengths),
+            PCFG(
+                root.log(),
+                rules.log().reshape(nt, s, s),
+                emission.log(),
+                lengths,
+                max_length=words.shape[-1],
+            ),
             obs=words,
         )
 
@@ -297,3 +303,43 @@ def test_em_is_monotone_and_equals_hand_written_inside_outside():
     assert torch.allclose(pyro.param("root").detach(), r_end.exp(), atol=1e-8)
     assert torch.allclose(pyro.param("rules").detach(), u_end.exp().reshape(nt, -1), atol=1e-8)
     assert torch.allclose(pyro.param("emission").detach(), e_end.exp(), atol=1e-8)
+
+
+def test_eg_param_grads_equal_autograd_and_masked_sentences_drop_out():
+    nt, pt, v = 2, 2, 3
+    words, lengths = _batch(None, SENTS)
+    _init(nt, pt, v, seed=6)
+    post = ExactEStep(_model).posterior(words, lengths, nt, pt, v, param_grads=True)
+    tr = pyro.poutine.trace(_model).get_trace(words, lengths, nt, pt, v)
+    store = pyro.get_param_store()
+    names = ["root", "rules", "emission"]
+    unc = [store._params[n] for n in names]
+    want = torch.autograd.grad(tr.log_prob_sum(), unc)
+    for n, g in zip(names, want):
+        assert torch.allclose(post.param_grads[n], g, atol=1e-10)
+
+    # EM with sentences 1 and 3 masked equals EM on sentences 0 and 2 alone
+    def masked(words, lengths, keep):
+        with pyro.poutine.mask(mask=keep):
+            _model(words, lengths, nt, pt, v)
+
+    keep = torch.tensor([True, False, True, False])
+    _init(nt, pt, v, seed=6)
+    fit(masked, ExactEStep(masked), words, lengths, keep, max_iter=2, tol=0.0, progress=False)
+    got = {n: pyro.param(n).detach().clone() for n in names}
+    _init(nt, pt, v, seed=6)
+    sub = words[keep]
+    fit(
+        _model,
+        ExactEStep(_model),
+        sub,
+        lengths[keep],
+        nt,
+        pt,
+        v,
+        max_iter=2,
+        tol=0.0,
+        progress=False,
+    )
+    for n in names:
+        assert torch.allclose(got[n], pyro.param(n).detach(), atol=1e-10), n

@@ -350,8 +350,11 @@ class PCFG(TorchDistribution):
                 f"V); got {tuple(root_logits.shape)}, {tuple(rule_logits.shape)}, "
                 f"{tuple(emission_logits.shape)}"
             )
+        longest = int(self.lengths.max()) if self.lengths.numel() else 1
         if max_length is None:
-            max_length = int(self.lengths.max()) if self.lengths.numel() else 1
+            max_length = longest
+        if longest > max_length:
+            raise ValueError(f"PCFG: a length {longest} exceeds max_length={max_length}")
         super().__init__(self.lengths.shape, torch.Size((max_length,)), validate_args)
 
     @property
