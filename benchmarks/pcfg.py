@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.pcfg import init_grammar, pcfg_model  # noqa: E402
-from pyro_emvae import EMOptim, ExactEStep  # noqa: E402
-from pyro_emvae.distributions import PCFG, pcfg_marginals  # noqa: E402
+from models.pcfg import init_grammar, pcfg_model
+from pyro_emvae import EMOptim, ExactEStep
+from pyro_emvae.distributions import PCFG, pcfg_marginals
 
 OURS = "pcfg_marginals (ours)"
 PEER = "torch-struct logpartition + grad"

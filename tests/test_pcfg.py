@@ -343,3 +343,18 @@ def test_eg_param_grads_equal_autograd_and_masked_sentences_drop_out():
     )
     for n in names:
         assert torch.allclose(got[n], pyro.param(n).detach(), atol=1e-10), n
+
+
+def test_score_and_sample_dims_broadcast_against_the_lengths():
+    from pyro_emvae.evaluate import score
+
+    nt, pt, v = 2, 2, 3
+    words, lengths = _batch(None, SENTS)
+    _init(nt, pt, v, seed=7)
+    exact = float(ExactEStep(_model).log_likelihood(words, lengths, nt, pt, v))
+    assert score(_model, ExactEStep(_model), words, lengths, nt, pt, v) == pytest.approx(exact / 4)
+    root, rules, emission = _grammar(nt, pt, v)
+    d = PCFG(root, rules, emission, lengths).expand((3, 4))
+    lp = d.log_prob(words)  # (4, L) words against (3, 4) lengths
+    assert lp.shape == (3, 4) and torch.equal(lp[0], lp[2])
+    assert torch.allclose(lp[1], PCFG(root, rules, emission, lengths).log_prob(words))

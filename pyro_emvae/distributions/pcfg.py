@@ -368,9 +368,17 @@ class PCFG(TorchDistribution):
         )
 
     def expand(self, batch_shape, _instance=None):
-        if torch.Size(batch_shape) != self.batch_shape:
-            raise NotImplementedError("PCFG: batch_shape is the lengths' shape")
-        return self
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape:
+            return self
+        return type(self)(
+            self.root_logits,
+            self.rule_logits,
+            self.emission_logits,
+            self.lengths.expand(batch_shape),
+            max_length=self.event_shape[0],
+            validate_args=False,
+        )
 
     def normalized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log root (NT,), log rules (NT, S, S), log emission (PT, V))``, each normalized."""
@@ -389,7 +397,8 @@ class PCFG(TorchDistribution):
         b, length = value.shape
         nt = self.num_nonterminals
         words = value.clamp(0, emission.shape[-1] - 1)
-        term = emission.T[words]  # (B, L, PT)
+        # (indexed along the vocabulary: the gradient keeps the emission's own layout)
+        term = emission[:, words].permute(1, 2, 0)  # (B, L, PT)
         zero = term.new_zeros(())
         first = torch.cat((zero.expand(b, length, nt), term), -1).unsqueeze(1)
         rest = zero.expand(b, length - 1, length, nt + emission.shape[0])
@@ -399,7 +408,7 @@ class PCFG(TorchDistribution):
         """The E-step's one leaf: ``cat(log root, log rules, spans)`` flattened (1-D); its
         gradient is ``cat(root counts, rule counts, span marginals)`` (see :meth:`split`)."""
         root, rules, em = self.normalized()
-        spans = self.span_potentials(value, em)
+        spans = self.span_potentials(value.expand(self.batch_shape + self.event_shape), em)
         return torch.cat((root.reshape(-1), rules.reshape(-1), spans.reshape(-1)))
 
     def split(self, flat: torch.Tensor):
@@ -418,10 +427,11 @@ class PCFG(TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
+        batch = torch.broadcast_shapes(self.lengths.shape, value.shape[:-1])  # (sample dims)
         root, rules, em = self.normalized()
-        spans = self.span_potentials(value, em)
-        lengths = self.lengths.expand(value.shape[:-1]).reshape(-1)  # (sample dims too)
-        return pcfg_log_z(root, rules, spans, lengths).reshape(value.shape[:-1])
+        spans = self.span_potentials(value.expand(batch + value.shape[-1:]), em)
+        lengths = self.lengths.expand(batch).reshape(-1)
+        return pcfg_log_z(root, rules, spans, lengths).reshape(batch)
 
     def _parts(self, value):
         root, rules, em = (t.detach() for t in self.normalized())
