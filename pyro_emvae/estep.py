@@ -27,7 +27,10 @@ one E-step at T=1000, K=8). For T in the thousands write the chain as an observe
 :class:`pyro.distributions.DiscreteHMM` site: its hidden chain is treated as an implicit latent,
 contracted by an exact forward-backward (:mod:`pyro_emvae.distributions.hmm`: ``log p`` and all
 pairwise marginals as one autograd op, in batched matmuls over a tree of time spans), with marginals, pairwise marginals, MAP (Viterbi by max-product scan) and exact
-samples (forward-filter backward-sample) reported under the site's name.
+samples (forward-filter backward-sample) reported under the site's name. An observed
+:class:`~pyro_emvae.distributions.PCFG` site is treated alike: its parse tree is summed out by
+the inside algorithm, its expected rule counts and span marginals come from the same backward
+pass, ``map`` gives Viterbi trees (CKY) and ``sample`` exact posterior trees.
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ class Posterior:
             latent with a global one). For a ``DiscreteHMM`` site the key is ``(name, name)`` and the
             value is ``(*batch_shape, T, K, K)`` with ``[..., t, i, j] = p(z_{t-1}=i, z_t=j | x)``;
             ``t = 0`` is the transition out of Pyro's initial state :math:`z_{-1}`.
+            For an observed :class:`~pyro_emvae.distributions.PCFG` site ``name`` (its parse tree
+            an implicit latent) ``marginals[name]`` are the span marginals ``(B, L, L, S)``,
+            width-major: ``[b, w - 1, i, A] = p(words i..i+w-1 form a constituent A | x)``.
         joints: site name -> ``(names, tensor)``: the joint posterior over the enumerated sites in
             that site's factor (``names``, in model order), shaped ``batch_shape + (K_1, ..., K_m)``.
             Observed sites are included: this is what expected sufficient statistics are built on.
