@@ -1337,7 +1337,8 @@ class ExactEStep:
 
     def map(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Joint MAP assignment :math:`\\arg\\max_z p(z \\mid x)` of every enumerated site
-        (Viterbi on chains), ``{site: (*batch,)}``; ``(*batch, T)`` for a DiscreteHMM site."""
+        (Viterbi on chains), ``{site: (*batch,)}``; ``(*batch, T)`` for a DiscreteHMM site;
+        ``(B, L, L)`` trees for a PCFG site (``tree[b, i, j]`` the symbol over words ``i..j``)."""
         values, chains = self._discrete(args, kwargs, temperature=0)  # one minibatch
         for name, (init, m) in chains.items():
             values[name] = init.viterbi(m) if isinstance(init, PCFG) else _hmm_map(init, m)
