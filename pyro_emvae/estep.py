@@ -34,6 +34,10 @@ per-frame label scores) is an implicit latent too: its alignment is summed out b
 forward algorithm, the marginals under the site's name are the lattice occupancies
 ``(*batch, T, S)`` (the gradient of ``log p`` in the lattice emissions), ``map()`` gives the best
 alignment and ``sample()`` exact posterior alignments, as per-frame labels ``(*batch, T)``.
+
+PCFG. An observed :class:`~pyro_emvae.distributions.PCFG` site is treated alike: its parse tree
+is summed out by the inside algorithm, its expected rule counts and span marginals come from the
+same backward pass, ``map`` gives Viterbi trees (CKY) and ``sample`` exact posterior trees.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from pyro_emvae._compat import BackwardSampleMessenger, Subsample, find_ordinal,
 from pyro_emvae.amortized import preserved_rng
 from pyro_emvae.distributions.ctc import CTC, ctc_log_z, ctc_sample, ctc_viterbi
 from pyro_emvae.distributions.hmm import hmm_log_z, hmm_pairwise
+from pyro_emvae.distributions.pcfg import PCFG
 from pyro_emvae.errors import EnumerationError
 from pyro_emvae.kernels import fused_log_prob
 
@@ -95,6 +100,9 @@ class Posterior:
             latent with a global one). For a ``DiscreteHMM`` site the key is ``(name, name)`` and the
             value is ``(*batch_shape, T, K, K)`` with ``[..., t, i, j] = p(z_{t-1}=i, z_t=j | x)``;
             ``t = 0`` is the transition out of Pyro's initial state :math:`z_{-1}`.
+            For an observed :class:`~pyro_emvae.distributions.PCFG` site ``name`` (its parse tree
+            an implicit latent) ``marginals[name]`` are the span marginals ``(B, L, L, S)``,
+            width-major: ``[b, w - 1, i, A] = p(words i..i+w-1 form a constituent A | x)``.
         joints: site name -> ``(names, tensor)``: the joint posterior over the enumerated sites in
             that site's factor (``names``, in model order), shaped ``batch_shape + (K_1, ..., K_m)``.
             Observed sites are included: this is what expected sufficient statistics are built on.
@@ -255,11 +263,14 @@ def _ctc_decode(fn: CTC, value: torch.Tensor, num_samples: int | None = None) ->
 
 def _potential(site: dict) -> torch.Tensor | None:
     """The tensor whose gradient is an implicit latent's posterior (a DiscreteHMM's pairwise
-    potentials, a CTC lattice's emissions), or None for another site."""
+    potentials, a CTC lattice's emissions, a PCFG's rule log-potentials), or None for another
+    site."""
     if "_hmm" in site:
         return site["_hmm"][1]
     if "_ctc" in site:
         return site["_ctc"][0]
+    if "_implicit" in site:  # (a PCFG's flat log-potentials)
+        return site["_implicit"][-1]
     return None
 
 
@@ -1026,7 +1037,9 @@ class ExactEStep:
                 continue
             if site["is_observed"]:
                 override = potentials(name, site) if potentials is not None else None
-                if isinstance(site["fn"], DiscreteHMM):
+                if isinstance(site["fn"], PCFG):  # an implicit latent: one flat leaf
+                    _implicit_log_prob(site)
+                elif isinstance(site["fn"], DiscreteHMM):
                     init, m = _hmm_parts(site["fn"], site["value"], override, site["mask"])
                     if not m.requires_grad:  # a leaf, so that its gradient can be asked for
                         m = m.detach().requires_grad_()
@@ -1096,7 +1109,8 @@ class ExactEStep:
                 check = poutine.trace(poutine.replay(model, trace=sub)).get_trace(*args, **kwargs)
                 check = prune_subsample_sites(check)
                 for name, site in check.nodes.items():  # (no (K, N, D) broadcast here either)
-                    if site["type"] == "sample" and not isinstance(site["fn"], (DiscreteHMM, CTC)):
+                    implicit = (DiscreteHMM, CTC, PCFG)
+                    if site["type"] == "sample" and not isinstance(site["fn"], implicit):
                         _fused_log_prob(name, site)  # (and no (N, K) logits of the weights)
                 check.compute_log_prob()
                 check.pack_tensors()
@@ -1259,6 +1273,10 @@ class ExactEStep:
                 post.factor_q[name] = occ
                 post.marginals[name] = occ.reshape(site["_ctc"][1][-1] + occ.shape[-2:])
                 continue
+            if "_implicit" in site:  # (the flat counts: what the rule's summarize reads)
+                post.factor_q[name] = g / site["scale"] if site["scale"] != 1 else g
+                post.marginals[name] = site["fn"].split(post.factor_q[name])[2]
+                continue
             if "_hmm" in site:
                 pair = g / site["scale"] if site["scale"] != 1 else g
                 # the M-step's weight: zero on a masked sequence (the mask cuts its gradient)
@@ -1327,7 +1345,9 @@ class ExactEStep:
             if site["type"] != "sample":
                 continue
             q = posterior.factor_q.get(name)
-            if "_hmm" in site:
+            if "_implicit" in site:  # E_q[log p(x, t)]: the counts times the log-potentials
+                total = total + site["scale"] * (q * site["_implicit"][0]).sum()
+            elif "_hmm" in site:
                 init, m = site["_hmm"]
                 pot = (q * m).flatten(-3).sum(-1) + (q[..., 0, :, :].sum(-1) * init).sum(-1)
                 total = total + scale_and_mask(pot, site["scale"], site["mask"]).sum()
@@ -1418,7 +1438,10 @@ class ExactEStep:
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
                 continue
-            if site["is_observed"] and isinstance(site["fn"], DiscreteHMM):
+            if site["is_observed"] and isinstance(site["fn"], PCFG):
+                if num_samples is None:
+                    chains[name] = (site["fn"], site["value"])
+            elif site["is_observed"] and isinstance(site["fn"], DiscreteHMM):
                 if num_samples is None:
                     chains[name] = _hmm_parts(site["fn"], site["value"], mask=site["mask"])
             elif site["is_observed"] and isinstance(site["fn"], CTC):
@@ -1458,10 +1481,16 @@ class ExactEStep:
     def map(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Joint MAP assignment :math:`\\arg\\max_z p(z \\mid x)` of every enumerated site
         (Viterbi on chains), ``{site: (*batch,)}``; ``(*batch, T)`` for a DiscreteHMM site (its
-        states) and for a CTC site (its best alignment's per-frame labels)."""
+        states) and for a CTC site (its best alignment's per-frame labels); ``(B, L, L)`` trees
+        for a PCFG site (``tree[b, i, j]`` the symbol over words ``i..j``)."""
         values, chains = self._discrete(args, kwargs, temperature=0)  # one minibatch
         for name, (init, m) in chains.items():
-            values[name] = _ctc_decode(init, m) if isinstance(init, CTC) else _hmm_map(init, m)
+            if isinstance(init, CTC):
+                values[name] = _ctc_decode(init, m)
+            elif isinstance(init, PCFG):
+                values[name] = init.viterbi(m)
+            else:
+                values[name] = _hmm_map(init, m)
         return values
 
     def sample(
@@ -1505,6 +1534,8 @@ class ExactEStep:
         for name, (init, m) in chains.items():
             if isinstance(init, CTC):
                 draws[name] = _ctc_decode(init, m, num_samples)
+            elif isinstance(init, PCFG):  # (init is the distribution, m its words)
+                draws[name] = init.posterior_sample(m, num_samples)
             else:
                 draws[name] = _hmm_sample(self._hmm_pairwise(init, m), num_samples)
         return draws
@@ -1565,6 +1596,23 @@ class ExactEStep:
             if _is_tree_error(e):
                 raise _tree_error(tr, e) from e
             raise
+
+
+def _implicit_log_prob(site: dict) -> None:
+    """An observed implicit-latent site (a :class:`~pyro_emvae.distributions.PCFG`): its
+    log-potentials as one flat leaf (connected to the params when their gradients are asked
+    for), whose gradient of :math:`\\log p(x)` is the site's expected counts and marginals."""
+    fn = site["fn"]
+    with torch.enable_grad():
+        leaf = fn.implicit_potentials(site["value"])
+        if not leaf.requires_grad:
+            leaf = leaf.detach().requires_grad_()
+        lp = fn.implicit_log_z(leaf)
+        scaled = scale_and_mask(lp, site["scale"], site["mask"])
+    site["_implicit"] = (leaf,)
+    site["unscaled_log_prob"] = lp
+    site["log_prob"] = scaled
+    site["log_prob_sum"] = scaled.sum()
 
 
 def _fused_log_prob(name: str, site: dict) -> None:

@@ -30,6 +30,8 @@ MultivariateNormal       loc; scale_tril, covariance_    μ = Σ w x / Σ w (one
                                                          Σ = Σ w (x−μ)(x−μ)ᵀ / Σ w + reg_covar·I
 DiscreteHMM              transition / initial logits     Baum–Welch counts from pairwise
                          (log form); observation_dist    marginals; emissions by their rule
+PCFG                     root / rule / emission logits   inside–outside: expected counts,
+                         (log form)                      normalized per left-hand side
 =======================  =============================  ====================================
 
 Each updated argument has a role (:data:`ROLES`): a param reaching two roles, or whose
@@ -49,6 +51,7 @@ import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 
 from pyro_emvae import _compat
+from pyro_emvae.distributions.pcfg import PCFG
 from pyro_emvae.kernels import outer_scatter
 from pyro_emvae.track import Tracked
 
@@ -1061,6 +1064,38 @@ class DiscreteHMMRule(_Counts):
 
     def summarize(self, fn, value, weight, stats, stage, current):
         _discrete_hmm(fn, value, weight, stats, stage, current)
+
+
+@register_rule
+class PCFGRule(_Counts):
+    """Inside–outside: root, rule and emission probabilities from the expected counts (the
+    gradient of :math:`\\log p(x)` in the log-potentials), normalized per left-hand side
+    (a rules param is ``(NT, S * S)`` on the simplex, passed as ``probs.log().reshape(NT, S,
+    S)``). ``weight`` is the E-step's flat counts (see ``PCFG.split``)."""
+
+    families = (PCFG,)
+    arguments: ClassVar[dict] = {
+        "root_logits": {"log": "probs"},
+        "rule_logits": {"log": "probs"},
+        "emission_logits": {"log": "probs"},
+    }
+
+    def summarize(self, fn, value, weight, stats, stage, current):
+        if stage != 0:
+            return
+        root, rules, spans = fn.split(weight)
+        tags = spans[:, 0, :, fn.num_nonterminals :]  # (B, L, PT): p(word i tagged P | x)
+        for t, w in (("root_logits", root), ("rule_logits", rules)):
+            arg = fn.__dict__.get(t)
+            if isinstance(arg, Tracked) and arg.form == "log":
+                stats.add("count", arg.ids, w)
+                stats.add("rowmark", arg.ids, _one(arg))
+        em = fn.__dict__.get("emission_logits")
+        if isinstance(em, Tracked) and em.form == "log":
+            words = value.reshape(tags.shape[:2]).long().clamp(0, em.shape[-1] - 1)
+            ids = em.ids.T[words]  # (B, L, PT): the emission element each tag would use
+            stats.add("count", ids, tags)
+            stats.add("rowmark", em.ids, _one(em))
 
 
 def _variances(ctx: MStepContext):

@@ -233,3 +233,19 @@ def test_streaming_quick_run_prints_its_tables_and_checks(capsys):
     times = result[("online", 100_000)]
     assert all(math.isfinite(t) for t in times["full-batch EM (ours)"])
     assert all(math.isfinite(t) for t in times["exact streaming EM"])
+
+
+@pytest.mark.timeout(120)
+def test_pcfg_quick_run_prints_table_and_passes_checks(capsys):
+    from benchmarks import pcfg as pcfg_bench
+
+    result = pcfg_bench.main(["--quick", "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert out.startswith("pyro_emvae PCFG inside-outside benchmark\n")
+    assert "PCFG B=16 L=8 NT=10 PT=20 V=100, float32: seconds (median of 1)" in out
+    for times in result.values():
+        assert {pcfg_bench.OURS, pcfg_bench.ESTEP, pcfg_bench.EM} <= set(times)
+        assert all(t > 0 for t in times.values())
+        assert (pcfg_bench.PEER in times) == (importlib.util.find_spec("torch_struct") is not None)
+    checks = [ln for ln in out.splitlines() if ln.startswith("check vs torch-struct")]
+    assert all(ln.endswith(": ok") for ln in checks) and "FAIL" not in out

@@ -1,4 +1,4 @@
-"""Structured implicit-latent distributions: exact kernels for chains and alignments."""
+"""Structured implicit-latent distributions: exact kernels for chains, alignments and trees."""
 
 from pyro_emvae.distributions.ctc import (
     CTC,
@@ -11,9 +11,17 @@ from pyro_emvae.distributions.ctc import (
     frame_posterior,
 )
 from pyro_emvae.distributions.hmm import hmm_log_z, hmm_pairwise, log_space_log_z
+from pyro_emvae.distributions.pcfg import (
+    PCFG,
+    pcfg_log_z,
+    pcfg_marginals,
+    pcfg_sample,
+    pcfg_viterbi,
+)
 
 __all__ = [
     "CTC",
+    "PCFG",
     "collapse",
     "ctc_lattice",
     "ctc_log_z",
@@ -24,4 +32,8 @@ __all__ = [
     "hmm_log_z",
     "hmm_pairwise",
     "log_space_log_z",
+    "pcfg_log_z",
+    "pcfg_marginals",
+    "pcfg_sample",
+    "pcfg_viterbi",
 ]
