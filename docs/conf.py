@@ -54,8 +54,15 @@ napoleon_use_rtype = False
 # resolved (no intersphinx), so they are not checked.
 nitpicky = True
 # Annotations autodoc shortens to a bare name of another project's class (``nn.Module``,
-# ``pyro.optim.PyroOptim``).
-nitpick_ignore = [("py:class", "Module"), ("py:class", "PyroOptim")]
+# ``pyro.optim.PyroOptim``; the structured distributions' annotations: ``torch.Tensor``, Pyro's
+# ``ExpandedDistribution`` and torch's ``_DependentProperty``).
+nitpick_ignore = [
+    ("py:class", "Module"),
+    ("py:class", "PyroOptim"),
+    ("py:class", "Tensor"),
+    ("py:class", "ExpandedDistribution"),
+    ("py:class", "_DependentProperty"),
+]
 nitpick_ignore_regex = [
     (r"py:.*", r"(?!pyro_emvae\b|models\b).*\..*"),  # dotted names outside this project
 ]
