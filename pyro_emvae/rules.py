@@ -30,6 +30,8 @@ MultivariateNormal       loc; scale_tril, covariance_    μ = Σ w x / Σ w (one
                                                          Σ = Σ w (x−μ)(x−μ)ᵀ / Σ w + reg_covar·I
 DiscreteHMM              transition / initial logits     Baum–Welch counts from pairwise
                          (log form); observation_dist    marginals; emissions by their rule
+HomogeneousHMM           start / transition logits (log  Baum–Welch counts from γ₀ and Σₜ ξₜ
+                         form); observation_dist         (no (T, K, K) tensor)
 =======================  =============================  ====================================
 
 Each updated argument has a role (:data:`ROLES`): a param reaching two roles, or whose
@@ -49,6 +51,7 @@ import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 
 from pyro_emvae import _compat
+from pyro_emvae.distributions.hmm import ChainPosterior, HomogeneousHMM
 from pyro_emvae.kernels import outer_scatter
 from pyro_emvae.track import Tracked
 
@@ -681,6 +684,24 @@ def _pool_time(ids: torch.Tensor, pair: torch.Tensor) -> list[tuple[torch.Tensor
     return pieces
 
 
+def _homogeneous_hmm(fn, value, weight, stats, stage, current) -> None:
+    r"""``weight`` here is the chain's :class:`~pyro_emvae.distributions.hmm.ChainPosterior`:
+    ``start`` counts :math:`\gamma_0`, ``trans`` counts :math:`\sum_{t \ge 1} \xi_t`."""
+    if not isinstance(weight, ChainPosterior):  # (a dense pairwise, from a caller of its own)
+        pair = weight
+        first, rest = pair[..., 0, :, :], pair[..., 1:, :, :].sum(-3)
+        weight = ChainPosterior(first.sum(-1), first, rest, pair.sum(-2))
+    if stage == 0:
+        for attr, w in (("start_logits", weight.gamma[..., 0, :]), ("trans_logits", weight.trans)):
+            t = fn.__dict__.get(attr)
+            if isinstance(t, Tracked) and t.form == "log":
+                stats.add("count", t.ids, w)
+                stats.add("rowmark", t.ids, _one(t))
+    obs = fn.observation_dist
+    obs_value = value.unsqueeze(-1 - obs.event_dim)
+    summarize_site(obs, obs_value, weight.gamma, stats, stage, current)
+
+
 def _discrete_hmm(fn, value, weight, stats, stage, current) -> None:
     """``weight`` here is the chain's pairwise posterior ``(*batch, T, K, K)``."""
     pair = weight
@@ -867,6 +888,22 @@ class DiscreteHMMRule(_Counts):
 
     def summarize(self, fn, value, weight, stats, stage, current):
         _discrete_hmm(fn, value, weight, stats, stage, current)
+
+
+@register_rule
+class HomogeneousHMMRule(_Counts):
+    """Baum–Welch for :class:`~pyro_emvae.distributions.HomogeneousHMM`: ``start`` and the
+    ``(K, K)`` transition from the chain's summed posterior counts (never a ``(T, K, K)``
+    tensor); the emissions by their own family's rule."""
+
+    families = (HomogeneousHMM,)
+    arguments: ClassVar[dict] = {
+        "start_logits": {"log": "probs"},
+        "trans_logits": {"log": "probs"},
+    }
+
+    def summarize(self, fn, value, weight, stats, stage, current):
+        _homogeneous_hmm(fn, value, weight, stats, stage, current)
 
 
 def _variances(ctx: MStepContext):

@@ -51,14 +51,18 @@ Example::
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import NamedTuple
 
+import pyro.distributions as dist
 import torch
 from torch.autograd.function import once_differentiable
+from torch.distributions import constraints
 
 __all__ = [
     "ChainParts",
     "ChainPosterior",
+    "HomogeneousHMM",
     "chain_log_z",
     "chain_posterior",
     "hmm_log_z",
@@ -365,6 +369,22 @@ def _block_len(n: int) -> int:
     return max(1, min(n, round(math.sqrt(n / 4))))
 
 
+@contextmanager
+def _one_thread():
+    """The loops over the steps of a block run ops of a few thousand elements each, far too
+    small to share out: on one thread (measured: with two, a busy machine's thread pool waits
+    cost 5x; torch's own grain size does not cover BLAS's small GEMMs)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 _EVERY = 8  # rescale the running products every this many steps (and check them)
 
 
@@ -410,14 +430,15 @@ def _chain_up(init, first, trans, emit, block: int | None = None):
     q = torch.empty_like(p)
     scales = torch.empty((length // _EVERY + 1, b, nb, 1, 1), dtype=f64, device=p.device)
     j = 0
-    for s in range(1, length):
-        torch.bmm(p.view(b, nb * k, k), a, out=q.view(b, nb * k, k))
-        q.mul_(blocks[s].unsqueeze(-2))
-        p, q = q, p
-        if s % _EVERY == 0 or s == length - 1:
-            torch.amax(p, (-1, -2), keepdim=True, out=scales[j])
-            p.div_(scales[j])
-            j += 1
+    with _one_thread():
+        for s in range(1, length):
+            torch.bmm(p.view(b, nb * k, k), a, out=q.view(b, nb * k, k))
+            q.mul_(blocks[s].unsqueeze(-2))
+            p, q = q, p
+            if s % _EVERY == 0 or s == length - 1:
+                torch.amax(p, (-1, -2), keepdim=True, out=scales[j])
+                p.div_(scales[j])
+                j += 1
     if j == 0:  # (one step per block)
         torch.amax(p, (-1, -2), keepdim=True, out=scales[0])
         p.div_(_safe(scales[0]))
@@ -468,23 +489,24 @@ def _chain_down(init, first, st) -> tuple[ChainPosterior, torch.Tensor]:
         tmp = torch.empty((b, nb, k), dtype=f64, device=a.device)
         scales = torch.empty((2 * (length // _EVERY) + 2, b, nb, 1), dtype=f64, device=a.device)
         j = 0
-        for s in range(length):
-            nxt = alpha[s + 1]
-            torch.bmm(alpha[s], a, out=nxt)
-            nxt.mul_(blocks[s])
-            sb = length - 1 - s
-            rescale = s % _EVERY == _EVERY - 1
-            if sb:
-                torch.mul(blocks[sb], beta[sb], out=tmp)
-                torch.bmm(tmp, at, out=beta[sb - 1])
+        with _one_thread():
+            for s in range(length):
+                nxt = alpha[s + 1]
+                torch.bmm(alpha[s], a, out=nxt)
+                nxt.mul_(blocks[s])
+                sb = length - 1 - s
+                rescale = s % _EVERY == _EVERY - 1
+                if sb:
+                    torch.mul(blocks[sb], beta[sb], out=tmp)
+                    torch.bmm(tmp, at, out=beta[sb - 1])
+                    if rescale:
+                        torch.amax(beta[sb - 1], -1, keepdim=True, out=scales[j])
+                        beta[sb - 1].div_(scales[j])
+                        j += 1
                 if rescale:
-                    torch.amax(beta[sb - 1], -1, keepdim=True, out=scales[j])
-                    beta[sb - 1].div_(scales[j])
+                    torch.amax(nxt, -1, keepdim=True, out=scales[j])
+                    nxt.div_(scales[j])
                     j += 1
-            if rescale:
-                torch.amax(nxt, -1, keepdim=True, out=scales[j])
-                nxt.div_(scales[j])
-                j += 1
         ok = torch.stack(mins).amin(0).gt(_TINY)
         if j:
             ok = ok & scales[:j].amin((0, 2, 3)).gt(_TINY)
@@ -600,3 +622,107 @@ def chain_posterior(parts: ChainParts) -> ChainPosterior:
     with torch.enable_grad():
         grads = torch.autograd.grad(chain_log_z(*leaves).sum(), leaves)
     return ChainPosterior(*grads)
+
+
+class HomogeneousHMM(dist.DiscreteHMM):
+    r"""A :class:`~pyro.distributions.DiscreteHMM` whose chain starts at ``z_0 ~ start`` and then
+    moves by one transition matrix: :math:`z_0 \sim \text{softmax}(\text{start\_logits})`,
+    :math:`z_t \mid z_{t-1} \sim \text{softmax}(\text{transition\_logits}[z_{t-1}])`,
+    :math:`x_t \mid z_t \sim` ``observation_dist[z_t]``, for ``t = 0..duration-1`` (hmmlearn's
+    convention). The same law as ``DiscreteHMM(zeros(K), cat([start rows, trans, ...]),
+    observation_dist)`` (``initial_logits`` and ``transition_logits`` read as those, built on
+    demand), without its ``(T, K, K)`` transition tensor: :meth:`log_prob` runs
+    :func:`chain_log_z`, and :class:`~pyro_emvae.ExactEStep` its posterior (Baum–Welch's sums).
+
+    Args:
+        start_logits: ``(*batch, K)``. transition_logits: ``(*batch, K, K)``, the same at every
+            step. observation_dist: batch shape ``(*batch, K)`` or ``(*batch, T, K)``.
+        duration: ``T``, the time axis ``event_shape[0]``.
+
+    Example::
+
+        >>> import pyro.distributions as dist
+        >>> hmm = HomogeneousHMM(torch.zeros(2), torch.zeros(2, 2), dist.Normal(torch.zeros(2), 1.0), 5)
+        >>> hmm.event_shape, hmm.transition_logits.shape
+        (torch.Size([5]), torch.Size([5, 2, 2]))
+    """
+
+    arg_constraints = {"start_logits": constraints.real, "trans_logits": constraints.real}
+
+    def __init__(
+        self,
+        start_logits: torch.Tensor,
+        transition_logits: torch.Tensor,
+        observation_dist,
+        duration: int,
+        validate_args=None,
+    ):
+        if start_logits.dim() < 1 or transition_logits.dim() < 2:
+            raise ValueError(
+                "expected start_logits (*batch, K) and transition_logits (*batch, K, K), got "
+                f"{tuple(start_logits.shape)} and {tuple(transition_logits.shape)}"
+            )
+        if len(observation_dist.batch_shape) < 1:
+            raise ValueError("expected observation_dist to have at least one batch dim (K)")
+        obs_batch = observation_dist.batch_shape[:-1]
+        if len(obs_batch) and obs_batch[-1] == duration:  # (*batch, T, K): time is not batch
+            obs_batch = obs_batch[:-1]
+        batch_shape = torch.broadcast_shapes(
+            start_logits.shape[:-1], transition_logits.shape[:-2], obs_batch
+        )
+        self.start_logits = start_logits - start_logits.logsumexp(-1, True)
+        self.trans_logits = transition_logits - transition_logits.logsumexp(-1, True)
+        self.observation_dist = observation_dist
+        event_shape = torch.Size((duration,)) + observation_dist.event_shape
+        super(dist.DiscreteHMM, self).__init__(
+            duration, batch_shape, event_shape, validate_args=validate_args
+        )
+
+    @property
+    def initial_logits(self) -> torch.Tensor:
+        """``DiscreteHMM``'s: a uniform :math:`z_{-1}` (``start`` is reached from any)."""
+        k = self.start_logits.size(-1)
+        out = self.start_logits.new_full((k,), -math.log(k))
+        return out.expand(self.batch_shape + (k,))
+
+    @property
+    def transition_logits(self) -> torch.Tensor:
+        """``DiscreteHMM``'s ``(*batch, T, K, K)``: step 0's rows are ``start``, the rest
+        ``trans`` (materialized: the generic path's, for Viterbi and sampling)."""
+        k, t_len = self.start_logits.size(-1), self.duration
+        start = self.start_logits.unsqueeze(-2).unsqueeze(-3)
+        start = start.expand(self.start_logits.shape[:-1] + (1, k, k))
+        trans = self.trans_logits.unsqueeze(-3)
+        trans = trans.expand(self.trans_logits.shape[:-2] + (t_len - 1, k, k))
+        shape = torch.broadcast_shapes(start.shape[:-3], trans.shape[:-3])
+        return torch.cat(
+            (start.expand(shape + start.shape[-3:]), trans.expand(shape + trans.shape[-3:])), -3
+        )
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(HomogeneousHMM, _instance)
+        batch_shape = torch.Size(torch.broadcast_shapes(self.batch_shape, batch_shape))
+        new.start_logits = self.start_logits.expand(batch_shape + self.start_logits.shape[-1:])
+        new.trans_logits = self.trans_logits
+        new.observation_dist = self.observation_dist
+        super(dist.DiscreteHMM, new).__init__(
+            self.duration, batch_shape, self.event_shape, validate_args=False
+        )
+        new._validate_args = self.__dict__.get("_validate_args")
+        return new
+
+    def parts(self, value: torch.Tensor, emit: torch.Tensor | None = None) -> ChainParts:
+        """The chain's :class:`ChainParts` at ``value``, shaped ``batch_shape`` (not
+        flattened); ``emit`` ``(*batch, T, K)`` replaces the emission log-likelihoods."""
+        if emit is None:
+            obs = self.observation_dist
+            emit = obs.log_prob(value.unsqueeze(-1 - obs.event_dim))
+        k = self.start_logits.size(-1)
+        first = self.start_logits.unsqueeze(-2).expand(self.start_logits.shape[:-1] + (k, k))
+        return ChainParts(self.initial_logits, first, self.trans_logits, emit)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        init, first, trans, emit = self.parts(value)
+        return chain_log_z(init, first, trans, emit)
