@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import pyro.distributions as dist
 import torch
@@ -647,7 +647,10 @@ class HomogeneousHMM(dist.DiscreteHMM):
         (torch.Size([5]), torch.Size([5, 2, 2]))
     """
 
-    arg_constraints = {"start_logits": constraints.real, "trans_logits": constraints.real}
+    arg_constraints: ClassVar[dict] = {
+        "start_logits": constraints.real,
+        "trans_logits": constraints.real,
+    }
 
     def __init__(
         self,
