@@ -166,7 +166,10 @@ def _chain_parts(
         obs = fn.observation_dist
         obs_value = value.unsqueeze(-1 - obs.event_dim)
         try:
-            value_logits = fused_log_prob(obs, obs_value)
+            # (all K states' emissions at every step: two GEMMs for a diagonal Gaussian)
+            value_logits = _kernels.diag_normal_rows(obs, value)
+            if value_logits is None:
+                value_logits = fused_log_prob(obs, obs_value)
         except (ValueError, RuntimeError):  # (the generic log_prob raises it, with its words)
             value_logits = None
         if value_logits is None:

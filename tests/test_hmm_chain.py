@@ -269,3 +269,22 @@ def test_time_varying_transitions_keep_the_generic_path(monkeypatch):
     )
     _close(post.log_likelihood, want, 1e-10)
     assert post.pairwise[("x", "x")].shape == (2, T, K, K)
+
+
+def test_diag_normal_rows_equals_the_generic_log_prob():
+    """The HMM emissions by two GEMMs (data far from the origin: the centring keeps them
+    exact), and None where the structure is not that (autograd recording, batched params)."""
+    from pyro_emvae.kernels import diag_normal_rows
+
+    g = torch.Generator().manual_seed(0)
+    loc = 100.0 + torch.randn(4, 3, generator=g, dtype=torch.float64)
+    scale = 0.5 + torch.rand(4, 3, generator=g, dtype=torch.float64)
+    fn = dist.Normal(loc, scale).to_event(1)
+    x = 100.0 + torch.randn(2, 50, 3, generator=g, dtype=torch.float64)
+    want = fn.log_prob(x.unsqueeze(-2))
+    _close(diag_normal_rows(fn, x), want, 1e-12)
+    leaf = loc.clone().requires_grad_()
+    assert diag_normal_rows(dist.Normal(leaf, scale).to_event(1), x) is None
+    batched = dist.Normal(loc.expand(2, 4, 3), scale).to_event(1)
+    assert diag_normal_rows(batched, x) is None
+    assert diag_normal_rows(dist.Normal(loc, scale), x) is None  # (not a D-dim event)
