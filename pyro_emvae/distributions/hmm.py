@@ -513,7 +513,10 @@ def _chain_down(init, first, st) -> tuple[ChainPosterior, torch.Tensor]:
         beta0 = ((blocks[0, :, 0] * beta[0, :, 0]).unsqueeze(-2) @ at).squeeze(-2)  # (B, K)
         # u_t = alpha_{t-1} A and w_t = E_t beta_t / n_t, n_t = u_t . E_t beta_t
         prev = alpha[:length]
-        u = torch.matmul(prev, a.unsqueeze(0))  # (L, B, nb, K)
+        if b == 1:  # (one GEMM, (L nb, K) x (K, K))
+            u = torch.mm(prev.reshape(-1, k), a[0]).view(prev.shape)
+        else:
+            u = torch.matmul(prev, a.unsqueeze(0))  # (L, B, nb, K)
         w = beta.mul_(blocks)
         pad = nb * length - n
         if pad:  # the steps padding the last block count for nothing
