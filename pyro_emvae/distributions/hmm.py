@@ -38,6 +38,14 @@ chain of probability zero, supports that only meet through such tiny paths, ``in
 inputs) falls back to the log-space scan :func:`log_space_log_z` for its value and gradients
 (the other chains of the batch keep the fast path).
 
+A chain whose transition is the same at every step after the first (Baum–Welch's usual HMM:
+:class:`HomogeneousHMM`, ``z_0 ~ start`` then one ``(K, K)`` matrix) has a cheaper exact kernel,
+:func:`chain_log_z`: :math:`O(T K^2)` memory, time cut into blocks of ~:math:`\sqrt{T/4}` steps
+run side by side in the probability domain (batched GEMMs over all blocks per step, a tree over
+the blocks), and a posterior (:class:`ChainPosterior`) that is what the M-step reads:
+:math:`\gamma_t`, :math:`\xi_0` and :math:`\sum_{t \ge 1} \xi_t`, never a ``(T, K, K)``
+tensor. :func:`hmm_log_z` of its dense ``M`` stays the reference and the fallback.
+
 Example::
 
     >>> init = torch.randn(3)                       # (K,)
