@@ -257,6 +257,10 @@ class _LazyPairs(dict):
         self._fill()
         return super().__repr__()
 
+    def __reduce__(self):  # (pickled, copied: a plain dict of every entry)
+        self._fill()
+        return (dict, (dict.copy(self),))
+
     __hash__ = None
 
 

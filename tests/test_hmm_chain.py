@@ -288,3 +288,21 @@ def test_diag_normal_rows_equals_the_generic_log_prob():
     batched = dist.Normal(loc.expand(2, 4, 3), scale).to_event(1)
     assert diag_normal_rows(batched, x) is None
     assert diag_normal_rows(dist.Normal(loc, scale), x) is None  # (not a D-dim event)
+
+
+def test_lazy_pairwise_reads_like_a_dict():
+    """The posterior's pairwise entry of a homogeneous chain is built when read, and the dict
+    behaves as a plain one (membership, iteration, pickling)."""
+    import pickle
+
+    pyro.clear_param_store()
+    x, truth = sample_gaussian_hmm(2, 20, 2, 2, seed=0)
+    init = {k: v.double() for k, v in truth.items()}
+    post = ExactEStep(gaussian_hmm).posterior(x.double(), 2, init)
+    pairs = post.pairwise
+    assert ("x", "x") in pairs and len(pairs) == 1
+    assert list(pairs) == [("x", "x")] and pairs[("x", "x")].shape == (2, 20, 2, 2)
+    again = pickle.loads(pickle.dumps(pairs))
+    assert type(again) is dict and torch.equal(again[("x", "x")], pairs[("x", "x")])
+    _close(pairs[("x", "x")].sum(-2), post.marginals["x"])
+    pyro.clear_param_store()
