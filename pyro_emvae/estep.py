@@ -68,6 +68,7 @@ from pyro_emvae.distributions.hmm import (
     chain_posterior,
     hmm_log_z,
     hmm_pairwise,
+    one_thread,
 )
 from pyro_emvae.errors import EnumerationError
 from pyro_emvae.kernels import fused_log_prob
@@ -166,8 +167,9 @@ def _chain_parts(
         obs = fn.observation_dist
         obs_value = value.unsqueeze(-1 - obs.event_dim)
         try:
-            # (all K states' emissions at every step: two GEMMs for a diagonal Gaussian)
-            value_logits = _kernels.diag_normal_rows(obs, value)
+            # (all K states' emissions at every step: two thin GEMMs for a diagonal Gaussian)
+            with one_thread():
+                value_logits = _kernels.diag_normal_rows(obs, value)
             if value_logits is None:
                 value_logits = fused_log_prob(obs, obs_value)
         except (ValueError, RuntimeError):  # (the generic log_prob raises it, with its words)

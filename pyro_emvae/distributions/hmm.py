@@ -378,10 +378,11 @@ def _block_len(n: int) -> int:
 
 
 @contextmanager
-def _one_thread():
-    """The loops over the steps of a block run ops of a few thousand elements each, far too
-    small to share out: on one thread (measured: with two, a busy machine's thread pool waits
-    cost 5x; torch's own grain size does not cover BLAS's small GEMMs)."""
+def one_thread():
+    """Run torch on one thread inside: the chain's loops run ops of a few thousand elements
+    each, far too small to share out (torch's grain size does not cover BLAS's small GEMMs),
+    and its passes over ``(T, K)`` gain little from a second thread; on a busy machine a
+    thread pool's waits cost 5-10x (measured, two threads on two shared cores)."""
     n = torch.get_num_threads()
     if n == 1:
         yield
@@ -438,15 +439,14 @@ def _chain_up(init, first, trans, emit, block: int | None = None):
     q = torch.empty_like(p)
     scales = torch.empty((length // _EVERY + 1, b, nb, 1, 1), dtype=f64, device=p.device)
     j = 0
-    with _one_thread():
-        for s in range(1, length):
-            torch.bmm(p.view(b, nb * k, k), a, out=q.view(b, nb * k, k))
-            q.mul_(blocks[s].unsqueeze(-2))
-            p, q = q, p
-            if s % _EVERY == 0 or s == length - 1:
-                torch.amax(p, (-1, -2), keepdim=True, out=scales[j])
-                p.div_(scales[j])
-                j += 1
+    for s in range(1, length):
+        torch.bmm(p.view(b, nb * k, k), a, out=q.view(b, nb * k, k))
+        q.mul_(blocks[s].unsqueeze(-2))
+        p, q = q, p
+        if s % _EVERY == 0 or s == length - 1:
+            torch.amax(p, (-1, -2), keepdim=True, out=scales[j])
+            p.div_(scales[j])
+            j += 1
     if j == 0:  # (one step per block)
         torch.amax(p, (-1, -2), keepdim=True, out=scales[0])
         p.div_(_safe(scales[0]))
@@ -497,24 +497,23 @@ def _chain_down(init, first, st) -> tuple[ChainPosterior, torch.Tensor]:
         tmp = torch.empty((b, nb, k), dtype=f64, device=a.device)
         scales = torch.empty((2 * (length // _EVERY) + 2, b, nb, 1), dtype=f64, device=a.device)
         j = 0
-        with _one_thread():
-            for s in range(length):
-                nxt = alpha[s + 1]
-                torch.bmm(alpha[s], a, out=nxt)
-                nxt.mul_(blocks[s])
-                sb = length - 1 - s
-                rescale = s % _EVERY == _EVERY - 1
-                if sb:
-                    torch.mul(blocks[sb], beta[sb], out=tmp)
-                    torch.bmm(tmp, at, out=beta[sb - 1])
-                    if rescale:
-                        torch.amax(beta[sb - 1], -1, keepdim=True, out=scales[j])
-                        beta[sb - 1].div_(scales[j])
-                        j += 1
+        for s in range(length):
+            nxt = alpha[s + 1]
+            torch.bmm(alpha[s], a, out=nxt)
+            nxt.mul_(blocks[s])
+            sb = length - 1 - s
+            rescale = s % _EVERY == _EVERY - 1
+            if sb:
+                torch.mul(blocks[sb], beta[sb], out=tmp)
+                torch.bmm(tmp, at, out=beta[sb - 1])
                 if rescale:
-                    torch.amax(nxt, -1, keepdim=True, out=scales[j])
-                    nxt.div_(scales[j])
+                    torch.amax(beta[sb - 1], -1, keepdim=True, out=scales[j])
+                    beta[sb - 1].div_(scales[j])
                     j += 1
+            if rescale:
+                torch.amax(nxt, -1, keepdim=True, out=scales[j])
+                nxt.div_(scales[j])
+                j += 1
         ok = torch.stack(mins).amin(0).gt(_TINY)
         if j:
             ok = ok & scales[:j].amin((0, 2, 3)).gt(_TINY)
@@ -561,7 +560,8 @@ class _Chain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, init, first, trans, emit):
         ctx.save_for_backward(init, first, trans, emit)
-        log_z, ctx.st, ok = _chain_up(init, first, trans, emit)
+        with one_thread():
+            log_z, ctx.st, ok = _chain_up(init, first, trans, emit)
         ctx.dense = not bool(ok.all())
         if ctx.dense:
             log_z = log_space_log_z(*ChainParts(init, first, trans, emit).dense())
@@ -574,8 +574,9 @@ class _Chain(torch.autograd.Function):
         gg = g.detach().to(torch.float64)
         post = None
         if not ctx.dense:
-            st = ctx.st if ctx.st is not None else _chain_up(init, first, trans, emit)[1]
-            post, ok = _chain_down(init, first, st)
+            with one_thread():
+                st = ctx.st if ctx.st is not None else _chain_up(init, first, trans, emit)[1]
+                post, ok = _chain_down(init, first, st)
             ctx.dense = not bool(ok.all())
         ctx.st = None
         if ctx.dense:
