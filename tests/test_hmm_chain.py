@@ -306,3 +306,13 @@ def test_lazy_pairwise_reads_like_a_dict():
     assert type(again) is dict and torch.equal(again[("x", "x")], pairs[("x", "x")])
     _close(pairs[("x", "x")].sum(-2), post.marginals["x"])
     pyro.clear_param_store()
+
+
+def test_chain_posterior_scales_like_a_weight():
+    """``posterior * scale`` (the M-step's weight under ``poutine.scale``) scales every field,
+    by a number or per sequence."""
+    post = chain_posterior(_random_parts(2, 5, 3))
+    for c, per in ((0.5, torch.tensor([0.5, 0.5])), (2.0, torch.tensor([2.0, 2.0]))):
+        for got in (post * c, c * post, post * per):
+            for a, b in zip(got, post):
+                _close(a, b * c)

@@ -365,8 +365,18 @@ class ChainPosterior(NamedTuple):
     trans: torch.Tensor
     gamma: torch.Tensor
 
-    def scaled(self, c: float) -> ChainPosterior:
+    def scaled(self, c) -> ChainPosterior:
+        """Every field times ``c``: a number, or a tensor broadcastable to the batch shape (a
+        site's ``poutine.scale``)."""
+        if torch.is_tensor(c) and c.dim():
+            extra = (1, 2, 2, 2)  # the fields' dims after the batch's
+            return ChainPosterior(*(t * c.reshape(c.shape + (1,) * e) for t, e in zip(self, extra)))
         return ChainPosterior(*(t * c for t in self))
+
+    def __mul__(self, c) -> ChainPosterior:  # (not a tuple's repetition: a weight's scaling)
+        return self.scaled(c)
+
+    __rmul__ = __mul__
 
 
 def _block_len(n: int) -> int:
