@@ -35,7 +35,11 @@ state at "time -1" and applies ``transition_logits[t]`` *before* emitting ``x_t`
 ``z_0 ~ start`` exactly we use ``transition_logits`` of shape ``(T, K, K)`` whose slice 0 is
 ``log(start)`` in every row (so ``z_0`` is independent of the dummy time -1 state, whatever
 its distribution) and whose slices ``1..T-1`` are ``log(trans)``; ``initial_logits`` is uniform
-(see :func:`discrete_hmm_logits`). The test-suite checks that both forms agree.
+(see :func:`discrete_hmm_logits`). The models here use
+:class:`pyro_emvae.distributions.HomogeneousHMM`, the ``DiscreteHMM`` of exactly those logits
+given as ``log(start)`` and the one ``(K, K)`` ``log(trans)``: no ``(T, K, K)`` tensor is built or
+normalized per trace, and the E-step runs the homogeneous chain's forward-backward
+(:func:`pyro_emvae.distributions.chain_log_z`). The test-suite checks that both forms agree.
 
 Example::
 
@@ -61,6 +65,8 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 from torch.distributions import constraints
+
+from pyro_emvae.distributions import HomogeneousHMM
 
 __all__ = [
     "EMISSIONS",
@@ -280,8 +286,9 @@ def gaussian_hmm(data: Tensor, K: int, init: Mapping[str, Tensor] | None = None)
 
     Same model and params as :func:`gaussian_hmm_markov`; a single observed site ``"x"``
     (value ``data``, event shape ``(T, D)``) inside ``pyro.plate("sequences", N, dim=-1)``,
-    with observation distribution ``Normal(locs, scales).to_event(1)`` (batch ``K``) and
-    logits from :func:`discrete_hmm_logits` (exact ``z_0 ~ start``). No latent sample site:
+    with observation distribution ``Normal(locs, scales).to_event(1)`` (batch ``K``), as
+    :class:`~pyro_emvae.distributions.HomogeneousHMM` ``(log start, log trans)``: the
+    ``DiscreteHMM`` of :func:`discrete_hmm_logits` (exact ``z_0 ~ start``). No latent sample site:
     the hidden chain is marginalized inside ``DiscreteHMM.log_prob``, so
     ``poutine.trace(gaussian_hmm).get_trace(data, K).log_prob_sum()`` is ``log p(x)``.
 
@@ -300,10 +307,9 @@ def gaussian_hmm(data: Tensor, K: int, init: Mapping[str, Tensor] | None = None)
     data = _as_gaussian_data(data)
     N, T, _ = data.shape
     start, trans, locs, scales = _gaussian_params(data, K, init)
-    initial_logits, transition_logits = discrete_hmm_logits(start, trans, T)
     obs_dist = dist.Normal(locs, scales).to_event(1)
     with pyro.plate("sequences", N, dim=-1):
-        pyro.sample("x", dist.DiscreteHMM(initial_logits, transition_logits, obs_dist), obs=data)
+        pyro.sample("x", HomogeneousHMM(start.log(), trans.log(), obs_dist, T), obs=data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +371,8 @@ def categorical_hmm(
 
     Same model and params as :func:`categorical_hmm_markov`; a single observed site ``"x"``
     (value ``data``, event shape ``(T,)``) inside ``pyro.plate("sequences", N, dim=-1)``
-    with observation distribution ``Categorical(emission_probs)`` (batch ``K``).
+    with observation distribution ``Categorical(emission_probs)`` (batch ``K``), as
+    :class:`~pyro_emvae.distributions.HomogeneousHMM` ``(log start, log trans)``.
 
     Args:
         data: ``(N, T)`` integer symbols in ``[0, M)`` (``(T,)`` is treated as ``N = 1``).
@@ -383,10 +390,9 @@ def categorical_hmm(
     data = _as_categorical_data(data)
     N, T = data.shape
     start, trans, emission_probs = _categorical_params(data, K, M, init)
-    initial_logits, transition_logits = discrete_hmm_logits(start, trans, T)
     obs_dist = dist.Categorical(emission_probs)
     with pyro.plate("sequences", N, dim=-1):
-        pyro.sample("x", dist.DiscreteHMM(initial_logits, transition_logits, obs_dist), obs=data)
+        pyro.sample("x", HomogeneousHMM(start.log(), trans.log(), obs_dist, T), obs=data)
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,7 +72,16 @@ from pyro_emvae import validate as _validate
 from pyro_emvae._compat import BackwardSampleMessenger, Subsample, find_ordinal, packed
 from pyro_emvae.amortized import preserved_rng
 from pyro_emvae.distributions.ctc import CTC, ctc_log_z, ctc_sample, ctc_viterbi
-from pyro_emvae.distributions.hmm import hmm_log_z, hmm_pairwise
+from pyro_emvae.distributions.hmm import (
+    ChainParts,
+    ChainPosterior,
+    HomogeneousHMM,
+    chain_log_z,
+    chain_posterior,
+    hmm_log_z,
+    hmm_pairwise,
+    one_thread,
+)
 from pyro_emvae.distributions.pcfg import PCFG
 from pyro_emvae.errors import EnumerationError
 from pyro_emvae.kernels import fused_log_prob
@@ -184,6 +193,119 @@ def _hmm_log_prob(init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     :func:`~pyro_emvae.distributions.hmm.hmm_log_z`: its gradient in ``M`` is the chain's pairwise
     posterior marginals (one exact forward-backward)."""
     return hmm_log_z(init, m)
+
+
+def _chain_parts(
+    fn: HomogeneousHMM,
+    value: torch.Tensor,
+    value_logits: torch.Tensor | None = None,
+    mask: Any = None,
+) -> ChainParts:
+    """:class:`~pyro_emvae.distributions.hmm.ChainParts` of a homogeneous chain, each expanded
+    to the site's batch shape: ``_hmm_parts``'s potentials without the ``(*batch, T, K, K)``
+    ``M`` (the emissions by the fused Gaussian kernel where it applies; a sequence that
+    ``mask`` drops keeps no emissions, as in ``_hmm_parts``)."""
+    if value_logits is None:
+        obs = fn.observation_dist
+        obs_value = value.unsqueeze(-1 - obs.event_dim)
+        try:
+            # (all K states' emissions at every step: two thin GEMMs for a diagonal Gaussian)
+            with one_thread():
+                value_logits = _kernels.diag_normal_rows(obs, value)
+            if value_logits is None:
+                value_logits = fused_log_prob(obs, obs_value)
+        except (ValueError, RuntimeError):  # (the generic log_prob raises it, with its words)
+            value_logits = None
+        if value_logits is None:
+            value_logits = obs.log_prob(obs_value)  # (*batch, T, K)
+    if mask is not None and mask is not True:
+        keep = torch.as_tensor(mask, dtype=torch.bool, device=value_logits.device)
+        keep = keep.reshape(keep.shape + (1, 1))
+        value_logits = torch.where(keep, value_logits, value_logits.new_zeros(()))
+    parts = fn.parts(value, value_logits)
+    k = value_logits.size(-1)
+    batch = torch.broadcast_shapes(
+        fn.batch_shape,
+        parts.init.shape[:-1],
+        parts.first.shape[:-2],
+        parts.trans.shape[:-2],
+        value_logits.shape[:-2],
+    )
+    return ChainParts(
+        parts.init.expand(batch + (k,)),
+        parts.first.expand(batch + (k, k)),
+        parts.trans.expand(batch + (k, k)),
+        value_logits.expand(batch + value_logits.shape[-2:]),
+    )
+
+
+def _dense_parts(parts: ChainParts) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(init (*batch, K), M (*batch, T, K, K))`` of batch-shaped ``parts`` (detached)."""
+    batch, k = parts.emit.shape[:-2], parts.emit.size(-1)
+    flat = ChainParts(*(t.detach().reshape((-1,) + t.shape[len(batch) :]) for t in parts))
+    init, m = flat.dense()
+    return init.reshape(batch + (k,)), m.reshape(batch + m.shape[-3:])
+
+
+class _LazyPairs(dict):
+    """``Posterior.pairwise``: a dict whose homogeneous chains' ``(*batch, T, K, K)`` entries
+    are computed when first read (Baum–Welch does not need them; see ``ChainPosterior``)."""
+
+    def __init__(self):
+        super().__init__()
+        self._lazy: dict = {}
+
+    def defer(self, key, thunk) -> None:
+        self._lazy[key] = thunk
+
+    def _fill(self, key=None) -> None:
+        for k in [key] if key is not None else list(self._lazy):
+            if k in self._lazy:
+                super().__setitem__(k, self._lazy.pop(k)())
+
+    def __getitem__(self, key):
+        self._fill(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._fill(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        return key in self._lazy or super().__contains__(key)
+
+    def __len__(self):
+        return len(self._lazy) + super().__len__()
+
+    def __iter__(self):
+        self._fill()
+        return super().__iter__()
+
+    def keys(self):
+        self._fill()
+        return super().keys()
+
+    def items(self):
+        self._fill()
+        return super().items()
+
+    def values(self):
+        self._fill()
+        return super().values()
+
+    def __eq__(self, other):
+        self._fill()
+        return super().__eq__(other)
+
+    def __repr__(self):
+        self._fill()
+        return super().__repr__()
+
+    def __reduce__(self):  # (pickled, copied: a plain dict of every entry)
+        self._fill()
+        return (dict, (dict.copy(self),))
+
+    __hash__ = None
 
 
 def _sequential_maxmatmul(m: torch.Tensor) -> torch.Tensor:
@@ -1039,6 +1161,20 @@ class ExactEStep:
                 override = potentials(name, site) if potentials is not None else None
                 if isinstance(site["fn"], PCFG):  # an implicit latent: one flat leaf
                     _implicit_log_prob(site)
+                elif isinstance(site["fn"], HomogeneousHMM):
+                    # one (K, K) transition: the chain's own forward-backward, whose
+                    # gradients are Baum-Welch's sums (no (T, K, K) tensor anywhere)
+                    parts = _chain_parts(site["fn"], site["value"], override, site["mask"])
+                    parts = ChainParts(
+                        *(t if t.requires_grad else t.detach().requires_grad_() for t in parts)
+                    )
+                    with torch.enable_grad():
+                        lp = chain_log_z(*parts)
+                        scaled = scale_and_mask(lp, site["scale"], site["mask"])
+                    site["_hmm"] = parts
+                    site["unscaled_log_prob"] = lp
+                    site["log_prob"] = scaled
+                    site["log_prob_sum"] = site["log_prob"].sum()
                 elif isinstance(site["fn"], DiscreteHMM):
                     init, m = _hmm_parts(site["fn"], site["value"], override, site["mask"])
                     if not m.requires_grad:  # a leaf, so that its gradient can be asked for
@@ -1172,7 +1308,10 @@ class ExactEStep:
                 if _potential(site) is not None:
                     # the unpacked log-prob: packing ran under no_grad and cut the graph to M
                     log_z = log_z + site["log_prob"].sum()
-                    inputs.append((name, _potential(site)))
+                    if isinstance(site.get("_hmm"), ChainParts):
+                        inputs.extend((name, t) for t in site["_hmm"])  # (in _fill's order)
+                    else:
+                        inputs.append((name, _potential(site)))
                 else:
                     log_z = log_z + site["packed"]["log_prob"].sum()
                 continue
@@ -1264,10 +1403,17 @@ class ExactEStep:
         order = {n: i for i, n in enumerate(tr.nodes)}
         dropped = _dropped_rows(tr)
         arranged: dict[tuple, torch.Tensor] = {}
+        chains: dict[str, list] = {}
         for (name, t), g in zip(inputs, grads):
             site = tr.nodes[name]
             if g is None:
                 g = torch.zeros_like(t)
+            if isinstance(site.get("_hmm"), ChainParts):
+                got = chains.setdefault(name, [])
+                got.append(g)
+                if len(got) == len(ChainParts._fields):
+                    self._fill_chain(post, name, site, ChainPosterior(*got))
+                continue
             if "_ctc" in site:  # the lattice occupancies (zero on a masked sequence)
                 occ = g / site["scale"] if site["scale"] != 1 else g
                 post.factor_q[name] = occ
@@ -1329,6 +1475,31 @@ class ExactEStep:
                 _, plate_shape = _plate_layout(site["cond_indep_stack"])
                 post.marginals[name] = torch.ones(plate_shape + (1,))
 
+    @staticmethod
+    def _fill_chain(post: Posterior, name: str, site, q: ChainPosterior) -> None:
+        """A homogeneous chain's posterior: Baum-Welch's sums as the M-step's weight (zero on a
+        sequence the mask drops), ``gamma`` as the marginals (the prior chain's where masked),
+        the pairwise marginals on demand."""
+        if site["scale"] != 1:
+            q = q.scaled(1.0 / site["scale"])
+        post.factor_q[name] = q
+        parts = site["_hmm"]
+        gamma = q.gamma
+        mask = site["mask"]
+        if mask is not None and mask is not True:
+            # a masked sequence is not observed: its chain's posterior is the prior chain's
+            # (``_chain_parts`` dropped its emissions)
+            prior = chain_posterior(parts).gamma
+            keep = torch.as_tensor(mask, dtype=torch.bool, device=gamma.device)
+            gamma = torch.where(keep.reshape(keep.shape + (1, 1)), gamma, prior)
+        post.marginals[name] = gamma
+        if not isinstance(post.pairwise, _LazyPairs):
+            lazy = _LazyPairs()
+            lazy.update(post.pairwise)
+            post.pairwise = lazy
+        # (the dense chain's pairwise marginals: the posterior, the prior where masked)
+        post.pairwise.defer((name, name), lambda: hmm_pairwise(*_dense_parts(parts)))
+
     def expected_log_joint(self, posterior: Posterior, *args: Any, **kwargs: Any) -> torch.Tensor:
         """:math:`\\mathbb{E}_q[\\log p_\\theta(x, z)]` at the current params with ``q`` held at
         ``posterior`` (computed at earlier params): the M-step objective, differentiable in the
@@ -1347,6 +1518,12 @@ class ExactEStep:
             q = posterior.factor_q.get(name)
             if "_implicit" in site:  # E_q[log p(x, t)]: the counts times the log-potentials
                 total = total + site["scale"] * (q * site["_implicit"][0]).sum()
+            elif isinstance(site.get("_hmm"), ChainParts):
+                pot = sum(
+                    (w * p).flatten(start_dim=p.dim() - (1 if f == "init" else 2)).sum(-1)
+                    for f, w, p in zip(ChainParts._fields, q, site["_hmm"])
+                )
+                total = total + scale_and_mask(pot, site["scale"], site["mask"]).sum()
             elif "_hmm" in site:
                 init, m = site["_hmm"]
                 pot = (q * m).flatten(-3).sum(-1) + (q[..., 0, :, :].sum(-1) * init).sum(-1)

@@ -49,7 +49,13 @@ from torch.distributions.utils import probs_to_logits
 
 from pyro_emvae import _compat
 
-__all__ = ["CHUNK", "categorical_log_prob", "fused_log_prob", "outer_scatter"]
+__all__ = [
+    "CHUNK",
+    "categorical_log_prob",
+    "diag_normal_rows",
+    "fused_log_prob",
+    "outer_scatter",
+]
 
 CHUNK = 2048  # rows per chunk: (CHUNK, M * D) temporaries stay in cache
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -362,6 +368,54 @@ def _diag_normal(loc, scale, value, event: int) -> torch.Tensor | None:
         return z.sum(-1)  # (M, c)
 
     return _place(_assemble(block, x.shape[0], const, grad), batch, pd, vd)
+
+
+def diag_normal_rows(fn, value: torch.Tensor) -> torch.Tensor | None:
+    r"""``fn.log_prob(value.unsqueeze(-2))`` ``(*batch, M)`` of a diagonal Gaussian
+        ``Independent(Normal(loc (M, E), scale (M, E)), 1)`` (the emission of every state of an HMM
+        at every step) by two GEMMs: with :math:`y = x - c` (``c`` the locs' mean row, so that
+        the products are of the data's spread, not of its distance to the origin),
+        :math:`
+    u_m = \mu_m - c` and :math:`\lambda_m = \sigma_m^{-2}`,
+        :math:`\lVert (x - \mu_m) / \sigma_m
+    Vert^2 = (y \odot y) \lambda_m - 2\, y\, (
+    u_m
+        \odot \lambda_m) +
+    u_m^	op (
+    u_m \odot \lambda_m)`. None where the structure is not
+        that (other families, batched params, autograd recording), so the caller runs the
+        generic path.
+
+        Example::
+
+            >>> fn = dist.Normal(torch.randn(3, 2), torch.ones(3, 2)).to_event(1)
+            >>> x = torch.randn(5, 2)
+            >>> torch.allclose(diag_normal_rows(fn, x), fn.log_prob(x.unsqueeze(-2)))
+            True
+    """
+    if not isinstance(fn, torch.distributions.Independent) or fn.reinterpreted_batch_ndims != 1:
+        return None
+    base = fn.base_dist
+    if type(base) not in (dist.Normal, torch.distributions.Normal):
+        return None
+    loc, scale = base.loc, base.scale
+    if loc.dim() != 2 or scale.shape != loc.shape or value.shape[-1] != loc.shape[-1]:
+        return None
+    if torch.is_grad_enabled() and (loc.requires_grad or scale.requires_grad):
+        return None
+    if _compat.validate_args_flag(fn):
+        _validate_sample(fn, value.unsqueeze(-2))
+    dtype = torch.promote_types(torch.promote_types(loc.dtype, scale.dtype), value.dtype)
+    loc, scale = loc.to(dtype), scale.to(dtype)
+    x = value.reshape(-1, value.shape[-1]).to(dtype)
+    prec = scale.pow(-2)  # (M, E)
+    centre = loc.mean(0)
+    nu = loc - centre
+    y = x - centre
+    const = -scale.log().sum(-1) - loc.shape[-1] * _HALF_LOG_2PI - 0.5 * (nu * nu * prec).sum(-1)
+    out = torch.addmm(const, y, (nu * prec).T)  # const + y (nu lambda)^T
+    out = torch.addmm(out, y.square_(), prec.T, alpha=-0.5)
+    return out.reshape(value.shape[:-1] + (loc.shape[0],))
 
 
 def _assemble(block, rows: int, const: torch.Tensor, grad: bool) -> torch.Tensor:

@@ -32,6 +32,8 @@ DiscreteHMM              transition / initial logits     Baum–Welch counts fro
                          (log form); observation_dist    marginals; emissions by their rule
 PCFG                     root / rule / emission logits   inside–outside: expected counts,
                          (log form)                      normalized per left-hand side
+HomogeneousHMM           start / transition logits (log  Baum–Welch counts from γ₀ and Σₜ ξₜ
+                         form); observation_dist         (no (T, K, K) tensor)
 =======================  =============================  ====================================
 
 Each updated argument has a role (:data:`ROLES`): a param reaching two roles, or whose
@@ -51,6 +53,7 @@ import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 
 from pyro_emvae import _compat
+from pyro_emvae.distributions.hmm import ChainPosterior, HomogeneousHMM
 from pyro_emvae.distributions.pcfg import PCFG
 from pyro_emvae.kernels import outer_scatter
 from pyro_emvae.track import Tracked
@@ -878,6 +881,24 @@ def _pool_time(ids: torch.Tensor, pair: torch.Tensor) -> list[tuple[torch.Tensor
     return pieces
 
 
+def _homogeneous_hmm(fn, value, weight, stats, stage, current) -> None:
+    r"""``weight`` here is the chain's :class:`~pyro_emvae.distributions.hmm.ChainPosterior`:
+    ``start`` counts :math:`\gamma_0`, ``trans`` counts :math:`\sum_{t \ge 1} \xi_t`."""
+    if not isinstance(weight, ChainPosterior):  # (a dense pairwise, from a caller of its own)
+        pair = weight
+        first, rest = pair[..., 0, :, :], pair[..., 1:, :, :].sum(-3)
+        weight = ChainPosterior(first.sum(-1), first, rest, pair.sum(-2))
+    if stage == 0:
+        for attr, w in (("start_logits", weight.gamma[..., 0, :]), ("trans_logits", weight.trans)):
+            t = fn.__dict__.get(attr)
+            if isinstance(t, Tracked) and t.form == "log":
+                stats.add("count", t.ids, w)
+                stats.add("rowmark", t.ids, _one(t))
+    obs = fn.observation_dist
+    obs_value = value.unsqueeze(-1 - obs.event_dim)
+    summarize_site(obs, obs_value, weight.gamma, stats, stage, current)
+
+
 def _discrete_hmm(fn, value, weight, stats, stage, current) -> None:
     """``weight`` here is the chain's pairwise posterior ``(*batch, T, K, K)``."""
     pair = weight
@@ -1096,6 +1117,22 @@ class PCFGRule(_Counts):
             ids = em.ids.T[words]  # (B, L, PT): the emission element each tag would use
             stats.add("count", ids, tags)
             stats.add("rowmark", em.ids, _one(em))
+
+
+@register_rule
+class HomogeneousHMMRule(_Counts):
+    """Baum–Welch for :class:`~pyro_emvae.distributions.HomogeneousHMM`: ``start`` and the
+    ``(K, K)`` transition from the chain's summed posterior counts (never a ``(T, K, K)``
+    tensor); the emissions by their own family's rule."""
+
+    families = (HomogeneousHMM,)
+    arguments: ClassVar[dict] = {
+        "start_logits": {"log": "probs"},
+        "trans_logits": {"log": "probs"},
+    }
+
+    def summarize(self, fn, value, weight, stats, stage, current):
+        _homogeneous_hmm(fn, value, weight, stats, stage, current)
 
 
 def _variances(ctx: MStepContext):

@@ -1023,7 +1023,7 @@ def _factor(name: str, site: dict, depth: int) -> tuple[int, tuple[int, ...], in
         return None
     itemsize = torch.empty((), dtype=_site_dtype(site)).element_size()
     if isinstance(fn, DiscreteHMM):
-        k = fn.transition_logits.size(-1)
+        k = fn.initial_logits.size(-1)  # (K, without building a HomogeneousHMM's (T, K, K))
         batch = _compat.broadcast_shapes(
             fn.batch_shape, value.shape[: value.dim() - 1 - fn.observation_dist.event_dim]
         )
@@ -1388,7 +1388,7 @@ def check_components(trace, n: int | None = None) -> None:
             continue
         frames = frames_of(site)
         if isinstance(site["fn"], DiscreteHMM) and site["is_observed"]:
-            k, what = site["fn"].transition_logits.size(-1), "hidden states"
+            k, what = site["fn"].initial_logits.size(-1), "hidden states"
         elif not site["is_observed"] and site["infer"].get("enumerate") == "parallel" and frames:
             k, what = _cardinality(site), "values"
         else:

@@ -383,8 +383,11 @@ def test_probe_gaussian_hmm_discrete_hmm_form():
     data, truth = sample_gaussian_hmm(N, T, Kc, Dc, seed=0)
     gaussian_hmm(data, Kc, init=truth)
     tr, space = probe(gaussian_hmm, (data, Kc), {}, 1)
+    # (the model's HomogeneousHMM holds log(start) and the (K, K) log(trans) apart; its
+    # DiscreteHMM transition_logits, built from them, carry both params' ids as before)
     assert _uses(tr) == {
-        ("x", "transition_logits"): ("log", frozenset({"start", "trans"})),
+        ("x", "start_logits"): ("log", frozenset({"start"})),
+        ("x", "trans_logits"): ("log", frozenset({"trans"})),
         ("x", "observation_dist.base_dist.loc"): ("value", frozenset({"locs"})),
         ("x", "observation_dist.base_dist.scale"): ("value", frozenset({"scales"})),
     }
@@ -393,7 +396,7 @@ def test_probe_gaussian_hmm_discrete_hmm_form():
     start_ids = space.offsets["start"] + torch.arange(Kc)
     trans_ids = space.offsets["trans"] + torch.arange(Kc * Kc).reshape(Kc, Kc)
     expected = torch.cat([start_ids.expand(1, Kc, Kc), trans_ids.expand(T - 1, Kc, Kc)])
-    assert torch.equal(tl.ids, expected)
+    assert torch.equal(tl.ids, expected.expand(tl.shape))  # (batched by the plate's expand)
     # the DiscreteHMM's own normalization keeps the log form and the values
     ref = torch.cat(
         [truth["start"].log().expand(1, Kc, Kc), truth["trans"].log().expand(T - 1, Kc, Kc)]
@@ -433,8 +436,9 @@ def test_probe_categorical_hmm(form):
     uses = _uses(tr)
     assert space.opaque == set()
     if form == "discrete_hmm":
-        assert uses == {
-            ("x", "transition_logits"): ("log", frozenset({"start", "trans"})),
+        assert uses == {  # (HomogeneousHMM: log(start) and log(trans) apart)
+            ("x", "start_logits"): ("log", frozenset({"start"})),
+            ("x", "trans_logits"): ("log", frozenset({"trans"})),
             ("x", "observation_dist.probs"): ("normalized", frozenset({"emission_probs"})),
             ("x", "observation_dist._param"): ("normalized", frozenset({"emission_probs"})),
         }

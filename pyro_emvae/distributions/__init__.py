@@ -10,7 +10,16 @@ from pyro_emvae.distributions.ctc import (
     ctc_viterbi,
     frame_posterior,
 )
-from pyro_emvae.distributions.hmm import hmm_log_z, hmm_pairwise, log_space_log_z
+from pyro_emvae.distributions.hmm import (
+    ChainParts,
+    ChainPosterior,
+    HomogeneousHMM,
+    chain_log_z,
+    chain_posterior,
+    hmm_log_z,
+    hmm_pairwise,
+    log_space_log_z,
+)
 from pyro_emvae.distributions.pcfg import (
     PCFG,
     pcfg_log_z,
@@ -22,6 +31,11 @@ from pyro_emvae.distributions.pcfg import (
 __all__ = [
     "CTC",
     "PCFG",
+    "ChainParts",
+    "ChainPosterior",
+    "HomogeneousHMM",
+    "chain_log_z",
+    "chain_posterior",
     "collapse",
     "ctc_lattice",
     "ctc_log_z",

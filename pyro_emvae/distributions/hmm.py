@@ -38,6 +38,14 @@ chain of probability zero, supports that only meet through such tiny paths, ``in
 inputs) falls back to the log-space scan :func:`log_space_log_z` for its value and gradients
 (the other chains of the batch keep the fast path).
 
+A chain whose transition is the same at every step after the first (Baum–Welch's usual HMM:
+:class:`HomogeneousHMM`, ``z_0 ~ start`` then one ``(K, K)`` matrix) has a cheaper exact kernel,
+:func:`chain_log_z`: :math:`O(T K^2)` memory, time cut into blocks of ~:math:`\sqrt{T/4}` steps
+run side by side in the probability domain (batched GEMMs over all blocks per step, a tree over
+the blocks), and a posterior (:class:`ChainPosterior`) that is what the M-step reads:
+:math:`\gamma_t`, :math:`\xi_0` and :math:`\sum_{t \ge 1} \xi_t`, never a ``(T, K, K)``
+tensor. :func:`hmm_log_z` of its dense ``M`` stays the reference and the fallback.
+
 Example::
 
     >>> init = torch.randn(3)                       # (K,)
@@ -50,10 +58,25 @@ Example::
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+from typing import ClassVar, NamedTuple
+
+import pyro.distributions as dist
 import torch
 from torch.autograd.function import once_differentiable
+from torch.distributions import constraints
 
-__all__ = ["hmm_log_z", "hmm_pairwise", "log_space_log_z"]
+__all__ = [
+    "ChainParts",
+    "ChainPosterior",
+    "HomogeneousHMM",
+    "chain_log_z",
+    "chain_posterior",
+    "hmm_log_z",
+    "hmm_pairwise",
+    "log_space_log_z",
+]
 
 # a rescaling factor below this (or 0, inf, nan) sends the call to the log-space scan: float64's
 # smallest normal is 2.2e-308, so every factor above it leaves > 50 orders of headroom
@@ -305,3 +328,426 @@ def hmm_pairwise(init: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     with torch.enable_grad():
         (g,) = torch.autograd.grad(hmm_log_z(init.detach(), m).sum(), [m])
     return g
+
+
+# --------------------------------------------------------------------------------------------
+# time-homogeneous chains: blocks of time in the probability domain, O(T K^2) per pass
+# --------------------------------------------------------------------------------------------
+class ChainParts(NamedTuple):
+    r"""The log-potentials of a chain whose transition is the same at every step after the
+    first: ``init (B, K)`` over :math:`z_{-1}`, ``first (B, K, K)`` over :math:`(z_{-1}, z_0)`,
+    ``trans (B, K, K)`` over :math:`(z_{t-1}, z_t)` for every :math:`t \ge 1` and ``emit
+    (B, T, K)`` over :math:`z_t`, so that the chain's ``M`` of :func:`hmm_log_z` is
+    ``M_0 = first + emit_0``, ``M_t = trans + emit_t``."""
+
+    init: torch.Tensor
+    first: torch.Tensor
+    trans: torch.Tensor
+    emit: torch.Tensor
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(init (B, K), M (B, T, K, K))`` of the same chain (for :func:`hmm_log_z`)."""
+        b, t_len, k = self.emit.shape
+        steps = torch.cat(
+            (self.first.unsqueeze(-3), self.trans.unsqueeze(-3).expand(b, t_len - 1, k, k)), -3
+        )
+        return self.init, steps + self.emit.unsqueeze(-2)
+
+
+class ChainPosterior(NamedTuple):
+    r"""What Baum–Welch needs of a time-homogeneous chain's posterior, without its
+    ``(B, T, K, K)`` pairwise marginals: ``init (B, K)`` :math:`p(z_{-1})`, ``first (B, K, K)``
+    :math:`\xi_0`, ``trans (B, K, K)`` :math:`\sum_{t \ge 1} \xi_t` and ``gamma (B, T, K)``
+    :math:`p(z_t)` (the gradients of :func:`chain_log_z` in its four inputs)."""
+
+    init: torch.Tensor
+    first: torch.Tensor
+    trans: torch.Tensor
+    gamma: torch.Tensor
+
+    def scaled(self, c) -> ChainPosterior:
+        """Every field times ``c``: a number, or a tensor broadcastable to the batch shape (a
+        site's ``poutine.scale``)."""
+        if torch.is_tensor(c) and c.dim():
+            extra = (1, 2, 2, 2)  # the fields' dims after the batch's
+            return ChainPosterior(*(t * c.reshape(c.shape + (1,) * e) for t, e in zip(self, extra)))
+        return ChainPosterior(*(t * c for t in self))
+
+    def __mul__(self, c) -> ChainPosterior:  # (not a tuple's repetition: a weight's scaling)
+        return self.scaled(c)
+
+    __rmul__ = __mul__
+
+
+def _block_len(n: int) -> int:
+    """Steps per block: ~sqrt(n / 4) (158 at n = 1e5, measured best of 64..600 there) balances
+    the Python steps of the loops inside the blocks (``~6 L`` small ops) against the memory
+    the blocks' products stream through (``n / L`` blocks, joined by a tree of
+    ``log2(n / L)`` levels)."""
+    return max(1, min(n, round(math.sqrt(n / 4))))
+
+
+@contextmanager
+def one_thread():
+    """Run torch on one thread inside: the chain's loops run ops of a few thousand elements
+    each, far too small to share out (torch's grain size does not cover BLAS's small GEMMs),
+    and its passes over ``(T, K)`` gain little from a second thread; on a busy machine a
+    thread pool's waits cost 5-10x (measured, two threads on two shared cores)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+_EVERY = 8  # rescale the running products every this many steps (and check them)
+
+
+def _chain_up(init, first, trans, emit, block: int | None = None):
+    """The forward pass of :func:`chain_log_z`: ``(log Z (B,), state, ok (B,))``.
+
+    The transition rows are normalized (``A = exp(trans - r)``, ``r`` the rows' logsumexp, the
+    ``r`` of a step's source state added to that step's emission), so that the steps padding
+    the last block (emission 1, transition ``A``) leave the sum unchanged; emissions are
+    rescaled per step to max 1 (``E_t``). Time ``1..T-1`` is cut into ``nb`` blocks of ``L``
+    steps; a block's product ``P_b = prod A diag(E_t)`` is built by ``L`` batched GEMMs over
+    all blocks at once, and the blocks are joined by a tree (as in :func:`hmm_log_z`)."""
+    f64 = torch.float64
+    b, t_len, k = emit.shape
+    init, first, trans = (x.detach().to(f64) for x in (init, first, trans))
+    r = trans.logsumexp(-1)  # (B, K)
+    fin = torch.isfinite(r)
+    zero = torch.zeros((), dtype=f64, device=emit.device)
+    a = (trans - torch.where(fin, r, zero).unsqueeze(-1)).exp()
+    a = torch.where(fin.unsqueeze(-1), a, torch.full((), 1.0 / k, dtype=f64, device=a.device))
+    n = t_len - 1
+    length = block or _block_len(n) if n else 1
+    nb = -(-n // length) if n else 0
+    # emissions in time order, padded to 1 + nb * L steps (log 0: E = 1)
+    lg = torch.zeros((b, 1 + nb * length, k), dtype=f64, device=emit.device)
+    lg[:, :t_len] = emit.detach()
+    if n:
+        lg[:, :n] += r.unsqueeze(1)
+    lg0 = lg[:, 0].clone()  # step 0's emission term (with r), for xi_0
+    lg[:, 0] += (init.unsqueeze(-1) + first).logsumexp(-2)
+    m = lg.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, zero)
+    e = lg.sub_(m).exp_()  # (B, 1 + nb L, K), entries in [0, 1]
+    log_z = m[:, :t_len, 0].sum(-1)
+    st = {"a": a, "e": e, "lg0": lg0, "n": n, "L": length, "nb": nb, "levels": None}
+    if not n:
+        z = e[:, 0].sum(-1)
+        return log_z + z.log(), st, z > _TINY
+    # steps 1.. by block, step-major: blocks[s] (B, nb, K) is step s of every block
+    blocks = e[:, 1:].view(b, nb, length, k).permute(2, 0, 1, 3).contiguous()
+    st["blocks"] = blocks
+    p = a.unsqueeze(1) * blocks[0].unsqueeze(-2)  # (B, nb, K, K)
+    q = torch.empty_like(p)
+    scales = torch.empty((length // _EVERY + 1, b, nb, 1, 1), dtype=f64, device=p.device)
+    j = 0
+    for s in range(1, length):
+        torch.bmm(p.view(b, nb * k, k), a, out=q.view(b, nb * k, k))
+        q.mul_(blocks[s].unsqueeze(-2))
+        p, q = q, p
+        if s % _EVERY == 0 or s == length - 1:
+            torch.amax(p, (-1, -2), keepdim=True, out=scales[j])
+            p.div_(scales[j])
+            j += 1
+    if j == 0:  # (one step per block)
+        torch.amax(p, (-1, -2), keepdim=True, out=scales[0])
+        p.div_(_safe(scales[0]))
+        j = 1
+    ok = scales[:j].amin((0, 2, 3, 4)) > _TINY
+    ls = scales[:j].log().sum(0)[..., 0, 0].T  # (nb, B)
+    prod = p.transpose(0, 1).contiguous()  # (nb, B, K, K): time-major for the tree
+    levels, mins = [prod], [torch.ones_like(log_z)]
+    while prod.size(0) > 1:
+        cnt, h = prod.size(0), prod.size(0) // 2
+        nxt, s = _rescale(torch.matmul(prod[0 : 2 * h : 2], prod[1 : 2 * h : 2]), (-1, -2), mins)
+        lsn = ls[0 : 2 * h : 2] + ls[1 : 2 * h : 2] + s.log()[..., 0, 0]
+        if cnt > 2 * h:
+            nxt, lsn = torch.cat((nxt, prod[2 * h :])), torch.cat((lsn, ls[2 * h :]))
+        prod, ls = nxt, lsn
+        levels.append(prod)
+    z = (e[:, 0] * prod[0].sum(-1)).sum(-1)
+    ok = ok & torch.stack(mins).amin(0).gt(_TINY) & z.gt(_TINY)
+    st["levels"] = levels
+    return log_z + ls[0] + z.log(), st, ok
+
+
+def _chain_down(init, first, st) -> tuple[ChainPosterior, torch.Tensor]:
+    """The backward pass of :func:`chain_log_z`: the posterior and each chain's ``ok``.
+
+    From the messages entering and leaving every block (the tree's down-sweep), the forward
+    messages :math:`\\alpha_t` and backward messages :math:`\\beta_t` inside all blocks at once
+    (``L`` steps, each at its own scale), then from them, in time order, with
+    :math:`u_t = \\alpha_{t-1} A` and :math:`w_t = E_t \\beta_t / n_t`,
+    :math:`n_t = u_t \\cdot E_t \\beta_t` (so each step's scale cancels):
+    :math:`\\gamma_t = u_t w_t` and :math:`\\sum_t \\xi_t = A \\odot \\sum_t \\alpha_{t-1}^\\top
+    w_t` (one GEMM over time)."""
+    a, e, n, length, nb = st["a"], st["e"], st["n"], st["L"], st["nb"]
+    b, k, f64 = a.size(0), a.size(-1), torch.float64
+    t_len = n + 1
+    gamma = torch.empty((b, t_len, k), dtype=f64, device=a.device)
+    if n:
+        mins = [torch.ones(b, dtype=f64, device=a.device)]
+        ones = torch.ones_like(e[:, 0]).unsqueeze(0)
+        fwd, bwd = _down(st["levels"], e[:, 0].unsqueeze(0), ones, mins)  # (nb, B, K) each
+        # step-major by block (the layout of ``blocks``): alpha[s + 1] is step s of every
+        # block and alpha[0] the message entering it; beta[s] the backward message at step s
+        blocks, at = st["blocks"], a.transpose(-1, -2)
+        alpha = torch.empty((length + 1, b, nb, k), dtype=f64, device=a.device)
+        beta = torch.empty((length, b, nb, k), dtype=f64, device=a.device)
+        alpha[0] = fwd.transpose(0, 1)
+        beta[length - 1] = bwd.transpose(0, 1)
+        tmp = torch.empty((b, nb, k), dtype=f64, device=a.device)
+        scales = torch.empty((2 * (length // _EVERY) + 2, b, nb, 1), dtype=f64, device=a.device)
+        j = 0
+        for s in range(length):
+            nxt = alpha[s + 1]
+            torch.bmm(alpha[s], a, out=nxt)
+            nxt.mul_(blocks[s])
+            sb = length - 1 - s
+            rescale = s % _EVERY == _EVERY - 1
+            if sb:
+                torch.mul(blocks[sb], beta[sb], out=tmp)
+                torch.bmm(tmp, at, out=beta[sb - 1])
+                if rescale:
+                    torch.amax(beta[sb - 1], -1, keepdim=True, out=scales[j])
+                    beta[sb - 1].div_(scales[j])
+                    j += 1
+            if rescale:
+                torch.amax(nxt, -1, keepdim=True, out=scales[j])
+                nxt.div_(scales[j])
+                j += 1
+        ok = torch.stack(mins).amin(0).gt(_TINY)
+        if j:
+            ok = ok & scales[:j].amin((0, 2, 3)).gt(_TINY)
+        beta0 = ((blocks[0, :, 0] * beta[0, :, 0]).unsqueeze(-2) @ at).squeeze(-2)  # (B, K)
+        # u_t = alpha_{t-1} A and w_t = E_t beta_t / n_t, n_t = u_t . E_t beta_t
+        prev = alpha[:length]
+        if b == 1:  # (one GEMM, (L nb, K) x (K, K))
+            u = torch.mm(prev.reshape(-1, k), a[0]).view(prev.shape)
+        else:
+            u = torch.matmul(prev, a.unsqueeze(0))  # (L, B, nb, K)
+        w = beta.mul_(blocks)
+        pad = nb * length - n
+        if pad:  # the steps padding the last block count for nothing
+            w[length - pad :, :, nb - 1] = 0.0
+        u.mul_(w)
+        norm = u.sum(-1, keepdim=True)
+        if pad:
+            norm[length - pad :, :, nb - 1] = 1.0
+        ok = ok & norm.amin((0, 2, 3)).gt(_TINY)
+        norm = _safe(norm)
+        u.div_(norm)
+        w.div_(norm)
+        if b == 1:
+            trans = a * (prev.reshape(-1, k).T @ w.reshape(-1, k)).unsqueeze(0)
+        else:
+            trans = a * torch.einsum("sbni,sbnj->bij", prev, w)
+        gamma[:, 1:] = u.permute(1, 2, 0, 3).reshape(b, nb * length, k)[:, :n]
+    else:
+        ok = torch.ones(b, dtype=torch.bool, device=a.device)
+        trans = torch.zeros((b, k, k), dtype=f64, device=a.device)
+        beta0 = torch.ones((b, k), dtype=f64, device=a.device)
+    lx = init.detach().to(f64).unsqueeze(-1) + first.detach().to(f64)
+    lx = lx + (st["lg0"] + beta0.log()).unsqueeze(-2)
+    xi0 = torch.softmax(lx.reshape(b, k * k), -1).reshape(b, k, k)
+    gamma[:, 0] = xi0.sum(-2)
+    return ChainPosterior(xi0.sum(-1), xi0, trans, gamma), ok
+
+
+class _Chain(torch.autograd.Function):
+    """``log Z (B,)`` of :class:`ChainParts` ``(B, ...)``; backward: :class:`ChainPosterior`
+    times the incoming gradient. A chain the probability domain cannot hold falls back to
+    :func:`hmm_log_z` on its dense ``M`` (the whole call, for its value and gradients)."""
+
+    @staticmethod
+    def forward(ctx, init, first, trans, emit):
+        ctx.save_for_backward(init, first, trans, emit)
+        with one_thread():
+            log_z, ctx.st, ok = _chain_up(init, first, trans, emit)
+        ctx.dense = not bool(ok.all())
+        if ctx.dense:
+            log_z = log_space_log_z(*ChainParts(init, first, trans, emit).dense())
+        return log_z.to(emit.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        init, first, trans, emit = ctx.saved_tensors
+        gg = g.detach().to(torch.float64)
+        post = None
+        if not ctx.dense:
+            with one_thread():
+                st = ctx.st if ctx.st is not None else _chain_up(init, first, trans, emit)[1]
+                post, ok = _chain_down(init, first, st)
+            ctx.dense = not bool(ok.all())
+        ctx.st = None
+        if ctx.dense:
+            post = _dense_posterior(ChainParts(init, first, trans, emit))
+        return tuple(
+            (p * gg.reshape((-1,) + (1,) * (p.dim() - 1))).to(x.dtype)
+            for p, x in zip(post, (init, first, trans, emit))
+        )
+
+
+def _dense_posterior(parts: ChainParts) -> ChainPosterior:
+    """:class:`ChainPosterior` by :func:`hmm_log_z` on the dense ``M`` (the fallback, and the
+    reference the tests hold the fast path to)."""
+    init, m = parts.dense()
+    init = init.detach().requires_grad_()
+    m = m.detach().requires_grad_()
+    with torch.enable_grad():
+        g_init, xi = torch.autograd.grad(hmm_log_z(init, m).sum(), [init, m])
+    return ChainPosterior(g_init, xi[:, 0], xi[:, 1:].sum(1), xi.sum(-2))
+
+
+def chain_log_z(init, first, trans, emit) -> torch.Tensor:
+    r""":math:`\log Z` ``(*batch)`` of a chain with one transition for all steps after the
+    first (see :class:`ChainParts`: ``init (*batch, K)``, ``first (*batch, K, K)``, ``trans
+    (*batch, K, K)``, ``emit (*batch, T, K)``, batch dims broadcast), differentiable: the
+    gradients are :class:`ChainPosterior`'s fields, :math:`p(z_{-1})`, :math:`\xi_0`,
+    :math:`\sum_{t\ge1}\xi_t` and :math:`\gamma_t`. Equal to :func:`hmm_log_z` of
+    :meth:`ChainParts.dense` (up to rounding), in :math:`O(T K^2)` memory and
+    :math:`O(T K^3 + T K^2)` work, never a ``(T, K, K)`` tensor: time is cut into blocks of
+    ~:math:`\sqrt{T / 4}` steps run side by side in the probability domain (batched GEMMs),
+    joined by a tree over the blocks. The same range limits and fallback as :func:`hmm_log_z`.
+
+    Example::
+
+        >>> init, first, trans = torch.zeros(2), torch.zeros(2, 2), torch.zeros(2, 2)
+        >>> chain_log_z(init, first, trans, torch.zeros(5, 2))  # log(2 ** 6)
+        tensor(4.1589)
+    """
+    k, t_len = emit.shape[-1], emit.shape[-2]
+    batch = torch.broadcast_shapes(
+        init.shape[:-1], first.shape[:-2], trans.shape[:-2], emit.shape[:-2]
+    )
+    flat = (
+        init.expand(batch + (k,)).reshape(-1, k),
+        first.expand(batch + (k, k)).reshape(-1, k, k),
+        trans.expand(batch + (k, k)).reshape(-1, k, k),
+        emit.expand(batch + (t_len, k)).reshape(-1, t_len, k),
+    )
+    return _Chain.apply(*flat).reshape(batch)
+
+
+def chain_posterior(parts: ChainParts) -> ChainPosterior:
+    """:class:`ChainPosterior` of ``parts`` ``(B, ...)`` (no graph kept)."""
+    leaves = [t.detach().requires_grad_() for t in parts]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(chain_log_z(*leaves).sum(), leaves)
+    return ChainPosterior(*grads)
+
+
+class HomogeneousHMM(dist.DiscreteHMM):
+    r"""A :class:`~pyro.distributions.DiscreteHMM` whose chain starts at ``z_0 ~ start`` and then
+    moves by one transition matrix: :math:`z_0 \sim \text{softmax}(\text{start\_logits})`,
+    :math:`z_t \mid z_{t-1} \sim \text{softmax}(\text{transition\_logits}[z_{t-1}])`,
+    :math:`x_t \mid z_t \sim` ``observation_dist[z_t]``, for ``t = 0..duration-1`` (hmmlearn's
+    convention). The same law as ``DiscreteHMM(zeros(K), cat([start rows, trans, ...]),
+    observation_dist)`` (``initial_logits`` and ``transition_logits`` read as those, built on
+    demand), without its ``(T, K, K)`` transition tensor: :meth:`log_prob` runs
+    :func:`chain_log_z`, and :class:`~pyro_emvae.ExactEStep` its posterior (Baum–Welch's sums).
+
+    Args:
+        start_logits: ``(*batch, K)``. transition_logits: ``(*batch, K, K)``, the same at every
+            step. observation_dist: batch shape ``(*batch, K)`` or ``(*batch, T, K)``.
+        duration: ``T``, the time axis ``event_shape[0]``.
+
+    Example::
+
+        >>> import pyro.distributions as dist
+        >>> hmm = HomogeneousHMM(torch.zeros(2), torch.zeros(2, 2), dist.Normal(torch.zeros(2), 1.0), 5)
+        >>> hmm.event_shape, hmm.transition_logits.shape
+        (torch.Size([5]), torch.Size([5, 2, 2]))
+    """
+
+    arg_constraints: ClassVar[dict] = {
+        "start_logits": constraints.real,
+        "trans_logits": constraints.real,
+    }
+
+    def __init__(
+        self,
+        start_logits: torch.Tensor,
+        transition_logits: torch.Tensor,
+        observation_dist,
+        duration: int,
+        validate_args=None,
+    ):
+        if start_logits.dim() < 1 or transition_logits.dim() < 2:
+            raise ValueError(
+                "expected start_logits (*batch, K) and transition_logits (*batch, K, K), got "
+                f"{tuple(start_logits.shape)} and {tuple(transition_logits.shape)}"
+            )
+        if len(observation_dist.batch_shape) < 1:
+            raise ValueError("expected observation_dist to have at least one batch dim (K)")
+        obs_batch = observation_dist.batch_shape[:-1]
+        if len(obs_batch) and obs_batch[-1] == duration:  # (*batch, T, K): time is not batch
+            obs_batch = obs_batch[:-1]
+        batch_shape = torch.broadcast_shapes(
+            start_logits.shape[:-1], transition_logits.shape[:-2], obs_batch
+        )
+        self.start_logits = start_logits - start_logits.logsumexp(-1, True)
+        self.trans_logits = transition_logits - transition_logits.logsumexp(-1, True)
+        self.observation_dist = observation_dist
+        event_shape = torch.Size((duration,)) + observation_dist.event_shape
+        super(dist.DiscreteHMM, self).__init__(
+            duration, batch_shape, event_shape, validate_args=validate_args
+        )
+
+    @property
+    def initial_logits(self) -> torch.Tensor:
+        """``DiscreteHMM``'s: a uniform :math:`z_{-1}` (``start`` is reached from any)."""
+        k = self.start_logits.size(-1)
+        out = self.start_logits.new_full((k,), -math.log(k))
+        return out.expand(self.batch_shape + (k,))
+
+    @property
+    def transition_logits(self) -> torch.Tensor:
+        """``DiscreteHMM``'s ``(*batch, T, K, K)``: step 0's rows are ``start``, the rest
+        ``trans`` (materialized: the generic path's, for Viterbi and sampling)."""
+        k, t_len = self.start_logits.size(-1), self.duration
+        start = self.start_logits.unsqueeze(-2).unsqueeze(-3)
+        start = start.expand(self.start_logits.shape[:-1] + (1, k, k))
+        trans = self.trans_logits.unsqueeze(-3)
+        trans = trans.expand(self.trans_logits.shape[:-2] + (t_len - 1, k, k))
+        shape = torch.broadcast_shapes(start.shape[:-3], trans.shape[:-3])
+        return torch.cat(
+            (start.expand(shape + start.shape[-3:]), trans.expand(shape + trans.shape[-3:])), -3
+        )
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(HomogeneousHMM, _instance)
+        batch_shape = torch.Size(torch.broadcast_shapes(self.batch_shape, batch_shape))
+        new.start_logits = self.start_logits.expand(batch_shape + self.start_logits.shape[-1:])
+        new.trans_logits = self.trans_logits
+        new.observation_dist = self.observation_dist
+        super(dist.DiscreteHMM, new).__init__(
+            self.duration, batch_shape, self.event_shape, validate_args=False
+        )
+        new._validate_args = self.__dict__.get("_validate_args")
+        return new
+
+    def parts(self, value: torch.Tensor, emit: torch.Tensor | None = None) -> ChainParts:
+        """The chain's :class:`ChainParts` at ``value``, shaped ``batch_shape`` (not
+        flattened); ``emit`` ``(*batch, T, K)`` replaces the emission log-likelihoods."""
+        if emit is None:
+            obs = self.observation_dist
+            emit = obs.log_prob(value.unsqueeze(-1 - obs.event_dim))
+        k = self.start_logits.size(-1)
+        first = self.start_logits.unsqueeze(-2).expand(self.start_logits.shape[:-1] + (k, k))
+        return ChainParts(self.initial_logits, first, self.trans_logits, emit)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        init, first, trans, emit = self.parts(value)
+        return chain_log_z(init, first, trans, emit)
