@@ -533,8 +533,11 @@ def check_observed(trace, *, exact: bool = True) -> None:
         if not isinstance(value, torch.Tensor):
             continue
         value = detach_provenance(value)
+        finite = False
         if value.is_floating_point() or value.is_complex():
-            _check_finite_value(name, site, value, exact)
+            finite = _check_finite_value(name, site, value, exact)
+        if finite and _real_support(site["fn"]):
+            continue  # (a finite value is in the support of the reals: no (N, D) check of it)
         base = name[: -len("_observed")] if name.endswith("_observed") else None
         _check_support(
             name, site, value, obs_mask_of=base if f"{base}_unobserved" in trace else None
@@ -559,6 +562,8 @@ def check_distributions(trace) -> None:
             if not t.is_floating_point():
                 continue
             t = _compact(t)
+            if _finite_sum(t):
+                continue  # (no NaN: the sum of a tensor with a NaN is NaN)
             bad = torch.isnan(t)
             if bad.any():
                 raise ModelInputError(
@@ -586,12 +591,35 @@ def _missing_data_advice(exact: bool) -> str:
     )
 
 
-def _check_finite_value(name: str, site: dict, value: torch.Tensor, exact: bool) -> None:
+def _finite_sum(t: torch.Tensor) -> bool:
+    """True only if every entry of ``t`` is finite, without a tensor of ``t``'s size: a NaN
+    or inf entry makes the sum NaN or inf. False says nothing (a sum of large finite entries
+    may overflow): then the caller runs its elementwise check, which names the entry."""
+    with torch.no_grad():
+        return bool(torch.isfinite(t.sum()))
+
+
+def _real_support(fn) -> bool:
+    """Whether ``fn``'s support is the reals (elementwise, whatever its event dims): a finite
+    value is in it."""
+    try:
+        support = fn.support
+    except (NotImplementedError, AttributeError):
+        return False
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def _check_finite_value(name: str, site: dict, value: torch.Tensor, exact: bool) -> bool:
+    """Raise for a NaN or inf entry of ``value``; returns True (every entry finite)."""
+    if _finite_sum(value):
+        return True
     nan = torch.isnan(value)
     # (torch.isinf(x) is x.abs() == inf: a float copy of the data; the comparisons are bools)
     inf = (value == math.inf) | (value == -math.inf) if value.is_floating_point() else value.isinf()
     if not (nan.any() or inf.any()):
-        return
+        return True
     n_nan, n_inf = int(nan.sum()), int(inf.sum())
     bad = nan | inf
     idx = _index(bad)

@@ -261,3 +261,45 @@ def test_loop_drops_the_last_posterior_before_the_next_estep():
     guide.posterior = watched
     fit(model, guide, x, optim=EMOptim(reg_covar=0.0), max_iter=3, tol=0, progress=False)
     assert len(alive) == 4 and not any(alive)  # (3 E-steps and the final one)
+
+
+def test_fit_input_checks_allocate_no_data_sized_tensor():
+    """The data's finiteness and support (real) and the NaN check of the distributions'
+    tensors (locs[z], (N, D)) are read from sums: no bool or float copy of the data."""
+    from pyro_emvae.validate import validate_fit_inputs
+
+    n = 20000
+    x = _data(n=n)
+    model = _gmm("diag")
+    with torch.no_grad():
+        tr = poutine.trace(model).get_trace(x)
+    with _LiveBytes() as counter:
+        validate_fit_inputs(model, (x,), {}, tr, exact=True, components=False)
+    assert counter.peak < x.numel() // 8  # (an (N, D) bool would be N * D bytes)
+
+
+@pytest.mark.parametrize(
+    "bad, what", [(float("nan"), "NaN"), (float("inf"), "inf"), (-float("inf"), "inf")]
+)
+def test_fit_input_checks_still_find_each_bad_entry(bad, what):
+    from pyro_emvae.errors import ModelInputError
+    from pyro_emvae.validate import validate_fit_inputs
+
+    x = _data()
+    x[17, 1] = bad
+    model = _gmm("diag")
+    with torch.no_grad():
+        tr = poutine.trace(model).get_trace(x)
+    with pytest.raises(ModelInputError, match=rf"1 {what}.*\(17, 1\)"):
+        validate_fit_inputs(model, (x,), {}, tr, exact=True, components=False)
+
+
+def test_fit_input_checks_pass_finite_data_whose_sum_overflows():
+    """A sum that overflows to inf only sends the check to its elementwise form."""
+    from pyro_emvae.validate import validate_fit_inputs
+
+    x = torch.full((N, D), 1e308)  # (finite; their sum is inf)
+    model = _gmm("diag")
+    with torch.no_grad():
+        tr = poutine.trace(model).get_trace(x)
+    validate_fit_inputs(model, (x,), {}, tr, exact=True, components=False)
