@@ -99,7 +99,14 @@ def default_grammar(dtype: torch.dtype | None = None) -> dict:
 
 
 def grammar_sizes(grammar: Mapping) -> tuple[int, int, int]:
-    """``(NT, PT, V)`` of a grammar dict."""
+    """``(NT, PT, V)`` of a grammar dict: nonterminals (``root`` is ``(NT,)``), preterminals and
+    words (``emission`` is ``(PT, V)``).
+
+    Example::
+
+        >>> grammar_sizes(default_grammar())
+        (3, 4, 15)
+    """
     nt = grammar["root"].shape[-1]
     pt, v = grammar["emission"].shape
     return nt, pt, v
@@ -176,7 +183,22 @@ def pcfg_model(
 ) -> None:
     """The PCFG model: params ``root``, ``rules``, ``emission`` (see the module's docstring; first
     values from ``init`` or :func:`init_grammar`) and an observed :class:`PCFG` site ``"x"``
-    over the padded sentences ``words (N, L)`` of ``lengths (N,)``."""
+    over the padded sentences ``words (N, L)`` of ``lengths (N,)``.
+
+    Example (the model's log-likelihood at the true grammar is the grammar's own)::
+
+        >>> import pyro
+        >>> from pyro_emvae import ExactEStep
+        >>> g = default_grammar()
+        >>> words, lengths = sample_sentences(g, 8, seed=0)
+        >>> pyro.clear_param_store()
+        >>> pcfg_model(words, lengths, *grammar_sizes(g), init=g)
+        >>> sorted(pyro.get_param_store().keys())
+        ['emission', 'root', 'rules']
+        >>> ll = float(ExactEStep(pcfg_model).log_likelihood(words, lengths, *grammar_sizes(g)))
+        >>> abs(ll - grammar_log_likelihood(g, words, lengths)) < 1e-6
+        True
+    """
     s = nt + pt
     first = dict(init) if init is not None else None
 
