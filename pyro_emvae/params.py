@@ -101,7 +101,8 @@ _VALUES: dict[str, tuple] = {}
 
 def value(name: str) -> torch.Tensor:
     """The constrained value :math:`\\theta = T_c(u)` of the param ``name``, detached and
-    shared between calls (read only: clone it to modify it). Computed again when the store's
+    shared between calls (read only, and for an unconstrained param a view of the live leaf:
+    clone it to keep or modify it). Computed again when the store's
     leaf :math:`u` is another tensor or was modified in place (its version counter), or the
     constraint changed; otherwise the same tensor as the last call, equal bit for bit to
     ``pyro.get_param_store()[name].detach()``.
@@ -120,7 +121,8 @@ def value(name: str) -> torch.Tensor:
     if hit is not None and hit[0]() is u and hit[1] == version and hit[2] is c:
         return hit[3]
     with torch.no_grad():
-        theta = transform_to(c)(u)
+        # (detached: an unconstrained param's transform is the identity, which returns u)
+        theta = transform_to(c)(u).detach()
     try:
         ref = weakref.ref(u)
     except TypeError:  # (not weak-referenceable: no cache)

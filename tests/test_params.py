@@ -91,6 +91,8 @@ def test_value_is_the_stores_transform_kept_until_the_leaf_changes():
     store = pyro.get_param_store()
     for n in ["w", "s", "m"]:
         assert torch.equal(params.value(n), store[n].detach())
+        assert not params.value(n).requires_grad  # (m's transform is the identity: u itself)
+        assert not params.constrained([n])[n].requires_grad
     first = params.value("w")
     assert params.value("w") is first  # no transform while nothing changed
     params.write({"w": torch.tensor([0.1, 0.1, 0.8])})
