@@ -38,6 +38,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
@@ -77,12 +78,25 @@ def _take(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
     """``t`` (batch dims broadcastable to ``batch``, then ``len(tail)`` dims broadcastable to
     ``tail``) reduced to the batch dims ``dims``, in that order: shape
     ``[batch[d] for d in dims] + tail``. Elsewhere it takes entry 0 (it does not vary there)."""
+    pad, index, size, order = _take_recipe(tuple(t.shape), tuple(dims), tuple(batch), tuple(tail))
+    if pad is not None:
+        t = t.reshape(pad)
+    return t[index].expand(size).permute(order)
+
+
+@functools.lru_cache(maxsize=256)
+def _take_recipe(shape: tuple, dims: tuple, batch: tuple, tail: tuple) -> tuple:
+    """The view ops of :func:`_take` for a tensor of ``shape``: the padded shape (None if none
+    is needed), the index, the expanded size and the permutation. They depend on shapes only,
+    and the same few shapes recur at every EM iteration: made once per shape."""
     n = len(batch)
-    t = _pad(t, n + len(tail))
-    t = t[tuple(slice(None) if d in dims else 0 for d in range(n))]
+    full = n + len(tail)
+    pad = (1,) * (full - len(shape)) + shape if len(shape) < full else None
+    index = tuple(slice(None) if d in dims else 0 for d in range(n))
     srt = sorted(dims)
-    t = t.expand([batch[d] for d in srt] + list(tail))
-    return t.permute([srt.index(d) for d in dims] + [len(dims) + i for i in range(len(tail))])
+    size = tuple([batch[d] for d in srt] + list(tail))
+    order = tuple([srt.index(d) for d in dims] + [len(dims) + i for i in range(len(tail))])
+    return pad, index, size, order
 
 
 def _flat(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
@@ -162,6 +176,12 @@ def categorical_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
         return None
     if _compat.validate_args_flag(fn):
         fn._validate_sample(value)
+    return _categorical(fn, value)
+
+
+def _categorical(fn, value: torch.Tensor) -> torch.Tensor:
+    """:func:`categorical_log_prob` of a ``Categorical`` whose sample was validated (by
+    :func:`fused_log_prob`, which checks every family's value once, first)."""
     own = fn.__dict__
     param = own["logits"] if "logits" in own else own["probs"]
     compact = param[
@@ -246,27 +266,43 @@ def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
         return None
     if type(fn) in (dist.MultivariateNormal, torch.distributions.MultivariateNormal):
         return _mvn(fn, value)
-    return categorical_log_prob(fn, value)
+    if type(fn) not in (dist.Categorical, torch.distributions.Categorical):
+        return None
+    return _categorical(fn, value)  # (its value checked above)
+
+
+def _geometry(t: torch.Tensor, event: int) -> tuple:
+    """``t``'s batch shape and strides (its last ``event`` dims dropped): all that
+    :func:`_varies` reads of it."""
+    k = t.dim() - event
+    return tuple(t.shape[:k]), tuple(t.stride()[:k])
 
 
 def _layout(params: list[tuple[torch.Tensor, int]], value: torch.Tensor, event: int):
     """Split the broadcast batch dims: those some param varies along (``pd``), those the value
-    varies along (``vd``); None if a dim is both. ``params`` are ``(tensor, its event dims)``."""
-    batch = _compat.broadcast_shapes(
-        *(t.shape[: t.dim() - e] for t, e in params), value.shape[: value.dim() - event]
-    )
+    varies along (``vd``); None if a dim is both. ``params`` are ``(tensor, its event dims)``.
+    (A function of the shapes and strides only, which recur at every iteration: cached.)"""
+    return _layout_of(tuple(_geometry(t, e) for t, e in params), _geometry(value, event))
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_of(params: tuple, value: tuple):
+    batch = _compat.broadcast_shapes(*(shape for shape, _ in params), value[0])
     n = len(batch)
     pv = [False] * n
-    for t, e in params:
-        bt = t[(Ellipsis,) + (0,) * e] if e else t  # (a view: strides kept)
-        pv = [a or b for a, b in zip(pv, _varies(bt, n))]
-    vb = value[(Ellipsis,) + (0,) * event] if event else value
-    vv = _varies(vb, n)
+    for shape, stride in params:
+        pv = [a or b for a, b in zip(pv, _varies_geometry(shape, stride, n))]
+    vv = _varies_geometry(*value, n)
     if any(a and b for a, b in zip(pv, vv)):
         return None
-    pd = [d for d in range(n) if pv[d]]
-    vd = [d for d in range(n) if vv[d]]
+    pd = tuple(d for d in range(n) if pv[d])
+    vd = tuple(d for d in range(n) if vv[d])
     return batch, pd, vd
+
+
+def _varies_geometry(shape: tuple, stride: tuple, n: int) -> list[bool]:
+    """:func:`_varies` from a shape and strides."""
+    return [False] * (n - len(shape)) + [s > 1 and st != 0 for s, st in zip(shape, stride)]
 
 
 def _place(out: torch.Tensor, batch, pd: list[int], vd: list[int]) -> torch.Tensor:
@@ -433,6 +469,34 @@ def _assemble(block, rows: int, const: torch.Tensor, grad: bool) -> torch.Tensor
 
 
 # ------------------------------------------------------------------------------ statistics
+@functools.lru_cache(maxsize=256)
+def _scatter_layout(weight: tuple, loc: tuple, value: tuple, param_batch: tuple, outer: bool):
+    """:func:`outer_scatter`'s split of the broadcast batch dims, from the (shape, strides)
+    of the weight, of the loc and of the value (their event dims dropped) and the param
+    batch shape: ``(batch, pd, vd, both, spare, repeats)``, or None where it does not apply."""
+    batch = _compat.broadcast_shapes(weight[0], loc[0], value[0], param_batch)
+    n = len(batch)
+    lv = _varies_geometry(*loc, n)
+    iv = [False] * (n - len(param_batch)) + [s > 1 for s in param_batch]
+    pv = [a or b for a, b in zip(lv, iv)]
+    vv = _varies_geometry(*value, n)
+    wv = _varies_geometry(*weight, n)
+    both = tuple(d for d in range(n) if pv[d] and vv[d])
+    if outer and both:
+        return None
+    if any(wv[d] for d in both):
+        return None
+    pd = tuple(d for d in range(n) if pv[d] and d not in both)
+    vd = tuple(d for d in range(n) if vv[d] and d not in both)
+    # a dim only the weight varies along: nothing else depends on it, so sum it out first
+    spare = tuple(d for d in range(n) if wv[d] and not pv[d] and not vv[d])
+    # a dim nothing varies along (all broadcast) repeats every term, as the generic sums count
+    repeats = math.prod(
+        batch[d] for d in range(n) if batch[d] > 1 and not (pv[d] or vv[d] or wv[d])
+    )
+    return batch, pd, vd, both, spare, repeats
+
+
 def outer_scatter(
     weight: torch.Tensor,
     value: torch.Tensor,
@@ -464,36 +528,22 @@ def outer_scatter(
         along an elementwise dim, or a param batch dim is also a value dim).
     """
     dtype = torch.promote_types(torch.promote_types(weight.dtype, value.dtype), loc.dtype)
-    batch = _compat.broadcast_shapes(
-        weight.shape,
-        loc.shape[: loc.dim() - event],
-        value.shape[: value.dim() - event],
-        param_batch,
+    # (the layout is a function of the shapes and strides only, which recur at every
+    # iteration: made once per geometry)
+    layout = _scatter_layout(
+        _geometry(weight, 0),
+        _geometry(loc, event),
+        _geometry(value, event),
+        tuple(param_batch),
+        outer,
     )
+    if layout is None:
+        return None
+    batch, pd, vd, both, spare, repeats = layout
     n = len(batch)
-    w = weight
-    lv = _varies(loc[(Ellipsis,) + (0,) * event] if event else loc, n)
-    iv = [False] * (n - len(param_batch)) + [s > 1 for s in param_batch]
-    pv = [a or b for a, b in zip(lv, iv)]
-    vb = value[(Ellipsis,) + (0,) * event] if event else value
-    vv = _varies(vb, n)
-    wv = _varies(w, n)
-    both = [d for d in range(n) if pv[d] and vv[d]]
-    if outer and both:
-        return None
-    if any(wv[d] for d in both):
-        return None
-    pd = [d for d in range(n) if pv[d] and d not in both]
-    vd = [d for d in range(n) if vv[d] and d not in both]
-    # a dim only the weight varies along: nothing else depends on it, so sum it out first
-    spare = [d for d in range(n) if wv[d] and not pv[d] and not vv[d]]
-    w = _pad(w, n)
+    w = _pad(weight, n)
     if spare:
         w = w.sum(spare, keepdim=True)
-    # a dim nothing varies along (all broadcast) repeats every term, as the generic sums count
-    repeats = math.prod(
-        batch[d] for d in range(n) if batch[d] > 1 and not (pv[d] or vv[d] or wv[d])
-    )
     if repeats != 1:
         w = w * repeats
     sizes_p = [batch[d] for d in pd]

@@ -443,7 +443,6 @@ class EMOptim:
         :math:`\\mathbb{E}_q[\\log p(x, z)]` against the plain constrained maximizer is added
         to ``self.allowance`` (nats): the guard tolerates that much of a drop in
         :math:`\\log p(x)` after a closed-form step, and no more."""
-        store = pyro.get_param_store()
         new: dict[str, torch.Tensor] = {}
         for name in plan.closed_form:
             role = plan.roles.get(name)
@@ -456,7 +455,7 @@ class EMOptim:
                 shape=plan.space.shapes[name],
                 offset=plan.space.offsets[name],
                 constraint=_params.constraint_of(name),
-                current=store[name].detach().clone().reshape(-1),
+                current=_params.value(name).clone().reshape(-1),
                 stats=stats,
                 reg_covar=self.reg_covar,
                 dirichlet=self.dirichlet,
@@ -889,8 +888,7 @@ class OnlineEM(EMOptim):
 
 
 def _flat_params(space: IdSpace) -> torch.Tensor:
-    store = pyro.get_param_store()
-    return torch.cat([store[n].detach().reshape(-1) for n in space.offsets])
+    return torch.cat([_params.value(n).reshape(-1) for n in space.offsets])
 
 
 def _device(plan: _Plan) -> torch.device:

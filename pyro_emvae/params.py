@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import pyro
@@ -43,6 +44,7 @@ __all__ = [
     "restore",
     "snapshot",
     "unconstrained",
+    "value",
     "write",
 ]
 
@@ -90,12 +92,53 @@ def restore(snap: dict[str, torch.Tensor]) -> None:
             leaves[n].copy_(v)
 
 
+# name -> (weak reference to the leaf u, u's in-place version, constraint, T_c(u) detached): an
+# M-step reads each param's constrained value several times (the rollback copy, the
+# statistics, the maximizers) between writes, and T_c is several ops (a stick-breaking
+# simplex, a lower-Cholesky map); the same u at the same version gives the same bits
+_VALUES: dict[str, tuple] = {}
+
+
+def value(name: str) -> torch.Tensor:
+    """The constrained value :math:`\\theta = T_c(u)` of the param ``name``, detached and
+    shared between calls (read only, and for an unconstrained param a view of the live leaf:
+    clone it to keep or modify it). Computed again when the store's
+    leaf :math:`u` is another tensor or was modified in place (its version counter), or the
+    constraint changed; otherwise the same tensor as the last call, equal bit for bit to
+    ``pyro.get_param_store()[name].detach()``.
+
+    Example::
+
+        >>> from torch.distributions import constraints
+        >>> _ = pyro.param("w", torch.tensor([0.25, 0.75]), constraint=constraints.simplex)
+        >>> value("w") is value("w")
+        True
+    """
+    u = pyro.get_param_store().named_parameters().mapping[name]
+    c = _compat.param_constraint(name)
+    version = _compat.tensor_version(u)
+    hit = _VALUES.get(name)
+    if hit is not None and hit[0]() is u and hit[1] == version and hit[2] is c:
+        return hit[3]
+    with torch.no_grad():
+        # (detached: an unconstrained param's transform is the identity, which returns u)
+        theta = transform_to(c)(u).detach()
+    try:
+        ref = weakref.ref(u)
+    except TypeError:  # (not weak-referenceable: no cache)
+        return theta
+    if len(_VALUES) > 256:  # (names of params long gone: start over)
+        _VALUES.clear()
+    _VALUES[name] = (ref, version, c, theta)
+    return theta
+
+
 def constrained(names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Detached copies of the constrained values :math:`\\theta = T_c(u)` of the named params
     in the store (every param when ``names`` is None)."""
     store = pyro.get_param_store()
     names = store.keys() if names is None else names
-    return {n: store[n].detach().clone() for n in names if n in store}
+    return {n: value(n).clone() for n in names if n in store}
 
 
 def write(values: dict[str, torch.Tensor]) -> None:

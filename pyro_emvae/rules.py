@@ -132,21 +132,34 @@ class Stats:
             recipe = _AddRecipe(self.length(kind), ids, factors)
             if memo is not None:
                 _remember(memo, key, (base, recipe))
-        values = recipe.contract(factors)
-        if recipe.repeats != 1:
-            values = values * recipe.repeats
-        values = values.reshape(recipe.values_shape).expand(recipe.kept_shape).reshape(-1)
+        # scalar factors only (a row mark's 1): the scattered values are the same at every
+        # call with the same scalars, unmodified; kept on the recipe (a scalar, so that no
+        # posterior outlives its iteration)
+        const = recipe.constant
+        if (
+            const is not None
+            and len(const[0]) == len(factors)
+            and all(a is b for a, b in zip(const[0], factors))
+            and const[1] == tuple(_compat.tensor_version(f) for f in factors)
+        ):
+            values = const[2]
+        else:
+            values = recipe.contract(factors)
+            if recipe.repeats != 1:
+                values = values * recipe.repeats
+            values = values.reshape(recipe.values_shape).expand(recipe.kept_shape).reshape(-1)
+            if factors and all(f.dim() == 0 for f in factors):
+                versions = tuple(_compat.tensor_version(f) for f in factors)
+                recipe.constant = (factors, versions, values)
         vec = self.sums.get(kind)
         if vec is None:
             vec = self.sums[kind] = torch.zeros(
                 recipe.length, dtype=values.dtype, device=values.device
             )
         vec.index_add_(0, recipe.ids, values)
+        # (the recipe's marks themselves until a second add meets them: never written in place)
         seen = self.touched.get(kind)
-        if seen is None:
-            self.touched[kind] = recipe.seen.clone()
-        else:
-            seen |= recipe.seen
+        self.touched[kind] = recipe.seen if seen is None else seen | recipe.seen
 
     def length(self, kind: str) -> int:
         """The length of ``sums[kind]``: the id space, times ``w`` for a kind named ``"name:w"``
@@ -219,6 +232,7 @@ class _AddRecipe:
     flat ids it lands at, and the ids it marks as touched (a statistic of ``length``)."""
 
     __slots__ = (
+        "constant",
         "equation",
         "ids",
         "kept_shape",
@@ -265,6 +279,8 @@ class _AddRecipe:
         self.length = length
         self.seen = torch.zeros(length, dtype=torch.bool, device=device)
         self.seen[self.ids] = True
+        # (scalar factors, their versions, the values they scatter): see Stats.add
+        self.constant: tuple | None = None
 
     def contract(self, factors: tuple) -> torch.Tensor:
         """The einsum of ``factors`` over the pooled dims (one or two factors: the equation

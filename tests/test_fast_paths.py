@@ -93,6 +93,28 @@ def test_fused_log_prob_declines_what_is_not_an_outer_product():
     assert fused_log_prob(dist.Poisson(torch.ones(3)), x.abs().round()) is None
 
 
+def test_the_cached_layouts_follow_the_strides_not_only_the_shapes():
+    """The kernels' layouts are cached per (shape, strides): the same shapes with a value that
+    is broadcast along the components (stride 0) and one materialized along them (it varies
+    there, as the locs do) get their own layouts, in either order."""
+    mu, tril = torch.randn(4, 1, 3), torch.eye(3).expand(4, 1, 3, 3)
+    x = torch.randn(40, 3)
+    for first in range(2):
+        for broadcast in [first == 0, first == 1]:
+            v = x.expand(4, 40, 3) if broadcast else x.expand(4, 40, 3).clone()
+            fn = dist.MultivariateNormal(mu, scale_tril=tril)
+            got = fused_log_prob(fn, v)
+            assert (got is None) is not broadcast
+            if got is not None:
+                torch.testing.assert_close(got, fn.log_prob(v))
+            w = torch.rand(4, 40)
+            stats = outer_scatter(w, v, mu, torch.Size([4, 1]), event=1, outer=True)
+            assert (stats is None) is not broadcast
+    # a Categorical checked once: its value out of the support is still refused
+    with pytest.raises(ValueError):
+        fused_log_prob(dist.Categorical(torch.ones(3) / 3), torch.tensor([0, 3]))
+
+
 @pytest.mark.parametrize("form", ["probs", "logits"])
 def test_categorical_log_prob_equals_log_prob(form):
     g = torch.Generator().manual_seed(4)

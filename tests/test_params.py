@@ -81,3 +81,32 @@ def test_put_creates_a_param_with_the_saved_unconstrained_value(constraint):
     torch.testing.assert_close(pyro.param("p").detach(), transform_to(constraint)(value))
     params.put("p", torch.zeros_like(value), constraint)  # already there: left alone
     assert torch.equal(params.snapshot(["p"])["p"], value)
+
+
+def test_value_is_the_stores_transform_kept_until_the_leaf_changes():
+    """params.value equals the store's own read bit for bit, is the same tensor while the leaf
+    is unmodified, and is computed again after a write, an optimizer's in-place step, a new
+    leaf (the store cleared and the param made again) or a new constraint."""
+    _make()
+    store = pyro.get_param_store()
+    for n in ["w", "s", "m"]:
+        assert torch.equal(params.value(n), store[n].detach())
+        assert not params.value(n).requires_grad  # (m's transform is the identity: u itself)
+        assert not params.constrained([n])[n].requires_grad
+    first = params.value("w")
+    assert params.value("w") is first  # no transform while nothing changed
+    params.write({"w": torch.tensor([0.1, 0.1, 0.8])})
+    assert params.value("w") is not first
+    assert torch.equal(params.value("w"), store["w"].detach())
+    u = params.unconstrained(["s"])["s"]
+    before = params.value("s")
+    with torch.no_grad():
+        u.mul_(2.0)  # (as an optimizer steps: in place)
+    assert torch.equal(params.value("s"), store["s"].detach())
+    assert not torch.equal(params.value("s"), before)
+    pyro.clear_param_store()
+    pyro.param("s", torch.tensor([3.0, 4.0]), constraint=constraints.positive)
+    assert torch.equal(params.value("s"), torch.tensor([3.0, 4.0]).log().exp())
+    pyro.clear_param_store()
+    pyro.param("s", torch.tensor([3.0, 4.0]).log())  # the same values, now unconstrained
+    assert torch.equal(params.value("s"), torch.tensor([3.0, 4.0]).log())
