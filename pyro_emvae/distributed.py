@@ -153,7 +153,7 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 
 def all_reduce_stats(stats) -> None:
-    """Sum :class:`~pyro_emvae.rules.Stats` over the ranks in place: every kind of statistic,
+    """Sum :class:`~pyro_emvae.stats.Stats` over the ranks in place: every kind of statistic,
     the marks of touched ids (a logical or), and the covariance forms. A rank whose shard gave
     no statistic of some kind (an empty shard) contributes zeros."""
     if not active():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyro
@@ -30,6 +30,7 @@ from pyro_emvae.checkpoint import load_optim_state
 from pyro_emvae.distributions.pcfg import PCFG
 from pyro_emvae.errors import ClosedFormWarning
 from pyro_emvae.estep import ExactEStep, Posterior
+from pyro_emvae.plan import Plan, PlanKey, same_rows
 from pyro_emvae.rules import (
     MAXIMIZERS,
     MStepContext,
@@ -140,71 +141,6 @@ class GradientMStep:
 
 
 @dataclass
-class _Plan:
-    """What the probe found for one set of model args: sites, ids, closed-form params."""
-
-    trace: Any
-    space: IdSpace
-    closed_form: list[str]
-    gradient: list[str]
-    reasons: dict[str, str]
-    roles: dict[str, str] = field(default_factory=dict)  # what each rule-updated param is
-    plain_locs: frozenset = frozenset()  # MVN locs whose rows each meet one covariance
-    # structure-only work of the rules' statistics (Stats.memo): made at the first M-step of
-    # this plan, reused while the plan is (its trace holds the ids the memo is keyed on)
-    memo: dict = field(default_factory=dict, repr=False)
-
-
-class _PlanKey:
-    """What a plan depends on besides the plates' rows: the argument objects themselves (held,
-    compared by identity: the probe's trace holds their values, which the statistics read),
-    their shapes, dtypes, devices and in-place versions, and the param store's names, shapes,
-    dtypes and constraints. Checking it costs microseconds."""
-
-    def __init__(self, args: tuple, kwargs: dict) -> None:
-        self.objects = (*args, *(v for _, v in sorted(kwargs.items())))
-        self.names = tuple(sorted(kwargs))
-        self.meta = tuple(_meta(a) for a in self.objects)
-        self.params = tuple(
-            (n, tuple(v.shape), v.dtype, v.device, id(_params.constraint_of(n)))
-            for n, v in _params.unconstrained().items()
-        )
-
-    def matches(self, other: _PlanKey) -> bool:
-        return (
-            len(self.objects) == len(other.objects)
-            and self.names == other.names
-            and all(a is b for a, b in zip(self.objects, other.objects))
-            and self.meta == other.meta
-            and self.params == other.params
-        )
-
-
-def _meta(a) -> tuple:
-    if isinstance(a, torch.Tensor):
-        return (tuple(a.shape), a.dtype, a.device, _compat.tensor_version(a))
-    return ()
-
-
-def _same_rows(trace, subsample) -> bool:
-    """Whether ``subsample`` (the E-step's plate subsample sites) selects the same rows as the
-    probe's ``trace`` did (no subsample sites: a model without plates)."""
-    sites = subsample.nodes if subsample is not None else {}
-    probed = {
-        n: s
-        for n, s in trace.nodes.items()
-        if s["type"] == "sample" and isinstance(s["fn"], Subsample)
-    }
-    if set(sites) != set(probed):
-        return not sites  # (a probe made without the E-step's subsample trace)
-    for name, site in sites.items():
-        old, new = probed[name]["value"], site["value"]
-        if old is not new and not (old.shape == new.shape and torch.equal(old, new)):
-            return False
-    return True
-
-
-@dataclass
 class StreamPass:
     """What one pass over a stream gathered: the total :math:`\\log p(x)` at the pass's params,
     the statistics of stage 0 and stage 1 (None where not gathered), the ids the stage-1 rules
@@ -213,7 +149,7 @@ class StreamPass:
     log_likelihood: float
     stats: list
     reads: torch.Tensor | None
-    plan: _Plan
+    plan: Plan
     rejected: list[str] | None = None
     potentials: Any = None  # the E-step's init potentials (an initialization pass)
 
@@ -284,8 +220,8 @@ class EMOptim:
         self._warned = False  # a ClosedFormWarning was given in this run
         self._prev: dict | None = None
         self._wrote = False  # the guard wrote params in this step (see _step)
-        self._plan: _Plan | None = None
-        self._plan_key: _PlanKey | None = None
+        self._plan: Plan | None = None
+        self._plan_key: PlanKey | None = None
         self._two_pass: bool | None = None  # streaming: whether stage 1 needs its own pass
 
     needs_param_grads = False
@@ -299,11 +235,11 @@ class EMOptim:
     # ---------------------------------------------------------------- the plan (probe)
     def plan(
         self, guide: ExactEStep, args: tuple, kwargs: dict, subsample=None, cache: bool = True
-    ) -> _Plan:
+    ) -> Plan:
         """Probe the model and split its params: once per fit, unless ``cache`` is False.
 
         The plan depends on the model's structure, not on the params' values, so it is
-        reused while what it depends on stays the same (:class:`_PlanKey`): the same argument
+        reused while what it depends on stays the same (:class:`PlanKey`): the same argument
         objects (unchanged in place, same shapes and dtypes), the same params (names, shapes,
         constraints), and the same rows of every plate (``subsample``, the E-step's trace of
         the plates' subsample sites: a plate that does not subsample has the same full range
@@ -311,14 +247,14 @@ class EMOptim:
         is probed again at each call: its trace holds the values of the arguments no param
         tracks, some of them functions of the gradient params (a scale = softplus(ρ)), which
         move."""
-        key = _PlanKey(args, kwargs)
+        key = PlanKey(args, kwargs)
         if (
             cache
             and self._plan is not None
             and not self._plan.gradient
             and self._plan_key is not None
             and self._plan_key.matches(key)
-            and _same_rows(self._plan.trace, subsample)
+            and same_rows(self._plan.trace, subsample)
         ):
             return self._plan
         depth = guide._plate_nesting(args, kwargs)
@@ -366,14 +302,14 @@ class EMOptim:
             closed = list(self.closed_form)
         gradient = [p for p in space.offsets if p not in closed]
         role = {p: next(iter(r)) for p, r in roles.items() if len(r) == 1}
-        self._plan = _Plan(trace, space, closed, gradient, reasons, role, frozenset(plain_locs))
-        self._plan_key = _PlanKey(args, kwargs)  # (after the probe: it may create params)
+        self._plan = Plan(trace, space, closed, gradient, reasons, role, frozenset(plain_locs))
+        self._plan_key = PlanKey(args, kwargs)  # (after the probe: it may create params)
         return self._plan
 
     # ---------------------------------------------------------------- statistics
     def summarize(
         self,
-        plan: _Plan,
+        plan: Plan,
         posterior: Posterior,
         stage: int,
         flat: torch.Tensor | None = None,
@@ -433,7 +369,7 @@ class EMOptim:
         return stats
 
     # ---------------------------------------------------------------- maximization
-    def maximize(self, plan: _Plan, stats: Stats, stage: int) -> dict[str, torch.Tensor]:
+    def maximize(self, plan: Plan, stats: Stats, stage: int) -> dict[str, torch.Tensor]:
         """New constrained values of the closed-form params from ``stats``.
 
         Each value is the maximizer of :math:`\\mathbb{E}_q[\\log p(x, z)]` over the param's
@@ -476,7 +412,7 @@ class EMOptim:
         return new
 
     # ---------------------------------------------------------------- the step
-    def _objective(self, plan: _Plan, log_likelihood: float) -> float:
+    def _objective(self, plan: Plan, log_likelihood: float) -> float:
         """What EM never lowers: log p(x), plus the Dirichlet log-prior under MAP-EM."""
         value = float(log_likelihood)
         if self.dirichlet != 1.0:
@@ -622,7 +558,7 @@ class EMOptim:
             )
         return info
 
-    def _closed_form(self, plan: _Plan, posterior: Posterior) -> None:
+    def _closed_form(self, plan: Plan, posterior: Posterior) -> None:
         """Both stages of the closed-form update from one posterior (data-parallel: from the
         statistics summed over the ranks)."""
         for stage in (0, 1):
@@ -833,7 +769,7 @@ class OnlineEM(EMOptim):
         """:math:`\\rho_k`: 1 for the first update, then :math:`(k + t_0)^{-\\kappa}`."""
         return 1.0 if k == 0 else float((k + self.t0) ** -self.kappa)
 
-    def _closed_form(self, plan: _Plan, posterior: Posterior) -> None:
+    def _closed_form(self, plan: Plan, posterior: Posterior) -> None:
         rho = self.step_size(self.n_updates)
         for stage in (0, 1):
             stats = self.summarize(plan, posterior, stage)
@@ -891,7 +827,7 @@ def _flat_params(space: IdSpace) -> torch.Tensor:
     return torch.cat([_params.value(n).reshape(-1) for n in space.offsets])
 
 
-def _device(plan: _Plan) -> torch.device:
+def _device(plan: Plan) -> torch.device:
     """Where the plan's params (and so its ids) live."""
     store = pyro.get_param_store()
     name = next(iter(plan.space.offsets), None)
@@ -980,7 +916,7 @@ def _minibatch(posterior: Posterior) -> bool:
     )
 
 
-def _dtype(plan: _Plan) -> torch.dtype:
+def _dtype(plan: Plan) -> torch.dtype:
     """The dtype of the plan's params (that of the log-likelihoods computed from them)."""
     store = pyro.get_param_store()
     name = next(iter(plan.space.offsets), None)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from models.gmm import gmm_model, init_params, sample_gmm
-from pyro_emvae import EMOptim, ExactEStep, fit, rules
+from pyro_emvae import EMOptim, ExactEStep, fit, rules, stats
 from pyro_emvae import params as _params
 from pyro_emvae.estep import plate_nesting
 
@@ -68,7 +68,7 @@ def _plan_and_posterior(cov="full", K=3):
     return guide, mstep, plan, post, data
 
 
-def _assert_same_stats(a: rules.Stats, b: rules.Stats):
+def _assert_same_stats(a: stats.Stats, b: stats.Stats):
     assert a.sums.keys() == b.sums.keys() and a.touched.keys() == b.touched.keys()
     for k in a.sums:
         assert torch.equal(a.sums[k], b.sums[k]), k
@@ -102,7 +102,7 @@ def test_add_recipe_is_made_again_when_the_ids_or_shapes_change():
     w = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 
     def run(ids, w):
-        s = rules.Stats(4, memo=memo)
+        s = stats.Stats(4, memo=memo)
         s.add("count", ids, w)
         return s.sums["count"]
 
@@ -116,17 +116,17 @@ def test_add_recipe_is_made_again_when_the_ids_or_shapes_change():
     assert torch.equal(run(view, w[:1]), torch.tensor([6.0, 0.0, 0.0, 0.0]))
     # the same calls without a memo
     for i, ww in [(ids, w2), (view, w[:1])]:
-        s = rules.Stats(4)
+        s = stats.Stats(4)
         s.add("count", i, ww)
         assert torch.equal(s.sums["count"], run(i, ww))
 
 
 def test_the_memo_is_bounded():
     memo: dict = {}
-    for i in range(rules._MEMO_SIZE + 10):
-        s = rules.Stats(2, memo=memo)
+    for i in range(stats._MEMO_SIZE + 10):
+        s = stats.Stats(2, memo=memo)
         s.add("count", torch.tensor([i % 2]), torch.tensor([1.0]))  # new ids every call
-    assert len(memo) <= rules._MEMO_SIZE
+    assert len(memo) <= stats._MEMO_SIZE
 
 
 def _reg_cost_reference(ml, cov, n):

@@ -1,0 +1,239 @@
+"""Additive expected sufficient statistics: one vector per kind of statistic over the plan's
+global id space, filled by ``index_add_`` at the ids of the param element each position uses.
+
+A rule (:mod:`pyro_emvae.rules`) adds into a :class:`Stats`; the M-step reads it. Statistics are
+additive — ``summarize(A) + summarize(B) = summarize(A ∪ B)`` — which is what makes chunked,
+streamed, minibatch (online EM blends them) and data-parallel EM (summed over the ranks by
+:mod:`pyro_emvae.distributed`) exact. The shape-only work of an ``add`` (which ids, how the
+factors broadcast, the einsum that contracts them) depends on the plan, not on the params: it is
+made once per plan and kept in a bounded memo (:class:`_AddRecipe`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pyro_emvae import _compat
+
+__all__ = ["Stats"]
+
+
+@dataclass
+class Stats:
+    """Additive sufficient statistics: ``sums[kind]`` is a vector over the global id space.
+
+    ``used[id]`` marks ids that some rule can update in closed form; ``opaque`` collects params
+    some site uses in a way no rule covers (they are left to gradient steps).
+    """
+
+    size: int
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    forms: dict[int, str] = field(default_factory=dict)
+    # ids some site reached, per kind (a reached element with zero weight is an empty component)
+    touched: dict[str, torch.Tensor] = field(default_factory=dict)
+    # MultivariateNormal loc params each of whose rows meets one covariance only (EMOptim.plan
+    # finds them): their update is the plain weighted mean; any other loc is precision-weighted
+    plain_locs: frozenset = frozenset()
+
+    # structure-only work of ``add`` kept between calls (see :meth:`add`): EMOptim gives each
+    # plan one, so that an iteration does not redo it; None: no memo (every call plans anew)
+    memo: dict | None = field(default=None, repr=False, compare=False)
+
+    def add(self, kind: str, ids: torch.Tensor, *factors: torch.Tensor) -> None:
+        """``sums[kind][ids] += prod(factors)``, summed over positions sharing an id.
+
+        The dims along which ``ids`` is broadcast (stride 0: every position there uses the same
+        param entry, e.g. the data plate for a component's mean) are contracted by ``einsum``
+        before the scatter, so the full product is never materialized (a (K, N, D, D)
+        covariance statistic is computed as ``einsum('kn,kni,knj->kij')``). Only the dims
+        some factor varies along get a subscript, in einsum's integer (sublist) form: a site
+        under any number of enumerated dims (30 global latents) is fine.
+
+        How the product is contracted and where it lands depend only on ``kind``, the ``ids``
+        tensor and the factors' shapes, dtypes and devices; with a ``memo`` (a dict that
+        outlives this ``Stats``: EMOptim keeps one per plan, whose trace holds the ids) that
+        recipe is made once and reused, keyed on the ids' values (the tensor they are a view
+        of, held by the memo so that its ``id`` cannot be reused, its in-place version, and the
+        view's geometry) and the factors' shapes. The sums are the same either way.
+        """
+        # integer observations (Long counts) enter the sums in the weights' floating dtype
+        dtype = next((f.dtype for f in factors if f.is_floating_point()), None)
+        if dtype is not None:
+            factors = tuple(f if f.is_floating_point() else f.to(dtype) for f in factors)
+        memo = self.memo
+        recipe = None
+        if memo is not None:
+            base, where = _ids_key(ids)
+            key = (kind, where, tuple((f.shape, f.dtype, f.device) for f in factors))
+            hit = memo.get(key)
+            if hit is not None and hit[0] is base and hit[1].length == self.length(kind):
+                recipe = hit[1]
+        if recipe is None:
+            recipe = _AddRecipe(self.length(kind), ids, factors)
+            if memo is not None:
+                _remember(memo, key, (base, recipe))
+        # scalar factors only (a row mark's 1): the scattered values are the same at every
+        # call with the same scalars, unmodified; kept on the recipe (a scalar, so that no
+        # posterior outlives its iteration)
+        const = recipe.constant
+        if (
+            const is not None
+            and len(const[0]) == len(factors)
+            and all(a is b for a, b in zip(const[0], factors))
+            and const[1] == tuple(_compat.tensor_version(f) for f in factors)
+        ):
+            values = const[2]
+        else:
+            values = recipe.contract(factors)
+            if recipe.repeats != 1:
+                values = values * recipe.repeats
+            values = values.reshape(recipe.values_shape).expand(recipe.kept_shape).reshape(-1)
+            if factors and all(f.dim() == 0 for f in factors):
+                versions = tuple(_compat.tensor_version(f) for f in factors)
+                recipe.constant = (factors, versions, values)
+        vec = self.sums.get(kind)
+        if vec is None:
+            vec = self.sums[kind] = torch.zeros(
+                recipe.length, dtype=values.dtype, device=values.device
+            )
+        vec.index_add_(0, recipe.ids, values)
+        # (the recipe's marks themselves until a second add meets them: never written in place)
+        seen = self.touched.get(kind)
+        self.touched[kind] = recipe.seen if seen is None else seen | recipe.seen
+
+    def length(self, kind: str) -> int:
+        """The length of ``sums[kind]``: the id space, times ``w`` for a kind named ``"name:w"``
+        (``w`` entries per id: the rows of a D x D matrix statistic indexed by a vector's ids)."""
+        _, _, width = kind.partition(":")
+        return self.size * (int(width) if width else 1)
+
+    def add_(self, other: Stats, alpha: float = 1.0) -> Stats:
+        """``self += alpha * other`` in place (a streaming pass accumulates batch by batch
+        without copies; online EM blends with ``alpha``); returns ``self``."""
+        for k, v in other.sums.items():
+            mine = self.sums.get(k)
+            if mine is None:
+                self.sums[k] = v * alpha if alpha != 1.0 else v.clone()
+            else:
+                mine.add_(v, alpha=alpha)
+        for k, v in other.touched.items():
+            mine = self.touched.get(k)
+            self.touched[k] = v.clone() if mine is None else mine | v
+        self.forms.update(other.forms)
+        return self
+
+    def scale_(self, factor: float) -> Stats:
+        """Multiply every statistic by ``factor`` in place; returns ``self``."""
+        for v in self.sums.values():
+            v.mul_(factor)
+        return self
+
+    def __add__(self, other: Stats) -> Stats:
+        return Stats(self.size).add_(self).add_(other)
+
+
+_MEMO_SIZE = 512  # entries a memo holds before it starts over (ids made anew at every call)
+
+
+def _remember(memo: dict, key, entry) -> None:
+    if len(memo) >= _MEMO_SIZE:
+        memo.clear()
+    memo[key] = entry
+
+
+def _ids_key(ids: torch.Tensor) -> tuple:
+    """``(base, key)``: what fixes the values of ``ids``, a view (or not) of ``base``: the
+    base's identity and in-place version and the view's shape, strides and offset."""
+    base = _compat.view_base(ids)
+    geometry = (tuple(ids.shape), ids.stride(), ids.storage_offset())
+    return base, (id(base), _compat.tensor_version(base), *geometry)
+
+
+def _memoized(stats: Stats, objs: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, computed once per plan for the tensors ``objs`` (a rule's structure-only
+    work: ids gathered at an enumerated value), held in ``stats.memo`` (keyed on the objects
+    themselves, which the memo holds); ``make()`` each time when ``stats`` has no memo."""
+    memo = stats.memo
+    if memo is None:
+        return make()
+    key = ("rule", make.__code__, *map(id, objs))
+    hit = memo.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], objs, strict=True)):
+        return hit[1]
+    value = make()
+    _remember(memo, key, (objs, value))
+    return value
+
+
+class _AddRecipe:
+    """How :meth:`Stats.add` contracts factors of given shapes and scatters them at ``ids``:
+    the einsum subscripts of each factor (its non-singleton dims), the output's, the count a
+    pooled dim no factor carries repeats each term, the shapes the result is read in, the
+    flat ids it lands at, and the ids it marks as touched (a statistic of ``length``)."""
+
+    __slots__ = (
+        "constant",
+        "equation",
+        "ids",
+        "kept_shape",
+        "length",
+        "out",
+        "repeats",
+        "seen",
+        "shapes",
+        "subs",
+        "values_shape",
+    )
+
+    def __init__(self, length: int, ids: torch.Tensor, factors: tuple) -> None:
+        shape = _compat.broadcast_shapes(ids.shape, *(f.shape for f in factors))
+        ids = ids.expand(shape)
+        pooled = [d for d in range(len(shape)) if ids.stride(d) == 0 and shape[d] > 1]
+        kept = [d for d in range(len(shape)) if d not in pooled]
+        sub: dict[int, int] = {}  # tensor dim -> einsum subscript
+        self.shapes, self.subs = [], []
+        for f in factors:
+            fshape = (1,) * (len(shape) - f.dim()) + tuple(f.shape)
+            dims = [d for d in range(len(shape)) if fshape[d] > 1]
+            for d in dims:
+                sub.setdefault(d, len(sub))
+            self.shapes.append([fshape[d] for d in dims])
+            self.subs.append([sub[d] for d in dims])
+        out_dims = [d for d in kept if d in sub]
+        self.out = [sub[d] for d in out_dims]
+        letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        self.equation = None
+        if len(factors) <= 2 and len(sub) <= len(letters):
+            self.equation = (
+                ",".join("".join(letters[i] for i in fsub) for fsub in self.subs)
+                + "->"
+                + "".join(letters[i] for i in self.out)
+            )
+        # a pooled dim no factor carries repeats the same value shape[d] times
+        self.repeats = math.prod(shape[d] for d in pooled if d not in sub)
+        self.values_shape = [shape[d] if d in out_dims else 1 for d in kept]
+        self.kept_shape = [shape[d] for d in kept]
+        index = tuple(slice(None) if d in kept else slice(0, 1) for d in range(len(shape)))
+        device = factors[0].device if factors else ids.device
+        self.ids = ids[index].reshape(self.kept_shape).to(device).reshape(-1)
+        self.length = length
+        self.seen = torch.zeros(length, dtype=torch.bool, device=device)
+        self.seen[self.ids] = True
+        # (scalar factors, their versions, the values they scatter): see Stats.add
+        self.constant: tuple | None = None
+
+    def contract(self, factors: tuple) -> torch.Tensor:
+        """The einsum of ``factors`` over the pooled dims (one or two factors: the equation
+        straight to ATen, as ``torch.einsum`` passes it without a contraction path)."""
+        ops = [f.reshape(fshape) for f, fshape in zip(factors, self.shapes, strict=True)]
+        if self.equation is not None:
+            return _compat.einsum_equation(self.equation, ops)
+        sublists: list = []
+        for op, fsub in zip(ops, self.subs, strict=True):
+            sublists += [op, fsub]
+        return torch.einsum(*sublists, self.out)
