@@ -199,7 +199,7 @@ def _recover(o: Options, mstep, error: Exception, iteration: int) -> bool:
         f"iteration {iteration} failed ({type(error).__name__}: {error}); the params of the "
         f"last good iteration were restored and reg_covar raised from {old:g} to "
         f"{mstep.reg_covar:g} to retry it",
-        stacklevel=4,  # (the user's call of fit)
+        stacklevel=5,  # (the user's call of fit: _recover, the _Run method, run, fit, the user)
     )
     return True
 
@@ -270,6 +270,9 @@ def _last_change(values: list[float], n_data: int) -> float:
 
 
 # ------------------------------------------------------------------ the loop
+_GO, _REDO, _STOP = "go", "redo", "stop"  # what a part of an iteration tells the loop
+
+
 def run(step: Any, o: Options) -> FitResult:
     """Run ``step`` for ``o.max_iter`` iterations, or until the objective per datum changes by
     less than ``o.tol`` (``|\\bar h_{now} - \\bar h_{before}| / n < tol`` over the step's
@@ -281,36 +284,277 @@ def run(step: Any, o: Options) -> FitResult:
     run's :class:`~pyro_emvae.result.FitResult`; the final objective of an exact step is a last
     evaluation at the returned params.
     """
-    key, n_data, tol, max_iter, ckpt = step.key, o.n_data, o.tol, o.max_iter, o.ckpt
-    window, callback = step.window, o.callback
-    history: dict[str, list[float]] = {key: [], "time": []}
-    if step.epochs:
-        history["batch"] = []
-    for k in step.extra:
-        history[k] = []
-    n_done, saved = _resume(o, step.optimizer)
-    history = saved or history
-    position = o.resume.get("position") if saved and step.epochs else None
-    ticks = len(history["batch"]) if step.epochs else n_done
-    o.recoveries = list(o.resume.get("recoveries", [])) if o.resume else []
-    step.begin(n_done)
-    records, times = history[key], history["time"]
-    start = time.perf_counter() - (times[-1] if times else 0.0)
-    rb = Rollback(o.names, step.rollback)
-    rng = rng_state() if ckpt is not None else None
-    converged = interrupted = in_update = at_final = False
-    info: dict[str, Any] = {}
-    post: Any = None
-    done_in_epoch, epoch_sum, epoch_batches, rng_epoch = 0, 0.0, 0, None
-    per_datum = f"{'ll' if key == 'log_likelihood' else key}_per_datum"
+    r = _Run(step, o)
+    try:
+        while r.n_done < o.max_iter:
+            if step.evaluates:  # the objective at the params the update will start from
+                outcome = r.evaluate()
+                if outcome == _REDO:  # the last update led to invalid params: undone
+                    continue
+                if outcome == _STOP:  # converged at this evaluation
+                    break
+            outcome = r.updates()
+            if outcome == _STOP:
+                break
+            if outcome == _REDO or not step.epochs:
+                continue
+            if r.end_epoch():
+                break
+    except KeyboardInterrupt:
+        r.interrupted()
+    finally:
+        r.bar.close()
+    return r.finish()
 
-    def record(value: float) -> None:
-        records.append(value)
-        times.append(time.perf_counter() - start)
 
-    def changed_little() -> bool:
+class _Run:
+    """The state of one run of the loop: the history (``records`` and ``times`` are its
+    objective's and times' lists), the iterations done (``n_done``) and updates taken
+    (``ticks``), the last good params (``rb``), the RNG state of the last checkpoint, the
+    progress bar, the place in an epoch of minibatch updates, and how the run ends."""
+
+    def __init__(self, step: Any, o: Options) -> None:
+        self.step, self.o = step, o
+        self.resume()
+        self.records, self.times = self.history[step.key], self.history["time"]
+        self.start = time.perf_counter() - (self.times[-1] if self.times else 0.0)
+        self.rb = Rollback(o.names, step.rollback)
+        self.rng = rng_state() if o.ckpt is not None else None
+        self.converged = self.was_interrupted = self.in_update = self.at_final = False
+        self.info: dict[str, Any] = {}  # the last update's
+        self.post: Any = None  # the last evaluation's posterior: the update's data
+        self.done_in_epoch, self.epoch_sum, self.epoch_batches, self.rng_epoch = 0, 0.0, 0, None
+        key = step.key
+        self.per_datum = f"{'ll' if key == 'log_likelihood' else key}_per_datum"
+        label = step.label if o.n_init == 1 else f"{step.label} run {o.run}"
+        self.bar = _bar(o.progress, o.max_iter, label)
+        self.bar.update(self.n_done)
+
+    # ------------------------------------------------------------ the parts of an iteration
+    def resume(self) -> None:
+        """A fresh history, or the checkpoint's: params, optimizer, RNG, iterations done, the
+        place in the epoch under way and the recoveries so far."""
+        step, o = self.step, self.o
+        history: dict[str, list[float]] = {step.key: [], "time": []}
+        if step.epochs:
+            history["batch"] = []
+        for k in step.extra:
+            history[k] = []
+        self.n_done, saved = _resume(o, step.optimizer)
+        self.history = saved or history
+        self.position = o.resume.get("position") if saved and step.epochs else None
+        self.ticks = len(self.history["batch"]) if step.epochs else self.n_done
+        o.recoveries = list(o.resume.get("recoveries", [])) if o.resume else []
+        step.begin(self.n_done)
+
+    def evaluate(self) -> str:
+        """The E-step of a step that evaluates first: record its objective and test it;
+        ``_REDO`` after undoing the last update (recovery), ``_STOP`` when converged."""
+        step, o = self.step, self.o
+        # the last posterior goes before the next E-step makes one: an in-memory
+        # posterior is as large as the data, and two would be alive at once
+        self.post = None
+        try:
+            value, self.post = step.evaluate(self.rb, self.n_done)
+            self.rb.check(value, "log-likelihood", self.n_done)
+        except FloatingPointError as e:
+            # the last update led to invalid params; they were restored: undo it
+            if self.n_done == 0 or not _recover(o, step.optimizer, e, self.n_done):
+                raise
+            self.n_done -= 1
+            self.ticks -= 1
+            _trim(self.history, self.n_done)
+            return _REDO
+        self.record(value)
+        # (after an update that the M-step's guard undid, the objective stands still
+        # because those params did not move: that is no sign of a stationary point)
+        if self.changed_little() and step.settled(self.post, self.info, o.tol, o.n_data):
+            self.converged = self.at_final = True  # this evaluation is the final one
+            if o.ckpt is not None:  # resuming redoes this evaluation and stops there
+                self.save({k: v[:-1] for k, v in self.history.items()})
+            return _STOP
+        self.rb.take()
+        return _GO
+
+    def updates(self) -> str:
+        """One update (on the evaluation's posterior), or an epoch of updates, one per
+        minibatch; each is recorded, then reported. ``_REDO`` after a failed update that
+        recovery undid, ``_STOP`` when the tol test or the callback ends the run."""
+        step, o = self.step, self.o
+        batches, skip = self.start_epoch() if step.epochs else ((self.post,), 0)
+        for data in batches:
+            if self.done_in_epoch < skip:
+                self.done_in_epoch += 1
+                if self.done_in_epoch == skip:
+                    set_rng(self.position["rng"])
+                continue
+            self.position = None
+            self.in_update = step.evaluates  # (a Ctrl-C inside an M-step undoes it)
+            try:
+                tick = step.update(data, self.ticks, self.rb)
+            except (FloatingPointError, torch.linalg.LinAlgError) as e:
+                if not _recover(o, step.optimizer, e, self.n_done + 1):
+                    raise
+                self.rb.restore()  # (EMOptim has already put its params back)
+                self.in_update = False
+                _trim(self.history, self.n_done)
+                return _REDO
+            value = self.took(tick)
+            if self.report(tick, value):
+                self.converged = True
+                return _STOP
+        return _GO
+
+    def start_epoch(self) -> tuple[Iterable, int]:
+        """The epoch's batches and how many of them a resume skips."""
+        if self.position is not None:  # resume inside the epoch: the same shuffle, then skip
+            self.rng_epoch = self.position["rng_epoch"]
+            set_rng(self.rng_epoch)
+            skip, self.epoch_sum = self.position["batch"], self.position["epoch_sum"]
+        else:
+            self.rng_epoch = rng_state()
+            skip, self.epoch_sum = 0, 0.0
+        self.done_in_epoch = 0
+        return self.step.batches(), skip
+
+    def took(self, tick: Tick) -> float:
+        """Record an update: history, counts, and the checkpoint when due; returns its value."""
+        step, o, history = self.step, self.o, self.history
+        value, self.info = tick.value, tick.info
+        if step.evaluates and step.key in self.info:  # the M-step undid the update (its guard)
+            value = self.records[-1] = self.info[step.key]
+        self.in_update = False
+        if tick.extra:
+            for k, v in tick.extra.items():
+                history[k].append(v)
+        self.ticks += 1
+        if step.epochs:
+            self.done_in_epoch += 1
+            self.epoch_sum += tick.part
+            history["batch"].append(value / o.n_data)
+            if step.rollback:
+                self.rb.take()
+        else:
+            if not step.evaluates:  # the update is the iteration's record
+                self.record(value)
+            self.n_done += 1
+        if o.ckpt is not None:
+            self.rng = rng_state()
+            if step.epochs:
+                if o.ckpt.due(self.ticks):
+                    self.save(history, self.here())
+            elif o.ckpt.due(self.ticks) or self.n_done == o.max_iter:
+                self.save(history)
+        return value
+
+    def report(self, tick: Tick, value: float) -> bool:
+        """The progress bar, a deferred Ctrl-C, the tol test of a step whose updates are its
+        records, and the callback; True to stop here."""
+        step, o = self.step, self.o
+        if not step.epochs:
+            self.bar.update()
+        self.bar.set_postfix({self.per_datum: f"{value / o.n_data:.6g}"})
+        if tick.stop:  # a Ctrl-C came during the update: it is recorded, now stop
+            raise KeyboardInterrupt
+        if not (step.evaluates or step.epochs) and self.changed_little():
+            return True
+        if o.callback is None:
+            return False
+        report = {step.key: value, **(tick.report or {})}
+        if step.epochs:
+            report["epoch"], report["batch"] = self.n_done, self.done_in_epoch - 1
+        return bool(o.callback(self.ticks, {**report, **self.info}))
+
+    def end_epoch(self) -> bool:
+        """The epoch's record (the sum of its minibatch objectives), checkpoint and tol test;
+        True when converged."""
+        if self.done_in_epoch == 0:
+            raise ValueError("the stream gave no batch in this epoch")
+        self.epoch_batches = self.done_in_epoch
+        self.record(self.epoch_sum)
+        self.n_done += 1
+        self.done_in_epoch = 0
+        self.bar.update()
+        if self.o.ckpt is not None:
+            self.rng = rng_state()
+            self.save(self.history)
+        if self.changed_little():
+            self.converged = True
+            return True
+        return False
+
+    def interrupted(self) -> None:
+        """Ctrl-C: the params of the last whole iteration (or update), and a checkpoint of
+        what was completed."""
+        step, ckpt, history = self.step, self.o.ckpt, self.history
+        self.was_interrupted = True
+        if self.in_update:  # a partial M-step is undone: params are those of the last iteration
+            self.rb.restore()
+        if step.epochs:
+            if ckpt is not None:
+                self.save(history, self.here() if self.done_in_epoch else None)
+        elif step.evaluates:
+            # a checkpoint of the completed iterations; not from inside an M-step, whose
+            # optimizer state (Adam's moments, the guard) has moved: the last periodic one stands
+            if ckpt is not None and not self.in_update:
+                self.save({k: v[: self.n_done] for k, v in history.items()})
+        else:  # (updates defer Ctrl-C, so a step is whole; its record may be cut short)
+            self.n_done = len(self.times)
+            _trim(history, self.n_done)
+            if ckpt is not None and self.n_done:
+                self.save(history)
+
+    def finish(self) -> FitResult:
+        """The final objective, the ConvergenceWarning, and the run's FitResult."""
+        step, o, history = self.step, self.o, self.history
+        if step.exact:
+            if self.at_final and not self.was_interrupted:
+                final = self.records[-1]
+            else:  # the final evaluation: the reported objective belongs to the returned params
+                self.post = None  # (as before each E-step)
+                final = step.final(self.rb, self.ticks)
+                self.rb.check(final, "log-likelihood", self.ticks)
+                self.record(final)
+        else:
+            final = step.estimate(history, self.epoch_batches, o.n_data)
+        if not self.converged and not self.was_interrupted and o.tol > 0:
+            warnings.warn(
+                step.unconverged(o.max_iter, o.tol, history, o.n_data),
+                ConvergenceWarning,
+                stacklevel=4,  # (the user's call of fit: finish, run, fit, the user)
+            )
+        info = self.info
+        if step.exact:
+            names = o.names
+            if o.recoveries:
+                info = {**info, "recoveries": o.recoveries}
+        else:
+            names = list(pyro.get_param_store().keys())
+            info = {"guide_params": names}
+        return FitResult(
+            constraints=constraints_of(names),
+            params=constrained(names),
+            log_likelihood=final if step.exact else None,
+            elbo=final,
+            history=history,
+            converged=self.converged,
+            n_iter=self.n_done,
+            n_data=o.n_data,
+            algorithm=step.algorithm,
+            interrupted=self.was_interrupted,
+            info=info,
+            closed_form=list(info.get("closed_form", [])),
+            gradient=list(info.get("gradient", step.gradient)),
+        )
+
+    # ------------------------------------------------------------ helpers
+    def record(self, value: float) -> None:
+        self.records.append(value)
+        self.times.append(time.perf_counter() - self.start)
+
+    def changed_little(self) -> bool:
         """The ``tol`` test on the records (its step's stationarity check comes after)."""
-        h = records
+        h, tol, window, n_data = self.records, self.o.tol, self.step.window, self.o.n_data
         if tol <= 0 or len(h) < 2 * window or len(h) % window:
             return False
         if window == 1:
@@ -319,182 +563,12 @@ def run(step: Any, o: Options) -> FitResult:
         before = sum(h[-2 * window : -window]) / window
         return abs(now - before) / n_data < tol
 
-    label = step.label if o.n_init == 1 else f"{step.label} run {o.run}"
-    bar = _bar(o.progress, max_iter, label)
-    bar.update(n_done)
-    try:
-        while n_done < max_iter:
-            if step.evaluates:  # the objective at the params the update will start from
-                # the last posterior goes before the next E-step makes one: an in-memory
-                # posterior is as large as the data, and two would be alive at once
-                post = batches = data = tick = None
-                try:
-                    value, post = step.evaluate(rb, n_done)
-                    rb.check(value, "log-likelihood", n_done)
-                except FloatingPointError as e:
-                    # the last update led to invalid params; they were restored: undo it
-                    if n_done == 0 or not _recover(o, step.optimizer, e, n_done):
-                        raise
-                    n_done -= 1
-                    ticks -= 1
-                    _trim(history, n_done)
-                    continue
-                record(value)
-                # (after an update that the M-step's guard undid, the objective stands still
-                # because those params did not move: that is no sign of a stationary point)
-                if changed_little() and step.settled(post, info, tol, n_data):
-                    converged = at_final = True  # this evaluation is the final one
-                    if ckpt is not None:  # resuming redoes this evaluation and stops there
-                        _save(o, step.optimizer, n_done, {k: v[:-1] for k, v in history.items()}, rng)  # fmt: skip
-                    break
-                rb.take()
-            if step.epochs:
-                if position is not None:  # resume inside the epoch: the same shuffle, then skip
-                    rng_epoch = position["rng_epoch"]
-                    set_rng(rng_epoch)
-                    skip, epoch_sum = position["batch"], position["epoch_sum"]
-                else:
-                    rng_epoch = rng_state()
-                    skip, epoch_sum = 0, 0.0
-                done_in_epoch = 0
-                batches: Iterable = step.batches()
-            else:
-                batches, skip = (post,), 0
-            stopped = redo = False
-            for data in batches:
-                if done_in_epoch < skip:
-                    done_in_epoch += 1
-                    if done_in_epoch == skip:
-                        set_rng(position["rng"])
-                    continue
-                position = None
-                in_update = step.evaluates  # (a Ctrl-C inside an M-step undoes it)
-                try:
-                    tick = step.update(data, ticks, rb)
-                except (FloatingPointError, torch.linalg.LinAlgError) as e:
-                    if not _recover(o, step.optimizer, e, n_done + 1):
-                        raise
-                    rb.restore()  # (EMOptim has already put its params back)
-                    in_update = False
-                    _trim(history, n_done)
-                    redo = True
-                    break
-                value, info = tick.value, tick.info
-                if step.evaluates and key in info:  # the M-step undid the update (its guard)
-                    value = records[-1] = info[key]
-                in_update = False
-                if tick.extra:
-                    for k, v in tick.extra.items():
-                        history[k].append(v)
-                ticks += 1
-                if step.epochs:
-                    done_in_epoch += 1
-                    epoch_sum += tick.part
-                    history["batch"].append(value / n_data)
-                    if step.rollback:
-                        rb.take()
-                else:
-                    if not step.evaluates:  # the update is the iteration's record
-                        record(value)
-                    n_done += 1
-                if ckpt is not None:
-                    rng = rng_state()
-                    if step.epochs:
-                        if ckpt.due(ticks):
-                            pos = _position(done_in_epoch, rng_epoch, epoch_sum, rng)
-                            _save(o, step.optimizer, n_done, history, rng, pos)
-                    elif ckpt.due(ticks) or n_done == max_iter:
-                        _save(o, step.optimizer, n_done, history, rng)
-                if not step.epochs:
-                    bar.update()
-                bar.set_postfix({per_datum: f"{value / n_data:.6g}"})
-                if tick.stop:  # a Ctrl-C came during the update: it is recorded, now stop
-                    raise KeyboardInterrupt
-                if not (step.evaluates or step.epochs) and changed_little():
-                    converged = stopped = True
-                    break
-                if callback is not None:
-                    report = {key: value, **(tick.report or {})}
-                    if step.epochs:
-                        report["epoch"], report["batch"] = n_done, done_in_epoch - 1
-                    if callback(ticks, {**report, **info}):
-                        converged = stopped = True
-                        break
-            if stopped:
-                break
-            if redo or not step.epochs:
-                continue
-            if done_in_epoch == 0:
-                raise ValueError("the stream gave no batch in this epoch")
-            epoch_batches = done_in_epoch
-            record(epoch_sum)
-            n_done += 1
-            done_in_epoch = 0
-            bar.update()
-            if ckpt is not None:
-                rng = rng_state()
-                _save(o, step.optimizer, n_done, history, rng)
-            if changed_little():
-                converged = True
-                break
-    except KeyboardInterrupt:
-        interrupted = True
-        if in_update:  # a partial M-step is undone: params are those of the last iteration
-            rb.restore()
-        if step.epochs:
-            if ckpt is not None:
-                pos = _position(done_in_epoch, rng_epoch, epoch_sum, rng) if done_in_epoch else None
-                _save(o, step.optimizer, n_done, history, rng, pos)
-        elif step.evaluates:
-            # a checkpoint of the completed iterations; not from inside an M-step, whose
-            # optimizer state (Adam's moments, the guard) has moved: the last periodic one stands
-            if ckpt is not None and not in_update:
-                _save(o, step.optimizer, n_done, {k: v[:n_done] for k, v in history.items()}, rng)  # fmt: skip
-        else:  # (updates defer Ctrl-C, so a step is whole; its record may be cut short)
-            n_done = len(times)
-            _trim(history, n_done)
-            if ckpt is not None and n_done:
-                _save(o, step.optimizer, n_done, history, rng)
-    finally:
-        bar.close()
-    if step.exact:
-        if at_final and not interrupted:
-            final = records[-1]
-        else:  # the final evaluation: the reported objective belongs to the returned params
-            post = batches = data = tick = None  # (as before each E-step)
-            final = step.final(rb, ticks)
-            rb.check(final, "log-likelihood", ticks)
-            record(final)
-    else:
-        final = step.estimate(history, epoch_batches, n_data)
-    if not converged and not interrupted and tol > 0:
-        warnings.warn(
-            step.unconverged(max_iter, tol, history, n_data),
-            ConvergenceWarning,
-            stacklevel=3,  # (the user's call of fit)
-        )
-    if step.exact:
-        names = o.names
-        if o.recoveries:
-            info = {**info, "recoveries": o.recoveries}
-    else:
-        names = list(pyro.get_param_store().keys())
-        info = {"guide_params": names}
-    return FitResult(
-        constraints=constraints_of(names),
-        params=constrained(names),
-        log_likelihood=final if step.exact else None,
-        elbo=final,
-        history=history,
-        converged=converged,
-        n_iter=n_done,
-        n_data=n_data,
-        algorithm=step.algorithm,
-        interrupted=interrupted,
-        info=info,
-        closed_form=list(info.get("closed_form", [])),
-        gradient=list(info.get("gradient", step.gradient)),
-    )
+    def here(self) -> dict[str, Any]:
+        """Where the run is inside its epoch (for a checkpoint)."""
+        return _position(self.done_in_epoch, self.rng_epoch, self.epoch_sum, self.rng)
+
+    def save(self, history: dict, position: dict | None = None) -> None:
+        _save(self.o, self.step.optimizer, self.n_done, history, self.rng, position)
 
 
 # ------------------------------------------------------------------ the steps
