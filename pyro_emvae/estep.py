@@ -1160,7 +1160,7 @@ class ExactEStep:
             if site["is_observed"]:
                 override = potentials(name, site) if potentials is not None else None
                 if isinstance(site["fn"], PCFG):  # an implicit latent: one flat leaf
-                    _implicit_log_prob(site)
+                    _implicit_log_prob(site, override)
                 elif isinstance(site["fn"], HomogeneousHMM):
                     # one (K, K) transition: the chain's own forward-backward, whose
                     # gradients are Baum-Welch's sums (no (T, K, K) tensor anywhere)
@@ -1775,13 +1775,15 @@ class ExactEStep:
             raise
 
 
-def _implicit_log_prob(site: dict) -> None:
+def _implicit_log_prob(site: dict, override: torch.Tensor | None = None) -> None:
     """An observed implicit-latent site (a :class:`~pyro_emvae.distributions.PCFG`): its
     log-potentials as one flat leaf (connected to the params when their gradients are asked
-    for), whose gradient of :math:`\\log p(x)` is the site's expected counts and marginals."""
+    for), whose gradient of :math:`\\log p(x)` is the site's expected counts and marginals.
+    ``override`` ``(*batch, L, PT)`` replaces the words' emission log-probabilities (the
+    potentials of ``fit(init=...)``)."""
     fn = site["fn"]
     with torch.enable_grad():
-        leaf = fn.implicit_potentials(site["value"])
+        leaf = fn.implicit_potentials(site["value"], override)
         if not leaf.requires_grad:
             leaf = leaf.detach().requires_grad_()
         lp = fn.implicit_log_z(leaf)

@@ -18,6 +18,10 @@ chains alike:
   have to split K centers between the latents, which k-means++ cannot say how to do.
 * ``"model"``: the model's own ``pyro.param`` initial values (no E-step).
 
+A :class:`~pyro_emvae.distributions.PCFG` site's words are labels: both strategies give it
+random tag potentials ``(*batch, L, PT)`` in place of its emission log-probabilities, so the
+first E-step's parse posterior (under the model's own root and rule probabilities) is random.
+
 The potentials are drawn in a floating dtype whatever the observed values' dtype: the
 value's own if it is real, else the dtype of the site distribution's parameters (the
 log-likelihood the potentials replace has that dtype), else torch's default.
@@ -32,6 +36,7 @@ from collections.abc import Callable
 import torch
 from pyro.distributions import DiscreteHMM
 
+from pyro_emvae.distributions.pcfg import PCFG
 from pyro_emvae.errors import KMeansFallbackWarning
 
 __all__ = ["STRATEGIES", "KMeansFallbackWarning", "init_potentials", "kmeans_pp_centers"]
@@ -81,6 +86,10 @@ def init_potentials(
 
     def potentials(name: str, site: dict):
         fn, value = site["fn"], site["value"]
+        if isinstance(fn, PCFG):  # the words' tags: random potentials (words are labels)
+            length = value.shape[-1]
+            shape = fn.batch_shape + (length, fn.emission_logits.shape[-2])
+            return random_like(shape, fn.emission_logits)
         if isinstance(fn, DiscreteHMM):
             obs = fn.observation_dist
             t, k = value.shape[-1 - obs.event_dim], obs.batch_shape[-1]

@@ -358,3 +358,37 @@ def test_score_and_sample_dims_broadcast_against_the_lengths():
     lp = d.log_prob(words)  # (4, L) words against (3, 4) lengths
     assert lp.shape == (3, 4) and torch.equal(lp[0], lp[2])
     assert torch.allclose(lp[1], PCFG(root, rules, emission, lengths).log_prob(words))
+
+
+def test_random_init_breaks_the_uniform_grammars_symmetry():
+    """``init="random"`` draws random tag potentials for a PCFG site (its words are labels):
+    from a uniform grammar, whose exchangeable preterminals EM can never tell apart, each seed
+    starts EM somewhere else and climbs above the symmetric fixed point."""
+    nt, pt, v = 2, 2, 3
+    words, lengths = _batch(None, SENTS)
+    fits = {}
+    for init, seed in (("model", 0), ("random", 0), ("random", 1)):
+        pyro.clear_param_store()
+        res = fit(
+            _model,
+            ExactEStep(_model),
+            words,
+            lengths,
+            nt,
+            pt,
+            v,
+            init=init,
+            seed=seed,
+            max_iter=30,
+            tol=0.0,
+        )
+        hist = [float(x) for x in res.history["log_likelihood"]]
+        assert all(b >= a - 1e-9 for a, b in itertools.pairwise(hist))  # EM from there on
+        fits[init, seed] = (res.log_likelihood, pyro.param("emission").detach().clone())
+    ll_sym, em_sym = fits["model", 0]
+    assert torch.allclose(em_sym[0], em_sym[1])  # the symmetric fixed point
+    for seed in (0, 1):
+        ll, em = fits["random", seed]
+        assert not torch.allclose(em[0], em[1], atol=1e-3)  # the two tags now differ
+        assert ll > ll_sym + 1e-3
+    assert not torch.allclose(fits["random", 0][1], fits["random", 1][1], atol=1e-6)

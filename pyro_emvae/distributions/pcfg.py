@@ -388,27 +388,41 @@ class PCFG(TorchDistribution):
         em = self.emission_logits - self.emission_logits.logsumexp(-1, keepdim=True)
         return root, rules, em
 
-    def span_potentials(self, value: torch.Tensor, emission: torch.Tensor | None = None):
+    def span_potentials(
+        self,
+        value: torch.Tensor,
+        emission: torch.Tensor | None = None,
+        term: torch.Tensor | None = None,
+    ):
         """``(B, L, L, S)`` width-major span log-potentials of words ``value (B, L)``: the
-        emission log-probabilities of the words at width 1, zero elsewhere."""
-        if emission is None:
-            emission = self.normalized()[2]
+        emission log-probabilities of the words at width 1 (or ``term (B, L, PT)``, potentials
+        that replace them: ``fit(init="random")`` draws them), zero elsewhere."""
         value = value.reshape((-1, value.shape[-1])).long()
         b, length = value.shape
         nt = self.num_nonterminals
-        words = value.clamp(0, emission.shape[-1] - 1)
-        # (indexed along the vocabulary: the gradient keeps the emission's own layout)
-        term = emission[:, words].permute(1, 2, 0)  # (B, L, PT)
+        if term is None:
+            if emission is None:
+                emission = self.normalized()[2]
+            words = value.clamp(0, emission.shape[-1] - 1)
+            # (indexed along the vocabulary: the gradient keeps the emission's own layout)
+            term = emission[:, words].permute(1, 2, 0)  # (B, L, PT)
+        else:
+            term = term.reshape(b, length, -1)
         zero = term.new_zeros(())
         first = torch.cat((zero.expand(b, length, nt), term), -1).unsqueeze(1)
         rest = zero.expand(b, length - 1, length, nt + emission.shape[0])
         return torch.cat((first, rest), 1)
 
-    def implicit_potentials(self, value: torch.Tensor) -> torch.Tensor:
+    def implicit_potentials(
+        self, value: torch.Tensor, term: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The E-step's one leaf: ``cat(log root, log rules, spans)`` flattened (1-D); its
-        gradient is ``cat(root counts, rule counts, span marginals)`` (see :meth:`split`)."""
+        gradient is ``cat(root counts, rule counts, span marginals)`` (see :meth:`split`).
+        ``term`` ``(*batch, L, PT)`` replaces the words' emission log-probabilities (an
+        initialization's potentials)."""
         root, rules, em = self.normalized()
-        spans = self.span_potentials(value.expand(self.batch_shape + self.event_shape), em)
+        value = value.expand(self.batch_shape + self.event_shape)
+        spans = self.span_potentials(value, em, term)
         return torch.cat((root.reshape(-1), rules.reshape(-1), spans.reshape(-1)))
 
     def split(self, flat: torch.Tensor):
