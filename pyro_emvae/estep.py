@@ -71,7 +71,6 @@ from pyro_emvae import kernels as _kernels
 from pyro_emvae import validate as _validate
 from pyro_emvae._compat import BackwardSampleMessenger, Subsample, find_ordinal, packed
 from pyro_emvae.amortized import preserved_rng
-from pyro_emvae.distributions.ctc import CTC, ctc_log_z, ctc_sample, ctc_viterbi
 from pyro_emvae.distributions.hmm import (
     ChainParts,
     ChainPosterior,
@@ -82,7 +81,6 @@ from pyro_emvae.distributions.hmm import (
     hmm_pairwise,
     one_thread,
 )
-from pyro_emvae.distributions.pcfg import PCFG
 from pyro_emvae.errors import EnumerationError
 from pyro_emvae.kernels import fused_log_prob
 
@@ -355,44 +353,14 @@ def _hmm_sample(
     return out.reshape((num_samples,) + batch + (t_len,))
 
 
-def _ctc_parts(site: dict) -> None:
-    """Sum out a CTC site's alignment: ``site["_ctc"] = (e, lattice)`` with the lattice
-    emissions ``e (B, T, S)`` (a tensor whose gradient is the occupancies) and its log-probs."""
-    e, *lattice = site["fn"].lattice(site["value"])
-    if not e.requires_grad:  # a leaf, so that its gradient can be asked for
-        e = e.detach().requires_grad_()
-    with torch.enable_grad():
-        lp = ctc_log_z(e, *lattice[:3]).reshape(lattice[-1])
-        scaled = scale_and_mask(lp, site["scale"], site["mask"])
-    site["_ctc"] = (e, lattice)
-    site["unscaled_log_prob"], site["log_prob"], site["log_prob_sum"] = lp, scaled, scaled.sum()
-
-
-def _ctc_decode(fn: CTC, value: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
-    """The best alignment ``(*batch, T)`` (``num_samples=None``) or exact posterior alignments
-    ``(num_samples, *batch, T)`` of a CTC site, as per-frame labels (``-1`` after a sequence's
-    last frame)."""
-    with torch.no_grad():
-        e, skip, lengths, n_states, ext, batch = fn.lattice(value)
-        if num_samples is None:
-            path = ctc_viterbi(e, skip, lengths, n_states)[0]
-        else:
-            path = ctc_sample(e, skip, lengths, n_states, num_samples)
-        labels = ext.expand(path.shape[:-1] + ext.shape[-1:]).gather(-1, path.clamp_min(0))
-        labels = torch.where(path >= 0, labels, -1)
-        return labels.reshape(path.shape[:-2] + batch + path.shape[-1:])
-
-
 def _potential(site: dict) -> torch.Tensor | None:
     """The tensor whose gradient is an implicit latent's posterior (a DiscreteHMM's pairwise
     potentials, a CTC lattice's emissions, a PCFG's rule log-potentials), or None for another
     site."""
     if "_hmm" in site:
         return site["_hmm"][1]
-    if "_ctc" in site:
-        return site["_ctc"][0]
-    if "_implicit" in site:  # (a PCFG's flat log-potentials)
-        return site["_implicit"][-1]
+    if "_implicit" in site:  # (a PCFG's flat log-potentials, a CTC lattice's emissions)
+        return site["_implicit"][0]
     return None
 
 
@@ -1159,7 +1127,7 @@ class ExactEStep:
                 continue
             if site["is_observed"]:
                 override = potentials(name, site) if potentials is not None else None
-                if isinstance(site["fn"], PCFG):  # an implicit latent: one flat leaf
+                if is_implicit(site["fn"]):  # a PCFG, a CTC: one leaf, its gradient the posterior
                     _implicit_log_prob(site, override)
                 elif isinstance(site["fn"], HomogeneousHMM):
                     # one (K, K) transition: the chain's own forward-backward, whose
@@ -1186,8 +1154,6 @@ class ExactEStep:
                     site["unscaled_log_prob"] = lp
                     site["log_prob"] = scaled
                     site["log_prob_sum"] = site["log_prob"].sum()
-                elif isinstance(site["fn"], CTC):
-                    _ctc_parts(site)
                 elif override is not None:
                     lp = override.expand(site["fn"].log_prob(site["value"]).shape)
                     site["unscaled_log_prob"] = lp
@@ -1245,8 +1211,9 @@ class ExactEStep:
                 check = poutine.trace(poutine.replay(model, trace=sub)).get_trace(*args, **kwargs)
                 check = prune_subsample_sites(check)
                 for name, site in check.nodes.items():  # (no (K, N, D) broadcast here either)
-                    implicit = (DiscreteHMM, CTC, PCFG)
-                    if site["type"] == "sample" and not isinstance(site["fn"], implicit):
+                    if site["type"] != "sample":
+                        continue
+                    if not (isinstance(site["fn"], DiscreteHMM) or is_implicit(site["fn"])):
                         _fused_log_prob(name, site)  # (and no (N, K) logits of the weights)
                 check.compute_log_prob()
                 check.pack_tensors()
@@ -1414,14 +1381,11 @@ class ExactEStep:
                 if len(got) == len(ChainParts._fields):
                     self._fill_chain(post, name, site, ChainPosterior(*got))
                 continue
-            if "_ctc" in site:  # the lattice occupancies (zero on a masked sequence)
-                occ = g / site["scale"] if site["scale"] != 1 else g
-                post.factor_q[name] = occ
-                post.marginals[name] = occ.reshape(site["_ctc"][1][-1] + occ.shape[-2:])
-                continue
-            if "_implicit" in site:  # (the flat counts: what the rule's summarize reads)
+            if "_implicit" in site:  # (counts, occupancies: zero on a masked row)
                 post.factor_q[name] = g / site["scale"] if site["scale"] != 1 else g
-                post.marginals[name] = site["fn"].split(post.factor_q[name])[2]
+                post.marginals[name] = site["fn"].implicit_marginals(
+                    post.factor_q[name], site["_implicit"][1]
+                )
                 continue
             if "_hmm" in site:
                 pair = g / site["scale"] if site["scale"] != 1 else g
@@ -1516,7 +1480,7 @@ class ExactEStep:
             if site["type"] != "sample":
                 continue
             q = posterior.factor_q.get(name)
-            if "_implicit" in site:  # E_q[log p(x, t)]: the counts times the log-potentials
+            if "_implicit" in site:  # E_q[log p(x, t)]: log p(x, t) is linear in the leaf
                 total = total + site["scale"] * (q * site["_implicit"][0]).sum()
             elif isinstance(site.get("_hmm"), ChainParts):
                 pot = sum(
@@ -1527,10 +1491,6 @@ class ExactEStep:
             elif "_hmm" in site:
                 init, m = site["_hmm"]
                 pot = (q * m).flatten(-3).sum(-1) + (q[..., 0, :, :].sum(-1) * init).sum(-1)
-                total = total + scale_and_mask(pot, site["scale"], site["mask"]).sum()
-            elif "_ctc" in site:  # log p(y, alignment) is linear in the lattice emissions
-                e, lattice = site["_ctc"]
-                pot = (q * e).flatten(-2).sum(-1).reshape(lattice[-1])
                 total = total + scale_and_mask(pot, site["scale"], site["mask"]).sum()
             elif q is None:
                 total = total + site["packed"]["log_prob"].sum()
@@ -1615,15 +1575,12 @@ class ExactEStep:
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
                 continue
-            if site["is_observed"] and isinstance(site["fn"], PCFG):
+            if site["is_observed"] and is_implicit(site["fn"]):
                 if num_samples is None:
                     chains[name] = (site["fn"], site["value"])
             elif site["is_observed"] and isinstance(site["fn"], DiscreteHMM):
                 if num_samples is None:
                     chains[name] = _hmm_parts(site["fn"], site["value"], mask=site["mask"])
-            elif site["is_observed"] and isinstance(site["fn"], CTC):
-                if num_samples is None:
-                    chains[name] = (site["fn"], site["value"])
             elif site["is_observed"] or isinstance(site["fn"], Subsample):
                 continue
             elif site["infer"].get("enumerate") != "parallel":
@@ -1662,10 +1619,8 @@ class ExactEStep:
         for a PCFG site (``tree[b, i, j]`` the symbol over words ``i..j``)."""
         values, chains = self._discrete(args, kwargs, temperature=0)  # one minibatch
         for name, (init, m) in chains.items():
-            if isinstance(init, CTC):
-                values[name] = _ctc_decode(init, m)
-            elif isinstance(init, PCFG):
-                values[name] = init.viterbi(m)
+            if is_implicit(init):  # (init is the distribution, m its value)
+                values[name] = init.implicit_map(m)
             else:
                 values[name] = _hmm_map(init, m)
         return values
@@ -1709,10 +1664,8 @@ class ExactEStep:
                 ]
                 draws = {n: torch.stack([r[n] for r in runs]) for n in values}
         for name, (init, m) in chains.items():
-            if isinstance(init, CTC):
-                draws[name] = _ctc_decode(init, m, num_samples)
-            elif isinstance(init, PCFG):  # (init is the distribution, m its words)
-                draws[name] = init.posterior_sample(m, num_samples)
+            if is_implicit(init):  # (init is the distribution, m its value)
+                draws[name] = init.implicit_sample(m, num_samples)
             else:
                 draws[name] = _hmm_sample(self._hmm_pairwise(init, m), num_samples)
         return draws
@@ -1775,20 +1728,31 @@ class ExactEStep:
             raise
 
 
+def is_implicit(fn) -> bool:
+    """Whether ``fn`` is an implicit-latent distribution (a
+    :class:`~pyro_emvae.distributions.PCFG`, a :class:`~pyro_emvae.distributions.CTC`, or any
+    distribution with the same methods): ``implicit_potentials(value, override) -> (leaf,
+    ctx)``, ``implicit_log_z(leaf, ctx)`` (``log p``, differentiable, linear-in-the-leaf joint
+    ``log p(x, t)`` so that its gradient is the posterior), ``implicit_marginals(weight, ctx)``,
+    ``implicit_map(value)`` and ``implicit_sample(value, num_samples)``; and its own
+    ``expand`` (a plate expands its site's distribution, and Pyro's generic
+    ``ExpandedDistribution`` hides these methods)."""
+    return callable(getattr(fn, "implicit_log_z", None))
+
+
 def _implicit_log_prob(site: dict, override: torch.Tensor | None = None) -> None:
-    """An observed implicit-latent site (a :class:`~pyro_emvae.distributions.PCFG`): its
-    log-potentials as one flat leaf (connected to the params when their gradients are asked
-    for), whose gradient of :math:`\\log p(x)` is the site's expected counts and marginals.
-    ``override`` ``(*batch, L, PT)`` replaces the words' emission log-probabilities (the
-    potentials of ``fit(init=...)``)."""
+    """An observed implicit-latent site (see :func:`is_implicit`): its log-potentials as one
+    leaf (connected to the params when their gradients are asked for), whose gradient of
+    :math:`\\log p(x)` is the site's posterior (expected counts, occupancies). ``override``
+    replaces the observation's potentials (those of ``fit(init=...)``)."""
     fn = site["fn"]
     with torch.enable_grad():
-        leaf = fn.implicit_potentials(site["value"], override)
+        leaf, ctx = fn.implicit_potentials(site["value"], override)
         if not leaf.requires_grad:
             leaf = leaf.detach().requires_grad_()
-        lp = fn.implicit_log_z(leaf)
+        lp = fn.implicit_log_z(leaf, ctx)
         scaled = scale_and_mask(lp, site["scale"], site["mask"])
-    site["_implicit"] = (leaf,)
+    site["_implicit"] = (leaf, ctx)
     site["unscaled_log_prob"] = lp
     site["log_prob"] = scaled
     site["log_prob_sum"] = scaled.sum()

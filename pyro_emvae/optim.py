@@ -27,9 +27,8 @@ from pyro_emvae import params as _params
 from pyro_emvae import track as _track
 from pyro_emvae._compat import Subsample, packed
 from pyro_emvae.checkpoint import load_optim_state
-from pyro_emvae.distributions.pcfg import PCFG
 from pyro_emvae.errors import ClosedFormWarning
-from pyro_emvae.estep import ExactEStep, Posterior
+from pyro_emvae.estep import ExactEStep, Posterior, is_implicit
 from pyro_emvae.plan import Plan, PlanKey, same_rows
 from pyro_emvae.rules import (
     MAXIMIZERS,
@@ -350,7 +349,7 @@ class EMOptim:
         for name, site in plan.trace.nodes.items():
             if site["type"] != "sample" or isinstance(site["fn"], Subsample):
                 continue
-            if isinstance(site["fn"], (DiscreteHMM, PCFG)):
+            if isinstance(site["fn"], DiscreteHMM) or is_implicit(site["fn"]):
                 # factor_q: zero on a sequence poutine.mask drops (pairwise holds its prior)
                 weight = posterior.factor_q[name]
             else:

@@ -1352,3 +1352,62 @@ def test_fit_accepts_the_same_bound_method_or_partial_and_refuses_others():
         fit(functools.partial(mixture, 2.0), ExactEStep(functools.partial(mixture, 3.0)), x)
     with pytest.raises(ModelInputError, match="is not the model the ExactEStep guide was built"):
         fit(Holder().model, ExactEStep(holder.model), x)
+
+
+def test_a_users_own_implicit_latent_distribution_is_summed_out_by_its_gradient():
+    """The implicit-latent protocol PCFG and CTC share is open: a distribution written here (a
+    mixture whose component is summed inside ``log_prob``) gets log p(x), its posterior (the
+    gradient of log p in its leaf), map and exact draws, equal to the enumerated mixture's."""
+    import pyro.distributions as dist
+
+    class SummedMixture(dist.TorchDistribution):
+        arg_constraints = {}  # noqa: RUF012
+        support = dist.constraints.real
+
+        def __init__(self, logw, locs, n):
+            self.logw, self.locs = logw, locs
+            super().__init__(torch.Size([n]), torch.Size())
+
+        def expand(self, batch_shape, _instance=None):  # (a plate expands its site's fn)
+            return SummedMixture(self.logw, self.locs, batch_shape[-1])
+
+        def _leaf(self, value):
+            return self.logw + dist.Normal(self.locs, 1.0).log_prob(value.unsqueeze(-1))
+
+        def log_prob(self, value):
+            return self._leaf(value).logsumexp(-1)
+
+        def implicit_potentials(self, value, override=None):
+            return self._leaf(value), None
+
+        def implicit_log_z(self, leaf, ctx):
+            return leaf.logsumexp(-1)
+
+        def implicit_marginals(self, weight, ctx):
+            return weight
+
+        def implicit_map(self, value):
+            return self._leaf(value).argmax(-1)
+
+        def implicit_sample(self, value, num_samples):
+            return dist.Categorical(logits=self._leaf(value)).sample((num_samples,))
+
+    x = torch.tensor([-2.0, -1.5, 0.3, 2.2, 2.5])
+    logw = torch.tensor([0.3, 0.7]).log()
+    locs = torch.tensor([-2.0, 2.0])
+
+    def implicit(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", SummedMixture(logw, locs, len(x)), obs=x)
+
+    def enumerated(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(logw.exp()), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+
+    ours, ref = ExactEStep(implicit), ExactEStep(enumerated)
+    assert float(ours.log_likelihood(x)) == pytest.approx(float(ref.log_likelihood(x)), rel=1e-12)
+    assert torch.allclose(ours.marginals(x)["x"], ref.marginals(x)["z"], atol=1e-12)
+    assert torch.equal(ours.map(x)["x"], ref.map(x)["z"])
+    draws = ours.sample(x, num_samples=2000)["x"].double().mean(0)
+    assert torch.allclose(draws, ref.marginals(x)["z"][:, 1], atol=0.05)

@@ -438,6 +438,45 @@ class CTC(TorchDistribution):
         lengths = self.input_lengths.expand(batch).reshape(-1)
         return e, skip, lengths, n_states, ext, batch
 
+    # -- the implicit-latent protocol ExactEStep reads (shared with PCFG)
+    def implicit_potentials(self, value: torch.Tensor, override=None):
+        """``(leaf, ctx)``: the lattice emissions ``e (B, T, S)`` — :math:`\\log p(y, a)` of an
+        alignment ``a`` is the sum of ``e`` along its path, so the gradient of :math:`\\log p(y)`
+        in ``e`` is the occupancies — and the rest of the lattice. (No init potentials: the
+        network's frames decide; ``override`` must be None.)"""
+        if override is not None:
+            raise ValueError("a CTC site takes no init potentials")
+        e, *ctx = self.lattice(value)
+        return e, tuple(ctx)
+
+    def implicit_log_z(self, leaf: torch.Tensor, ctx) -> torch.Tensor:
+        """:math:`\\log p(y)` ``(*batch)`` from :meth:`implicit_potentials`' leaf."""
+        skip, lengths, n_states, _, batch = ctx
+        return ctc_log_z(leaf, skip, lengths, n_states).reshape(batch)
+
+    def implicit_marginals(self, weight: torch.Tensor, ctx) -> torch.Tensor:
+        """The lattice occupancies ``(*batch, T, S)`` from the leaf's gradient ``(B, T, S)``."""
+        return weight.reshape(ctx[-1] + weight.shape[-2:])
+
+    def implicit_map(self, value: torch.Tensor) -> torch.Tensor:
+        """The best alignment's per-frame labels ``(*batch, T)`` (``-1`` after the last frame)."""
+        return self._decode(value, None)
+
+    def implicit_sample(self, value: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """Exact posterior alignments ``(num_samples, *batch, T)`` as per-frame labels."""
+        return self._decode(value, num_samples)
+
+    def _decode(self, value: torch.Tensor, num_samples: int | None) -> torch.Tensor:
+        with torch.no_grad():
+            e, skip, lengths, n_states, ext, batch = self.lattice(value)
+            if num_samples is None:
+                path = ctc_viterbi(e, skip, lengths, n_states)[0]
+            else:
+                path = ctc_sample(e, skip, lengths, n_states, num_samples)
+            labels = ext.expand(path.shape[:-1] + ext.shape[-1:]).gather(-1, path.clamp_min(0))
+            labels = torch.where(path >= 0, labels, -1)
+            return labels.reshape(path.shape[:-2] + batch + path.shape[-1:])
+
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)

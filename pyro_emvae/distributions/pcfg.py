@@ -413,17 +413,17 @@ class PCFG(TorchDistribution):
         rest = zero.expand(b, length - 1, length, nt + emission.shape[0])
         return torch.cat((first, rest), 1)
 
-    def implicit_potentials(
-        self, value: torch.Tensor, term: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The E-step's one leaf: ``cat(log root, log rules, spans)`` flattened (1-D); its
-        gradient is ``cat(root counts, rule counts, span marginals)`` (see :meth:`split`).
-        ``term`` ``(*batch, L, PT)`` replaces the words' emission log-probabilities (an
-        initialization's potentials)."""
+    # -- the implicit-latent protocol ExactEStep reads (shared with CTC)
+    def implicit_potentials(self, value: torch.Tensor, override: torch.Tensor | None = None):
+        """``(leaf, ctx)``: the E-step's one leaf ``cat(log root, log rules, spans)`` flattened
+        (1-D) — a tree's log-probability is the sum of the potentials it uses, so the gradient
+        of :math:`\\log p(x)` in it is ``cat(root counts, rule counts, span marginals)`` (see
+        :meth:`split`) — and no context. ``override`` ``(*batch, L, PT)`` replaces the words'
+        emission log-probabilities (an initialization's potentials)."""
         root, rules, em = self.normalized()
         value = value.expand(self.batch_shape + self.event_shape)
-        spans = self.span_potentials(value, em, term)
-        return torch.cat((root.reshape(-1), rules.reshape(-1), spans.reshape(-1)))
+        spans = self.span_potentials(value, em, override)
+        return torch.cat((root.reshape(-1), rules.reshape(-1), spans.reshape(-1))), None
 
     def split(self, flat: torch.Tensor):
         """``(root (NT,), rules (NT, S, S), spans (B, L, L, S))`` views of a flat leaf or of
@@ -433,10 +433,22 @@ class PCFG(TorchDistribution):
         root, rules, spans = flat.split((nt, nt * s * s, flat.numel() - nt - nt * s * s))
         return root, rules.reshape(nt, s, s), spans.reshape(-1, length, length, s)
 
-    def implicit_log_z(self, flat: torch.Tensor) -> torch.Tensor:
+    def implicit_log_z(self, flat: torch.Tensor, ctx=None) -> torch.Tensor:
         """:math:`\\log p(x)` ``batch_shape`` from :meth:`implicit_potentials`' leaf."""
         root, rules, spans = self.split(flat)
         return pcfg_log_z(root, rules, spans, self.lengths.reshape(-1)).reshape(self.batch_shape)
+
+    def implicit_marginals(self, weight: torch.Tensor, ctx=None) -> torch.Tensor:
+        """The span marginals ``(B, L, L, S)`` from the leaf's gradient (the flat counts)."""
+        return self.split(weight)[2]
+
+    def implicit_map(self, value: torch.Tensor) -> torch.Tensor:
+        """Viterbi trees (CKY), see :meth:`viterbi`."""
+        return self.viterbi(value)
+
+    def implicit_sample(self, value: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """Exact posterior trees, see :meth:`posterior_sample`."""
+        return self.posterior_sample(value, num_samples)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
