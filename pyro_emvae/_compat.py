@@ -103,11 +103,13 @@ __all__ = [
     "enum_dim",
     "enum_symbol",
     "find_ordinal",
+    "function_mode_depth",
     "get_provenance",
     "get_rng_state",
     "handler_inner",
     "handler_stack",
     "inner_categorical",
+    "insert_function_mode",
     "is_deterministic",
     "markov_depth",
     "markov_scope",
@@ -116,6 +118,7 @@ __all__ = [
     "packed",
     "param_constraint",
     "pyro_dims",
+    "remove_function_mode",
     "sequential_logmatmulexp",
     "set_pyro_dims",
     "set_pyro_name",
@@ -300,6 +303,40 @@ _EMPTY_SIZE = torch.Size()
 #: Runs torch functions inside a ``__torch_function__`` override without re-dispatching to the
 #: subclass (the idiom of torch's own subclassing docs): track.Tracked computes its result so.
 disable_torch_function_subclass = torch._C.DisableTorchFunctionSubclass
+
+
+def function_mode_depth() -> int:
+    """How many torch function modes (``TorchFunctionMode``) are active."""
+    return torch._C._len_torch_function_stack()
+
+
+def insert_function_mode(mode, depth: int) -> None:
+    """Activate ``mode`` as if it had been entered when ``depth`` modes were active: the
+    modes entered since then stay above it (each still exits first, as ``with`` nests them).
+    validate.EnumerationBudget starts its watch at a model's first enumerated site so."""
+    above = []
+    while torch._C._len_torch_function_stack() > depth:
+        above.append(torch._C._pop_torch_function_stack())
+    torch._C._push_on_torch_function_stack(mode)
+    for m in reversed(above):
+        torch._C._push_on_torch_function_stack(m)
+
+
+def remove_function_mode(mode) -> None:
+    """Deactivate ``mode`` where it is on the stack of torch function modes (the ones above
+    it stay, in their order); nothing if it is not there."""
+    n = torch._C._len_torch_function_stack()
+    if not any(torch._C._get_function_stack_at(i) is mode for i in range(n)):
+        return
+    above = []
+    while True:
+        m = torch._C._pop_torch_function_stack()
+        if m is mode:
+            break
+        above.append(m)
+    for m in reversed(above):
+        torch._C._push_on_torch_function_stack(m)
+
 
 # torch's constraint classes (private names; torch exposes instances and factories only):
 # checkpoint stores a constraint by class and arguments, rules reads a param's support.

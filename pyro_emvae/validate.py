@@ -789,19 +789,31 @@ def _check_plate_dims(where, lp_shape, vshape, fn, frames, depth) -> None:
 
 
 # ----------------------------------------------------------------------------------- memory
+# looked up once each: a failed ``import psutil`` searches every sys.path entry again at each
+# call, and a cgroup v2 memory file that is not there does not appear while the process runs
+_PSUTIL: Any = None  # the psutil module, or False where it is not installed
+_CGROUP_V2 = True  # False once /sys/fs/cgroup/memory.max was found missing
+
+
 def available_memory(device: torch.device | None = None) -> int | None:
     """Bytes that can still be allocated: free CUDA memory for a CUDA device; else
     ``psutil.virtual_memory().available`` if psutil is installed, else ``MemAvailable`` from
     ``/proc/meminfo``, capped by a cgroup v2 memory limit when one is set. None if unknown."""
+    global _PSUTIL, _CGROUP_V2
     if device is not None and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    avail = None
-    try:
-        import psutil
+    if _PSUTIL is None:
+        try:
+            import psutil
 
-        avail = int(psutil.virtual_memory().available)
-    except ImportError:
+            _PSUTIL = psutil
+        except ImportError:
+            _PSUTIL = False
+    avail = None
+    if _PSUTIL:
+        avail = int(_PSUTIL.virtual_memory().available)
+    else:
         try:
             with open("/proc/meminfo") as f:
                 for line in f:
@@ -810,9 +822,17 @@ def available_memory(device: torch.device | None = None) -> int | None:
                         break
         except OSError:
             pass
+    if not _CGROUP_V2:
+        return avail
     try:
         with open("/sys/fs/cgroup/memory.max") as f:
             limit = f.read().strip()
+    except FileNotFoundError:
+        _CGROUP_V2 = False
+        return avail
+    except OSError:
+        return avail
+    try:
         if limit != "max":
             with open("/sys/fs/cgroup/memory.current") as f:
                 left = int(limit) - int(f.read().strip())
@@ -980,19 +1000,22 @@ class EnumerationBudget(Messenger):
         if raw is not None and raw.strip():
             self._budget = enumeration_budget()
             self._floor = self._budget[0]
+        # The watch does nothing until a site is enumerated (it checks only ops over
+        # enumerated dims), so it starts then, at the place on torch's stack of function
+        # modes it would have had from here: the ops of a model that enumerates nothing (fit's
+        # prior trace) and those before its first enumerated site skip a Python dispatch each.
         self._watch = _BroadcastWatch(self)
-        self._watch.__enter__()
-        try:
-            return super().__enter__()
-        except BaseException:
-            self._watch.__exit__(None, None, None)
-            raise
+        self._depth = _compat.function_mode_depth()
+        self._watching = False
+        return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            self._watch.__exit__(*exc)
+            if self._watching:
+                _compat.remove_function_mode(self._watch)
+                self._watching = False
 
     def _pyro_post_sample(self, msg) -> None:
         fn = msg["fn"]
@@ -1003,6 +1026,9 @@ class EnumerationBudget(Messenger):
         k = _enumerated_size(msg["value"], dim, len(fn.event_shape))
         self._count += 1
         self.sites[dim] = (msg["name"], k, fn, self._count)
+        if not self._watching:
+            _compat.insert_function_mode(self._watch, self._depth)
+            self._watching = True
 
     def check(self, shape: tuple[int, ...], args: tuple, kwargs: dict) -> None:
         """Refuse an op whose result has ``shape`` if it does not fit the budget."""
