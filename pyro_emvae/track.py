@@ -96,11 +96,12 @@ class Tracked(torch.Tensor):
         plain_args, plain_kwargs = _strip(args), _strip(kwargs)
         with _compat.disable_torch_function_subclass():
             result = func(*plain_args, **plain_kwargs)
-        sources = [a for a in _flat(args) if isinstance(a, Tracked)]
+        flat = _flat(args)
+        sources = [a for a in flat if isinstance(a, Tracked)]
         if not sources:
             return result
         src = sources[0]
-        if any(_is_linear(a) for a in _flat(args)) or (
+        if any(_is_linear(a) for a in flat) or (
             _OPAQUE is not None and name in _MUL | _MATMUL
         ):  # (an argument linear in params: ``X @ W[z]``, see ``_linear_op``)
             return _linear_or_plain(name, func, args, kwargs, result, sources)
@@ -186,11 +187,16 @@ def _is_last_dim_keepdim(args, kwargs) -> bool:
 
 
 def _flat(obj) -> list:
+    if type(obj) is tuple and not any(isinstance(o, _NESTED) for o in obj):
+        return list(obj)  # (the usual arguments: no container among them)
     if isinstance(obj, (list, tuple)):
         return [x for o in obj for x in _flat(o)]
     if isinstance(obj, dict):
         return [x for o in obj.values() for x in _flat(o)]
     return [obj]
+
+
+_NESTED = (list, tuple, dict)
 
 
 def _map(obj, fn):
@@ -205,14 +211,21 @@ def _map(obj, fn):
     return fn(obj)
 
 
-def _strip(obj):
-    def f(o):
-        if isinstance(o, (Tracked, _RowSum)):
-            with _compat.disable_torch_function_subclass():
-                return o.as_subclass(torch.Tensor)
-        return o
+def _unwrap(o):
+    if isinstance(o, (Tracked, _RowSum)):
+        with _compat.disable_torch_function_subclass():
+            return o.as_subclass(torch.Tensor)
+    return o
 
-    return _map(obj, f)
+
+def _strip(obj):
+    # (every op of a probe passes here: the usual arguments, a flat tuple and no kwargs, are
+    # mapped without _map's recursion)
+    if type(obj) is tuple and not any(isinstance(o, _NESTED) for o in obj):
+        return tuple([_unwrap(o) for o in obj])
+    if type(obj) is dict and not obj:
+        return {}
+    return _map(obj, _unwrap)
 
 
 def _swap(obj):
@@ -224,13 +237,9 @@ def _same(sources: list, src: Tracked) -> bool:
 
 
 def _plain(result):
-    def f(o):
-        if isinstance(o, (Tracked, _RowSum)):
-            with _compat.disable_torch_function_subclass():
-                return o.as_subclass(torch.Tensor)
-        return o
-
-    return _map(result, f)
+    if isinstance(result, torch.Tensor):
+        return _unwrap(result)
+    return _map(result, _unwrap)
 
 
 def _rewrap(result, src: Tracked, ids, form: str):
