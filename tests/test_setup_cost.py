@@ -5,6 +5,11 @@ run on cheaper paths and still fire.
   the fused kernels cover, the factor's shape comes from the distribution's batch shape and
   the value (:func:`pyro_emvae.estep._log_prob_shape`), exactly ``log_prob``'s shape; the
   reductions and recycled dims it exists for are still refused through those families.
+* The enumeration budget's broadcast watch (a torch function mode) starts at a model's first
+  enumerated site, where it would have sat on the mode stack: a prior trace runs unwatched,
+  a model's own modes keep their order, and the budget still refuses.
+* ``available_memory`` looks psutil and a missing cgroup file up once; the memory is read at
+  every call.
 """
 
 from __future__ import annotations
