@@ -1255,7 +1255,10 @@ class ExactEStep:
         for name, site in tr._subsample_sites.items():
             sub.add_node(name, **site)
         try:
-            with torch.no_grad(), poutine.block():
+            # (validation off, as in the plan's probe: the E-step's own pass validated these
+            # params and values just now; this pass reads dims only, and what validation would
+            # raise here is swallowed below anyway)
+            with pyro.validation_enabled(False), torch.no_grad(), poutine.block():
                 check = poutine.trace(poutine.replay(model, trace=sub)).get_trace(*args, **kwargs)
                 check = prune_subsample_sites(check)
                 for site in check.nodes.values():
