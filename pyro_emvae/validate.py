@@ -814,13 +814,13 @@ def available_memory(device: torch.device | None = None) -> int | None:
     if _PSUTIL:
         avail = int(_PSUTIL.virtual_memory().available)
     else:
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        avail = int(line.split()[1]) * 1024
-                        break
-        except OSError:
+        try:  # (bytes, read whole: no text decoding, no line iteration)
+            with open("/proc/meminfo", "rb") as f:
+                data = f.read()
+            at = data.find(b"MemAvailable:")
+            if at >= 0:
+                avail = int(data[at + len(b"MemAvailable:") :].split(None, 1)[0]) * 1024
+        except (OSError, ValueError, IndexError):
             pass
     if not _CGROUP_V2:
         return avail
