@@ -374,7 +374,16 @@ def _arrange(
     if missing:
         raise AssertionError(f"dims {missing} of a packed tensor were not placed")  # internal bug
     present = [d for d in dims_out if d is not None and d in src]
-    x = t.permute([src.index(d) for d in present]) if present else t.reshape(())
+    order = [src.index(d) for d in present]
+    # (the view ops that change something only: a mixture's (K, N) posterior is one permute)
+    if not present:
+        x = t.reshape(())
+    elif order != list(range(t.dim())):
+        x = t.permute(order)
+    else:
+        x = t
+    if x.shape == shape_out:
+        return x
     shape = [t.shape[src.index(d)] if d is not None and d in src else 1 for d in dims_out]
     return x.reshape(shape).expand(shape_out)
 
@@ -586,7 +595,7 @@ def _one_latent(
         return None
     (symbol,) = sum_dims
     with torch.no_grad():
-        values = packed.broadcast_all(*terms)
+        values = _broadcast_all(terms)
         dims = _compat.pyro_dims(values[0])
         i = dims.index(symbol)
         shape = values[0].shape
@@ -605,37 +614,80 @@ def _one_latent(
         if own is None:
             q = torch.empty(shape, dtype=values[0].dtype, device=values[0].device)
         else:  # (the factor's own buffer, overwritten chunk by chunk: see the docstring)
-            q = values[own].detach()  # (a leaf of _contract's, which reads no gradient here)
+            q = values[own]
+            if q.requires_grad:  # (a leaf made for autograd, which reads no gradient here)
+                q = q.detach()
         parts = []
         for a in range(0, shape[j], step) if step else [None]:
-            at = (slice(None),) * j + (slice(a, a + step),) if step else ()
-            total = q[at]
+            # (one chunk: the whole tensors, no views of them)
+            at = (slice(None),) * j + (slice(a, a + step),) if step else None
+            total = _rows(q, at)
             if own is not None:
                 if len(values) > 1:
-                    total += values[1 - own][at]
+                    total += _rows(values[1 - own], at)
             elif len(values) > 1:
-                torch.add(values[0][at], values[1][at], out=total)
+                torch.add(_rows(values[0], at), _rows(values[1], at), out=total)
             else:
-                total.copy_(values[0][at])
+                total.copy_(_rows(values[0], at))
             for v in values[2:]:
-                total += v[at]
+                total += _rows(v, at)
             top = total.amax(i, keepdim=True)
-            top = top.masked_fill(~torch.isfinite(top), 0.0)  # (a row of -inf: its sum is 0)
+            # (a row of -inf: its sum is 0; NaN and +inf likewise: what masking every
+            # non-finite max with 0 gives, in one op)
+            top = torch.nan_to_num(top, nan=0.0, posinf=0.0, neginf=0.0)
             total.sub_(top).exp_()
             norm = total.sum(i, keepdim=True)
             parts.append((norm.log() + top).sum())
             total.div_(norm)
         log_z = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+        # each factor's gradient, in the factor's own layout; factors of one layout share one
+        # tensor, and the factor whose buffer holds q is that tensor already (a view of q
+        # with the factor's geometry: no op)
+        made: dict[tuple, torch.Tensor] = {}
+        if own is not None and not terms[own].requires_grad and values[own] is not terms[own]:
+            t = terms[own]
+            if set(_compat.pyro_dims(t)) == set(dims):
+                made[_compat.pyro_dims(t), t.shape] = t
         qs = []
         for t in terms:
-            own = _compat.pyro_dims(t)
-            lacks = [j for j, d in enumerate(dims) if d not in own]
-            g = q.sum(lacks) if lacks else q  # (sum([]) would sum every dim)
-            rest = [d for d in dims if d in own]
-            if rest != list(own):
-                g = g.permute([rest.index(d) for d in own])
+            layout = (_compat.pyro_dims(t), t.shape)
+            g = made.get(layout)
+            if g is None:
+                g = made[layout] = _gradient_of(q, dims, layout[0])
             qs.append(g)
     return log_z, qs
+
+
+def _rows(t: torch.Tensor, at: tuple | None) -> torch.Tensor:
+    """``t[at]``, or ``t`` itself for ``at=None`` (the whole tensor: no view op)."""
+    return t if at is None else t[at]
+
+
+def _gradient_of(q: torch.Tensor, dims: str, own: str) -> torch.Tensor:
+    """``q`` (packed over ``dims``) summed over the dims a factor over ``own`` lacks, in the
+    order of ``own``."""
+    lacks = [j for j, d in enumerate(dims) if d not in own]
+    g = q.sum(lacks) if lacks else q  # (sum([]) would sum every dim)
+    rest = [d for d in dims if d in own]
+    if rest != list(own):
+        g = g.permute([rest.index(d) for d in own])
+    return g
+
+
+def _broadcast_all(terms) -> tuple:
+    """``pyro.ops.packed.broadcast_all(*terms)``: each term with its dims in sorted order and
+    expanded to the common shape. Terms with the same dims and shape (a mixture's factors) are
+    only permuted (or returned as they are), by the same view ops less the no-op reshape and
+    expand."""
+    dims = _compat.pyro_dims(terms[0])
+    shape = terms[0].shape
+    if any(_compat.pyro_dims(t) != dims or t.shape != shape for t in terms[1:]):
+        return packed.broadcast_all(*terms)
+    out = "".join(sorted(dims))
+    if out == dims:
+        return tuple(terms)
+    order = tuple(dims.index(d) for d in out)
+    return tuple(_named(t.permute(order), out) for t in terms)
 
 
 def _exclusive(t: torch.Tensor, values) -> bool:
@@ -1324,11 +1376,14 @@ class ExactEStep:
         inputs: list[tuple[str, torch.Tensor]] = []
         scales = []
         scratch: set[int] = set()  # factors made by a fused kernel for this E-step only
-        log_z = torch.zeros(())
+        log_z = None  # (the sum of the factors outside the enumeration, if any)
+        slots = []  # (position in inputs, ordinal, position in factors[ordinal]) of each factor
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
                 continue
             if sum_dims.isdisjoint(_site_dims(site)):
+                if log_z is None:
+                    log_z = torch.zeros(())
                 if _potential(site) is not None:
                     # the unpacked log-prob: packing ran under no_grad and cut the graph to M
                     log_z = log_z + site["log_prob"].sum()
@@ -1347,22 +1402,35 @@ class ExactEStep:
             # the mask goes inside the sum over z, the (common) scale outside, as in Pyro
             lp = _factor(site)
             scales.append((name, site["scale"]))
-            if grads and not lp.requires_grad:
-                dims = _compat.pyro_dims(lp)
-                lp = lp.detach().requires_grad_()
-                _compat.set_pyro_dims(lp, dims)
             if site.get("_emvae_scratch") == lp.untyped_storage().data_ptr():
                 scratch.add(id(lp))
-            factors.setdefault(find_ordinal(tr, site), []).append(lp)
+            ordinal = find_ordinal(tr, site)
+            factors.setdefault(ordinal, []).append(lp)
+            slots.append((len(inputs), ordinal, len(factors[ordinal]) - 1))
             inputs.append((name, lp))
         scale = 1.0
         if factors:
             scale = _common_scale(tr, scales)
+            # (no autograd there: the factors as they are)
             one = _one_latent(factors, sum_dims, inputs, extra_inputs, frozenset(scratch))
             if one is not None:
                 part, qs = one
                 out = tuple(q * scale if scale != 1 else q for q in qs) if grads else ()
+                if log_z is None and scale == 1:  # (0 + part: part is never -0.0)
+                    return part, inputs, out, (), float(scale)
+                if log_z is None:
+                    log_z = torch.zeros(())
                 return log_z + scale * part, inputs, out, (), float(scale)
+            if grads:  # each factor a leaf of its own, whose gradient is the posterior
+                for i, ordinal, j in slots:
+                    name, lp = inputs[i]
+                    if not lp.requires_grad:
+                        leaf = _named(lp.detach().requires_grad_(), _compat.pyro_dims(lp))
+                        inputs[i] = (name, leaf)
+                        factors[ordinal][j] = leaf
+        if log_z is None:
+            log_z = torch.zeros(())
+        if factors:
             try:
                 log_z = log_z + scale * contract_to_tensor(
                     factors, sum_dims, target_ordinal=frozenset()
@@ -1405,7 +1473,8 @@ class ExactEStep:
                 tr = self._enum_trace(args, kwargs, potentials=potentials)
             with torch.enable_grad():  # the posterior is a gradient, even under no_grad
                 log_z, inputs, grads, pgrads, scale = self._contract(tr)
-        post = Posterior(log_likelihood=log_z.detach(), scale=scale)
+        log_z = log_z.detach() if log_z.requires_grad else log_z
+        post = Posterior(log_likelihood=log_z, scale=scale)
         post.symbol_to_dim = dict(tr.symbol_to_dim)
         post.subsample = poutine.Trace()
         for name, site in tr._subsample_sites.items():

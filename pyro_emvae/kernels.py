@@ -78,7 +78,11 @@ def _take(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
     """``t`` (batch dims broadcastable to ``batch``, then ``len(tail)`` dims broadcastable to
     ``tail``) reduced to the batch dims ``dims``, in that order: shape
     ``[batch[d] for d in dims] + tail``. Elsewhere it takes entry 0 (it does not vary there)."""
-    pad, index, size, order = _take_recipe(tuple(t.shape), tuple(dims), tuple(batch), tuple(tail))
+    pad, index, size, order, direct = _take_recipe(
+        tuple(t.shape), tuple(dims), tuple(batch), tuple(tail)
+    )
+    if direct:  # (only size-1 dims to drop, nothing to expand or move: one view, or none)
+        return t if t.shape == size else t.reshape(size)
     if pad is not None:
         t = t.reshape(pad)
     return t[index].expand(size).permute(order)
@@ -87,8 +91,11 @@ def _take(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
 @functools.lru_cache(maxsize=256)
 def _take_recipe(shape: tuple, dims: tuple, batch: tuple, tail: tuple) -> tuple:
     """The view ops of :func:`_take` for a tensor of ``shape``: the padded shape (None if none
-    is needed), the index, the expanded size and the permutation. They depend on shapes only,
-    and the same few shapes recur at every EM iteration: made once per shape."""
+    is needed), the index, the expanded size, the permutation, and whether all of them
+    amount to one reshape to that size (``direct``: ``shape`` is already ``batch`` on
+    ``dims``, in order, 1 on the other batch dims and ``tail`` after them; the index then
+    drops size-1 dims only, the expand and the permutation do nothing). They depend on shapes
+    only, and the same few shapes recur at every EM iteration: made once per shape."""
     n = len(batch)
     full = n + len(tail)
     pad = (1,) * (full - len(shape)) + shape if len(shape) < full else None
@@ -96,12 +103,19 @@ def _take_recipe(shape: tuple, dims: tuple, batch: tuple, tail: tuple) -> tuple:
     srt = sorted(dims)
     size = tuple([batch[d] for d in srt] + list(tail))
     order = tuple([srt.index(d) for d in dims] + [len(dims) + i for i in range(len(tail))])
-    return pad, index, size, order
+    padded = pad if pad is not None else shape
+    direct = list(dims) == srt and padded == tuple(
+        [batch[d] if d in dims else 1 for d in range(n)] + list(tail)
+    )
+    return pad, index, torch.Size(size), order, direct
 
 
 def _flat(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
     """:func:`_take`, with ``dims`` flattened into one leading dim."""
-    return _take(t, dims, batch, tail).reshape((-1,) + tuple(tail))
+    out = _take(t, dims, batch, tail)
+    if out.dim() == len(tail) + 1 and out.shape[1:] == tuple(tail):
+        return out  # (already flat: no view op)
+    return out.reshape((-1,) + tuple(tail))
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
@@ -307,13 +321,25 @@ def _varies_geometry(shape: tuple, stride: tuple, n: int) -> list[bool]:
 
 def _place(out: torch.Tensor, batch, pd: list[int], vd: list[int]) -> torch.Tensor:
     """``out`` ``(M, N)`` over (the param dims, the value dims) back into ``batch``'s layout."""
+    sizes, order, shape = _place_recipe(tuple(batch), tuple(pd), tuple(vd))
+    if out.shape == batch and order is None:  # (a mixture's (K, N): already in place)
+        return out
+    out = out.reshape(sizes)
+    if order is not None:
+        out = out.permute(order)
+    return out.reshape(shape).expand(batch)
+
+
+@functools.lru_cache(maxsize=256)
+def _place_recipe(batch: tuple, pd: tuple, vd: tuple) -> tuple:
+    """:func:`_place`'s view ops, from shapes only (recurring at every iteration): the sizes
+    of ``(M, N)`` split into the param and value dims, their permutation into ``batch``'s
+    order (None: the identity) and the shape with the broadcast dims as 1."""
     n = len(batch)
     sizes = [batch[d] for d in pd] + [batch[d] for d in vd]
-    out = out.reshape(sizes)
     order = sorted(range(len(pd) + len(vd)), key=lambda i: (pd + vd)[i])
-    out = out.permute(order)
     shape = [batch[d] if d in pd or d in vd else 1 for d in range(n)]
-    return out.reshape(shape).expand(batch)
+    return sizes, (None if order == sorted(order) else order), shape
 
 
 def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
@@ -323,14 +349,17 @@ def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
         return None
     batch, pd, vd = layout
     d = value.shape[-1]
-    dtype = torch.promote_types(fn.loc.dtype, value.dtype)
+    dtype = fn.loc.dtype
+    if value.dtype != dtype:  # (promote_types is a dispatched op: only when it can matter)
+        dtype = torch.promote_types(dtype, value.dtype)
     sizes = [batch[i] for i in pd]
     loc = _flat(fn.loc, pd, batch, (d,)).to(dtype)  # (M, D)
     tril = _flat(tril, pd, batch, (d, d)).to(dtype)  # (M, D, D)
     x = _flat(value, vd, batch, (d,)).to(dtype)  # (N, D)
     m = max(math.prod(sizes), 1)
-    eye = torch.eye(d, dtype=dtype, device=tril.device)
-    prec = torch.linalg.solve_triangular(tril, eye.expand(tril.shape), upper=False).mT
+    # (the identity broadcast over the M blocks by the solve itself: the same solve as with
+    # an expanded right-hand side, which it copies into a batch of its own either way)
+    prec = torch.linalg.solve_triangular(tril, _eye(d, dtype, tril.device), upper=False).mT
     # row-vector form: ((x - c) - (mu - c))^T L^{-T}, all M blocks side by side
     stacked = prec.permute(1, 0, 2).reshape(d, m * d)
     const = -tril.diagonal(dim1=-2, dim2=-1).log().sum(-1) - d * _HALF_LOG_2PI  # (M,)
@@ -351,10 +380,14 @@ def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
     n = x.shape[0]
     rows = min(CHUNK, n)
     xa, centre = _centred_rows(value, x)
-    shift = _compat.einsum_equation("md,mde->me", [loc - centre, prec]).reshape(m * d)
+    # (the product torch.einsum("md,mde->me") makes: the same bmm on the same operands)
+    shift = torch.bmm((loc - centre).unsqueeze(1), prec).reshape(m * d)
     pa = torch.cat([stacked, -shift.unsqueeze(0)])  # (D + 1, M D)
-    y = torch.empty(rows, m * d, dtype=dtype, device=x.device)
     blocks = _blocks(m, d, dtype, x.device)  # (M D, M)
+    if n <= CHUNK:  # one chunk: the same two GEMMs, into buffers of their own (no slicing)
+        out = torch.addmm(const, torch.mm(xa, pa).square_(), blocks, alpha=-0.5)
+        return _place(out.T, batch, pd, vd)
+    y = torch.empty(rows, m * d, dtype=dtype, device=x.device)
     out = torch.empty(n, m, dtype=dtype, device=x.device)
     for a, b in _chunks(n):
         yc = torch.mm(xa[a:b], pa, out=y[: b - a]).square_()
@@ -363,6 +396,19 @@ def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
 
 
 _BLOCKS: dict = {}  # (M, D, dtype, device) -> the 0/1 block-sum matrix, made once
+_EYES: dict = {}  # (D, dtype, device) -> the identity, the right-hand side of the solve
+
+
+def _eye(d: int, dtype, device) -> torch.Tensor:
+    """``torch.eye(d)``, made once per size (read only: the solve copies its right-hand
+    side)."""
+    key = (d, dtype, device)
+    out = _EYES.get(key)
+    if out is None:
+        if len(_EYES) > 64:
+            _EYES.clear()
+        out = _EYES[key] = torch.eye(d, dtype=dtype, device=device)
+    return out
 
 
 def _blocks(m: int, d: int, dtype, device) -> torch.Tensor:
