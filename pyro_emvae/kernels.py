@@ -78,11 +78,18 @@ def _take(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
     """``t`` (batch dims broadcastable to ``batch``, then ``len(tail)`` dims broadcastable to
     ``tail``) reduced to the batch dims ``dims``, in that order: shape
     ``[batch[d] for d in dims] + tail``. Elsewhere it takes entry 0 (it does not vary there)."""
-    pad, index, size, order, direct = _take_recipe(
+    pad, index, size, order, direct, src, out = _take_recipe(
         tuple(t.shape), tuple(dims), tuple(batch), tuple(tail)
     )
     if direct:  # (only size-1 dims to drop, nothing to expand or move: one view, or none)
         return t if t.shape == size else t.reshape(size)
+    if not t.requires_grad and t.layout == torch.strided:
+        # the same view in one op: entry 0 of the dims dropped (no offset), stride 0 where it
+        # is expanded, the kept dims' strides in their new order
+        n_pad = len(pad) - t.dim() if pad is not None else 0
+        shape, stride = t.shape, t.stride()
+        strides = [0 if j < n_pad or shape[j - n_pad] == 1 else stride[j - n_pad] for j in src]
+        return t.as_strided(out, strides, t.storage_offset())
     if pad is not None:
         t = t.reshape(pad)
     return t[index].expand(size).permute(order)
@@ -107,7 +114,10 @@ def _take_recipe(shape: tuple, dims: tuple, batch: tuple, tail: tuple) -> tuple:
     direct = list(dims) == srt and padded == tuple(
         [batch[d] if d in dims else 1 for d in range(n)] + list(tail)
     )
-    return pad, index, torch.Size(size), order, direct
+    # (the result's dims as positions in the padded shape, and its shape: for as_strided)
+    src = tuple(list(dims) + [n + i for i in range(len(tail))])
+    out = tuple(size[i] for i in order)
+    return pad, index, torch.Size(size), order, direct, src, out
 
 
 def _flat(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
@@ -198,22 +208,55 @@ def _categorical(fn, value: torch.Tensor) -> torch.Tensor:
     :func:`fused_log_prob`, which checks every family's value once, first)."""
     own = fn.__dict__
     param = own["logits"] if "logits" in own else own["probs"]
-    compact = param[
-        tuple(
-            slice(0, 1) if st == 0 and n > 1 else slice(None)
-            for st, n in zip(param.stride()[:-1], param.shape[:-1])
-        )
-    ]
+    index = _compact_index(param.shape, param.stride())
+    compact = param[index] if index is not None else param
     logits = compact if "logits" in own else probs_to_logits(compact)
+    if "logits" not in own and _enumerated(fn, value) and logits.dim() <= value.dim():
+        # value[k] = k (Pyro's enumeration): entry k of the log-probs, as Pyro's own
+        # Categorical.log_prob reads it (views of them, in the value's layout, not a gather:
+        # the same numbers). (Not for a logits param: a view of the user's tensor then, which
+        # the E-step may write the posterior over; here a buffer of its own, probs' log.)
+        k = value.dim()  # (the enumerated dim lies left of every batch dim of the params)
+        logits = logits.reshape((1,) * (1 + k - logits.dim()) + logits.shape)
+        lp = logits.transpose(-1 - k, -1).squeeze(-1)
+        shape = _compat.broadcast_shapes(value.shape, fn.batch_shape)
+        return lp if lp.shape == shape else lp.expand(shape)
     idx = value.long().unsqueeze(-1)
     idx, logits = torch.broadcast_tensors(idx, logits)
     lp = logits.gather(-1, idx[..., :1]).squeeze(-1)
     return lp.expand(_compat.broadcast_shapes(value.shape, fn.batch_shape))
 
 
+@functools.lru_cache(maxsize=256)
+def _compact_index(shape: tuple, stride: tuple) -> tuple | None:
+    """The index that takes entry 0 along every broadcast (stride-0) batch dim of a
+    Categorical's param, None where there is none (shapes only: cached)."""
+    index = tuple(
+        slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(stride[:-1], shape[:-1])
+    )
+    return index if any(i != slice(None) for i in index) else None
+
+
+def _enumerated(fn, value: torch.Tensor) -> bool:
+    """Whether ``value`` is Pyro's enumeration of ``fn``'s support, ``arange(K)`` along its
+    first dim, as ``pyro.distributions.Categorical.enumerate_support`` marks it (the mark Pyro's
+    own ``log_prob`` trusts) and untouched since (in-place version 0): within the support
+    whatever the params, so that its check can be skipped."""
+    own = fn.__dict__
+    param = own["logits"] if "logits" in own else own["probs"]
+    return (
+        getattr(value, "_pyro_categorical_support", None) == id(fn)
+        and _compat.tensor_version(value) == 0
+        and not value.is_floating_point()
+        and value.dim() >= 1
+        and value.shape[0] == param.shape[-1] == value.numel()
+    )
+
+
 # (id(value), type(fn), shapes) -> (weak reference to value, its version): data found in the
 # support of a Gaussian (real numbers: not NaN), which EM reads unchanged every iteration
 _CHECKED: dict = {}
+_CATEGORICAL = (dist.Categorical, torch.distributions.Categorical)
 _REAL_SUPPORT = (
     dist.MultivariateNormal,
     torch.distributions.MultivariateNormal,
@@ -230,6 +273,8 @@ def _validate_sample(fn, value: torch.Tensor) -> None:
         base, (MaskedDistribution, dist.ExpandedDistribution, torch.distributions.Independent)
     ):
         base = base.base_dist
+    if type(fn) in _CATEGORICAL and _enumerated(fn, value):
+        return  # (Pyro's enumeration of this very distribution's support)
     if type(base) not in _REAL_SUPPORT:
         fn._validate_sample(value)
         return
@@ -362,7 +407,9 @@ def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
     prec = torch.linalg.solve_triangular(tril, _eye(d, dtype, tril.device), upper=False).mT
     # row-vector form: ((x - c) - (mu - c))^T L^{-T}, all M blocks side by side
     stacked = prec.permute(1, 0, 2).reshape(d, m * d)
-    const = -tril.diagonal(dim1=-2, dim2=-1).log().sum(-1) - d * _HALF_LOG_2PI  # (M,)
+    # -log|L| - D/2 log 2 pi, as (-D/2 log 2 pi) - log|L| in one op: the same rounding
+    # (a - b = -(b - a) exactly, and -x - y = -(x + y)) (M,)
+    const = torch.rsub(tril.diagonal(dim1=-2, dim2=-1).log().sum(-1), -d * _HALF_LOG_2PI)
     grad = torch.is_grad_enabled() and (fn.loc.requires_grad or tril.requires_grad)
     if grad:
         centre = loc.mean(0)
@@ -380,9 +427,11 @@ def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
     n = x.shape[0]
     rows = min(CHUNK, n)
     xa, centre = _centred_rows(value, x)
-    # (the product torch.einsum("md,mde->me") makes: the same bmm on the same operands)
-    shift = torch.bmm((loc - centre).unsqueeze(1), prec).reshape(m * d)
-    pa = torch.cat([stacked, -shift.unsqueeze(0)])  # (D + 1, M D)
+    # -shift: the product torch.einsum("md,mde->me") makes (the same bmm on the same
+    # operands), of c' - mu rather than mu - c', which negates it exactly (the sign of a zero
+    # may differ, which the square below does not see)
+    shift = torch.bmm((centre - loc).unsqueeze(1), prec).view(1, m * d)
+    pa = torch.cat([stacked, shift])  # (D + 1, M D)
     blocks = _blocks(m, d, dtype, x.device)  # (M D, M)
     if n <= CHUNK:  # one chunk: the same two GEMMs, into buffers of their own (no slicing)
         out = torch.addmm(const, torch.mm(xa, pa).square_(), blocks, alpha=-0.5)
