@@ -353,6 +353,33 @@ def _hmm_sample(
     return out.reshape((num_samples,) + batch + (t_len,))
 
 
+def _pack_tensors(tr) -> None:
+    """``tr.pack_tensors()``: the same packed masks and log-probs, but a site's log-prob that is
+    its own unscaled log-prob (no scale, no mask: ``scale_and_mask`` returned it) is packed
+    once, one packed tensor under both keys, as it is one tensor unpacked."""
+    sites = [s for s in tr.nodes.values() if s["type"] == "sample"]
+    if any("score_parts" in s for s in sites):
+        tr.pack_tensors()
+        return
+    tr.symbolize_dims()
+    for site in sites:
+        dim_to_symbol = site["infer"]["_dim_to_symbol"]
+        out = site.setdefault("packed", {})
+        try:  # (Pyro's error, with the trace's shapes)
+            out["mask"] = packed.pack(site["mask"], dim_to_symbol)
+            if "log_prob" in site:
+                lp, unscaled = site["log_prob"], site["unscaled_log_prob"]
+                out["log_prob"] = packed.pack(lp, dim_to_symbol)
+                out["unscaled_log_prob"] = (
+                    out["log_prob"] if unscaled is lp else packed.pack(unscaled, dim_to_symbol)
+                )
+        except ValueError as e:
+            raise ValueError(
+                f"Error while packing tensors at site '{site['name']}':\n  {e}\n"
+                f"{tr.format_shapes(last_site=site['name'])}"
+            ).with_traceback(e.__traceback__) from e
+
+
 def _potential(site: dict) -> torch.Tensor | None:
     """The tensor whose gradient is an implicit latent's posterior (a DiscreteHMM's pairwise
     potentials, a CTC lattice's emissions, a PCFG's rule log-potentials), or None for another
@@ -1208,7 +1235,10 @@ class ExactEStep:
         tracer = poutine.trace(model, graph_type="flat")
         # (the enumeration's sizes follow the arguments' shapes: watched once per set of shapes,
         # not at every minibatch of a stream)
-        fresh = not self._validation.same_shapes(self._validation.key(args, kwargs)[1])
+        # (the arguments' key, read once, before the model runs: a model that changes its
+        # arguments in place has them checked again at the next call, as it had before)
+        arg_key = self._validation.key(args, kwargs)
+        fresh = not self._validation.same_shapes(arg_key[1])
         with _validate.explain_model_errors(tracer, depth, budget=fresh):
             tr = tracer.get_trace(*args, **kwargs)
         subsample_sites = {
@@ -1220,7 +1250,7 @@ class ExactEStep:
         tr._subsample_sites = subsample_sites
         # input checks, before any log-prob: once per set of arguments (see validate.py)
         checked = _validate.validate_estep_trace(
-            self._validation, self.model, args, kwargs, tr, depth
+            self._validation, self.model, args, kwargs, tr, depth, key=arg_key
         )
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
@@ -1274,7 +1304,7 @@ class ExactEStep:
                     check_site_shape(site, depth)
         if checked is not None:
             _validate.check_precision(tr, depth)
-        tr.pack_tensors()
+        _pack_tensors(tr)
         if checked is not None:
             if not self._validation.same_shapes(checked[1]):  # (structure follows shapes)
                 self._check_dims(tr, args, kwargs, depth)

@@ -203,15 +203,30 @@ def categorical_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
     return _categorical(fn, value)
 
 
-def _categorical(fn, value: torch.Tensor) -> torch.Tensor:
+def _categorical(fn, value: torch.Tensor, enumerated: bool | None = None) -> torch.Tensor:
     """:func:`categorical_log_prob` of a ``Categorical`` whose sample was validated (by
-    :func:`fused_log_prob`, which checks every family's value once, first)."""
+    :func:`fused_log_prob`, which checks every family's value once, first). ``enumerated``:
+    :func:`_enumerated` if the caller knows it."""
     own = fn.__dict__
     param = own["logits"] if "logits" in own else own["probs"]
+    if enumerated is None:
+        enumerated = _enumerated(fn, value)
+    k = value.dim()
+    if "logits" not in own and enumerated and param.dim() <= k:
+        pad = _weights_view(param.shape, param.stride(), k)
+        if pad is not None:
+            # weights broadcast along every batch dim (a mixture's): entry k of their log
+            # in the value's layout, read by one view of the (K,) weights (the same numbers
+            # as the gather, or Pyro's own log_prob, reads), expanded
+            size, stride = pad
+            compact = param.as_strided(size, (param.stride(-1),) + stride, param.storage_offset())
+            lp = probs_to_logits(compact)
+            shape = _compat.broadcast_shapes(value.shape, fn.batch_shape)
+            return lp if lp.shape == shape else lp.expand(shape)
     index = _compact_index(param.shape, param.stride())
     compact = param[index] if index is not None else param
     logits = compact if "logits" in own else probs_to_logits(compact)
-    if "logits" not in own and _enumerated(fn, value) and logits.dim() <= value.dim():
+    if "logits" not in own and enumerated and logits.dim() <= value.dim():
         # value[k] = k (Pyro's enumeration): entry k of the log-probs, as Pyro's own
         # Categorical.log_prob reads it (views of them, in the value's layout, not a gather:
         # the same numbers). (Not for a logits param: a view of the user's tensor then, which
@@ -225,6 +240,16 @@ def _categorical(fn, value: torch.Tensor) -> torch.Tensor:
     idx, logits = torch.broadcast_tensors(idx, logits)
     lp = logits.gather(-1, idx[..., :1]).squeeze(-1)
     return lp.expand(_compat.broadcast_shapes(value.shape, fn.batch_shape))
+
+
+@functools.lru_cache(maxsize=256)
+def _weights_view(shape: tuple, stride: tuple, k: int) -> tuple | None:
+    """For a Categorical's param broadcast along all its batch dims (stride 0 or size 1): the
+    size and the strides after the first of its ``(K, 1, ..., 1)`` view (``k`` dims, the
+    enumerated value's); None for a param that varies along a batch dim."""
+    if any(st != 0 and n > 1 for st, n in zip(stride[:-1], shape[:-1])):
+        return None
+    return (shape[-1],) + (1,) * (k - 1), (0,) * (k - 1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -257,6 +282,7 @@ def _enumerated(fn, value: torch.Tensor) -> bool:
 # support of a Gaussian (real numbers: not NaN), which EM reads unchanged every iteration
 _CHECKED: dict = {}
 _CATEGORICAL = (dist.Categorical, torch.distributions.Categorical)
+_MVN_TYPES = (dist.MultivariateNormal, torch.distributions.MultivariateNormal)
 _REAL_SUPPORT = (
     dist.MultivariateNormal,
     torch.distributions.MultivariateNormal,
@@ -299,8 +325,16 @@ def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
     multivariate normal, ``Independent``; batch dims of the params anywhere, as long as no
     batch dim is one that both the params and the value vary along.
     """
+    kind = type(fn)
+    if kind in _CATEGORICAL:  # (the common families first: no wrappers to look through)
+        enumerated = _enumerated(fn, value)
+        if not enumerated and _compat.validate_args_flag(fn):
+            fn._validate_sample(value)  # (Pyro's enumeration is within the support)
+        return _categorical(fn, value, enumerated)
     if _compat.validate_args_flag(fn):  # what the generic log_prob checks first (support, shapes)
         _validate_sample(fn, value)
+    if kind in _MVN_TYPES:
+        return _mvn(fn, value)
     if isinstance(fn, MaskedDistribution):
         if _compat.mask_of(fn) is False:
             return None

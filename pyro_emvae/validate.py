@@ -1706,18 +1706,20 @@ def validate_estep_trace(
     kwargs: dict,
     trace,
     max_plate_nesting: int,
+    key: tuple | None = None,
 ) -> tuple | None:
     """The checks an ExactEStep runs on an enumerated trace before computing any log-prob, once
     per set of arguments (``state`` remembers which). Returns None when the arguments were
     validated before; else the arguments' key, which the caller hands to ``state.remember``
-    once :func:`check_precision` has read the log-probs.
+    once :func:`check_precision` has read the log-probs. ``key``: ``state.key(args, kwargs)``
+    if the caller has it already (the arguments' key is read once per E-step).
 
     Params, observed values and shapes, the memory of the enumeration and the
     ``pyro.markov`` windows (the latter, one more model pass, only when the argument shapes
     change). Under subsampling the observed values are checked on every call (each call sees
     another minibatch; a cheap pass over it).
     """
-    key, shapes = state.key(args, kwargs)
+    key, shapes = state.key(args, kwargs) if key is None else key
     if state.seen(key):
         if _subsampled(trace):
             check_observed(trace, exact=True)
