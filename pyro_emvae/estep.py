@@ -42,6 +42,7 @@ same backward pass, ``map`` gives Viterbi trees (CKY) and ``sample`` exact poste
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
@@ -621,14 +622,20 @@ def _one_latent(
     if len(terms) != len(inputs):  # (other inputs: a chain's factors, which need autograd)
         return None
     (symbol,) = sum_dims
-    with torch.no_grad():
+    # (no autograd here: factors that record none need no no_grad, whose switch costs more
+    # than this function's arithmetic on small data)
+    quiet = torch.no_grad() if any(t.requires_grad for t in terms) else contextlib.nullcontext()
+    with quiet:
         values = _broadcast_all(terms)
         dims = _compat.pyro_dims(values[0])
         i = dims.index(symbol)
         shape = values[0].shape
         # along the longest other dim (the data plate) in row chunks, so that the passes over
         # each chunk (sum, max, exp, normalize) run in cache; the same operations per element
-        j = max((d for d in range(len(shape)) if d != i), key=lambda d: shape[d], default=None)
+        if len(shape) == 2:
+            j = 1 - i
+        else:
+            j = max((d for d in range(len(shape)) if d != i), key=lambda d: shape[d], default=None)
         step = _kernels.CHUNK if j is not None and shape[j] > _kernels.CHUNK else None
         own = next(
             (
@@ -1208,6 +1215,11 @@ class ExactEStep:
         # which arguments the input checks (pyro_emvae.validate) have passed for
         self._validation = _validate.ValidationState()
 
+    def __getstate__(self) -> dict:  # (the cached handlers of _enum_trace are not state)
+        state = dict(self.__dict__)
+        state.pop("_tracer", None)
+        return state
+
     # ------------------------------------------------------------------ tracing
     def _plate_nesting(self, args: tuple, kwargs: dict) -> int:
         if self.max_plate_nesting is None:
@@ -1229,10 +1241,19 @@ class ExactEStep:
         a tensor that replaces an observed site's log-likelihood (for a DiscreteHMM site, its
         per-step emission log-likelihoods ``(*batch, T, K)``): used by initializations."""
         depth = self._plate_nesting(args, kwargs)
-        model = poutine.enum(self.model, first_available_dim=-1 - depth)
-        if replay is not None:
-            model = poutine.replay(model, trace=replay)
-        tracer = poutine.trace(model, graph_type="flat")
+        # the handlers (enum, trace) of the last call without replay, reused: they start
+        # afresh at each run (a new Trace, new enumeration dims), and making them costs more
+        # than the E-step's own arithmetic on small data. Taken out while they run (a model
+        # that asks its own guide for a posterior gets handlers of its own).
+        cached = getattr(self, "_tracer", None)
+        if replay is None and cached is not None and cached[:2] == (depth, self.model):
+            tracer = cached[2]
+            self._tracer = None
+        else:
+            model = poutine.enum(self.model, first_available_dim=-1 - depth)
+            if replay is not None:
+                model = poutine.replay(model, trace=replay)
+            tracer = poutine.trace(model, graph_type="flat")
         # (the enumeration's sizes follow the arguments' shapes: watched once per set of shapes,
         # not at every minibatch of a stream)
         # (the arguments' key, read once, before the model runs: a model that changes its
@@ -1241,12 +1262,16 @@ class ExactEStep:
         fresh = not self._validation.same_shapes(arg_key[1])
         with _validate.explain_model_errors(tracer, depth, budget=fresh):
             tr = tracer.get_trace(*args, **kwargs)
+        if replay is None:
+            self._tracer = (depth, self.model, tracer)
         subsample_sites = {
             n: s
             for n, s in tr.nodes.items()
             if s["type"] == "sample" and isinstance(s["fn"], Subsample)
         }
-        tr = prune_subsample_sites(tr)
+        # (prune_subsample_sites, without its copy: this trace is the E-step's own)
+        for name in subsample_sites:
+            tr.remove_node(name)
         tr._subsample_sites = subsample_sites
         # input checks, before any log-prob: once per set of arguments (see validate.py)
         checked = _validate.validate_estep_trace(
@@ -1389,14 +1414,25 @@ class ExactEStep:
                     "site that is read."
                 )
 
-    def _contract(self, tr, extra_inputs: list[torch.Tensor] | None = None, grads: bool = True):
+    def _contract(
+        self,
+        tr,
+        extra_inputs: list[torch.Tensor] | None = None,
+        grads: bool = True,
+        grad_mode: bool = False,
+    ):
         """Sum-product over the trace's factors.
 
         Returns ``(log p(x), [(site, factor tensor)], d log p / d factor, d log p / d extra,
         common scale)``; with ``grads=False`` only the first entry is meaningful. The trace's
         log-probs are read once: a fused kernel's factor may hold the posterior afterwards
-        (see :func:`_one_latent`).
+        (see :func:`_one_latent`). ``grad_mode``: the generic contraction runs under
+        ``torch.enable_grad()`` (the posterior is a gradient, even under no_grad), switched
+        only where it is off.
         """
+        if grad_mode and not torch.is_grad_enabled():
+            with torch.enable_grad():
+                return self._contract(tr, extra_inputs, grads)
         sum_dims = {
             _compat.enum_symbol(s)
             for s in tr.nodes.values()
@@ -1458,6 +1494,10 @@ class ExactEStep:
                         leaf = _named(lp.detach().requires_grad_(), _compat.pyro_dims(lp))
                         inputs[i] = (name, leaf)
                         factors[ordinal][j] = leaf
+        return self._generic(tr, log_z, factors, sum_dims, scale, inputs, extra_inputs, grads)
+
+    def _generic(self, tr, log_z, factors, sum_dims, scale, inputs, extra_inputs, grads):
+        """:meth:`_contract` by Pyro's contraction and autograd's backward pass."""
         if log_z is None:
             log_z = torch.zeros(())
         if factors:
@@ -1501,8 +1541,8 @@ class ExactEStep:
         else:
             with torch.no_grad():
                 tr = self._enum_trace(args, kwargs, potentials=potentials)
-            with torch.enable_grad():  # the posterior is a gradient, even under no_grad
-                log_z, inputs, grads, pgrads, scale = self._contract(tr)
+            # (the posterior is a gradient, even under no_grad: see grad_mode)
+            log_z, inputs, grads, pgrads, scale = self._contract(tr, grad_mode=True)
         log_z = log_z.detach() if log_z.requires_grad else log_z
         post = Posterior(log_likelihood=log_z, scale=scale)
         post.symbol_to_dim = dict(tr.symbol_to_dim)
@@ -1928,7 +1968,11 @@ def _fused_log_prob(name: str, site: dict) -> None:
     if lp is None:
         return
     site["unscaled_log_prob"] = lp
-    site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
+    scale, mask = site["scale"], site["mask"]
+    if mask is None and type(scale) in (float, int) and scale == 1:
+        site["log_prob"] = lp  # (what scale_and_mask returns, without its tests)
+    else:
+        site["log_prob"] = scale_and_mask(lp, scale, mask)
     site["log_prob_sum"] = site["log_prob"].sum()
     # the kernels return a new buffer: the E-step may write the posterior over it
     site["_emvae_scratch"] = lp.untyped_storage().data_ptr()

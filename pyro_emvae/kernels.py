@@ -421,8 +421,88 @@ def _place_recipe(batch: tuple, pd: tuple, vd: tuple) -> tuple:
     return sizes, (None if order == sorted(order) else order), shape
 
 
+@functools.lru_cache(maxsize=256)
+def _mvn_plan(loc: tuple, tril: tuple, value: tuple) -> tuple | None:
+    """:func:`_mvn`'s layout and view recipes from the (shape, strides) of the loc, the
+    Cholesky factor and the value, which recur at every EM iteration: ``(batch, pd, vd, M,
+    D, N, recipes of the (M, D) locs, (M, D, D) factors and (N, D) rows)``; None where the
+    kernel does not apply."""
+    layout = _layout_of((_batch_part(*loc, 1), _batch_part(*tril, 2)), _batch_part(*value, 1))
+    if layout is None:
+        return None
+    batch, pd, vd = layout
+    d = value[0][-1]
+    m = max(math.prod(batch[i] for i in pd), 1)
+    n = math.prod(batch[i] for i in vd)
+
+    def recipe(shape, dims, tail):
+        return _take_recipe(tuple(shape), dims, tuple(batch), tail), (-1,) + tail
+
+    return (
+        batch,
+        pd,
+        vd,
+        m,
+        d,
+        n,
+        recipe(loc[0], pd, (d,)),
+        recipe(tril[0], pd, (d, d)),
+        recipe(value[0], vd, (d,)),
+    )
+
+
+def _batch_part(shape: tuple, stride: tuple, event: int) -> tuple:
+    """:func:`_geometry` from a shape and strides."""
+    k = len(shape) - event
+    return tuple(shape[:k]), tuple(stride[:k])
+
+
+def _viewed(t: torch.Tensor, recipe: tuple) -> torch.Tensor:
+    """:func:`_flat` by a recipe from :func:`_mvn_plan`."""
+    (pad, index, size, order, direct, src, out), flat = recipe
+    if direct:
+        r = t if t.shape == size else t.reshape(size)
+    elif not t.requires_grad and t.layout == torch.strided:
+        n_pad = len(pad) - t.dim() if pad is not None else 0
+        shape, stride = t.shape, t.stride()
+        strides = [0 if j < n_pad or shape[j - n_pad] == 1 else stride[j - n_pad] for j in src]
+        r = t.as_strided(out, strides, t.storage_offset())
+    else:
+        r = (t.reshape(pad) if pad is not None else t)[index].expand(size).permute(order)
+    if r.dim() == len(flat) and r.shape[1:] == flat[1:]:
+        return r
+    return r.reshape(flat)
+
+
 def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
     tril = _compat.mvn_scale_tril(fn)
+    loc = fn.loc
+    dtype = loc.dtype
+    if (
+        tril.dtype == dtype
+        and value.dtype == dtype
+        and not (torch.is_grad_enabled() and (loc.requires_grad or tril.requires_grad))
+    ):
+        # no autograd, one dtype (an EM iteration's E-step): the layout and the views by
+        # recipes made once per geometry, then the same ops as below (the one-chunk case)
+        plan = _mvn_plan(
+            (loc.shape, loc.stride()), (tril.shape, tril.stride()), (value.shape, value.stride())
+        )
+        if plan is None:
+            return None
+        batch, pd, vd, m, d, n, r_loc, r_tril, r_x = plan
+        if n <= CHUNK:
+            loc, tril, x = _viewed(loc, r_loc), _viewed(tril, r_tril), _viewed(value, r_x)
+            prec = torch.linalg.solve_triangular(tril, _eye(d, dtype, tril.device), upper=False)
+            prec = prec.mT
+            stacked = prec.permute(1, 0, 2).reshape(d, m * d)
+            const = torch.rsub(tril.diagonal(dim1=-2, dim2=-1).log().sum(-1), -d * _HALF_LOG_2PI)
+            xa, centre = _centred_rows(value, x)
+            shift = torch.bmm((centre - loc).unsqueeze(1), prec).view(1, m * d)
+            pa = torch.cat([stacked, shift])
+            blocks = _blocks(m, d, dtype, x.device)
+            out = torch.addmm(const, torch.mm(xa, pa).square_(), blocks, alpha=-0.5)
+            return _place(out.T, batch, pd, vd)
     layout = _layout([(fn.loc, 1), (tril, 2)], value, 1)
     if layout is None:
         return None
