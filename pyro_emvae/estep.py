@@ -354,6 +354,29 @@ def _hmm_sample(
     return out.reshape((num_samples,) + batch + (t_len,))
 
 
+# (log-prob shape, plate frames, max_plate_nesting, enumeration dim, batch shape) that passed
+# Pyro's check_site_shape: all it reads (and the site's name, for its messages only), which an
+# EM iteration repeats unchanged (bounded: cleared when full)
+_SHAPES_PASSED: set = set()
+
+
+def _check_site_shape(site: dict, depth: int) -> None:
+    """``pyro.util.check_site_shape(site, depth)``, once per shape, plates and depth."""
+    key = (
+        tuple(site["log_prob"].shape),
+        tuple(site["cond_indep_stack"]),
+        depth,
+        site["infer"].get("_enumerate_dim"),
+        tuple(getattr(site["fn"], "batch_shape", ())),
+    )
+    if key in _SHAPES_PASSED:
+        return
+    check_site_shape(site, depth)  # (raises on a mismatch: nothing is kept)
+    if len(_SHAPES_PASSED) > 1024:
+        _SHAPES_PASSED.clear()
+    _SHAPES_PASSED.add(key)
+
+
 def _pack_tensors(tr) -> None:
     """``tr.pack_tensors()``: the same packed masks and log-probs, but a site's log-prob that is
     its own unscaled log-prob (no scale, no mask: ``scale_and_mask`` returned it) is packed
@@ -1326,7 +1349,7 @@ class ExactEStep:
         if is_validation_enabled():
             for site in tr.nodes.values():
                 if site["type"] == "sample":
-                    check_site_shape(site, depth)
+                    _check_site_shape(site, depth)
         if checked is not None:
             _validate.check_precision(tr, depth)
         _pack_tensors(tr)

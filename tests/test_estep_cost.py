@@ -259,3 +259,28 @@ def test_steady_state_estep_op_count_on_old_faithful():
     with _Count() as count:
         guide.posterior(x)
     assert count.n <= 100
+
+
+def test_site_shape_check_is_pyros_once_per_shape():
+    from pyro.poutine.indep_messenger import CondIndepStackFrame
+    from pyro.util import check_site_shape
+
+    def site_of(n_plate, n_value):
+        frame = CondIndepStackFrame(name="d", dim=-1, size=n_plate, counter=0, full_size=n_plate)
+        fn = dist.Normal(torch.zeros(n_value), 1.0)
+        lp = fn.log_prob(torch.zeros(n_value))
+        return {"name": "x", "fn": fn, "log_prob": lp, "cond_indep_stack": (frame,), "infer": {}}
+
+    good = site_of(3, 3)
+    _estep._check_site_shape(good, 1)
+    _estep._check_site_shape(good, 1)  # (cached: passes again)
+    bad = site_of(3, 4)
+    with pytest.raises(ValueError) as ours:
+        _estep._check_site_shape(bad, 1)
+    with pytest.raises(ValueError) as pyros:
+        check_site_shape(bad, 1)
+    assert str(ours.value) == str(pyros.value)
+    with pytest.raises(ValueError):  # (a failure is not remembered)
+        _estep._check_site_shape(bad, 1)
+    with pytest.raises(ValueError, match="plate stack overflow"):  # (the depth is in the key)
+        _estep._check_site_shape(good, 0)
