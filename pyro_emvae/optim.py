@@ -43,6 +43,7 @@ from pyro_emvae.rules import (
     summarize_site,
     unhandled_params,
 )
+from pyro_emvae.stats import _memoized
 from pyro_emvae.track import IdSpace, Tracked
 
 __all__ = ["ClosedFormWarning", "EMOptim", "GradientMStep", "OnlineEM", "StreamPass"]
@@ -313,12 +314,47 @@ class EMOptim:
         stage: int,
         flat: torch.Tensor | None = None,
         reads: torch.Tensor | None = None,
+        sites: list | None = None,
     ) -> Stats:
         """Expected sufficient statistics of every site under ``posterior`` (additive).
 
         The rules read the params' current values (stage 1 reads the locations stage 0 set)
         from the store, or from ``flat`` (all params flattened over the probe's id space) if
-        given; ``reads`` (bool over the id space), if given, marks the ids they read."""
+        given; ``reads`` (bool over the id space), if given, marks the ids they read.
+        ``sites``: :meth:`_sites` of this plan and posterior, when the caller summarizes both
+        stages of one posterior (the weights are then unpacked once)."""
+        if sites is None:
+            sites = self._sites(plan, posterior)
+        space = plan.space
+        # (read from the store when a rule first asks: stage 0's plain means read no param)
+        flats = [flat]
+        stats = Stats(space.size, plain_locs=plan.plain_locs, memo=plan.memo)
+
+        def current(t):
+            # gather at the compact ids: broadcast (stride-0) dims stay size 1 and broadcast
+            if not isinstance(t, Tracked) or t.form != "value":
+                # (a log or normalized form belongs to a gradient param: the plan was probed
+                # at its current value)
+                return t.as_subclass(torch.Tensor) if isinstance(t, Tracked) else t
+            ids, local = _memoized(stats, (t,), lambda: _local_ids(t, space))
+            if reads is not None:
+                reads[ids.reshape(-1)] = True
+            if flats[0] is None:
+                if local is not None and _same_dtypes(space):
+                    # (one param: gathered from its own value, the same elements the flat
+                    # vector would give, without computing every param's value)
+                    return _params.value(t.param).reshape(-1)[local]
+                flats[0] = _flat_params(space)
+            return flats[0][ids]
+
+        for name, fn, value, weight in sites:
+            summarize_site(fn, value, weight, stats, stage, current)
+        return stats
+
+    def _sites(self, plan: Plan, posterior: Posterior) -> list[tuple]:
+        """``(name, fn, value, weight)`` of every sample site of the plan: the posterior weight
+        of each position (the E-step's factor, unpacked, times the site's mask and scale).
+        Raises ValueError if the posterior is of other rows than the plan was probed on."""
         for name, site in posterior.subsample.nodes.items() if posterior.subsample else ():
             probed = plan.trace.nodes.get(name)
             if probed is None or not (
@@ -328,24 +364,7 @@ class EMOptim:
                     f"the plan was probed on another minibatch of plate '{name}' than the "
                     "posterior's; make it with plan(guide, args, kwargs, posterior.subsample)"
                 )
-        space = plan.space
-        # (read from the store when a rule first asks: stage 0's plain means read no param)
-        flats = [flat]
-
-        def current(t):
-            # gather at the compact ids: broadcast (stride-0) dims stay size 1 and broadcast
-            if not isinstance(t, Tracked) or t.form != "value":
-                # (a log or normalized form belongs to a gradient param: the plan was probed
-                # at its current value)
-                return t.as_subclass(torch.Tensor) if isinstance(t, Tracked) else t
-            ids = _compact(t.ids)
-            if reads is not None:
-                reads[ids.reshape(-1)] = True
-            if flats[0] is None:
-                flats[0] = _flat_params(space)
-            return flats[0][ids]
-
-        stats = Stats(space.size, plain_locs=plan.plain_locs, memo=plan.memo)
+        out = []
         for name, site in plan.trace.nodes.items():
             if site["type"] != "sample" or isinstance(site["fn"], Subsample):
                 continue
@@ -364,8 +383,8 @@ class EMOptim:
             scale = site["scale"]
             if not (isinstance(scale, (int, float)) and scale == 1):  # (no (K, N) copy)
                 weight = weight * scale
-            summarize_site(site["fn"], site["value"], weight, stats, stage, current)
-        return stats
+            out.append((name, site["fn"], site["value"], weight))
+        return out
 
     # ---------------------------------------------------------------- maximization
     def maximize(self, plan: Plan, stats: Stats, stage: int) -> dict[str, torch.Tensor]:
@@ -390,7 +409,7 @@ class EMOptim:
                 shape=plan.space.shapes[name],
                 offset=plan.space.offsets[name],
                 constraint=_params.constraint_of(name),
-                current=_params.value(name).clone().reshape(-1),
+                current=None,  # (read when a rule asks: see MStepContext)
                 stats=stats,
                 reg_covar=self.reg_covar,
                 dirichlet=self.dirichlet,
@@ -560,8 +579,9 @@ class EMOptim:
     def _closed_form(self, plan: Plan, posterior: Posterior) -> None:
         """Both stages of the closed-form update from one posterior (data-parallel: from the
         statistics summed over the ranks)."""
+        sites = self._sites(plan, posterior)  # (both stages read the same weights)
         for stage in (0, 1):
-            stats = self.summarize(plan, posterior, stage)
+            stats = self.summarize(plan, posterior, stage, sites=sites)
             dp.all_reduce_stats(stats)
             _params.write(self.maximize(plan, stats, stage))
 
@@ -632,8 +652,9 @@ class EMOptim:
                     "every batch"
                 )
             stages = [1] if stage1_flat is not None else [0, 1] if speculate else [0]
+            sites = self._sites(plan, post)
             for stage in stages:
-                s = self.summarize(plan, post, stage, flat=stage1_flat, reads=reads)
+                s = self.summarize(plan, post, stage, flat=stage1_flat, reads=reads, sites=sites)
                 stats[stage] = s if stats[stage] is None else stats[stage].add_(s)
             del post
         if plan is None:
@@ -770,8 +791,9 @@ class OnlineEM(EMOptim):
 
     def _closed_form(self, plan: Plan, posterior: Posterior) -> None:
         rho = self.step_size(self.n_updates)
+        sites = self._sites(plan, posterior)
         for stage in (0, 1):
-            stats = self.summarize(plan, posterior, stage)
+            stats = self.summarize(plan, posterior, stage, sites=sites)
             dp.all_reduce_stats(stats)
             running = self._running.get(stage)
             if running is None or rho == 1.0 or running.size != stats.size:
@@ -824,6 +846,29 @@ class OnlineEM(EMOptim):
 
 def _flat_params(space: IdSpace) -> torch.Tensor:
     return torch.cat([_params.value(n).reshape(-1) for n in space.offsets])
+
+
+def _local_ids(t: Tracked, space: IdSpace) -> tuple:
+    """``(ids, local)`` of a tracked argument: its compact global ids, and the same ids
+    within its one param's value flattened (None when they reach another param's range, as a
+    linear form's may). Structure only: made once per plan (``_memoized``)."""
+    ids = _compact(t.ids)
+    local = None
+    name = getattr(t, "param", None)
+    if len(t.param_names) == 1 and name in space.offsets:
+        o = space.offsets[name]
+        rel = ids - o
+        if bool(((rel >= 0) & (rel < math.prod(space.shapes[name]))).all()):
+            local = rel
+    return ids, local
+
+
+def _same_dtypes(space: IdSpace) -> bool:
+    """Whether every param of the space has one dtype (else the flat vector, a ``cat`` of
+    them, is in their promoted dtype, and a param's own value is not what it would give)."""
+    leaves = pyro.get_param_store().named_parameters().mapping
+    dtypes = {leaves[n].dtype for n in space.offsets if n in leaves}
+    return len(dtypes) == 1
 
 
 def _device(plan: Plan) -> torch.device:

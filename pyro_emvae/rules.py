@@ -53,6 +53,7 @@ import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 
 from pyro_emvae import _compat
+from pyro_emvae import params as _params
 from pyro_emvae.distributions.hmm import ChainPosterior, HomogeneousHMM
 from pyro_emvae.distributions.pcfg import PCFG
 from pyro_emvae.kernels import outer_scatter
@@ -261,7 +262,8 @@ class MStepContext:
     Attributes:
         name, role, shape, constraint: the param being updated.
         offset: where its elements start in the global id space of the statistics.
-        current: its current constrained value, flattened (a copy: the rule may write in it).
+        current: its current constrained value, flattened (a copy: the rule may write in it;
+            made when first read, from the param store, where the M-step passes None).
         reg_covar, dirichlet, min_prob: the EMOptim options.
         space: the probe's :class:`~pyro_emvae.track.IdSpace` (``offsets``, ``shapes``).
         closed_form: the params updated in closed form in this M-step.
@@ -316,6 +318,22 @@ class MStepContext:
     closed_form: tuple = ()
     allowance: float = 0.0
     warnings: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.current is None:  # (read lazily: an update of every element never needs it)
+            del self.current
+
+    def __getattr__(self, attr: str):
+        # (only reached while ``current`` is unset: see __post_init__)
+        if attr == "current":
+            self.current = _params.value(self.name).clone().reshape(-1)
+            return self.current
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
+
+    def _dtype(self) -> torch.dtype:
+        """The dtype of ``current`` (without copying the value when it was not read)."""
+        held = self.__dict__.get("current")
+        return (held if held is not None else _params.value(self.name)).dtype
 
     @property
     def numel(self) -> int:
@@ -387,6 +405,11 @@ class MStepContext:
         if n is None or d is None:
             return None
         ok = d > 0
+        if d.numel() and bool(ok.all()):
+            # (the usual case, in one test: no element is empty and every one moves; the
+            # same values as the general path below, which would overwrite all of current)
+            self.current = _elementwise(self, ok, n, d, every=True).to(self._dtype())
+            return self.current
         _warn_empty(self, self.touched(den) & ~ok)
         if not ok.any():
             return None
@@ -397,6 +420,16 @@ class MStepContext:
 _MARGIN = 1e-12  # how far inside its bounds an update clips a param (relative to the interval)
 
 
+def _unbounded(constraint) -> bool:
+    """Whether an elementwise constraint is the whole real line (no clipping to do)."""
+    bounds = constraint_bounds(constraint)
+    return (
+        bounds is not None
+        and all(type(b) is float for b in bounds)
+        and (-bounds[0] == bounds[1] == math.inf)
+    )
+
+
 def _warn_empty(ctx: MStepContext, empty: torch.Tensor) -> None:
     if empty.any():
         ctx.warn(
@@ -405,14 +438,18 @@ def _warn_empty(ctx: MStepContext, empty: torch.Tensor) -> None:
         )
 
 
-def _elementwise(ctx: MStepContext, ok, num, den) -> torch.Tensor:
-    """``num / den`` at the elements ``ok`` (a loc, rate or probability), clipped into the
-    constraint and into the family's own range (probabilities in [min_prob, 1 - min_prob],
-    rates >= min_prob); what the family's range costs goes to the allowance."""
-    a, b = num[ok], den[ok]
+def _elementwise(ctx: MStepContext, ok, num, den, every: bool = False) -> torch.Tensor:
+    """``num / den`` at the elements ``ok`` (a loc, rate or probability; ``every``: ``ok`` is
+    known to hold everywhere), clipped into the constraint and into the family's own range
+    (probabilities in [min_prob, 1 - min_prob], rates >= min_prob); what the family's range
+    costs goes to the allowance."""
+    a, b = (num, den) if every else (num[ok], den[ok])
     value = a / b
-    lo, hi = ctx.bounds(ok, value)
-    best = torch.minimum(torch.maximum(value, lo), hi)
+    if _unbounded(ctx.constraint):
+        best = value  # (clipping to ±inf is the identity, nan included)
+    else:
+        lo, hi = ctx.bounds(ok, value)
+        best = torch.minimum(torch.maximum(value, lo), hi)
     if ctx.role == "probability":
         final = best.clamp(ctx.min_prob, 1 - ctx.min_prob)
         q = lambda p: torch.xlogy(a, p) + torch.xlogy(b - a, 1 - p)
@@ -437,10 +474,12 @@ def _reg_cost(ml: torch.Tensor, chol_ml, chol, n: torch.Tensor) -> list[float]:
     logdet_ml = 2 * factor_ml.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     logdet = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     trace = torch.cholesky_solve(ml, chol).diagonal(dim1=-2, dim2=-1).sum(-1)
-    gap = (logdet - logdet_ml + trace - ml.shape[-1]).tolist()
+    gap = logdet - logdet_ml + trace - ml.shape[-1]
+    # (one transfer for the three: the counts and info as doubles are exact)
+    bad, ks, gaps = torch.stack([info_ml.ne(0).to(gap.dtype), n.to(gap.dtype), gap]).tolist()
     return [
-        math.inf if bad else max(0.0, 0.5 * float(k) * g)
-        for bad, k, g in zip(info_ml.ne(0).tolist(), n.tolist(), gap, strict=True)
+        math.inf if b else max(0.0, 0.5 * float(k) * g)
+        for b, k, g in zip(bad, ks, gaps, strict=True)
     ]
 
 
@@ -728,12 +767,25 @@ class _Counts(Rule):
 
     def maximize(self, role, stats, ctx):
         rowmark = ctx.stat("rowmark")
-        if rowmark is None or not rowmark.any():
+        if rowmark is None or not rowmark.numel():
             return None
         last = ctx.shape[-1]
-        counts = ctx.stat("count").reshape(-1, last) + (ctx.dirichlet - 1.0)
+        counts = ctx.stat("count").reshape(-1, last)
+        if ctx.dirichlet != 1.0:  # (+ 0.0 changes no count: a sum from +0.0 is never -0.0)
+            counts = counts + (ctx.dirichlet - 1.0)
         rows = rowmark.reshape(-1, last).any(-1)
         total = counts.sum(-1, keepdim=True)
+        if bool((rows & (total.squeeze(-1) > 0)).all()):
+            # (the usual case, in one test: every row reached, none empty; the general path
+            # below gives the same values, with a test and an index per step)
+            exact = counts / total.clamp_min(1e-300)
+            probs = exact.clamp(ctx.min_prob, 1 - ctx.min_prob)
+            probs = probs / probs.sum(-1, keepdim=True)
+            cost = torch.xlogy(counts, exact) - torch.xlogy(counts, probs)
+            ctx.allow(float(cost.sum().clamp_min(0)))
+            return probs.to(ctx._dtype()).reshape(-1)
+        if not rowmark.any():
+            return None
         empty = rows & (total.squeeze(-1) <= 0)
         if empty.any():
             ctx.warn(
@@ -1002,7 +1054,7 @@ def _covariances(ctx: MStepContext):
     """Covariances :math:`\\Sigma = \\sum w (x-\\mu)(x-\\mu)^T / \\sum w` + ``reg_covar``
     ``I``, written as the param's kind (a covariance, its Cholesky factor, or its inverse)."""
     matmark = ctx.stat("matmark")
-    if matmark is None or not matmark.any():
+    if matmark is None or not matmark.numel():
         return None
     d = ctx.shape[-1]
     num = ctx.stat("cov_num").reshape(-1, d, d)
@@ -1013,19 +1065,26 @@ def _covariances(ctx: MStepContext):
         (k for i, k in ctx.stats.forms.items() if sl.start <= i < sl.stop and k != "simplex"),
         "scale_tril",
     )
-    cur = ctx.current.reshape(-1, d, d)
     eye = torch.eye(d, dtype=num.dtype, device=num.device)
-    rows = []
-    for m, w in zip(used.nonzero().flatten().tolist(), den[used].tolist(), strict=True):
-        if w <= 0:
-            ctx.warn(f"param '{ctx.name}': matrix {m} has no posterior mass; kept")
-            continue
-        rows.append(m)
-    if not rows:
-        return cur.reshape(-1)
+    # (the usual case, in one test: every matrix reached and none empty)
+    every = bool((used & (den <= 0).logical_not()).all())
+    if every:
+        rows = list(range(len(den)))
+    else:
+        if not matmark.any():
+            return None
+        rows = []
+        for m, w in zip(used.nonzero().flatten().tolist(), den[used].tolist(), strict=True):
+            if w <= 0:
+                ctx.warn(f"param '{ctx.name}': matrix {m} has no posterior mass; kept")
+                continue
+            rows.append(m)
+        if not rows:
+            return ctx.current.reshape(-1)
+        every = len(rows) == len(den)
     # every matrix at once (batched LAPACK: the same per-matrix results as one by one)
-    at = slice(None) if len(rows) == len(den) else torch.tensor(rows, device=num.device)
-    n, picked = den[at], num[at]
+    at = slice(None) if every else torch.tensor(rows, device=num.device)
+    n, picked = (den, num) if every else (den[at], num[at])
     ml = 0.5 * (picked + picked.mT) / n.view(-1, 1, 1)
     cov = ml + ctx.reg_covar * eye
     if ctx.reg_covar > 0:
@@ -1038,6 +1097,9 @@ def _covariances(ctx: MStepContext):
     elif kind != "covariance_matrix":
         chol, info = torch.linalg.cholesky_ex(cov)
     if kind == "covariance_matrix":
+        if every:  # (all of current would be overwritten)
+            return cov.to(ctx._dtype()).reshape(-1)
+        cur = ctx.current.reshape(-1, d, d)
         cur[at] = cov
         return cur.reshape(-1)
     if info.any():
@@ -1047,7 +1109,11 @@ def _covariances(ctx: MStepContext):
             f"points, or collapsed onto a subspace); raise reg_covar (now "
             f"{ctx.reg_covar})"
         )
-    cur[at] = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
+    new = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
+    if every:
+        return new.to(ctx._dtype()).reshape(-1)
+    cur = ctx.current.reshape(-1, d, d)
+    cur[at] = new
     return cur.reshape(-1)
 
 
