@@ -92,7 +92,9 @@ class Stats:
             values = recipe.contract(factors)
             if recipe.repeats != 1:
                 values = values * recipe.repeats
-            values = values.reshape(recipe.values_shape).expand(recipe.kept_shape).reshape(-1)
+            if recipe.expands:
+                values = values.reshape(recipe.values_shape).expand(recipe.kept_shape)
+            values = values.reshape(-1)
             if factors and all(f.dim() == 0 for f in factors):
                 versions = tuple(_compat.tensor_version(f) for f in factors)
                 recipe.constant = (factors, versions, values)
@@ -179,6 +181,7 @@ class _AddRecipe:
     __slots__ = (
         "constant",
         "equation",
+        "expands",
         "ids",
         "kept_shape",
         "length",
@@ -187,6 +190,7 @@ class _AddRecipe:
         "seen",
         "shapes",
         "subs",
+        "sum_dims",
         "values_shape",
     )
 
@@ -214,10 +218,16 @@ class _AddRecipe:
                 + "->"
                 + "".join(letters[i] for i in self.out)
             )
+        # one floating factor: the einsum is a sum over the dims the output drops (the
+        # output keeps the factor's dim order), or the factor itself; None: einsum
+        self.sum_dims = None
+        if len(factors) == 1 and factors[0].is_floating_point():
+            self.sum_dims = [i for i, s in enumerate(self.subs[0]) if s not in self.out]
         # a pooled dim no factor carries repeats the same value shape[d] times
         self.repeats = math.prod(shape[d] for d in pooled if d not in sub)
         self.values_shape = [shape[d] if d in out_dims else 1 for d in kept]
         self.kept_shape = [shape[d] for d in kept]
+        self.expands = self.values_shape != self.kept_shape
         index = tuple(slice(None) if d in kept else slice(0, 1) for d in range(len(shape)))
         device = factors[0].device if factors else ids.device
         self.ids = ids[index].reshape(self.kept_shape).to(device).reshape(-1)
@@ -230,6 +240,10 @@ class _AddRecipe:
     def contract(self, factors: tuple) -> torch.Tensor:
         """The einsum of ``factors`` over the pooled dims (one or two factors: the equation
         straight to ATen, as ``torch.einsum`` passes it without a contraction path)."""
+        if self.sum_dims is not None:
+            # (what einsum does for one operand, without parsing the equation: the same sum)
+            op = factors[0].reshape(self.shapes[0])
+            return op.sum(self.sum_dims) if self.sum_dims else op
         ops = [f.reshape(fshape) for f, fshape in zip(factors, self.shapes, strict=True)]
         if self.equation is not None:
             return _compat.einsum_equation(self.equation, ops)
