@@ -81,7 +81,12 @@ def _take(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
     pad, index, size, order = _take_recipe(tuple(t.shape), tuple(dims), tuple(batch), tuple(tail))
     if pad is not None:
         t = t.reshape(pad)
-    return t[index].expand(size).permute(order)
+    # (each view only where it changes something: the same tensor, fewer ops)
+    if index is not None:
+        t = t[index]
+    if size is not None:
+        t = t.expand(size)
+    return t if order is None else t.permute(order)
 
 
 @functools.lru_cache(maxsize=256)
@@ -96,6 +101,15 @@ def _take_recipe(shape: tuple, dims: tuple, batch: tuple, tail: tuple) -> tuple:
     srt = sorted(dims)
     size = tuple([batch[d] for d in srt] + list(tail))
     order = tuple([srt.index(d) for d in dims] + [len(dims) + i for i in range(len(tail))])
+    # None where the step would be the identity (every dim kept; the size it has; in order)
+    padded = pad if pad is not None else shape
+    if all(i == slice(None) for i in index):
+        index = None
+    kept = [padded[d] for d in range(n) if index is None or d in dims] + list(padded[n:])
+    if tuple(kept) == size:
+        size = None
+    if order == tuple(range(len(order))):
+        order = None
     return pad, index, size, order
 
 
@@ -148,8 +162,8 @@ def _cancelled(raw: torch.Tensor, centred: torch.Tensor) -> list[int]:
     centred result by more than ``eps ** -1/4`` (rounding then costs more than a quarter of
     the digits: ~4 of float64's 16; e.g. a collapsing component): summed again about their
     own loc by the caller."""
-    bad = (raw > torch.finfo(raw.dtype).eps ** -0.25 * centred.abs()).any(-1)
-    return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
+    bad = raw > torch.finfo(raw.dtype).eps ** -0.25 * centred.abs()
+    return bad.any(-1).nonzero().flatten().tolist() if bool(bad.any()) else []
 
 
 def _chunks(n: int):
@@ -527,7 +541,9 @@ def outer_scatter(
         as ``W`` (elementwise); None if the layout is not an outer product (the weight varies
         along an elementwise dim, or a param batch dim is also a value dim).
     """
-    dtype = torch.promote_types(torch.promote_types(weight.dtype, value.dtype), loc.dtype)
+    dtype = weight.dtype
+    if not (dtype == value.dtype == loc.dtype):  # (promote_types is a dispatched op)
+        dtype = torch.promote_types(torch.promote_types(dtype, value.dtype), loc.dtype)
     # (the layout is a function of the shapes and strides only, which recur at every
     # iteration: made once per geometry)
     layout = _scatter_layout(

@@ -535,7 +535,8 @@ class EMOptim:
 
     def __call__(self, guide: ExactEStep, posterior: Posterior, args: tuple, kwargs: dict):
         plan = self.plan(guide, args, kwargs, posterior.subsample)
-        before = _params.constrained(plan.closed_form + plan.gradient)
+        # (the values to roll back to and the guard's memory: read only when needed)
+        before = _params.Snapshot(plan.closed_form + plan.gradient)
         try:
             return self._step(guide, posterior, plan, args, kwargs, before)
         except Exception:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 
 import pyro
 import torch
@@ -37,6 +37,7 @@ from torch.distributions import transform_to
 from pyro_emvae import _compat
 
 __all__ = [
+    "Snapshot",
     "constrained",
     "constraint_of",
     "constraints_of",
@@ -140,6 +141,47 @@ def constrained(names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     store = pyro.get_param_store()
     names = store.keys() if names is None else names
     return {n: value(n).clone() for n in names if n in store}
+
+
+class Snapshot(Mapping):
+    """The constrained values :math:`\theta = T_c(u)` of the named params as they are now,
+    each computed when first read: a mapping like :func:`constrained`'s (the same bits), that
+    keeps copies of the leaves :math:`u` and their constraints, and no more, until asked.
+    An M-step keeps one for its rollback and its guard, which read it only when something
+    went wrong; a param's transform (a simplex, a Cholesky factor: several ops) is then not
+    computed at every step.
+
+    Example::
+
+        >>> from torch.distributions import constraints
+        >>> _ = pyro.param("v", torch.tensor([1.0, 2.0]), constraint=constraints.positive)
+        >>> snap = Snapshot(["v"])
+        >>> write({"v": torch.tensor([5.0, 6.0])})
+        >>> snap["v"]
+        tensor([1., 2.])
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        leaves = pyro.get_param_store().named_parameters().mapping
+        with torch.no_grad():  # (a copy out of autograd: one op where detach().clone() is two)
+            self._leaves = {n: leaves[n].clone() for n in names if n in leaves}
+        self._constraints = {n: _compat.param_constraint(n) for n in self._leaves}
+        self._values: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        theta = self._values.get(name)
+        if theta is None:
+            u = self._leaves[name]
+            with torch.no_grad():  # (as value() computes it; the identity returns u, a copy)
+                theta = transform_to(self._constraints[name])(u).detach()
+            self._values[name] = theta
+        return theta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._leaves)
+
+    def __len__(self) -> int:
+        return len(self._leaves)
 
 
 def write(values: dict[str, torch.Tensor]) -> None:

@@ -333,7 +333,10 @@ class MStepContext:
     def _dtype(self) -> torch.dtype:
         """The dtype of ``current`` (without copying the value when it was not read)."""
         held = self.__dict__.get("current")
-        return (held if held is not None else _params.value(self.name)).dtype
+        if held is not None:
+            return held.dtype
+        # (the leaf's: a transform keeps the dtype; the value itself need not be computed)
+        return _params.unconstrained([self.name])[self.name].dtype
 
     @property
     def numel(self) -> int:
