@@ -342,8 +342,12 @@ class EMOptim:
             if flats[0] is None:
                 if local is not None and _same_dtypes(space):
                     # (one param: gathered from its own value, the same elements the flat
-                    # vector would give, without computing every param's value)
-                    return _params.value(t.param).reshape(-1)[local]
+                    # vector would give, without computing every param's value; a copy of
+                    # the value itself where the ids read it whole, in order)
+                    theta = _params.value(t.param)
+                    if isinstance(local, tuple):
+                        return theta.reshape(local).clone()
+                    return theta.reshape(-1)[local]
                 flats[0] = _flat_params(space)
             return flats[0][ids]
 
@@ -857,10 +861,14 @@ def _local_ids(t: Tracked, space: IdSpace) -> tuple:
     local = None
     name = getattr(t, "param", None)
     if len(t.param_names) == 1 and name in space.offsets:
-        o = space.offsets[name]
+        o, numel = space.offsets[name], math.prod(space.shapes[name])
         rel = ids - o
-        if bool(((rel >= 0) & (rel < math.prod(space.shapes[name]))).all()):
+        if bool(((rel >= 0) & (rel < numel)).all()):
             local = rel
+            if rel.numel() == numel and torch.equal(
+                rel.reshape(-1), torch.arange(numel, device=rel.device)
+            ):
+                local = tuple(rel.shape)  # (every element once, in order: a reshape)
     return ids, local
 
 

@@ -1091,11 +1091,11 @@ def _covariances(ctx: MStepContext):
     ml = 0.5 * (picked + picked.mT) / n.view(-1, 1, 1)
     cov = ml + ctx.reg_covar * eye
     if ctx.reg_covar > 0:
-        # (the factors of both in one batched call: the cost reads them, the update keeps C's)
-        factors, infos = torch.linalg.cholesky_ex(torch.cat([ml, cov]))
-        m_ = len(rows)
-        chol, info = factors[m_:], infos[m_:]
-        for cost in _reg_cost(ml, (factors[:m_], infos[:m_]), chol, n):
+        # (the factors of both: the cost reads them, the update keeps C's; two calls, as
+        # each matrix is factored on its own either way, and no concatenated copy)
+        chol_ml = torch.linalg.cholesky_ex(ml)
+        chol, info = torch.linalg.cholesky_ex(cov)
+        for cost in _reg_cost(ml, chol_ml, chol, n):
             ctx.allow(cost)
     elif kind != "covariance_matrix":
         chol, info = torch.linalg.cholesky_ex(cov)
