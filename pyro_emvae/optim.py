@@ -36,10 +36,12 @@ from pyro_emvae.rules import (
     Stats,
     _compact,
     _tracked,
+    allowance_parts,
     constraint_problem,
     leaves,
     roles_of,
     rows_aligned,
+    sum_allowance,
     summarize_site,
     unhandled_params,
 )
@@ -216,7 +218,8 @@ class EMOptim:
         self.min_prob = min_prob
         self.guard = guard
         self.rejected: list[list[str]] = []
-        self.allowance = 0.0  # what the last M-step's regularization may cost (see maximize)
+        # what the last M-step's regularization may cost (see maximize; ``allowance``)
+        self._allowance = _Allowance()
         self._warned = False  # a ClosedFormWarning was given in this run
         self._prev: dict | None = None
         self._wrote = False  # the guard wrote params in this step (see _step)
@@ -225,6 +228,16 @@ class EMOptim:
         self._two_pass: bool | None = None  # streaming: whether stage 1 needs its own pass
 
     needs_param_grads = False
+
+    @property
+    def allowance(self) -> float:
+        """What the last M-step's regularizations may cost in
+        :math:`\\mathbb{E}_q[\\log p(x, z)]` (nats; see :meth:`maximize`)."""
+        return self._allowance.value()
+
+    @allowance.setter
+    def allowance(self, nats: float) -> None:
+        self._allowance = _Allowance(nats)
 
     @property
     def algorithm(self) -> str:
@@ -424,7 +437,7 @@ class EMOptim:
             try:
                 value = rule.maximize(role, stats, ctx)
             finally:
-                self.allowance += ctx.allowance
+                self._allowance.add(allowance_parts(ctx))
                 for message, category in ctx.warnings:
                     warnings.warn(message, category, stacklevel=4)
             if isinstance(value, dict):
@@ -522,7 +535,7 @@ class EMOptim:
             prev = {
                 "objective": self._prev["objective"],
                 "params": {k: v.detach().clone() for k, v in self._prev["params"].items()},
-                "allowance": self._prev.get("allowance", 0.0),
+                "allowance": _nats(self._prev.get("allowance", 0.0)),
             }
         return {
             "svi_optim": self.svi_optim.get_state(),
@@ -563,10 +576,11 @@ class EMOptim:
                 ),
             }
         if plan.closed_form:
-            self.allowance = 0.0
+            self._allowance = _Allowance()
             self._closed_form(plan, posterior)
             if self._prev is not None:
-                self._prev["allowance"] = self.allowance
+                # (summed when the guard reads it, after a drop: see MStepContext._allow_later)
+                self._prev["allowance"] = self._allowance
         info: dict[str, Any] = {
             "closed_form": list(plan.closed_form),
             "gradient": list(plan.gradient),
@@ -950,7 +964,34 @@ def _slack(prev: dict, dtype) -> float:
     """How far log p(x) may fall after closed-form updates only: round-off (relative,
     :math:`\\max(10^{-8}, \\sqrt{\\epsilon})`) plus what their regularization may cost."""
     roundoff = max(1e-8, torch.finfo(dtype).eps ** 0.5) * (1.0 + abs(prev["objective"]))
-    return roundoff + prev.get("allowance", 0.0)
+    return roundoff + _nats(prev.get("allowance", 0.0))
+
+
+class _Allowance:
+    """The allowance of one M-step: each maximizer's total (``allowance_parts``), added from
+    ``start`` in the order they ran, computed when first read."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._start = float(start)
+        self._parts: list = []
+        self._value: float | None = self._start
+
+    def add(self, parts) -> None:
+        self._parts.append(parts)
+        self._value = None
+
+    def value(self) -> float:
+        if self._value is None:
+            total = self._start
+            for parts in self._parts:
+                total += sum_allowance(parts)
+            self._value = total
+        return self._value
+
+
+def _nats(allowance) -> float:
+    """An allowance as a float (a stored float, or an :class:`_Allowance`)."""
+    return allowance.value() if isinstance(allowance, _Allowance) else float(allowance)
 
 
 def _moved(old: dict, new: dict, names) -> list[str]:

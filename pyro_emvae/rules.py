@@ -42,6 +42,7 @@ constraint its role's update cannot respect (:func:`constraint_problem`), takes 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,12 +69,14 @@ __all__ = [
     "MStepContext",
     "Rule",
     "Stats",
+    "allowance_parts",
     "constraint_bounds",
     "constraint_problem",
     "leaves",
     "register",
     "register_rule",
     "roles_of",
+    "sum_allowance",
     "summarize_site",
     "unhandled_params",
     "uses",
@@ -318,6 +321,8 @@ class MStepContext:
     closed_form: tuple = ()
     allowance: float = 0.0
     warnings: list = field(default_factory=list)
+    # what allow() and _allow_later() recorded, in order (floats, and functions giving floats)
+    _parts: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.current is None:  # (read lazily: an update of every element never needs it)
@@ -365,6 +370,14 @@ class MStepContext:
         :math:`\\mathbb{E}_q[\\log p(x, z)]` against the plain maximizer: EMOptim's guard
         tolerates that much of a drop in :math:`\\log p(x)` and no more."""
         self.allowance += float(nats)
+        self._parts.append(float(nats))
+
+    def _allow_later(self, costs: Callable[[], Any]) -> None:
+        """:meth:`allow` each of ``costs()`` (an iterable of nats), when EMOptim's total is
+        first read: the guard reads it only after a drop, so that the cost of an update that
+        moved as it should is not computed at every step. ``costs`` must read only tensors
+        nothing modifies afterwards (its own copies). Not counted in ``allowance``."""
+        self._parts.append(costs)
 
     def warn(self, message: str, category: type[Warning] = UserWarning) -> None:
         """A warning for the user, given at the line that called the M-step."""
@@ -421,6 +434,24 @@ class MStepContext:
 
 
 _MARGIN = 1e-12  # how far inside its bounds an update clips a param (relative to the interval)
+
+
+def allowance_parts(ctx: MStepContext) -> float | list:
+    """What ``ctx`` recorded for the allowance: its float total, or (where some cost was
+    deferred) the recorded parts in order, for :func:`sum_allowance`."""
+    return list(ctx._parts) if any(callable(p) for p in ctx._parts) else ctx.allowance
+
+
+def sum_allowance(parts) -> float:
+    """The total of :func:`allowance_parts`: the deferred costs computed now, every part
+    added from 0.0 in the order recorded (the same sum as ``allow`` made it)."""
+    if not isinstance(parts, list):
+        return parts
+    total = 0.0
+    for part in parts:
+        for nats in part() if callable(part) else (part,):
+            total += float(nats)
+    return total
 
 
 def _unbounded(constraint) -> bool:
@@ -785,7 +816,7 @@ class _Counts(Rule):
             probs = exact.clamp(ctx.min_prob, 1 - ctx.min_prob)
             probs = probs / probs.sum(-1, keepdim=True)
             cost = torch.xlogy(counts, exact) - torch.xlogy(counts, probs)
-            ctx.allow(float(cost.sum().clamp_min(0)))
+            ctx._allow_later(lambda: [cost.sum().clamp_min(0)])  # (cost: a new tensor)
             return probs.to(ctx._dtype()).reshape(-1)
         if not rowmark.any():
             return None
@@ -1095,8 +1126,9 @@ def _covariances(ctx: MStepContext):
         # each matrix is factored on its own either way, and no concatenated copy)
         chol_ml = torch.linalg.cholesky_ex(ml)
         chol, info = torch.linalg.cholesky_ex(cov)
-        for cost in _reg_cost(ml, chol_ml, chol, n):
-            ctx.allow(cost)
+        # (computed if the guard reads it: n may be a view of the statistics, which online
+        # EM updates in place; the others are new tensors nothing writes to)
+        ctx._allow_later(functools.partial(_reg_cost, ml, chol_ml, chol, n.clone()))
     elif kind != "covariance_matrix":
         chol, info = torch.linalg.cholesky_ex(cov)
     if kind == "covariance_matrix":
