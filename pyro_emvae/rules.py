@@ -454,6 +454,13 @@ def sum_allowance(parts) -> float:
     return total
 
 
+def _clamp_cost(counts, exact, probs) -> list:
+    """What clamping the probability rows ``exact`` to ``probs`` costs the counts' log-likelihood
+    (nats, one total)."""
+    cost = torch.xlogy(counts, exact) - torch.xlogy(counts, probs)
+    return [cost.sum().clamp_min(0)]
+
+
 def _unbounded(constraint) -> bool:
     """Whether an elementwise constraint is the whole real line (no clipping to do)."""
     bounds = constraint_bounds(constraint)
@@ -815,8 +822,9 @@ class _Counts(Rule):
             exact = counts / total.clamp_min(1e-300)
             probs = exact.clamp(ctx.min_prob, 1 - ctx.min_prob)
             probs = probs / probs.sum(-1, keepdim=True)
-            cost = torch.xlogy(counts, exact) - torch.xlogy(counts, probs)
-            ctx._allow_later(lambda: [cost.sum().clamp_min(0)])  # (cost: a new tensor)
+            # (what the clamp costs, computed if the guard reads it; the counts may be a view of
+            # the statistics, which online EM updates in place: a copy)
+            ctx._allow_later(functools.partial(_clamp_cost, counts.clone(), exact, probs))
             return probs.to(ctx._dtype()).reshape(-1)
         if not rowmark.any():
             return None

@@ -185,6 +185,7 @@ class _AddRecipe:
         "ids",
         "kept_shape",
         "length",
+        "matmul",
         "out",
         "repeats",
         "seen",
@@ -218,6 +219,9 @@ class _AddRecipe:
                 + "->"
                 + "".join(letters[i] for i in self.out)
             )
+        # a matrix product ("ab,bc->ac", every dim > 1: the weighted sums of a value's rows):
+        # einsum reduces it to a bmm of the two as one batch, which is called directly
+        self.matmul = self.equation == "ab,bc->ac"
         # one floating factor: the einsum is a sum over the dims the output drops (the
         # output keeps the factor's dim order), or the factor itself; None: einsum
         self.sum_dims = None
@@ -245,6 +249,10 @@ class _AddRecipe:
             op = factors[0].reshape(self.shapes[0])
             return op.sum(self.sum_dims) if self.sum_dims else op
         ops = [f.reshape(fshape) for f, fshape in zip(factors, self.shapes, strict=True)]
+        a, b = ops if self.matmul else (None, None)
+        if self.matmul and a.device.type == "cpu" == b.device.type and a.dtype == b.dtype:
+            # (on the CPU: the same bits as einsum, tested, with 4 ops where it takes 12)
+            return torch.bmm(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0)
         if self.equation is not None:
             return _compat.einsum_equation(self.equation, ops)
         sublists: list = []
