@@ -421,7 +421,7 @@ class MStepContext:
         if n is None or d is None:
             return None
         ok = d > 0
-        if d.numel() and bool(ok.all()):
+        if _FAST_PATHS and d.numel() and bool(ok.all()):
             # (the usual case, in one test: no element is empty and every one moves; the
             # same values as the general path below, which would overwrite all of current)
             self.current = _elementwise(self, ok, n, d, every=True).to(self._dtype())
@@ -433,6 +433,9 @@ class MStepContext:
         return self.current
 
 
+# the maximizers' one-test paths for the usual case (every element, row or matrix reached and
+# with mass); False: the general path only (the tests compare the two bit for bit)
+_FAST_PATHS = True
 _MARGIN = 1e-12  # how far inside its bounds an update clips a param (relative to the interval)
 
 
@@ -816,7 +819,7 @@ class _Counts(Rule):
             counts = counts + (ctx.dirichlet - 1.0)
         rows = rowmark.reshape(-1, last).any(-1)
         total = counts.sum(-1, keepdim=True)
-        if bool((rows & (total.squeeze(-1) > 0)).all()):
+        if _FAST_PATHS and bool((rows & (total.squeeze(-1) > 0)).all()):
             # (the usual case, in one test: every row reached, none empty; the general path
             # below gives the same values, with a test and an index per step)
             exact = counts / total.clamp_min(1e-300)
@@ -1109,7 +1112,7 @@ def _covariances(ctx: MStepContext):
     )
     eye = torch.eye(d, dtype=num.dtype, device=num.device)
     # (the usual case, in one test: every matrix reached and none empty)
-    every = bool((used & (den <= 0).logical_not()).all())
+    fast = every = _FAST_PATHS and bool((used & (den <= 0).logical_not()).all())
     if every:
         rows = list(range(len(den)))
     else:
@@ -1140,7 +1143,7 @@ def _covariances(ctx: MStepContext):
     elif kind != "covariance_matrix":
         chol, info = torch.linalg.cholesky_ex(cov)
     if kind == "covariance_matrix":
-        if every:  # (all of current would be overwritten)
+        if fast:  # (all of current would be overwritten)
             return cov.to(ctx._dtype()).reshape(-1)
         cur = ctx.current.reshape(-1, d, d)
         cur[at] = cov
@@ -1153,7 +1156,7 @@ def _covariances(ctx: MStepContext):
             f"{ctx.reg_covar})"
         )
     new = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
-    if every:
+    if fast:
         return new.to(ctx._dtype()).reshape(-1)
     cur = ctx.current.reshape(-1, d, d)
     cur[at] = new
