@@ -575,12 +575,14 @@ def outer_scatter(
         s1 = torch.zeros(m, d_, dtype=dtype, device=x.device)
         s2 = torch.zeros(d_, m * d_, dtype=dtype, device=x.device)
         rx = torch.empty(min(CHUNK, x.shape[0]), m, d_, dtype=dtype, device=x.device)
+        whole = x.shape[0] <= CHUNK  # (one chunk: the whole rows, without slicing them)
         for a, b in _chunks(x.shape[0]):
             y = xa[a:b, :-1]  # (c, D), centred
-            wc = wfull[:, a:b]  # (M, c)
+            wc = wfull if whole else wfull[:, a:b]  # (M, c)
             s1.addmm_(wc, y)
             # (w ⊗ y) viewed (c, M D): one GEMM gives all M second moments side by side
-            wy = torch.mul(wc.T.unsqueeze(-1), y.unsqueeze(1), out=rx[: b - a])
+            out = rx if whole else rx[: b - a]
+            wy = torch.mul(wc.T.unsqueeze(-1), y.unsqueeze(1), out=out)
             s2.addmm_(y.T, wy.view(b - a, m * d_))
         den = wfull.sum(1)
         # sum_n w (y - nu)(y - nu)^T = sum_n w y y^T - s1 nu^T - nu s1^T + W nu nu^T

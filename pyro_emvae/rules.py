@@ -1103,8 +1103,9 @@ def _covariances(ctx: MStepContext):
         return None
     d = ctx.shape[-1]
     num = ctx.stat("cov_num").reshape(-1, d, d)
-    den = ctx.stat("cov_den").reshape(-1, d, d)[:, 0, 0]
-    used = matmark.reshape(-1, d, d)[:, 0, 0] > 0
+    # (entry (0, 0) of each matrix: every d*d-th, one strided view)
+    den = ctx.stat("cov_den")[:: d * d]
+    used = matmark[:: d * d] > 0
     sl = ctx.slice
     kind = next(
         (k for i, k in ctx.stats.forms.items() if sl.start <= i < sl.stop and k != "simplex"),

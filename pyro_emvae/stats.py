@@ -88,6 +88,16 @@ class Stats:
             and const[1] == tuple(_compat.tensor_version(f) for f in factors)
         ):
             values = const[2]
+            if kind not in self.sums:
+                # (the first add of the kind: the vector it makes is the same each time too;
+                # a copy of it, as the sums are written in place by what reads them)
+                if len(const) == 3:
+                    made = torch.zeros(recipe.length, dtype=values.dtype, device=values.device)
+                    recipe.constant = const = (*const, made.index_add_(0, recipe.ids, values))
+                self.sums[kind] = const[3].clone()
+                seen = self.touched.get(kind)
+                self.touched[kind] = recipe.seen if seen is None else seen | recipe.seen
+                return
         else:
             values = recipe.contract(factors)
             if recipe.repeats != 1:
