@@ -656,8 +656,9 @@ def _mvn(fn, value, weight, stats, stage, current) -> None:
         if loc.param_names <= stats.plain_locs:
             # every position of a loc row shares one covariance (full, tied, diagonal models):
             # the maximizer is the weighted mean
-            stats.add("mean_num", loc.ids, weight.unsqueeze(-1), value)
-            stats.add("mean_den", loc.ids, weight.unsqueeze(-1))
+            w = weight.unsqueeze(-1)
+            stats.add("mean_num", loc.ids, w, value)
+            stats.add("mean_den", loc.ids, w)
         else:
             _mvn_loc_precision_weighted(fn, loc, mats, value, weight, stats, current)
     if stage == 1 and mats:
@@ -679,7 +680,7 @@ def _mvn(fn, value, weight, stats, stage, current) -> None:
         if fused is not None:
             den, num = fused
             stats.add("cov_num", ids, num)
-            stats.add("cov_den", ids, den.unsqueeze(-1).unsqueeze(-1))
+            stats.add("cov_den", ids, den.reshape(den.shape + (1, 1)))
         else:
             resid = value - mu
             w = weight.unsqueeze(-1).unsqueeze(-1)
@@ -1095,6 +1096,20 @@ def _precision_weighted_locs(ctx: MStepContext) -> torch.Tensor:
     return cur.reshape(-1)
 
 
+_EYES: dict = {}  # (d, reg_covar, dtype, device) -> reg_covar * I: read only, never written
+
+
+def _scaled_eye(d: int, reg: float, dtype, device) -> torch.Tensor:
+    """``reg * torch.eye(d)``, made once per size, value, dtype and device (the same bits)."""
+    key = (d, float(reg).hex(), dtype, device)  # (hex: -0.0 is not 0.0 here)
+    eye = _EYES.get(key)
+    if eye is None:
+        if len(_EYES) > 64:
+            _EYES.clear()
+        eye = _EYES[key] = reg * torch.eye(d, dtype=dtype, device=device)
+    return eye
+
+
 def _covariances(ctx: MStepContext):
     """Covariances :math:`\\Sigma = \\sum w (x-\\mu)(x-\\mu)^T / \\sum w` + ``reg_covar``
     ``I``, written as the param's kind (a covariance, its Cholesky factor, or its inverse)."""
@@ -1111,9 +1126,9 @@ def _covariances(ctx: MStepContext):
         (k for i, k in ctx.stats.forms.items() if sl.start <= i < sl.stop and k != "simplex"),
         "scale_tril",
     )
-    eye = torch.eye(d, dtype=num.dtype, device=num.device)
-    # (the usual case, in one test: every matrix reached and none empty)
-    fast = every = _FAST_PATHS and bool((used & (den <= 0).logical_not()).all())
+    # (the usual case, in one test: every matrix reached and with mass; a nan mass takes the
+    # general path, which keeps it as the original test did)
+    fast = every = _FAST_PATHS and bool((used & (den > 0)).all())
     if every:
         rows = list(range(len(den)))
     else:
@@ -1132,7 +1147,7 @@ def _covariances(ctx: MStepContext):
     at = slice(None) if every else torch.tensor(rows, device=num.device)
     n, picked = (den, num) if every else (den[at], num[at])
     ml = 0.5 * (picked + picked.mT) / n.view(-1, 1, 1)
-    cov = ml + ctx.reg_covar * eye
+    cov = ml + _scaled_eye(d, ctx.reg_covar, num.dtype, num.device)
     if ctx.reg_covar > 0:
         # (the factors of both: the cost reads them, the update keeps C's; two calls, as
         # each matrix is factored on its own either way, and no concatenated copy)
