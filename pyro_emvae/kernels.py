@@ -586,12 +586,14 @@ def outer_scatter(
             s2.addmm_(y.T, wy.view(b - a, m * d_))
         den = wfull.sum(1)
         # sum_n w (y - nu)(y - nu)^T = sum_n w y y^T - s1 nu^T - nu s1^T + W nu nu^T
-        cross = s1.unsqueeze(-1) * nu.unsqueeze(-2)  # (M, D, D)
-        s = s2.view(d_, m, d_).transpose(0, 1) - cross - cross.mT
-        s += den.view(m, 1, 1) * nu.unsqueeze(-1) * nu.unsqueeze(-2)
+        nu_row = nu.unsqueeze(-2)  # (each view once)
+        cross = s1.unsqueeze(-1) * nu_row  # (M, D, D)
+        s2_ = s2.view(d_, m, d_)
+        s = s2_.transpose(0, 1) - cross - cross.mT
+        s += den.view(m, 1, 1) * nu.unsqueeze(-1) * nu_row
         # the uncentred sums lose digits in proportion to how far they exceed the result (a
         # component collapsing onto a few points): such rows are summed again, centred
-        raw = s2.view(d_, m, d_).diagonal(dim1=0, dim2=2)  # (M, D): sum_n w y_d^2
+        raw = s2_.diagonal(dim1=0, dim2=2)  # (M, D): sum_n w y_d^2
         for i in _cancelled(raw, s.diagonal(dim1=-2, dim2=-1)):
             s[i] = 0.0
             for a, b in _chunks(x.shape[0]):

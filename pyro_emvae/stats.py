@@ -62,16 +62,19 @@ class Stats:
         view's geometry) and the factors' shapes. The sums are the same either way.
         """
         # integer observations (Long counts) enter the sums in the weights' floating dtype
-        dtype = next((f.dtype for f in factors if f.is_floating_point()), None)
-        if dtype is not None:
-            factors = tuple(f if f.is_floating_point() else f.to(dtype) for f in factors)
+        floating = [f.is_floating_point() for f in factors]
+        if any(floating) and not all(floating):
+            dtype = factors[floating.index(True)].dtype
+            factors = tuple(f if fl else f.to(dtype) for f, fl in zip(factors, floating))
         memo = self.memo
         recipe = None
         if memo is not None:
             base, where = _ids_key(ids)
-            key = (kind, where, tuple((f.shape, f.dtype, f.device) for f in factors))
+            # (the id space's size in the key: it and the kind fix the statistic's length)
+            metas = tuple((f.shape, f.dtype, f.device) for f in factors)
+            key = (kind, self.size, where, metas)
             hit = memo.get(key)
-            if hit is not None and hit[0] is base and hit[1].length == self.length(kind):
+            if hit is not None and hit[0] is base:
                 recipe = hit[1]
         if recipe is None:
             recipe = _AddRecipe(self.length(kind), ids, factors)

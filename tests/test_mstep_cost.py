@@ -272,3 +272,25 @@ def test_write_refuses_a_value_off_its_constraint_and_takes_a_huge_finite_one():
     huge = torch.tensor([1e308, 1e308], dtype=torch.float64)  # its sum overflows
     _params.write({"m": huge})
     assert torch.equal(pyro.param("m").detach(), huge)
+
+
+def test_a_constant_statistic_is_made_again_when_its_scalar_changes():
+    memo: dict = {}
+    ids = torch.tensor([[0, 1], [2, 3]])
+    one = torch.ones(())
+
+    def marks():
+        s = stats.Stats(5, memo=memo)
+        s.add("rowmark", ids, one)
+        return s
+
+    first = marks()
+    plain = stats.Stats(5)
+    plain.add("rowmark", ids, one)
+    assert torch.equal(first.sums["rowmark"], plain.sums["rowmark"])
+    first.sums["rowmark"].mul_(7.0)  # a reader's in-place change: not the memo's copy
+    second = marks()
+    assert torch.equal(second.sums["rowmark"], plain.sums["rowmark"])
+    assert torch.equal(second.touched["rowmark"], plain.touched["rowmark"])
+    one.fill_(2.0)  # in place: another constant
+    assert torch.equal(marks().sums["rowmark"], 2.0 * plain.sums["rowmark"])
