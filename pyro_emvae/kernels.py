@@ -78,7 +78,11 @@ def _take(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
     """``t`` (batch dims broadcastable to ``batch``, then ``len(tail)`` dims broadcastable to
     ``tail``) reduced to the batch dims ``dims``, in that order: shape
     ``[batch[d] for d in dims] + tail``. Elsewhere it takes entry 0 (it does not vary there)."""
-    pad, index, size, order = _take_recipe(tuple(t.shape), tuple(dims), tuple(batch), tuple(tail))
+    pad, index, size, order, plain = _take_recipe(
+        tuple(t.shape), tuple(dims), tuple(batch), tuple(tail)
+    )
+    if plain is not None:  # (only size-1 dims dropped: one view, or none)
+        return t if t.shape == plain else t.reshape(plain)
     if pad is not None:
         t = t.reshape(pad)
     # (each view only where it changes something: the same tensor, fewer ops)
@@ -92,8 +96,9 @@ def _take(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
 @functools.lru_cache(maxsize=256)
 def _take_recipe(shape: tuple, dims: tuple, batch: tuple, tail: tuple) -> tuple:
     """The view ops of :func:`_take` for a tensor of ``shape``: the padded shape (None if none
-    is needed), the index, the expanded size and the permutation. They depend on shapes only,
-    and the same few shapes recur at every EM iteration: made once per shape."""
+    is needed), the index, the expanded size and the permutation, and the shape ``plain``
+    that one reshape gives the same view in (None: not so). They depend on shapes only, and
+    the same few shapes recur at every EM iteration: made once per shape."""
     n = len(batch)
     full = n + len(tail)
     pad = (1,) * (full - len(shape)) + shape if len(shape) < full else None
@@ -110,12 +115,21 @@ def _take_recipe(shape: tuple, dims: tuple, batch: tuple, tail: tuple) -> tuple:
         size = None
     if order == tuple(range(len(order))):
         order = None
-    return pad, index, size, order
+    plain = None
+    if size is None and order is None:
+        # entry 0 of size-1 dims only: what remains is t's elements in t's order
+        dropped = [padded[d] for d in range(n) if index is not None and d not in dims]
+        if all(s == 1 for s in dropped):
+            plain = torch.Size(kept)
+    return pad, index, size, order, plain
 
 
 def _flat(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
     """:func:`_take`, with ``dims`` flattened into one leading dim."""
-    return _take(t, dims, batch, tail).reshape((-1,) + tuple(tail))
+    out = _take(t, dims, batch, tail)
+    if out.dim() == 1 + len(tail) and tuple(out.shape[1:]) == tuple(tail):
+        return out  # (already flat)
+    return out.reshape((-1,) + tuple(tail))
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
@@ -157,12 +171,17 @@ def _centred_rows(value: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, t
     return xa, centre
 
 
+@functools.lru_cache(maxsize=8)
+def _cancel_ratio(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps ** -0.25
+
+
 def _cancelled(raw: torch.Tensor, centred: torch.Tensor) -> list[int]:
     """Rows ``m`` of the ``(M, E)`` diagonals where the uncentred sums ``raw`` exceed the
     centred result by more than ``eps ** -1/4`` (rounding then costs more than a quarter of
     the digits: ~4 of float64's 16; e.g. a collapsing component): summed again about their
     own loc by the caller."""
-    bad = raw > torch.finfo(raw.dtype).eps ** -0.25 * centred.abs()
+    bad = raw > _cancel_ratio(raw.dtype) * centred.abs()
     return bad.any(-1).nonzero().flatten().tolist() if bool(bad.any()) else []
 
 
