@@ -889,9 +889,7 @@ def _local_ids(t: Tracked, space: IdSpace) -> tuple:
 def _same_dtypes(space: IdSpace) -> bool:
     """Whether every param of the space has one dtype (else the flat vector, a ``cat`` of
     them, is in their promoted dtype, and a param's own value is not what it would give)."""
-    leaves = pyro.get_param_store().named_parameters().mapping
-    dtypes = {leaves[n].dtype for n in space.offsets if n in leaves}
-    return len(dtypes) == 1
+    return len({u.dtype for u in _params.unconstrained(space.offsets).values()}) == 1
 
 
 def _device(plan: Plan) -> torch.device:
