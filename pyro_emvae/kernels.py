@@ -176,6 +176,20 @@ def _cancel_ratio(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** -0.25
 
 
+_ZEROS: dict = {}  # (shape, dtype, device) -> zeros: only ever read (out-of-place ops' input)
+
+
+def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros of ``shape`` shared by every caller: the input of an out-of-place op only."""
+    key = (shape, dtype, device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        if len(_ZEROS) >= 64:
+            _ZEROS.clear()
+        zero = _ZEROS[key] = torch.zeros(shape, dtype=dtype, device=device)
+    return zero
+
+
 def _cancelled(raw: torch.Tensor, centred: torch.Tensor) -> list[int]:
     """Rows ``m`` of the ``(M, E)`` diagonals where the uncentred sums ``raw`` exceed the
     centred result by more than ``eps ** -1/4`` (rounding then costs more than a quarter of
@@ -591,18 +605,30 @@ def outer_scatter(
         mu = _flat(loc, pd, batch, (d_,)).to(dtype)  # (M, D)
         xa, centre = _centred_rows(value, x)  # (the E-step's copy, when it ran on these data)
         nu = mu - centre
-        s1 = torch.zeros(m, d_, dtype=dtype, device=x.device)
-        s2 = torch.zeros(d_, m * d_, dtype=dtype, device=x.device)
-        rx = torch.empty(min(CHUNK, x.shape[0]), m, d_, dtype=dtype, device=x.device)
         whole = x.shape[0] <= CHUNK  # (one chunk: the whole rows, without slicing them)
+        if whole:  # (out-of-place GEMMs from shared zeros: addmm_ on new zeros, one op each)
+            s1 = s2 = None
+        else:
+            s1 = torch.zeros(m, d_, dtype=dtype, device=x.device)
+            s2 = torch.zeros(d_, m * d_, dtype=dtype, device=x.device)
+        rx = torch.empty(min(CHUNK, x.shape[0]), m, d_, dtype=dtype, device=x.device)
         for a, b in _chunks(x.shape[0]):
             y = xa[a:b, :-1]  # (c, D), centred
             wc = wfull if whole else wfull[:, a:b]  # (M, c)
-            s1.addmm_(wc, y)
+            if whole:
+                s1 = torch.addmm(_zeros((m, d_), dtype, x.device), wc, y)
+            else:
+                s1.addmm_(wc, y)
             # (w ⊗ y) viewed (c, M D): one GEMM gives all M second moments side by side
             out = rx if whole else rx[: b - a]
             wy = torch.mul(wc.T.unsqueeze(-1), y.unsqueeze(1), out=out)
-            s2.addmm_(y.T, wy.view(b - a, m * d_))
+            if whole:
+                s2 = torch.addmm(_zeros((d_, m * d_), dtype, x.device), y.T, wy.view(b - a, m * d_))
+            else:
+                s2.addmm_(y.T, wy.view(b - a, m * d_))
+        if s1 is None:  # (no rows)
+            s1 = torch.zeros(m, d_, dtype=dtype, device=x.device)
+            s2 = torch.zeros(d_, m * d_, dtype=dtype, device=x.device)
         den = wfull.sum(1)
         # sum_n w (y - nu)(y - nu)^T = sum_n w y y^T - s1 nu^T - nu s1^T + W nu nu^T
         nu_row = nu.unsqueeze(-2)  # (each view once)

@@ -113,10 +113,12 @@ class Stats:
                 recipe.constant = (factors, versions, values)
         vec = self.sums.get(kind)
         if vec is None:
-            vec = self.sums[kind] = torch.zeros(
-                recipe.length, dtype=values.dtype, device=values.device
-            )
-        vec.index_add_(0, recipe.ids, values)
+            # (out of place from a shared zero vector: one op where zeros + index_add_ are two,
+            # the same kernel on a new copy of zeros)
+            zero = _zeros(recipe.length, values.dtype, values.device)
+            self.sums[kind] = torch.index_add(zero, 0, recipe.ids, values)
+        else:
+            vec.index_add_(0, recipe.ids, values)
         # (the recipe's marks themselves until a second add meets them: never written in place)
         seen = self.touched.get(kind)
         self.touched[kind] = recipe.seen if seen is None else seen | recipe.seen
@@ -153,6 +155,20 @@ class Stats:
 
 
 _MEMO_SIZE = 512  # entries a memo holds before it starts over (ids made anew at every call)
+
+
+_ZEROS: dict = {}  # (length, dtype, device) -> zeros: only ever read (out-of-place ops' input)
+
+
+def _zeros(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A vector of zeros shared by every caller: the input of an out-of-place op only."""
+    key = (length, dtype, device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        if len(_ZEROS) >= 64:  # (lengths of id spaces long gone: start over)
+            _ZEROS.clear()
+        zero = _ZEROS[key] = torch.zeros(length, dtype=dtype, device=device)
+    return zero
 
 
 def _remember(memo: dict, key, entry) -> None:

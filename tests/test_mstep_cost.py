@@ -294,3 +294,23 @@ def test_a_constant_statistic_is_made_again_when_its_scalar_changes():
     assert torch.equal(second.touched["rowmark"], plain.touched["rowmark"])
     one.fill_(2.0)  # in place: another constant
     assert torch.equal(marks().sums["rowmark"], 2.0 * plain.sums["rowmark"])
+
+
+def test_the_shared_zeros_stay_zero():
+    """``Stats.add`` and the scatter start new sums from shared zeros, out of place: after
+    M-steps (whose statistics are then written in place by their readers) they are still 0."""
+    from pyro_emvae import kernels
+
+    model, data = _mixture("full")
+    pyro.clear_param_store()
+    guide, mstep = ExactEStep(model), EMOptim()
+    for _ in range(3):
+        post = guide.posterior(data)
+        plan = mstep.plan(guide, (data,), {}, post.subsample)
+        for stage in (0, 1):
+            s = mstep.summarize(plan, post, stage)
+            for v in s.sums.values():
+                v.add_(1.0)  # a reader writing the sums in place (online EM, all-reduce)
+        mstep(guide, post, (data,), {})
+    shared = list(stats._ZEROS.values()) + list(kernels._ZEROS.values())
+    assert shared and all(not z.any() for z in shared)
