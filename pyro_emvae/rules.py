@@ -829,7 +829,7 @@ class _Counts(Rule):
             # (what the clamp costs, computed if the guard reads it; the counts may be a view of
             # the statistics, which online EM updates in place: a copy)
             ctx._allow_later(functools.partial(_clamp_cost, counts.clone(), exact, probs))
-            return probs.to(ctx._dtype()).reshape(-1)
+            return probs.to(ctx._dtype())  # ((rows, K): EMOptim reshapes it, a view)
         if not rowmark.any():
             return None
         empty = rows & (total.squeeze(-1) <= 0)
@@ -1172,8 +1172,8 @@ def _covariances(ctx: MStepContext):
             f"{ctx.reg_covar})"
         )
     new = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
-    if fast:
-        return new.to(ctx._dtype()).reshape(-1)
+    if fast:  # ((M, D, D): EMOptim reshapes it to the param's shape, a view, not a copy)
+        return new.to(ctx._dtype())
     cur = ctx.current.reshape(-1, d, d)
     cur[at] = new
     return cur.reshape(-1)
