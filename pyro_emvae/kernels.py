@@ -90,7 +90,7 @@ def _take(t: torch.Tensor, dims: list[int], batch, tail=()) -> torch.Tensor:
         shape, stride = t.shape, t.stride()
         strides = [0 if j < n_pad or shape[j - n_pad] == 1 else stride[j - n_pad] for j in src]
         return t.as_strided(out, strides, t.storage_offset())
-    if pad is not None:
+    if pad is not None:  # (autograd recording: the views it can differentiate)
         t = t.reshape(pad)
     return t[index].expand(size).permute(order)
 
@@ -167,13 +167,32 @@ def _centred_rows(value: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, t
     return xa, centre
 
 
+@functools.lru_cache(maxsize=8)
+def _cancel_ratio(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps ** -0.25
+
+
+_ZEROS: dict = {}  # (shape, dtype, device) -> zeros: only ever read (out-of-place ops' input)
+
+
+def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros of ``shape`` shared by every caller: the input of an out-of-place op only."""
+    key = (shape, dtype, device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        if len(_ZEROS) >= 64:
+            _ZEROS.clear()
+        zero = _ZEROS[key] = torch.zeros(shape, dtype=dtype, device=device)
+    return zero
+
+
 def _cancelled(raw: torch.Tensor, centred: torch.Tensor) -> list[int]:
     """Rows ``m`` of the ``(M, E)`` diagonals where the uncentred sums ``raw`` exceed the
     centred result by more than ``eps ** -1/4`` (rounding then costs more than a quarter of
     the digits: ~4 of float64's 16; e.g. a collapsing component): summed again about their
     own loc by the caller."""
-    bad = (raw > torch.finfo(raw.dtype).eps ** -0.25 * centred.abs()).any(-1)
-    return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
+    bad = raw > _cancel_ratio(raw.dtype) * centred.abs()
+    return bad.any(-1).nonzero().flatten().tolist() if bool(bad.any()) else []
 
 
 def _chunks(n: int):
@@ -736,7 +755,9 @@ def outer_scatter(
         as ``W`` (elementwise); None if the layout is not an outer product (the weight varies
         along an elementwise dim, or a param batch dim is also a value dim).
     """
-    dtype = torch.promote_types(torch.promote_types(weight.dtype, value.dtype), loc.dtype)
+    dtype = weight.dtype
+    if not (dtype == value.dtype == loc.dtype):  # (promote_types is a dispatched op)
+        dtype = torch.promote_types(torch.promote_types(dtype, value.dtype), loc.dtype)
     # (the layout is a function of the shapes and strides only, which recur at every
     # iteration: made once per geometry)
     layout = _scatter_layout(
@@ -765,24 +786,40 @@ def outer_scatter(
         mu = _flat(loc, pd, batch, (d_,)).to(dtype)  # (M, D)
         xa, centre = _centred_rows(value, x)  # (the E-step's copy, when it ran on these data)
         nu = mu - centre
-        s1 = torch.zeros(m, d_, dtype=dtype, device=x.device)
-        s2 = torch.zeros(d_, m * d_, dtype=dtype, device=x.device)
+        whole = x.shape[0] <= CHUNK  # (one chunk: the whole rows, without slicing them)
+        if whole:  # (out-of-place GEMMs from shared zeros: addmm_ on new zeros, one op each)
+            s1 = s2 = None
+        else:
+            s1 = torch.zeros(m, d_, dtype=dtype, device=x.device)
+            s2 = torch.zeros(d_, m * d_, dtype=dtype, device=x.device)
         rx = torch.empty(min(CHUNK, x.shape[0]), m, d_, dtype=dtype, device=x.device)
         for a, b in _chunks(x.shape[0]):
             y = xa[a:b, :-1]  # (c, D), centred
-            wc = wfull[:, a:b]  # (M, c)
-            s1.addmm_(wc, y)
+            wc = wfull if whole else wfull[:, a:b]  # (M, c)
+            if whole:
+                s1 = torch.addmm(_zeros((m, d_), dtype, x.device), wc, y)
+            else:
+                s1.addmm_(wc, y)
             # (w ⊗ y) viewed (c, M D): one GEMM gives all M second moments side by side
-            wy = torch.mul(wc.T.unsqueeze(-1), y.unsqueeze(1), out=rx[: b - a])
-            s2.addmm_(y.T, wy.view(b - a, m * d_))
+            out = rx if whole else rx[: b - a]
+            wy = torch.mul(wc.T.unsqueeze(-1), y.unsqueeze(1), out=out)
+            if whole:
+                s2 = torch.addmm(_zeros((d_, m * d_), dtype, x.device), y.T, wy.view(b - a, m * d_))
+            else:
+                s2.addmm_(y.T, wy.view(b - a, m * d_))
+        if s1 is None:  # (no rows)
+            s1 = torch.zeros(m, d_, dtype=dtype, device=x.device)
+            s2 = torch.zeros(d_, m * d_, dtype=dtype, device=x.device)
         den = wfull.sum(1)
         # sum_n w (y - nu)(y - nu)^T = sum_n w y y^T - s1 nu^T - nu s1^T + W nu nu^T
-        cross = s1.unsqueeze(-1) * nu.unsqueeze(-2)  # (M, D, D)
-        s = s2.view(d_, m, d_).transpose(0, 1) - cross - cross.mT
-        s += den.view(m, 1, 1) * nu.unsqueeze(-1) * nu.unsqueeze(-2)
+        nu_row = nu.unsqueeze(-2)  # (each view once)
+        cross = s1.unsqueeze(-1) * nu_row  # (M, D, D)
+        s2_ = s2.view(d_, m, d_)
+        s = s2_.transpose(0, 1) - cross - cross.mT
+        s += den.view(m, 1, 1) * nu.unsqueeze(-1) * nu_row
         # the uncentred sums lose digits in proportion to how far they exceed the result (a
         # component collapsing onto a few points): such rows are summed again, centred
-        raw = s2.view(d_, m, d_).diagonal(dim1=0, dim2=2)  # (M, D): sum_n w y_d^2
+        raw = s2_.diagonal(dim1=0, dim2=2)  # (M, D): sum_n w y_d^2
         for i in _cancelled(raw, s.diagonal(dim1=-2, dim2=-1)):
             s[i] = 0.0
             for a, b in _chunks(x.shape[0]):

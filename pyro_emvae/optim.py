@@ -36,13 +36,16 @@ from pyro_emvae.rules import (
     Stats,
     _compact,
     _tracked,
+    allowance_parts,
     constraint_problem,
     leaves,
     roles_of,
     rows_aligned,
+    sum_allowance,
     summarize_site,
     unhandled_params,
 )
+from pyro_emvae.stats import _memoized
 from pyro_emvae.track import IdSpace, Tracked
 
 __all__ = ["ClosedFormWarning", "EMOptim", "GradientMStep", "OnlineEM", "StreamPass"]
@@ -215,7 +218,8 @@ class EMOptim:
         self.min_prob = min_prob
         self.guard = guard
         self.rejected: list[list[str]] = []
-        self.allowance = 0.0  # what the last M-step's regularization may cost (see maximize)
+        # what the last M-step's regularization may cost (see maximize; ``allowance``)
+        self._allowance = _Allowance()
         self._warned = False  # a ClosedFormWarning was given in this run
         self._prev: dict | None = None
         self._wrote = False  # the guard wrote params in this step (see _step)
@@ -224,6 +228,16 @@ class EMOptim:
         self._two_pass: bool | None = None  # streaming: whether stage 1 needs its own pass
 
     needs_param_grads = False
+
+    @property
+    def allowance(self) -> float:
+        """What the last M-step's regularizations may cost in
+        :math:`\\mathbb{E}_q[\\log p(x, z)]` (nats; see :meth:`maximize`)."""
+        return self._allowance.value()
+
+    @allowance.setter
+    def allowance(self, nats: float) -> None:
+        self._allowance = _Allowance(nats)
 
     @property
     def algorithm(self) -> str:
@@ -313,12 +327,51 @@ class EMOptim:
         stage: int,
         flat: torch.Tensor | None = None,
         reads: torch.Tensor | None = None,
+        sites: list | None = None,
     ) -> Stats:
         """Expected sufficient statistics of every site under ``posterior`` (additive).
 
         The rules read the params' current values (stage 1 reads the locations stage 0 set)
         from the store, or from ``flat`` (all params flattened over the probe's id space) if
-        given; ``reads`` (bool over the id space), if given, marks the ids they read."""
+        given; ``reads`` (bool over the id space), if given, marks the ids they read.
+        ``sites``: :meth:`_sites` of this plan and posterior, when the caller summarizes both
+        stages of one posterior (the weights are then unpacked once)."""
+        if sites is None:
+            sites = self._sites(plan, posterior)
+        space = plan.space
+        # (read from the store when a rule first asks: stage 0's plain means read no param)
+        flats = [flat]
+        stats = Stats(space.size, plain_locs=plan.plain_locs, memo=plan.memo)
+
+        def current(t):
+            # gather at the compact ids: broadcast (stride-0) dims stay size 1 and broadcast
+            if not isinstance(t, Tracked) or t.form != "value":
+                # (a log or normalized form belongs to a gradient param: the plan was probed
+                # at its current value)
+                return t.as_subclass(torch.Tensor) if isinstance(t, Tracked) else t
+            ids, local = _memoized(stats, (t,), lambda: _local_ids(t, space))
+            if reads is not None:
+                reads[ids.reshape(-1)] = True
+            if flats[0] is None:
+                if local is not None and _same_dtypes(space):
+                    # (one param: gathered from its own value, the same elements the flat
+                    # vector would give, without computing every param's value; a copy of
+                    # the value itself where the ids read it whole, in order)
+                    theta = _params.value(t.param)
+                    if isinstance(local, tuple):
+                        return theta.reshape(local).clone()
+                    return theta.reshape(-1)[local]
+                flats[0] = _flat_params(space)
+            return flats[0][ids]
+
+        for name, fn, value, weight in sites:
+            summarize_site(fn, value, weight, stats, stage, current)
+        return stats
+
+    def _sites(self, plan: Plan, posterior: Posterior) -> list[tuple]:
+        """``(name, fn, value, weight)`` of every sample site of the plan: the posterior weight
+        of each position (the E-step's factor, unpacked, times the site's mask and scale).
+        Raises ValueError if the posterior is of other rows than the plan was probed on."""
         for name, site in posterior.subsample.nodes.items() if posterior.subsample else ():
             probed = plan.trace.nodes.get(name)
             if probed is None or not (
@@ -328,24 +381,7 @@ class EMOptim:
                     f"the plan was probed on another minibatch of plate '{name}' than the "
                     "posterior's; make it with plan(guide, args, kwargs, posterior.subsample)"
                 )
-        space = plan.space
-        # (read from the store when a rule first asks: stage 0's plain means read no param)
-        flats = [flat]
-
-        def current(t):
-            # gather at the compact ids: broadcast (stride-0) dims stay size 1 and broadcast
-            if not isinstance(t, Tracked) or t.form != "value":
-                # (a log or normalized form belongs to a gradient param: the plan was probed
-                # at its current value)
-                return t.as_subclass(torch.Tensor) if isinstance(t, Tracked) else t
-            ids = _compact(t.ids)
-            if reads is not None:
-                reads[ids.reshape(-1)] = True
-            if flats[0] is None:
-                flats[0] = _flat_params(space)
-            return flats[0][ids]
-
-        stats = Stats(space.size, plain_locs=plan.plain_locs, memo=plan.memo)
+        out = []
         for name, site in plan.trace.nodes.items():
             if site["type"] != "sample" or isinstance(site["fn"], Subsample):
                 continue
@@ -364,8 +400,8 @@ class EMOptim:
             scale = site["scale"]
             if not (isinstance(scale, (int, float)) and scale == 1):  # (no (K, N) copy)
                 weight = weight * scale
-            summarize_site(site["fn"], site["value"], weight, stats, stage, current)
-        return stats
+            out.append((name, site["fn"], site["value"], weight))
+        return out
 
     # ---------------------------------------------------------------- maximization
     def maximize(self, plan: Plan, stats: Stats, stage: int) -> dict[str, torch.Tensor]:
@@ -390,7 +426,7 @@ class EMOptim:
                 shape=plan.space.shapes[name],
                 offset=plan.space.offsets[name],
                 constraint=_params.constraint_of(name),
-                current=_params.value(name).clone().reshape(-1),
+                current=None,  # (read when a rule asks: see MStepContext)
                 stats=stats,
                 reg_covar=self.reg_covar,
                 dirichlet=self.dirichlet,
@@ -401,7 +437,7 @@ class EMOptim:
             try:
                 value = rule.maximize(role, stats, ctx)
             finally:
-                self.allowance += ctx.allowance
+                self._allowance.add(allowance_parts(ctx))
                 for message, category in ctx.warnings:
                     warnings.warn(message, category, stacklevel=4)
             if isinstance(value, dict):
@@ -499,7 +535,7 @@ class EMOptim:
             prev = {
                 "objective": self._prev["objective"],
                 "params": {k: v.detach().clone() for k, v in self._prev["params"].items()},
-                "allowance": self._prev.get("allowance", 0.0),
+                "allowance": _nats(self._prev.get("allowance", 0.0)),
             }
         return {
             "svi_optim": self.svi_optim.get_state(),
@@ -516,7 +552,8 @@ class EMOptim:
 
     def __call__(self, guide: ExactEStep, posterior: Posterior, args: tuple, kwargs: dict):
         plan = self.plan(guide, args, kwargs, posterior.subsample)
-        before = _params.constrained(plan.closed_form + plan.gradient)
+        # (the values to roll back to and the guard's memory: read only when needed)
+        before = _params.Snapshot(plan.closed_form + plan.gradient)
         try:
             return self._step(guide, posterior, plan, args, kwargs, before)
         except Exception:
@@ -539,10 +576,11 @@ class EMOptim:
                 ),
             }
         if plan.closed_form:
-            self.allowance = 0.0
+            self._allowance = _Allowance()
             self._closed_form(plan, posterior)
             if self._prev is not None:
-                self._prev["allowance"] = self.allowance
+                # (summed when the guard reads it, after a drop: see MStepContext._allow_later)
+                self._prev["allowance"] = self._allowance
         info: dict[str, Any] = {
             "closed_form": list(plan.closed_form),
             "gradient": list(plan.gradient),
@@ -560,8 +598,9 @@ class EMOptim:
     def _closed_form(self, plan: Plan, posterior: Posterior) -> None:
         """Both stages of the closed-form update from one posterior (data-parallel: from the
         statistics summed over the ranks)."""
+        sites = self._sites(plan, posterior)  # (both stages read the same weights)
         for stage in (0, 1):
-            stats = self.summarize(plan, posterior, stage)
+            stats = self.summarize(plan, posterior, stage, sites=sites)
             dp.all_reduce_stats(stats)
             _params.write(self.maximize(plan, stats, stage))
 
@@ -632,8 +671,9 @@ class EMOptim:
                     "every batch"
                 )
             stages = [1] if stage1_flat is not None else [0, 1] if speculate else [0]
+            sites = self._sites(plan, post)
             for stage in stages:
-                s = self.summarize(plan, post, stage, flat=stage1_flat, reads=reads)
+                s = self.summarize(plan, post, stage, flat=stage1_flat, reads=reads, sites=sites)
                 stats[stage] = s if stats[stage] is None else stats[stage].add_(s)
             del post
         if plan is None:
@@ -770,8 +810,9 @@ class OnlineEM(EMOptim):
 
     def _closed_form(self, plan: Plan, posterior: Posterior) -> None:
         rho = self.step_size(self.n_updates)
+        sites = self._sites(plan, posterior)
         for stage in (0, 1):
-            stats = self.summarize(plan, posterior, stage)
+            stats = self.summarize(plan, posterior, stage, sites=sites)
             dp.all_reduce_stats(stats)
             running = self._running.get(stage)
             if running is None or rho == 1.0 or running.size != stats.size:
@@ -824,6 +865,31 @@ class OnlineEM(EMOptim):
 
 def _flat_params(space: IdSpace) -> torch.Tensor:
     return torch.cat([_params.value(n).reshape(-1) for n in space.offsets])
+
+
+def _local_ids(t: Tracked, space: IdSpace) -> tuple:
+    """``(ids, local)`` of a tracked argument: its compact global ids, and the same ids
+    within its one param's value flattened (None when they reach another param's range, as a
+    linear form's may). Structure only: made once per plan (``_memoized``)."""
+    ids = _compact(t.ids)
+    local = None
+    name = getattr(t, "param", None)
+    if len(t.param_names) == 1 and name in space.offsets:
+        o, numel = space.offsets[name], math.prod(space.shapes[name])
+        rel = ids - o
+        if bool(((rel >= 0) & (rel < numel)).all()):
+            local = rel
+            if rel.numel() == numel and torch.equal(
+                rel.reshape(-1), torch.arange(numel, device=rel.device)
+            ):
+                local = tuple(rel.shape)  # (every element once, in order: a reshape)
+    return ids, local
+
+
+def _same_dtypes(space: IdSpace) -> bool:
+    """Whether every param of the space has one dtype (else the flat vector, a ``cat`` of
+    them, is in their promoted dtype, and a param's own value is not what it would give)."""
+    return len({u.dtype for u in _params.unconstrained(space.offsets).values()}) == 1
 
 
 def _device(plan: Plan) -> torch.device:
@@ -896,7 +962,34 @@ def _slack(prev: dict, dtype) -> float:
     """How far log p(x) may fall after closed-form updates only: round-off (relative,
     :math:`\\max(10^{-8}, \\sqrt{\\epsilon})`) plus what their regularization may cost."""
     roundoff = max(1e-8, torch.finfo(dtype).eps ** 0.5) * (1.0 + abs(prev["objective"]))
-    return roundoff + prev.get("allowance", 0.0)
+    return roundoff + _nats(prev.get("allowance", 0.0))
+
+
+class _Allowance:
+    """The allowance of one M-step: each maximizer's total (``allowance_parts``), added from
+    ``start`` in the order they ran, computed when first read."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._start = float(start)
+        self._parts: list = []
+        self._value: float | None = self._start
+
+    def add(self, parts) -> None:
+        self._parts.append(parts)
+        self._value = None
+
+    def value(self) -> float:
+        if self._value is None:
+            total = self._start
+            for parts in self._parts:
+                total += sum_allowance(parts)
+            self._value = total
+        return self._value
+
+
+def _nats(allowance) -> float:
+    """An allowance as a float (a stored float, or an :class:`_Allowance`)."""
+    return allowance.value() if isinstance(allowance, _Allowance) else float(allowance)
 
 
 def _moved(old: dict, new: dict, names) -> list[str]:

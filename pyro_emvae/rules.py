@@ -42,6 +42,7 @@ constraint its role's update cannot respect (:func:`constraint_problem`), takes 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 
 from pyro_emvae import _compat
+from pyro_emvae import params as _params
 from pyro_emvae.distributions.hmm import ChainPosterior, HomogeneousHMM
 from pyro_emvae.distributions.pcfg import PCFG
 from pyro_emvae.kernels import outer_scatter
@@ -67,12 +69,14 @@ __all__ = [
     "MStepContext",
     "Rule",
     "Stats",
+    "allowance_parts",
     "constraint_bounds",
     "constraint_problem",
     "leaves",
     "register",
     "register_rule",
     "roles_of",
+    "sum_allowance",
     "summarize_site",
     "unhandled_params",
     "uses",
@@ -261,7 +265,8 @@ class MStepContext:
     Attributes:
         name, role, shape, constraint: the param being updated.
         offset: where its elements start in the global id space of the statistics.
-        current: its current constrained value, flattened (a copy: the rule may write in it).
+        current: its current constrained value, flattened (a copy: the rule may write in it;
+            made when first read, from the param store, where the M-step passes None).
         reg_covar, dirichlet, min_prob: the EMOptim options.
         space: the probe's :class:`~pyro_emvae.track.IdSpace` (``offsets``, ``shapes``).
         closed_form: the params updated in closed form in this M-step.
@@ -316,6 +321,27 @@ class MStepContext:
     closed_form: tuple = ()
     allowance: float = 0.0
     warnings: list = field(default_factory=list)
+    # what allow() and _allow_later() recorded, in order (floats, and functions giving floats)
+    _parts: list = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.current is None:  # (read lazily: an update of every element never needs it)
+            del self.current
+
+    def __getattr__(self, attr: str):
+        # (only reached while ``current`` is unset: see __post_init__)
+        if attr == "current":
+            self.current = _params.value(self.name).clone().reshape(-1)
+            return self.current
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
+
+    def _dtype(self) -> torch.dtype:
+        """The dtype of ``current`` (without copying the value when it was not read)."""
+        held = self.__dict__.get("current")
+        if held is not None:
+            return held.dtype
+        # (the leaf's: a transform keeps the dtype; the value itself need not be computed)
+        return _params.unconstrained([self.name])[self.name].dtype
 
     @property
     def numel(self) -> int:
@@ -344,6 +370,14 @@ class MStepContext:
         :math:`\\mathbb{E}_q[\\log p(x, z)]` against the plain maximizer: EMOptim's guard
         tolerates that much of a drop in :math:`\\log p(x)` and no more."""
         self.allowance += float(nats)
+        self._parts.append(float(nats))
+
+    def _allow_later(self, costs: Callable[[], Any]) -> None:
+        """:meth:`allow` each of ``costs()`` (an iterable of nats), when EMOptim's total is
+        first read: the guard reads it only after a drop, so that the cost of an update that
+        moved as it should is not computed at every step. ``costs`` must read only tensors
+        nothing modifies afterwards (its own copies). Not counted in ``allowance``."""
+        self._parts.append(costs)
 
     def warn(self, message: str, category: type[Warning] = UserWarning) -> None:
         """A warning for the user, given at the line that called the M-step."""
@@ -387,6 +421,11 @@ class MStepContext:
         if n is None or d is None:
             return None
         ok = d > 0
+        if _FAST_PATHS and d.numel() and bool(ok.all()):
+            # (the usual case, in one test: no element is empty and every one moves; the
+            # same values as the general path below, which would overwrite all of current)
+            self.current = _elementwise(self, ok, n, d, every=True).to(self._dtype())
+            return self.current
         _warn_empty(self, self.touched(den) & ~ok)
         if not ok.any():
             return None
@@ -394,7 +433,45 @@ class MStepContext:
         return self.current
 
 
+# the maximizers' one-test paths for the usual case (every element, row or matrix reached and
+# with mass); False: the general path only (the tests compare the two bit for bit)
+_FAST_PATHS = True
 _MARGIN = 1e-12  # how far inside its bounds an update clips a param (relative to the interval)
+
+
+def allowance_parts(ctx: MStepContext) -> float | list:
+    """What ``ctx`` recorded for the allowance: its float total, or (where some cost was
+    deferred) the recorded parts in order, for :func:`sum_allowance`."""
+    return list(ctx._parts) if any(callable(p) for p in ctx._parts) else ctx.allowance
+
+
+def sum_allowance(parts) -> float:
+    """The total of :func:`allowance_parts`: the deferred costs computed now, every part
+    added from 0.0 in the order recorded (the same sum as ``allow`` made it)."""
+    if not isinstance(parts, list):
+        return parts
+    total = 0.0
+    for part in parts:
+        for nats in part() if callable(part) else (part,):
+            total += float(nats)
+    return total
+
+
+def _clamp_cost(counts, exact, probs) -> list:
+    """What clamping the probability rows ``exact`` to ``probs`` costs the counts' log-likelihood
+    (nats, one total)."""
+    cost = torch.xlogy(counts, exact) - torch.xlogy(counts, probs)
+    return [cost.sum().clamp_min(0)]
+
+
+def _unbounded(constraint) -> bool:
+    """Whether an elementwise constraint is the whole real line (no clipping to do)."""
+    bounds = constraint_bounds(constraint)
+    return (
+        bounds is not None
+        and all(type(b) is float for b in bounds)
+        and (-bounds[0] == bounds[1] == math.inf)
+    )
 
 
 def _warn_empty(ctx: MStepContext, empty: torch.Tensor) -> None:
@@ -405,14 +482,18 @@ def _warn_empty(ctx: MStepContext, empty: torch.Tensor) -> None:
         )
 
 
-def _elementwise(ctx: MStepContext, ok, num, den) -> torch.Tensor:
-    """``num / den`` at the elements ``ok`` (a loc, rate or probability), clipped into the
-    constraint and into the family's own range (probabilities in [min_prob, 1 - min_prob],
-    rates >= min_prob); what the family's range costs goes to the allowance."""
-    a, b = num[ok], den[ok]
+def _elementwise(ctx: MStepContext, ok, num, den, every: bool = False) -> torch.Tensor:
+    """``num / den`` at the elements ``ok`` (a loc, rate or probability; ``every``: ``ok`` is
+    known to hold everywhere), clipped into the constraint and into the family's own range
+    (probabilities in [min_prob, 1 - min_prob], rates >= min_prob); what the family's range
+    costs goes to the allowance."""
+    a, b = (num, den) if every else (num[ok], den[ok])
     value = a / b
-    lo, hi = ctx.bounds(ok, value)
-    best = torch.minimum(torch.maximum(value, lo), hi)
+    if _unbounded(ctx.constraint):
+        best = value  # (clipping to ±inf is the identity, nan included)
+    else:
+        lo, hi = ctx.bounds(ok, value)
+        best = torch.minimum(torch.maximum(value, lo), hi)
     if ctx.role == "probability":
         final = best.clamp(ctx.min_prob, 1 - ctx.min_prob)
         q = lambda p: torch.xlogy(a, p) + torch.xlogy(b - a, 1 - p)
@@ -437,10 +518,12 @@ def _reg_cost(ml: torch.Tensor, chol_ml, chol, n: torch.Tensor) -> list[float]:
     logdet_ml = 2 * factor_ml.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     logdet = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     trace = torch.cholesky_solve(ml, chol).diagonal(dim1=-2, dim2=-1).sum(-1)
-    gap = (logdet - logdet_ml + trace - ml.shape[-1]).tolist()
+    gap = logdet - logdet_ml + trace - ml.shape[-1]
+    # (one transfer for the three: the counts and info as doubles are exact)
+    bad, ks, gaps = torch.stack([info_ml.ne(0).to(gap.dtype), n.to(gap.dtype), gap]).tolist()
     return [
-        math.inf if bad else max(0.0, 0.5 * float(k) * g)
-        for bad, k, g in zip(info_ml.ne(0).tolist(), n.tolist(), gap, strict=True)
+        math.inf if b else max(0.0, 0.5 * float(k) * g)
+        for b, k, g in zip(bad, ks, gaps, strict=True)
     ]
 
 
@@ -573,8 +656,9 @@ def _mvn(fn, value, weight, stats, stage, current) -> None:
         if loc.param_names <= stats.plain_locs:
             # every position of a loc row shares one covariance (full, tied, diagonal models):
             # the maximizer is the weighted mean
-            stats.add("mean_num", loc.ids, weight.unsqueeze(-1), value)
-            stats.add("mean_den", loc.ids, weight.unsqueeze(-1))
+            w = weight.unsqueeze(-1)
+            stats.add("mean_num", loc.ids, w, value)
+            stats.add("mean_den", loc.ids, w)
         else:
             _mvn_loc_precision_weighted(fn, loc, mats, value, weight, stats, current)
     if stage == 1 and mats:
@@ -596,7 +680,7 @@ def _mvn(fn, value, weight, stats, stage, current) -> None:
         if fused is not None:
             den, num = fused
             stats.add("cov_num", ids, num)
-            stats.add("cov_den", ids, den.unsqueeze(-1).unsqueeze(-1))
+            stats.add("cov_den", ids, den.reshape(den.shape + (1, 1)))
         else:
             resid = value - mu
             w = weight.unsqueeze(-1).unsqueeze(-1)
@@ -728,12 +812,26 @@ class _Counts(Rule):
 
     def maximize(self, role, stats, ctx):
         rowmark = ctx.stat("rowmark")
-        if rowmark is None or not rowmark.any():
+        if rowmark is None or not rowmark.numel():
             return None
         last = ctx.shape[-1]
-        counts = ctx.stat("count").reshape(-1, last) + (ctx.dirichlet - 1.0)
+        counts = ctx.stat("count").reshape(-1, last)
+        if ctx.dirichlet != 1.0:  # (+ 0.0 changes no count: a sum from +0.0 is never -0.0)
+            counts = counts + (ctx.dirichlet - 1.0)
         rows = rowmark.reshape(-1, last).any(-1)
         total = counts.sum(-1, keepdim=True)
+        if _FAST_PATHS and bool((rows & (total.squeeze(-1) > 0)).all()):
+            # (the usual case, in one test: every row reached, none empty; the general path
+            # below gives the same values, with a test and an index per step)
+            exact = counts / total.clamp_min(1e-300)
+            probs = exact.clamp(ctx.min_prob, 1 - ctx.min_prob)
+            probs = probs / probs.sum(-1, keepdim=True)
+            # (what the clamp costs, computed if the guard reads it; the counts may be a view of
+            # the statistics, which online EM updates in place: a copy)
+            ctx._allow_later(functools.partial(_clamp_cost, counts.clone(), exact, probs))
+            return probs.to(ctx._dtype())  # ((rows, K): EMOptim reshapes it, a view)
+        if not rowmark.any():
+            return None
         empty = rows & (total.squeeze(-1) <= 0)
         if empty.any():
             ctx.warn(
@@ -998,46 +1096,72 @@ def _precision_weighted_locs(ctx: MStepContext) -> torch.Tensor:
     return cur.reshape(-1)
 
 
+_EYES: dict = {}  # (d, reg_covar, dtype, device) -> reg_covar * I: read only, never written
+
+
+def _scaled_eye(d: int, reg: float, dtype, device) -> torch.Tensor:
+    """``reg * torch.eye(d)``, made once per size, value, dtype and device (the same bits)."""
+    key = (d, float(reg).hex(), dtype, device)  # (hex: -0.0 is not 0.0 here)
+    eye = _EYES.get(key)
+    if eye is None:
+        if len(_EYES) > 64:
+            _EYES.clear()
+        eye = _EYES[key] = reg * torch.eye(d, dtype=dtype, device=device)
+    return eye
+
+
 def _covariances(ctx: MStepContext):
     """Covariances :math:`\\Sigma = \\sum w (x-\\mu)(x-\\mu)^T / \\sum w` + ``reg_covar``
     ``I``, written as the param's kind (a covariance, its Cholesky factor, or its inverse)."""
     matmark = ctx.stat("matmark")
-    if matmark is None or not matmark.any():
+    if matmark is None or not matmark.numel():
         return None
     d = ctx.shape[-1]
     num = ctx.stat("cov_num").reshape(-1, d, d)
-    den = ctx.stat("cov_den").reshape(-1, d, d)[:, 0, 0]
-    used = matmark.reshape(-1, d, d)[:, 0, 0] > 0
+    # (entry (0, 0) of each matrix: every d*d-th, one strided view)
+    den = ctx.stat("cov_den")[:: d * d]
+    used = matmark[:: d * d] > 0
     sl = ctx.slice
     kind = next(
         (k for i, k in ctx.stats.forms.items() if sl.start <= i < sl.stop and k != "simplex"),
         "scale_tril",
     )
-    cur = ctx.current.reshape(-1, d, d)
-    eye = torch.eye(d, dtype=num.dtype, device=num.device)
-    rows = []
-    for m, w in zip(used.nonzero().flatten().tolist(), den[used].tolist(), strict=True):
-        if w <= 0:
-            ctx.warn(f"param '{ctx.name}': matrix {m} has no posterior mass; kept")
-            continue
-        rows.append(m)
-    if not rows:
-        return cur.reshape(-1)
+    # (the usual case, in one test: every matrix reached and with mass; a nan mass takes the
+    # general path, which keeps it as the original test did)
+    fast = every = _FAST_PATHS and bool((used & (den > 0)).all())
+    if every:
+        rows = list(range(len(den)))
+    else:
+        if not matmark.any():
+            return None
+        rows = []
+        for m, w in zip(used.nonzero().flatten().tolist(), den[used].tolist(), strict=True):
+            if w <= 0:
+                ctx.warn(f"param '{ctx.name}': matrix {m} has no posterior mass; kept")
+                continue
+            rows.append(m)
+        if not rows:
+            return ctx.current.reshape(-1)
+        every = len(rows) == len(den)
     # every matrix at once (batched LAPACK: the same per-matrix results as one by one)
-    at = slice(None) if len(rows) == len(den) else torch.tensor(rows, device=num.device)
-    n, picked = den[at], num[at]
+    at = slice(None) if every else torch.tensor(rows, device=num.device)
+    n, picked = (den, num) if every else (den[at], num[at])
     ml = 0.5 * (picked + picked.mT) / n.view(-1, 1, 1)
-    cov = ml + ctx.reg_covar * eye
+    cov = ml + _scaled_eye(d, ctx.reg_covar, num.dtype, num.device)
     if ctx.reg_covar > 0:
-        # (the factors of both in one batched call: the cost reads them, the update keeps C's)
-        factors, infos = torch.linalg.cholesky_ex(torch.cat([ml, cov]))
-        m_ = len(rows)
-        chol, info = factors[m_:], infos[m_:]
-        for cost in _reg_cost(ml, (factors[:m_], infos[:m_]), chol, n):
-            ctx.allow(cost)
+        # (the factors of both: the cost reads them, the update keeps C's; two calls, as
+        # each matrix is factored on its own either way, and no concatenated copy)
+        chol_ml = torch.linalg.cholesky_ex(ml)
+        chol, info = torch.linalg.cholesky_ex(cov)
+        # (computed if the guard reads it: n may be a view of the statistics, which online
+        # EM updates in place; the others are new tensors nothing writes to)
+        ctx._allow_later(functools.partial(_reg_cost, ml, chol_ml, chol, n.clone()))
     elif kind != "covariance_matrix":
         chol, info = torch.linalg.cholesky_ex(cov)
     if kind == "covariance_matrix":
+        if fast:  # (all of current would be overwritten)
+            return cov.to(ctx._dtype()).reshape(-1)
+        cur = ctx.current.reshape(-1, d, d)
         cur[at] = cov
         return cur.reshape(-1)
     if info.any():
@@ -1047,7 +1171,11 @@ def _covariances(ctx: MStepContext):
             f"points, or collapsed onto a subspace); raise reg_covar (now "
             f"{ctx.reg_covar})"
         )
-    cur[at] = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
+    new = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
+    if fast:  # ((M, D, D): EMOptim reshapes it to the param's shape, a view, not a copy)
+        return new.to(ctx._dtype())
+    cur = ctx.current.reshape(-1, d, d)
+    cur[at] = new
     return cur.reshape(-1)
 
 

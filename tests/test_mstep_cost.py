@@ -1,0 +1,316 @@
+"""The steady-state M-step's shortcuts give the general path's bits (issue 13, small data).
+
+* ``Stats.add``: a one-factor statistic summed directly, a matrix product by ``bmm``: the same
+  sums as the einsum they replace.
+* The maximizers' one-test paths (every element, row or matrix reached and with mass) give
+  the same values, allowances and warnings as the general path (``rules._FAST_PATHS``).
+* A rule's read of one param's value equals the read from all params flattened.
+* The regularization costs computed when the guard reads them equal those computed at once,
+  even after the statistics are changed in place (online EM).
+* ``params.Snapshot`` is ``params.constrained`` taken at the same time; ``params.write``
+  still refuses a value whose unconstrained image is not finite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.distributions import constraints
+
+from models.gmm import gmm_model, init_params, sample_gmm
+from pyro_emvae import EMOptim, ExactEStep, rules, stats
+from pyro_emvae import optim as _optim
+from pyro_emvae import params as _params
+from pyro_emvae.rules import MStepContext
+
+PAR = {"enumerate": "parallel"}
+
+
+# ---------------------------------------------------------------- Stats.add
+def _einsum_path(recipe: stats._AddRecipe, factors) -> torch.Tensor:
+    sum_dims, matmul = recipe.sum_dims, recipe.matmul
+    recipe.sum_dims, recipe.matmul = None, False
+    try:
+        return recipe.contract(factors)
+    finally:
+        recipe.sum_dims, recipe.matmul = sum_dims, matmul
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_factor_sums_and_matmuls_equal_einsum(dtype):
+    g = torch.Generator().manual_seed(0)
+    for k, n, d in itertools.product([1, 2, 5], [1, 3, 272, 3000], [1, 2, 4]):
+        ids = torch.arange(k * d).reshape(k, 1, d)  # a loc's rows, pooled along the data
+        w = torch.rand(k, n, 1, generator=g, dtype=dtype)
+        x = torch.randn(d, n, generator=g, dtype=dtype).T  # (not contiguous)
+        cases = [
+            (ids, (w,)),  # one factor, pooled: a sum
+            (ids, (w, x)),  # a weighted sum of rows: a matrix product
+            (ids[:, :, 0], (w.reshape(k, n),)),  # a count
+            (torch.arange(k * d * d).reshape(k, d, d), (torch.randn(k, d, d, dtype=dtype),)),
+        ]
+        for i, fs in cases:
+            recipe = stats._AddRecipe(int(i.max()) + 1, i, fs)
+            assert torch.equal(recipe.contract(fs), _einsum_path(recipe, fs)), (k, n, d)
+        assert stats._AddRecipe(k * d, ids, (w, x)).matmul == (k > 1 and n > 1 and d > 1)
+
+
+# ---------------------------------------------------------------- maximizers
+def _mixture(kind: str, K: int = 3):
+    """A model, its data and a guide, for each family whose maximizer has a one-test path."""
+    g = torch.Generator().manual_seed(3)
+    if kind in ("full", "diag", "tied", "spherical"):
+        data, _ = sample_gmm(N=80, K=K, D=2, seed=2)
+        init = init_params(data, K, kind, seed=1)
+
+        def model(x):
+            return gmm_model(x, K, kind, init=init)
+
+        return model, data
+    if kind == "bernoulli":
+        data = (torch.rand(60, 4, generator=g) < 0.3).double()
+        p0 = 0.2 + 0.6 * torch.rand(K, 4, generator=g)
+
+        def model(x):
+            w = pyro.param("w", torch.ones(K) / K, constraint=constraints.simplex)
+            p = pyro.param("p", p0.clone(), constraint=constraints.unit_interval)
+            with pyro.plate("data", len(x)):
+                z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+                pyro.sample("x", dist.Bernoulli(p[z]).to_event(1), obs=x)
+
+        return model, data
+    data = torch.poisson(torch.full((70,), 3.0), generator=g)
+
+    def model(x):
+        w = pyro.param("w", torch.tensor([0.3, 0.7]), constraint=constraints.simplex)
+        r = pyro.param("r", torch.tensor([1.0, 5.0]), constraint=constraints.positive)
+        t = pyro.param("t", torch.tensor([[0.6, 0.4], [0.1, 0.9]]), constraint=constraints.simplex)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+            pyro.sample("y", dist.Categorical(t[z]), obs=(x > 3).long())
+            pyro.sample("x", dist.Poisson(r[z]), obs=x)
+
+    return model, data
+
+
+def _one_mstep(model, data, fast: bool, **options):
+    """The new params, the allowance and the warnings of one M-step."""
+    pyro.clear_param_store()
+    guide = ExactEStep(model)
+    mstep = EMOptim(**options)
+    post = guide.posterior(data)
+    plan = mstep.plan(guide, (data,), {}, post.subsample)
+    old, rules._FAST_PATHS = rules._FAST_PATHS, fast
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            mstep(guide, post, (data,), {})
+    finally:
+        rules._FAST_PATHS = old
+    values = _params.constrained(plan.closed_form)
+    return values, mstep.allowance, [str(w.message) for w in seen]
+
+
+@pytest.mark.parametrize("kind", ["full", "diag", "tied", "spherical", "bernoulli", "poisson"])
+@pytest.mark.parametrize("options", [{}, {"reg_covar": 1e-2, "min_prob": 0.3, "dirichlet": 2.0}])
+def test_one_test_paths_equal_the_general_path(kind, options):
+    model, data = _mixture(kind)
+    fast = _one_mstep(model, data, True, **options)
+    general = _one_mstep(model, data, False, **options)
+    assert fast[0].keys() == general[0].keys() and fast[0]
+    for name in fast[0]:
+        assert torch.equal(fast[0][name], general[0][name]), name
+    assert fast[1] == general[1]  # the same float, summed in the same order
+    assert fast[2] == general[2]
+    if options:
+        assert fast[1] > 0  # (the options cost something: the comparison is not of zeros)
+
+
+def test_an_empty_component_takes_the_general_path_and_warns():
+    data, _ = sample_gmm(N=40, K=2, D=2, seed=0)
+    init = init_params(data, 3, "full", seed=1)
+    init["locs"][2] = 1e3  # far from every point: no posterior mass
+
+    def model(x):
+        return gmm_model(x, 3, "full", init=init)
+
+    values, _, seen = _one_mstep(model, data, True)
+    assert any("no posterior mass" in m for m in seen)
+    assert torch.equal(values["locs"][2], init["locs"][2].double())
+
+
+# ---------------------------------------------------------------- reads of the params
+@pytest.mark.parametrize("cov", ["full", "diag"])
+def test_a_param_read_on_its_own_equals_the_flat_read(cov):
+    model, data = _mixture(cov)
+    pyro.clear_param_store()
+    guide, mstep = ExactEStep(model), EMOptim()
+    post = guide.posterior(data)
+    plan = mstep.plan(guide, (data,), {}, post.subsample)
+    _params.write(mstep.maximize(plan, mstep.summarize(plan, post, 0), 0))  # locs move
+    reads_own = torch.zeros(plan.space.size, dtype=torch.bool)
+    reads_flat = torch.zeros_like(reads_own)
+    own = mstep.summarize(plan, post, 1, reads=reads_own)
+    flat = mstep.summarize(plan, post, 1, flat=_optim._flat_params(plan.space), reads=reads_flat)
+    assert own.sums.keys() == flat.sums.keys()
+    for k in own.sums:
+        assert torch.equal(own.sums[k], flat.sums[k]), k
+    assert torch.equal(reads_own, reads_flat) and reads_own.any()
+
+
+def test_params_of_two_dtypes_are_read_in_the_promoted_dtype():
+    x = torch.randn(30, dtype=torch.float64)
+
+    def model(data):
+        w = pyro.param("w", torch.tensor([0.5, 0.5]), constraint=constraints.simplex)
+        loc = pyro.param("loc", torch.tensor([-1.0, 1.0], dtype=torch.float32))
+        scale = pyro.param(
+            "scale", torch.ones(2, dtype=torch.float64), constraint=constraints.positive
+        )
+        with pyro.plate("data", len(data)):
+            z = pyro.sample("z", dist.Categorical(w.double()), infer=PAR)
+            pyro.sample("x", dist.Normal(loc.double()[z], scale[z]), obs=data)
+
+    pyro.clear_param_store()
+    guide, mstep = ExactEStep(model), EMOptim()
+    post = guide.posterior(x)
+    plan = mstep.plan(guide, (x,), {}, post.subsample)
+    assert not _optim._same_dtypes(plan.space)
+    own = mstep.summarize(plan, post, 1)
+    flat = mstep.summarize(plan, post, 1, flat=_optim._flat_params(plan.space))
+    for k in own.sums:
+        assert torch.equal(own.sums[k], flat.sums[k]), k
+
+
+def test_a_context_reads_current_when_asked_and_gives_a_copy():
+    pyro.clear_param_store()
+    pyro.param("s", torch.tensor([1.0, 2.0]), constraint=constraints.positive)
+    ctx = MStepContext("s", "scale", torch.Size([2]), 0, constraints.positive, None, stats.Stats(2))
+    assert "current" not in vars(ctx)
+    assert torch.equal(ctx.current, _params.value("s"))
+    ctx.current[0] = 7.0  # the rule's own copy
+    assert float(pyro.param("s").detach()[0]) == 1.0 and float(ctx.current[0]) == 7.0
+    mine = torch.zeros(2, dtype=torch.float32)
+    given = MStepContext("s", "scale", torch.Size([2]), 0, None, mine, stats.Stats(2))
+    assert given.current is mine and given._dtype() == torch.float32
+    assert ctx._dtype() == pyro.param("s").dtype
+    with pytest.raises(AttributeError):
+        _ = ctx.missing
+
+
+# ---------------------------------------------------------------- the allowance
+def test_deferred_costs_equal_costs_at_once_after_the_stats_change():
+    model, data = _mixture("full")
+    pyro.clear_param_store()
+    guide, mstep = ExactEStep(model), EMOptim(reg_covar=1e-2, min_prob=0.3)
+    post = guide.posterior(data)
+    plan = mstep.plan(guide, (data,), {}, post.subsample)
+    start = _params.snapshot(plan.closed_form)
+    got = []
+    for eager in (False, True):
+        _params.restore(start)
+        mstep.allowance = 0.0
+        original = MStepContext._allow_later
+        if eager:  # each cost added at once, as allow() does
+            MStepContext._allow_later = lambda self, costs: [self.allow(c) for c in costs()]
+        try:
+            for stage in (0, 1):
+                s = mstep.summarize(plan, post, stage)
+                _params.write(mstep.maximize(plan, s, stage))
+                for v in s.sums.values():
+                    v.mul_(3.0)  # as online EM scales its running statistics in place
+        finally:
+            MStepContext._allow_later = original
+        got.append(mstep.allowance)
+    assert got[0] == got[1] and got[0] > 0 and math.isfinite(got[0])
+
+
+def test_the_guard_reads_the_allowance_of_the_previous_step():
+    model, data = _mixture("full")
+    pyro.clear_param_store()
+    guide, mstep = ExactEStep(model), EMOptim(reg_covar=1e-2)
+    post = guide.posterior(data)
+    mstep(guide, post, (data,), {})
+    prev = mstep._prev["allowance"]
+    assert isinstance(prev, _optim._Allowance)
+    assert _optim._nats(prev) == mstep.allowance > 0
+    assert mstep.state_dict()["prev"]["allowance"] == mstep.allowance
+
+
+# ---------------------------------------------------------------- params
+def test_a_snapshot_is_constrained_taken_at_the_same_time():
+    pyro.clear_param_store()
+    pyro.param("w", torch.tensor([0.2, 0.3, 0.5]), constraint=constraints.simplex)
+    pyro.param("L", torch.tensor([[1.5, 0.0], [0.3, 0.7]]), constraint=constraints.lower_cholesky)
+    pyro.param("s", torch.tensor([0.5, 2.0]), constraint=constraints.positive)
+    pyro.param("m", torch.tensor([-1.0, 1.0]))
+    names = ["w", "L", "s", "m", "absent"]
+    want = _params.constrained(names)
+    snap = _params.Snapshot(names)
+    assert list(snap) == ["w", "L", "s", "m"] and len(snap) == 4
+    _params.write({"w": torch.tensor([0.6, 0.2, 0.2]), "m": torch.tensor([3.0, 4.0])})
+    for n in want:
+        assert torch.equal(snap[n], want[n]), n
+    _params.write(snap)  # a rollback, as EMOptim makes it
+    assert torch.equal(_params.constrained(["m"])["m"], torch.tensor([-1.0, 1.0]))
+
+
+def test_write_refuses_a_value_off_its_constraint_and_takes_a_huge_finite_one():
+    pyro.clear_param_store()
+    pyro.param("s", torch.tensor([1.0, 2.0]), constraint=constraints.positive)
+    pyro.param("m", torch.tensor([0.0, 0.0], dtype=torch.float64))
+    for bad in ([0.0, 1.0], [math.nan, 1.0], [math.inf, 1.0]):
+        with pytest.raises(FloatingPointError, match="param 's'"):
+            _params.write({"s": torch.tensor(bad)})
+        assert torch.equal(pyro.param("s").detach(), torch.tensor([1.0, 2.0]))
+    huge = torch.tensor([1e308, 1e308], dtype=torch.float64)  # its sum overflows
+    _params.write({"m": huge})
+    assert torch.equal(pyro.param("m").detach(), huge)
+
+
+def test_a_constant_statistic_is_made_again_when_its_scalar_changes():
+    memo: dict = {}
+    ids = torch.tensor([[0, 1], [2, 3]])
+    one = torch.ones(())
+
+    def marks():
+        s = stats.Stats(5, memo=memo)
+        s.add("rowmark", ids, one)
+        return s
+
+    first = marks()
+    plain = stats.Stats(5)
+    plain.add("rowmark", ids, one)
+    assert torch.equal(first.sums["rowmark"], plain.sums["rowmark"])
+    first.sums["rowmark"].mul_(7.0)  # a reader's in-place change: not the memo's copy
+    second = marks()
+    assert torch.equal(second.sums["rowmark"], plain.sums["rowmark"])
+    assert torch.equal(second.touched["rowmark"], plain.touched["rowmark"])
+    one.fill_(2.0)  # in place: another constant
+    assert torch.equal(marks().sums["rowmark"], 2.0 * plain.sums["rowmark"])
+
+
+def test_the_shared_zeros_stay_zero():
+    """``Stats.add`` and the scatter start new sums from shared zeros, out of place: after
+    M-steps (whose statistics are then written in place by their readers) they are still 0."""
+    from pyro_emvae import kernels
+
+    model, data = _mixture("full")
+    pyro.clear_param_store()
+    guide, mstep = ExactEStep(model), EMOptim()
+    for _ in range(3):
+        post = guide.posterior(data)
+        plan = mstep.plan(guide, (data,), {}, post.subsample)
+        for stage in (0, 1):
+            s = mstep.summarize(plan, post, stage)
+            for v in s.sums.values():
+                v.add_(1.0)  # a reader writing the sums in place (online EM, all-reduce)
+        mstep(guide, post, (data,), {})
+    shared = list(stats._ZEROS.values()) + list(kernels._ZEROS.values())
+    assert shared and all(not z.any() for z in shared)
