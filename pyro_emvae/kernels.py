@@ -636,26 +636,22 @@ def _diag_normal(loc, scale, value, event: int) -> torch.Tensor | None:
 
 def diag_normal_rows(fn, value: torch.Tensor) -> torch.Tensor | None:
     r"""``fn.log_prob(value.unsqueeze(-2))`` ``(*batch, M)`` of a diagonal Gaussian
-        ``Independent(Normal(loc (M, E), scale (M, E)), 1)`` (the emission of every state of an HMM
-        at every step) by two GEMMs: with :math:`y = x - c` (``c`` the locs' mean row, so that
-        the products are of the data's spread, not of its distance to the origin),
-        :math:`
-    u_m = \mu_m - c` and :math:`\lambda_m = \sigma_m^{-2}`,
-        :math:`\lVert (x - \mu_m) / \sigma_m
-    Vert^2 = (y \odot y) \lambda_m - 2\, y\, (
-    u_m
-        \odot \lambda_m) +
-    u_m^	op (
-    u_m \odot \lambda_m)`. None where the structure is not
-        that (other families, batched params, autograd recording), so the caller runs the
-        generic path.
+    ``Independent(Normal(loc (M, E), scale (M, E)), 1)`` (the emission of every state of an HMM
+    at every step), row chunk by row chunk: :math:`z = (x - \mu_m) / \sigma_m` as Pyro
+    computes it (the difference first), squared and summed over the event, plus
+    :math:`-\sum \log \sigma_m - \tfrac E2 \log 2\pi`. The expanded quadratic form
+    :math:`x^2\lambda - 2 x (\mu\lambda) + \mu^2\lambda` (two GEMMs, as scikit-learn's and
+    hmmlearn's diagonal Gaussians) is not used: with a state whose scale collapsed onto one
+    point its terms are ~1e24 and cancel to a wrong log-density, and the chain's log p(x) with
+    it. Temporaries are one ``(CHUNK, M, E)`` block. None where the structure is not that
+    (other families, batched params, autograd recording), so the caller runs the generic path.
 
-        Example::
+    Example::
 
-            >>> fn = dist.Normal(torch.randn(3, 2), torch.ones(3, 2)).to_event(1)
-            >>> x = torch.randn(5, 2)
-            >>> torch.allclose(diag_normal_rows(fn, x), fn.log_prob(x.unsqueeze(-2)))
-            True
+        >>> fn = dist.Normal(torch.randn(3, 2), torch.ones(3, 2)).to_event(1)
+        >>> x = torch.randn(5, 2)
+        >>> torch.allclose(diag_normal_rows(fn, x), fn.log_prob(x.unsqueeze(-2)))
+        True
     """
     if not isinstance(fn, torch.distributions.Independent) or fn.reinterpreted_batch_ndims != 1:
         return None
@@ -672,13 +668,11 @@ def diag_normal_rows(fn, value: torch.Tensor) -> torch.Tensor | None:
     dtype = torch.promote_types(torch.promote_types(loc.dtype, scale.dtype), value.dtype)
     loc, scale = loc.to(dtype), scale.to(dtype)
     x = value.reshape(-1, value.shape[-1]).to(dtype)
-    prec = scale.pow(-2)  # (M, E)
-    centre = loc.mean(0)
-    nu = loc - centre
-    y = x - centre
-    const = -scale.log().sum(-1) - loc.shape[-1] * _HALF_LOG_2PI - 0.5 * (nu * nu * prec).sum(-1)
-    out = torch.addmm(const, y, (nu * prec).T)  # const + y (nu lambda)^T
-    out = torch.addmm(out, y.square_(), prec.T, alpha=-0.5)
+    const = -scale.log().sum(-1) - loc.shape[-1] * _HALF_LOG_2PI  # (M,)
+    out = torch.empty(x.shape[0], loc.shape[0], dtype=dtype, device=x.device)
+    for a, b in _chunks(x.shape[0]):
+        z = x[a:b].unsqueeze(-2) - loc  # (c, M, E)
+        torch.add(const, z.div_(scale).square_().sum(-1), alpha=-0.5, out=out[a:b])
     return out.reshape(value.shape[:-1] + (loc.shape[0],))
 
 

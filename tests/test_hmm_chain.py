@@ -272,8 +272,7 @@ def test_time_varying_transitions_keep_the_generic_path(monkeypatch):
 
 
 def test_diag_normal_rows_equals_the_generic_log_prob():
-    """The HMM emissions by two GEMMs (data far from the origin: the centring keeps them
-    exact), and None where the structure is not that (autograd recording, batched params)."""
+    """The HMM emissions row chunk by row chunk (data far from the origin), and None where the structure is not that (autograd recording, batched params)."""
     from pyro_emvae.kernels import diag_normal_rows
 
     g = torch.Generator().manual_seed(0)
@@ -288,6 +287,39 @@ def test_diag_normal_rows_equals_the_generic_log_prob():
     batched = dist.Normal(loc.expand(2, 4, 3), scale).to_event(1)
     assert diag_normal_rows(batched, x) is None
     assert diag_normal_rows(dist.Normal(loc, scale), x) is None  # (not a D-dim event)
+
+
+def test_a_collapsed_state_keeps_its_exact_emissions_and_log_likelihood():
+    """Regression: a state whose scale collapsed onto one data point (1e-12, what plain EM
+    reaches before it stops on the collapse) has log-densities of +53 there and -1e25 elsewhere.
+    The expanded quadratic form x^2/s^2 - 2 x mu/s^2 + mu^2/s^2 (two GEMMs) cancelled its
+    ~1e24 terms to a wrong density at the point, lost the path through that state and returned
+    log p(x) = -70.8 where Pyro's DiscreteHMM says +5.93 (EM then 'dropped' the likelihood by
+    26 nats: tests/test_optim.py's monotonicity example). Emissions and log p(x) now equal
+    Pyro's to 1e-12 relative."""
+    from pyro_emvae.kernels import diag_normal_rows
+
+    x, _ = sample_gaussian_hmm(N=1, T=20, K=3, D=2, seed=2)
+    locs = torch.stack([torch.tensor([-4.16, -3.98], dtype=x.dtype), x[0, 0]])
+    scales = torch.tensor([[1.26, 0.565], [1e-12, 1e-12]], dtype=x.dtype)
+    fn = dist.Normal(locs, scales).to_event(1)
+    want = fn.log_prob(x.unsqueeze(-2))
+    assert want[0, 0, 1] > 50 and want[0, 1:, 1].max() < -1e23  # (the regime tested)
+    _close(diag_normal_rows(fn, x), want, 1e-12)
+
+    start = torch.tensor([6e-8, 1 - 6e-8], dtype=x.dtype)
+    trans = torch.tensor([[1 - 1e-12, 1e-12], [1 - 1e-12, 1e-12]], dtype=x.dtype)
+    init = {"start": start, "trans": trans, "locs": locs, "scales": scales}
+    pyro.clear_param_store()
+
+    def model(data):
+        return gaussian_hmm(data, 2, init=init)
+
+    post = ExactEStep(model).posterior(x)
+    il, tl = discrete_hmm_logits(start, trans, 20)
+    pyro_lp = dist.DiscreteHMM(il, tl, fn).log_prob(x).sum()
+    assert pyro_lp > 5  # the path through the collapsed state at t=0 dominates
+    _close(post.log_likelihood, pyro_lp, 1e-12)
 
 
 def test_lazy_pairwise_reads_like_a_dict():
