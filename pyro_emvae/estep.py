@@ -366,7 +366,7 @@ def _check_site_shape(site: dict, depth: int) -> None:
         tuple(site["log_prob"].shape),
         tuple(site["cond_indep_stack"]),
         depth,
-        site["infer"].get("_enumerate_dim"),
+        _compat.enum_dim(site),
         tuple(getattr(site["fn"], "batch_shape", ())),
     )
     if key in _SHAPES_PASSED:
@@ -387,7 +387,7 @@ def _pack_tensors(tr) -> None:
         return
     tr.symbolize_dims()
     for site in sites:
-        dim_to_symbol = site["infer"]["_dim_to_symbol"]
+        dim_to_symbol = _compat.dim_to_symbol(site)
         out = site.setdefault("packed", {})
         try:  # (Pyro's error, with the trace's shapes)
             out["mask"] = packed.pack(site["mask"], dim_to_symbol)

@@ -165,7 +165,7 @@ class Snapshot(Mapping):
         leaves = pyro.get_param_store().named_parameters().mapping
         with torch.no_grad():  # (a copy out of autograd: one op where detach().clone() is two)
             self._leaves = {n: leaves[n].clone() for n in names if n in leaves}
-        self._constraints = {n: _compat.param_constraint(n) for n in self._leaves}
+        self._constraint = {n: _compat.param_constraint(n) for n in self._leaves}
         self._values: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -173,7 +173,7 @@ class Snapshot(Mapping):
         if theta is None:
             u = self._leaves[name]
             with torch.no_grad():  # (as value() computes it; the identity returns u, a copy)
-                theta = transform_to(self._constraints[name])(u).detach()
+                theta = transform_to(self._constraint[name])(u).detach()
             self._values[name] = theta
         return theta
 
