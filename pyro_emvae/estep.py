@@ -1146,6 +1146,19 @@ class _ExactView(Messenger):
             self._masks[name[: -len("_observed")]] = msg["mask"]
             return
         if msg["is_observed"]:
+            # a chain or an implicit latent masked by .mask(m): as poutine.mask(mask=m) (the
+            # same log-prob, where(m, lp, 0)), so that the E-step reads it as a chain (its
+            # posterior, not an opaque observed factor) and the M-step gets its weights
+            fn = msg["fn"]
+            if isinstance(fn, MaskedDistribution):
+                inner, masks = fn, []
+                while isinstance(inner, MaskedDistribution):
+                    masks.append(_compat.mask_of(inner))
+                    inner = inner.base_dist
+                if isinstance(inner, DiscreteHMM) or is_implicit(inner):
+                    for m in masks:
+                        msg["mask"] = m if msg["mask"] is None else msg["mask"] & m
+                    msg["fn"] = inner
             return
         base = name[: -len("_unobserved")] if name.endswith("_unobserved") else None
         if base is not None and base in self._filled:

@@ -11,6 +11,7 @@ made once per plan and kept in a bounded memo (:class:`_AddRecipe`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,11 +62,15 @@ class Stats:
         of, held by the memo so that its ``id`` cannot be reused, its in-place version, and the
         view's geometry) and the factors' shapes. The sums are the same either way.
         """
-        # integer observations (Long counts) enter the sums in the weights' floating dtype
-        floating = [f.is_floating_point() for f in factors]
-        if any(floating) and not all(floating):
-            dtype = factors[floating.index(True)].dtype
-            factors = tuple(f if fl else f.to(dtype) for f, fl in zip(factors, floating))
+        # integer observations (Long counts) enter the sums in the weights' floating dtype, and
+        # mixed floating dtypes (float32 data, float64 params and weights) in the wider one,
+        # as Pyro's log-probs promote them (einsum and bmm refuse mixed dtypes)
+        dtype = factors[0].dtype if factors else None
+        if any(f.dtype != dtype for f in factors):
+            floats = [f.dtype for f in factors if f.is_floating_point()]
+            if floats:
+                dtype = functools.reduce(torch.promote_types, floats)
+                factors = tuple(f if f.dtype == dtype else f.to(dtype) for f in factors)
         memo = self.memo
         recipe = None
         if memo is not None:

@@ -393,3 +393,53 @@ def test_obs_mask_fill_outside_the_support_is_refused_with_the_right_advice():
     ]:
         assert part in msg, (part, msg)
     assert ".mask(observed)" not in msg  # masking the label would condition x on the fill
+
+
+def _dot_masked_hmm(x, keep, how):
+    """A Gaussian DiscreteHMM over sequences, ``keep`` applied by ``how``: ``"dot"`` as
+    ``DiscreteHMM(...).mask(keep)``, ``"poutine"`` as ``poutine.mask(mask=keep)``, ``"rows"``
+    not at all (the caller passes the kept rows)."""
+    K = 3
+    start = pyro.param("start", torch.ones(K, dtype=F64) / K, constraint=constraints.simplex)
+    trans = pyro.param(
+        "trans",
+        torch.full((K, K), 0.1, dtype=F64) + 0.7 * torch.eye(K, dtype=F64),
+        constraint=constraints.simplex,
+    )
+    locs = pyro.param("locs", torch.tensor([-2.0, 0.0, 2.0], dtype=F64))
+    scales = pyro.param("scales", torch.ones(K, dtype=F64), constraint=constraints.positive)
+    d = dist.DiscreteHMM(start.log(), trans.log(), dist.Normal(locs, scales), duration=x.shape[1])
+    with pyro.plate("seqs", x.shape[0]), poutine.mask(mask=keep if how == "poutine" else True):
+        pyro.sample("x", d.mask(keep) if how == "dot" else d, obs=x)
+
+
+@pytest.mark.filterwarnings("ignore:TraceEnum_ELBO found no sample sites")
+def test_a_dot_masked_discrete_hmm_reads_as_poutine_mask():
+    """``DiscreteHMM(...).mask(keep)`` is ``poutine.mask(mask=keep)`` around it (the same
+    log-prob): the E-step read the MaskedDistribution as an opaque observed site (log p(x)
+    right, no chain posterior), and fit's M-step crashed on its missing weights (IndexError in
+    the transition counts). Now: the posterior equals poutine.mask's, log p(x) Pyro's, and EM
+    equals EM on the kept sequences alone."""
+    g = torch.Generator().manual_seed(0)
+    x = 2 * torch.randn(3, 7, generator=g, dtype=F64)
+    keep = torch.tensor([True, False, True])
+    post = {}
+    for how in ("dot", "poutine"):
+        pyro.clear_param_store()
+        post[how] = ExactEStep(_dot_masked_hmm).posterior(x, keep, how)
+    want = -TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+        _dot_masked_hmm, lambda *a: None, x, keep, "dot"
+    )
+    torch.testing.assert_close(post["dot"].log_likelihood, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(post["dot"].log_likelihood, post["poutine"].log_likelihood)
+    torch.testing.assert_close(post["dot"].marginals["x"], post["poutine"].marginals["x"])
+    torch.testing.assert_close(
+        post["dot"].pairwise[("x", "x")], post["poutine"].pairwise[("x", "x")]
+    )
+    params = {}
+    for how, data, kept in (("dot", x, keep), ("rows", x[keep], keep[keep])):
+        pyro.clear_param_store()
+        r = fit(_dot_masked_hmm, ExactEStep(_dot_masked_hmm), data, kept, how, max_iter=3, tol=0)
+        params[how] = r.params
+    for name in params["rows"]:
+        torch.testing.assert_close(params["dot"][name], params["rows"][name], rtol=1e-9, atol=1e-10)

@@ -392,3 +392,42 @@ def test_random_init_breaks_the_uniform_grammars_symmetry():
         assert not torch.allclose(em[0], em[1], atol=1e-3)  # the two tags now differ
         assert ll > ll_sym + 1e-3
     assert not torch.allclose(fits["random", 0][1], fits["random", 1][1], atol=1e-6)
+
+
+def test_a_dot_masked_pcfg_reads_as_poutine_mask():
+    """``PCFG(...).mask(keep)`` is ``poutine.mask(mask=keep)`` around it: the E-step read the
+    MaskedDistribution as an opaque observed site and crashed (split_with_sizes); now log p(x)
+    and EM's params equal poutine.mask's."""
+    nt, pt, v = 2, 2, 3
+    words, lengths = _batch(None, SENTS)
+    keep = torch.tensor([True, False, True, False])
+    s = nt + pt
+
+    def dot_masked(words, lengths, keep):
+        simplex = torch.distributions.constraints.simplex
+        root = pyro.param("root", torch.full((nt,), 1.0 / nt), constraint=simplex)
+        rules = pyro.param("rules", torch.full((nt, s * s), 1.0 / s**2), constraint=simplex)
+        emission = pyro.param("emission", torch.full((pt, v), 1.0 / v), constraint=simplex)
+        pcfg = PCFG(
+            root.log(),
+            rules.log().reshape(nt, s, s),
+            emission.log(),
+            lengths,
+            max_length=words.shape[-1],
+        )
+        with pyro.plate("sentences", len(lengths)):
+            pyro.sample("x", pcfg.mask(keep), obs=words)
+
+    def masked(words, lengths, keep):
+        with pyro.poutine.mask(mask=keep):
+            _model(words, lengths, nt, pt, v)
+
+    out = []
+    for model in (dot_masked, masked):
+        _init(nt, pt, v, seed=6)
+        ll = ExactEStep(model).posterior(words, lengths, keep).log_likelihood
+        fit(model, ExactEStep(model), words, lengths, keep, max_iter=2, tol=0.0, progress=False)
+        out.append((ll, {n: pyro.param(n).detach().clone() for n in ("root", "rules", "emission")}))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-12, atol=1e-12)
+    for n in out[0][1]:
+        torch.testing.assert_close(out[0][1][n], out[1][1][n], rtol=1e-10, atol=1e-10)

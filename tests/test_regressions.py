@@ -362,3 +362,48 @@ def test_the_guard_does_not_undo_a_closed_form_update_again_and_again():
     h = result.history["log_likelihood"]
     assert opt.rejected == [] and h[1] < h[0]
     assert float(pyro.param("scale").min()) ** 2 > 4.0
+
+
+# ------------------------------------------------------------------ float32 data, float64 params
+def _f32_mixture(x):
+    w = pyro.param("w", torch.ones(2) / 2, constraint=dist.constraints.simplex)
+    locs = pyro.param("locs", torch.tensor([[0.0, 0.0], [4.0, 4.0]]))
+    cov = pyro.param(
+        "cov", torch.eye(2).expand(2, 2, 2), constraint=dist.constraints.positive_definite
+    )
+    mean = pyro.param("mean", torch.tensor([0.0, 4.0]))
+    scale = pyro.param("scale", torch.ones(2), constraint=dist.constraints.positive)
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.MultivariateNormal(locs[z], covariance_matrix=cov[z]), obs=x)
+        pyro.sample("s", dist.Normal(mean[z], scale[z]), obs=x[:, 1])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_float32_data_with_float64_params_fits_as_its_float64_copy(fast, monkeypatch):
+    """float32 data (read from a float32 file) into a model whose params are float64: Pyro's
+    log-probs promote to float64, and so must the M-step's statistics (Stats.add converted only
+    integer factors: einsum raised 'expected scalar type Double but found Float')."""
+    from pyro_emvae import rules
+
+    monkeypatch.setattr(rules, "_FAST_PATHS", fast)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, generator=g)
+    x[:20] += 4
+    x = x.float()
+    runs = []
+    for data in (x, x.double()):
+        pyro.clear_param_store()
+        r = fit(_f32_mixture, ExactEStep(_f32_mixture), data, max_iter=3, tol=0)
+        runs.append(r)
+        elbo = TraceEnum_ELBO(max_plate_nesting=1)
+        want = -elbo.differentiable_loss(_f32_mixture, lambda x: None, data)
+        got = ExactEStep(_f32_mixture).posterior(data).log_likelihood
+        torch.testing.assert_close(got, want.detach())
+    assert runs[0].params.keys() == runs[1].params.keys()
+    for name in runs[0].params:
+        assert runs[0].params[name].dtype == torch.float64, name
+        torch.testing.assert_close(
+            runs[0].params[name], runs[1].params[name], rtol=1e-9, atol=1e-10
+        )
+    assert runs[0].history["log_likelihood"] == pytest.approx(runs[1].history["log_likelihood"])
