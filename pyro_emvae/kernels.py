@@ -167,6 +167,40 @@ def _centred_rows(value: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, t
     return xa, centre
 
 
+def _row_spread(value: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`_centred_rows` and the largest ``|x - c|`` entry (0 for no rows), kept with them."""
+    xa, centre = _centred_rows(value, x)
+    hit = _SLOT[0]
+    if hit is not None and hit[2] is xa and len(hit) == 5:
+        return xa, centre, hit[4]
+    spread = float(xa[:, :-1].abs().amax()) if xa.numel() > xa.shape[0] else 0.0
+    if hit is not None and hit[2] is xa:
+        _SLOT[0] = (*hit[:4], spread)
+    return xa, centre, spread
+
+
+# how much the GEMM form may amplify rounding (see _mvn_conditioned) before the kernel leaves
+# the site to Pyro's own log_prob: at 1e8 its error in a Mahalanobis distance z is below
+# 2.2e-8 in float64 by the bound, and measured below 1e-11 relative in the log-densities
+# (tests/test_fast_paths.py); a component must be ~1e7 times thinner than the data's spread
+# (a covariance collapsing onto a line) to reach it, so ordinary fits stay fused
+_AMPLIFICATION_LIMIT = 1e8
+
+
+def _mvn_conditioned(prec: torch.Tensor, spread: float, offsets: torch.Tensor) -> bool:
+    """Whether the GEMM form ``(x - c) P - (mu - c) P`` of the Mahalanobis rows is as exact as
+    Pyro's ``(x - mu)`` then a triangular solve. Each of its two products is as large as
+    ``|x - c| |P|`` and ``|mu - c| |P|``, and they cancel to ``|x - mu| |P|``: the rounding
+    of the products, relative to the distance, is amplified by
+    ``D (max|x - c| + max|mu - c|) max|P|`` (``P = L^{-T}``; ``offsets`` ``mu - c``). A
+    covariance collapsing onto a line (condition number ~1e24) far from the origin makes it
+    1e13 and log-densities up to 1e-5 off (tests/test_fast_paths.py); beyond the limit the site goes
+    to the generic path, which computes the difference first."""
+    amp = (offsets.abs().amax() + spread) * prec.abs().amax()
+    # (NaN params: fused as before, the NaN propagates and the E-step warns on it)
+    return not float(amp) * prec.shape[-1] > _AMPLIFICATION_LIMIT
+
+
 @functools.lru_cache(maxsize=8)
 def _cancel_ratio(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** -0.25
@@ -516,8 +550,11 @@ def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
             prec = prec.mT
             stacked = prec.permute(1, 0, 2).reshape(d, m * d)
             const = torch.rsub(tril.diagonal(dim1=-2, dim2=-1).log().sum(-1), -d * _HALF_LOG_2PI)
-            xa, centre = _centred_rows(value, x)
-            shift = torch.bmm((centre - loc).unsqueeze(1), prec).view(1, m * d)
+            xa, centre, spread = _row_spread(value, x)
+            offsets = centre - loc
+            if not _mvn_conditioned(prec, spread, offsets):
+                return None
+            shift = torch.bmm(offsets.unsqueeze(1), prec).view(1, m * d)
             pa = torch.cat([stacked, shift])
             blocks = _blocks(m, d, dtype, x.device)
             out = torch.addmm(const, torch.mm(xa, pa).square_(), blocks, alpha=-0.5)
@@ -546,6 +583,11 @@ def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
     grad = torch.is_grad_enabled() and (fn.loc.requires_grad or tril.requires_grad)
     if grad:
         centre = loc.mean(0)
+        with torch.no_grad():  # (rows centred at the locs' mean: |x - c| <= spread + |c' - c|)
+            _, data_centre, spread = _row_spread(value, x.detach())
+            spread += float((data_centre - centre).abs().amax()) if x.shape[0] else 0.0
+            if not _mvn_conditioned(prec.detach(), spread, (loc - centre).detach()):
+                return None
         shift = torch.einsum("md,mde->me", loc - centre, prec).reshape(m * d)
 
         def block(a: int, b: int) -> torch.Tensor:
@@ -559,11 +601,14 @@ def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
     # rows of an (N, M) output (returned as its (M, N) transpose)
     n = x.shape[0]
     rows = min(CHUNK, n)
-    xa, centre = _centred_rows(value, x)
+    xa, centre, spread = _row_spread(value, x)
+    offsets = centre - loc
+    if not _mvn_conditioned(prec, spread, offsets):
+        return None
     # -shift: the product torch.einsum("md,mde->me") makes (the same bmm on the same
     # operands), of c' - mu rather than mu - c', which negates it exactly (the sign of a zero
     # may differ, which the square below does not see)
-    shift = torch.bmm((centre - loc).unsqueeze(1), prec).view(1, m * d)
+    shift = torch.bmm(offsets.unsqueeze(1), prec).view(1, m * d)
     pa = torch.cat([stacked, shift])  # (D + 1, M D)
     blocks = _blocks(m, d, dtype, x.device)  # (M D, M)
     if n <= CHUNK:  # one chunk: the same two GEMMs, into buffers of their own (no slicing)

@@ -371,3 +371,42 @@ def test_a_fit_in_chunks_of_5_rows_equals_one_chunk(monkeypatch, cov):
     assert _rel(torch.tensor(chunked.log_likelihood), torch.tensor(whole.log_likelihood)) < 1e-13
     for name, value in whole_params.items():
         assert torch.allclose(chunked_params[name], value, rtol=1e-12, atol=1e-13), name
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_an_ill_conditioned_covariance_leaves_the_gemm_form(offset):
+    """Regression: the fused MVN kernel's GEMM form (x - c) P - (mu - c) P lets its two products
+    cancel; for a component collapsing onto a line (Cholesky diagonal 1e-11, P ~ 1e11) it was
+    up to 3e-5 relative off Pyro's log_prob, which takes the difference first. Past its
+    amplification limit the kernel hands the site to Pyro's log_prob: the E-step's log p(x) and
+    responsibilities equal Pyro's (TraceEnum_ELBO) to 1e-12, and, in a well-conditioned mixture
+    of the same data, the fused path is still taken."""
+    from pyro.infer import TraceEnum_ELBO
+
+    g = torch.Generator().manual_seed(3)
+    x = offset + torch.randn(200, 2, generator=g, dtype=torch.float64)
+    loc = torch.stack([x[0], x[1:].mean(0)])
+    x[1:50] = loc[0] + torch.randn(49, 1, generator=g, dtype=torch.float64) * torch.tensor(
+        [1.0, 0.5], dtype=torch.float64
+    )
+    for tiny, fused in ((1e-11, False), (0.3, True)):
+        tril = torch.stack(
+            [torch.tensor([[1.0, 0.0], [0.5, tiny]], dtype=torch.float64), torch.eye(2)]
+        )
+        fn = dist.MultivariateNormal(loc.unsqueeze(-2), scale_tril=tril.unsqueeze(-3))
+        assert (kernels.fused_log_prob(fn, x) is not None) is fused
+
+        def model(data, tril=tril):
+            w = pyro.param("w", torch.tensor([0.5, 0.5], dtype=torch.float64))
+            with pyro.plate("n", len(data)):
+                z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+                pyro.sample("x", dist.MultivariateNormal(loc[z], scale_tril=tril[z]), obs=data)
+
+        pyro.clear_param_store()
+        post = ExactEStep(model).posterior(x)
+        elbo = TraceEnum_ELBO(max_plate_nesting=1)
+        want = -float(elbo.differentiable_loss(model, lambda d: None, x).detach())
+        assert abs(float(post.log_likelihood) - want) <= 1e-12 * abs(want)
+        lp = fn.log_prob(x) + torch.tensor([0.5, 0.5], dtype=torch.float64).log().unsqueeze(-1)
+        resp = (lp - lp.logsumexp(0)).exp()  # (K, N)
+        assert torch.allclose(post.marginals["z"], resp.T, rtol=0, atol=1e-12)
