@@ -142,10 +142,10 @@ def _mvn_before(fn, value):
 
 
 @pytest.mark.parametrize("k, d", [(2, 2), (3, 4), (1, 3)])
-def test_mvn_plan_is_bitwise_the_ops_it_replaced(k, d):
+def test_the_fused_mvn_is_bitwise_the_ops_it_replaced(k, d):
     torch.manual_seed(k * 10 + d)
     x = torch.randn(40, d) * 3 + 1
-    for step in range(3):  # (the plan is made at the first call, reused with new params)
+    for step in range(3):  # (the layouts are cached at the first call, reused with new params)
         loc = torch.randn(k, 1, d) + step
         tril = torch.randn(k, 1, d, d).tril() * 0.3 + torch.eye(d) * (1 + step)
         fn = dist.MultivariateNormal(loc, scale_tril=tril).expand([k, 40])
