@@ -820,12 +820,12 @@ class _Counts(Rule):
             counts = counts + (ctx.dirichlet - 1.0)
         rows = rowmark.reshape(-1, last).any(-1)
         total = counts.sum(-1, keepdim=True)
+        exact = counts / total.clamp_min(1e-300)
+        probs = exact.clamp(ctx.min_prob, 1 - ctx.min_prob)
+        probs = probs / probs.sum(-1, keepdim=True)
         if _FAST_PATHS and bool((rows & (total.squeeze(-1) > 0)).all()):
             # (the usual case, in one test: every row reached, none empty; the general path
             # below gives the same values, with a test and an index per step)
-            exact = counts / total.clamp_min(1e-300)
-            probs = exact.clamp(ctx.min_prob, 1 - ctx.min_prob)
-            probs = probs / probs.sum(-1, keepdim=True)
             # (what the clamp costs, computed if the guard reads it; the counts may be a view of
             # the statistics, which online EM updates in place: a copy)
             ctx._allow_later(functools.partial(_clamp_cost, counts.clone(), exact, probs))
@@ -840,13 +840,7 @@ class _Counts(Rule):
                 "(use dirichlet > 1 to regularize)"
             )
         ok = rows & ~empty
-        exact = counts / total.clamp_min(1e-300)
-        probs = exact.clamp(ctx.min_prob, 1 - ctx.min_prob)
-        probs = probs / probs.sum(-1, keepdim=True)
-        # what the clamp costs (nats): the counts' log-likelihood at the exact maximizer minus
-        # at the clamped one
-        c = counts[ok]
-        ctx.allow(float((torch.xlogy(c, exact[ok]) - torch.xlogy(c, probs[ok])).sum().clamp_min(0)))
+        ctx.allow(float(_clamp_cost(counts[ok], exact[ok], probs[ok])[0]))
         cur = ctx.current.reshape(-1, last)
         cur[ok] = probs[ok].to(cur.dtype)
         return cur.reshape(-1)
