@@ -1025,54 +1025,6 @@ class _Unrecycled(Messenger):
             self.gaps[id_] = msg["name"]
 
 
-_GAUSSIAN = (dist.MultivariateNormal, torch.distributions.MultivariateNormal)
-_SHAPED = (
-    dist.Categorical,
-    torch.distributions.Categorical,
-    *_GAUSSIAN,
-    dist.Normal,
-    torch.distributions.Normal,
-)
-
-
-def _log_prob_shape(fn, value) -> torch.Size | None:
-    """The shape of ``fn.log_prob(value)``, without computing it, for the families the fused
-    kernels cover (:func:`~pyro_emvae.kernels.fused_log_prob`: ``Categorical``,
-    ``MultivariateNormal``, ``Independent`` of a ``Normal`` or ``MultivariateNormal``, under
-    ``MaskedDistribution`` and ``ExpandedDistribution``): ``batch_shape`` broadcast with the
-    value's batch dims (its shape less ``fn.event_shape``'s dims),
-    which is what their ``log_prob`` (and the kernels) return. None for any other family, for
-    a mask of False (``log_prob`` then reads only the base's batch shape) and for shapes that
-    do not broadcast (the generic ``log_prob`` then raises, with the trace's shapes).
-
-    :meth:`ExactEStep._check_dims` reads only which dims a factor spans, not its values.
-
-    Example: a mixture's ``MultivariateNormal(locs[z], ...)`` with ``locs[z]`` of shape
-    ``(K, 1, D)`` and data ``(N, D)`` gives ``(K, N)``.
-    """
-    if not isinstance(value, torch.Tensor):
-        return None
-    base = fn
-    while True:
-        if isinstance(base, MaskedDistribution):
-            if _compat.mask_of(base) is False:
-                return None
-        elif not isinstance(base, dist.ExpandedDistribution):
-            break
-        base = base.base_dist
-    if isinstance(base, torch.distributions.Independent):
-        base = base.base_dist
-        if type(base) not in _SHAPED[2:]:
-            return None
-    elif type(base) not in _SHAPED:
-        return None
-    try:
-        batch = value.shape[: value.dim() - len(fn.event_shape)]
-        return _compat.broadcast_shapes(fn.batch_shape, batch)
-    except RuntimeError:
-        return None
-
-
 def _reads(tr) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """Each sample site's enumerated parents by name (from its factor's dims), and the dims
     of its factor that are neither a plate's nor an enumerated site's."""
@@ -1410,7 +1362,7 @@ class ExactEStep:
                     # only the dims a factor spans are read: where its shape is known
                     # without computing it, a zero of that shape stands in for it (pack_tensors
                     # reads the same dims; the values never were read)
-                    shape = _log_prob_shape(site["fn"], site["value"])
+                    shape = _kernels.fused_log_prob_shape(site["fn"], site["value"])
                     if shape is not None:
                         lp = torch.zeros((), device=site["value"].device).expand(shape)
                         site["unscaled_log_prob"] = lp

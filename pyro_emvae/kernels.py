@@ -55,6 +55,7 @@ __all__ = [
     "categorical_log_prob",
     "diag_normal_rows",
     "fused_log_prob",
+    "fused_log_prob_shape",
     "outer_scatter",
 ]
 
@@ -415,6 +416,48 @@ def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
     if type(fn) not in (dist.Categorical, torch.distributions.Categorical):
         return None
     return _categorical(fn, value)  # (its value checked above)
+
+
+def fused_log_prob_shape(fn, value) -> torch.Size | None:
+    """The shape of ``fn.log_prob(value)``, without computing it, for the families the fused
+    kernels cover (:func:`fused_log_prob`: ``Categorical``,
+    ``MultivariateNormal``, ``Independent`` of a ``Normal`` or ``MultivariateNormal``, under
+    ``MaskedDistribution`` and ``ExpandedDistribution``): ``batch_shape`` broadcast with the
+    value's batch dims (its shape less ``fn.event_shape``'s dims),
+    which is what their ``log_prob`` (and the kernels) return. None for any other family, for
+    a mask of False (``log_prob`` then reads only the base's batch shape) and for shapes that
+    do not broadcast (the generic ``log_prob`` then raises, with the trace's shapes).
+
+    :meth:`ExactEStep._check_dims` reads only which dims a factor spans, not its values.
+
+    Example: a mixture's ``MultivariateNormal(locs[z], ...)`` with ``locs[z]`` of shape
+    ``(K, 1, D)`` and data ``(N, D)``::
+
+        >>> fn = dist.MultivariateNormal(torch.zeros(3, 1, 2), scale_tril=torch.eye(2))
+        >>> fused_log_prob_shape(fn, torch.zeros(5, 2))
+        torch.Size([3, 5])
+    """
+    if not isinstance(value, torch.Tensor):
+        return None
+    base = fn
+    while True:
+        if isinstance(base, MaskedDistribution):
+            if _compat.mask_of(base) is False:
+                return None
+        elif not isinstance(base, dist.ExpandedDistribution):
+            break
+        base = base.base_dist
+    if isinstance(base, torch.distributions.Independent):
+        base = base.base_dist
+        if type(base) not in _REAL_SUPPORT:
+            return None
+    elif type(base) not in _REAL_SUPPORT + _CATEGORICAL:
+        return None
+    try:
+        batch = value.shape[: value.dim() - len(fn.event_shape)]
+        return _compat.broadcast_shapes(fn.batch_shape, batch)
+    except RuntimeError:
+        return None
 
 
 def _geometry(t: torch.Tensor, event: int) -> tuple:

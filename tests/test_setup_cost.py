@@ -3,7 +3,7 @@ run on cheaper paths and still fire.
 
 * :meth:`ExactEStep._check_dims` reads only which dims each factor spans: for the families
   the fused kernels cover, the factor's shape comes from the distribution's batch shape and
-  the value (:func:`pyro_emvae.estep._log_prob_shape`), exactly ``log_prob``'s shape; the
+  the value (:func:`pyro_emvae.kernels.fused_log_prob_shape`), exactly ``log_prob``'s shape; the
   reductions and recycled dims it exists for are still refused through those families.
 * The enumeration budget's broadcast watch (a torch function mode) starts at a model's first
   enumerated site, where it would have sat on the mode stack: a prior trace runs unwatched,
@@ -23,7 +23,7 @@ import torch
 
 from pyro_emvae import ExactEStep, _compat, validate
 from pyro_emvae.errors import EnumerationError
-from pyro_emvae.estep import _log_prob_shape
+from pyro_emvae.kernels import fused_log_prob_shape as _log_prob_shape
 
 PAR = {"enumerate": "parallel"}
 
