@@ -144,6 +144,16 @@ def _up(even: torch.Tensor, odd: torch.Tensor, c: torch.Tensor):
     ls = c[0 : 2 * h : 2] + c[1::2] + s.log()[..., 0, 0]
     if even.size(0) > h:  # an odd T: the last step is carried up unchanged
         prod, ls = torch.cat((prod, even[h:])), torch.cat((ls, c[2 * h :]))
+    levels, ls = _tree(prod, ls, mins)
+    return levels, ls[0], torch.stack(mins).amin(0)
+
+
+def _tree(prod: torch.Tensor, ls: torch.Tensor, mins: list) -> tuple[list, torch.Tensor]:
+    """The levels of the product tree over the time-major nodes ``prod`` (with log scales
+    ``ls``), from ``prod`` up to the root: each level multiplies neighbouring nodes (an odd
+    last node is carried up unchanged), every product rescaled to max entry 1 with its log
+    scale carried (the smallest factors appended to ``mins``). Returns the levels and the
+    last level's log scales."""
     levels = [prod]
     while prod.size(0) > 1:
         n, h = prod.size(0), prod.size(0) // 2
@@ -153,7 +163,7 @@ def _up(even: torch.Tensor, odd: torch.Tensor, c: torch.Tensor):
             nxt, lsn = torch.cat((nxt, prod[2 * h :])), torch.cat((lsn, ls[2 * h :]))
         prod, ls = nxt, lsn
         levels.append(prod)
-    return levels, ls[0], torch.stack(mins).amin(0)
+    return levels, ls
 
 
 def _down(levels: list, start: torch.Tensor, end: torch.Tensor, mins: list):
@@ -464,16 +474,9 @@ def _chain_up(init, first, trans, emit, block: int | None = None):
     ok = scales[:j].amin((0, 2, 3, 4)) > _TINY
     ls = scales[:j].log().sum(0)[..., 0, 0].T  # (nb, B)
     prod = p.transpose(0, 1).contiguous()  # (nb, B, K, K): time-major for the tree
-    levels, mins = [prod], [torch.ones_like(log_z)]
-    while prod.size(0) > 1:
-        cnt, h = prod.size(0), prod.size(0) // 2
-        nxt, s = _rescale(torch.matmul(prod[0 : 2 * h : 2], prod[1 : 2 * h : 2]), (-1, -2), mins)
-        lsn = ls[0 : 2 * h : 2] + ls[1 : 2 * h : 2] + s.log()[..., 0, 0]
-        if cnt > 2 * h:
-            nxt, lsn = torch.cat((nxt, prod[2 * h :])), torch.cat((lsn, ls[2 * h :]))
-        prod, ls = nxt, lsn
-        levels.append(prod)
-    z = (e[:, 0] * prod[0].sum(-1)).sum(-1)
+    mins = [torch.ones_like(log_z)]
+    levels, ls = _tree(prod, ls, mins)
+    z = (e[:, 0] * levels[-1][0].sum(-1)).sum(-1)
     ok = ok & torch.stack(mins).amin(0).gt(_TINY) & z.gt(_TINY)
     st["levels"] = levels
     return log_z + ls[0] + z.log(), st, ok
