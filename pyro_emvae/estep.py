@@ -1500,8 +1500,11 @@ class ExactEStep:
         wanted = [t for _, t in inputs] + list(extra_inputs or [])
         out: tuple = ()
         if grads and wanted:
-            with torch.enable_grad():
-                out = torch.autograd.grad(log_z, wanted, allow_unused=True)
+            if log_z.requires_grad:
+                with torch.enable_grad():
+                    out = torch.autograd.grad(log_z, wanted, allow_unused=True)
+            else:  # (every factor masked out, poutine.mask(mask=False): none reaches log p)
+                out = (None,) * len(wanted)
         return log_z, inputs, out[: len(inputs)], out[len(inputs) :], float(scale)
 
     # ------------------------------------------------------------------ the posterior

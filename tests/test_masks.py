@@ -443,3 +443,30 @@ def test_a_dot_masked_discrete_hmm_reads_as_poutine_mask():
         params[how] = r.params
     for name in params["rows"]:
         torch.testing.assert_close(params["dot"][name], params["rows"][name], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("how", ["dot", "poutine"])
+def test_a_chain_masked_out_by_a_plain_false(how):
+    """``poutine.mask(mask=False)`` (or ``.mask(False)``) around a DiscreteHMM: every factor
+    is masked out, log p(x) no longer depends on anything, and the E-step's backward pass
+    crashed ("element 0 of tensors does not require grad"). Now it is what the all-False
+    tensor mask gives (log p(x) = 0, as Pyro's TraceEnum_ELBO says; the chain's prior as its
+    marginals, no weight for the M-step), and fit leaves the params where they were."""
+    g = torch.Generator().manual_seed(1)
+    x = 2 * torch.randn(3, 7, generator=g, dtype=F64)
+    pyro.clear_param_store()
+    want = ExactEStep(_dot_masked_hmm).posterior(x, torch.zeros(3, dtype=torch.bool), how)
+    pyro.clear_param_store()
+    got = ExactEStep(_dot_masked_hmm).posterior(x, False, how)
+    pyro_lp = -TraceEnum_ELBO(max_plate_nesting=1).loss(
+        _dot_masked_hmm, lambda *a: None, x, False, how
+    )
+    assert float(got.log_likelihood) == pyro_lp == 0.0
+    torch.testing.assert_close(got.marginals["x"], want.marginals["x"], rtol=0, atol=0)
+    assert float(got.factor_q["x"].abs().sum()) == 0.0
+    pyro.clear_param_store()
+    r = fit(_dot_masked_hmm, ExactEStep(_dot_masked_hmm), x, False, how, max_iter=2, tol=0)
+    pyro.clear_param_store()
+    _dot_masked_hmm(x, False, how)  # the initial params
+    for name, value in r.params.items():
+        torch.testing.assert_close(value, pyro.param(name).detach(), rtol=0, atol=0)
