@@ -1923,7 +1923,9 @@ def is_implicit(fn) -> bool:
     ``log p(x, t)`` so that its gradient is the posterior), ``implicit_marginals(weight, ctx)``,
     ``implicit_map(value)`` and ``implicit_sample(value, num_samples)``; and its own
     ``expand`` (a plate expands its site's distribution, and Pyro's generic
-    ``ExpandedDistribution`` hides these methods)."""
+    ``ExpandedDistribution`` hides these methods). Optional: ``implicit_override_shape(value)
+    -> (shape, like)``, the shape of the ``override`` it takes (and a tensor of its dtype and
+    device), for which ``fit(init="random" | "kmeans++")`` draws random potentials."""
     return callable(getattr(fn, "implicit_log_z", None))
 
 

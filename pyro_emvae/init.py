@@ -18,9 +18,12 @@ chains alike:
   have to split K centers between the latents, which k-means++ cannot say how to do.
 * ``"model"``: the model's own ``pyro.param`` initial values (no E-step).
 
-A :class:`~pyro_emvae.distributions.PCFG` site's words are labels: both strategies give it
-random tag potentials ``(*batch, L, PT)`` in place of its emission log-probabilities, so the
-first E-step's parse posterior (under the model's own root and rule probabilities) is random.
+An implicit latent's site (:func:`~pyro_emvae.estep.is_implicit`) that declares the shape of
+the potentials it can take (``implicit_override_shape(value)``) gets random ones: a
+:class:`~pyro_emvae.distributions.PCFG`'s words are labels, so both strategies give it random
+tag potentials ``(*batch, L, PT)`` in place of its emission log-probabilities, and the first
+E-step's parse posterior (under the model's own root and rule probabilities) is random. One
+without it (a CTC, whose emissions come from a network) keeps its likelihood.
 
 The potentials are drawn in a floating dtype whatever the observed values' dtype: the
 value's own if it is real, else the dtype of the site distribution's parameters (the
@@ -36,7 +39,6 @@ from collections.abc import Callable
 import torch
 from pyro.distributions import DiscreteHMM
 
-from pyro_emvae.distributions.pcfg import PCFG
 from pyro_emvae.errors import KMeansFallbackWarning
 
 __all__ = ["STRATEGIES", "KMeansFallbackWarning", "init_potentials", "kmeans_pp_centers"]
@@ -86,10 +88,10 @@ def init_potentials(
 
     def potentials(name: str, site: dict):
         fn, value = site["fn"], site["value"]
-        if isinstance(fn, PCFG):  # the words' tags: random potentials (words are labels)
-            length = value.shape[-1]
-            shape = fn.batch_shape + (length, fn.emission_logits.shape[-2])
-            return random_like(shape, fn.emission_logits)
+        override_shape = getattr(fn, "implicit_override_shape", None)
+        if callable(override_shape):  # an implicit latent's observations (a PCFG's word tags)
+            shape, like = override_shape(value)
+            return random_like(shape, like)
         if isinstance(fn, DiscreteHMM):
             obs = fn.observation_dist
             t, k = value.shape[-1 - obs.event_dim], obs.batch_shape[-1]

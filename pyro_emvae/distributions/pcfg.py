@@ -425,6 +425,14 @@ class PCFG(TorchDistribution):
         spans = self.span_potentials(value, em, override)
         return torch.cat((root.reshape(-1), rules.reshape(-1), spans.reshape(-1))), None
 
+    def implicit_override_shape(self, value: torch.Tensor) -> tuple[torch.Size, torch.Tensor]:
+        """The shape of the ``override`` :meth:`implicit_potentials` takes for ``value``
+        (``(*batch, L, PT)``: a tag potential per word) and a tensor of the dtype and device it
+        is read in: what ``fit(init="random" | "kmeans++")`` draws random potentials for (the
+        words are labels; the first E-step's parse posterior is then random)."""
+        shape = self.batch_shape + (value.shape[-1], self.emission_logits.shape[-2])
+        return shape, self.emission_logits
+
     def split(self, flat: torch.Tensor):
         """``(root (NT,), rules (NT, S, S), spans (B, L, L, S))`` views of a flat leaf or of
         its gradient."""
