@@ -1411,3 +1411,73 @@ def test_a_users_own_implicit_latent_distribution_is_summed_out_by_its_gradient(
     assert torch.equal(ours.map(x)["x"], ref.map(x)["z"])
     draws = ours.sample(x, num_samples=2000)["x"].double().mean(0)
     assert torch.allclose(draws, ref.marginals(x)["z"][:, 1], atol=0.05)
+
+
+def test_init_draws_random_potentials_for_a_users_implicit_latent_that_declares_them():
+    """fit(init=...)'s random potentials reach any implicit latent through the protocol's
+    optional ``implicit_override_shape`` (not a PCFG-only branch): a mixture summed inside
+    ``log_prob``, written here, gets uniform-log draws of the declared shape, and its first
+    posterior is the one those potentials give; without the method it keeps its likelihood."""
+    import pyro.distributions as dist
+
+    from pyro_emvae.init import init_potentials
+
+    class Summed(dist.TorchDistribution):
+        arg_constraints = {}  # noqa: RUF012
+        support = dist.constraints.real
+
+        def __init__(self, logw, n):
+            self.logw = logw
+            super().__init__(torch.Size([n]), torch.Size())
+
+        def expand(self, batch_shape, _instance=None):
+            return type(self)(self.logw, batch_shape[-1])
+
+        def _leaf(self, value, override=None):
+            like = dist.Normal(torch.tensor([-2.0, 2.0]), 1.0).log_prob(value.unsqueeze(-1))
+            return self.logw + (like if override is None else override)
+
+        def log_prob(self, value):
+            return self._leaf(value).logsumexp(-1)
+
+        def implicit_potentials(self, value, override=None):
+            return self._leaf(value, override), None
+
+        def implicit_log_z(self, leaf, ctx):
+            return leaf.logsumexp(-1)
+
+        def implicit_marginals(self, weight, ctx):
+            return weight
+
+        def implicit_map(self, value):
+            return self._leaf(value).argmax(-1)
+
+        def implicit_sample(self, value, num_samples):
+            return dist.Categorical(logits=self._leaf(value)).sample((num_samples,))
+
+    class Declared(Summed):
+        def implicit_override_shape(self, value):
+            return self.batch_shape + (2,), self.logw
+
+    x = torch.tensor([-2.0, -1.5, 0.3, 2.2, 2.5])
+    logw = torch.tensor([0.3, 0.7]).log()
+    for cls, declared in ((Declared, True), (Summed, False)):
+
+        def model(x, cls=cls):
+            with pyro.plate("data", len(x)):
+                pyro.sample("x", cls(logw, len(x)), obs=x)
+
+        seen = {}
+        draw = init_potentials("random", 1, torch.Generator().manual_seed(0))
+
+        def potentials(name, site, draw=draw, seen=seen):
+            seen[name] = draw(name, site)
+            return seen[name]
+
+        post = ExactEStep(model).posterior(x, potentials=potentials)
+        if not declared:
+            assert seen["x"] is None
+            continue
+        assert seen["x"].shape == (5, 2) and bool((seen["x"] <= 0).all())
+        want = (logw + seen["x"]).softmax(-1)
+        assert torch.allclose(post.marginals["x"], want, atol=1e-12)
