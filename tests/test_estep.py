@@ -1354,43 +1354,55 @@ def test_fit_accepts_the_same_bound_method_or_partial_and_refuses_others():
         fit(Holder().model, ExactEStep(holder.model), x)
 
 
+class _SummedMixture(dist.TorchDistribution):
+    """A user's own implicit latent (the protocol PCFG and CTC share): a mixture whose
+    component is summed inside ``log_prob``; ``override`` replaces its components' likelihoods."""
+
+    arg_constraints = {}  # noqa: RUF012
+    support = dist.constraints.real
+
+    def __init__(self, logw, locs, n):
+        self.logw, self.locs = logw, locs
+        super().__init__(torch.Size([n]), torch.Size())
+
+    def expand(self, batch_shape, _instance=None):  # (a plate expands its site's fn)
+        return type(self)(self.logw, self.locs, batch_shape[-1])
+
+    def _leaf(self, value, override=None):
+        like = dist.Normal(self.locs, 1.0).log_prob(value.unsqueeze(-1))
+        return self.logw + (like if override is None else override)
+
+    def log_prob(self, value):
+        return self._leaf(value).logsumexp(-1)
+
+    def implicit_potentials(self, value, override=None):
+        return self._leaf(value, override), None
+
+    def implicit_log_z(self, leaf, ctx):
+        return leaf.logsumexp(-1)
+
+    def implicit_marginals(self, weight, ctx):
+        return weight
+
+    def implicit_map(self, value):
+        return self._leaf(value).argmax(-1)
+
+    def implicit_sample(self, value, num_samples):
+        return dist.Categorical(logits=self._leaf(value)).sample((num_samples,))
+
+
+class _DeclaredMixture(_SummedMixture):
+    """:class:`_SummedMixture` that declares the potentials it takes (for ``fit(init=...)``)."""
+
+    def implicit_override_shape(self, value):
+        return self.batch_shape + (2,), self.logw
+
+
 def test_a_users_own_implicit_latent_distribution_is_summed_out_by_its_gradient():
     """The implicit-latent protocol PCFG and CTC share is open: a distribution written here (a
     mixture whose component is summed inside ``log_prob``) gets log p(x), its posterior (the
     gradient of log p in its leaf), map and exact draws, equal to the enumerated mixture's."""
     import pyro.distributions as dist
-
-    class SummedMixture(dist.TorchDistribution):
-        arg_constraints = {}  # noqa: RUF012
-        support = dist.constraints.real
-
-        def __init__(self, logw, locs, n):
-            self.logw, self.locs = logw, locs
-            super().__init__(torch.Size([n]), torch.Size())
-
-        def expand(self, batch_shape, _instance=None):  # (a plate expands its site's fn)
-            return SummedMixture(self.logw, self.locs, batch_shape[-1])
-
-        def _leaf(self, value):
-            return self.logw + dist.Normal(self.locs, 1.0).log_prob(value.unsqueeze(-1))
-
-        def log_prob(self, value):
-            return self._leaf(value).logsumexp(-1)
-
-        def implicit_potentials(self, value, override=None):
-            return self._leaf(value), None
-
-        def implicit_log_z(self, leaf, ctx):
-            return leaf.logsumexp(-1)
-
-        def implicit_marginals(self, weight, ctx):
-            return weight
-
-        def implicit_map(self, value):
-            return self._leaf(value).argmax(-1)
-
-        def implicit_sample(self, value, num_samples):
-            return dist.Categorical(logits=self._leaf(value)).sample((num_samples,))
 
     x = torch.tensor([-2.0, -1.5, 0.3, 2.2, 2.5])
     logw = torch.tensor([0.3, 0.7]).log()
@@ -1398,7 +1410,7 @@ def test_a_users_own_implicit_latent_distribution_is_summed_out_by_its_gradient(
 
     def implicit(x):
         with pyro.plate("data", len(x)):
-            pyro.sample("x", SummedMixture(logw, locs, len(x)), obs=x)
+            pyro.sample("x", _SummedMixture(logw, locs, len(x)), obs=x)
 
     def enumerated(x):
         with pyro.plate("data", len(x)):
@@ -1418,54 +1430,17 @@ def test_init_draws_random_potentials_for_a_users_implicit_latent_that_declares_
     optional ``implicit_override_shape`` (not a PCFG-only branch): a mixture summed inside
     ``log_prob``, written here, gets uniform-log draws of the declared shape, and its first
     posterior is the one those potentials give; without the method it keeps its likelihood."""
-    import pyro.distributions as dist
 
     from pyro_emvae.init import init_potentials
 
-    class Summed(dist.TorchDistribution):
-        arg_constraints = {}  # noqa: RUF012
-        support = dist.constraints.real
-
-        def __init__(self, logw, n):
-            self.logw = logw
-            super().__init__(torch.Size([n]), torch.Size())
-
-        def expand(self, batch_shape, _instance=None):
-            return type(self)(self.logw, batch_shape[-1])
-
-        def _leaf(self, value, override=None):
-            like = dist.Normal(torch.tensor([-2.0, 2.0]), 1.0).log_prob(value.unsqueeze(-1))
-            return self.logw + (like if override is None else override)
-
-        def log_prob(self, value):
-            return self._leaf(value).logsumexp(-1)
-
-        def implicit_potentials(self, value, override=None):
-            return self._leaf(value, override), None
-
-        def implicit_log_z(self, leaf, ctx):
-            return leaf.logsumexp(-1)
-
-        def implicit_marginals(self, weight, ctx):
-            return weight
-
-        def implicit_map(self, value):
-            return self._leaf(value).argmax(-1)
-
-        def implicit_sample(self, value, num_samples):
-            return dist.Categorical(logits=self._leaf(value)).sample((num_samples,))
-
-    class Declared(Summed):
-        def implicit_override_shape(self, value):
-            return self.batch_shape + (2,), self.logw
-
     x = torch.tensor([-2.0, -1.5, 0.3, 2.2, 2.5])
     logw = torch.tensor([0.3, 0.7]).log()
-    for cls, declared in ((Declared, True), (Summed, False)):
+    locs = torch.tensor([-2.0, 2.0])
+    for cls, declared in ((_DeclaredMixture, True), (_SummedMixture, False)):
 
         def model(x, cls=cls):
             with pyro.plate("data", len(x)):
-                pyro.sample("x", cls(logw, len(x)), obs=x)
+                pyro.sample("x", cls(logw, locs, len(x)), obs=x)
 
         seen = {}
         draw = init_potentials("random", 1, torch.Generator().manual_seed(0))
