@@ -393,7 +393,11 @@ def _pack_tensors(tr) -> None:
             out["mask"] = packed.pack(site["mask"], dim_to_symbol)
             if "log_prob" in site:
                 lp, unscaled = site["log_prob"], site["unscaled_log_prob"]
-                out["log_prob"] = packed.pack(lp, dim_to_symbol)
+                out["log_prob"] = (
+                    _pack_own(lp, dim_to_symbol)
+                    if "_emvae_scratch" in site
+                    else packed.pack(lp, dim_to_symbol)
+                )
                 out["unscaled_log_prob"] = (
                     out["log_prob"] if unscaled is lp else packed.pack(unscaled, dim_to_symbol)
                 )
@@ -402,6 +406,22 @@ def _pack_tensors(tr) -> None:
                 f"Error while packing tensors at site '{site['name']}':\n  {e}\n"
                 f"{tr.format_shapes(last_site=site['name'])}"
             ).with_traceback(e.__traceback__) from e
+
+
+def _pack_own(t: torch.Tensor, dim_to_symbol: dict) -> torch.Tensor:
+    """``packed.pack(t, dim_to_symbol)`` for a log-prob a fused kernel made for this E-step
+    (nothing else holds it): with no size-1 dim to squeeze, ``t`` itself is named (the
+    squeeze would return a view of it with the same shape and strides: one op fewer);
+    otherwise, or if it is named already, Pyro's ``pack`` (and its errors)."""
+    shape = t.shape
+    if 1 in shape or hasattr(t, "_pyro_dims"):
+        return packed.pack(t, dim_to_symbol)
+    n = len(shape)
+    try:
+        dims = "".join(dim_to_symbol[d - n] for d in range(n))
+    except KeyError:
+        return packed.pack(t, dim_to_symbol)  # (Pyro's error)
+    return _named(t, dims)
 
 
 def _potential(site: dict) -> torch.Tensor | None:
@@ -649,7 +669,7 @@ def _one_latent(
     # than this function's arithmetic on small data)
     quiet = torch.no_grad() if any(t.requires_grad for t in terms) else contextlib.nullcontext()
     with quiet:
-        values = _broadcast_all(terms)
+        values = _same_layout(terms)
         dims = _compat.pyro_dims(values[0])
         i = dims.index(symbol)
         shape = values[0].shape
@@ -669,7 +689,7 @@ def _one_latent(
             None,
         )
         if own is None:
-            q = torch.empty(shape, dtype=values[0].dtype, device=values[0].device)
+            q = _empty_sorted(values[0])
         else:  # (the factor's own buffer, overwritten chunk by chunk: see the docstring)
             q = values[own]
             if q.requires_grad:  # (a leaf made for autograd, which reads no gradient here)
@@ -745,6 +765,33 @@ def _broadcast_all(terms) -> tuple:
         return tuple(terms)
     order = tuple(dims.index(d) for d in out)
     return tuple(_named(t.permute(order), out) for t in terms)
+
+
+def _same_layout(terms) -> tuple:
+    """The terms of :func:`_one_latent`, as they are where they share dims and shape (a
+    mixture's two factors): the arithmetic there is elementwise or reduces along named dims,
+    and torch orders its loops by the strides, not by the dims' logical order, so the
+    permutation into sorted dims that :func:`_broadcast_all` makes gives the same numbers
+    (two view ops fewer, and none back). Otherwise :func:`_broadcast_all`."""
+    dims = _compat.pyro_dims(terms[0])
+    shape = terms[0].shape
+    for t in terms[1:]:
+        if _compat.pyro_dims(t) != dims or t.shape != shape:
+            return _broadcast_all(terms)
+    return tuple(terms)
+
+
+def _empty_sorted(t: torch.Tensor) -> torch.Tensor:
+    """An empty buffer shaped as ``t`` (packed), laid out in memory as one made in the
+    sorted order of its dims (as :func:`_broadcast_all`'s layout made it): the reductions over
+    it then run in the same order as there."""
+    dims = _compat.pyro_dims(t)
+    out = "".join(sorted(dims))
+    if out == dims:
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    order = [out.index(d) for d in dims]  # (sorted position of each of t's dims)
+    buf = torch.empty([t.shape[dims.index(d)] for d in out], dtype=t.dtype, device=t.device)
+    return buf.permute(order)
 
 
 def _exclusive(t: torch.Tensor, values) -> bool:
