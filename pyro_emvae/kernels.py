@@ -197,7 +197,10 @@ def _mvn_conditioned(prec: torch.Tensor, spread: float, offsets: torch.Tensor) -
     covariance collapsing onto a line (condition number ~1e24) far from the origin makes it
     1e13 and log-densities up to 1e-5 off (tests/test_fast_paths.py); beyond the limit the site goes
     to the generic path, which computes the difference first."""
-    amp = (offsets.abs().amax() + spread) * prec.abs().amax()
+    # (max |t| as one op, linalg.vector_norm(t, inf): the same number as t.abs().amax(), a
+    # NaN included; two ops fewer on the E-step's path)
+    amp = torch.linalg.vector_norm(offsets, math.inf).add_(spread)
+    amp = amp.mul_(torch.linalg.vector_norm(prec, math.inf))
     # (NaN params: fused as before, the NaN propagates and the E-step warns on it)
     return not float(amp) * prec.shape[-1] > _AMPLIFICATION_LIMIT
 
@@ -518,6 +521,157 @@ def _place_recipe(batch: tuple, pd: tuple, vd: tuple) -> tuple:
 
 
 def _mvn(fn, value: torch.Tensor) -> torch.Tensor | None:
+    """``fn.log_prob(value)`` of a ``MultivariateNormal`` by the GEMM form (module docstring),
+    None where it does not apply. Without autograd, by the plan of the three tensors'
+    geometry (:func:`_mvn_plan`, made once per geometry: an EM fit calls this with the same
+    shapes every iteration); else, or where no plan applies, by :func:`_mvn_general`."""
+    loc, tril = fn.loc, _compat.mvn_scale_tril(fn)
+    if not torch.is_grad_enabled() or not (
+        loc.requires_grad or tril.requires_grad or value.requires_grad
+    ):
+        key = (
+            loc.shape,
+            loc.stride(),
+            tril.shape,
+            tril.stride(),
+            value.shape,
+            value.stride(),
+            loc.dtype,
+            tril.dtype,
+            value.dtype,
+            loc.device,
+            tril.device,
+            value.device,
+        )
+        plan = _MVN_PLANS.get(key, _MISSING)
+        if plan is _MISSING:
+            plan = _mvn_plan(key)
+            if len(_MVN_PLANS) >= 64:
+                _MVN_PLANS.clear()
+            _MVN_PLANS[key] = plan
+        if plan is None:  # (params and value vary along a common dim: not fused)
+            return None
+        if plan is not _GENERAL:
+            return _mvn_planned(plan, loc, tril, value)
+    return _mvn_general(fn, value)
+
+
+_MISSING = object()
+_GENERAL = object()  # (a plan's answer: the general code, e.g. a copy needed, mixed dtypes)
+# (loc, tril, value geometries, dtypes, devices) -> _MvnPlan, None (not fused) or _GENERAL
+_MVN_PLANS: dict = {}
+
+
+class _MvnPlan:
+    """What :func:`_mvn_planned` reads, from the three tensors' geometry only: each tensor's
+    flat rows as one view op (``(size, stride, offset delta)`` for ``as_strided``, None for
+    the tensor as it is), the sizes, the identity and block-sum matrix, the constant
+    ``-D/2 log 2 pi``, and the placing of the ``(M, N)`` result into the batch shape
+    (None: its transpose is in place already)."""
+
+    __slots__ = ("loc", "tril", "x", "d", "m", "n", "eye", "blocks", "half", "place")
+
+    def __init__(self, **kw) -> None:
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+def _flat_view(shape, stride, dtype, dims, batch, tail):
+    """The view :func:`_flat` makes of a tensor of ``shape`` and ``stride`` (found on a meta
+    tensor of that geometry), as one ``as_strided``: ``(size, stride, offset delta)``, None
+    for the tensor itself, or :data:`_GENERAL` where it is a copy (the general code makes it)."""
+    t = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    out = _flat(t, list(dims), batch, tail)
+    if out is t:
+        return None
+    if not out._is_view():
+        return _GENERAL
+    geometry = (tuple(out.shape), tuple(out.stride()), out.storage_offset() - t.storage_offset())
+    if geometry == (tuple(shape), tuple(stride), 0):
+        return None
+    return geometry
+
+
+def _mvn_plan(key: tuple):
+    """The :class:`_MvnPlan` of :func:`_mvn`'s ``key`` (geometries, dtypes, devices of loc,
+    scale_tril and value); None where the layout is not fused, :data:`_GENERAL` where the
+    general code must run (mixed dtypes or devices, a view that is a copy, chunked rows)."""
+    ls, lst, ts, tst, vs, vst, ldt, tdt, vdt, ldev, tdev, vdev = key
+    if not (ldt == tdt == vdt) or not (ldev == tdev == vdev) or len(vs) < 1:
+        return _GENERAL
+    layout = _layout_of(
+        (_geometry_of(ls, lst, 1), _geometry_of(ts, tst, 2)), _geometry_of(vs, vst, 1)
+    )
+    if layout is None:
+        return None
+    batch, pd, vd = layout
+    d = vs[-1]
+    views = [
+        _flat_view(ls, lst, ldt, pd, batch, (d,)),
+        _flat_view(ts, tst, ldt, pd, batch, (d, d)),
+        _flat_view(vs, vst, ldt, vd, batch, (d,)),
+    ]
+    if any(v is _GENERAL for v in views):
+        return _GENERAL
+    m = max(math.prod(batch[i] for i in pd), 1)
+    n = math.prod(batch[i] for i in vd)
+    if n > CHUNK:  # (chunked rows: the general code's buffers)
+        return _GENERAL
+    sizes, order, _ = _place_recipe(tuple(batch), tuple(pd), tuple(vd))
+    place = None if (tuple(batch) == (m, n) and order is None) else (batch, pd, vd)
+    return _MvnPlan(
+        loc=views[0],
+        tril=views[1],
+        x=views[2],
+        d=d,
+        m=m,
+        n=n,
+        eye=torch.eye(d, dtype=ldt, device=ldev),
+        blocks=torch.eye(m, dtype=ldt, device=ldev).repeat_interleave(d, 0),
+        half=-d * _HALF_LOG_2PI,
+        place=place,
+    )
+
+
+def _geometry_of(shape: tuple, stride: tuple, event: int) -> tuple:
+    """:func:`_geometry` from a shape and strides."""
+    k = len(shape) - event
+    return tuple(shape[:k]), tuple(stride[:k])
+
+
+def _as_view(t: torch.Tensor, view) -> torch.Tensor:
+    return t if view is None else t.as_strided(view[0], view[1], t.storage_offset() + view[2])
+
+
+def _mvn_planned(plan: _MvnPlan, loc, tril, value) -> torch.Tensor | None:
+    """:func:`_mvn_general`'s no-autograd path, one chunk of rows, by ``plan``: the same
+    operations on the same operands (bit for bit; tests/test_estep_cost.py), with the view ops
+    and the Python around them read from the plan, the flat precision factors and the shift
+    written into the GEMM's right operand by one ``cat`` (no copy of the factors of their own)
+    and the conditioning bound from two max-norms."""
+    d, m = plan.d, plan.m
+    loc = _as_view(loc, plan.loc)  # (M, D)
+    tril = _as_view(tril, plan.tril)  # (M, D, D)
+    x = _as_view(value, plan.x)  # (N, D)
+    prec = torch.linalg.solve_triangular(tril, plan.eye, upper=False).mT
+    # -log|L| - D/2 log 2 pi, as in _mvn_general (M,)
+    const = torch.rsub(tril.diagonal(dim1=-2, dim2=-1).log().sum(-1), plan.half)
+    xa, centre, spread = _row_spread(value, x)
+    offsets = centre - loc
+    if not _mvn_conditioned(prec, spread, offsets):
+        return None
+    # [P_1 .. P_M; -shift]: (D + 1, M, D) by one cat of the factors' (D, M, D) view and the
+    # shift's rows, viewed as (D + 1, M D): the matrix _mvn_general builds in two copies
+    shift = torch.bmm(offsets.unsqueeze(1), prec).view(1, m, d)
+    pa = torch.cat([prec.permute(1, 0, 2), shift]).view(d + 1, m * d)
+    out = torch.addmm(const, torch.mm(xa, pa).square_(), plan.blocks, alpha=-0.5)
+    if plan.place is None:
+        return out.T
+    return _place(out.T, *plan.place)
+
+
+def _mvn_general(fn, value: torch.Tensor) -> torch.Tensor | None:
+    """:func:`_mvn` by the general code: autograd, chunked rows, any geometry."""
     tril = _compat.mvn_scale_tril(fn)
     layout = _layout([(fn.loc, 1), (tril, 2)], value, 1)
     if layout is None:
