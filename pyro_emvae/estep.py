@@ -665,6 +665,10 @@ def _one_latent(
     if len(terms) != len(inputs):  # (other inputs: a chain's factors, which need autograd)
         return None
     (symbol,) = sum_dims
+    if len(terms) == 2:
+        fast = _two_factors(terms, symbol, scratch)
+        if fast is not None:
+            return fast
     # (no autograd here: factors that record none need no no_grad, whose switch costs more
     # than this function's arithmetic on small data)
     quiet = torch.no_grad() if any(t.requires_grad for t in terms) else contextlib.nullcontext()
@@ -733,6 +737,43 @@ def _one_latent(
                 g = made[layout] = _gradient_of(q, dims, layout[0])
             qs.append(g)
     return log_z, qs
+
+
+def _two_factors(terms: list, symbol: str, scratch: frozenset):
+    """:func:`_one_latent` for its common case, a mixture's two factors (its latent's and its
+    observation's) over the same two dims, neither recording autograd, one chunk of rows, one
+    of them a scratch buffer of this E-step: the same operations in the same order on the
+    same tensors, without the general case's Python (the loop over chunks, the layouts of
+    the factors' gradients, which here are the buffer itself). None otherwise."""
+    a, b = terms
+    dims = _compat.pyro_dims(a)
+    shape = a.shape
+    if (
+        len(shape) != 2
+        or a.requires_grad
+        or b.requires_grad
+        or _compat.pyro_dims(b) != dims
+        or b.shape != shape
+    ):
+        return None
+    i = dims.index(symbol)
+    if shape[1 - i] > _kernels.CHUNK:
+        return None
+    if id(a) in scratch and _exclusive(a, terms):
+        total, other = a, b
+    elif id(b) in scratch and _exclusive(b, terms):
+        total, other = b, a
+    else:
+        return None
+    total += other
+    top = total.amax(i, keepdim=True)
+    # (as in _one_latent: a row of -inf, NaN or +inf sums to 0 there)
+    top = torch.nan_to_num(top, nan=0.0, posinf=0.0, neginf=0.0)
+    total.sub_(top).exp_()
+    norm = total.sum(i, keepdim=True)
+    log_z = (norm.log() + top).sum()
+    total.div_(norm)
+    return log_z, [total, total]
 
 
 def _rows(t: torch.Tensor, at: tuple | None) -> torch.Tensor:
