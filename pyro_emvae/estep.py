@@ -361,14 +361,22 @@ _SHAPES_PASSED: set = set()
 
 
 def _check_site_shape(site: dict, depth: int) -> None:
-    """``pyro.util.check_site_shape(site, depth)``, once per shape, plates and depth."""
+    """``pyro.util.check_site_shape(site, depth)``, once per shape, plates and depth.
+
+    A pass reads the plates' dims and sizes only (the names appear in its errors, which are
+    not kept): the key holds those, as plain tuples (hashing Pyro's frames runs Python per
+    frame); a frame whose size is not an int is checked every time."""
+    stack = tuple((f.dim, f.size) for f in site["cond_indep_stack"])
     key = (
         tuple(site["log_prob"].shape),
-        tuple(site["cond_indep_stack"]),
+        stack,
         depth,
         _compat.enum_dim(site),
         tuple(getattr(site["fn"], "batch_shape", ())),
     )
+    if any(type(size) is not int for _, size in stack):
+        check_site_shape(site, depth)
+        return
     if key in _SHAPES_PASSED:
         return
     check_site_shape(site, depth)  # (raises on a mismatch: nothing is kept)

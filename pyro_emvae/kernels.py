@@ -592,12 +592,27 @@ def _flat_view(shape, stride, dtype, dims, batch, tail):
     return geometry
 
 
+def _rows_view(view, shape, stride):
+    """A :func:`_flat_view` of the locs ``(M, D)`` as ``(M, 1, D)`` (the left operand of the
+    shift's batched product, which otherwise takes an ``unsqueeze``)."""
+    if view is _GENERAL:
+        return view
+    if view is None:
+        if len(shape) != 2:
+            return _GENERAL
+        view = (tuple(shape), tuple(stride), 0)
+    (m, d), (sm, sd), delta = view
+    return (m, 1, d), (sm, d * sd, sd), delta
+
+
 def _mvn_plan(key: tuple):
     """The :class:`_MvnPlan` of :func:`_mvn`'s ``key`` (geometries, dtypes, devices of loc,
     scale_tril and value); None where the layout is not fused, :data:`_GENERAL` where the
     general code must run (mixed dtypes or devices, a view that is a copy, chunked rows)."""
     ls, lst, ts, tst, vs, vst, ldt, tdt, vdt, ldev, tdev, vdev = key
-    if not (ldt == tdt == vdt) or not (ldev == tdev == vdev) or len(vs) < 1:
+    if len(vs) < 1 or len(ls) < 1:
+        return _GENERAL
+    if not (ldt == tdt == vdt) or not (ldev == tdev == vdev):
         return _GENERAL
     layout = _layout_of(
         (_geometry_of(ls, lst, 1), _geometry_of(ts, tst, 2)), _geometry_of(vs, vst, 1)
@@ -607,7 +622,7 @@ def _mvn_plan(key: tuple):
     batch, pd, vd = layout
     d = vs[-1]
     views = [
-        _flat_view(ls, lst, ldt, pd, batch, (d,)),
+        _rows_view(_flat_view(ls, lst, ldt, pd, batch, (d,)), ls, lst),
         _flat_view(ts, tst, ldt, pd, batch, (d, d)),
         _flat_view(vs, vst, ldt, vd, batch, (d,)),
     ]
@@ -650,7 +665,7 @@ def _mvn_planned(plan: _MvnPlan, loc, tril, value) -> torch.Tensor | None:
     written into the GEMM's right operand by one ``cat`` (no copy of the factors of their own)
     and the conditioning bound from two max-norms."""
     d, m = plan.d, plan.m
-    loc = _as_view(loc, plan.loc)  # (M, D)
+    loc = _as_view(loc, plan.loc)  # (M, 1, D)
     tril = _as_view(tril, plan.tril)  # (M, D, D)
     x = _as_view(value, plan.x)  # (N, D)
     prec = torch.linalg.solve_triangular(tril, plan.eye, upper=False).mT
@@ -662,7 +677,7 @@ def _mvn_planned(plan: _MvnPlan, loc, tril, value) -> torch.Tensor | None:
         return None
     # [P_1 .. P_M; -shift]: (D + 1, M, D) by one cat of the factors' (D, M, D) view and the
     # shift's rows, viewed as (D + 1, M D): the matrix _mvn_general builds in two copies
-    shift = torch.bmm(offsets.unsqueeze(1), prec).view(1, m, d)
+    shift = torch.bmm(offsets, prec).view(1, m, d)
     pa = torch.cat([prec.permute(1, 0, 2), shift]).view(d + 1, m * d)
     out = torch.addmm(const, torch.mm(xa, pa).square_(), plan.blocks, alpha=-0.5)
     if plan.place is None:
