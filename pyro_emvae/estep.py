@@ -784,6 +784,83 @@ def _two_factors(terms: list, symbol: str, scratch: frozenset):
     return log_z, [total, total]
 
 
+def _new_posterior(tr, log_z: torch.Tensor, scale: float) -> Posterior:
+    """A :class:`Posterior` with ``log p(x)``, the common scale, the trace's dims and the
+    minibatch it saw (its subsample sites); the posteriors are filled in after."""
+    post = Posterior(log_likelihood=log_z, scale=scale)
+    post.symbol_to_dim = dict(tr.symbol_to_dim)
+    post.subsample = poutine.Trace()
+    for name, site in tr._subsample_sites.items():
+        post.subsample.add_node(name, **site)
+    return post
+
+
+def _lean_posterior(tr) -> Posterior | None:
+    r"""The posterior of a trace with one enumerated latent and one observed site whose
+    factors span the same two dims (a mixture: :math:`z_n`, :math:`x_n \mid z_n` under one
+    plate), unmasked, unscaled, no implicit latent: what :meth:`ExactEStep._contract` and
+    :meth:`ExactEStep._fill` give it (:func:`_two_factors`'s sums, one ``(K, N)`` posterior
+    as both sites' factor posterior, one ``(N, K)`` view of it as their joint and the
+    latent's marginals), without their general bookkeeping (ordinals, scales, dropped rows,
+    chains, pairwise marginals: none here). None for any other trace, or where
+    :func:`_two_factors` does not apply (it then has changed nothing): the general path runs.
+    """
+    sites = []
+    latent = dims = shape = None
+    for name, site in tr.nodes.items():
+        if site["type"] != "sample":
+            continue
+        scale = site["scale"]
+        if (
+            site["mask"] is not None
+            or type(scale) not in (float, int)
+            or scale != 1
+            or "_hmm" in site
+            or "_implicit" in site
+        ):
+            return None
+        lp = site["packed"]["unscaled_log_prob"]
+        if dims is None:
+            dims, shape = _compat.pyro_dims(lp), lp.shape
+        elif _compat.pyro_dims(lp) != dims or lp.shape != shape:
+            return None
+        if _validate.is_enumerated(site):
+            if latent is not None or "_emvae_replaced" in site:
+                return None
+            if site.get("_emvae_mask") is not None:
+                return None
+            latent = name
+        sites.append((name, site, lp))
+    if latent is None or len(sites) != 2:
+        return None
+    symbol = _compat.enum_symbol(tr.nodes[latent])
+    if symbol not in dims:  # (one value: packing squeezed its dim)
+        return None
+    scratch = frozenset(
+        id(lp)
+        for _, site, lp in sites
+        if site.get("_emvae_scratch") == lp.untyped_storage().data_ptr()
+    )
+    done = _two_factors([lp for _, _, lp in sites], symbol, scratch)
+    if done is None:
+        return None
+    log_z, (q, _) = done
+    post = _new_posterior(tr, log_z, float(scale))
+    size = shape[dims.index(symbol)]
+    arranged: dict[tuple, torch.Tensor] = {}
+    for name, site, _ in sites:
+        post.factor_q[name] = q
+        plate_dims, plate_shape = _plate_layout(site["cond_indep_stack"], tr.plate_to_symbol)
+        key = (tuple(plate_dims), plate_shape)
+        joint = arranged.get(key)
+        if joint is None:
+            joint = arranged[key] = _arrange(q, plate_dims + [symbol], plate_shape + (size,))
+        post.joints[name] = ((latent,), joint)
+        if name == latent:
+            post.marginals[name] = joint
+    return post
+
+
 def _rows(t: torch.Tensor, at: tuple | None) -> torch.Tensor:
     """``t[at]``, or ``t`` itself for ``at=None`` (the whole tensor: no view op)."""
     return t if at is None else t[at]
@@ -1628,14 +1705,13 @@ class ExactEStep:
         else:
             with torch.no_grad():
                 tr = self._enum_trace(args, kwargs, potentials=potentials)
+            lean = _lean_posterior(tr)
+            if lean is not None:
+                return lean
             # (the posterior is a gradient, even under no_grad: see grad_mode)
             log_z, inputs, grads, pgrads, scale = self._contract(tr, grad_mode=True)
         log_z = log_z.detach() if log_z.requires_grad else log_z
-        post = Posterior(log_likelihood=log_z, scale=scale)
-        post.symbol_to_dim = dict(tr.symbol_to_dim)
-        post.subsample = poutine.Trace()
-        for name, site in tr._subsample_sites.items():
-            post.subsample.add_node(name, **site)
+        post = _new_posterior(tr, log_z, scale)
         if param_grads:
             post.param_grads = {
                 n: (g if g is not None else torch.zeros_like(p))

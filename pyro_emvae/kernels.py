@@ -569,7 +569,7 @@ class _MvnPlan:
     ``-D/2 log 2 pi``, and the placing of the ``(M, N)`` result into the batch shape
     (None: its transpose is in place already)."""
 
-    __slots__ = ("loc", "tril", "x", "d", "m", "n", "eye", "blocks", "half", "place")
+    __slots__ = ("blocks", "d", "eye", "half", "loc", "m", "n", "place", "tril", "x")
 
     def __init__(self, **kw) -> None:
         for k, v in kw.items():
@@ -632,7 +632,7 @@ def _mvn_plan(key: tuple):
     n = math.prod(batch[i] for i in vd)
     if n > CHUNK:  # (chunked rows: the general code's buffers)
         return _GENERAL
-    sizes, order, _ = _place_recipe(tuple(batch), tuple(pd), tuple(vd))
+    _, order, _ = _place_recipe(tuple(batch), tuple(pd), tuple(vd))
     place = None if (tuple(batch) == (m, n) and order is None) else (batch, pd, vd)
     return _MvnPlan(
         loc=views[0],
