@@ -749,10 +749,11 @@ def _one_latent(
 
 def _two_factors(terms: list, symbol: str, scratch: frozenset):
     """:func:`_one_latent` for its common case, a mixture's two factors (its latent's and its
-    observation's) over the same two dims, neither recording autograd, one chunk of rows, one
-    of them a scratch buffer of this E-step: the same operations in the same order on the
-    same tensors, without the general case's Python (the loop over chunks, the layouts of
-    the factors' gradients, which here are the buffer itself). None otherwise."""
+    observation's) over the same two dims, neither recording autograd, one chunk of rows:
+    the same operations in the same order on the same tensors (the sum written over a
+    scratch buffer of this E-step if one is, else into a buffer of its own), without the
+    general case's Python (the loop over chunks, the layouts of the factors' gradients,
+    which here are the buffer itself). None otherwise."""
     a, b = terms
     dims = _compat.pyro_dims(a)
     shape = a.shape
@@ -768,12 +769,14 @@ def _two_factors(terms: list, symbol: str, scratch: frozenset):
     if shape[1 - i] > _kernels.CHUNK:
         return None
     if id(a) in scratch and _exclusive(a, terms):
-        total, other = a, b
+        total = a
+        total += b
     elif id(b) in scratch and _exclusive(b, terms):
-        total, other = b, a
-    else:
-        return None
-    total += other
+        total = b
+        total += a
+    else:  # (a buffer of its own, laid out as _one_latent's)
+        total = _empty_sorted(a)
+        torch.add(a, b, out=total)
     top = total.amax(i, keepdim=True)
     # (as in _one_latent: a row of -inf, NaN or +inf sums to 0 there)
     top = torch.nan_to_num(top, nan=0.0, posinf=0.0, neginf=0.0)
@@ -798,12 +801,13 @@ def _new_posterior(tr, log_z: torch.Tensor, scale: float) -> Posterior:
 def _lean_posterior(tr) -> Posterior | None:
     r"""The posterior of a trace with one enumerated latent and one observed site whose
     factors span the same two dims (a mixture: :math:`z_n`, :math:`x_n \mid z_n` under one
-    plate), unmasked, unscaled, no implicit latent: what :meth:`ExactEStep._contract` and
-    :meth:`ExactEStep._fill` give it (:func:`_two_factors`'s sums, one ``(K, N)`` posterior
-    as both sites' factor posterior, one ``(N, K)`` view of it as their joint and the
-    latent's marginals), without their general bookkeeping (ordinals, scales, dropped rows,
-    chains, pairwise marginals: none here). None for any other trace, or where
-    :func:`_two_factors` does not apply (it then has changed nothing): the general path runs.
+    plate), unmasked (or masked by ``True``), unscaled, no implicit latent: what
+    :meth:`ExactEStep._contract` and :meth:`ExactEStep._fill` give it (:func:`_two_factors`'s
+    sums, one ``(K, N)`` posterior as both sites' factor posterior, one ``(N, K)`` view of it
+    as their joint and the latent's marginals), without their general bookkeeping (ordinals,
+    scales, dropped rows, chains, pairwise marginals: none here). None for any other trace,
+    or where :func:`_two_factors` does not apply (it then has changed nothing): the general
+    path runs.
     """
     sites = []
     latent = dims = shape = None
@@ -811,8 +815,9 @@ def _lean_posterior(tr) -> Posterior | None:
         if site["type"] != "sample":
             continue
         scale = site["scale"]
+        mask = site["mask"]
         if (
-            site["mask"] is not None
+            (mask is not None and mask is not True)
             or type(scale) not in (float, int)
             or scale != 1
             or "_hmm" in site
@@ -827,7 +832,8 @@ def _lean_posterior(tr) -> Posterior | None:
         if _validate.is_enumerated(site):
             if latent is not None or "_emvae_replaced" in site:
                 return None
-            if site.get("_emvae_mask") is not None:
+            latent_mask = site.get("_emvae_mask")
+            if latent_mask is not None and latent_mask is not True:
                 return None
             latent = name
         sites.append((name, site, lp))
@@ -845,6 +851,7 @@ def _lean_posterior(tr) -> Posterior | None:
     if done is None:
         return None
     log_z, (q, _) = done
+    _compat.set_pyro_dims(q, dims)  # (as _fill names it: a buffer of its own has no name)
     post = _new_posterior(tr, log_z, float(scale))
     size = shape[dims.index(symbol)]
     arranged: dict[tuple, torch.Tensor] = {}

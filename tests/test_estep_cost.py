@@ -11,12 +11,21 @@
 * ``_one_latent`` (no autograd, the posterior written over a factor's buffer, handed back in
   the factors' layouts) equals the generic contraction.
 * A bound on the steady-state E-step's aten ops (load-independent).
+* ``kernels._mvn``'s per-geometry plan (one ``as_strided`` per tensor, the GEMM's operand by one
+  ``cat``, the conditioning bound by max-norms) equals the general code bit for bit, across
+  geometries, strides, new params and data changed in place; the plan is keyed on strides.
+* ``_lean_posterior`` (a mixture's trace) equals ``_contract`` + ``_fill`` bit for bit, and
+  declines every other structure (masks, scales, two latents, one value, an HMM).
+* ``_one_latent`` in the factors' own layout equals the sorted-dims layout it had; the site
+  shape check's cheap key; a fused log-prob named without a squeeze equals Pyro's ``pack``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import pickle
+from collections import OrderedDict
 
 import pyro
 import pyro.distributions as dist
@@ -245,7 +254,8 @@ class _Count(TorchDispatchMode):
 
 def test_steady_state_estep_op_count_on_old_faithful():
     """One E-step at unchanged shapes (the model pass included: ~50 of its ops are Pyro's
-    and the model's) on Old Faithful, K=2 full: 169 aten ops before issue 13's E-step work."""
+    and the model's) on Old Faithful, K=2 full: 169 aten ops before issue 13's E-step work,
+    100 before the MVN plan and the lean mixture posterior (92 after)."""
     pyro.clear_param_store()
     x = load_old_faithful(torch.float64)
     init = init_params(x, 2, "full", seed=1)
@@ -258,7 +268,7 @@ def test_steady_state_estep_op_count_on_old_faithful():
         guide.posterior(x)
     with _Count() as count:
         guide.posterior(x)
-    assert count.n <= 100
+    assert count.n <= 92
 
 
 def test_site_shape_check_is_pyros_once_per_shape():
@@ -284,3 +294,333 @@ def test_site_shape_check_is_pyros_once_per_shape():
         _estep._check_site_shape(bad, 1)
     with pytest.raises(ValueError, match="plate stack overflow"):  # (the depth is in the key)
         _estep._check_site_shape(good, 0)
+
+
+# ------------------------------------------------------------------ the MVN kernel's plan
+def _mvn_cases():
+    g = torch.Generator().manual_seed(3)
+
+    def spd_tril(*batch, d):
+        a = torch.randn(*batch, d, d, generator=g)
+        return torch.linalg.cholesky(a @ a.mT + d * torch.eye(d))
+
+    x = torch.randn(30, 3, generator=g) * 2 + 1
+    return [
+        # a mixture: locs (K, 1, D), one tril per component, data (N, D)
+        ("mixture", torch.randn(4, 1, 3, generator=g), spd_tril(4, 1, d=3), x),
+        # data as a transposed (non-contiguous) view
+        (
+            "strided data",
+            torch.randn(2, 1, 3, generator=g),
+            spd_tril(2, 1, d=3),
+            x.T.contiguous().T,
+        ),
+        # one shared tril, expanded
+        ("shared tril", torch.randn(3, 1, 3, generator=g), spd_tril(d=3).expand(3, 1, 3, 3), x),
+        # locs that vary along two dims, data along a third
+        ("two param dims", torch.randn(2, 3, 1, 3, generator=g), spd_tril(2, 3, 1, d=3), x),
+        # data rows of a batch (N, 1) under a (K, 1, 1) mixture dim
+        (
+            "data dims",
+            torch.randn(2, 1, 1, 3, generator=g),
+            spd_tril(2, 1, 1, d=3),
+            x.reshape(5, 6, 3),
+        ),
+        # a storage offset: the data a slice of a bigger tensor
+        (
+            "offset data",
+            torch.randn(2, 1, 3, generator=g),
+            spd_tril(2, 1, d=3),
+            torch.randn(40, 3, generator=g)[7:37],
+        ),
+    ]
+
+
+@pytest.mark.parametrize("which", range(6))
+def test_the_mvn_plan_is_the_general_code_bit_for_bit(which):
+    # (the cases are made in the test: in float64, which conftest sets per test)
+    _, loc, tril, x = _mvn_cases()[which]
+    fn = dist.MultivariateNormal(loc, scale_tril=tril)
+    with torch.no_grad():
+        planned = kernels._mvn(fn, x)
+        general = kernels._mvn_general(fn, x)
+    assert planned is not None and general is not None
+    assert planned.shape == general.shape == fn.log_prob(x).shape
+    assert planned.stride() == general.stride()
+    assert torch.equal(planned, general)
+    assert torch.allclose(planned, fn.log_prob(x), rtol=1e-12, atol=1e-10)
+    key = next(k for k in kernels._MVN_PLANS if k[4] == x.shape and k[5] == x.stride())
+    assert isinstance(kernels._MVN_PLANS[key], kernels._MvnPlan)
+
+
+def test_the_mvn_plan_follows_new_params_data_changed_in_place_and_strides():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(50, 2, generator=g)
+    kernels._MVN_PLANS.clear()
+    with torch.no_grad():
+        for step in range(3):  # new params at each call, the same geometry: one plan
+            loc = torch.randn(3, 1, 2, generator=g) + step
+            tril = torch.randn(3, 1, 2, 2, generator=g).tril() * 0.2 + torch.eye(2)
+            fn = dist.MultivariateNormal(loc, scale_tril=tril)
+            assert torch.equal(kernels._mvn(fn, x), kernels._mvn_general(fn, x))
+        assert len(kernels._MVN_PLANS) == 1
+        x.mul_(3).add_(1)  # the data changed in place: their centred copy is made again
+        got = kernels._mvn(fn, x)
+        assert torch.equal(got, kernels._mvn_general(fn, x))
+        assert torch.equal(got, _mvn_before(fn.expand([3, 50]), x))
+        # the same shapes with other strides: a plan of their own, and the same numbers
+        xt = x.T.contiguous().T
+        assert torch.equal(kernels._mvn(fn, xt), kernels._mvn_general(fn, x))
+        assert len(kernels._MVN_PLANS) == 2
+
+
+def test_the_mvn_plan_leaves_autograd_mixed_dtypes_and_chunks_to_the_general_code(monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(20, 2, generator=g)
+    loc = torch.randn(2, 1, 2, generator=g, requires_grad=True)
+    tril = torch.eye(2).expand(2, 1, 2, 2) * 1.5
+    fn = dist.MultivariateNormal(loc, scale_tril=tril)
+    calls = []
+    real = kernels._mvn_planned
+    monkeypatch.setattr(kernels, "_mvn_planned", lambda *a: calls.append(1) or real(*a))
+    lp = kernels._mvn(fn, x)  # (autograd records: the general code, differentiable)
+    assert lp.requires_grad and not calls
+    lp.sum().backward()
+    assert loc.grad is not None
+    with torch.no_grad():
+        assert torch.equal(kernels._mvn(fn, x), kernels._mvn_general(fn, x)) and calls
+        fn32 = dist.MultivariateNormal(loc.detach(), scale_tril=tril)
+        assert kernels._mvn(fn32, x.float()) is not None  # (mixed dtypes: the general code)
+        assert kernels._mvn_plan(kernels._MVN_PLANS and next(iter(kernels._MVN_PLANS))) is not None
+    monkeypatch.setattr(kernels, "CHUNK", 8)  # (rows in chunks: the general code)
+    kernels._MVN_PLANS.clear()
+    with torch.no_grad():
+        n = len(calls)
+        assert torch.equal(kernels._mvn(fn, x), kernels._mvn_general(fn, x))
+        assert len(calls) == n
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_conditioning_bound_by_max_norms_is_the_abs_amax_one(dtype):
+    import math
+
+    g = torch.Generator().manual_seed(7)
+    special = [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e30, -1e-30]
+    for trial in range(40):
+        offsets = (torch.randn(3, 1, 2, generator=g) * 10 ** (trial % 9 - 4)).to(dtype)
+        prec = (torch.randn(3, 2, 2, generator=g) * 10 ** (trial % 7)).to(dtype)
+        if trial >= 30:
+            offsets.view(-1)[trial % 6] = special[trial % len(special)]
+            prec.view(-1)[trial % 12] = special[(trial + 3) % len(special)]
+        spread = float(torch.rand((), generator=g)) * 10 ** (trial % 5)
+        old = (offsets.abs().amax() + spread) * prec.abs().amax()
+        new = torch.linalg.vector_norm(offsets, math.inf).add_(spread)
+        new = new.mul_(torch.linalg.vector_norm(prec, math.inf))
+        assert torch.equal(old, new) or (old.isnan() and new.isnan())
+        want = not float(old) * prec.shape[-1] > kernels._AMPLIFICATION_LIMIT
+        assert kernels._mvn_conditioned(prec, spread, offsets) == want
+
+
+# ------------------------------------------------------------------ the lean posterior
+def _same_bits(a, b):
+    assert torch.equal(a.log_likelihood, b.log_likelihood) and a.scale == b.scale
+    assert a.symbol_to_dim == b.symbol_to_dim and a.param_grads == b.param_grads
+    assert list(a.subsample.nodes) == list(b.subsample.nodes)
+    for field in ("marginals", "factor_q"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert list(x) == list(y)
+        for k in x:
+            assert torch.equal(x[k], y[k]) and x[k].stride() == y[k].stride()
+            assert getattr(x[k], "_pyro_dims", None) == getattr(y[k], "_pyro_dims", None)
+    assert list(a.joints) == list(b.joints) and dict(a.pairwise) == dict(b.pairwise) == {}
+    for k, (names, joint) in a.joints.items():
+        assert names == b.joints[k][0]
+        assert torch.equal(joint, b.joints[k][1]) and joint.stride() == b.joints[k][1].stride()
+    # (one (K, N) buffer for both factors, as the general path leaves it)
+    assert (a.factor_q["z"] is a.factor_q["x"]) == (b.factor_q["z"] is b.factor_q["x"])
+
+
+@pytest.mark.parametrize("cov, k, n", [("full", 2, 60), ("full", 5, 33), ("diag", 3, 40)])
+def test_the_lean_posterior_is_the_general_path_bit_for_bit(cov, k, n, monkeypatch):
+    pyro.clear_param_store()
+    model, data = _gmm(n=n, k=k, cov=cov)
+    taken = []
+    real = _estep._lean_posterior
+    monkeypatch.setattr(_estep, "_lean_posterior", lambda tr: taken.append(1) or real(tr))
+    guide = ExactEStep(model)
+    lean = [guide.posterior(data) for _ in range(3)][-1]
+    assert len(taken) == 3
+    monkeypatch.setattr(_estep, "_lean_posterior", lambda tr: None)
+    _same_bits(lean, ExactEStep(model).posterior(data))
+    _same_bits(lean, guide.posterior(data))
+
+
+def _trace_of(model, *args):
+    guide = ExactEStep(model)
+    with torch.no_grad():
+        return guide._enum_trace(args, {})
+
+
+def _mixture(x, k=2, mask=None, scale=1.0, latents=1, obs_mask=None):
+    w = pyro.param("w_lean", torch.ones(k) / k)
+    locs = pyro.param("locs_lean", torch.arange(float(k)))
+    masked = poutine.mask(mask=mask) if mask is not None else contextlib.nullcontext()
+    with pyro.plate("data", len(x)), poutine.scale(scale=scale), masked:
+        z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+        if latents == 2:
+            z = z + pyro.sample("z2", dist.Categorical(w), infer=PAR)
+        pyro.sample("x", dist.Normal(locs[z % k], 1.0), obs=x)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mask": torch.tensor([True, False, True, True])},  # a mask
+        {"scale": 2.0},  # a scale
+        {"latents": 2},  # two enumerated latents
+        {"k": 1},  # one value: packing squeezes its dim
+    ],
+)
+def test_the_lean_posterior_declines_other_structures(kwargs):
+    pyro.clear_param_store()
+    x = torch.tensor([0.1, 1.2, -0.3, 0.8])
+    tr = _trace_of(functools.partial(_mixture, **kwargs), x)
+    assert _estep._lean_posterior(tr) is None
+    pyro.clear_param_store()
+    assert _estep._lean_posterior(_trace_of(_mixture, x)) is not None  # (the plain mixture)
+
+
+def test_a_mask_of_true_is_no_mask_for_the_lean_posterior(monkeypatch):
+    pyro.clear_param_store()
+    x = torch.tensor([0.1, 1.2, -0.3, 0.8])
+    model = functools.partial(_mixture, mask=True)
+    lean = _estep._lean_posterior(_trace_of(model, x))
+    assert lean is not None
+    monkeypatch.setattr(_estep, "_lean_posterior", lambda tr: None)
+    slow = ExactEStep(model).posterior(x)
+    assert torch.equal(lean.log_likelihood, slow.log_likelihood)
+    assert torch.equal(lean.marginals["z"], slow.marginals["z"])
+    assert torch.equal(lean.factor_q["x"], slow.factor_q["x"])
+
+
+def test_the_lean_posterior_declines_an_hmm_and_leaves_the_trace_unchanged(monkeypatch):
+    pyro.clear_param_store()
+
+    def hmm(x):
+        trans = pyro.param("trans_lean", torch.tensor([[0.9, 0.1], [0.2, 0.8]]))
+        obs = dist.Normal(torch.tensor([0.0, 1.0]), 1.0)
+        pyro.sample("x", dist.DiscreteHMM(torch.zeros(2), trans.log(), obs), obs=x)
+
+    assert _estep._lean_posterior(_trace_of(hmm, torch.randn(6))) is None
+
+    # rows in chunks: declined by _two_factors, with nothing written
+    pyro.clear_param_store()
+    tr = _trace_of(_mixture, torch.tensor([0.1, 1.2, -0.3]))
+    monkeypatch.setattr(_estep._kernels, "CHUNK", 2)
+    before = [
+        s["packed"]["unscaled_log_prob"].clone() for s in tr.nodes.values() if s["type"] == "sample"
+    ]
+    assert _estep._lean_posterior(tr) is None
+    after = [s["packed"]["unscaled_log_prob"] for s in tr.nodes.values() if s["type"] == "sample"]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+# ------------------------------------------------------------------ small shortcuts
+@pytest.mark.parametrize("own", [True, False])
+def test_one_latent_in_the_factors_layout_equals_the_sorted_layout(own, monkeypatch):
+    g = torch.Generator().manual_seed(11)
+
+    def factors():  # (K, N) named "ba": the enumerated dim first, unsorted
+        a = torch.randn(7, 9, generator=g)
+        b = torch.randn(9, 7, generator=g).T  # (a (K, N) view of an (N, K) buffer)
+        b[2, 3] = -float("inf")
+        return [_estep._named(a, "ba"), _estep._named(b, "ba")]
+
+    def run(terms):
+        inputs = [("z", terms[0]), ("x", terms[1])]
+        scratch = frozenset({id(terms[1])}) if own else frozenset()
+        return _estep._one_latent(
+            OrderedDict([(frozenset(), list(terms))]), {"b"}, inputs, None, scratch
+        )
+
+    terms = factors()
+    copies = [_estep._named(t.clone(memory_format=torch.preserve_format), "ba") for t in terms]
+    monkeypatch.setattr(_estep, "_two_factors", lambda *a: None)  # (the general code)
+    got = run(terms)
+    monkeypatch.setattr(_estep, "_same_layout", _estep._broadcast_all)
+    want = run(copies)
+    assert torch.equal(got[0], want[0])
+    for a, b in zip(got[1], want[1]):
+        assert torch.equal(a, b) and a.shape == b.shape == (7, 9)
+        assert a.stride() == b.stride()
+        assert getattr(a, "_pyro_dims", "ba") == getattr(b, "_pyro_dims", "ba") == "ba"
+
+
+def test_two_factors_is_the_general_one_latent_bit_for_bit(monkeypatch):
+    g = torch.Generator().manual_seed(12)
+    a0, b0 = torch.randn(4, 30, generator=g), torch.randn(30, 4, generator=g).T
+    a0[1, 2] = -float("inf")
+
+    def pair():  # (copies in the same layouts: b a (K, N) view of an (N, K) buffer)
+        return [_estep._named(t.clone(memory_format=torch.preserve_format), "ba") for t in (a0, b0)]
+
+    real = _estep._two_factors
+    for in_place in (True, False):
+        a, b = pair()
+        a2, b2 = pair()
+        fast = real([a, b], "b", frozenset({id(b)}) if in_place else frozenset())
+        with monkeypatch.context() as m:
+            m.setattr(_estep, "_two_factors", lambda *args: None)  # (the general code)
+            slow = _estep._one_latent(
+                OrderedDict([(frozenset(), [a2, b2])]),
+                {"b"},
+                [("z", a2), ("x", b2)],
+                None,
+                frozenset({id(b2)}) if in_place else frozenset(),
+            )
+        assert torch.equal(fast[0], slow[0])
+        for f, s in zip(fast[1], slow[1]):
+            assert torch.equal(f, s) and f.stride() == s.stride()
+        assert fast[1][0] is fast[1][1]
+        assert (fast[1][0] is b) == in_place  # (the posterior over the scratch buffer)
+    # declined: autograd, other layouts, chunks
+    a, b = pair()
+    assert real([a, b.detach().requires_grad_()], "b", frozenset()) is None
+    assert real([a, _estep._named(torch.randn(4, 29), "ba")], "b", frozenset()) is None
+    monkeypatch.setattr(_estep._kernels, "CHUNK", 16)
+    assert real([a, b], "b", frozenset({id(b)})) is None
+    assert torch.equal(b, b0)  # (nothing written)
+
+
+def test_a_fused_log_prob_is_named_as_pyros_pack_names_it():
+    from pyro.ops import packed
+
+    dim_to_symbol = {-2: "b", -1: "a"}
+    t = torch.randn(3, 5)
+    ours = _estep._pack_own(t, dim_to_symbol)
+    pyros = packed.pack(t.clone(), dim_to_symbol)
+    assert ours is t and ours._pyro_dims == pyros._pyro_dims == "ba"
+    assert torch.equal(ours, pyros) and ours.stride() == pyros.stride()
+    squeezed = _estep._pack_own(torch.randn(3, 1), dim_to_symbol)  # (a size-1 dim: Pyro's)
+    assert squeezed._pyro_dims == "b" and squeezed.shape == (3,)
+    with pytest.raises(AssertionError):  # (named already: Pyro's refusal)
+        _estep._pack_own(t, dim_to_symbol)
+    with pytest.raises(ValueError, match="Invalid tensor shape"):
+        _estep._pack_own(torch.randn(2, 3, 5), dim_to_symbol)
+
+
+def test_site_shape_passes_are_keyed_on_plate_dims_and_sizes_not_names():
+    from pyro.poutine.indep_messenger import CondIndepStackFrame
+
+    def site_of(name, size, n_value):
+        frame = CondIndepStackFrame(name=name, dim=-1, size=size, counter=0, full_size=size)
+        fn = dist.Normal(torch.zeros(n_value), 1.0)
+        lp = fn.log_prob(torch.zeros(n_value))
+        return {"name": "x", "fn": fn, "log_prob": lp, "cond_indep_stack": (frame,), "infer": {}}
+
+    _estep._SHAPES_PASSED.clear()
+    _estep._check_site_shape(site_of("a", 4, 4), 1)
+    _estep._check_site_shape(site_of("b", 4, 4), 1)  # (another plate name, same dims: cached)
+    assert len(_estep._SHAPES_PASSED) == 1
+    with pytest.raises(ValueError, match="invalid log_prob shape"):
+        _estep._check_site_shape(site_of("a", 5, 4), 1)  # (another size: checked)
