@@ -416,6 +416,11 @@ def _pack_tensors(tr) -> None:
             ).with_traceback(e.__traceback__) from e
 
 
+# the families an observed site's fused log-prob most often has, by exact type (neither an
+# implicit latent nor a chain, whose tests _enum_trace then skips)
+_PLAIN_GAUSSIAN = (dist.MultivariateNormal, torch.distributions.MultivariateNormal)
+
+
 def _pack_own(t: torch.Tensor, dim_to_symbol: dict) -> torch.Tensor:
     """``packed.pack(t, dim_to_symbol)`` for a log-prob a fused kernel made for this E-step
     (nothing else holds it): with no size-1 dim to squeeze, ``t`` itself is named (the
@@ -1450,6 +1455,9 @@ class ExactEStep:
                 continue
             if site["is_observed"]:
                 override = potentials(name, site) if potentials is not None else None
+                if override is None and type(site["fn"]) in _PLAIN_GAUSSIAN:
+                    _fused_log_prob(name, site)  # (no implicit latent, no chain: not asked)
+                    continue
                 if is_implicit(site["fn"]):  # a PCFG, a CTC: one leaf, its gradient the posterior
                     _implicit_log_prob(site, override)
                 elif isinstance(site["fn"], HomogeneousHMM):

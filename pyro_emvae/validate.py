@@ -1626,6 +1626,9 @@ def explain_model_errors(
         ) from e
 
 
+_ONE_TENSOR_SHAPES: dict = {}  # ((shape, dtype)) -> ValidationState.key's repr of them
+
+
 class ValidationState:
     """Which arguments an ExactEStep has validated: the validated tensors (by weak reference
     and in-place version: a new tensor, or one changed in place, is checked again) and the
@@ -1658,7 +1661,20 @@ class ValidationState:
             shapes.append(id(obj))
 
     def key(self, args: tuple, kwargs: dict) -> tuple[list, Any]:
-        out: list = []
+        if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
+            # (one tensor, the common call: what _entries gives it, its shapes' repr read
+            # from a small table, as the E-step asks for it at every iteration)
+            t = args[0]
+            out = [("seq", 2), ("seq", 1), ("t", weakref.ref(t), _compat.tensor_version(t))]
+            out.append(("dict", ()))
+            shape = (tuple(t.shape), t.dtype)
+            text = _ONE_TENSOR_SHAPES.get(shape)
+            if text is None:
+                if len(_ONE_TENSOR_SHAPES) > 256:
+                    _ONE_TENSOR_SHAPES.clear()
+                text = _ONE_TENSOR_SHAPES[shape] = repr([2, 1, shape, ()])
+            return out, text
+        out = []
         shapes: list = []
         self._entries((args, kwargs), out, shapes)
         return out, repr(shapes)

@@ -624,3 +624,23 @@ def test_site_shape_passes_are_keyed_on_plate_dims_and_sizes_not_names():
     assert len(_estep._SHAPES_PASSED) == 1
     with pytest.raises(ValueError, match="invalid log_prob shape"):
         _estep._check_site_shape(site_of("a", 5, 4), 1)  # (another size: checked)
+
+
+def test_the_one_tensor_validation_key_is_the_general_one():
+    from pyro_emvae.validate import ValidationState
+
+    x = torch.randn(5, 2)
+    fast = ValidationState().key((x,), {})
+    out, shapes = [], []
+    ValidationState._entries(((x,), {}), out, shapes)
+    assert fast[1] == repr(shapes)
+    assert [e[:1] + e[2:] for e in fast[0]] == [e[:1] + e[2:] for e in out]
+    assert [e[1]() for e in fast[0] if e[0] == "t"] == [x]
+    state = ValidationState()
+    state.remember(*state.key((x,), {}))
+    assert state.seen(state.key((x,), {})[0])
+    x.add_(1)  # (changed in place: not seen)
+    assert not state.seen(state.key((x,), {})[0])
+    assert not state.same_shapes(state.key((x.float(),), {})[1])
+    assert not state.same_shapes(state.key((x[:3],), {})[1])
+    assert state.same_shapes(state.key((x.clone(),), {})[1])
