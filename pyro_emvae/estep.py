@@ -421,13 +421,16 @@ def _pack_tensors(tr) -> None:
 _PLAIN_GAUSSIAN = (dist.MultivariateNormal, torch.distributions.MultivariateNormal)
 
 
+_UNNAMED = "\x00"  # (not a dims string: the name of a tensor without one, for _pack_own)
+
+
 def _pack_own(t: torch.Tensor, dim_to_symbol: dict) -> torch.Tensor:
     """``packed.pack(t, dim_to_symbol)`` for a log-prob a fused kernel made for this E-step
     (nothing else holds it): with no size-1 dim to squeeze, ``t`` itself is named (the
     squeeze would return a view of it with the same shape and strides: one op fewer);
     otherwise, or if it is named already, Pyro's ``pack`` (and its errors)."""
     shape = t.shape
-    if 1 in shape or hasattr(t, "_pyro_dims"):
+    if 1 in shape or _compat.pyro_dims(t, _UNNAMED) is not _UNNAMED:
         return packed.pack(t, dim_to_symbol)
     n = len(shape)
     try:
