@@ -2161,7 +2161,8 @@ def _fused_log_prob(name: str, site: dict) -> None:
     site["_emvae_scratch"] = lp.untyped_storage().data_ptr()
     # (Pyro's checks, which warn only on a non-finite sum, or hook a gradient: one test first)
     total = site["log_prob_sum"]
-    if is_validation_enabled() and (total.requires_grad or not math.isfinite(total)):
+    # (tolist(): the number without an aten op; a tensor that records autograd is hooked)
+    if is_validation_enabled() and (total.requires_grad or not math.isfinite(total.tolist())):
         warn_if_nan(site["log_prob_sum"], f"log_prob_sum at site '{name}'")
         warn_if_inf(site["log_prob_sum"], f"log_prob_sum at site '{name}'", allow_neginf=True)
 

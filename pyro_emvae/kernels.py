@@ -198,11 +198,16 @@ def _mvn_conditioned(prec: torch.Tensor, spread: float, offsets: torch.Tensor) -
     1e13 and log-densities up to 1e-5 off (tests/test_fast_paths.py); beyond the limit the site goes
     to the generic path, which computes the difference first."""
     # (max |t| as one op, linalg.vector_norm(t, inf): the same number as t.abs().amax(), a
-    # NaN included; two ops fewer on the E-step's path)
-    amp = torch.linalg.vector_norm(offsets, math.inf).add_(spread)
-    amp = amp.mul_(torch.linalg.vector_norm(prec, math.inf))
+    # NaN included; read by tolist(), which copies the number out without an aten op)
+    top = torch.linalg.vector_norm(offsets, math.inf)
+    scale = torch.linalg.vector_norm(prec, math.inf)
+    if top.dtype == scale.dtype == torch.float64:
+        # (float64: the tensor arithmetic is Python's, IEEE double add then multiply)
+        amp = (top.tolist() + spread) * scale.tolist()
+    else:  # (in the tensors' own precision, as before)
+        amp = top.add_(spread).mul_(scale).tolist()
     # (NaN params: fused as before, the NaN propagates and the E-step warns on it)
-    return not float(amp) * prec.shape[-1] > _AMPLIFICATION_LIMIT
+    return not amp * prec.shape[-1] > _AMPLIFICATION_LIMIT
 
 
 @functools.lru_cache(maxsize=8)
