@@ -41,6 +41,7 @@ __all__ = [
     "constrained",
     "constraint_of",
     "constraints_of",
+    "leaf",
     "names",
     "put",
     "restore",
@@ -76,6 +77,11 @@ def unconstrained(names: Iterable[str] | None = None) -> dict[str, torch.Tensor]
     if names is None:
         return dict(leaves)
     return {n: leaves[n] for n in names if n in leaves}
+
+
+def leaf(name: str) -> torch.Tensor:
+    """The live unconstrained leaf tensor :math:`u` of the param ``name`` (not a copy)."""
+    return pyro.get_param_store().named_parameters().mapping[name]
 
 
 def snapshot(names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:

@@ -341,7 +341,7 @@ class MStepContext:
         if held is not None:
             return held.dtype
         # (the leaf's: a transform keeps the dtype; the value itself need not be computed)
-        return _params.unconstrained([self.name])[self.name].dtype
+        return _params.leaf(self.name).dtype
 
     @property
     def numel(self) -> int:
@@ -357,6 +357,8 @@ class MStepContext:
         vec = self.stats.sums.get(kind)
         if vec is None:
             return None
+        if ":" not in kind:  # (one entry per id: the usual kinds)
+            return vec[self.offset : self.offset + math.prod(self.shape)]
         w = self.stats.length(kind) // self.stats.size
         return vec[self.offset * w : (self.offset + self.numel) * w]
 
@@ -828,7 +830,8 @@ class _Counts(Rule):
             # below gives the same values, with a test and an index per step)
             # (what the clamp costs, computed if the guard reads it; the counts may be a view of
             # the statistics, which online EM updates in place: a copy)
-            ctx._allow_later(functools.partial(_clamp_cost, counts.clone(), exact, probs))
+            kept = counts if ctx.stats.transient else counts.clone()
+            ctx._allow_later(functools.partial(_clamp_cost, kept, exact, probs))
             return probs.to(ctx._dtype())  # ((rows, K): EMOptim reshapes it, a view)
         if not rowmark.any():
             return None
@@ -1107,6 +1110,58 @@ def _scaled_eye(d: int, reg: float, dtype, device) -> torch.Tensor:
 def _covariances(ctx: MStepContext):
     """Covariances :math:`\\Sigma = \\sum w (x-\\mu)(x-\\mu)^T / \\sum w` + ``reg_covar``
     ``I``, written as the param's kind (a covariance, its Cholesky factor, or its inverse)."""
+    if _FAST_PATHS:
+        new = _covariances_every(ctx)
+        if new is not None:
+            return new
+    return _covariances_general(ctx)
+
+
+def _covariances_every(ctx: MStepContext):
+    """The usual case of :func:`_covariances` in one test: every matrix reached, with mass,
+    and (where a factor is kept) positive definite. The same values and deferred costs as
+    the general path, which makes them again where this test fails (None)."""
+    matmark = ctx.stat("matmark")
+    if matmark is None or not matmark.numel():
+        return None
+    d = ctx.shape[-1]
+    num = ctx.stat("cov_num").reshape(-1, d, d)
+    den = ctx.stat("cov_den")[:: d * d]
+    sl = ctx.slice
+    kind = next(
+        (k for i, k in ctx.stats.forms.items() if sl.start <= i < sl.stop and k != "simplex"),
+        "scale_tril",
+    )
+    ml = 0.5 * (num + num.mT) / den.view(-1, 1, 1)
+    cov = ml + _scaled_eye(d, ctx.reg_covar, num.dtype, num.device)
+    ok = (matmark[:: d * d] > 0) & (den > 0)
+    chol = None
+    if ctx.reg_covar > 0 or kind != "covariance_matrix":
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if kind != "covariance_matrix":  # (a covariance itself is kept as the general path does)
+            ok &= info == 0
+    if not bool(ok.all()):
+        return None
+    if ctx.reg_covar > 0:
+        # (n: a view of the statistics, which online EM updates in place, unless transient)
+        n = den if ctx.stats.transient else den.clone()
+        ctx._allow_later(functools.partial(_reg_cost_later, ml, chol, n))
+    if kind == "covariance_matrix":
+        return cov.to(ctx._dtype()).reshape(-1)
+    new = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
+    # ((M, D, D): EMOptim reshapes it to the param's shape, a view, not a copy)
+    return new.to(ctx._dtype())
+
+
+def _reg_cost_later(ml: torch.Tensor, chol, n: torch.Tensor) -> list[float]:
+    """:func:`_reg_cost`, with the factor of ``ml`` computed now (when the guard reads the
+    allowance: the same LAPACK call on the same matrices as at the update)."""
+    return _reg_cost(ml, torch.linalg.cholesky_ex(ml), chol, n)
+
+
+def _covariances_general(ctx: MStepContext):
+    """:func:`_covariances`, every case: matrices not reached or without mass are kept (with a
+    warning), a singular covariance raises."""
     matmark = ctx.stat("matmark")
     if matmark is None or not matmark.numel():
         return None
@@ -1145,11 +1200,11 @@ def _covariances(ctx: MStepContext):
     if ctx.reg_covar > 0:
         # (the factors of both: the cost reads them, the update keeps C's; two calls, as
         # each matrix is factored on its own either way, and no concatenated copy)
-        chol_ml = torch.linalg.cholesky_ex(ml)
         chol, info = torch.linalg.cholesky_ex(cov)
-        # (computed if the guard reads it: n may be a view of the statistics, which online
-        # EM updates in place; the others are new tensors nothing writes to)
-        ctx._allow_later(functools.partial(_reg_cost, ml, chol_ml, chol, n.clone()))
+        # (computed if the guard reads it, ml's factor too: n may be a view of the
+        # statistics, which online EM updates in place; the others are new tensors nothing
+        # writes to)
+        ctx._allow_later(functools.partial(_reg_cost_later, ml, chol, n.clone()))
     elif kind != "covariance_matrix":
         chol, info = torch.linalg.cholesky_ex(cov)
     if kind == "covariance_matrix":

@@ -44,6 +44,11 @@ class Stats:
     # structure-only work of ``add`` kept between calls (see :meth:`add`): EMOptim gives each
     # plan one, so that an iteration does not redo it; None: no memo (every call plans anew)
     memo: dict | None = field(default=None, repr=False, compare=False)
+    # nothing writes these sums after the maximizers read them (EMOptim's own statistics of
+    # one iteration, dropped after its update): a maximizer's deferred cost may then keep a
+    # view of them instead of a copy. False: they may be updated in place later (online EM's
+    # running average, a caller's statistics)
+    transient: bool = field(default=False, repr=False, compare=False)
 
     def add(self, kind: str, ids: torch.Tensor, *factors: torch.Tensor) -> None:
         """``sums[kind][ids] += prod(factors)``, summed over positions sharing an id.
@@ -62,15 +67,48 @@ class Stats:
         of, held by the memo so that its ``id`` cannot be reused, its in-place version, and the
         view's geometry) and the factors' shapes. The sums are the same either way.
         """
+        memo = self.memo
+        if memo is not None:
+            # the steady state: the same ids object (the plan's), unmodified, and factors of
+            # the shapes and dtypes met before: the recipe (and the dtype the factors are
+            # promoted to) straight from one lookup; the long way below makes the same
+            # recipe from the ids' values (tested equal, test_mstep_cost)
+            metas = tuple([(f.shape, f.dtype, f.device) for f in factors])
+            fast = memo.get((kind, self.size, id(ids), metas))
+            if (
+                fast is not None
+                and fast[0] is ids
+                and fast[1] == ids._version
+                and fast[2] == (ids.shape, ids.stride(), ids.storage_offset())
+                and _FAST_ADD
+            ):
+                recipe, dtype = fast[3], fast[4]
+                if dtype is not None:
+                    factors = tuple(f if f.dtype == dtype else f.to(dtype) for f in factors)
+                self._scatter(kind, recipe, factors)
+                return
+        recipe, dtype = self._recipe(kind, ids, factors)
+        if dtype is not None:
+            factors = tuple(f if f.dtype == dtype else f.to(dtype) for f in factors)
+        if memo is not None:
+            geometry = (ids.shape, ids.stride(), ids.storage_offset())
+            entry = (ids, ids._version, geometry, recipe, dtype)
+            _remember(memo, (kind, self.size, id(ids), metas), entry)
+        self._scatter(kind, recipe, factors)
+
+    def _recipe(self, kind: str, ids: torch.Tensor, factors: tuple) -> tuple:
+        """``(recipe, dtype)``: how ``factors`` are contracted and scattered at ``ids``, and
+        the dtype they are promoted to first (None: as they are)."""
         # integer observations (Long counts) enter the sums in the weights' floating dtype, and
         # mixed floating dtypes (float32 data, float64 params and weights) in the wider one,
         # as Pyro's log-probs promote them (einsum and bmm refuse mixed dtypes)
         dtype = factors[0].dtype if factors else None
+        promote = None
         if any(f.dtype != dtype for f in factors):
             floats = [f.dtype for f in factors if f.is_floating_point()]
             if floats:
-                dtype = functools.reduce(torch.promote_types, floats)
-                factors = tuple(f if f.dtype == dtype else f.to(dtype) for f in factors)
+                promote = functools.reduce(torch.promote_types, floats)
+                factors = tuple(f if f.dtype == promote else f.to(promote) for f in factors)
         memo = self.memo
         recipe = None
         if memo is not None:
@@ -85,6 +123,10 @@ class Stats:
             recipe = _AddRecipe(self.length(kind), ids, factors)
             if memo is not None:
                 _remember(memo, key, (base, recipe))
+        return recipe, promote
+
+    def _scatter(self, kind: str, recipe: _AddRecipe, factors: tuple) -> None:
+        """``sums[kind][recipe.ids] += `` the contraction of ``factors`` (see :meth:`add`)."""
         # scalar factors only (a row mark's 1): the scattered values are the same at every
         # call with the same scalars, unmodified; kept on the recipe (a scalar, so that no
         # posterior outlives its iteration)
@@ -113,7 +155,7 @@ class Stats:
             if recipe.expands:
                 values = values.reshape(recipe.values_shape).expand(recipe.kept_shape)
             values = values.reshape(-1)
-            if factors and all(f.dim() == 0 for f in factors):
+            if recipe.scalars:
                 versions = tuple(_compat.tensor_version(f) for f in factors)
                 recipe.constant = (factors, versions, values)
         vec = self.sums.get(kind)
@@ -160,6 +202,10 @@ class Stats:
 
 
 _MEMO_SIZE = 512  # entries a memo holds before it starts over (ids made anew at every call)
+
+# Stats.add's one-lookup path for ids and factor shapes met before; False: the long way only
+# (the tests compare the two)
+_FAST_ADD = True
 
 
 _ZEROS: dict = {}  # (length, dtype, device) -> zeros: only ever read (out-of-place ops' input)
@@ -222,6 +268,7 @@ class _AddRecipe:
         "matmul",
         "out",
         "repeats",
+        "scalars",
         "seen",
         "shapes",
         "subs",
@@ -274,6 +321,7 @@ class _AddRecipe:
         self.seen[self.ids] = True
         # (scalar factors, their versions, the values they scatter): see Stats.add
         self.constant: tuple | None = None
+        self.scalars = bool(factors) and all(f.dim() == 0 for f in factors)
 
     def contract(self, factors: tuple) -> torch.Tensor:
         """The einsum of ``factors`` over the pooled dims (one or two factors: the equation
