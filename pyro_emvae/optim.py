@@ -359,7 +359,8 @@ class EMOptim:
                     # the value itself where the ids read it whole, in order)
                     theta = _params.value(t.param)
                     if isinstance(local, tuple):
-                        return theta.reshape(local).clone()
+                        # (the param's own shape: no view op before the copy)
+                        return (theta if theta.shape == local else theta.reshape(local)).clone()
                     return theta.reshape(-1)[local]
                 flats[0] = _flat_params(space)
             return flats[0][ids]
@@ -391,7 +392,7 @@ class EMOptim:
             else:
                 q = posterior.factor_q.get(name)
                 weight = (
-                    packed.unpack(q, posterior.symbol_to_dim)
+                    _unpack(q, posterior.symbol_to_dim)
                     if q is not None
                     else torch.ones((), device=value.device)
                 )
@@ -442,7 +443,7 @@ class EMOptim:
             if isinstance(value, dict):
                 new.update({n: v for n, v in value.items() if n not in new})
             elif value is not None:
-                new[name] = value.reshape(ctx.shape)
+                new[name] = value if value.shape == ctx.shape else value.reshape(ctx.shape)
         return new
 
     # ---------------------------------------------------------------- the step
@@ -866,6 +867,33 @@ class OnlineEM(EMOptim):
             f"OnlineEM(kappa={self.kappa}, t0={self.t0}, reg_covar={self.reg_covar}, "
             f"dirichlet={self.dirichlet}, svi_steps={self.svi_steps})"
         )
+
+
+# (shape, strides, dims, their places) of a packed factor -> the geometry of its unpacked view
+_UNPACKED: dict = {}
+_UNPACK = True  # False: Pyro's packed.unpack at every call (the tests compare the two)
+
+
+def _unpack(q: torch.Tensor, symbol_to_dim: dict) -> torch.Tensor:
+    """``packed.unpack(q, symbol_to_dim)``: the same view of ``q`` (its dims moved to the
+    places ``symbol_to_dim`` gives them), made in one ``as_strided`` op where Pyro's takes a
+    permute and a reshape; the geometry is worked out by Pyro's once per layout."""
+    dims = _compat.pyro_dims(q)
+    if not _UNPACK or q.dim() == 0 or q.requires_grad:
+        return packed.unpack(q, symbol_to_dim)
+    key = (q.shape, q.stride(), dims, tuple([symbol_to_dim[d] for d in dims]))
+    hit = _UNPACKED.get(key)
+    if hit is None:
+        out = packed.unpack(q, symbol_to_dim)
+        same = out.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
+        hit = (out.shape, out.stride(), out.storage_offset() - q.storage_offset()) if same else ()
+        if len(_UNPACKED) > 256:
+            _UNPACKED.clear()
+        _UNPACKED[key] = hit
+        return out
+    if not hit:  # (Pyro's copies for this layout)
+        return packed.unpack(q, symbol_to_dim)
+    return q.as_strided(hit[0], hit[1], q.storage_offset() + hit[2])
 
 
 def _site_layout(plan: Plan) -> list[tuple]:

@@ -78,7 +78,7 @@ class Stats:
             if (
                 fast is not None
                 and fast[0] is ids
-                and fast[1] == ids._version
+                and fast[1] == _compat.tensor_version(ids)
                 and fast[2] == (ids.shape, ids.stride(), ids.storage_offset())
                 and _FAST_ADD
             ):
@@ -92,7 +92,7 @@ class Stats:
             factors = tuple(f if f.dtype == dtype else f.to(dtype) for f in factors)
         if memo is not None:
             geometry = (ids.shape, ids.stride(), ids.storage_offset())
-            entry = (ids, ids._version, geometry, recipe, dtype)
+            entry = (ids, _compat.tensor_version(ids), geometry, recipe, dtype)
             _remember(memo, (kind, self.size, id(ids), metas), entry)
         self._scatter(kind, recipe, factors)
 
@@ -149,12 +149,18 @@ class Stats:
                 self.touched[kind] = recipe.seen if seen is None else seen | recipe.seen
                 return
         else:
-            values = recipe.contract(factors)
+            if recipe.sum_dims == [] and (recipe.expands or factors[0].dim() != 1):
+                # (one factor, nothing to sum: it is flattened, or viewed to be expanded,
+                # below; the view to its non-singleton dims would only be viewed again)
+                values = factors[0]
+            else:
+                values = recipe.contract(factors)
             if recipe.repeats != 1:
                 values = values * recipe.repeats
             if recipe.expands:
                 values = values.reshape(recipe.values_shape).expand(recipe.kept_shape)
-            values = values.reshape(-1)
+            if values.dim() != 1:  # (a vector already: no view op)
+                values = values.reshape(-1)
             if recipe.scalars:
                 versions = tuple(_compat.tensor_version(f) for f in factors)
                 recipe.constant = (factors, versions, values)
@@ -268,6 +274,7 @@ class _AddRecipe:
         "matmul",
         "out",
         "repeats",
+        "reshape",
         "scalars",
         "seen",
         "shapes",
@@ -292,6 +299,8 @@ class _AddRecipe:
             self.subs.append([sub[d] for d in dims])
         out_dims = [d for d in kept if d in sub]
         self.out = [sub[d] for d in out_dims]
+        # (whether each factor is viewed in another shape: the recipe is kept per factor shape)
+        self.reshape = [list(f.shape) != fshape for f, fshape in zip(factors, self.shapes)]
         letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
         self.equation = None
         if len(factors) <= 2 and len(sub) <= len(letters):
@@ -327,10 +336,16 @@ class _AddRecipe:
         """The einsum of ``factors`` over the pooled dims (one or two factors: the equation
         straight to ATen, as ``torch.einsum`` passes it without a contraction path)."""
         if self.sum_dims is not None:
-            # (what einsum does for one operand, without parsing the equation: the same sum)
-            op = factors[0].reshape(self.shapes[0])
+            # (what einsum does for one operand, without parsing the equation: the same sum;
+            # no view op where the factor has that shape already)
+            op = factors[0]
+            if self.reshape[0]:
+                op = op.reshape(self.shapes[0])
             return op.sum(self.sum_dims) if self.sum_dims else op
-        ops = [f.reshape(fshape) for f, fshape in zip(factors, self.shapes, strict=True)]
+        ops = [
+            f.reshape(fshape) if again else f
+            for f, fshape, again in zip(factors, self.shapes, self.reshape, strict=True)
+        ]
         a, b = ops if self.matmul else (None, None)
         if self.matmul and a.device.type == "cpu" == b.device.type and a.dtype == b.dtype:
             # (on the CPU: the same bits as einsum, tested, with 4 ops where it takes 12)
