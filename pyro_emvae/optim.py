@@ -901,7 +901,8 @@ def _site_layout(plan: Plan) -> list[tuple]:
     ``direct`` when the E-step's factor is the weight as it is (a chain's pairwise posterior,
     an implicit latent's counts), ``scale`` None where it is 1. Structure only, read from
     the probe's trace: made once per plan (held in its memo, which the plan owns)."""
-    layout = plan.memo.get("_sites")
+    memo = plan.memo if plan.memo is not None else {}  # (None: nothing kept)
+    layout = memo.get("_sites")
     if layout is not None and layout[0] is plan.trace:
         return layout[1]
     sites = []
@@ -913,7 +914,7 @@ def _site_layout(plan: Plan) -> list[tuple]:
         scale = site["scale"]
         plain = isinstance(scale, (int, float)) and scale == 1  # (no (K, N) copy)
         sites.append((name, fn, site["value"], direct, site["mask"], None if plain else scale))
-    plan.memo["_sites"] = (plan.trace, sites)
+    memo["_sites"] = (plan.trace, sites)
     return sites
 
 

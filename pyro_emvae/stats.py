@@ -67,38 +67,29 @@ class Stats:
         of, held by the memo so that its ``id`` cannot be reused, its in-place version, and the
         view's geometry) and the factors' shapes. The sums are the same either way.
         """
-        memo = self.memo
+        memo = self.memo if _FAST_ADD else None
         if memo is not None:
-            # the steady state: the same ids object (the plan's), unmodified, and factors of
-            # the shapes and dtypes met before: the recipe (and the dtype the factors are
-            # promoted to) straight from one lookup; the long way below makes the same
-            # recipe from the ids' values (tested equal, test_mstep_cost)
-            metas = tuple([(f.shape, f.dtype, f.device) for f in factors])
-            fast = memo.get((kind, self.size, id(ids), metas))
-            if (
-                fast is not None
-                and fast[0] is ids
-                and fast[1] == _compat.tensor_version(ids)
-                and fast[2] == (ids.shape, ids.stride(), ids.storage_offset())
-                and _FAST_ADD
-            ):
-                recipe, dtype = fast[3], fast[4]
+            # one lookup, keyed on the ids' values (the tensor they are a view of, held by the
+            # memo so that its id cannot be reused, its in-place version, the view's geometry)
+            # and the factors' shapes, dtypes and devices; the entry holds the recipe and the
+            # dtype the factors are promoted to (the size in the key: it and the kind fix the
+            # statistic's length)
+            base = _compat.view_base(ids)
+            where = (
+                id(base),
+                _compat.tensor_version(base),
+                tuple(ids.shape),
+                ids.stride(),
+                ids.storage_offset(),
+            )
+            key = (kind, self.size, where, tuple([(f.shape, f.dtype, f.device) for f in factors]))
+            hit = memo.get(key)
+            if hit is not None and hit[0] is base:
+                recipe, dtype = hit[1], hit[2]
                 if dtype is not None:
                     factors = tuple(f if f.dtype == dtype else f.to(dtype) for f in factors)
                 self._scatter(kind, recipe, factors)
                 return
-        recipe, dtype = self._recipe(kind, ids, factors)
-        if dtype is not None:
-            factors = tuple(f if f.dtype == dtype else f.to(dtype) for f in factors)
-        if memo is not None:
-            geometry = (ids.shape, ids.stride(), ids.storage_offset())
-            entry = (ids, _compat.tensor_version(ids), geometry, recipe, dtype)
-            _remember(memo, (kind, self.size, id(ids), metas), entry)
-        self._scatter(kind, recipe, factors)
-
-    def _recipe(self, kind: str, ids: torch.Tensor, factors: tuple) -> tuple:
-        """``(recipe, dtype)``: how ``factors`` are contracted and scattered at ``ids``, and
-        the dtype they are promoted to first (None: as they are)."""
         # integer observations (Long counts) enter the sums in the weights' floating dtype, and
         # mixed floating dtypes (float32 data, float64 params and weights) in the wider one,
         # as Pyro's log-probs promote them (einsum and bmm refuse mixed dtypes)
@@ -109,21 +100,10 @@ class Stats:
             if floats:
                 promote = functools.reduce(torch.promote_types, floats)
                 factors = tuple(f if f.dtype == promote else f.to(promote) for f in factors)
-        memo = self.memo
-        recipe = None
+        recipe = _AddRecipe(self.length(kind), ids, factors)
         if memo is not None:
-            base, where = _ids_key(ids)
-            # (the id space's size in the key: it and the kind fix the statistic's length)
-            metas = tuple((f.shape, f.dtype, f.device) for f in factors)
-            key = (kind, self.size, where, metas)
-            hit = memo.get(key)
-            if hit is not None and hit[0] is base:
-                recipe = hit[1]
-        if recipe is None:
-            recipe = _AddRecipe(self.length(kind), ids, factors)
-            if memo is not None:
-                _remember(memo, key, (base, recipe))
-        return recipe, promote
+            _remember(memo, key, (base, recipe, promote))
+        self._scatter(kind, recipe, factors)
 
     def _scatter(self, kind: str, recipe: _AddRecipe, factors: tuple) -> None:
         """``sums[kind][recipe.ids] += `` the contraction of ``factors`` (see :meth:`add`)."""
@@ -209,8 +189,8 @@ class Stats:
 
 _MEMO_SIZE = 512  # entries a memo holds before it starts over (ids made anew at every call)
 
-# Stats.add's one-lookup path for ids and factor shapes met before; False: the long way only
-# (the tests compare the two)
+# Stats.add's recipes kept in the memo (one lookup for ids and factor shapes met before);
+# False: every recipe made anew (the tests compare the two)
 _FAST_ADD = True
 
 
@@ -232,14 +212,6 @@ def _remember(memo: dict, key, entry) -> None:
     if len(memo) >= _MEMO_SIZE:
         memo.clear()
     memo[key] = entry
-
-
-def _ids_key(ids: torch.Tensor) -> tuple:
-    """``(base, key)``: what fixes the values of ``ids``, a view (or not) of ``base``: the
-    base's identity and in-place version and the view's shape, strides and offset."""
-    base = _compat.view_base(ids)
-    geometry = (tuple(ids.shape), ids.stride(), ids.storage_offset())
-    return base, (id(base), _compat.tensor_version(base), *geometry)
 
 
 def _memoized(stats: Stats, objs: tuple, make: Callable[[], Any]) -> Any:
