@@ -820,12 +820,20 @@ class _Counts(Rule):
         counts = ctx.stat("count").reshape(-1, last)
         if ctx.dirichlet != 1.0:  # (+ 0.0 changes no count: a sum from +0.0 is never -0.0)
             counts = counts + (ctx.dirichlet - 1.0)
-        rows = rowmark.reshape(-1, last).any(-1)
         total = counts.sum(-1, keepdim=True)
         exact = counts / total.clamp_min(1e-300)
         probs = exact.clamp(ctx.min_prob, 1 - ctx.min_prob)
         probs = probs / probs.sum(-1, keepdim=True)
-        if _FAST_PATHS and bool((rows & (total.squeeze(-1) > 0)).all()):
+        rows = None
+        if _FAST_PATHS:
+            # (every row marked, known once per plan where the marks are a constant's copy)
+            marked = _marked(ctx, "rowmark", last, "rows")
+            if marked is None:
+                rows = rowmark.reshape(-1, last).any(-1)
+                fast = bool((rows & (total.squeeze(-1) > 0)).all())
+            else:
+                fast = marked and bool((total > 0).all())
+        if _FAST_PATHS and fast:
             # (the usual case, in one test: every row reached, none empty; the general path
             # below gives the same values, with a test and an index per step)
             # (what the clamp costs, computed if the guard reads it; the counts may be a view of
@@ -835,6 +843,8 @@ class _Counts(Rule):
             return probs.to(ctx._dtype())  # ((rows, K): EMOptim reshapes it, a view)
         if not rowmark.any():
             return None
+        if rows is None:
+            rows = rowmark.reshape(-1, last).any(-1)
         empty = rows & (total.squeeze(-1) <= 0)
         if empty.any():
             ctx.warn(
@@ -1134,7 +1144,10 @@ def _covariances_every(ctx: MStepContext):
     )
     ml = 0.5 * (num + num.mT) / den.view(-1, 1, 1)
     cov = ml + _scaled_eye(d, ctx.reg_covar, num.dtype, num.device)
-    ok = (matmark[:: d * d] > 0) & (den > 0)
+    marked = _marked(ctx, "matmark", d * d, "matrices")  # (known once per plan, or None)
+    if marked is False:
+        return None
+    ok = den > 0 if marked else (matmark[:: d * d] > 0) & (den > 0)
     chol = None
     if ctx.reg_covar > 0 or kind != "covariance_matrix":
         chol, info = torch.linalg.cholesky_ex(cov)
@@ -1151,6 +1164,28 @@ def _covariances_every(ctx: MStepContext):
     new = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
     # ((M, D, D): EMOptim reshapes it to the param's shape, a view, not a copy)
     return new.to(ctx._dtype())
+
+
+def _marked(ctx: MStepContext, kind: str, width: int, what: str) -> bool | None:
+    """Whether every row (``what="rows"``: some of its ``width`` entries) or every matrix
+    (``"matrices"``: its first entry) of this param's slice of ``stats.sums[kind]`` is > 0,
+    worked out once per constant where the sums are an unmodified copy of one
+    (:meth:`Stats.constant_of`: the marks of a plan's sites), kept with that constant;
+    None where they are not (the caller then tests the sums themselves)."""
+    found = ctx.stats.constant_of(kind)
+    if found is None:
+        return None
+    const, notes = found
+    key = ("marked", ctx.offset, ctx.numel, width, what)
+    value = notes.get(key)
+    if value is None:
+        piece = const[ctx.offset : ctx.offset + ctx.numel]
+        if what == "rows":
+            value = bool(piece.reshape(-1, width).any(-1).all())
+        else:
+            value = bool((piece[::width] > 0).all())
+        notes[key] = value
+    return value
 
 
 def _reg_cost_later(ml: torch.Tensor, chol, n: torch.Tensor) -> list[float]:

@@ -49,6 +49,8 @@ class Stats:
     # view of them instead of a copy. False: they may be updated in place later (online EM's
     # running average, a caller's statistics)
     transient: bool = field(default=False, repr=False, compare=False)
+    # kind -> (a constant vector, the copy of it in sums, the copy's version): see constant_of
+    copies: dict = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, kind: str, ids: torch.Tensor, *factors: torch.Tensor) -> None:
         """``sums[kind][ids] += prod(factors)``, summed over positions sharing an id.
@@ -123,8 +125,11 @@ class Stats:
                 # a copy of it, as the sums are written in place by what reads them)
                 if len(const) == 3:
                     made = torch.zeros(recipe.length, dtype=values.dtype, device=values.device)
-                    recipe.constant = const = (*const, made.index_add_(0, recipe.ids, values))
-                self.sums[kind] = const[3].clone()
+                    made.index_add_(0, recipe.ids, values)
+                    # (with a dict for what readers work out from it: see constant_of)
+                    recipe.constant = const = (*const, made, {})
+                copy = self.sums[kind] = const[3].clone()
+                self.copies[kind] = (const[3], const[4], copy, _compat.tensor_version(copy))
                 seen = self.touched.get(kind)
                 self.touched[kind] = recipe.seen if seen is None else seen | recipe.seen
                 return
@@ -155,6 +160,20 @@ class Stats:
         # (the recipe's marks themselves until a second add meets them: never written in place)
         seen = self.touched.get(kind)
         self.touched[kind] = recipe.seen if seen is None else seen | recipe.seen
+
+    def constant_of(self, kind: str) -> tuple | None:
+        """``(vector, notes)``: the vector ``sums[kind]`` is an unmodified copy of, where it is
+        one (a statistic of scalar factors only, a row mark, added once; never written, kept
+        by the add's recipe while its scalars are unchanged, so that what is worked out from it
+        holds for the sums too), and a dict kept with it for what readers work out from it.
+        None where the sums were added to, written in place, or replaced."""
+        hit = self.copies.get(kind)
+        if hit is None:
+            return None
+        const, notes, copy, version = hit
+        if self.sums.get(kind) is not copy or _compat.tensor_version(copy) != version:
+            return None
+        return const, notes
 
     def length(self, kind: str) -> int:
         """The length of ``sums[kind]``: the id space, times ``w`` for a kind named ``"name:w"``

@@ -517,4 +517,86 @@ def test_a_steady_mstep_takes_few_ops():
 
     with Count():
         mstep(guide, post, (x,), {})
-    assert count[0] <= 126, count[0]  # (145 before the steady paths)
+    assert count[0] <= 119, count[0]  # (145 before the steady paths)
+
+
+def _three_msteps(model, data, fast: bool, **options):
+    """The params, allowances and warnings of three M-steps (the second and third meet every
+    kept recipe, constant and note)."""
+    pyro.clear_param_store()
+    guide, mstep = ExactEStep(model), EMOptim(**options)
+    old, rules._FAST_PATHS = rules._FAST_PATHS, fast
+    out = []
+    try:
+        for _ in range(3):
+            post = guide.posterior(data)
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                mstep(guide, post, (data,), {})
+            names = mstep._plan.closed_form
+            out.append((_params.constrained(names), mstep.allowance, [str(w) for w in seen]))
+    finally:
+        rules._FAST_PATHS = old
+    return out
+
+
+@pytest.mark.parametrize("kind", ["full", "tied", "bernoulli", "poisson"])
+def test_marks_known_from_their_constant_give_the_general_paths_bits(kind):
+    model, data = _mixture(kind)
+    for options in ({}, {"reg_covar": 1e-2, "min_prob": 0.3, "dirichlet": 2.0}):
+        fast = _three_msteps(model, data, True, **options)
+        general = _three_msteps(model, data, False, **options)
+        for (fv, fa, fw), (gv, ga, gw) in zip(fast, general, strict=True):
+            assert fv.keys() == gv.keys() and fv
+            assert all(torch.equal(fv[n], gv[n]) for n in fv)
+            assert fa == ga and fw == gw
+
+
+def test_an_empty_component_after_marks_are_known_takes_the_general_path():
+    """The marks say every row and matrix is reached; a component then loses its mass: the
+    general path runs and warns, as without the one-test paths."""
+    model, data = _mixture("full", K=2)
+    pyro.clear_param_store()
+    guide, mstep = ExactEStep(model), EMOptim()
+    for _ in range(2):
+        mstep(guide, guide.posterior(data), (data,), {})
+    post = guide.posterior(data)
+    plan = mstep.plan(guide, (data,), {}, post.subsample)
+    got = []
+    for fast in (True, False):
+        old, rules._FAST_PATHS = rules._FAST_PATHS, fast
+        try:
+            s = mstep.summarize(plan, post, 0)
+            assert s.constant_of("rowmark") is not None  # (a copy of the kept constant)
+            s.sums["count"][s.sums["count"] > 0] = 0.0  # no mass anywhere
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                new = mstep.maximize(plan, s, 0)
+            got.append((new, [str(w.message) for w in seen]))
+        finally:
+            rules._FAST_PATHS = old
+    assert got[0][1] == got[1][1] and any("no posterior mass" in w for w in got[0][1])
+    assert got[0][0].keys() == got[1][0].keys()
+    assert all(torch.equal(got[0][0][n], got[1][0][n]) for n in got[0][0])
+
+
+def test_a_constants_copy_is_known_until_written_or_added_to():
+    memo: dict = {}
+    ids, one = torch.tensor([0, 1]), torch.ones(())
+    for _ in range(2):  # (the second add meets the kept constant)
+        s = stats.Stats(3, memo=memo)
+        s.add("rowmark", ids, one)
+    const, notes = s.constant_of("rowmark")
+    assert notes == {}  # (stage-free: no maximizer has read it)
+    assert torch.equal(const, s.sums["rowmark"]) and const is not s.sums["rowmark"]
+    s.sums["rowmark"].mul_(2.0)  # written in place by a reader
+    assert s.constant_of("rowmark") is None
+    s = stats.Stats(3, memo=memo)
+    s.add("rowmark", ids, one)
+    assert s.constant_of("rowmark")[0] is const
+    s.add("rowmark", torch.tensor([2]), one)  # added to
+    assert s.constant_of("rowmark") is None
+    s = stats.Stats(3, memo=memo)
+    s.add("rowmark", ids, one)
+    s.sums["rowmark"] = s.sums["rowmark"].clone()  # replaced
+    assert s.constant_of("rowmark") is None
