@@ -154,6 +154,13 @@ def param_constraint(name: str):
     return pyro.get_param_store()._constraints[name]
 
 
+def transform_factory(c) -> Callable | None:
+    """The factory ``transform_to`` calls for the constraint ``c`` (``ConstraintRegistry.
+    _registry[type(c)]``; None if none is registered): what a transform cached per constraint
+    is keyed on besides the constraint itself (a registration replaces it)."""
+    return torch.distributions.transform_to._registry.get(type(c))
+
+
 def set_pyro_name(module: torch.nn.Module, name: str) -> None:
     """Name a root ``PyroModule`` (an autoguide) after construction (``module._pyro_name``): its
     params are then called ``f"{name}.…"``. AutoGuide takes no name argument."""

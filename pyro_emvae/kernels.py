@@ -898,6 +898,138 @@ def _scatter_layout(weight: tuple, loc: tuple, value: tuple, param_batch: tuple,
     return batch, pd, vd, both, spare, repeats
 
 
+# outer_scatter's steady path (see _outer_steady); False: the general path only (the tests
+# compare the two bit for bit)
+_STEADY_SCATTER = True
+# one slot: the geometry of the last outer_scatter call and what it fixes (see _Steady)
+_STEADY: list = [None]
+# one slot: the centred rows of the last data and their views the scatter reads: (xa, y, y^T,
+# y unsqueezed), emptied when the data are freed (as _SLOT is)
+_STEADY_ROWS: list = [None]
+
+
+class _Steady:
+    """What the geometry of an outer_scatter call fixes (one chunk of whole rows, one dtype,
+    no grad, nothing summed out or repeated): the number of param rows ``m``, the vector size
+    ``d``, the views of the weight as ``(M, N)`` and ``(N, M, 1)`` and of the loc as
+    ``(M, D)`` as (shape, strides, offset from the tensor's), None where the tensor is that
+    view already, and the output shapes."""
+
+    __slots__ = ("big", "d", "loc_view", "m", "w_view", "wt_view")
+
+    def __init__(self, m, d, w_view, wt_view, loc_view, big) -> None:
+        self.m, self.d, self.big = m, d, big
+        self.w_view, self.wt_view, self.loc_view = w_view, wt_view, loc_view
+
+
+def _relative_view(view: torch.Tensor, base: torch.Tensor):
+    """``view``'s geometry relative to ``base``'s storage offset (None: ``view`` is ``base``
+    as it is); False where it is not a view of ``base``'s storage."""
+    if view.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
+        return False
+    geometry = (tuple(view.shape), view.stride(), view.storage_offset() - base.storage_offset())
+    if geometry == (tuple(base.shape), base.stride(), 0):
+        return None
+    return geometry
+
+
+def _view_of(t: torch.Tensor, geometry) -> torch.Tensor:
+    if geometry is None:
+        return t
+    return t.as_strided(geometry[0], geometry[1], t.storage_offset() + geometry[2])
+
+
+def _outer_steady(weight, value, loc, param_batch):
+    """:func:`outer_scatter` (``outer=True``) for a call of the same geometry as the last
+    one (the shapes, strides and dtypes of the weight, value and loc, and ``param_batch``):
+    the same ops on the same values as the general path, with the views it takes made in
+    one op each (or kept with the data's centred rows), and its layout not worked out again.
+    None where it does not apply (the general path then runs)."""
+    key = (
+        weight.shape,
+        weight.stride(),
+        loc.shape,
+        loc.stride(),
+        value.shape,
+        value.stride(),
+        tuple(param_batch),
+        weight.dtype,
+        value.dtype,
+        loc.dtype,
+    )
+    hit = _STEADY[0]
+    if hit is None or hit[0] != key:
+        hit = _STEADY[0] = (key, _prepare_steady(weight, value, loc, param_batch))
+    prep = hit[1]
+    if prep is None or weight.requires_grad or loc.requires_grad or value.requires_grad:
+        return None
+    m, d_ = prep.m, prep.d
+    wfull = _view_of(weight, prep.w_view)  # (M, N)
+    mu = _view_of(loc, prep.loc_view)  # (M, D)
+    xa, centre = _centred_rows(value, value)
+    rows = _STEADY_ROWS[0]
+    if rows is None or rows[0] is not xa:
+        y = xa[:, :-1]
+        try:  # (the reference kept with them: its callback empties the slot)
+            ref = weakref.ref(value, lambda _: _STEADY_ROWS.__setitem__(0, None))
+        except TypeError:  # (not weak-referenceable: not kept)
+            ref = None
+        rows = (xa, y, y.T, y.unsqueeze(1), ref)
+        if ref is not None:
+            _STEADY_ROWS[0] = rows
+    _, y, yt, yu, _ = rows
+    n_rows = y.shape[0]
+    nu = mu - centre
+    s1 = torch.addmm(_zeros((m, d_), wfull.dtype, wfull.device), wfull, y)
+    # (the same products as the general path's, which writes them into a new (N, M, D)
+    # buffer; a copy only where the product's own layout is not that one)
+    wy = torch.mul(_view_of(weight, prep.wt_view), yu).reshape(n_rows, m * d_)
+    s2 = torch.addmm(_zeros((d_, m * d_), wfull.dtype, wfull.device), yt, wy)
+    den = wfull.sum(1)
+    nu_row = nu.unsqueeze(-2)
+    cross = s1.unsqueeze(-1) * nu_row  # (M, D, D)
+    # (s2 (D, M D) read as (M, D, D): the general path's view and transpose, in one op)
+    s = s2.as_strided((m, d_, d_), (d_, m * d_, 1)) - cross - cross.mT
+    s += den.view(m, 1, 1) * nu.unsqueeze(-1) * nu_row
+    raw = s2.as_strided((m, d_), (d_, m * d_ + 1))  # (M, D): sum_n w y_d^2
+    for i in _cancelled(raw, s.diagonal(dim1=-2, dim2=-1)):
+        s[i] = 0.0
+        diff = value - mu[i]
+        s[i] += (wfull[i].unsqueeze(-1) * diff).T @ diff
+    big = prep.big
+    return den.reshape(big), s.reshape(big + [d_, d_])
+
+
+def _prepare_steady(weight, value, loc, param_batch):
+    """The :class:`_Steady` of a geometry, from the general path's layout and views; None
+    where the steady path does not apply to it."""
+    if not (weight.dtype == value.dtype == loc.dtype) or weight.layout != torch.strided:
+        return None
+    layout = _scatter_layout(
+        _geometry(weight, 0), _geometry(loc, 1), _geometry(value, 1), tuple(param_batch), True
+    )
+    if layout is None:
+        return None
+    batch, pd, vd, _, spare, repeats = layout
+    n = len(batch)
+    d_ = value.shape[-1]
+    if spare or repeats != 1 or loc.layout != torch.strided:
+        return None
+    m = max(math.prod(batch[d] for d in pd), 1)
+    with torch.no_grad():
+        wfull = _take(_pad(weight, n), list(pd + vd), batch).reshape(m, -1)
+        x = _flat(value, list(vd), batch, (d_,))
+        mu = _flat(loc, list(pd), batch, (d_,))
+        wt = wfull.T.unsqueeze(-1)
+    if x is not value or not 0 < x.shape[0] <= CHUNK or x.dim() != 2:
+        return None
+    views = [_relative_view(wfull, weight), _relative_view(wt, weight), _relative_view(mu, loc)]
+    if any(v is False for v in views):
+        return None
+    big = [batch[d] if d in pd else 1 for d in range(n)]
+    return _Steady(m, d_, views[0], views[1], views[2], big)
+
+
 def outer_scatter(
     weight: torch.Tensor,
     value: torch.Tensor,
@@ -928,6 +1060,11 @@ def outer_scatter(
         as ``W`` (elementwise); None if the layout is not an outer product (the weight varies
         along an elementwise dim, or a param batch dim is also a value dim).
     """
+    if outer and _STEADY_SCATTER:
+        # (the same geometry as the last call: its views and layout at hand, fewer ops)
+        got = _outer_steady(weight, value, loc, param_batch)
+        if got is not None:
+            return got
     dtype = weight.dtype
     if not (dtype == value.dtype == loc.dtype):  # (promote_types is a dispatched op)
         dtype = torch.promote_types(torch.promote_types(dtype, value.dtype), loc.dtype)

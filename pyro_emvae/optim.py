@@ -359,7 +359,8 @@ class EMOptim:
                     # the value itself where the ids read it whole, in order)
                     theta = _params.value(t.param)
                     if isinstance(local, tuple):
-                        return theta.reshape(local).clone()
+                        # (the param's own shape: no view op before the copy)
+                        return (theta if theta.shape == local else theta.reshape(local)).clone()
                     return theta.reshape(-1)[local]
                 flats[0] = _flat_params(space)
             return flats[0][ids]
@@ -368,39 +369,38 @@ class EMOptim:
             summarize_site(fn, value, weight, stats, stage, current)
         return stats
 
-    def _sites(self, plan: Plan, posterior: Posterior) -> list[tuple]:
+    def _sites(self, plan: Plan, posterior: Posterior, checked: bool = False) -> list[tuple]:
         """``(name, fn, value, weight)`` of every sample site of the plan: the posterior weight
         of each position (the E-step's factor, unpacked, times the site's mask and scale).
-        Raises ValueError if the posterior is of other rows than the plan was probed on."""
-        for name, site in posterior.subsample.nodes.items() if posterior.subsample else ():
-            probed = plan.trace.nodes.get(name)
-            if probed is None or not (
-                probed["value"] is site["value"] or torch.equal(probed["value"], site["value"])
-            ):
-                raise ValueError(
-                    f"the plan was probed on another minibatch of plate '{name}' than the "
-                    "posterior's; make it with plan(guide, args, kwargs, posterior.subsample)"
-                )
+        Raises ValueError if the posterior is of other rows than the plan was probed on
+        (``checked``: the caller has just seen that they are the same, as :meth:`plan` does)."""
+        if not checked:
+            for name, site in posterior.subsample.nodes.items() if posterior.subsample else ():
+                probed = plan.trace.nodes.get(name)
+                if probed is None or not (
+                    probed["value"] is site["value"] or torch.equal(probed["value"], site["value"])
+                ):
+                    raise ValueError(
+                        f"the plan was probed on another minibatch of plate '{name}' than the "
+                        "posterior's; make it with plan(guide, args, kwargs, posterior.subsample)"
+                    )
         out = []
-        for name, site in plan.trace.nodes.items():
-            if site["type"] != "sample" or isinstance(site["fn"], Subsample):
-                continue
-            if isinstance(site["fn"], DiscreteHMM) or is_implicit(site["fn"]):
+        for name, fn, value, direct, mask, scale in _site_layout(plan):
+            if direct:
                 # factor_q: zero on a sequence poutine.mask drops (pairwise holds its prior)
                 weight = posterior.factor_q[name]
             else:
                 q = posterior.factor_q.get(name)
                 weight = (
-                    packed.unpack(q, posterior.symbol_to_dim)
+                    _unpack(q, posterior.symbol_to_dim)
                     if q is not None
-                    else torch.ones((), device=site["value"].device)
+                    else torch.ones((), device=value.device)
                 )
-                if site["mask"] is not None:
-                    weight = weight * site["mask"]
-            scale = site["scale"]
-            if not (isinstance(scale, (int, float)) and scale == 1):  # (no (K, N) copy)
+                if mask is not None:
+                    weight = weight * mask
+            if scale is not None:
                 weight = weight * scale
-            out.append((name, site["fn"], site["value"], weight))
+            out.append((name, fn, value, weight))
         return out
 
     # ---------------------------------------------------------------- maximization
@@ -443,7 +443,7 @@ class EMOptim:
             if isinstance(value, dict):
                 new.update({n: v for n, v in value.items() if n not in new})
             elif value is not None:
-                new[name] = value.reshape(ctx.shape)
+                new[name] = value if value.shape == ctx.shape else value.reshape(ctx.shape)
         return new
 
     # ---------------------------------------------------------------- the step
@@ -555,13 +555,14 @@ class EMOptim:
         # (the values to roll back to and the guard's memory: read only when needed)
         before = _params.Snapshot(plan.closed_form + plan.gradient)
         try:
-            return self._step(guide, posterior, plan, args, kwargs, before)
+            # (the plan was checked, or probed, on the posterior's rows: posterior.subsample)
+            return self._step(guide, posterior, plan, args, kwargs, before, checked=True)
         except Exception:
             _params.write(before)  # an M-step that fails leaves no half-updated params behind
             self._prev = None
             raise
 
-    def _step(self, guide, posterior, plan, args, kwargs, before=None):
+    def _step(self, guide, posterior, plan, args, kwargs, before=None, checked=False):
         rejected = None
         if self.guard:
             self._wrote = False
@@ -577,7 +578,8 @@ class EMOptim:
             }
         if plan.closed_form:
             self._allowance = _Allowance()
-            self._closed_form(plan, posterior)
+            # (a posterior the guard made again is of its own E-step: its rows checked anew)
+            self._closed_form(plan, posterior, checked=checked and rejected is None)
             if self._prev is not None:
                 # (summed when the guard reads it, after a drop: see MStepContext._allow_later)
                 self._prev["allowance"] = self._allowance
@@ -595,13 +597,17 @@ class EMOptim:
             )
         return info
 
-    def _closed_form(self, plan: Plan, posterior: Posterior) -> None:
+    def _closed_form(self, plan: Plan, posterior: Posterior, checked: bool = False) -> None:
         """Both stages of the closed-form update from one posterior (data-parallel: from the
         statistics summed over the ranks)."""
-        sites = self._sites(plan, posterior)  # (both stages read the same weights)
+        # (both stages read the same weights; __call__'s plan has just checked the rows)
+        sites = self._sites(plan, posterior, checked=checked)
         for stage in (0, 1):
             stats = self.summarize(plan, posterior, stage, sites=sites)
             dp.all_reduce_stats(stats)
+            # (nothing reads these statistics after the maximizers: they need not copy what
+            # they keep of them for later, see Stats.transient)
+            stats.transient = True
             _params.write(self.maximize(plan, stats, stage))
 
     # ---------------------------------------------------------------- streaming EM
@@ -808,9 +814,9 @@ class OnlineEM(EMOptim):
         """:math:`\\rho_k`: 1 for the first update, then :math:`(k + t_0)^{-\\kappa}`."""
         return 1.0 if k == 0 else float((k + self.t0) ** -self.kappa)
 
-    def _closed_form(self, plan: Plan, posterior: Posterior) -> None:
+    def _closed_form(self, plan: Plan, posterior: Posterior, checked: bool = False) -> None:
         rho = self.step_size(self.n_updates)
-        sites = self._sites(plan, posterior)
+        sites = self._sites(plan, posterior, checked=checked)
         for stage in (0, 1):
             stats = self.summarize(plan, posterior, stage, sites=sites)
             dp.all_reduce_stats(stats)
@@ -861,6 +867,55 @@ class OnlineEM(EMOptim):
             f"OnlineEM(kappa={self.kappa}, t0={self.t0}, reg_covar={self.reg_covar}, "
             f"dirichlet={self.dirichlet}, svi_steps={self.svi_steps})"
         )
+
+
+# (shape, strides, dims, their places) of a packed factor -> the geometry of its unpacked view
+_UNPACKED: dict = {}
+_UNPACK = True  # False: Pyro's packed.unpack at every call (the tests compare the two)
+
+
+def _unpack(q: torch.Tensor, symbol_to_dim: dict) -> torch.Tensor:
+    """``packed.unpack(q, symbol_to_dim)``: the same view of ``q`` (its dims moved to the
+    places ``symbol_to_dim`` gives them), made in one ``as_strided`` op where Pyro's takes a
+    permute and a reshape; the geometry is worked out by Pyro's once per layout."""
+    dims = _compat.pyro_dims(q)
+    if not _UNPACK or q.dim() == 0 or q.requires_grad:
+        return packed.unpack(q, symbol_to_dim)
+    key = (q.shape, q.stride(), dims, tuple([symbol_to_dim[d] for d in dims]))
+    hit = _UNPACKED.get(key)
+    if hit is None:
+        out = packed.unpack(q, symbol_to_dim)
+        same = out.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
+        hit = (out.shape, out.stride(), out.storage_offset() - q.storage_offset()) if same else ()
+        if len(_UNPACKED) > 256:
+            _UNPACKED.clear()
+        _UNPACKED[key] = hit
+        return out
+    if not hit:  # (Pyro's copies for this layout)
+        return packed.unpack(q, symbol_to_dim)
+    return q.as_strided(hit[0], hit[1], q.storage_offset() + hit[2])
+
+
+def _site_layout(plan: Plan) -> list[tuple]:
+    """``(name, fn, value, direct, mask, scale)`` of the plan's sample sites, in trace order:
+    ``direct`` when the E-step's factor is the weight as it is (a chain's pairwise posterior,
+    an implicit latent's counts), ``scale`` None where it is 1. Structure only, read from
+    the probe's trace: made once per plan (held in its memo, which the plan owns)."""
+    memo = plan.memo if plan.memo is not None else {}  # (None: nothing kept)
+    layout = memo.get("_sites")
+    if layout is not None and layout[0] is plan.trace:
+        return layout[1]
+    sites = []
+    for name, site in plan.trace.nodes.items():
+        if site["type"] != "sample" or isinstance(site["fn"], Subsample):
+            continue
+        fn = site["fn"]
+        direct = isinstance(fn, DiscreteHMM) or is_implicit(fn)
+        scale = site["scale"]
+        plain = isinstance(scale, (int, float)) and scale == 1  # (no (K, N) copy)
+        sites.append((name, fn, site["value"], direct, site["mask"], None if plain else scale))
+    memo["_sites"] = (plan.trace, sites)
+    return sites
 
 
 def _flat_params(space: IdSpace) -> torch.Tensor:

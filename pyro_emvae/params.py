@@ -41,6 +41,7 @@ __all__ = [
     "constrained",
     "constraint_of",
     "constraints_of",
+    "leaf",
     "names",
     "put",
     "restore",
@@ -76,6 +77,11 @@ def unconstrained(names: Iterable[str] | None = None) -> dict[str, torch.Tensor]
     if names is None:
         return dict(leaves)
     return {n: leaves[n] for n in names if n in leaves}
+
+
+def leaf(name: str) -> torch.Tensor:
+    """The live unconstrained leaf tensor :math:`u` of the param ``name`` (not a copy)."""
+    return pyro.get_param_store().named_parameters().mapping[name]
 
 
 def snapshot(names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -193,7 +199,7 @@ def write(values: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in values.items():
             u = leaves[name]
-            new = transform_to(_compat.param_constraint(name)).inv(value)
+            new = _inverse(_compat.param_constraint(name))(value)
             # (a finite sum means every element is finite: nan and ±inf propagate through a
             # sum; two ops and one sync where isfinite().all() is six; the exact test runs
             # only when the sum is not finite, which a huge but finite value can also cause)
@@ -202,6 +208,25 @@ def write(values: dict[str, torch.Tensor]) -> None:
                     f"the closed-form update of param '{name}' is not finite: {value}"
                 )
             u.copy_(new)
+
+
+# id(constraint) -> (the constraint, transform_to's factory for it, T_c^{-1}): transform_to makes a new transform (and its
+# inverse) at every call, the same map each time; kept per constraint object (held, so that
+# its id is not reused), for write, which runs for every closed-form param at every M-step
+_INVERSES: dict[int, tuple] = {}
+
+
+def _inverse(c):
+    """:math:`T_c^{-1}`, ``transform_to(c).inv``, made once per constraint object."""
+    hit = _INVERSES.get(id(c))
+    factory = _compat.transform_factory(c)  # (a new registration for c's type: made again)
+    if hit is not None and hit[0] is c and hit[1] is factory:
+        return hit[2]
+    inv = transform_to(c).inv
+    if len(_INVERSES) > 256:  # (constraints long gone: start over)
+        _INVERSES.clear()
+    _INVERSES[id(c)] = (c, factory, inv)
+    return inv
 
 
 def put(name: str, value: torch.Tensor, constraint) -> None:

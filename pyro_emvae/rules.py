@@ -341,7 +341,7 @@ class MStepContext:
         if held is not None:
             return held.dtype
         # (the leaf's: a transform keeps the dtype; the value itself need not be computed)
-        return _params.unconstrained([self.name])[self.name].dtype
+        return _params.leaf(self.name).dtype
 
     @property
     def numel(self) -> int:
@@ -357,6 +357,8 @@ class MStepContext:
         vec = self.stats.sums.get(kind)
         if vec is None:
             return None
+        if ":" not in kind:  # (one entry per id: the usual kinds)
+            return vec[self.offset : self.offset + math.prod(self.shape)]
         w = self.stats.length(kind) // self.stats.size
         return vec[self.offset * w : (self.offset + self.numel) * w]
 
@@ -818,20 +820,31 @@ class _Counts(Rule):
         counts = ctx.stat("count").reshape(-1, last)
         if ctx.dirichlet != 1.0:  # (+ 0.0 changes no count: a sum from +0.0 is never -0.0)
             counts = counts + (ctx.dirichlet - 1.0)
-        rows = rowmark.reshape(-1, last).any(-1)
         total = counts.sum(-1, keepdim=True)
         exact = counts / total.clamp_min(1e-300)
         probs = exact.clamp(ctx.min_prob, 1 - ctx.min_prob)
         probs = probs / probs.sum(-1, keepdim=True)
-        if _FAST_PATHS and bool((rows & (total.squeeze(-1) > 0)).all()):
+        rows = None
+        if _FAST_PATHS:
+            # (every row marked, known once per plan where the marks are a constant's copy)
+            marked = _marked(ctx, "rowmark", last, "rows")
+            if marked is None:
+                rows = rowmark.reshape(-1, last).any(-1)
+                fast = bool((rows & (total.squeeze(-1) > 0)).all())
+            else:
+                fast = marked and bool((total > 0).all())
+        if _FAST_PATHS and fast:
             # (the usual case, in one test: every row reached, none empty; the general path
             # below gives the same values, with a test and an index per step)
             # (what the clamp costs, computed if the guard reads it; the counts may be a view of
             # the statistics, which online EM updates in place: a copy)
-            ctx._allow_later(functools.partial(_clamp_cost, counts.clone(), exact, probs))
+            kept = counts if ctx.stats.transient else counts.clone()
+            ctx._allow_later(functools.partial(_clamp_cost, kept, exact, probs))
             return probs.to(ctx._dtype())  # ((rows, K): EMOptim reshapes it, a view)
         if not rowmark.any():
             return None
+        if rows is None:
+            rows = rowmark.reshape(-1, last).any(-1)
         empty = rows & (total.squeeze(-1) <= 0)
         if empty.any():
             ctx.warn(
@@ -1107,6 +1120,83 @@ def _scaled_eye(d: int, reg: float, dtype, device) -> torch.Tensor:
 def _covariances(ctx: MStepContext):
     """Covariances :math:`\\Sigma = \\sum w (x-\\mu)(x-\\mu)^T / \\sum w` + ``reg_covar``
     ``I``, written as the param's kind (a covariance, its Cholesky factor, or its inverse)."""
+    if _FAST_PATHS:
+        new = _covariances_every(ctx)
+        if new is not None:
+            return new
+    return _covariances_general(ctx)
+
+
+def _covariances_every(ctx: MStepContext):
+    """The usual case of :func:`_covariances` in one test: every matrix reached, with mass,
+    and (where a factor is kept) positive definite. The same values and deferred costs as
+    the general path, which makes them again where this test fails (None)."""
+    matmark = ctx.stat("matmark")
+    if matmark is None or not matmark.numel():
+        return None
+    d = ctx.shape[-1]
+    num = ctx.stat("cov_num").reshape(-1, d, d)
+    den = ctx.stat("cov_den")[:: d * d]
+    sl = ctx.slice
+    kind = next(
+        (k for i, k in ctx.stats.forms.items() if sl.start <= i < sl.stop and k != "simplex"),
+        "scale_tril",
+    )
+    ml = 0.5 * (num + num.mT) / den.view(-1, 1, 1)
+    cov = ml + _scaled_eye(d, ctx.reg_covar, num.dtype, num.device)
+    marked = _marked(ctx, "matmark", d * d, "matrices")  # (known once per plan, or None)
+    if marked is False:
+        return None
+    ok = den > 0 if marked else (matmark[:: d * d] > 0) & (den > 0)
+    chol = None
+    if ctx.reg_covar > 0 or kind != "covariance_matrix":
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if kind != "covariance_matrix":  # (a covariance itself is kept as the general path does)
+            ok &= info == 0
+    if not bool(ok.all()):
+        return None
+    if ctx.reg_covar > 0:
+        # (n: a view of the statistics, which online EM updates in place, unless transient)
+        n = den if ctx.stats.transient else den.clone()
+        ctx._allow_later(functools.partial(_reg_cost_later, ml, chol, n))
+    if kind == "covariance_matrix":
+        return cov.to(ctx._dtype()).reshape(-1)
+    new = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
+    # ((M, D, D): EMOptim reshapes it to the param's shape, a view, not a copy)
+    return new.to(ctx._dtype())
+
+
+def _marked(ctx: MStepContext, kind: str, width: int, what: str) -> bool | None:
+    """Whether every row (``what="rows"``: some of its ``width`` entries) or every matrix
+    (``"matrices"``: its first entry) of this param's slice of ``stats.sums[kind]`` is > 0,
+    worked out once per constant where the sums are an unmodified copy of one
+    (:meth:`Stats.constant_of`: the marks of a plan's sites), kept with that constant;
+    None where they are not (the caller then tests the sums themselves)."""
+    found = ctx.stats.constant_of(kind)
+    if found is None:
+        return None
+    const, notes = found
+    key = ("marked", ctx.offset, ctx.numel, width, what)
+    value = notes.get(key)
+    if value is None:
+        piece = const[ctx.offset : ctx.offset + ctx.numel]
+        if what == "rows":
+            value = bool(piece.reshape(-1, width).any(-1).all())
+        else:
+            value = bool((piece[::width] > 0).all())
+        notes[key] = value
+    return value
+
+
+def _reg_cost_later(ml: torch.Tensor, chol, n: torch.Tensor) -> list[float]:
+    """:func:`_reg_cost`, with the factor of ``ml`` computed now (when the guard reads the
+    allowance: the same LAPACK call on the same matrices as at the update)."""
+    return _reg_cost(ml, torch.linalg.cholesky_ex(ml), chol, n)
+
+
+def _covariances_general(ctx: MStepContext):
+    """:func:`_covariances`, every case: matrices not reached or without mass are kept (with a
+    warning), a singular covariance raises."""
     matmark = ctx.stat("matmark")
     if matmark is None or not matmark.numel():
         return None
@@ -1145,11 +1235,11 @@ def _covariances(ctx: MStepContext):
     if ctx.reg_covar > 0:
         # (the factors of both: the cost reads them, the update keeps C's; two calls, as
         # each matrix is factored on its own either way, and no concatenated copy)
-        chol_ml = torch.linalg.cholesky_ex(ml)
         chol, info = torch.linalg.cholesky_ex(cov)
-        # (computed if the guard reads it: n may be a view of the statistics, which online
-        # EM updates in place; the others are new tensors nothing writes to)
-        ctx._allow_later(functools.partial(_reg_cost, ml, chol_ml, chol, n.clone()))
+        # (computed if the guard reads it, ml's factor too: n may be a view of the
+        # statistics, which online EM updates in place; the others are new tensors nothing
+        # writes to)
+        ctx._allow_later(functools.partial(_reg_cost_later, ml, chol, n.clone()))
     elif kind != "covariance_matrix":
         chol, info = torch.linalg.cholesky_ex(cov)
     if kind == "covariance_matrix":

@@ -44,6 +44,13 @@ class Stats:
     # structure-only work of ``add`` kept between calls (see :meth:`add`): EMOptim gives each
     # plan one, so that an iteration does not redo it; None: no memo (every call plans anew)
     memo: dict | None = field(default=None, repr=False, compare=False)
+    # nothing writes these sums after the maximizers read them (EMOptim's own statistics of
+    # one iteration, dropped after its update): a maximizer's deferred cost may then keep a
+    # view of them instead of a copy. False: they may be updated in place later (online EM's
+    # running average, a caller's statistics)
+    transient: bool = field(default=False, repr=False, compare=False)
+    # kind -> (a constant vector, the copy of it in sums, the copy's version): see constant_of
+    copies: dict = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, kind: str, ids: torch.Tensor, *factors: torch.Tensor) -> None:
         """``sums[kind][ids] += prod(factors)``, summed over positions sharing an id.
@@ -62,29 +69,46 @@ class Stats:
         of, held by the memo so that its ``id`` cannot be reused, its in-place version, and the
         view's geometry) and the factors' shapes. The sums are the same either way.
         """
+        memo = self.memo if _FAST_ADD else None
+        if memo is not None:
+            # one lookup, keyed on the ids' values (the tensor they are a view of, held by the
+            # memo so that its id cannot be reused, its in-place version, the view's geometry)
+            # and the factors' shapes, dtypes and devices; the entry holds the recipe and the
+            # dtype the factors are promoted to (the size in the key: it and the kind fix the
+            # statistic's length)
+            base = _compat.view_base(ids)
+            where = (
+                id(base),
+                _compat.tensor_version(base),
+                tuple(ids.shape),
+                ids.stride(),
+                ids.storage_offset(),
+            )
+            key = (kind, self.size, where, tuple([(f.shape, f.dtype, f.device) for f in factors]))
+            hit = memo.get(key)
+            if hit is not None and hit[0] is base:
+                recipe, dtype = hit[1], hit[2]
+                if dtype is not None:
+                    factors = tuple(f if f.dtype == dtype else f.to(dtype) for f in factors)
+                self._scatter(kind, recipe, factors)
+                return
         # integer observations (Long counts) enter the sums in the weights' floating dtype, and
         # mixed floating dtypes (float32 data, float64 params and weights) in the wider one,
         # as Pyro's log-probs promote them (einsum and bmm refuse mixed dtypes)
         dtype = factors[0].dtype if factors else None
+        promote = None
         if any(f.dtype != dtype for f in factors):
             floats = [f.dtype for f in factors if f.is_floating_point()]
             if floats:
-                dtype = functools.reduce(torch.promote_types, floats)
-                factors = tuple(f if f.dtype == dtype else f.to(dtype) for f in factors)
-        memo = self.memo
-        recipe = None
+                promote = functools.reduce(torch.promote_types, floats)
+                factors = tuple(f if f.dtype == promote else f.to(promote) for f in factors)
+        recipe = _AddRecipe(self.length(kind), ids, factors)
         if memo is not None:
-            base, where = _ids_key(ids)
-            # (the id space's size in the key: it and the kind fix the statistic's length)
-            metas = tuple((f.shape, f.dtype, f.device) for f in factors)
-            key = (kind, self.size, where, metas)
-            hit = memo.get(key)
-            if hit is not None and hit[0] is base:
-                recipe = hit[1]
-        if recipe is None:
-            recipe = _AddRecipe(self.length(kind), ids, factors)
-            if memo is not None:
-                _remember(memo, key, (base, recipe))
+            _remember(memo, key, (base, recipe, promote))
+        self._scatter(kind, recipe, factors)
+
+    def _scatter(self, kind: str, recipe: _AddRecipe, factors: tuple) -> None:
+        """``sums[kind][recipe.ids] += `` the contraction of ``factors`` (see :meth:`add`)."""
         # scalar factors only (a row mark's 1): the scattered values are the same at every
         # call with the same scalars, unmodified; kept on the recipe (a scalar, so that no
         # posterior outlives its iteration)
@@ -101,19 +125,28 @@ class Stats:
                 # a copy of it, as the sums are written in place by what reads them)
                 if len(const) == 3:
                     made = torch.zeros(recipe.length, dtype=values.dtype, device=values.device)
-                    recipe.constant = const = (*const, made.index_add_(0, recipe.ids, values))
-                self.sums[kind] = const[3].clone()
+                    made.index_add_(0, recipe.ids, values)
+                    # (with a dict for what readers work out from it: see constant_of)
+                    recipe.constant = const = (*const, made, {})
+                copy = self.sums[kind] = const[3].clone()
+                self.copies[kind] = (const[3], const[4], copy, _compat.tensor_version(copy))
                 seen = self.touched.get(kind)
                 self.touched[kind] = recipe.seen if seen is None else seen | recipe.seen
                 return
         else:
-            values = recipe.contract(factors)
+            if recipe.sum_dims == [] and (recipe.expands or factors[0].dim() != 1):
+                # (one factor, nothing to sum: it is flattened, or viewed to be expanded,
+                # below; the view to its non-singleton dims would only be viewed again)
+                values = factors[0]
+            else:
+                values = recipe.contract(factors)
             if recipe.repeats != 1:
                 values = values * recipe.repeats
             if recipe.expands:
                 values = values.reshape(recipe.values_shape).expand(recipe.kept_shape)
-            values = values.reshape(-1)
-            if factors and all(f.dim() == 0 for f in factors):
+            if values.dim() != 1:  # (a vector already: no view op)
+                values = values.reshape(-1)
+            if recipe.scalars:
                 versions = tuple(_compat.tensor_version(f) for f in factors)
                 recipe.constant = (factors, versions, values)
         vec = self.sums.get(kind)
@@ -127,6 +160,20 @@ class Stats:
         # (the recipe's marks themselves until a second add meets them: never written in place)
         seen = self.touched.get(kind)
         self.touched[kind] = recipe.seen if seen is None else seen | recipe.seen
+
+    def constant_of(self, kind: str) -> tuple | None:
+        """``(vector, notes)``: the vector ``sums[kind]`` is an unmodified copy of, where it is
+        one (a statistic of scalar factors only, a row mark, added once; never written, kept
+        by the add's recipe while its scalars are unchanged, so that what is worked out from it
+        holds for the sums too), and a dict kept with it for what readers work out from it.
+        None where the sums were added to, written in place, or replaced."""
+        hit = self.copies.get(kind)
+        if hit is None:
+            return None
+        const, notes, copy, version = hit
+        if self.sums.get(kind) is not copy or _compat.tensor_version(copy) != version:
+            return None
+        return const, notes
 
     def length(self, kind: str) -> int:
         """The length of ``sums[kind]``: the id space, times ``w`` for a kind named ``"name:w"``
@@ -161,6 +208,10 @@ class Stats:
 
 _MEMO_SIZE = 512  # entries a memo holds before it starts over (ids made anew at every call)
 
+# Stats.add's recipes kept in the memo (one lookup for ids and factor shapes met before);
+# False: every recipe made anew (the tests compare the two)
+_FAST_ADD = True
+
 
 _ZEROS: dict = {}  # (length, dtype, device) -> zeros: only ever read (out-of-place ops' input)
 
@@ -180,14 +231,6 @@ def _remember(memo: dict, key, entry) -> None:
     if len(memo) >= _MEMO_SIZE:
         memo.clear()
     memo[key] = entry
-
-
-def _ids_key(ids: torch.Tensor) -> tuple:
-    """``(base, key)``: what fixes the values of ``ids``, a view (or not) of ``base``: the
-    base's identity and in-place version and the view's shape, strides and offset."""
-    base = _compat.view_base(ids)
-    geometry = (tuple(ids.shape), ids.stride(), ids.storage_offset())
-    return base, (id(base), _compat.tensor_version(base), *geometry)
 
 
 def _memoized(stats: Stats, objs: tuple, make: Callable[[], Any]) -> Any:
@@ -222,6 +265,8 @@ class _AddRecipe:
         "matmul",
         "out",
         "repeats",
+        "reshape",
+        "scalars",
         "seen",
         "shapes",
         "subs",
@@ -245,6 +290,8 @@ class _AddRecipe:
             self.subs.append([sub[d] for d in dims])
         out_dims = [d for d in kept if d in sub]
         self.out = [sub[d] for d in out_dims]
+        # (whether each factor is viewed in another shape: the recipe is kept per factor shape)
+        self.reshape = [list(f.shape) != fshape for f, fshape in zip(factors, self.shapes)]
         letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
         self.equation = None
         if len(factors) <= 2 and len(sub) <= len(letters):
@@ -274,15 +321,22 @@ class _AddRecipe:
         self.seen[self.ids] = True
         # (scalar factors, their versions, the values they scatter): see Stats.add
         self.constant: tuple | None = None
+        self.scalars = bool(factors) and all(f.dim() == 0 for f in factors)
 
     def contract(self, factors: tuple) -> torch.Tensor:
         """The einsum of ``factors`` over the pooled dims (one or two factors: the equation
         straight to ATen, as ``torch.einsum`` passes it without a contraction path)."""
         if self.sum_dims is not None:
-            # (what einsum does for one operand, without parsing the equation: the same sum)
-            op = factors[0].reshape(self.shapes[0])
+            # (what einsum does for one operand, without parsing the equation: the same sum;
+            # no view op where the factor has that shape already)
+            op = factors[0]
+            if self.reshape[0]:
+                op = op.reshape(self.shapes[0])
             return op.sum(self.sum_dims) if self.sum_dims else op
-        ops = [f.reshape(fshape) for f, fshape in zip(factors, self.shapes, strict=True)]
+        ops = [
+            f.reshape(fshape) if again else f
+            for f, fshape, again in zip(factors, self.shapes, self.reshape, strict=True)
+        ]
         a, b = ops if self.matmul else (None, None)
         if self.matmul and a.device.type == "cpu" == b.device.type and a.dtype == b.dtype:
             # (on the CPU: the same bits as einsum, tested, with 4 ops where it takes 12)

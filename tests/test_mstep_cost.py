@@ -314,3 +314,289 @@ def test_the_shared_zeros_stay_zero():
         mstep(guide, post, (data,), {})
     shared = list(stats._ZEROS.values()) + list(kernels._ZEROS.values())
     assert shared and all(not z.any() for z in shared)
+
+
+# ---------------------------------------------------------------- the steady M-step's shortcuts
+def _two_summaries(model, data, **options):
+    """Both stages' statistics of two M-steps of one plan (the second meets every memo)."""
+    pyro.clear_param_store()
+    guide, mstep = ExactEStep(model), EMOptim(**options)
+    out = []
+    for _ in range(2):
+        post = guide.posterior(data)
+        plan = mstep.plan(guide, (data,), {}, post.subsample)
+        out.append([mstep.summarize(plan, post, stage) for stage in (0, 1)])
+        mstep(guide, post, (data,), {})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["full", "diag", "tied", "spherical", "bernoulli", "poisson"])
+def test_the_one_lookup_add_equals_the_long_way(kind):
+    model, data = _mixture(kind)
+    got = {}
+    for fast in (True, False):
+        old, stats._FAST_ADD = stats._FAST_ADD, fast
+        try:
+            got[fast] = _two_summaries(model, data)
+        finally:
+            stats._FAST_ADD = old
+    for a_call, b_call in zip(got[True], got[False], strict=True):
+        assert a_call[0].sums  # (stage 0 has statistics in every model)
+        for a, b in zip(a_call, b_call, strict=True):
+            assert a.sums.keys() == b.sums.keys()
+            for k in a.sums:
+                assert torch.equal(a.sums[k], b.sums[k]), k
+                assert torch.equal(a.touched[k], b.touched[k]), k
+
+
+def test_the_one_lookup_add_meets_ids_changed_in_place_and_new_shapes():
+    memo: dict = {}
+    ids = torch.tensor([[0, 1], [2, 3]])
+    w = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+
+    def both(ids, *factors):
+        kept, plain = stats.Stats(6, memo=memo), stats.Stats(6)
+        kept.add("k", ids, *factors)
+        plain.add("k", ids, *factors)
+        assert torch.equal(kept.sums["k"], plain.sums["k"])
+        assert torch.equal(kept.touched["k"], plain.touched["k"])
+        return kept.sums["k"]
+
+    first = both(ids, w)
+    assert torch.equal(both(ids, w), first)  # (the one-lookup path)
+    ids[1] = torch.tensor([4, 5])  # in place: other ids, the same object
+    assert torch.equal(both(ids, w)[4:], w[1])
+    assert torch.equal(both(ids, w[:1]), torch.tensor([1.0, 2.0, 0, 0, 1.0, 2.0]))  # broadcast
+    assert torch.equal(both(ids, w.float()), both(ids, w))  # another dtype
+    assert torch.equal(both(ids.T, w), both(ids.T.contiguous(), w))  # another geometry
+
+
+def _scatter_cases():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64) + 5.0
+    w = torch.rand(40, 2, generator=g, dtype=torch.float64)
+    loc = torch.randn(2, 1, 3, generator=g, dtype=torch.float64)
+    collapsed = torch.zeros(2, 40, dtype=torch.float64)
+    collapsed[0, :3] = 1.0  # a component on 3 nearly equal points: its sums cancel
+    collapsed[1] = 1.0
+    close = x.clone()
+    close[:3] = 1e4 + 1e-6 * torch.randn(3, 3, generator=g, dtype=torch.float64)
+    return [
+        (w.T, x, loc, torch.Size([2, 1])),  # the E-step's weights: a transposed view
+        (w.T.contiguous(), x, loc, torch.Size([2, 1])),
+        (w.T.contiguous().unsqueeze(0), x, loc.unsqueeze(0), torch.Size([1, 2, 1])),
+        (w[:, :1].T, x, loc[:1], torch.Size([1, 1])),
+        (collapsed, close, close[:2].unsqueeze(1).clone(), torch.Size([2, 1])),
+    ]
+
+
+def test_the_steady_scatter_equals_the_general_path_and_follows_the_data():
+    from pyro_emvae import kernels
+
+    def both(*args):
+        old, kernels._STEADY_SCATTER = kernels._STEADY_SCATTER, False
+        try:
+            want = kernels.outer_scatter(*args, event=1, outer=True)
+        finally:
+            kernels._STEADY_SCATTER = old
+        for _ in range(2):  # (the second call meets the kept geometry and views)
+            got = kernels.outer_scatter(*args, event=1, outer=True)
+            for a, b in zip(got, want, strict=True):
+                assert a.shape == b.shape and torch.equal(a, b)
+        return want
+
+    for weight, x, loc, batch in _scatter_cases():
+        both(weight, x, loc, batch)
+        before = both(weight, x, loc, batch)[1]
+        x.add_(1.0)  # the data changed in place: its centred rows are made again
+        loc.add_(1.0)
+        after = both(weight, x, loc, batch)[1]
+        assert torch.allclose(after, before, rtol=1e-6, atol=1e-6)  # (a translation of both)
+        loc.add_(0.5)
+        both(weight, x, loc, batch)
+        both(weight * 2.0, x.clone(), loc, batch)  # new tensors of the same geometry
+
+
+def test_the_one_op_unpack_equals_pyros():
+    from pyro.ops import packed
+
+    for kind in ("full", "bernoulli"):
+        model, data = _mixture(kind)
+        post = ExactEStep(model).posterior(data)
+        for q in post.factor_q.values():
+            want = packed.unpack(q, post.symbol_to_dim)
+            for _ in range(2):
+                got = _optim._unpack(q, post.symbol_to_dim)
+                assert got.shape == want.shape and got.stride() == want.stride()
+                assert got.data_ptr() == want.data_ptr() and torch.equal(got, want)
+
+
+def test_write_keeps_inverse_transforms_per_constraint_and_registration():
+    from torch.distributions import biject_to, transform_to
+
+    from pyro_emvae import _compat
+
+    c = constraints.positive
+    assert _compat.transform_factory(c) is transform_to._registry[type(c)]  # (the pin)
+    assert _params._inverse(c) is _params._inverse(c)
+    pyro.param("s", torch.tensor([1.0, 2.0]), constraint=c)
+    old = _compat.transform_factory(c)
+    transform_to.register(type(c), lambda con: biject_to(constraints.real))  # (identity)
+    try:
+        _params.write({"s": torch.tensor([3.0, 4.0])})
+        u = _params.unconstrained(["s"])["s"]
+        assert torch.equal(u.detach(), torch.tensor([3.0, 4.0]))  # the new map, not exp^{-1}
+    finally:
+        transform_to.register(type(c), old)
+    _params.write({"s": torch.tensor([3.0, 4.0])})
+    assert torch.equal(_params.unconstrained(["s"])["s"].detach(), torch.tensor([3.0, 4.0]).log())
+
+
+def test_costs_kept_as_views_of_transient_statistics_equal_costs_at_once():
+    """EMOptim's own statistics are transient: the deferred costs keep views of them, read
+    after the next M-step has made its own statistics."""
+    model, data = _mixture("full")
+    got = []
+    for eager in (False, True):
+        pyro.clear_param_store()
+        guide, mstep = ExactEStep(model), EMOptim(reg_covar=1e-2, min_prob=0.3)
+        original = MStepContext._allow_later
+        if eager:
+            MStepContext._allow_later = lambda self, costs: [self.allow(c) for c in costs()]
+        try:
+            mstep(guide, guide.posterior(data), (data,), {})
+            prev = mstep._prev["allowance"]
+            mstep(guide, guide.posterior(data), (data,), {})
+        finally:
+            MStepContext._allow_later = original
+        got.append((_optim._nats(prev), mstep.allowance))
+    assert got[0] == got[1] and got[0][0] > 0
+
+
+def test_a_singular_covariance_raises_the_same_with_the_one_test_path():
+    data = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])  # on a line
+
+    def model(x):
+        return gmm_model(x, 1, "full", init={"weights": torch.ones(1)})
+
+    errors = []
+    for fast in (True, False):
+        old, rules._FAST_PATHS = rules._FAST_PATHS, fast
+        try:
+            with pytest.raises(torch.linalg.LinAlgError) as info:
+                _one_mstep(model, data, fast, reg_covar=0.0)
+            errors.append(str(info.value))
+        finally:
+            rules._FAST_PATHS = old
+    assert errors[0] == errors[1] and "singular" in errors[0]
+
+
+def test_a_steady_mstep_takes_few_ops():
+    """One steady M-step of the Old Faithful benchmark's model (K=2, full covariances) in
+    aten ops: the machinery around the update's math, bounded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pyro_emvae.datasets import load_old_faithful
+
+    x = torch.as_tensor(load_old_faithful()).double()
+    init = init_params(x, 2, "full", seed=1)
+
+    def model(data):
+        return gmm_model(data, 2, "full", init=init)
+
+    guide, mstep = ExactEStep(model), EMOptim(reg_covar=1e-6)
+    for _ in range(3):
+        mstep(guide, guide.posterior(x), (x,), {})
+    post = guide.posterior(x)
+    count = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            count[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        mstep(guide, post, (x,), {})
+    assert count[0] <= 119, count[0]  # (145 before the steady paths)
+
+
+def _three_msteps(model, data, fast: bool, **options):
+    """The params, allowances and warnings of three M-steps (the second and third meet every
+    kept recipe, constant and note)."""
+    pyro.clear_param_store()
+    guide, mstep = ExactEStep(model), EMOptim(**options)
+    old, rules._FAST_PATHS = rules._FAST_PATHS, fast
+    out = []
+    try:
+        for _ in range(3):
+            post = guide.posterior(data)
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                mstep(guide, post, (data,), {})
+            names = mstep._plan.closed_form
+            out.append((_params.constrained(names), mstep.allowance, [str(w) for w in seen]))
+    finally:
+        rules._FAST_PATHS = old
+    return out
+
+
+@pytest.mark.parametrize("kind", ["full", "tied", "bernoulli", "poisson"])
+def test_marks_known_from_their_constant_give_the_general_paths_bits(kind):
+    model, data = _mixture(kind)
+    for options in ({}, {"reg_covar": 1e-2, "min_prob": 0.3, "dirichlet": 2.0}):
+        fast = _three_msteps(model, data, True, **options)
+        general = _three_msteps(model, data, False, **options)
+        for (fv, fa, fw), (gv, ga, gw) in zip(fast, general, strict=True):
+            assert fv.keys() == gv.keys() and fv
+            assert all(torch.equal(fv[n], gv[n]) for n in fv)
+            assert fa == ga and fw == gw
+
+
+def test_an_empty_component_after_marks_are_known_takes_the_general_path():
+    """The marks say every row and matrix is reached; a component then loses its mass: the
+    general path runs and warns, as without the one-test paths."""
+    model, data = _mixture("full", K=2)
+    pyro.clear_param_store()
+    guide, mstep = ExactEStep(model), EMOptim()
+    for _ in range(2):
+        mstep(guide, guide.posterior(data), (data,), {})
+    post = guide.posterior(data)
+    plan = mstep.plan(guide, (data,), {}, post.subsample)
+    got = []
+    for fast in (True, False):
+        old, rules._FAST_PATHS = rules._FAST_PATHS, fast
+        try:
+            s = mstep.summarize(plan, post, 0)
+            assert s.constant_of("rowmark") is not None  # (a copy of the kept constant)
+            s.sums["count"][s.sums["count"] > 0] = 0.0  # no mass anywhere
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                new = mstep.maximize(plan, s, 0)
+            got.append((new, [str(w.message) for w in seen]))
+        finally:
+            rules._FAST_PATHS = old
+    assert got[0][1] == got[1][1] and any("no posterior mass" in w for w in got[0][1])
+    assert got[0][0].keys() == got[1][0].keys()
+    assert all(torch.equal(got[0][0][n], got[1][0][n]) for n in got[0][0])
+
+
+def test_a_constants_copy_is_known_until_written_or_added_to():
+    memo: dict = {}
+    ids, one = torch.tensor([0, 1]), torch.ones(())
+    for _ in range(2):  # (the second add meets the kept constant)
+        s = stats.Stats(3, memo=memo)
+        s.add("rowmark", ids, one)
+    const, notes = s.constant_of("rowmark")
+    assert notes == {}  # (stage-free: no maximizer has read it)
+    assert torch.equal(const, s.sums["rowmark"]) and const is not s.sums["rowmark"]
+    s.sums["rowmark"].mul_(2.0)  # written in place by a reader
+    assert s.constant_of("rowmark") is None
+    s = stats.Stats(3, memo=memo)
+    s.add("rowmark", ids, one)
+    assert s.constant_of("rowmark")[0] is const
+    s.add("rowmark", torch.tensor([2]), one)  # added to
+    assert s.constant_of("rowmark") is None
+    s = stats.Stats(3, memo=memo)
+    s.add("rowmark", ids, one)
+    s.sums["rowmark"] = s.sums["rowmark"].clone()  # replaced
+    assert s.constant_of("rowmark") is None
