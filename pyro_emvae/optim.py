@@ -899,6 +899,9 @@ def _device(plan: Plan) -> torch.device:
     return store[name].device if name is not None else torch.device("cpu")
 
 
+_SMALL_PAIRS = 4096  # (row, key) pair entries read as Python tuples in _mvn_loc_sharing
+
+
 def _mvn_loc_sharing(sites, space: IdSpace, roles: dict, reasons: dict) -> set[str]:
     """The MultivariateNormal loc params each of whose rows meets a single covariance over
     every position of every site (GMMs full, tied, diagonal; an HMM's emissions): their
@@ -940,6 +943,13 @@ def _mvn_loc_sharing(sites, space: IdSpace, roles: dict, reasons: dict) -> set[s
     plain = set()
     for p, found in pairs.items():
         if p in varies:
+            continue
+        if sum(f.numel() for f in found) <= _SMALL_PAIRS:
+            # (a few pairs, as for a mixture's K rows: the same test on the pairs read once,
+            # as tuples, without torch.unique's sorts; a shorter key cannot equal a padded one)
+            pairs_seen = {tuple(r) for f in found for r in f.tolist()}
+            if len({r[0] for r in pairs_seen}) == len(pairs_seen):  # one key per row
+                plain.add(p)
             continue
         width = max(f.shape[-1] for f in found)  # (sites' matrices may differ in size)
         found = [
