@@ -271,7 +271,18 @@ class EMOptim:
         ):
             return self._plan
         depth = guide._plate_nesting(args, kwargs)
-        trace, space = _track.probe(guide.model, args, kwargs, depth, replay=subsample)
+        shared, dims = getattr(guide, "_probe", None), {}
+        if shared is not None:
+            guide._probe = None  # (taken once: it belongs to the E-step just made)
+        if (
+            shared is not None
+            and cache
+            and shared[3].matches(key)
+            and same_rows(shared[0], subsample)
+        ):  # the E-step's structure check probed the model just now (ExactEStep._shared_probe)
+            trace, space, dims = shared[0], shared[1], shared[2]
+        else:
+            trace, space = _track.probe(guide.model, args, kwargs, depth, replay=subsample)
         reasons: dict[str, str] = {
             n: "used by an operation no rule sees through" for n in space.opaque
         }
@@ -315,7 +326,9 @@ class EMOptim:
             closed = list(self.closed_form)
         gradient = [p for p in space.offsets if p not in closed]
         role = {p: next(iter(r)) for p, r in roles.items() if len(r) == 1}
-        self._plan = Plan(trace, space, closed, gradient, reasons, role, frozenset(plain_locs))
+        self._plan = Plan(
+            trace, space, closed, gradient, reasons, role, frozenset(plain_locs), dims=dims
+        )
         self._plan_key = PlanKey(args, kwargs)  # (after the probe: it may create params)
         return self._plan
 
@@ -382,6 +395,9 @@ class EMOptim:
                     "posterior's; make it with plan(guide, args, kwargs, posterior.subsample)"
                 )
         out = []
+        symbol_to_dim = posterior.symbol_to_dim
+        if plan.dims:  # (the probe's enumerated dims: see Plan.dims)
+            symbol_to_dim = {s: plan.dims.get(d, d) for s, d in symbol_to_dim.items()}
         for name, site in plan.trace.nodes.items():
             if site["type"] != "sample" or isinstance(site["fn"], Subsample):
                 continue
@@ -391,7 +407,7 @@ class EMOptim:
             else:
                 q = posterior.factor_q.get(name)
                 weight = (
-                    packed.unpack(q, posterior.symbol_to_dim)
+                    packed.unpack(q, symbol_to_dim)
                     if q is not None
                     else torch.ones((), device=site["value"].device)
                 )

@@ -476,9 +476,7 @@ def check_params(trace) -> None:
     Pyro's simplex transform normalizes it (``[1, 3]`` becomes ``[0.25, 0.75]``).
     """
     values = [
-        detach_provenance(site["value"])
-        for site in trace.nodes.values()
-        if site["type"] == "param"
+        detach_provenance(site["value"]) for site in trace.nodes.values() if site["type"] == "param"
     ]
     if _all_finite_sums([v for v in values if isinstance(v, torch.Tensor)]):
         return  # (every param finite: one read of one flag, not one per param)
