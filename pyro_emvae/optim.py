@@ -281,7 +281,9 @@ class EMOptim:
             and same_rows(shared[0], subsample)
         ):  # the E-step's structure check probed the model just now (ExactEStep._shared_probe)
             trace, space, dims = shared[0], shared[1], shared[2]
+            shared_key = key  # (no probe ran here: the params are those the key read)
         else:
+            shared_key = None
             trace, space = _track.probe(guide.model, args, kwargs, depth, replay=subsample)
         reasons: dict[str, str] = {
             n: "used by an operation no rule sees through" for n in space.opaque
@@ -329,7 +331,8 @@ class EMOptim:
         self._plan = Plan(
             trace, space, closed, gradient, reasons, role, frozenset(plain_locs), dims=dims
         )
-        self._plan_key = PlanKey(args, kwargs)  # (after the probe: it may create params)
+        # (after the probe: it may create params)
+        self._plan_key = shared_key if shared_key is not None else PlanKey(args, kwargs)
         return self._plan
 
     # ---------------------------------------------------------------- statistics

@@ -608,8 +608,12 @@ def _all_finite_sums(tensors: list) -> bool:
             return True
         if len({s.device for s in sums}) > 1:
             return False
-        flags = [torch.isfinite(s) for s in sums]
-        return bool(torch.stack(flags).all()) if len(flags) > 1 else bool(flags[0])
+        # (a NaN or inf sum makes the total NaN or inf; a total that overflows only sends the
+        # caller to its per-tensor checks)
+        total = sums[0]
+        for s in sums[1:]:
+            total = total + s
+        return bool(torch.isfinite(total))
 
 
 def _finite_sum(t: torch.Tensor) -> bool:
