@@ -156,7 +156,7 @@ def breakdown(x: torch.Tensor, init: dict, repeat: int) -> dict[str, float]:
     passes = statistics.median(counts["model passes"])
     print(
         f"model passes per fit: {passes:g} (one per E-step, {n_iter + 1:g}; the rest is setup: "
-        "the input checks' trace, the E-step's structure check, the plan's probe)"
+        "the input checks' trace, and the E-step's structure check, the plan's probe too)"
     )
     return out
 

@@ -1394,6 +1394,7 @@ class ExactEStep:
     def __getstate__(self) -> dict:  # (the cached handlers of _enum_trace are not state)
         state = dict(self.__dict__)
         state.pop("_tracer", None)
+        state.pop("_probe", None)  # (a probe's trace for the next M-step: not state)
         return state
 
     # ------------------------------------------------------------------ tracing
@@ -1540,12 +1541,17 @@ class ExactEStep:
         sub = poutine.Trace()
         for name, site in tr._subsample_sites.items():
             sub.add_node(name, **site)
+        self._probe = None
         try:
             # (validation off, as in the plan's probe: the E-step's own pass validated these
             # params and values just now; this pass reads dims only, and what validation would
             # raise here is swallowed below anyway)
             with pyro.validation_enabled(False), torch.no_grad(), poutine.block():
-                check = poutine.trace(poutine.replay(model, trace=sub)).get_trace(*args, **kwargs)
+                check = self._shared_probe(tr, spread, sub, args, kwargs, depth)
+                if check is None:
+                    check = poutine.trace(poutine.replay(model, trace=sub)).get_trace(
+                        *args, **kwargs
+                    )
                 check = prune_subsample_sites(check)
                 for site in check.nodes.values():
                     if site["type"] != "sample" or site["args"] or site["kwargs"]:
@@ -1592,6 +1598,54 @@ class ExactEStep:
                     "keep=True, or widen the window (pyro.markov(history=k)) to cover every "
                     "site that is read."
                 )
+
+    def _shared_probe(self, tr, spread, sub, args, kwargs, depth: int):
+        """This structure check's pass, run as the M-step's provenance probe too (one model
+        pass instead of two, :func:`pyro_emvae.track.probe`: params as tracked values), when
+        a closed-form M-step will ask for it (``self.share_probe``, set by ``fit`` for an
+        :class:`~pyro_emvae.optim.EMOptim`) and the two layouts differ only by the unused
+        dims: no ``pyro.markov`` site (whose dims the check does not recycle) and no chain
+        or implicit latent (whose M-step weights are not unpacked by dim). The probe's trace
+        is kept in ``self._probe`` with what :meth:`EMOptim.plan
+        <pyro_emvae.optim.EMOptim.plan>` checks it against (the arguments and params it
+        saw) and where its enumerated dims lie (E-step dim -> probe dim); returns the trace
+        for the check (its sites copied: the check's log-probs stay out of the probe's
+        trace), or None to run the check's own pass. A pass that fails under tracking is
+        run again untracked, so the check says what it said before."""
+        if not getattr(self, "share_probe", False):
+            return None
+        for site in tr.nodes.values():
+            if site["type"] != "sample":
+                continue
+            if _compat.MARKOV_KEYS[0] in site["infer"] or _compat.markov_depth(site) is not None:
+                return None
+            fn = site["fn"]
+            if isinstance(fn, DiscreteHMM) or is_implicit(fn) or "_hmm" in site:
+                return None
+        from pyro_emvae import track as _track  # (the probe's module: a leaf, no cycle)
+        from pyro_emvae.plan import PlanKey
+
+        try:
+            probed, space = _track.probe(spread(self.model), args, kwargs, depth, replay=sub)
+        except (ValueError, RuntimeError, IndexError, TypeError, AssertionError):
+            spread.gaps.clear()  # (the untracked pass allocates its own)
+            return None
+        dims = {}
+        for name, site in tr.nodes.items():
+            if site["type"] == "sample" and _validate.is_enumerated(site):
+                other = probed.nodes.get(name)
+                if other is None or not _validate.is_enumerated(other):
+                    spread.gaps.clear()  # (the check's own pass allocates its own)
+                    return None
+                dims[_compat.enum_dim(site)] = _compat.enum_dim(other)
+        self._probe = (probed, space, dims, PlanKey(args, kwargs))
+        check = poutine.Trace(graph_type="flat")
+        for name, site in probed.nodes.items():
+            node = dict(site)
+            if node.get("infer") is not None:
+                node["infer"] = dict(node["infer"])
+            check.add_node(name, **node)
+        return check
 
     def _contract(
         self,

@@ -512,6 +512,11 @@ def fit(
     # the data's digest, for a checkpoint only: in memory, of the arguments; of a stream, its
     # rows over the validation pass that follows (no pass of its own)
     digest = StreamDigest() if ckpt is not None and stream is not None else None
+    if exact:
+        # (with EMOptim in memory, the first E-step's structure check probes the model for
+        # the M-step's plan too: one setup pass fewer, see ExactEStep._shared_probe; no other
+        # M-step reads a plan, and a stream's passes plan each batch afresh)
+        guide.share_probe = isinstance(mstep, EMOptim) and stream is None
     if stream is None:
         info = _inspect(seen, args, kwargs)
         # bad data, params or shapes: a clear error before any work (pyro_emvae.validate)

@@ -271,7 +271,20 @@ class EMOptim:
         ):
             return self._plan
         depth = guide._plate_nesting(args, kwargs)
-        trace, space = _track.probe(guide.model, args, kwargs, depth, replay=subsample)
+        shared, dims = getattr(guide, "_probe", None), {}
+        if shared is not None:
+            guide._probe = None  # (taken once: it belongs to the E-step just made)
+        if (
+            shared is not None
+            and cache
+            and shared[3].matches(key)
+            and same_rows(shared[0], subsample)
+        ):  # the E-step's structure check probed the model just now (ExactEStep._shared_probe)
+            trace, space, dims = shared[0], shared[1], shared[2]
+            shared_key = key  # (no probe ran here: the params are those the key read)
+        else:
+            shared_key = None
+            trace, space = _track.probe(guide.model, args, kwargs, depth, replay=subsample)
         reasons: dict[str, str] = {
             n: "used by an operation no rule sees through" for n in space.opaque
         }
@@ -315,8 +328,11 @@ class EMOptim:
             closed = list(self.closed_form)
         gradient = [p for p in space.offsets if p not in closed]
         role = {p: next(iter(r)) for p, r in roles.items() if len(r) == 1}
-        self._plan = Plan(trace, space, closed, gradient, reasons, role, frozenset(plain_locs))
-        self._plan_key = PlanKey(args, kwargs)  # (after the probe: it may create params)
+        self._plan = Plan(
+            trace, space, closed, gradient, reasons, role, frozenset(plain_locs), dims=dims
+        )
+        # (after the probe: it may create params)
+        self._plan_key = shared_key if shared_key is not None else PlanKey(args, kwargs)
         return self._plan
 
     # ---------------------------------------------------------------- statistics
@@ -385,6 +401,9 @@ class EMOptim:
                         "posterior's; make it with plan(guide, args, kwargs, posterior.subsample)"
                     )
         out = []
+        symbol_to_dim = posterior.symbol_to_dim
+        if plan.dims:  # (the probe's enumerated dims: see Plan.dims)
+            symbol_to_dim = {s: plan.dims.get(d, d) for s, d in symbol_to_dim.items()}
         for name, fn, value, direct, mask, scale in _site_layout(plan):
             if direct:
                 # factor_q: zero on a sequence poutine.mask drops (pairwise holds its prior)
@@ -392,7 +411,7 @@ class EMOptim:
             else:
                 q = posterior.factor_q.get(name)
                 weight = (
-                    _unpack(q, posterior.symbol_to_dim)
+                    _unpack(q, symbol_to_dim)
                     if q is not None
                     else torch.ones((), device=value.device)
                 )
@@ -954,6 +973,9 @@ def _device(plan: Plan) -> torch.device:
     return store[name].device if name is not None else torch.device("cpu")
 
 
+_SMALL_PAIRS = 4096  # (row, key) pair entries read as Python tuples in _mvn_loc_sharing
+
+
 def _mvn_loc_sharing(sites, space: IdSpace, roles: dict, reasons: dict) -> set[str]:
     """The MultivariateNormal loc params each of whose rows meets a single covariance over
     every position of every site (GMMs full, tied, diagonal; an HMM's emissions): their
@@ -995,6 +1017,13 @@ def _mvn_loc_sharing(sites, space: IdSpace, roles: dict, reasons: dict) -> set[s
     plain = set()
     for p, found in pairs.items():
         if p in varies:
+            continue
+        if sum(f.numel() for f in found) <= _SMALL_PAIRS:
+            # (a few pairs, as for a mixture's K rows: the same test on the pairs read once,
+            # as tuples, without torch.unique's sorts; a shorter key cannot equal a padded one)
+            pairs_seen = {tuple(r) for f in found for r in f.tolist()}
+            if len({r[0] for r in pairs_seen}) == len(pairs_seen):  # one key per row
+                plain.add(p)
             continue
         width = max(f.shape[-1] for f in found)  # (sites' matrices may differ in size)
         found = [

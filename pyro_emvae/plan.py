@@ -38,6 +38,9 @@ class Plan:
     # structure-only work of the rules' statistics (Stats.memo): made at the first M-step of
     # this plan, reused while the plan is (its trace holds the ids the memo is keyed on)
     memo: dict = field(default_factory=dict, repr=False)
+    # where the trace's enumerated dims lie, by the E-step's dim (empty: where the E-step's
+    # do): a probe shared with ExactEStep's structure check leaves an unused dim beside each
+    dims: dict = field(default_factory=dict)
 
 
 class PlanKey:

@@ -93,6 +93,10 @@ class Tracked(torch.Tensor):
         name = getattr(func, "__name__", "")
         if name == "__get__" and getattr(func, "__self__", None) is not None:
             name = getattr(func.__self__, "__name__", name)
+        if name in _FAST and type(args) is tuple:
+            out = _fast(name, func, args, kwargs)
+            if out is not _SLOW:
+                return out
         plain_args, plain_kwargs = _strip(args), _strip(kwargs)
         with _compat.disable_torch_function_subclass():
             result = func(*plain_args, **plain_kwargs)
@@ -146,6 +150,51 @@ class Tracked(torch.Tensor):
             for source in sources:
                 _OPAQUE.update(source.param_names)
         return _plain(result)
+
+
+# The probe's most frequent ops, on one tracked value among plain arguments (no container,
+# no tensor keyword): shape inspections, whose result is not a tensor, and selections. They
+# take a shorter road to the same result as the general path below (the same op on the same
+# plain tensors; the ids by the same op on the ids), with torch's subclass dispatch off once
+# instead of once per argument. Anything else goes the general way.
+_INSPECT = frozenset({
+    "dim", "size", "numel", "__len__", "shape", "dtype", "device", "is_floating_point",
+    "requires_grad", "stride", "storage_offset", "is_contiguous",
+})  # fmt: skip
+_FAST_SELECT = frozenset(_SELECT - {"__get__", "unbind", "split", "chunk"})  # (one tensor out)
+_FAST = _INSPECT | _FAST_SELECT
+_SLOW = object()
+
+
+def _fast(name: str, func, args: tuple, kwargs: dict):
+    """``Tracked.__torch_function__`` of an op in :data:`_FAST` when exactly one argument is
+    a tracked value (not linear) and the others are plain (no tensor among the keywords): its
+    result as the general path makes it, or :data:`_SLOW` where the general path must run."""
+    src = None
+    for a in args:
+        if isinstance(a, (Tracked, _RowSum)):
+            if src is not None or type(a) is not Tracked or a.form == "linear":
+                return _SLOW
+            src = a
+        elif isinstance(a, _NESTED):
+            return _SLOW
+    if src is None or any(isinstance(v, (torch.Tensor, *_NESTED)) for v in kwargs.values()):
+        return _SLOW
+    with _compat.disable_torch_function_subclass():
+        plain = src.as_subclass(torch.Tensor)
+        result = func(*[plain if a is src else a for a in args], **kwargs)
+        if name in _INSPECT:
+            if isinstance(result, torch.Size) or not isinstance(result, (torch.Tensor, *_NESTED)):
+                return result  # (what _plain gives back for a number, a dtype, a Size)
+            return _SLOW
+        if not isinstance(result, torch.Tensor):
+            return _SLOW
+        ids = func(*[src.ids if a is src else a for a in args], **kwargs)
+        if not isinstance(ids, torch.Tensor):
+            return _SLOW
+        out = result.as_subclass(Tracked)
+    out.param, out.ids, out.form, out.param_names = src.param, ids, src.form, src.param_names
+    return out
 
 
 class _RowSum(torch.Tensor):

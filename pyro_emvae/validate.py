@@ -475,6 +475,11 @@ def check_params(trace) -> None:
     log-likelihood NaN. A simplex initial value that does not sum to one is *not* an error:
     Pyro's simplex transform normalizes it (``[1, 3]`` becomes ``[0.25, 0.75]``).
     """
+    values = [
+        detach_provenance(site["value"]) for site in trace.nodes.values() if site["type"] == "param"
+    ]
+    if _all_finite_sums([v for v in values if isinstance(v, torch.Tensor)]):
+        return  # (every param finite: one read of one flag, not one per param)
     for name, site in trace.nodes.items():
         if site["type"] != "param":
             continue
@@ -553,25 +558,26 @@ def check_distributions(trace) -> None:
     the argument but not the site), with it off the NaN is silent. Infinite entries are allowed
     (``-inf`` logits are zero probabilities).
     """
-    for name, site in trace.nodes.items():
-        if not _is_sample(site) or _is_deterministic(site):
-            continue
-        fn = site["fn"]
-        for attr, t in _tensors(fn):
-            t = detach_provenance(t)
-            if not t.is_floating_point():
-                continue
-            t = _compact(t)
-            if _finite_sum(t):
-                continue  # (no NaN: the sum of a tensor with a NaN is NaN)
-            bad = torch.isnan(t)
-            if bad.any():
-                raise ModelInputError(
-                    f"site '{name}' ({_kind(fn)}): its distribution's '{attr}' (shape "
-                    f"{_shape(t.shape)}) has {int(bad.sum())} NaN value(s), the first at index "
-                    f"{_index(bad)}. It is computed from the model's inputs and params: check "
-                    "the tensors passed to the model and the params with torch.isfinite."
-                )
+    held = [
+        (name, site["fn"], attr, _compact(t))
+        for name, site in trace.nodes.items()
+        if _is_sample(site) and not _is_deterministic(site)
+        for attr, held_t in _tensors(site["fn"])
+        if (t := detach_provenance(held_t)).is_floating_point()
+    ]
+    if _all_finite_sums([t for *_, t in held]):
+        return  # (no NaN anywhere: one read of one flag, not one per tensor)
+    for name, fn, attr, t in held:
+        if _finite_sum(t):
+            continue  # (no NaN: the sum of a tensor with a NaN is NaN)
+        bad = torch.isnan(t)
+        if bad.any():
+            raise ModelInputError(
+                f"site '{name}' ({_kind(fn)}): its distribution's '{attr}' (shape "
+                f"{_shape(t.shape)}) has {int(bad.sum())} NaN value(s), the first at index "
+                f"{_index(bad)}. It is computed from the model's inputs and params: check "
+                "the tensors passed to the model and the params with torch.isfinite."
+            )
 
 
 def _missing_data_advice(exact: bool) -> str:
@@ -589,6 +595,25 @@ def _missing_data_advice(exact: bool) -> str:
         f"For missing values, {mask_way}; or use Pyro's obs_mask= (its '<name>_unobserved' "
         "latent then needs a guide), still with finite fill values."
     )
+
+
+def _all_finite_sums(tensors: list) -> bool:
+    """True only if every entry of every floating tensor of ``tensors`` is finite (as
+    :func:`_finite_sum` of each, in one read): the sums, each in its own dtype as
+    :func:`_finite_sum` takes it, then one flag. False says nothing: the caller then checks
+    each tensor as before. Tensors on several devices are not combined (False)."""
+    with torch.no_grad():
+        sums = [t.sum() for t in tensors if t.is_floating_point()]
+        if not sums:
+            return True
+        if len({s.device for s in sums}) > 1:
+            return False
+        # (a NaN or inf sum makes the total NaN or inf; a total that overflows only sends the
+        # caller to its per-tensor checks)
+        total = sums[0]
+        for s in sums[1:]:
+            total = total + s
+        return bool(torch.isfinite(total))
 
 
 def _finite_sum(t: torch.Tensor) -> bool:
@@ -1041,7 +1066,7 @@ class EnumerationBudget(Messenger):
         if self._budget is None:
             self._budget = enumeration_budget(device)
         budget, source = self._budget
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         need = PEAK_FACTORS * numel * itemsize
         if budget is None or need <= budget:
             return
@@ -1075,7 +1100,7 @@ def _factor(name: str, site: dict, depth: int) -> tuple[int, tuple[int, ...], in
     fn, value = site["fn"], site["value"]
     if not isinstance(value, torch.Tensor):
         return None
-    itemsize = torch.empty((), dtype=_site_dtype(site)).element_size()
+    itemsize = _site_dtype(site).itemsize
     if isinstance(fn, DiscreteHMM):
         k = fn.initial_logits.size(-1)  # (K, without building a HomogeneousHMM's (T, K, K))
         batch = _compat.broadcast_shapes(

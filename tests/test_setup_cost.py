@@ -10,6 +10,12 @@ run on cheaper paths and still fire.
   a model's own modes keep their order, and the budget still refuses.
 * ``available_memory`` looks psutil and a missing cgroup file up once; the memory is read at
   every call.
+* fit's first E-step runs its structure check as the M-step's provenance probe too (one setup
+  model pass fewer): the same plan and bitwise the same fit as with the probe's own pass, the
+  shared probe refused for other arguments (in place too) or params, the reductions still
+  refused; ``pyro.markov`` and chain models keep their own probe.
+* The probe's short path for shape inspections and selections, ``_mvn_loc_sharing``'s Python
+  test of a few pairs, and the checks' one finiteness flag give what the general paths give.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 
 from pyro_emvae import ExactEStep, _compat, validate
 from pyro_emvae.errors import EnumerationError
@@ -208,3 +215,284 @@ def test_available_memory_looks_psutil_and_the_cgroup_file_up_once(monkeypatch):
         want = int(text.split("MemAvailable:")[1].split()[0]) * 1024
         assert first is not None and abs(first - want) < 2**30  # (memory moves a little)
     assert validate._CGROUP_V2 == os.path.exists("/sys/fs/cgroup/memory.max")
+
+
+# ---------------------------------------------------------------- one setup pass fewer
+# fit's first E-step runs its structure check (ExactEStep._check_dims) as the M-step's
+# provenance probe too (ExactEStep._shared_probe): the probe's trace then has an unused dim
+# beside each enumerated one, and EMOptim reads the E-step's weights at those dims (Plan.dims).
+def _gmm(ct: str):
+    from models.gmm import gmm_model, init_params, sample_gmm
+
+    data, _ = sample_gmm(N=60, K=3, D=2, seed=0)
+    init = init_params(data, 3, ct, seed=1)
+    return (lambda d: gmm_model(d, 3, ct, init=init)), (data,)
+
+
+def _poisson():
+    from models.count_mixtures import init_poisson, poisson_mixture, sample_poisson_mixture
+
+    data = sample_poisson_mixture(80, 3, 2, seed=0)
+    if isinstance(data, tuple):
+        data = data[0]
+    init = init_poisson(data, 3, seed=0)
+    return (lambda d: poisson_mixture(d, 3, init=init)), (data,)
+
+
+def _two_latents():
+    """Two enumerated sites, one read through the other, a masked and scaled plate."""
+
+    def model(x, keep):
+        w = pyro.param("w", torch.tensor([0.4, 0.6]), constraint=dist.constraints.simplex)
+        t = pyro.param(
+            "t", torch.tensor([[0.7, 0.3], [0.2, 0.8]]), constraint=dist.constraints.simplex
+        )
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("data", len(x)), poutine.mask(mask=keep), poutine.scale(scale=2.0):
+            a = pyro.sample("a", dist.Categorical(w), infer=PAR)
+            b = pyro.sample("b", dist.Categorical(t[a]), infer=PAR)
+            pyro.sample("x", dist.Normal(locs[b], 1.0), obs=x)
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, generator=g)
+    return model, (x, torch.rand(40, generator=g) > 0.2)
+
+
+_SHARED_CASES = {
+    "gmm-full": lambda: _gmm("full"),
+    "gmm-tied": lambda: _gmm("tied"),
+    "gmm-diag": lambda: _gmm("diag"),
+    "poisson": _poisson,
+    "two-latents": _two_latents,
+}
+
+
+def _fit(model, args, shared: bool, monkeypatch, **kw):
+    from pyro_emvae import EMOptim, fit
+    from pyro_emvae import track as _track
+
+    calls = []
+    probe = _track.probe
+    monkeypatch.setattr(_track, "probe", lambda *a, **k: calls.append(1) or probe(*a, **k))
+    with monkeypatch.context() as m:
+        if not shared:
+            m.setattr(ExactEStep, "_shared_probe", lambda self, *a, **k: None)
+        pyro.clear_param_store()
+        res = fit(model, ExactEStep(model), *args, optim=EMOptim(reg_covar=1e-6), progress=False, **kw)  # fmt: skip
+    return res, len(calls)
+
+
+@pytest.mark.parametrize("case", sorted(_SHARED_CASES))
+def test_a_shared_probe_gives_bitwise_the_fit_of_its_own_probe(case, monkeypatch):
+    """The same plan and bitwise the same fit (params, history) as with the probe's own pass;
+    one probe either way."""
+    model, args = _SHARED_CASES[case]()
+    a, na = _fit(model, args, True, monkeypatch, max_iter=6, tol=0)
+    b, nb = _fit(model, args, False, monkeypatch, max_iter=6, tol=0)
+    assert na == nb == 1
+    assert a.history["log_likelihood"] == b.history["log_likelihood"] and a.n_iter == b.n_iter
+    assert a.closed_form == b.closed_form and a.gradient == b.gradient
+    for k in b.params:
+        assert torch.equal(a.params[k], b.params[k]), k
+
+
+def test_a_shared_probe_plan_matches_the_plan_of_its_own_probe(monkeypatch):
+    from pyro_emvae import EMOptim
+
+    for case in sorted(_SHARED_CASES):
+        model, args = _SHARED_CASES[case]()
+        pyro.clear_param_store()
+        guide = ExactEStep(model)
+        guide.share_probe = True
+        post = guide.posterior(*args)
+        probe = guide._probe
+        assert probe is not None and probe[2], case  # (dims: E-step -> probe, moved apart)
+        shared = EMOptim().plan(guide, args, {}, post.subsample)
+        assert guide._probe is None  # (taken once)
+        own = EMOptim().plan(guide, args, {}, post.subsample)
+        assert not own.dims and shared.dims == probe[2]
+        for f in ("closed_form", "gradient", "reasons", "roles", "plain_locs"):
+            assert getattr(shared, f) == getattr(own, f), (case, f)
+        assert shared.space.offsets == own.space.offsets
+        assert shared.space.opaque == own.space.opaque
+
+
+def test_a_shared_probe_is_used_only_for_what_it_saw(monkeypatch):
+    """The probe kept by the E-step is refused for other arguments, arguments changed in
+    place, or another param set: the plan then probes anew (and is the same)."""
+    from pyro_emvae import EMOptim
+    from pyro_emvae import track as _track
+
+    model, (x,) = _gmm("full")
+    calls = []
+    probe = _track.probe
+    monkeypatch.setattr(_track, "probe", lambda *a, **k: calls.append(1) or probe(*a, **k))
+
+    def planned(change):
+        pyro.clear_param_store()
+        guide = ExactEStep(model)
+        guide.share_probe = True
+        post = guide.posterior(x)
+        n = len(calls)
+        args = change()
+        plan = EMOptim().plan(guide, args, {}, post.subsample)
+        return plan, len(calls) - n
+
+    plan, extra = planned(lambda: (x,))
+    assert extra == 0 and plan.dims
+    plan, extra = planned(lambda: (x.clone(),))  # another tensor
+    assert extra == 1 and not plan.dims
+    plan, extra = planned(lambda: (x.add_(0.0),))  # changed in place
+    assert extra == 1 and not plan.dims
+
+    def new_param():
+        pyro.param("extra", torch.zeros(2))
+        return (x,)
+
+    plan, extra = planned(new_param)
+    assert extra == 1 and not plan.dims
+
+
+def test_a_fit_makes_one_setup_pass_fewer(monkeypatch):
+    """Model passes of a GMM fit: one per E-step, fit's input-check trace, and one pass for
+    the structure check and the probe together."""
+    model, args = _gmm("full")
+    passes = [0]
+
+    def counted(d):
+        passes[0] += 1
+        return model(d)
+
+    res, probes = _fit(counted, args, True, monkeypatch, max_iter=5, tol=0)
+    assert probes == 1
+    assert passes[0] == (res.n_iter + 1) + 2
+
+
+@pytest.mark.parametrize("site", ["normal", "mvn", "categorical"])
+def test_a_shared_probe_still_refuses_a_reduction(site):
+    guide = ExactEStep(_reduction(site))
+    guide.share_probe = True
+    with pytest.raises(EnumerationError, match=r"site 'y' reads an enumerated value through a"):
+        guide.log_likelihood()
+
+
+def test_markov_and_chain_models_keep_their_own_probe():
+    """A pyro.markov model (whose check does not recycle dims) and a DiscreteHMM site keep
+    the two passes."""
+    from models.hmm import gaussian_hmm, gaussian_hmm_markov, init_params, sample_gaussian_hmm
+
+    data = sample_gaussian_hmm(N=2, T=6, K=2, D=2, seed=0)
+    data = data[0] if isinstance(data, tuple) else data
+    init = init_params(data, 2, "gaussian", seed=0)
+    for fn in (gaussian_hmm, gaussian_hmm_markov):
+        pyro.clear_param_store()
+        guide = ExactEStep(lambda d, fn=fn: fn(d, 2, init=init))
+        guide.share_probe = True
+        guide.posterior(data)
+        assert getattr(guide, "_probe", None) is None
+
+
+def test_a_pickled_guide_drops_its_shared_probe():
+    model, (x,) = _gmm("diag")
+    pyro.clear_param_store()
+    guide = ExactEStep(model)
+    guide.share_probe = True
+    guide.posterior(x)
+    assert guide._probe is not None
+    assert "_probe" not in guide.__getstate__()
+
+
+# ---------------------------------------------------------------- cheaper setup pieces
+def test_the_probes_short_path_gives_what_the_general_path_gives(monkeypatch):
+    """Tracked shape inspections and selections by the short path equal the general path's:
+    values, ids, form and param names."""
+    from pyro_emvae import track as _track
+
+    t = _track.Tracked.wrap(torch.arange(12.0).reshape(2, 3, 2), "p")
+    z = torch.tensor([[1], [0]])
+    ops = [
+        lambda a: a.dim(), lambda a: a.size(), lambda a: a.size(-1), lambda a: a.shape,
+        lambda a: a.numel(), lambda a: a.dtype, lambda a: a.is_floating_point(),
+        lambda a: a[z], lambda a: a[0], lambda a: a.expand(4, 2, 3, 2),
+        lambda a: a.reshape(6, 2), lambda a: a.unsqueeze(-2), lambda a: a.transpose(-1, -2),
+        lambda a: a.permute(2, 0, 1), lambda a: a.flatten(0, 1), lambda a: a.squeeze(),
+        lambda a: a.detach(), lambda a: a.index_select(1, torch.tensor([2, 0])), lambda a: a.mT,
+        lambda a: torch.flip(a, [0]), lambda a: a.narrow(1, 1, 2), lambda a: a.select(0, 1),
+    ]  # fmt: skip
+    fast = [op(t) for op in ops]
+    monkeypatch.setattr(_track, "_FAST", frozenset())
+    slow = [op(t) for op in ops]
+    for i, (a, b) in enumerate(zip(fast, slow, strict=True)):
+        assert type(a) is type(b), i
+        if isinstance(b, torch.Tensor):
+            assert torch.equal(a.as_subclass(torch.Tensor), b.as_subclass(torch.Tensor)), i
+            assert torch.equal(a.ids, b.ids) and a.form == b.form, i
+            assert a.param == b.param and a.param_names == b.param_names, i
+        else:
+            assert a == b, i
+
+
+def test_mvn_loc_sharing_small_path_equals_the_sorting_path(monkeypatch):
+    """_mvn_loc_sharing's Python test of a few (row, key) pairs gives the torch.unique one's
+    answer: a loc whose rows each meet one covariance, and one shared by two covariances."""
+    from pyro_emvae import EMOptim, optim
+
+    def shared_loc(x):
+        loc = pyro.param("loc", torch.zeros(2, 2))
+        tril = pyro.param("tril", torch.eye(2).expand(3, 2, 2).clone(),
+                          constraint=dist.constraints.lower_cholesky)  # fmt: skip
+        w = pyro.param("w", torch.ones(3) / 3, constraint=dist.constraints.simplex)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+            row = torch.tensor([0, 1, 1])[z]  # (components 1 and 2 share loc row 1)
+            pyro.sample("x", dist.MultivariateNormal(loc[row], scale_tril=tril[z]), obs=x)
+
+    cases = [_gmm("full"), _gmm("tied"), (shared_loc, (torch.randn(30, 2),))]
+    for model, args in cases:
+        got = []
+        for small in (4096, 0):
+            monkeypatch.setattr(optim, "_SMALL_PAIRS", small)
+            pyro.clear_param_store()
+            guide = ExactEStep(model)
+            post = guide.posterior(*args)
+            plan = EMOptim().plan(guide, args, {}, post.subsample)
+            got.append((plan.plain_locs, plan.reasons, plan.closed_form))
+        assert got[0] == got[1]
+
+
+def test_one_flag_for_every_tensor_keeps_each_check():
+    """check_params / check_distributions read one flag when all is finite; an inf (allowed
+    in a distribution) or a NaN still goes through the per-tensor checks and their errors."""
+    from pyro_emvae.errors import ModelInputError
+
+    assert validate._all_finite_sums([torch.ones(3), torch.zeros(2, dtype=torch.float32)])
+    assert validate._all_finite_sums([])
+    assert not validate._all_finite_sums([torch.ones(3), torch.tensor([1.0, float("inf")])])
+    assert not validate._all_finite_sums([torch.tensor([float("nan")])])
+    big = torch.full((4,), 1e308)  # finite entries whose sum overflows: checked one by one
+    assert not validate._all_finite_sums([big])
+
+    def model(logits):
+        with pyro.plate("p", 3):
+            pyro.sample("y", dist.Categorical(logits=logits), obs=torch.zeros(3, dtype=torch.long))
+
+    def trace(logits):
+        with pyro.validation_enabled(False):
+            return poutine.trace(model).get_trace(logits)
+
+    validate.check_distributions(trace(torch.tensor([[0.0, -float("inf")]] * 3)))
+    validate.check_distributions(trace(torch.full((3, 2), 1e308)))
+    with pytest.raises(ModelInputError, match=r"site 'y' .* NaN value"):
+        validate.check_distributions(trace(torch.tensor([[0.0, float("nan")]] * 3)))
+
+    def with_param(value):
+        def m():
+            pyro.param("a", torch.ones(2))
+            pyro.param("b", value)
+
+        pyro.clear_param_store()
+        return poutine.trace(m).get_trace()
+
+    validate.check_params(with_param(torch.full((2,), 1e308)))
+    with pytest.raises(ModelInputError, match=r"param 'b' .* 1 non-finite"):
+        validate.check_params(with_param(torch.tensor([0.0, float("inf")])))
