@@ -76,13 +76,14 @@ def test_small_data_run_prints_the_table_and_the_breakdown(capsys):
     if HAVE_SKLEARN:
         checks = [ln for ln in out.splitlines() if ln.lstrip().startswith("check ")]
         assert len(checks) == 2 and all(ln.endswith(" ok") for ln in checks), checks
-    # the breakdown: E-steps, M-steps, and one model pass per E-step plus the setup's three
+    # the breakdown: E-steps, M-steps, and one model pass per E-step plus the setup's two
+    # (fit's input checks; the E-step's structure check, which is also the plan's probe)
     assert "where our fit's time goes" in out
     for part in ("whole fit", "E-step", "M-step", "  statistics", "  maximize", "rest ("):
         assert any(ln.startswith(part) for ln in out.splitlines()), part
     line = next(ln for ln in out.splitlines() if ln.startswith("model passes per fit:"))
     passes, e_steps = line.split()[4], line.split("one per E-step, ")[1].split(";")[0]
-    assert int(passes) == int(e_steps) + 3
+    assert int(passes) == int(e_steps) + 2
 
 
 def test_failed_check_raises():
