@@ -327,6 +327,12 @@ class EMOptim:
                     raise ValueError(f"param '{p}' has no closed-form update: it {reasons[p]}")
             closed = list(self.closed_form)
         gradient = [p for p in space.offsets if p not in closed]
+        if gradient and shared_key is not None:
+            # a plan with gradient params is probed again at every M-step in its own layout;
+            # the shared probe's layout (an unused dim beside each enumerated one) contracts
+            # the statistics in another order (the last bits differ), so a fit resumed from a
+            # checkpoint would not equal the uninterrupted one: its own probe here too
+            return self.plan(guide, args, kwargs, subsample, cache=cache)
         role = {p: next(iter(r)) for p, r in roles.items() if len(r) == 1}
         self._plan = Plan(
             trace, space, closed, gradient, reasons, role, frozenset(plain_locs), dims=dims
