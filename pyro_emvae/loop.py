@@ -463,7 +463,8 @@ class _Run:
         step, o = self.step, self.o
         if not step.epochs:
             self.bar.update()
-        self.bar.set_postfix({self.per_datum: f"{value / o.n_data:.6g}"})
+        if not getattr(self.bar, "disable", False):  # (a hidden bar shows no postfix)
+            self.bar.set_postfix({self.per_datum: f"{value / o.n_data:.6g}"})
         if tick.stop:  # a Ctrl-C came during the update: it is recorded, now stop
             raise KeyboardInterrupt
         if not (step.evaluates or step.epochs) and self.changed_little():
