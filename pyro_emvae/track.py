@@ -573,9 +573,9 @@ class IdSpace(Messenger):
             self.offsets[name], self.shapes[name] = self._next, value.shape
             self._next += value.numel()
         # (on the param's device: the rules gather and scatter with them beside the data)
-        ids = self.offsets[name] + torch.arange(value.numel(), device=value.device).reshape(
-            value.shape
-        )
+        # (the range from the offset: one op fewer than offset + arange, the same ids)
+        start = self.offsets[name]
+        ids = torch.arange(start, start + value.numel(), device=value.device).reshape(value.shape)
         msg["value"] = Tracked.wrap(value.detach(), name, ids)
         msg["value"].param_names = frozenset([name])
 
