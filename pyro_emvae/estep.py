@@ -64,7 +64,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_site_shape, warn_if_inf, warn_if_nan
 
 from pyro_emvae import _compat
@@ -1552,7 +1552,11 @@ class ExactEStep:
                     check = poutine.trace(poutine.replay(model, trace=sub)).get_trace(
                         *args, **kwargs
                     )
-                check = prune_subsample_sites(check)
+                    check = prune_subsample_sites(check)
+                else:  # (the probe's copy, this check's own: pruned in place, not copied again)
+                    for name, site in list(check.nodes.items()):
+                        if site_is_subsample(site):
+                            check.remove_node(name)
                 for site in check.nodes.values():
                     if site["type"] != "sample" or site["args"] or site["kwargs"]:
                         continue

@@ -613,7 +613,10 @@ def fit(
             finals.append(result.objective)
             if best is None or result.objective > best.objective:
                 best = result
-                best_snapshot = snapshot(_params.names())
+                if n_init > 1 or ckpt is not None:
+                    # (read only to restore the best of several runs, or by a checkpoint: one
+                    # run without a checkpoint keeps its params where they are)
+                    best_snapshot = snapshot(_params.names())
             if result.interrupted:
                 best.interrupted = True  # the fit as a whole was cut short, whichever run is best
                 break

@@ -57,6 +57,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.poutine.messenger import Messenger
 
+from pyro_emvae import _compat
 from pyro_emvae import distributed as dp
 from pyro_emvae import params as _params
 from pyro_emvae.amortized import rng_state, set_rng
@@ -72,7 +73,7 @@ from pyro_emvae.elbo import KLControlledELBO
 from pyro_emvae.errors import ConvergenceWarning
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
-from pyro_emvae.params import constrained, restore, snapshot
+from pyro_emvae.params import constrained, restore, snapshot  # noqa: F401 (imported from here)
 from pyro_emvae.result import FitResult
 from pyro_emvae.stream import Batches
 
@@ -128,15 +129,24 @@ class Options:
 
 
 # ------------------------------------------------------------------ rollback
+def _copies(names: list[str]) -> dict[str, torch.Tensor]:
+    """:func:`~pyro_emvae.params.snapshot` of ``names`` (the same bits: copies of the store's
+    unconstrained leaves, out of autograd), one op per param where ``detach().clone()`` is
+    two: the loop takes it at every iteration."""
+    leaves = pyro.get_param_store().named_parameters().mapping
+    with torch.no_grad():
+        return {n: leaves[n].clone() for n in names if n in leaves}
+
+
 class Rollback:
     """The params of the last good iteration, and the guards that go back to them."""
 
     def __init__(self, names: list[str], keep: bool) -> None:
         self.names = names
-        self.snap: dict[str, torch.Tensor] = snapshot(names) if keep else {}
+        self.snap: dict[str, torch.Tensor] = _copies(names) if keep else {}
 
     def take(self) -> None:
-        self.snap = snapshot(self.names)
+        self.snap = _copies(self.names)
 
     def restore(self) -> None:
         restore(self.snap)
@@ -453,7 +463,8 @@ class _Run:
         step, o = self.step, self.o
         if not step.epochs:
             self.bar.update()
-        self.bar.set_postfix({self.per_datum: f"{value / o.n_data:.6g}"})
+        if not getattr(self.bar, "disable", False):  # (a hidden bar shows no postfix)
+            self.bar.set_postfix({self.per_datum: f"{value / o.n_data:.6g}"})
         if tick.stop:  # a Ctrl-C came during the update: it is recorded, now stop
             raise KeyboardInterrupt
         if not (step.evaluates or step.epochs) and self.changed_little():
@@ -618,11 +629,21 @@ class InMemory(_Exact):
             return post
 
         post = rb.guard(estep, n_done)
-        return float(post.log_likelihood), post
+        value = float(post.log_likelihood)
+        # (the update's record is this value again: kept with the tensor it was read from and
+        # its version, so that the update reads it without another scalar read)
+        self._read = (post.log_likelihood, _compat.tensor_version(post.log_likelihood), value)
+        return value, post
 
     def update(self, post: Posterior, ticks: int, rb: Rollback) -> Tick:
         info = dict(self.optimizer(self.guide, post, self.args, self.kwargs) or {})
-        return Tick(float(post.log_likelihood), info, report={"posterior": post})
+        read, self._read = getattr(self, "_read", None), None
+        ll = post.log_likelihood
+        if read is not None and read[0] is ll and read[1] == _compat.tensor_version(ll):
+            value = read[2]  # (the same tensor, unchanged since evaluate read it)
+        else:
+            value = float(ll)
+        return Tick(value, info, report={"posterior": post})
 
     def final(self, rb: Rollback, ticks: int) -> float:
         return self.evaluate(rb, ticks)[0]

@@ -276,14 +276,24 @@ class _AddRecipe:
 
     def __init__(self, length: int, ids: torch.Tensor, factors: tuple) -> None:
         shape = _compat.broadcast_shapes(ids.shape, *(f.shape for f in factors))
-        ids = ids.expand(shape)
-        pooled = [d for d in range(len(shape)) if ids.stride(d) == 0 and shape[d] > 1]
-        kept = [d for d in range(len(shape)) if d not in pooled]
+        n = len(shape)
+        # the strides ids.expand(shape) would have (a new or a size-1 dim broadcast: 0), read
+        # without the view: a dim is pooled where every position along it uses one id
+        lead = n - ids.dim()
+        istride = ids.stride()
+        strides = [
+            0 if d < lead or (ids.shape[d - lead] == 1 and shape[d] > 1) else istride[d - lead]
+            for d in range(n)
+        ]
+        pooled = [d for d in range(n) if strides[d] == 0 and shape[d] > 1]
+        kept = [d for d in range(n) if d not in pooled]
         sub: dict[int, int] = {}  # tensor dim -> einsum subscript
         self.shapes, self.subs = [], []
+        fshapes = []
         for f in factors:
-            fshape = (1,) * (len(shape) - f.dim()) + tuple(f.shape)
-            dims = [d for d in range(len(shape)) if fshape[d] > 1]
+            fshape = (1,) * (n - f.dim()) + tuple(f.shape)
+            fshapes.append(fshape)
+            dims = [d for d in range(n) if fshape[d] > 1]
             for d in dims:
                 sub.setdefault(d, len(sub))
             self.shapes.append([fshape[d] for d in dims])
@@ -313,12 +323,20 @@ class _AddRecipe:
         self.values_shape = [shape[d] if d in out_dims else 1 for d in kept]
         self.kept_shape = [shape[d] for d in kept]
         self.expands = self.values_shape != self.kept_shape
-        index = tuple(slice(None) if d in kept else slice(0, 1) for d in range(len(shape)))
         device = factors[0].device if factors else ids.device
-        self.ids = ids[index].reshape(self.kept_shape).to(device).reshape(-1)
+        # the ids at the first position of every pooled dim, over the kept dims: one view of
+        # the ids (what ids.expand(shape)[index 0 of each pooled dim] views, without the
+        # expand and the slices), flattened (a copy where that view is not one run)
+        self.ids = (
+            ids.as_strided(self.kept_shape, [strides[d] for d in kept], ids.storage_offset())
+            .to(device)
+            .reshape(-1)
+        )
         self.length = length
-        self.seen = torch.zeros(length, dtype=torch.bool, device=device)
-        self.seen[self.ids] = True
+        # (one op where seen[ids] = True is three: the same marks)
+        self.seen = torch.zeros(length, dtype=torch.bool, device=device).index_fill_(
+            0, self.ids, True
+        )
         # (scalar factors, their versions, the values they scatter): see Stats.add
         self.constant: tuple | None = None
         self.scalars = bool(factors) and all(f.dim() == 0 for f in factors)

@@ -55,6 +55,14 @@ _CHECKS = {
 _OPAQUE: set | None = None  # while probing: params used by an op no rule can see through
 
 
+# (torch.Tensor's own shape reads, for Tracked's: see Tracked.shape)
+_BASE_SHAPE = torch._C.TensorBase.shape.__get__
+_BASE_DTYPE = torch._C.TensorBase.dtype.__get__
+_BASE_DEVICE = torch._C.TensorBase.device.__get__
+_BASE_DIM = torch._C.TensorBase.dim
+_BASE_SIZE = torch._C.TensorBase.size
+
+
 class Tracked(torch.Tensor):
     """A tensor that remembers, for each element, which element of which param it is.
 
@@ -86,6 +94,35 @@ class Tracked(torch.Tensor):
         out.form = form
         out.param_names = frozenset([param])
         return out
+
+    # The probe's most frequent calls are shape reads (a distribution's constructor reads
+    # ``shape``, ``dim()``, ``device`` and ``dtype`` of each argument): read here, with torch's
+    # subclass dispatch off, they skip a Python ``__torch_function__`` round trip each (~6 µs).
+    # They return what that round trip returns (``_fast``'s inspections give back the plain
+    # tensor's result as it is), and an inspection marks no param as used (``_CHECKS``). A
+    # torch function mode still sees them (dispatch off for subclasses only).
+    @property
+    def shape(self) -> torch.Size:
+        with _compat.disable_torch_function_subclass():
+            return _BASE_SHAPE(self)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        with _compat.disable_torch_function_subclass():
+            return _BASE_DTYPE(self)
+
+    @property
+    def device(self) -> torch.device:
+        with _compat.disable_torch_function_subclass():
+            return _BASE_DEVICE(self)
+
+    def dim(self) -> int:
+        with _compat.disable_torch_function_subclass():
+            return _BASE_DIM(self)
+
+    def size(self, *args, **kwargs):
+        with _compat.disable_torch_function_subclass():
+            return _BASE_SIZE(self, *args, **kwargs)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -181,8 +218,10 @@ def _fast(name: str, func, args: tuple, kwargs: dict):
     if src is None or any(isinstance(v, (torch.Tensor, *_NESTED)) for v in kwargs.values()):
         return _SLOW
     with _compat.disable_torch_function_subclass():
-        plain = src.as_subclass(torch.Tensor)
-        result = func(*[plain if a is src else a for a in args], **kwargs)
+        # (src itself: with subclass dispatch off the op runs on it as on a plain tensor, and
+        # a new tensor it makes is a plain one; an op that gives back its input, such as
+        # contiguous(), gives back src, rewrapped below as the general path rewraps it)
+        result = func(*args, **kwargs)
         if name in _INSPECT:
             if isinstance(result, torch.Size) or not isinstance(result, (torch.Tensor, *_NESTED)):
                 return result  # (what _plain gives back for a number, a dtype, a Size)
@@ -534,9 +573,9 @@ class IdSpace(Messenger):
             self.offsets[name], self.shapes[name] = self._next, value.shape
             self._next += value.numel()
         # (on the param's device: the rules gather and scatter with them beside the data)
-        ids = self.offsets[name] + torch.arange(value.numel(), device=value.device).reshape(
-            value.shape
-        )
+        # (the range from the offset: one op fewer than offset + arange, the same ids)
+        start = self.offsets[name]
+        ids = torch.arange(start, start + value.numel(), device=value.device).reshape(value.shape)
         msg["value"] = Tracked.wrap(value.detach(), name, ids)
         msg["value"].param_names = frozenset([name])
 

@@ -56,6 +56,7 @@ import contextlib
 import math
 import os
 import re
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -636,9 +637,32 @@ def _real_support(fn) -> bool:
     return support is constraints.real
 
 
+# observed values found finite: id -> (weak reference, in-place version). fit's checks of its
+# prior trace and its first E-step's checks of the enumerated trace read the same data tensor
+# (as do the fits of a benchmark on one dataset): the same tensor, unmodified, is finite again
+_FINITE_VALUES: dict[int, tuple] = {}
+
+
+def _known_finite(value: torch.Tensor) -> bool:
+    hit = _FINITE_VALUES.get(id(value))
+    return hit is not None and hit[0]() is value and hit[1] == _compat.tensor_version(value)
+
+
+def _remember_finite(value: torch.Tensor) -> None:
+    if len(_FINITE_VALUES) >= 256:  # (tensors long gone: start over)
+        _FINITE_VALUES.clear()
+    try:
+        _FINITE_VALUES[id(value)] = (weakref.ref(value), _compat.tensor_version(value))
+    except TypeError:  # (a tensor without weak references: checked each time)
+        pass
+
+
 def _check_finite_value(name: str, site: dict, value: torch.Tensor, exact: bool) -> bool:
     """Raise for a NaN or inf entry of ``value``; returns True (every entry finite)."""
+    if _known_finite(value):
+        return True
     if _finite_sum(value):
+        _remember_finite(value)
         return True
     nan = torch.isnan(value)
     # (torch.isinf(x) is x.abs() == inf: a float copy of the data; the comparisons are bools)
@@ -1120,6 +1144,28 @@ def _factor(name: str, site: dict, depth: int) -> tuple[int, tuple[int, ...], in
     return numel, shape, itemsize
 
 
+#: device -> (when, the available_memory function that read it, bytes): the available memory
+#: as read by the last :func:`check_enumeration_memory` (a system query, ~0.1 ms between two
+#: fits where the E-step's own work is ~1 ms)
+_RECENT_MEMORY: dict = {}
+#: how long (seconds) a read of the available memory stands in for a new one, for factors of
+#: at most half of it: the memory would have to halve in that time for the check to differ
+RECENT_MEMORY_S = 1.0
+
+
+def _fits_recent_read(need: float, device: torch.device) -> bool:
+    """Whether ``need`` bytes are at most half of the available memory read for ``device``
+    less than :data:`RECENT_MEMORY_S` ago (by the same ``available_memory``: a replaced one,
+    as tests do, reads again)."""
+    hit = _RECENT_MEMORY.get(device)
+    return (
+        hit is not None
+        and hit[1] is available_memory
+        and time.monotonic() - hit[0] < RECENT_MEMORY_S
+        and 2 * need <= hit[2]
+    )
+
+
 def check_enumeration_memory(
     trace, max_plate_nesting: int, available: int | None = None, factors: int = PEAK_FACTORS
 ) -> None:
@@ -1147,7 +1193,13 @@ def check_enumeration_memory(
     need = factors * numel * itemsize
     source = "available"
     if available is None:
-        available, source = enumeration_budget(_site_device(trace.nodes[name]))
+        device = _site_device(trace.nodes[name])
+        raw = os.environ.get(ENUM_BUDGET_ENV)
+        if not (raw and raw.strip()) and _fits_recent_read(need, device):
+            return
+        available, source = enumeration_budget(device)
+        if source == "the available memory" and available is not None:
+            _RECENT_MEMORY[device] = (time.monotonic(), available_memory, available)
         source = "available" if source == "the available memory" else f"the budget ({source})"
     if available is None or need <= available:
         return

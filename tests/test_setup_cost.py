@@ -534,3 +534,173 @@ def test_one_flag_for_every_tensor_keeps_each_check():
     validate.check_params(with_param(torch.full((2,), 1e308)))
     with pytest.raises(ModelInputError, match=r"param 'b' .* 1 non-finite"):
         validate.check_params(with_param(torch.tensor([0.0, float("inf")])))
+
+
+# ---------------------------------------------------------------- round 2: what a fit pays once
+def _recipe_cases():
+    g = torch.Generator().manual_seed(0)
+    base = torch.arange(40).reshape(2, 4, 5)
+    return [
+        (12, torch.arange(6).reshape(2, 1, 3), (torch.rand(2, 7, 3, generator=g),)),
+        (6, torch.arange(6).reshape(2, 3).expand(4, 2, 3), (torch.rand(4, 2, 3, generator=g),)),
+        (40, base.transpose(0, 2)[1:], (torch.rand(4, 2, generator=g), torch.rand(1, 4, 1))),
+        (40, base[:, 1:3, ::2], (torch.rand(1, 2, 3, generator=g),)),
+        (6, torch.arange(6).reshape(2, 1, 3), (torch.tensor(1.0),)),
+        (4, torch.arange(4).reshape(2, 1, 1, 2), (torch.rand(2, 1, 9, 2), torch.rand(9, 2))),
+        (8, torch.arange(8).reshape(2, 1, 1, 2, 2), (torch.rand(2, 1, 1, 1, 1),)),
+        (5, torch.tensor(3), (torch.rand(7, generator=g),)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_recipe_cases())))
+def test_add_recipe_ids_and_marks_are_the_expanded_ids_at_the_pooled_dims(case):
+    """_AddRecipe's ids (read as one strided view, without expanding the ids) are those of
+    ``ids.expand(shape)`` at index 0 of every pooled dim (stride 0, size > 1), flattened; its
+    marks are exactly those ids; and Stats.add scatters what the dense product scatters."""
+    from pyro_emvae import stats as _stats
+
+    length, ids, factors = _recipe_cases()[case]
+    recipe = _stats._AddRecipe(length, ids, factors)
+    shape = torch.broadcast_shapes(ids.shape, *(f.shape for f in factors))
+    full = ids.expand(shape)
+    index = tuple(
+        slice(0, 1) if full.stride(d) == 0 and shape[d] > 1 else slice(None)
+        for d in range(len(shape))
+    )
+    assert torch.equal(recipe.ids, full[index].reshape(-1))
+    want = torch.zeros(length, dtype=torch.bool)
+    want[recipe.ids] = True
+    assert torch.equal(recipe.seen, want) and recipe.seen.dtype == torch.bool
+    product = factors[0]
+    for f in factors[1:]:
+        product = product * f
+    dense = torch.zeros(length, dtype=product.dtype)
+    dense.index_add_(0, full.reshape(-1), product.expand(shape).reshape(-1))
+    stats = _stats.Stats(length)
+    stats.add("k", ids, *factors)
+    assert torch.allclose(stats.sums["k"], dense, rtol=1e-12, atol=1e-12)
+
+
+def test_tracked_shape_reads_skip_dispatch_and_mark_nothing():
+    """A Tracked value's shape, dtype, device, dim() and size() are the plain tensor's, under
+    a probe they mark no param as used, and contiguous() (an op that gives back its input)
+    by the short path is a new Tracked of the same ids."""
+    from pyro_emvae import track as _track
+
+    t = _track.Tracked.wrap(torch.arange(6.0).reshape(2, 3), "p")
+    plain = t.as_subclass(torch.Tensor)
+    assert t.shape == plain.shape and type(t.shape) is torch.Size
+    assert (t.dtype, t.device, t.dim()) == (plain.dtype, plain.device, plain.dim())
+    assert t.size() == plain.size() and t.size(-1) == 3 and t.size(dim=0) == 2
+
+    def model():
+        p = pyro.param("p", torch.ones(2, 3))
+        assert p.shape == (2, 3) and p.dim() == 2 and p.size(0) == 2 and p.dtype == p.dtype
+        q = pyro.param("q", torch.ones(3), constraint=dist.constraints.positive)
+        pyro.sample("y", dist.Normal(q.exp(), 1.0), obs=torch.zeros(3))
+
+    pyro.clear_param_store()
+    _, space = _track.probe(model, (), {}, 0)
+    assert space.opaque == {"q"}  # (exp: an opaque use; shape reads of p: none)
+    c = t.contiguous()
+    assert type(c) is _track.Tracked and c is not t and torch.equal(c.ids, t.ids)
+
+
+def test_a_recent_memory_read_stands_in_only_for_small_factors(monkeypatch):
+    """check_enumeration_memory reads the available memory once per RECENT_MEMORY_S for
+    factors of at most half of it; a larger factor, a replaced available_memory or an old
+    read reads it again, and a factor over the memory is still refused."""
+    reads = []
+
+    def fake(device=None):
+        reads.append(1)
+        return free[0]
+
+    monkeypatch.delenv(validate.ENUM_BUDGET_ENV, raising=False)
+    monkeypatch.setattr(validate, "_RECENT_MEMORY", {})
+    monkeypatch.setattr(validate, "available_memory", fake)
+    tr = _enum_trace_of(torch.randn(50))
+    need = validate.PEAK_FACTORS * 2 * 50 * 8  # (a (2, 50) float64 factor)
+    free = [10 * need]
+    validate.check_enumeration_memory(tr, 1)
+    validate.check_enumeration_memory(tr, 1)
+    assert len(reads) == 1  # (the second within the second: the first read stands in)
+    free[0] = need - 1
+    monkeypatch.setattr(validate, "RECENT_MEMORY_S", 0.0)  # (an old read: read again)
+    with pytest.raises(EnumerationError, match="enumerating this model would need"):
+        validate.check_enumeration_memory(tr, 1)
+    assert len(reads) == 2
+    monkeypatch.setattr(validate, "RECENT_MEMORY_S", 1.0)
+    validate._RECENT_MEMORY.clear()
+    free[0] = int(1.5 * need)  # (read now; a factor over half of it reads again)
+    validate.check_enumeration_memory(tr, 1)
+    validate.check_enumeration_memory(tr, 1)
+    assert len(reads) == 4
+    monkeypatch.setattr(validate, "available_memory", lambda device=None: need - 1)
+    with pytest.raises(EnumerationError):  # (another available_memory: not the cached read)
+        validate.check_enumeration_memory(tr, 1)
+
+
+def _enum_trace_of(x):
+    def model(x):
+        w = pyro.param("w", torch.tensor([0.5, 0.5]), constraint=dist.constraints.simplex)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+            pyro.sample("x", dist.Normal(torch.tensor([-1.0, 1.0])[z], 1.0), obs=x)
+
+    pyro.clear_param_store()
+    return poutine.trace(poutine.enum(model, first_available_dim=-2)).get_trace(x)
+
+
+def test_a_finite_observed_value_is_summed_once_until_changed_in_place(monkeypatch):
+    """The same data tensor, unmodified, is not summed again by the next check (fit's prior
+    trace, then its first E-step, then the next fit); changed in place it is checked again
+    and refused with the same message as a new tensor."""
+    from pyro_emvae import fit
+    from pyro_emvae.errors import ModelInputError
+
+    model, (x,) = _gmm("diag")
+    x = x.clone()
+    sums = []
+    real = validate._finite_sum
+    monkeypatch.setattr(validate, "_finite_sum", lambda t: sums.append(t) or real(t))
+    pyro.clear_param_store()
+    fit(model, ExactEStep(model), x, max_iter=2, tol=0)
+    assert sum(t is x for t in sums) == 1
+    sums.clear()
+    pyro.clear_param_store()
+    fit(model, ExactEStep(model), x, max_iter=2, tol=0)
+    assert not any(t is x for t in sums)
+    x[3, 1] = float("nan")
+    messages = []
+    for data in (x, x.clone()):
+        pyro.clear_param_store()
+        with pytest.raises(ModelInputError, match="1 NaN value") as e:
+            fit(model, ExactEStep(model), data, max_iter=2, tol=0)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
+
+
+def test_the_update_reads_the_log_likelihood_again_if_it_changed():
+    """InMemory's update record is evaluate's read of the same log-likelihood tensor; an
+    M-step that changes it in place is read again."""
+    from pyro_emvae.loop import InMemory, Rollback
+
+    model, args = _gmm("diag")
+    pyro.clear_param_store()
+    guide = ExactEStep(model)
+
+    def mstep(guide, post, args, kwargs):
+        post.log_likelihood.add_(1.0)
+        return {}
+
+    step = InMemory(guide, mstep, args, {}, [])
+    value, post = step.evaluate(Rollback([], False), 0)
+    assert value == float(post.log_likelihood)
+    tick = step.update(post, 0, Rollback([], False))
+    assert tick.value == value + 1.0
+    value, post = step.evaluate(Rollback([], False), 1)
+    assert step.update(post, 1, Rollback([], False)).value == value + 1.0
+    step2 = InMemory(guide, lambda *a: {}, args, {}, [])
+    value, post = step2.evaluate(Rollback([], False), 0)
+    assert step2.update(post, 0, Rollback([], False)).value == value
