@@ -235,7 +235,8 @@ def _cancelled(raw: torch.Tensor, centred: torch.Tensor) -> list[int]:
     the digits: ~4 of float64's 16; e.g. a collapsing component): summed again about their
     own loc by the caller."""
     bad = raw > _cancel_ratio(raw.dtype) * centred.abs()
-    return bad.any(-1).nonzero().flatten().tolist() if bool(bad.any()) else []
+    # (tolist(): the bool without an aten op)
+    return bad.any(-1).nonzero().flatten().tolist() if bad.any().tolist() else []
 
 
 def _chunks(n: int):

@@ -474,7 +474,12 @@ class EMOptim:
     # ---------------------------------------------------------------- the step
     def _objective(self, plan: Plan, log_likelihood: float) -> float:
         """What EM never lowers: log p(x), plus the Dirichlet log-prior under MAP-EM."""
-        value = float(log_likelihood)
+        # (tolist(): the number without an aten op; the same double as float())
+        value = (
+            float(log_likelihood.tolist())
+            if isinstance(log_likelihood, torch.Tensor) and log_likelihood.dim() == 0
+            else float(log_likelihood)
+        )
         if self.dirichlet != 1.0:
             store = pyro.get_param_store()
             for name in plan.closed_form:

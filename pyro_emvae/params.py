@@ -203,7 +203,8 @@ def write(values: dict[str, torch.Tensor]) -> None:
             # (a finite sum means every element is finite: nan and ±inf propagate through a
             # sum; two ops and one sync where isfinite().all() is six; the exact test runs
             # only when the sum is not finite, which a huge but finite value can also cause)
-            if not math.isfinite(new.sum()) and not torch.isfinite(new).all():
+            # (tolist(): the number without an aten op)
+            if not math.isfinite(new.sum().tolist()) and not torch.isfinite(new).all():
                 raise FloatingPointError(
                     f"the closed-form update of param '{name}' is not finite: {value}"
                 )

@@ -423,7 +423,8 @@ class MStepContext:
         if n is None or d is None:
             return None
         ok = d > 0
-        if _FAST_PATHS and d.numel() and bool(ok.all()):
+        # (tolist(): the bool without an aten op)
+        if _FAST_PATHS and d.numel() and ok.all().tolist():
             # (the usual case, in one test: no element is empty and every one moves; the
             # same values as the general path below, which would overwrite all of current)
             self.current = _elementwise(self, ok, n, d, every=True).to(self._dtype())
@@ -830,9 +831,9 @@ class _Counts(Rule):
             marked = _marked(ctx, "rowmark", last, "rows")
             if marked is None:
                 rows = rowmark.reshape(-1, last).any(-1)
-                fast = bool((rows & (total.squeeze(-1) > 0)).all())
+                fast = (rows & (total.squeeze(-1) > 0)).all().tolist()
             else:
-                fast = marked and bool((total > 0).all())
+                fast = marked and (total > 0).all().tolist()
         if _FAST_PATHS and fast:
             # (the usual case, in one test: every row reached, none empty; the general path
             # below gives the same values, with a test and an index per step)
@@ -1153,7 +1154,7 @@ def _covariances_every(ctx: MStepContext):
         chol, info = torch.linalg.cholesky_ex(cov)
         if kind != "covariance_matrix":  # (a covariance itself is kept as the general path does)
             ok &= info == 0
-    if not bool(ok.all()):
+    if not ok.all().tolist():  # (tolist(): the bool without an aten op)
         return None
     if ctx.reg_covar > 0:
         # (n: a view of the statistics, which online EM updates in place, unless transient)
