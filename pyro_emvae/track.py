@@ -55,12 +55,13 @@ _CHECKS = {
 _OPAQUE: set | None = None  # while probing: params used by an op no rule can see through
 
 
-# (torch.Tensor's own shape reads, for Tracked's: see Tracked.shape)
-_BASE_SHAPE = torch._C.TensorBase.shape.__get__
-_BASE_DTYPE = torch._C.TensorBase.dtype.__get__
-_BASE_DEVICE = torch._C.TensorBase.device.__get__
-_BASE_DIM = torch._C.TensorBase.dim
-_BASE_SIZE = torch._C.TensorBase.size
+# (torch.Tensor's own shape reads, for Tracked's: see Tracked.shape; read from the public
+# class, whose attributes these are, before Tracked overrides them)
+_BASE_SHAPE = torch.Tensor.shape.__get__
+_BASE_DTYPE = torch.Tensor.dtype.__get__
+_BASE_DEVICE = torch.Tensor.device.__get__
+_BASE_DIM = torch.Tensor.dim
+_BASE_SIZE = torch.Tensor.size
 
 
 class Tracked(torch.Tensor):
