@@ -1384,6 +1384,10 @@ class ExactEStep:
         torch.Size([3, 2])
     """
 
+    # whether posterior may reuse what it kept of the data's values from the last call: only
+    # between the E-steps of one fit's loop, which sets it (see posterior)
+    _keep_data = False
+
     def __init__(self, model: Callable, *, max_plate_nesting: int | None = None) -> None:
         self.model = _ExactViewModel(model)  # masks as TraceEnum_ELBO reads them; obs_mask
         self.user_model = model
@@ -1768,6 +1772,14 @@ class ExactEStep:
         at this q. ``potentials`` replaces observed sites' log-likelihoods (see ``_enum_trace``);
         the initializations of :func:`~pyro_emvae.fit.fit` use it.
         """
+        if not self._keep_data:
+            # what is kept of the data's values (checked finite and in support, centred rows)
+            # is keyed on the tensors and their in-place versions, which a write through a
+            # numpy alias does not move: kept only between the E-steps of one fit's loop
+            # (which sets _keep_data), read again at any other call
+            _kernels.forget_data()
+            _validate.forget_data()
+            self._validation.forget_values()
         if param_grads:
             with poutine.trace(param_only=True) as pcap:
                 tr = self._enum_trace(args, kwargs, potentials=potentials)

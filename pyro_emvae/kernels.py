@@ -168,6 +168,18 @@ def _centred_rows(value: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, t
     return xa, centre
 
 
+def forget_data() -> None:
+    """Drop what the kernels keep of data values between calls (the centred rows of
+    ``_SLOT`` and ``_STEADY_ROWS``, the support checks of ``_CHECKED``). They are keyed on the
+    value tensor and its in-place version, which a write through another alias (a numpy
+    array sharing the memory, ``.data``) does not move: kept for the iterations of one fit
+    only (``ExactEStep.posterior``), so that data changed between fits or between direct
+    calls are read again."""
+    _SLOT[0] = None
+    _STEADY_ROWS[0] = None
+    _CHECKED.clear()
+
+
 def _row_spread(value: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """:func:`_centred_rows` and the largest ``|x - c|`` entry (0 for no rows), kept with them."""
     xa, centre = _centred_rows(value, x)

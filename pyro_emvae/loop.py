@@ -624,7 +624,13 @@ class InMemory(_Exact):
         """The E-step (data-parallel: its log-likelihood summed over the ranks)."""
 
         def estep() -> Posterior:
-            post = self.guide.posterior(*self.args, param_grads=self.wants_grads, **self.kwargs)
+            # (the same data at every iteration of this fit: what the E-step keeps of their
+            # values is reused; fit forgets it when it starts, see ExactEStep.posterior)
+            self.guide._keep_data = True
+            try:
+                post = self.guide.posterior(*self.args, param_grads=self.wants_grads, **self.kwargs)
+            finally:
+                self.guide._keep_data = False
             dp.all_reduce_([post.log_likelihood])
             return post
 

@@ -643,6 +643,12 @@ def _real_support(fn) -> bool:
 _FINITE_VALUES: dict[int, tuple] = {}
 
 
+def forget_data() -> None:
+    """Forget which data values were found finite (see :func:`pyro_emvae.kernels.forget_data`:
+    a write through a numpy alias does not move a tensor's version)."""
+    _FINITE_VALUES.clear()
+
+
 def _known_finite(value: torch.Tensor) -> bool:
     hit = _FINITE_VALUES.get(id(value))
     return hit is not None and hit[0]() is value and hit[1] == _compat.tensor_version(value)
@@ -1772,6 +1778,11 @@ class ValidationState:
     def remember(self, key: list, shapes: Any) -> None:
         self._key = key
         self._shapes = shapes
+
+    def forget_values(self) -> None:
+        """Check the arguments' values again at the next call (their shapes, which the
+        structure check follows, stay known)."""
+        self._key = None
 
     def same_shapes(self, shapes: Any) -> bool:
         return self._shapes is not None and self._shapes == shapes

@@ -407,3 +407,83 @@ def test_float32_data_with_float64_params_fits_as_its_float64_copy(fast, monkeyp
             runs[0].params[name], runs[1].params[name], rtol=1e-9, atol=1e-10
         )
     assert runs[0].history["log_likelihood"] == pytest.approx(runs[1].history["log_likelihood"])
+
+
+# ---------------------------------------------------------------- data written through numpy
+# What the E-step keeps of the data's values between calls (centred rows, finiteness and
+# support checks) and a plan probed on them were keyed on the tensor and its in-place version.
+# A write through a numpy array sharing the tensor's memory moves no version: a second fit on
+# the same tensor after `arr *= 1.5` gave log p(x) = -1718.2 where a fit on a copy of the same
+# values gives -1350.8, with no warning, and a NaN written so slipped past the input checks.
+# Kept now only between the E-steps of one fit's loop.
+
+
+_NUMPY_FIT: dict = {}
+
+
+def _numpy_gmm_fit(data):
+    """The same model, guide and EMOptim at every call (what a second fit may reuse)."""
+    from models.gmm import init_params, make_gmm_model
+
+    pyro.clear_param_store()
+    if not _NUMPY_FIT:
+        init = init_params(torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(10, 1), 2, "full", seed=1)
+        model = make_gmm_model(2, "full", init=init)
+        _NUMPY_FIT.update(model=model, guide=ExactEStep(model), optim=EMOptim(reg_covar=1e-6))
+    model, guide, optim = _NUMPY_FIT["model"], _NUMPY_FIT["guide"], _NUMPY_FIT["optim"]
+    return fit(model, guide, data, optim=optim, max_iter=20, tol=0, progress=False)
+
+
+def test_a_fit_after_the_data_changed_through_numpy_reads_the_new_values():
+    np = pytest.importorskip("numpy")
+    from models.gmm import sample_gmm
+
+    data, _ = sample_gmm(300, 2, 2, seed=4)
+    arr = data.numpy().copy()
+    x = torch.from_numpy(arr)
+    _numpy_gmm_fit(x)
+    arr *= 1.5
+    arr += 3.0
+    assert x._version == 0  # (torch sees no write: what the caches were keyed on)
+    again = _numpy_gmm_fit(x)
+    fresh = _numpy_gmm_fit(torch.from_numpy(np.array(arr)))
+    assert again.history["log_likelihood"] == fresh.history["log_likelihood"]
+    for k in fresh.params:
+        assert torch.equal(again.params[k], fresh.params[k]), k
+
+
+def test_a_nan_written_through_numpy_is_named_by_the_input_checks():
+    from models.gmm import sample_gmm
+    from pyro_emvae.errors import ModelInputError
+
+    data, _ = sample_gmm(100, 2, 2, seed=5)
+    arr = data.numpy().copy()
+    x = torch.from_numpy(arr)
+    _numpy_gmm_fit(x)
+    arr[7, 1] = float("nan")
+    with pytest.raises(ModelInputError, match=r"1 NaN value.*\(7, 1\)"):
+        _numpy_gmm_fit(x)
+
+
+def test_direct_posterior_calls_read_data_changed_through_numpy():
+    """Outside a fit every call reads the data afresh: a finite change gives the posterior
+    of the new values (the fused Gaussian kernel's centred rows were kept), a NaN is named."""
+    np = pytest.importorskip("numpy")
+    from models.gmm import init_params, make_gmm_model, sample_gmm
+    from pyro_emvae.errors import ModelInputError
+
+    data, _ = sample_gmm(120, 2, 2, seed=6)
+    arr = data.numpy().copy()
+    x = torch.from_numpy(arr)
+    pyro.clear_param_store()
+    model = make_gmm_model(2, "full", init=init_params(data, 2, "full", seed=1))
+    guide = ExactEStep(model)
+    guide.posterior(x)
+    arr *= 1.5
+    arr += 3.0
+    a, b = guide.posterior(x), guide.posterior(torch.from_numpy(np.array(arr)))
+    assert torch.equal(a.log_likelihood, b.log_likelihood)
+    assert torch.equal(a.marginals["z"], b.marginals["z"])
+    arr[4, 0] = float("nan")
+    with pytest.raises(ModelInputError, match=r"1 NaN value.*\(4, 0\)"):
+        guide.posterior(x)
