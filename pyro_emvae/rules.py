@@ -1132,17 +1132,10 @@ def _covariances_every(ctx: MStepContext):
     """The usual case of :func:`_covariances` in one test: every matrix reached, with mass,
     and (where a factor is kept) positive definite. The same values and deferred costs as
     the general path, which makes them again where this test fails (None)."""
-    matmark = ctx.stat("matmark")
-    if matmark is None or not matmark.numel():
+    found = _cov_stats(ctx)
+    if found is None:
         return None
-    d = ctx.shape[-1]
-    num = ctx.stat("cov_num").reshape(-1, d, d)
-    den = ctx.stat("cov_den")[:: d * d]
-    sl = ctx.slice
-    kind = next(
-        (k for i, k in ctx.stats.forms.items() if sl.start <= i < sl.stop and k != "simplex"),
-        "scale_tril",
-    )
+    matmark, d, num, den, kind = found
     ml = 0.5 * (num + num.mT) / den.view(-1, 1, 1)
     cov = ml + _scaled_eye(d, ctx.reg_covar, num.dtype, num.device)
     marked = _marked(ctx, "matmark", d * d, "matrices")  # (known once per plan, or None)
@@ -1165,6 +1158,24 @@ def _covariances_every(ctx: MStepContext):
     new = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
     # ((M, D, D): EMOptim reshapes it to the param's shape, a view, not a copy)
     return new.to(ctx._dtype())
+
+
+def _cov_stats(ctx: MStepContext) -> tuple | None:
+    """``(matmark, D, num (M, D, D), den (M,), kind)`` of a covariance param's statistics
+    (``den``: entry (0, 0) of each matrix, every D*D-th, one strided view; ``kind``: the
+    matrix the param is, from the forms its sites recorded), None where no site reached it."""
+    matmark = ctx.stat("matmark")
+    if matmark is None or not matmark.numel():
+        return None
+    d = ctx.shape[-1]
+    num = ctx.stat("cov_num").reshape(-1, d, d)
+    den = ctx.stat("cov_den")[:: d * d]
+    sl = ctx.slice
+    kind = next(
+        (k for i, k in ctx.stats.forms.items() if sl.start <= i < sl.stop and k != "simplex"),
+        "scale_tril",
+    )
+    return matmark, d, num, den, kind
 
 
 def _marked(ctx: MStepContext, kind: str, width: int, what: str) -> bool | None:
@@ -1198,22 +1209,14 @@ def _reg_cost_later(ml: torch.Tensor, chol, n: torch.Tensor) -> list[float]:
 def _covariances_general(ctx: MStepContext):
     """:func:`_covariances`, every case: matrices not reached or without mass are kept (with a
     warning), a singular covariance raises."""
-    matmark = ctx.stat("matmark")
-    if matmark is None or not matmark.numel():
+    found = _cov_stats(ctx)
+    if found is None:
         return None
-    d = ctx.shape[-1]
-    num = ctx.stat("cov_num").reshape(-1, d, d)
-    # (entry (0, 0) of each matrix: every d*d-th, one strided view)
-    den = ctx.stat("cov_den")[:: d * d]
+    matmark, d, num, den, kind = found
     used = matmark[:: d * d] > 0
-    sl = ctx.slice
-    kind = next(
-        (k for i, k in ctx.stats.forms.items() if sl.start <= i < sl.stop and k != "simplex"),
-        "scale_tril",
-    )
-    # (the usual case, in one test: every matrix reached and with mass; a nan mass takes the
-    # general path, which keeps it as the original test did)
-    fast = every = _FAST_PATHS and bool((used & (den > 0)).all())
+    # (every matrix reached and with mass: all of current is overwritten; a nan mass is kept,
+    # with a warning, below)
+    every = bool((used & (den > 0)).all())
     if every:
         rows = list(range(len(den)))
     else:
@@ -1244,7 +1247,7 @@ def _covariances_general(ctx: MStepContext):
     elif kind != "covariance_matrix":
         chol, info = torch.linalg.cholesky_ex(cov)
     if kind == "covariance_matrix":
-        if fast:  # (all of current would be overwritten)
+        if every:  # (all of current is overwritten)
             return cov.to(ctx._dtype()).reshape(-1)
         cur = ctx.current.reshape(-1, d, d)
         cur[at] = cov
@@ -1257,7 +1260,7 @@ def _covariances_general(ctx: MStepContext):
             f"{ctx.reg_covar})"
         )
     new = chol if kind == "scale_tril" else torch.cholesky_inverse(chol)
-    if fast:  # ((M, D, D): EMOptim reshapes it to the param's shape, a view, not a copy)
+    if every:  # ((M, D, D): EMOptim reshapes it to the param's shape, a view, not a copy)
         return new.to(ctx._dtype())
     cur = ctx.current.reshape(-1, d, d)
     cur[at] = new
