@@ -1395,6 +1395,16 @@ class ExactEStep:
         # which arguments the input checks (pyro_emvae.validate) have passed for
         self._validation = _validate.ValidationState()
 
+    def forget_data(self) -> None:
+        """Read the data's values afresh at the next call. What is kept of them (checked
+        finite and in support, the Gaussian kernels' centred rows) is keyed on the tensors and
+        their in-place versions, which a write through a numpy alias does not move: kept only
+        between the E-steps of one fit's loop (which sets ``_keep_data``; ``fit`` calls this
+        when it starts), forgotten at any other call."""
+        _kernels.forget_data()
+        _validate.forget_data()
+        self._validation.forget_values()
+
     def __getstate__(self) -> dict:  # (the cached handlers of _enum_trace are not state)
         state = dict(self.__dict__)
         state.pop("_tracer", None)
@@ -1773,13 +1783,7 @@ class ExactEStep:
         the initializations of :func:`~pyro_emvae.fit.fit` use it.
         """
         if not self._keep_data:
-            # what is kept of the data's values (checked finite and in support, centred rows)
-            # is keyed on the tensors and their in-place versions, which a write through a
-            # numpy alias does not move: kept only between the E-steps of one fit's loop
-            # (which sets _keep_data), read again at any other call
-            _kernels.forget_data()
-            _validate.forget_data()
-            self._validation.forget_values()
+            self.forget_data()
         if param_grads:
             with poutine.trace(param_only=True) as pcap:
                 tr = self._enum_trace(args, kwargs, potentials=potentials)

@@ -36,9 +36,7 @@ from pyro.poutine.util import prune_subsample_sites
 
 from pyro_emvae import _compat
 from pyro_emvae import distributed as dp
-from pyro_emvae import kernels as _kernels
 from pyro_emvae import params as _params
-from pyro_emvae import validate as _validate
 from pyro_emvae.amortized import preserved_rng
 from pyro_emvae.checkpoint import Checkpoint, StreamDigest, check_storable, data_digest
 from pyro_emvae.elbo import KLControlledELBO
@@ -518,9 +516,7 @@ def fit(
         # data changed since an earlier fit or call through an alias torch does not see (a
         # numpy array sharing their memory) are read again: what the E-step keeps of their
         # values, and a plan probed on them (its trace holds values computed from them)
-        _kernels.forget_data()
-        _validate.forget_data()
-        guide._validation.forget_values()
+        guide.forget_data()
         if isinstance(mstep, EMOptim):
             mstep._plan_key = None
         # (with EMOptim in memory, the first E-step's structure check probes the model for
