@@ -57,7 +57,6 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.poutine.messenger import Messenger
 
-from pyro_emvae import _compat
 from pyro_emvae import distributed as dp
 from pyro_emvae import params as _params
 from pyro_emvae.amortized import rng_state, set_rng
@@ -73,7 +72,7 @@ from pyro_emvae.elbo import KLControlledELBO
 from pyro_emvae.errors import ConvergenceWarning
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
-from pyro_emvae.params import constrained, restore, snapshot  # noqa: F401 (imported from here)
+from pyro_emvae.params import constrained, restore, snapshot
 from pyro_emvae.result import FitResult
 from pyro_emvae.stream import Batches
 
@@ -129,24 +128,15 @@ class Options:
 
 
 # ------------------------------------------------------------------ rollback
-def _copies(names: list[str]) -> dict[str, torch.Tensor]:
-    """:func:`~pyro_emvae.params.snapshot` of ``names`` (the same bits: copies of the store's
-    unconstrained leaves, out of autograd), one op per param where ``detach().clone()`` is
-    two: the loop takes it at every iteration."""
-    leaves = pyro.get_param_store().named_parameters().mapping
-    with torch.no_grad():
-        return {n: leaves[n].clone() for n in names if n in leaves}
-
-
 class Rollback:
     """The params of the last good iteration, and the guards that go back to them."""
 
     def __init__(self, names: list[str], keep: bool) -> None:
         self.names = names
-        self.snap: dict[str, torch.Tensor] = _copies(names) if keep else {}
+        self.snap: dict[str, torch.Tensor] = snapshot(names) if keep else {}
 
     def take(self) -> None:
-        self.snap = _copies(self.names)
+        self.snap = snapshot(self.names)
 
     def restore(self) -> None:
         restore(self.snap)
@@ -635,21 +625,11 @@ class InMemory(_Exact):
             return post
 
         post = rb.guard(estep, n_done)
-        value = float(post.log_likelihood)
-        # (the update's record is this value again: kept with the tensor it was read from and
-        # its version, so that the update reads it without another scalar read)
-        self._read = (post.log_likelihood, _compat.tensor_version(post.log_likelihood), value)
-        return value, post
+        return float(post.log_likelihood), post
 
     def update(self, post: Posterior, ticks: int, rb: Rollback) -> Tick:
         info = dict(self.optimizer(self.guide, post, self.args, self.kwargs) or {})
-        read, self._read = getattr(self, "_read", None), None
-        ll = post.log_likelihood
-        if read is not None and read[0] is ll and read[1] == _compat.tensor_version(ll):
-            value = read[2]  # (the same tensor, unchanged since evaluate read it)
-        else:
-            value = float(ll)
-        return Tick(value, info, report={"posterior": post})
+        return Tick(float(post.log_likelihood), info, report={"posterior": post})
 
     def final(self, rb: Rollback, ticks: int) -> float:
         return self.evaluate(rb, ticks)[0]

@@ -87,7 +87,10 @@ def leaf(name: str) -> torch.Tensor:
 def snapshot(names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Detached copies of the unconstrained values :math:`u` of the named params in the store
     (every param when ``names`` is None): what :func:`restore` puts back exactly."""
-    return {n: u.detach().clone() for n, u in unconstrained(names).items()}
+    # (a clone under no_grad: the same bits as detach().clone(), one op per param where that is
+    # two: the loop takes one at every iteration)
+    with torch.no_grad():
+        return {n: u.clone() for n, u in unconstrained(names).items()}
 
 
 def restore(snap: dict[str, torch.Tensor]) -> None:

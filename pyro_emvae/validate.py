@@ -638,8 +638,9 @@ def _real_support(fn) -> bool:
 
 
 # observed values found finite: id -> (weak reference, in-place version). fit's checks of its
-# prior trace and its first E-step's checks of the enumerated trace read the same data tensor
-# (as do the fits of a benchmark on one dataset): the same tensor, unmodified, is finite again
+# prior trace and its first E-step's checks of the enumerated trace read the same data tensor:
+# the same tensor, unmodified, is finite again (forgotten when a fit starts and at any E-step
+# outside a fit's loop: ExactEStep.forget_data)
 _FINITE_VALUES: dict[int, tuple] = {}
 
 
