@@ -976,9 +976,17 @@ def _outer_steady(weight, value, loc, param_batch):
     prep = hit[1]
     if prep is None or weight.requires_grad or loc.requires_grad or value.requires_grad:
         return None
-    m, d_ = prep.m, prep.d
     wfull = _view_of(weight, prep.w_view)  # (M, N)
     mu = _view_of(loc, prep.loc_view)  # (M, D)
+    s, den = outer_rows(wfull, _view_of(weight, prep.wt_view), value, mu)
+    big = prep.big
+    return den.reshape(big), s.reshape(big + [prep.d, prep.d])
+
+
+def steady_rows(value: torch.Tensor) -> tuple:
+    """``(y, y^T, y unsqueezed (N, 1, D), c)``: the data's rows centred at their mean row
+    ``c`` (the E-step's copy, :func:`_centred_rows`) and the views of them the scatter reads,
+    kept with them (one slot, emptied when the data are freed)."""
     xa, centre = _centred_rows(value, value)
     rows = _STEADY_ROWS[0]
     if rows is None or rows[0] is not xa:
@@ -990,15 +998,36 @@ def _outer_steady(weight, value, loc, param_batch):
         rows = (xa, y, y.T, y.unsqueeze(1), ref)
         if ref is not None:
             _STEADY_ROWS[0] = rows
-    _, y, yt, yu, _ = rows
+    return rows[1], rows[2], rows[3], centre
+
+
+def outer_rows(wfull, wt, value, mu, den=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:math:`S_m = \\sum_n w_{mn} (x_n - \\mu_m)(x_n - \\mu_m)^\\top` ``(M, D, D)`` and
+    :math:`W_m = \\sum_n w_{mn}` ``(M,)`` of one chunk of whole rows (``value`` ``(N, D)``,
+    ``N <= CHUNK``), from ``wfull`` ``(M, N)``, the same weights viewed ``(N, M, 1)`` (``wt``)
+    and the locs ``mu`` ``(M, D)``, all of one dtype, without grad: the general path's ops
+    (uncentred GEMM sums about the data's mean row, then the correction to each loc, rows that
+    lost digits summed again about their loc). ``den``: ``wfull.sum(1)`` computed already (the
+    same op on the same tensor: the same bits).
+
+    Example::
+
+        >>> w, x, mu = torch.rand(2, 5).double(), torch.randn(5, 3).double(), torch.zeros(2, 3)
+        >>> s, n = outer_rows(w, w.T.unsqueeze(-1), x, mu.double())
+        >>> torch.allclose(s[0], (w[0, :, None] * x).T @ x)
+        True
+    """
+    m, d_ = mu.shape
+    y, yt, yu, centre = steady_rows(value)
     n_rows = y.shape[0]
     nu = mu - centre
     s1 = torch.addmm(_zeros((m, d_), wfull.dtype, wfull.device), wfull, y)
     # (the same products as the general path's, which writes them into a new (N, M, D)
     # buffer; a copy only where the product's own layout is not that one)
-    wy = torch.mul(_view_of(weight, prep.wt_view), yu).reshape(n_rows, m * d_)
+    wy = torch.mul(wt, yu).reshape(n_rows, m * d_)
     s2 = torch.addmm(_zeros((d_, m * d_), wfull.dtype, wfull.device), yt, wy)
-    den = wfull.sum(1)
+    if den is None:
+        den = wfull.sum(1)
     nu_row = nu.unsqueeze(-2)
     cross = s1.unsqueeze(-1) * nu_row  # (M, D, D)
     # (s2 (D, M D) read as (M, D, D): the general path's view and transpose, in one op)
@@ -1009,8 +1038,7 @@ def _outer_steady(weight, value, loc, param_batch):
         s[i] = 0.0
         diff = value - mu[i]
         s[i] += (wfull[i].unsqueeze(-1) * diff).T @ diff
-    big = prep.big
-    return den.reshape(big), s.reshape(big + [d_, d_])
+    return s, den
 
 
 def _prepare_steady(weight, value, loc, param_batch):

@@ -10,6 +10,7 @@ attribute ``needs_param_grads = True`` receives ``posterior.param_grads`` (the g
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -17,28 +18,36 @@ from typing import Any
 
 import pyro
 import torch
-from pyro.distributions import DiscreteHMM, MultivariateNormal
+from pyro.distributions import Categorical, DiscreteHMM, MultivariateNormal
 from pyro.optim import PyroOptim
 from torch.distributions import constraints
 
 from pyro_emvae import _compat
 from pyro_emvae import distributed as dp
+from pyro_emvae import kernels as _kernels
 from pyro_emvae import params as _params
+from pyro_emvae import rules as _rules
 from pyro_emvae import track as _track
 from pyro_emvae._compat import Subsample, packed
 from pyro_emvae.checkpoint import load_optim_state
 from pyro_emvae.errors import ClosedFormWarning
 from pyro_emvae.estep import ExactEStep, Posterior, is_implicit
+from pyro_emvae.kernels import CHUNK, outer_rows
 from pyro_emvae.plan import Plan, PlanKey, same_rows
 from pyro_emvae.rules import (
     MAXIMIZERS,
     MStepContext,
     Stats,
+    _clamp_cost,
     _compact,
+    _reg_cost_later,
     _tracked,
+    _unbounded,
     allowance_parts,
     constraint_problem,
     leaves,
+    probability_rows,
+    regularized_covariances,
     roles_of,
     rows_aligned,
     sum_allowance,
@@ -627,12 +636,31 @@ class EMOptim:
             )
         return info
 
+    def _plain(self) -> bool:
+        """Whether this M-step's statistics and maximizers are the built-in ones, summed on one
+        process (a subclass's own summarize or maximize, a rule registered over a built-in one,
+        the general paths asked for by the tests, or a data-parallel run: the general path)."""
+        cls = type(self)
+        return (
+            cls.summarize is EMOptim.summarize
+            and cls.maximize is EMOptim.maximize
+            and _rules._FAST_PATHS
+            and _kernels._STEADY_SCATTER
+            and _rules.builtin_mixture_rules()
+            and not dp.active()
+        )
+
     def _closed_form(self, plan: Plan, posterior: Posterior, checked: bool = False) -> None:
         """Both stages of the closed-form update from one posterior (data-parallel: from the
         statistics summed over the ranks)."""
         # (both stages read the same weights; __call__'s plan has just checked the rows)
         sites = self._sites(plan, posterior, checked=checked)
-        for stage in (0, 1):
+        done = 0  # (the stages the mixture recipe made)
+        if _MIXTURE and self._plain():
+            recipe = _mixture_recipe(plan)
+            if recipe is not None:
+                done = recipe.run(self, plan, sites)
+        for stage in (0, 1)[done:]:
             stats = self.summarize(plan, posterior, stage, sites=sites)
             dp.all_reduce_stats(stats)
             # (nothing reads these statistics after the maximizers: they need not copy what
@@ -897,6 +925,188 @@ class OnlineEM(EMOptim):
             f"OnlineEM(kappa={self.kappa}, t0={self.t0}, reg_covar={self.reg_covar}, "
             f"dirichlet={self.dirichlet}, svi_steps={self.svi_steps})"
         )
+
+
+# ---------------------------------------------------------------- a mixture's M-step
+# EMOptim's recipe for a one-latent mixture of full-covariance Gaussians; False: the general
+# path only (the tests compare the two bit for bit)
+_MIXTURE = True
+
+
+class _Mixture:
+    """The closed-form M-step of a one-latent mixture of full-covariance Gaussians: mixture
+    weights ``P`` (K,) read by ``z ~ Categorical(P)``, locs ``L`` (K, D) and Cholesky factors
+    ``S`` (K, D, D) read at ``z`` by ``x ~ MultivariateNormal(L[z], scale_tril=S[z])`` over
+    one plate of N <= ``kernels.CHUNK`` rows (the batch shape ``(K, 1, ..., 1, N)``: the
+    enumerated dim, any unused dims, the plate); no mask, no scale, one dtype, no gradient
+    param.
+    With the weights ``W`` (K, N) and ``N_k = \\sum_n W_{kn}``:
+    ``P = probability_rows(N)``, ``L = W X / N_k``, ``S = chol(sym(outer_rows(W, X, L)) / N_k +
+    reg I)``, straight from the posterior's weights in the params' own layout. These are the
+    general path's ops on the same tensors (its statistics are these sums scattered into
+    zeros by ``index_add``: the same values, a ``-0.0`` made ``+0.0``, which the recipe does
+    with ``+ 0.0``), so the params, the allowance's parts and their order are the same bits;
+    its three statistics of ``W``'s sums over the plate (the counts, the locs' and the
+    covariances' weights) are one sum of the same view here. The usual case only, each stage
+    in one test (every component with mass; every covariance positive definite): a stage whose
+    test fails is made by the general path (stage 0's before anything is written), which then
+    warns or raises as it does.
+
+    Made once per plan (structure only: which params, their ids in their own layout, the
+    sites' shapes); ``None`` where the plan is anything else."""
+
+    __slots__ = ("batch", "d", "dtype", "k", "locs", "n", "probs", "stage0", "tril")
+
+    def __init__(self, batch, d, probs, locs, tril, order, dtype) -> None:
+        self.batch, self.k, self.n, self.d = batch, batch[0], batch[-1], d
+        self.probs, self.locs, self.tril = probs, locs, tril
+        self.stage0 = [p for p in order if p != tril]  # (the maximizers' order)
+        self.dtype = dtype
+
+    def run(self, opt: EMOptim, plan: Plan, sites: list) -> int:
+        """Make the stages the usual case allows (0, 1 or 2 of them), as the general path would:
+        the params written, the allowance's parts added in its order."""
+        (_, _, _, wz), (_, _, x, w) = sites
+        if not (
+            w.shape == self.batch
+            and (
+                wz is w
+                or (
+                    wz.shape == w.shape
+                    and wz.stride() == w.stride()
+                    and wz.data_ptr() == w.data_ptr()
+                )
+            )
+            and w.dtype == x.dtype == self.dtype
+            and not (w.requires_grad or x.requires_grad)
+            and all(_params.leaf(p).dtype == self.dtype for p in (self.probs, self.locs, self.tril))
+        ):
+            return 0
+        if w.dim() != 2:  # (a view: the one Stats.add and outer_scatter read)
+            w = w.reshape(self.k, self.n)
+        nk = w.sum(1)  # (the general path's three sums of W over the plate: the same op)
+        # (tolist(): the bool without an aten op)
+        if not (nk > 0).all().tolist():
+            return 0  # (an empty component, a nan: the general path warns, keeps, raises)
+        # stage 0: the weights (_Counts) and the locs (the weighted means, unbounded)
+        counts, _, exact, probs = probability_rows(nk, opt.dirichlet, opt.min_prob)
+        # (Stats.add's matrix product for the locs' sums; + 0.0: its index_add into zeros)
+        num = torch.bmm(w.unsqueeze(0), x.unsqueeze(0)).squeeze(0) + 0.0
+        new = {self.probs: probs, self.locs: num / nk.unsqueeze(-1)}
+        for name in self.stage0:
+            # (what each maximizer records: the clamp's deferred cost; a mean's 0.0)
+            opt._allowance.add(
+                [functools.partial(_clamp_cost, counts, exact, probs)]
+                if name == self.probs
+                else 0.0
+            )
+        _params.write({name: new[name] for name in self.stage0})
+        # stage 1: the Cholesky factors about the new locs (as the store holds them)
+        wt = w.as_strided((self.n, self.k, 1), (w.stride(1), w.stride(0), 1))  # (N, K, 1)
+        s, _ = outer_rows(w, wt, x, _params.value(self.locs), den=nk)
+        ml, cov = regularized_covariances(s + 0.0, nk, opt.reg_covar)
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if not (info == 0).all().tolist():
+            return 1  # (a singular covariance: the general path raises)
+        opt._allowance.add(
+            [functools.partial(_reg_cost_later, ml, chol, nk)] if opt.reg_covar > 0 else 0.0
+        )
+        _params.write({self.tril: chol})
+        return 2
+
+
+def _mixture_recipe(plan: Plan) -> _Mixture | None:
+    """The plan's :class:`_Mixture`, made once (held in its memo), or None."""
+    memo = plan.memo if plan.memo is not None else {}
+    hit = memo.get("_mixture")
+    if hit is not None and hit[0] is plan.trace:
+        return hit[1]
+    recipe = _make_mixture(plan)
+    memo["_mixture"] = (plan.trace, recipe)
+    return recipe
+
+
+def _identity_ids(ids: torch.Tensor, offset: int, shape: tuple) -> bool:
+    """Whether ``ids`` are ``offset + arange`` in the shape ``shape`` (a param read whole, in
+    its own layout)."""
+    n = math.prod(shape)
+    return tuple(ids.shape) == shape and torch.equal(
+        ids.reshape(-1) - offset, torch.arange(n, device=ids.device)
+    )
+
+
+def _make_mixture(plan: Plan) -> _Mixture | None:
+    """The :class:`_Mixture` of a plan that is exactly that model, else None (the general
+    path): every condition the recipe's shortcuts rest on is checked here (structure, read
+    once per plan) or at each run (the weights' geometry and dtypes)."""
+    if plan.gradient or len(plan.closed_form) != 3:
+        return None
+    layout = _site_layout(plan)
+    if len(layout) != 2:
+        return None
+    (_, zfn, zval, zdirect, zmask, zscale), (_, xfn, xval, xdirect, xmask, xscale) = layout
+    if (
+        type(zfn) is not Categorical
+        or type(xfn) is not MultivariateNormal
+        or zdirect
+        or xdirect
+        or any(m is not None for m in (zmask, xmask, zscale, xscale))
+    ):
+        return None
+    space, roles = plan.space, plan.roles
+    t = next(iter(_tracked(zfn, "probs", "logits", _compat.TORCH_PARAM_ATTR).values()), None)
+    loc = xfn.__dict__.get("loc")
+    mats = _tracked(xfn, _compat.MVN_SCALE_TRIL_ATTR, "covariance_matrix", "precision_matrix")
+    key, mat = next(iter(mats.items()), (None, None))
+    if (
+        t is None
+        or t.form not in ("normalized", "log")
+        or not isinstance(loc, Tracked)
+        or loc.form != "value"
+        or key != _compat.MVN_SCALE_TRIL_ATTR
+        or mat.form != "value"
+        or any(len(a.param_names) != 1 for a in (t, loc, mat))
+    ):
+        return None
+    probs, locs, tril = t.param, loc.param, mat.param
+    if (
+        {probs, locs, tril} != set(plan.closed_form)
+        or len({probs, locs, tril}) != 3
+        or (roles.get(probs), roles.get(locs), roles.get(tril))
+        != ("probs", "mvn_loc", "scale_tril")
+        or locs not in plan.plain_locs
+        or not _unbounded(_params.constraint_of(locs))
+    ):
+        return None
+    if xval.dim() != 2 or xval.requires_grad or xval.layout != torch.strided:
+        return None
+    n, d = xval.shape
+    k = space.shapes[probs][0] if len(space.shapes[probs]) == 1 else 0
+    batch = tuple(xfn.batch_shape)
+    # (the enumerated dim first, then unused dims of size 1, then the plate)
+    ones = (1,) * (len(batch) - 2)
+    if not (
+        0 < n <= CHUNK
+        and k > 0
+        and batch == (k, *ones, n)
+        and tuple(space.shapes[locs]) == (k, d)
+        and tuple(space.shapes[tril]) == (k, d, d)
+        and zval.shape == (k, *ones, 1)
+        and torch.equal(zval.reshape(-1), torch.arange(k, device=zval.device))
+        # (each component's row of every param at its own place: component j is row j)
+        and _identity_ids(_compact(t.ids.expand(t.shape)), space.offsets[probs], (1, k))
+        and _identity_ids(_compact(loc.ids), space.offsets[locs], (k, *ones, 1, d))
+        and _identity_ids(
+            _compact(mat.expand(xfn.batch_shape + mat.shape[-2:]).ids),
+            space.offsets[tril],
+            (k, *ones, 1, d, d),
+        )
+    ):
+        return None
+    dtype = xval.dtype
+    if not dtype.is_floating_point:
+        return None
+    return _Mixture(batch, d, probs, locs, tril, plan.closed_form, dtype)
 
 
 # (shape, strides, dims, their places) of a packed factor -> the geometry of its unpacked view

@@ -807,6 +807,43 @@ def _discrete_hmm(fn, value, weight, stats, stage, current) -> None:
 
 
 # ---------------------------------------------------------------- the built-in rules
+def probability_rows(counts: torch.Tensor, dirichlet: float, min_prob: float) -> tuple:
+    """``(counts, total, exact, probs)`` of probability rows (the last dim) from expected
+    counts: the counts with the Dirichlet's pseudo-counts, their row totals, the plain
+    maximizer ``counts / total`` and the regularized rows (clamped to
+    ``[min_prob, 1 - min_prob]``, normalized again). One copy of the formula: the counts rule
+    and EMOptim's mixture recipe both use it (the same ops, the same bits).
+
+    Example::
+
+        >>> probability_rows(torch.tensor([[1.0, 3.0]]), 1.0, 0.0)[3]
+        tensor([[0.2500, 0.7500]])
+    """
+    if dirichlet != 1.0:  # (+ 0.0 changes no count: a sum from +0.0 is never -0.0)
+        counts = counts + (dirichlet - 1.0)
+    total = counts.sum(-1, keepdim=True)
+    exact = counts / total.clamp_min(1e-300)
+    probs = exact.clamp(min_prob, 1 - min_prob)
+    probs = probs / probs.sum(-1, keepdim=True)
+    return counts, total, exact, probs
+
+
+def regularized_covariances(num: torch.Tensor, den: torch.Tensor, reg: float) -> tuple:
+    """``(ml, cov)``: the maximizers :math:`S = \\tfrac12 (N + N^T) / n` of scatter matrices
+    ``num`` ``(M, D, D)`` with weights ``den`` ``(M,)`` (symmetrized), and ``S + reg I``. One
+    copy of the formula (the covariance maximizers and EMOptim's mixture recipe).
+
+    Example::
+
+        >>> ml, cov = regularized_covariances(torch.eye(2)[None] * 4, torch.tensor([2.0]), 0.5)
+        >>> cov[0]
+        tensor([[2.5000, 0.0000],
+                [0.0000, 2.5000]])
+    """
+    ml = 0.5 * (num + num.mT) / den.view(-1, 1, 1)
+    return ml, ml + _scaled_eye(num.shape[-1], reg, num.dtype, num.device)
+
+
 class _Counts(Rule):
     """Probability rows from expected counts: :math:`p \\propto \\sum w\\,[x = k] + \\alpha - 1`
     (role ``"probs"``: Categorical, OneHotCategorical, Multinomial, a DiscreteHMM's
@@ -818,13 +855,9 @@ class _Counts(Rule):
         if rowmark is None or not rowmark.numel():
             return None
         last = ctx.shape[-1]
-        counts = ctx.stat("count").reshape(-1, last)
-        if ctx.dirichlet != 1.0:  # (+ 0.0 changes no count: a sum from +0.0 is never -0.0)
-            counts = counts + (ctx.dirichlet - 1.0)
-        total = counts.sum(-1, keepdim=True)
-        exact = counts / total.clamp_min(1e-300)
-        probs = exact.clamp(ctx.min_prob, 1 - ctx.min_prob)
-        probs = probs / probs.sum(-1, keepdim=True)
+        counts, total, exact, probs = probability_rows(
+            ctx.stat("count").reshape(-1, last), ctx.dirichlet, ctx.min_prob
+        )
         rows = None
         if _FAST_PATHS:
             # (every row marked, known once per plan where the marks are a constant's copy)
@@ -1136,8 +1169,7 @@ def _covariances_every(ctx: MStepContext):
     if found is None:
         return None
     matmark, d, num, den, kind = found
-    ml = 0.5 * (num + num.mT) / den.view(-1, 1, 1)
-    cov = ml + _scaled_eye(d, ctx.reg_covar, num.dtype, num.device)
+    ml, cov = regularized_covariances(num, den, ctx.reg_covar)
     marked = _marked(ctx, "matmark", d * d, "matrices")  # (known once per plan, or None)
     if marked is False:
         return None
@@ -1234,8 +1266,7 @@ def _covariances_general(ctx: MStepContext):
     # every matrix at once (batched LAPACK: the same per-matrix results as one by one)
     at = slice(None) if every else torch.tensor(rows, device=num.device)
     n, picked = (den, num) if every else (den[at], num[at])
-    ml = 0.5 * (picked + picked.mT) / n.view(-1, 1, 1)
-    cov = ml + _scaled_eye(d, ctx.reg_covar, num.dtype, num.device)
+    ml, cov = regularized_covariances(picked, n, ctx.reg_covar)
     if ctx.reg_covar > 0:
         # (the factors of both: the cost reads them, the update keeps C's; two calls, as
         # each matrix is factored on its own either way, and no concatenated copy)
@@ -1265,6 +1296,30 @@ def _covariances_general(ctx: MStepContext):
     cur = ctx.current.reshape(-1, d, d)
     cur[at] = new
     return cur.reshape(-1)
+
+
+# (the rules and maximizers of a Gaussian mixture's sites as registered here)
+_BUILTIN_MIXTURE = (
+    RULES[dist.Categorical],
+    RULES[dist.MultivariateNormal],
+    MAXIMIZERS["probs"],
+    MAXIMIZERS["mvn_loc"],
+    MAXIMIZERS["scale_tril"],
+)
+
+
+def builtin_mixture_rules() -> bool:
+    """Whether Categorical and MultivariateNormal sites (and the probs, mvn_loc and scale_tril
+    roles) are still handled by the rules registered here (EMOptim's mixture recipe makes their
+    updates; a rule registered over them takes it off)."""
+    now = (
+        RULES.get(dist.Categorical),
+        RULES.get(dist.MultivariateNormal),
+        MAXIMIZERS.get("probs"),
+        MAXIMIZERS.get("mvn_loc"),
+        MAXIMIZERS.get("scale_tril"),
+    )
+    return all(a is b for a, b in zip(now, _BUILTIN_MIXTURE, strict=True))
 
 
 # ---------------------------------------------------------------- linear locs (least squares)
