@@ -32,7 +32,7 @@ from pyro_emvae._compat import Subsample, packed
 from pyro_emvae.checkpoint import load_optim_state
 from pyro_emvae.errors import ClosedFormWarning
 from pyro_emvae.estep import ExactEStep, Posterior, is_implicit
-from pyro_emvae.kernels import CHUNK, outer_rows
+from pyro_emvae.kernels import outer_rows
 from pyro_emvae.plan import Plan, PlanKey, same_rows
 from pyro_emvae.rules import (
     MAXIMIZERS,
@@ -1086,7 +1086,7 @@ def _make_mixture(plan: Plan) -> _Mixture | None:
     # (the enumerated dim first, then unused dims of size 1, then the plate)
     ones = (1,) * (len(batch) - 2)
     if not (
-        0 < n <= CHUNK
+        0 < n <= _kernels.CHUNK
         and k > 0
         and batch == (k, *ones, n)
         and tuple(space.shapes[locs]) == (k, d)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -21,10 +22,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 from torch.distributions import constraints
 
 from models.gmm import gmm_model, init_params, sample_gmm
-from pyro_emvae import EMOptim, ExactEStep, rules, stats
+from pyro_emvae import EMOptim, ExactEStep, fit, rules, stats
+from pyro_emvae import distributed as dp
+from pyro_emvae import kernels as _kernels
 from pyro_emvae import optim as _optim
 from pyro_emvae import params as _params
 from pyro_emvae.rules import MStepContext
@@ -517,7 +521,8 @@ def test_a_steady_mstep_takes_few_ops():
 
     with Count():
         mstep(guide, post, (x,), {})
-    assert count[0] <= 119, count[0]  # (145 before the steady paths)
+    # (145 before the steady paths, 113 before EMOptim's mixture recipe; 72 now)
+    assert count[0] <= 75, count[0]
 
 
 def _three_msteps(model, data, fast: bool, **options):
@@ -602,3 +607,235 @@ def test_a_constants_copy_is_known_until_written_or_added_to():
     s.add("rowmark", ids, one)
     s.sums["rowmark"] = s.sums["rowmark"].clone()  # replaced
     assert s.constant_of("rowmark") is None
+
+
+# ---------------------------------------------------------------- the mixture recipe
+def _spy_recipe(monkeypatch) -> list:
+    """The stages each run of EMOptim's mixture recipe made (0, 1 or 2), in order."""
+    made: list = []
+    run = _optim._Mixture.run
+
+    def spy(self, *args):
+        made.append(run(self, *args))
+        return made[-1]
+
+    monkeypatch.setattr(_optim._Mixture, "run", spy)
+    return made
+
+
+def _fit_both(monkeypatch, model, data, **options):
+    """``fit`` with the mixture recipe and with the general path only: (params, history,
+    allowance, warnings) of each, and the stages the recipe made."""
+    made = _spy_recipe(monkeypatch)
+    out = []
+    for recipe in (True, False):
+        monkeypatch.setattr(_optim, "_MIXTURE", recipe)
+        pyro.clear_param_store()
+        optim = EMOptim(**options)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            result = fit(model, ExactEStep(model), data, optim=optim, max_iter=12, tol=0)
+        hist = result.history["log_likelihood"]
+        out.append((result.params, hist, optim.allowance, [str(w.message) for w in seen]))
+    return out, made
+
+
+def _assert_same(a, b) -> None:
+    assert a[0].keys() == b[0].keys() and a[0]
+    assert all(torch.equal(a[0][n], b[0][n]) for n in a[0])
+    assert a[1:] == b[1:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "options", [{}, {"reg_covar": 0.0}, {"reg_covar": 1e-2, "min_prob": 0.3, "dirichlet": 2.0}]
+)
+def test_the_mixture_recipe_gives_the_general_paths_bits(monkeypatch, dtype, options):
+    """A full-covariance GMM's M-steps by EMOptim's recipe equal the general path's bit for
+    bit: params, log-likelihoods, allowance (deferred costs included), warnings; in ``fit``
+    (the E-step's shared probe: an unused dim beside the enumerated one) and called directly."""
+    data, _ = sample_gmm(N=90, K=3, D=3, seed=4)
+    data = data.to(dtype)
+    init = {k: v.to(dtype) for k, v in init_params(data, 3, "full", seed=2).items()}
+
+    def model(x):
+        return gmm_model(x, 3, "full", init=init)
+
+    (fast, general), made = _fit_both(monkeypatch, model, data, **options)
+    assert made and set(made) == {2}  # (the recipe made every M-step of the first fit)
+    _assert_same(fast, general)
+    if options.get("reg_covar"):
+        assert fast[2] > 0  # (the costs were computed: the comparison is not of zeros)
+    made.clear()
+    direct = []
+    for recipe in (True, False):
+        monkeypatch.setattr(_optim, "_MIXTURE", recipe)
+        direct.append(_three_msteps(model, data, True, **options))
+    assert made == [2, 2, 2]
+    for (fv, fa, fw), (gv, ga, gw) in zip(*direct, strict=True):
+        assert all(torch.equal(fv[n], gv[n]) for n in fv) and fa == ga and fw == gw
+
+
+def test_the_mixture_recipe_leaves_an_empty_component_to_the_general_path(monkeypatch):
+    """A component with no mass: the recipe's one test fails before anything is written, and
+    the general path keeps it and warns, as it does alone."""
+    data, _ = sample_gmm(N=60, K=2, D=2, seed=1)
+    init = init_params(data, 3, "full", seed=1)
+    init["locs"] = torch.cat([init["locs"][:2], torch.full((1, 2), 1e3)])  # far from any point
+
+    def model(x):
+        return gmm_model(x, 3, "full", init=init)
+
+    (fast, general), made = _fit_both(monkeypatch, model, data)
+    assert 0 in made and any("no posterior mass" in w for w in fast[3])
+    _assert_same(fast, general)
+
+
+def test_the_mixture_recipe_leaves_a_singular_covariance_to_the_general_path(monkeypatch):
+    data = torch.arange(12.0).repeat(2, 1).T  # on a line
+    init = init_params(data, 2, "full", seed=1)
+
+    def model(x):
+        return gmm_model(x, 2, "full", init=init)
+
+    made = _spy_recipe(monkeypatch)
+    errors = []
+    for recipe in (True, False):
+        monkeypatch.setattr(_optim, "_MIXTURE", recipe)
+        with pytest.raises(torch.linalg.LinAlgError) as info:
+            _one_mstep(model, data, True, reg_covar=0.0)
+        errors.append((str(info.value), _params.constrained()))
+    assert made == [1]  # (stage 0 made, stage 1 left to the general path, which raised)
+    assert errors[0][0] == errors[1][0] and "singular" in errors[0][0]
+    # (the failed M-step rolled back: the same params either way)
+    assert all(torch.equal(errors[0][1][n], errors[1][1][n]) for n in errors[0][1])
+
+
+def _plan_of(model, data, **options):
+    pyro.clear_param_store()
+    guide, mstep = ExactEStep(model), EMOptim(**options)
+    post = guide.posterior(data)
+    return mstep.plan(guide, (data,), {}, post.subsample)
+
+
+def test_the_mixture_recipe_is_made_only_for_its_model():
+    """Anything else takes the general path: other covariances, a mask, a scale, a param
+    left to gradient steps, a constrained loc, a covariance matrix param, more rows than a
+    chunk."""
+    data, _ = sample_gmm(N=40, K=2, D=2, seed=0)
+    init = init_params(data, 2, "full", seed=1)
+
+    def gmm(x, kind="full", mask=None, scale=None, loc_constraint=constraints.real, cov=False):
+        w = pyro.param("weights", init["weights"], constraint=constraints.simplex)
+        mu = pyro.param("locs", init["locs"].abs(), constraint=loc_constraint)
+        tril = pyro.param("scale_tril", init["scale_tril"], constraint=constraints.lower_cholesky)
+        masked = poutine.mask(mask=mask) if mask is not None else contextlib.nullcontext()
+        scaled = poutine.scale(scale=scale) if scale is not None else contextlib.nullcontext()
+        with pyro.plate("data", len(x)), masked, scaled:
+            z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+            mat = {"covariance_matrix": tril[z]} if cov else {"scale_tril": tril[z]}
+            pyro.sample("x", dist.MultivariateNormal(mu[z], **mat), obs=x)
+
+    assert _optim._make_mixture(_plan_of(gmm, data)) is not None
+    others = [
+        lambda x: gmm(x, mask=torch.arange(len(x)) % 3 > 0),
+        lambda x: gmm(x, scale=2.0),
+        lambda x: gmm(x, loc_constraint=constraints.positive),
+        lambda x: gmm(x, cov=True),
+    ]
+    for model in others:
+        assert _optim._make_mixture(_plan_of(model, data)) is None
+    assert _optim._make_mixture(_plan_of(gmm, data, closed_form=["weights", "locs"])) is None
+    for kind in ("tied", "diag", "spherical"):
+
+        def other(x, kind=kind):
+            return gmm_model(x, 2, kind, init=init_params(data, 2, kind, seed=1))
+
+        assert _optim._make_mixture(_plan_of(other, data)) is None
+    old, _kernels.CHUNK = _kernels.CHUNK, 16
+    try:
+        assert _optim._make_mixture(_plan_of(gmm, data)) is None
+    finally:
+        _kernels.CHUNK = old
+
+
+def test_the_mixture_recipe_steps_aside_for_other_rules_and_subclasses(monkeypatch):
+    """A rule registered over the built-in ones, an EMOptim subclass with its own
+    statistics, a data-parallel run or the general paths asked for: no recipe."""
+    data, _ = sample_gmm(N=40, K=2, D=2, seed=0)
+    init = init_params(data, 2, "full", seed=1)
+
+    def model(x):
+        return gmm_model(x, 2, "full", init=init)
+
+    made = _spy_recipe(monkeypatch)
+    _one_mstep(model, data, True)
+    assert made == [2]
+
+    class Mine(EMOptim):
+        def summarize(self, *args, **kwargs):
+            return super().summarize(*args, **kwargs)
+
+    assert EMOptim()._plain() and not Mine()._plain()
+    monkeypatch.setattr(rules, "_FAST_PATHS", False)
+    assert not EMOptim()._plain()
+    monkeypatch.setattr(rules, "_FAST_PATHS", True)
+    monkeypatch.setattr(_kernels, "_STEADY_SCATTER", False)
+    assert not EMOptim()._plain()
+    monkeypatch.setattr(_kernels, "_STEADY_SCATTER", True)
+    monkeypatch.setattr(dp, "active", lambda: True)
+    assert not EMOptim()._plain()
+    monkeypatch.undo()
+    saved = (dict(rules.RULES), dict(rules.MAXIMIZERS), dict(rules.HANDLED), dict(rules.ROLES))
+    try:
+
+        @rules.register_rule
+        class MyCategorical(rules.CategoricalRule):
+            pass
+
+        assert not rules.builtin_mixture_rules() and not EMOptim()._plain()
+    finally:
+        for table, old in zip(
+            (rules.RULES, rules.MAXIMIZERS, rules.HANDLED, rules.ROLES), saved, strict=True
+        ):
+            table.clear()
+            table.update(old)
+    assert rules.builtin_mixture_rules()
+
+
+def test_the_mixture_recipe_is_kept_per_plan_and_follows_the_data(monkeypatch):
+    """Made once per plan (its memo, keyed on the plan's trace); a new plan (new data, data
+    written in place: the plan's key) makes it again, and its M-steps equal the general
+    path's on the new values."""
+    data, _ = sample_gmm(N=50, K=2, D=2, seed=3)
+    init = init_params(data, 2, "full", seed=1)
+
+    def model(x):
+        return gmm_model(x, 2, "full", init=init)
+
+    results = []
+    for recipe in (True, False):
+        monkeypatch.setattr(_optim, "_MIXTURE", recipe)
+        pyro.clear_param_store()
+        x = data.clone()
+        guide, mstep = ExactEStep(model), EMOptim()
+        recipes, out = [], []
+        for step in range(6):
+            if step == 2:
+                x.mul_(1.5)  # in place: the plan's key sees the version move
+                mstep.reset()  # (other data: the guard compares no log-likelihoods across)
+            if step == 4:
+                x = x[:40].clone()  # other rows: a new plan
+                mstep.reset()
+            post = guide.posterior(x)
+            mstep(guide, post, (x,), {})
+            recipes.append(mstep._plan.memo.get("_mixture", (None, None))[1])
+            out.append(_params.constrained(mstep._plan.closed_form))
+        results.append((recipes, out))
+    recipes = results[0][0]
+    assert all(r is not None for r in recipes)
+    assert recipes[0] is recipes[1] and recipes[2] is recipes[3] and recipes[4] is recipes[5]
+    assert recipes[1] is not recipes[2] and recipes[3] is not recipes[4]
+    assert recipes[4].n == 40
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert all(torch.equal(a[n], b[n]) for n in a)
