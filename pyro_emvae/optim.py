@@ -937,7 +937,7 @@ class _Mixture:
     """The closed-form M-step of a one-latent mixture of full-covariance Gaussians: mixture
     weights ``P`` (K,) read by ``z ~ Categorical(P)``, locs ``L`` (K, D) and Cholesky factors
     ``S`` (K, D, D) read at ``z`` by ``x ~ MultivariateNormal(L[z], scale_tril=S[z])`` over
-    one plate of N <= ``kernels.CHUNK`` rows (the batch shape ``(K, 1, ..., 1, N)``: the
+    one plate of N <= ``kernels.CHUNK`` rows on the CPU (the batch shape ``(K, 1, ..., 1, N)``: the
     enumerated dim, any unused dims, the plate); no mask, no scale, one dtype, no gradient
     param.
     With the weights ``W`` (K, N) and ``N_k = \\sum_n W_{kn}``:
@@ -978,6 +978,7 @@ class _Mixture:
                 )
             )
             and w.dtype == x.dtype == self.dtype
+            and w.device.type == "cpu"
             and not (w.requires_grad or x.requires_grad)
             and all(_params.leaf(p).dtype == self.dtype for p in (self.probs, self.locs, self.tril))
         ):
@@ -1078,7 +1079,14 @@ def _make_mixture(plan: Plan) -> _Mixture | None:
         or not _unbounded(_params.constraint_of(locs))
     ):
         return None
-    if xval.dim() != 2 or xval.requires_grad or xval.layout != torch.strided:
+    # (on the CPU only: Stats.add contracts the locs' sums by bmm there, by einsum elsewhere)
+    if (
+        xval.dim() != 2
+        or xval.requires_grad
+        or xval.layout != torch.strided
+        or xval.device.type != "cpu"
+        or any(_params.leaf(p).device.type != "cpu" for p in (probs, locs, tril))
+    ):
         return None
     n, d = xval.shape
     k = space.shapes[probs][0] if len(space.shapes[probs]) == 1 else 0
