@@ -798,10 +798,15 @@ def _two_factors(terms: list, symbol: str, scratch: frozenset):
 def _new_posterior(tr, log_z: torch.Tensor, scale: float) -> Posterior:
     """A :class:`Posterior` with ``log p(x)``, the common scale, the trace's dims and the
     minibatch it saw (its subsample sites); the posteriors are filled in after."""
+    return _bare_posterior(log_z, scale, tr.symbol_to_dim, tr._subsample_sites)
+
+
+def _bare_posterior(log_z, scale: float, symbol_to_dim: dict, subsample_sites: dict) -> Posterior:
+    """:func:`_new_posterior` from what it reads of the trace."""
     post = Posterior(log_likelihood=log_z, scale=scale)
-    post.symbol_to_dim = dict(tr.symbol_to_dim)
+    post.symbol_to_dim = dict(symbol_to_dim)
     post.subsample = poutine.Trace()
-    for name, site in tr._subsample_sites.items():
+    for name, site in subsample_sites.items():
         post.subsample.add_node(name, **site)
     return post
 
@@ -855,17 +860,38 @@ def _lean_posterior(tr) -> Posterior | None:
         for _, site, lp in sites
         if site.get("_emvae_scratch") == lp.untyped_storage().data_ptr()
     )
-    done = _two_factors([lp for _, _, lp in sites], symbol, scratch)
+    layouts = [_plate_layout(site["cond_indep_stack"], tr.plate_to_symbol) for _, site, _ in sites]
+    return _mixture_posterior(
+        [name for name, _, _ in sites],
+        [lp for _, _, lp in sites],
+        layouts,
+        latent,
+        symbol,
+        scratch,
+        float(scale),
+        tr.symbol_to_dim,
+        tr._subsample_sites,
+    )
+
+
+def _mixture_posterior(
+    names, lps, layouts, latent, symbol, scratch, scale, symbol_to_dim, subsample_sites
+) -> Posterior | None:
+    """The end of :func:`_lean_posterior` (and of :class:`_SteadyMixture`): the two factors
+    ``lps`` (packed, over the same dims) of the sites ``names`` summed and normalized by
+    :func:`_two_factors`, the posterior named and arranged per site (``layouts``: each
+    site's :func:`_plate_layout`). None where :func:`_two_factors` declines."""
+    done = _two_factors(lps, symbol, scratch)
     if done is None:
         return None
     log_z, (q, _) = done
+    dims = _compat.pyro_dims(lps[0])
     _compat.set_pyro_dims(q, dims)  # (as _fill names it: a buffer of its own has no name)
-    post = _new_posterior(tr, log_z, float(scale))
-    size = shape[dims.index(symbol)]
+    post = _bare_posterior(log_z, scale, symbol_to_dim, subsample_sites)
+    size = lps[0].shape[dims.index(symbol)]
     arranged: dict[tuple, torch.Tensor] = {}
-    for name, site, _ in sites:
+    for name, (plate_dims, plate_shape) in zip(names, layouts):
         post.factor_q[name] = q
-        plate_dims, plate_shape = _plate_layout(site["cond_indep_stack"], tr.plate_to_symbol)
         key = (tuple(plate_dims), plate_shape)
         joint = arranged.get(key)
         if joint is None:
@@ -874,6 +900,190 @@ def _lean_posterior(tr) -> Posterior | None:
         if name == latent:
             post.marginals[name] = joint
     return post
+
+
+# (the keys the trace's symbolize_dims adds to an enumerated site's infer: not the model's)
+_SYMBOLIZED = frozenset(("_dim_to_symbol", "_enumerate_symbol"))
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _plain_infer(infer: dict) -> dict | None:
+    """A site's ``infer`` as the model pass left it (without the trace's symbols), or None
+    if a value is neither a plain number or string nor a dict of them (compared by ``==``)."""
+    out = {}
+    for k, v in infer.items():
+        if k in _SYMBOLIZED:
+            continue
+        if isinstance(v, dict):
+            if not all(type(a) in _PLAIN and type(b) in _PLAIN for a, b in v.items()):
+                return None
+        elif type(v) not in _PLAIN:
+            return None
+        out[k] = v
+    return out
+
+
+def _frames(stack) -> list:
+    """A site's plates as plain tuples (name, dim, size, counter, full_size, the size's type)
+    for ``==``: Pyro's frames compare without ``full_size`` and by a slower ``__eq__``."""
+    return [(*f, type(f.size)) for f in stack]
+
+
+class _SteadyMixture:
+    r"""The steady E-step of a mixture, once :func:`_lean_posterior` took its trace: what
+    :meth:`ExactEStep._enum_trace` and :func:`_lean_posterior` do after the model pass, for a
+    trace with the same structure, without their general Python (the loop over the sites'
+    kinds, Pyro's ``compute_log_prob``, the site-shape checks, ``symbolize_dims`` and the
+    packing, the detection of the mixture): the two sites' fused log-probs
+    (:func:`~pyro_emvae.kernels.fused_log_prob`), named with the template's symbols, and
+    :func:`_mixture_posterior`: the same operations on the same tensors, bit for bit.
+
+    Made from the first trace the general path finished (``of``) and read at every later
+    E-step (``__call__``), which checks that the new trace is one the template's steps
+    apply to unchanged, else returns None (nothing written: the general path runs):
+
+    * the same nodes in the same order; each sample site with the same distribution type,
+      observed or not, its ``infer`` (enumeration dim and ids) and plates (name, dim, size),
+      value and batch shapes and value dtype, no mask, a scale of 1, no ``args``; so that its
+      site-shape check (a function of these, see :func:`_check_site_shape`), its packed dims
+      and the trace's symbols are the template's;
+    * the same ``max_plate_nesting``, and Pyro's validation on only if it was for the template
+      (whose site-shape checks then ran);
+    * the fused kernels apply (their own checks: the value's support, the plan, the
+      conditioning bound) and give the template's shapes, recording no autograd.
+
+    Pyro's non-finite log-prob warnings: the general path sums each site's log-prob and warns
+    on a NaN or a :math:`+\infty` sum. Either one in a factor makes :math:`\log p(x)` NaN or
+    :math:`+\infty` (it reaches every row's max, sum and log), and a finite sum of these
+    log-densities cannot overflow to :math:`+\infty` (a Gaussian's is below
+    :math:`745 D` per entry, a Categorical's at most 0); so with validation on a finite
+    :math:`\log p(x)` is the proof that neither sum warns, and a non-finite one returns None
+    (the general path then recomputes the factors, warns as it does and goes on).
+    """
+
+    __slots__ = (
+        "depth",
+        "dim_to_symbol",
+        "latent",
+        "layouts",
+        "names",
+        "nodes",
+        "plates",
+        "shape",
+        "sites",
+        "symbol",
+        "symbol_to_dim",
+        "validated",
+    )
+
+    @classmethod
+    def of(cls, tr, depth: int) -> _SteadyMixture | None:
+        """The recipe of ``tr`` (a trace :func:`_lean_posterior` took, finished by the general
+        path), or None if it is not one the recipe covers (a mask of True, a site whose
+        log-prob is not a fused kernel's, an ``infer`` not compared by ``==``)."""
+        sites = [(n, s) for n, s in tr.nodes.items() if s["type"] == "sample"]
+        if len(sites) != 2:
+            return None
+        out = cls()
+        out.sites, out.dim_to_symbol = [], []
+        for name, site in sites:
+            lp = site["packed"]["unscaled_log_prob"]
+            infer = _plain_infer(site["infer"])
+            if (
+                infer is None
+                or site["mask"] is not None
+                or type(site["scale"]) not in (float, int)
+                or site["scale"] != 1
+                or site["args"]
+                or site["kwargs"]
+                or site.get("_emvae_scratch") != lp.untyped_storage().data_ptr()
+                or site["unscaled_log_prob"] is not site["log_prob"]
+                or not torch.is_tensor(site["value"])
+            ):
+                return None
+            if _validate.is_enumerated(site):
+                out.latent = name
+            out.sites.append(
+                (
+                    name,
+                    type(site["fn"]),
+                    site["is_observed"],
+                    infer,
+                    _frames(site["cond_indep_stack"]),
+                    site["value"].shape,
+                    site["value"].dtype,
+                    site["fn"].batch_shape,
+                )
+            )
+            out.dim_to_symbol.append(dict(_compat.dim_to_symbol(site)))
+        lp = sites[0][1]["packed"]["unscaled_log_prob"]
+        out.shape = lp.shape
+        out.names = [name for name, _ in sites]
+        out.nodes = tuple(tr.nodes)
+        out.symbol = _compat.enum_symbol(tr.nodes[out.latent])
+        out.layouts = [_plate_layout(s["cond_indep_stack"], tr.plate_to_symbol) for _, s in sites]
+        out.symbol_to_dim = dict(tr.symbol_to_dim)
+        out.depth = depth
+        out.validated = is_validation_enabled()
+        return out
+
+    def __call__(self, tr, depth: int) -> Posterior | None:
+        nodes = tr.nodes
+        validating = is_validation_enabled()
+        if depth != self.depth or (validating and not self.validated) or tuple(nodes) != self.nodes:
+            return None
+        lps = []
+        for (name, kind, observed, infer, stack, vshape, vdtype, bshape), to_symbol in zip(
+            self.sites, self.dim_to_symbol
+        ):
+            site = nodes[name]
+            fn, value, scale = site["fn"], site["value"], site["scale"]
+            if (
+                type(fn) is not kind
+                or site["is_observed"] is not observed
+                or site["mask"] is not None
+                or type(scale) not in (float, int)
+                or scale != 1
+                or site["args"]
+                or site["kwargs"]
+                or "_emvae_replaced" in site
+                or site.get("_emvae_mask") is not None
+                or not torch.is_tensor(value)
+                or value.shape != vshape
+                or value.dtype != vdtype
+                or fn.batch_shape != bshape
+                or _frames(site["cond_indep_stack"]) != stack
+            ):
+                return None
+            try:  # (a value of the new infer that == cannot compare: not the template's)
+                if site["infer"] != infer:
+                    return None
+            except (RuntimeError, TypeError, ValueError):
+                return None
+            try:  # (an error: the general path raises it, with the trace's shapes)
+                lp = _kernels.fused_log_prob(fn, value)
+            except (ValueError, RuntimeError):
+                return None
+            if lp is None or lp.shape != self.shape or lp.requires_grad:
+                return None
+            try:
+                lps.append(_pack_own(lp, to_symbol))
+            except ValueError:
+                return None
+        post = _mixture_posterior(
+            self.names,
+            lps,
+            self.layouts,
+            self.latent,
+            self.symbol,
+            frozenset(map(id, lps)),
+            1.0,
+            self.symbol_to_dim,
+            tr._subsample_sites,
+        )
+        if post is not None and validating and not math.isfinite(post.log_likelihood.tolist()):
+            return None  # (see the class docstring: the general path warns)
+        return post
 
 
 def _rows(t: torch.Tensor, at: tuple | None) -> torch.Tensor:
@@ -1409,6 +1619,7 @@ class ExactEStep:
         state = dict(self.__dict__)
         state.pop("_tracer", None)
         state.pop("_probe", None)  # (a probe's trace for the next M-step: not state)
+        state.pop("_steady", None)  # (the steady E-step's recipe: a cache)
         return state
 
     # ------------------------------------------------------------------ tracing
@@ -1426,11 +1637,16 @@ class ExactEStep:
             self.max_plate_nesting = plate_nesting(tr)
         return self.max_plate_nesting
 
-    def _enum_trace(self, args: tuple, kwargs: dict, replay: Any = None, potentials=None):
+    def _enum_trace(
+        self, args: tuple, kwargs: dict, replay: Any = None, potentials=None, lean: bool = False
+    ):
         """Trace the model with every annotated discrete site enumerated, validate the sites,
         and compute and pack their log-probs. ``potentials(name, site)``, if given, may return
         a tensor that replaces an observed site's log-likelihood (for a DiscreteHMM site, its
-        per-step emission log-likelihoods ``(*batch, T, K)``): used by initializations."""
+        per-step emission log-likelihoods ``(*batch, T, K)``): used by initializations.
+        ``lean`` (:meth:`posterior`'s call): at arguments validated before, the steady recipe
+        of a mixture (:class:`_SteadyMixture`) may take the trace and return its
+        :class:`Posterior` instead."""
         depth = self._plate_nesting(args, kwargs)
         # the handlers (enum, trace) of the last call without replay, reused: they start
         # afresh at each run (a new Trace, new enumeration dims), and making them costs more
@@ -1468,6 +1684,11 @@ class ExactEStep:
         checked = _validate.validate_estep_trace(
             self._validation, self.model, args, kwargs, tr, depth, key=arg_key
         )
+        steady = getattr(self, "_steady", None) if lean else None
+        if steady is not None and checked is None and potentials is None and replay is None:
+            post = steady(tr, depth)
+            if post is not None:
+                return post
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
                 continue
@@ -1796,8 +2017,14 @@ class ExactEStep:
                 log_z, inputs, grads, pgrads, scale = self._contract(tr, list(params.values()))
         else:
             with torch.no_grad():
-                tr = self._enum_trace(args, kwargs, potentials=potentials)
+                tr = self._enum_trace(args, kwargs, potentials=potentials, lean=True)
+            if isinstance(tr, Posterior):  # (the steady recipe took the trace)
+                return tr
             lean = _lean_posterior(tr)
+            if potentials is None:  # (the recipe for the next E-steps, or none)
+                self._steady = (
+                    None if lean is None else _SteadyMixture.of(tr, self.max_plate_nesting)
+                )
             if lean is not None:
                 return lean
             # (the posterior is a gradient, even under no_grad: see grad_mode)

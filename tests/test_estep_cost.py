@@ -18,6 +18,10 @@
   declines every other structure (masks, scales, two latents, one value, an HMM).
 * ``_one_latent`` in the factors' own layout equals the sorted-dims layout it had; the site
   shape check's cheap key; a fused log-prob named without a squeeze equals Pyro's ``pack``.
+* The steady recipe of a mixture (``_SteadyMixture``, the E-steps after the first at
+  arguments validated before) equals the general path bit for bit, follows new data, shapes
+  and params, declines a changed structure (mask, scale, two latents), a template made
+  without validation, and a non-finite log p(x) (the general path then warns as it does).
 """
 
 from __future__ import annotations
@@ -255,7 +259,8 @@ class _Count(TorchDispatchMode):
 def test_steady_state_estep_op_count_on_old_faithful():
     """One E-step at unchanged shapes (the model pass included: ~50 of its ops are Pyro's
     and the model's) on Old Faithful, K=2 full: 169 aten ops before issue 13's E-step work,
-    100 before the MVN plan, the lean mixture posterior and syncs by tolist() (87 after)."""
+    100 before the MVN plan, the lean mixture posterior and syncs by tolist() (87 after; 85
+    with the steady recipe, whose log p(x) proves the sites' log-prob sums finite)."""
     pyro.clear_param_store()
     x = load_old_faithful(torch.float64)
     init = init_params(x, 2, "full", seed=1)
@@ -269,7 +274,7 @@ def test_steady_state_estep_op_count_on_old_faithful():
         guide.posterior(x)
     with _Count() as count:
         guide.posterior(x)
-    assert count.n <= 87
+    assert count.n <= 85
 
 
 def test_site_shape_check_is_pyros_once_per_shape():
@@ -645,3 +650,173 @@ def test_the_one_tensor_validation_key_is_the_general_one():
     assert not state.same_shapes(state.key((x.float(),), {})[1])
     assert not state.same_shapes(state.key((x[:3],), {})[1])
     assert state.same_shapes(state.key((x.clone(),), {})[1])
+
+
+# ------------------------------------------------------------------ the steady recipe
+def _recipe_calls(monkeypatch):
+    """Count the steady recipe's answers: [taken, declined]."""
+    seen = [0, 0]
+    real = _estep._SteadyMixture.__call__
+
+    def call(self, tr, depth):
+        out = real(self, tr, depth)
+        seen[out is None] += 1
+        return out
+
+    monkeypatch.setattr(_estep._SteadyMixture, "__call__", call)
+    return seen
+
+
+def _general(monkeypatch):
+    """The general path only: no recipe is made."""
+    monkeypatch.setattr(_estep._SteadyMixture, "of", classmethod(lambda cls, tr, depth: None))
+
+
+@pytest.mark.parametrize("cov, k, n", [("full", 2, 60), ("full", 5, 33), ("diag", 3, 40)])
+def test_the_steady_recipe_is_the_general_path_bit_for_bit(cov, k, n, monkeypatch):
+    pyro.clear_param_store()
+    model, data = _gmm(n=n, k=k, cov=cov)
+    seen = _recipe_calls(monkeypatch)
+    guide = ExactEStep(model)
+    guide._keep_data = True  # (as fit's loop sets it: the arguments' checks are kept)
+    posts = [guide.posterior(data) for _ in range(3)]
+    assert seen == [2, 0]  # (the first call is the general path's, which makes the recipe)
+    with monkeypatch.context() as m:
+        _general(m)
+        slow = ExactEStep(model)
+        slow._keep_data = True
+        want = [slow.posterior(data) for _ in range(3)]
+        assert slow.__dict__.get("_steady") is None
+    for a, b in zip(posts, want):
+        _same_bits(a, b)
+    # params changed in place (as an M-step writes them): still the general path's numbers
+    pyro.param("locs").data.add_(0.25)
+    _same_bits(guide.posterior(data), slow.posterior(data))
+    assert seen == [3, 0]
+
+
+def test_the_steady_recipe_follows_new_data_shapes_and_params(monkeypatch):
+    pyro.clear_param_store()
+    model, data = _gmm(n=40, k=3)
+    seen = _recipe_calls(monkeypatch)
+    guide = ExactEStep(model)
+    guide._keep_data = True
+    guide.posterior(data)
+    guide.posterior(data)
+    assert seen == [1, 0]
+    # another tensor, other values, other shapes: checked again by the general path, which
+    # makes the recipe anew; each as a fresh guide's
+    for other in (data * 1.5, data[:25].clone(), data.clone()):
+        got = guide.posterior(other)
+        _same_bits(got, ExactEStep(model).posterior(other))
+        _same_bits(guide.posterior(other), got)
+    assert seen == [4, 0]
+    # a new param store (new tensors, other values): the recipe reads them afresh
+    pyro.clear_param_store()
+    pyro.param("locs", torch.randn(3, 2))
+    _same_bits(guide.posterior(other), ExactEStep(model).posterior(other))
+    # not state: a pickled guide leaves the recipe out, and works
+    copy = pickle.loads(pickle.dumps(guide))
+    assert "_steady" not in copy.__dict__
+    _same_bits(copy.posterior(other), guide.posterior(other))
+
+
+def test_the_steady_recipe_declines_a_changed_structure(monkeypatch):
+    """A model whose structure changes between E-steps at the same arguments (a mask, a
+    scale, a second latent, another plate size): the recipe declines, with nothing written,
+    and the general path gives each posterior."""
+    pyro.clear_param_store()
+    x = torch.tensor([[0.1], [1.2], [-0.3], [0.8], [2.0]])
+    how: dict = {}
+
+    def model(x):
+        # (as _mixture, with a fused observation: a diagonal Gaussian)
+        k, mask, scale = 2, how.get("mask"), how.get("scale", 1.0)
+        w = pyro.param("w_steady", torch.ones(k) / k)
+        locs = pyro.param("locs_steady", torch.arange(float(k)).unsqueeze(-1))
+        masked = poutine.mask(mask=mask) if mask is not None else contextlib.nullcontext()
+        with pyro.plate("data", len(x)), poutine.scale(scale=scale), masked:
+            z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+            if how.get("latents") == 2:
+                z = z + pyro.sample("z2", dist.Categorical(w), infer=PAR)
+            pyro.sample("x", dist.Normal(locs[z % k], 1.0).to_event(1), obs=x)
+
+    seen = _recipe_calls(monkeypatch)
+    guide = ExactEStep(model)
+    guide._keep_data = True
+    guide.posterior(x)
+    guide.posterior(x)
+    assert seen == [1, 0]
+    cases = [
+        {"mask": torch.tensor([True, False, True, True, True])},
+        {"mask": True},
+        {"scale": 2.0},
+        {"latents": 2},
+    ]
+    for case in cases:
+        how.clear()
+        how.update(case)
+        got = guide.posterior(x)
+        with monkeypatch.context() as m:
+            _general(m)
+            want = ExactEStep(model).posterior(x)
+        assert torch.equal(got.log_likelihood, want.log_likelihood)
+        for name in want.marginals:
+            assert torch.equal(got.marginals[name], want.marginals[name])
+        how.clear()
+        guide.posterior(x)  # (the plain mixture again: the general path's, a new recipe)
+    assert seen[1] == len(cases)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_the_steady_recipe_warns_as_the_general_path(bad, monkeypatch):
+    """Pyro's non-finite log-prob warnings (a NaN or +inf log-density, made here by the
+    kernel itself: validated params do not give one): log p(x) is not finite, the recipe
+    leaves the E-step to the general path, which warns as it does."""
+    import warnings
+
+    pyro.clear_param_store()
+    model, data = _gmm(n=30, k=2)
+    guide, slow = ExactEStep(model), ExactEStep(model)
+    guide._keep_data = slow._keep_data = True
+    with monkeypatch.context() as m:
+        _general(m)
+        slow.posterior(data)
+    guide.posterior(data)
+    seen = _recipe_calls(monkeypatch)
+    real = kernels._mvn_planned
+
+    def spoiled(*args):
+        out = real(*args)
+        out[1, 3] = bad
+        return out
+
+    monkeypatch.setattr(kernels, "_mvn_planned", spoiled)
+
+    def run(g):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            post = g.posterior(data)
+        return post, sorted(str(m.message) for m in w)
+
+    got, warned = run(guide)
+    assert seen == [0, 1]
+    want, expected = run(slow)
+    assert warned == expected and any("log_prob_sum at site 'x'" in w for w in warned)
+    assert torch.equal(got.log_likelihood.isnan(), want.log_likelihood.isnan())
+    assert torch.allclose(got.marginals["z"], want.marginals["z"], equal_nan=True, rtol=0, atol=0)
+
+
+def test_the_steady_recipe_needs_the_validation_its_template_had(monkeypatch):
+    pyro.clear_param_store()
+    model, data = _gmm(n=30, k=2)
+    seen = _recipe_calls(monkeypatch)
+    guide = ExactEStep(model)
+    guide._keep_data = True
+    with pyro.validation_enabled(False):
+        guide.posterior(data)  # (the template: its site-shape checks did not run)
+    guide.posterior(data)  # (declined: the general path runs the checks, a new recipe)
+    assert seen == [0, 1]
+    guide.posterior(data)
+    guide.posterior(data)
+    assert seen == [2, 1]
