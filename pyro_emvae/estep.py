@@ -43,6 +43,7 @@ same backward pass, ``map`` gives Viterbi trees (CKY) and ``sample`` exact poste
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 import warnings
@@ -63,6 +64,7 @@ from pyro.infer.discrete import infer_discrete
 from pyro.infer.util import is_validation_enabled
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_site_shape, warn_if_inf, warn_if_nan
@@ -157,6 +159,17 @@ class Posterior:
     factor_q: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     subsample: Any = field(default=None, repr=False)
     symbol_to_dim: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def log_likelihood_value(self) -> float:
+        """``float(self.log_likelihood)``: the number the E-step read already (its finiteness
+        test, see :class:`_SteadyMixture`) if the tensor is the one it read and unchanged
+        since (its in-place version: a data-parallel sum writes it), else read now (a
+        scalar copy from the tensor: a sync on an accelerator)."""
+        t = self.log_likelihood
+        read = self.__dict__.get("_read")
+        if read is not None and read[0] is t and read[1] == _compat.tensor_version(t):
+            return read[2]
+        return float(t)
 
 
 def _hmm_parts(
@@ -456,23 +469,33 @@ def _arrange(
 ) -> torch.Tensor:
     """Permute a packed tensor (dims named by ``_compat.pyro_dims(t)``) into the positions ``dims_out``
     (``None`` = a broadcast position) and expand it to ``shape_out``."""
-    src = _compat.pyro_dims(t)
+    view, shape = _arrangement(
+        _compat.pyro_dims(t), tuple(dims_out), tuple(t.shape), tuple(shape_out)
+    )
+    # (the view ops that change something only: a mixture's (K, N) posterior is one permute)
+    x = t.reshape(()) if view == () else t if view is None else t.permute(view)
+    return x if shape is None else x.reshape(shape).expand(shape_out)
+
+
+@functools.lru_cache(maxsize=256)
+def _arrangement(src: str, dims_out: tuple, shape: tuple, shape_out: tuple) -> tuple:
+    """:func:`_arrange`'s view ops, from the names and shapes only (a mixture's posterior is
+    arranged the same way at every E-step): the permutation (``()``: to a scalar, None: none)
+    and the shape to reshape to before the expand (None: none)."""
     missing = set(src) - {d for d in dims_out if d is not None}
     if missing:
         raise AssertionError(f"dims {missing} of a packed tensor were not placed")  # internal bug
     present = [d for d in dims_out if d is not None and d in src]
     order = [src.index(d) for d in present]
-    # (the view ops that change something only: a mixture's (K, N) posterior is one permute)
     if not present:
-        x = t.reshape(())
-    elif order != list(range(t.dim())):
-        x = t.permute(order)
+        view, after = (), ()
+    elif order != list(range(len(shape))):
+        view, after = tuple(order), tuple(shape[i] for i in order)
     else:
-        x = t
-    if x.shape == shape_out:
-        return x
-    shape = [t.shape[src.index(d)] if d is not None and d in src else 1 for d in dims_out]
-    return x.reshape(shape).expand(shape_out)
+        view, after = None, tuple(shape)
+    if after == tuple(shape_out):
+        return view, None
+    return view, [shape[src.index(d)] if d is not None and d in src else 1 for d in dims_out]
 
 
 def _plate_layout(
@@ -968,7 +991,7 @@ class _SteadyMixture:
         "layouts",
         "names",
         "nodes",
-        "plates",
+        "packed",
         "shape",
         "sites",
         "symbol",
@@ -985,7 +1008,7 @@ class _SteadyMixture:
         if len(sites) != 2:
             return None
         out = cls()
-        out.sites, out.dim_to_symbol = [], []
+        out.sites, out.dim_to_symbol, out.packed = [], [], []
         for name, site in sites:
             lp = site["packed"]["unscaled_log_prob"]
             infer = _plain_infer(site["infer"])
@@ -1015,7 +1038,12 @@ class _SteadyMixture:
                     site["fn"].batch_shape,
                 )
             )
-            out.dim_to_symbol.append(dict(_compat.dim_to_symbol(site)))
+            to_symbol = dict(_compat.dim_to_symbol(site))
+            out.dim_to_symbol.append(to_symbol)
+            # (the names _pack_own gives an unnamed log-prob without a size-1 dim, or None)
+            n = lp.dim()
+            named = 1 not in lp.shape and all(d - n in to_symbol for d in range(n))
+            out.packed.append("".join(to_symbol[d - n] for d in range(n)) if named else None)
         lp = sites[0][1]["packed"]["unscaled_log_prob"]
         out.shape = lp.shape
         out.names = [name for name, _ in sites]
@@ -1033,8 +1061,8 @@ class _SteadyMixture:
         if depth != self.depth or (validating and not self.validated) or tuple(nodes) != self.nodes:
             return None
         lps = []
-        for (name, kind, observed, infer, stack, vshape, vdtype, bshape), to_symbol in zip(
-            self.sites, self.dim_to_symbol
+        for (name, kind, observed, infer, stack, vshape, vdtype, bshape), to_symbol, dims in zip(
+            self.sites, self.dim_to_symbol, self.packed
         ):
             site = nodes[name]
             fn, value, scale = site["fn"], site["value"], site["scale"]
@@ -1066,6 +1094,9 @@ class _SteadyMixture:
                 return None
             if lp is None or lp.shape != self.shape or lp.requires_grad:
                 return None
+            if dims is not None and _compat.pyro_dims(lp, _UNNAMED) is _UNNAMED:
+                lps.append(_named(lp, dims))  # (_pack_own's names, read from the template)
+                continue
             try:
                 lps.append(_pack_own(lp, to_symbol))
             except ValueError:
@@ -1081,8 +1112,12 @@ class _SteadyMixture:
             self.symbol_to_dim,
             tr._subsample_sites,
         )
-        if post is not None and validating and not math.isfinite(post.log_likelihood.tolist()):
-            return None  # (see the class docstring: the general path warns)
+        if post is not None and validating:
+            log_z = post.log_likelihood
+            value = log_z.tolist()
+            if not math.isfinite(value):
+                return None  # (see the class docstring: the general path warns)
+            post._read = (log_z, _compat.tensor_version(log_z), value)  # (the loop's read)
         return post
 
 
@@ -1546,6 +1581,27 @@ class _ExactViewModel:
             return self.__wrapped__(*args, **kwargs)
 
 
+class _ExactEnum(EnumMessenger):
+    """``poutine.enum`` over a model run under :class:`_ExactView`, as one handler: each sample
+    message goes through :class:`_ExactView`'s step then the enumeration's, in the order of
+    the two handlers stacked (``enum(_ExactViewModel(model))``), with one messenger fewer
+    on the stack (Pyro calls every messenger for every message: a few microseconds per
+    model pass). A fresh view at every run, as :class:`_ExactViewModel` makes one."""
+
+    def __init__(self, first_available_dim: int, latent_masks: bool = False) -> None:
+        super().__init__(first_available_dim)
+        self._latent_masks = latent_masks
+        self._view = _ExactView(latent_masks)
+
+    def __enter__(self):
+        self._view = _ExactView(self._latent_masks)
+        return super().__enter__()
+
+    def _pyro_sample(self, msg) -> None:
+        self._view._pyro_sample(msg)
+        super()._pyro_sample(msg)
+
+
 def plate_nesting(trace) -> int:
     """How many plate dims a model uses (``max_plate_nesting``), from one trace of it: the
     deepest vectorized plate dim of its sample sites (0 without plates)."""
@@ -1656,6 +1712,10 @@ class ExactEStep:
         if replay is None and cached is not None and cached[:2] == (depth, self.model):
             tracer = cached[2]
             self._tracer = None
+        elif replay is None and type(self.model) is _ExactViewModel:
+            # (enum and _ExactView as one handler: see _ExactEnum)
+            enum = _ExactEnum(-1 - depth, self.model._latent_masks)
+            tracer = poutine.trace(enum(self.model.__wrapped__), graph_type="flat")
         else:
             model = poutine.enum(self.model, first_available_dim=-1 - depth)
             if replay is not None:

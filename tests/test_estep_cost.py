@@ -820,3 +820,105 @@ def test_the_steady_recipe_needs_the_validation_its_template_had(monkeypatch):
     guide.posterior(data)
     guide.posterior(data)
     assert seen == [2, 1]
+
+
+def _semi(x, labels, labeled, mask):
+    """A semi-supervised mixture (obs_mask= labels) with a poutine.mask on the rows."""
+    w = pyro.param("w_view", torch.tensor([0.3, 0.5, 0.2]))
+    loc = pyro.param("loc_view", torch.tensor([-1.0, 0.5, 2.0]))
+    with pyro.plate("data", len(x)), poutine.mask(mask=mask):
+        z = pyro.sample("z", dist.Categorical(w), obs=labels, obs_mask=labeled, infer=PAR)
+        pyro.sample("x", dist.Normal(loc[z], 1.0), obs=x)
+
+
+def test_the_exact_view_folded_into_enum_is_the_two_handlers(monkeypatch):
+    """_ExactEnum (the E-step's reused handler: _ExactView's step, then the enumeration's)
+    gives the posterior of enum(_ExactViewModel(model)), on a model where the view acts:
+    missing labels summed over, a masked latent read unmasked."""
+    pyro.clear_param_store()
+    x = torch.tensor([0.1, 1.2, -0.3, 0.8, 2.0, -1.1])
+    labels = torch.tensor([0, 2, 1, 1, 0, 2])
+    labeled = torch.tensor([True, False, True, False, False, True])
+    mask = torch.tensor([True, True, False, True, True, True])
+    args = (x, labels, labeled, mask)
+    calls = []
+    real = _estep._ExactEnum._pyro_sample
+    monkeypatch.setattr(
+        _estep._ExactEnum, "_pyro_sample", lambda self, msg: calls.append(1) or real(self, msg)
+    )
+    got = ExactEStep(_semi).posterior(*args)
+    assert calls  # (the folded handler ran)
+    old = ExactEStep(_semi)
+    # (a view of another type: the E-step stacks enum over it, the two handlers as before)
+    old.model = type("Other", (_estep._ExactViewModel,), {})(_semi)
+    n = len(calls)
+    want = old.posterior(*args)
+    assert len(calls) == n
+    assert torch.equal(got.log_likelihood, want.log_likelihood)
+    assert list(got.marginals) == list(want.marginals)
+    for name in want.marginals:
+        assert torch.equal(got.marginals[name], want.marginals[name])
+    for name in want.factor_q:
+        assert torch.equal(got.factor_q[name], want.factor_q[name])
+
+
+def test_the_log_likelihood_read_is_floats_and_follows_writes():
+    pyro.clear_param_store()
+    model, data = _gmm(n=30, k=2)
+    guide = ExactEStep(model)
+    guide._keep_data = True
+    guide.posterior(data)
+    post = guide.posterior(data)  # (the steady recipe's: read once, kept)
+    assert "_read" in post.__dict__
+    assert post.log_likelihood_value() == float(post.log_likelihood)
+    post.log_likelihood.add_(1.0)  # (written in place, as a data-parallel sum does)
+    assert post.log_likelihood_value() == float(post.log_likelihood)
+    post.log_likelihood = torch.tensor(3.5)  # (another tensor)
+    assert post.log_likelihood_value() == 3.5
+    fresh = ExactEStep(model).posterior(data)  # (no read kept: read now)
+    assert "_read" not in fresh.__dict__
+    assert fresh.log_likelihood_value() == float(fresh.log_likelihood)
+
+
+def _arrange_reference(t, dims_out, shape_out):
+    """``_arrange`` as it was before its views were cached per names and shapes."""
+    src = t._pyro_dims
+    missing = set(src) - {d for d in dims_out if d is not None}
+    if missing:
+        raise AssertionError("not placed")
+    present = [d for d in dims_out if d is not None and d in src]
+    order = [src.index(d) for d in present]
+    if not present:
+        x = t.reshape(())
+    elif order != list(range(t.dim())):
+        x = t.permute(order)
+    else:
+        x = t
+    if x.shape == shape_out:
+        return x
+    shape = [t.shape[src.index(d)] if d is not None and d in src else 1 for d in dims_out]
+    return x.reshape(shape).expand(shape_out)
+
+
+@pytest.mark.parametrize(
+    "dims, shape, dims_out, shape_out",
+    [
+        ("ba", (3, 5), ["a", "b"], (5, 3)),  # a mixture's (K, N) posterior: one permute
+        ("ab", (5, 3), ["a", "b"], (5, 3)),  # in place
+        ("a", (5,), [None, "a", "c"], (2, 5, 4)),  # broadcast positions: reshape and expand
+        ("", (), [None, None], (2, 3)),  # a scalar
+        ("ab", (5, 3), ["a"], (5,)),  # a dim not placed: an internal error
+    ],
+)
+def test_arrange_by_cached_views_is_the_reference(dims, shape, dims_out, shape_out):
+    t = _estep._named(torch.randn(shape), dims)
+    for _ in range(2):  # (the second call reads the cached views)
+        try:
+            want = _arrange_reference(t, dims_out, shape_out)
+        except AssertionError:
+            with pytest.raises(AssertionError):
+                _estep._arrange(t, dims_out, shape_out)
+            continue
+        got = _estep._arrange(t, dims_out, shape_out)
+        assert torch.equal(got, want) and got.stride() == want.stride()
+        assert got.data_ptr() == want.data_ptr()
