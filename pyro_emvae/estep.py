@@ -2082,9 +2082,10 @@ class ExactEStep:
                 return tr
             lean = _lean_posterior(tr)
             if potentials is None:  # (the recipe for the next E-steps, or none)
-                self._steady = (
-                    None if lean is None else _SteadyMixture.of(tr, self.max_plate_nesting)
-                )
+                # (only where the next E-steps may take it: between the E-steps of a fit's
+                # loop, which keep the arguments' checks; a direct call checks them again)
+                keep = lean is not None and self._keep_data
+                self._steady = _SteadyMixture.of(tr, self.max_plate_nesting) if keep else None
             if lean is not None:
                 return lean
             # (the posterior is a gradient, even under no_grad: see grad_mode)

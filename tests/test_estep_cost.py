@@ -715,6 +715,10 @@ def test_the_steady_recipe_follows_new_data_shapes_and_params(monkeypatch):
     pyro.clear_param_store()
     pyro.param("locs", torch.randn(3, 2))
     _same_bits(guide.posterior(other), ExactEStep(model).posterior(other))
+    # a direct call (its arguments checked at every call) makes none
+    direct = ExactEStep(model)
+    direct.posterior(other)
+    assert direct.__dict__.get("_steady") is None
     # not state: a pickled guide leaves the recipe out, and works
     copy = pickle.loads(pickle.dumps(guide))
     assert "_steady" not in copy.__dict__
