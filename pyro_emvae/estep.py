@@ -164,7 +164,13 @@ class Posterior:
         """``float(self.log_likelihood)``: the number the E-step read already (its finiteness
         test, see :class:`_SteadyMixture`) if the tensor is the one it read and unchanged
         since (its in-place version: a data-parallel sum writes it), else read now (a
-        scalar copy from the tensor: a sync on an accelerator)."""
+        scalar copy from the tensor: a sync on an accelerator).
+
+        Example::
+
+            >>> Posterior(log_likelihood=torch.tensor(-3.5)).log_likelihood_value()
+            -3.5
+        """
         t = self.log_likelihood
         read = self.__dict__.get("_read")
         if read is not None and read[0] is t and read[1] == _compat.tensor_version(t):
