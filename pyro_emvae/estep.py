@@ -43,6 +43,7 @@ same backward pass, ``map`` gives Viterbi trees (CKY) and ``sample`` exact poste
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 import warnings
@@ -63,6 +64,7 @@ from pyro.infer.discrete import infer_discrete
 from pyro.infer.util import is_validation_enabled
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_site_shape, warn_if_inf, warn_if_nan
@@ -157,6 +159,23 @@ class Posterior:
     factor_q: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     subsample: Any = field(default=None, repr=False)
     symbol_to_dim: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def log_likelihood_value(self) -> float:
+        """``float(self.log_likelihood)``: the number the E-step read already (its finiteness
+        test, see :class:`_SteadyMixture`) if the tensor is the one it read and unchanged
+        since (its in-place version: a data-parallel sum writes it), else read now (a
+        scalar copy from the tensor: a sync on an accelerator).
+
+        Example::
+
+            >>> Posterior(log_likelihood=torch.tensor(-3.5)).log_likelihood_value()
+            -3.5
+        """
+        t = self.log_likelihood
+        read = self.__dict__.get("_read")
+        if read is not None and read[0] is t and read[1] == _compat.tensor_version(t):
+            return read[2]
+        return float(t)
 
 
 def _hmm_parts(
@@ -456,23 +475,33 @@ def _arrange(
 ) -> torch.Tensor:
     """Permute a packed tensor (dims named by ``_compat.pyro_dims(t)``) into the positions ``dims_out``
     (``None`` = a broadcast position) and expand it to ``shape_out``."""
-    src = _compat.pyro_dims(t)
+    view, shape = _arrangement(
+        _compat.pyro_dims(t), tuple(dims_out), tuple(t.shape), tuple(shape_out)
+    )
+    # (the view ops that change something only: a mixture's (K, N) posterior is one permute)
+    x = t.reshape(()) if view == () else t if view is None else t.permute(view)
+    return x if shape is None else x.reshape(shape).expand(shape_out)
+
+
+@functools.lru_cache(maxsize=256)
+def _arrangement(src: str, dims_out: tuple, shape: tuple, shape_out: tuple) -> tuple:
+    """:func:`_arrange`'s view ops, from the names and shapes only (a mixture's posterior is
+    arranged the same way at every E-step): the permutation (``()``: to a scalar, None: none)
+    and the shape to reshape to before the expand (None: none)."""
     missing = set(src) - {d for d in dims_out if d is not None}
     if missing:
         raise AssertionError(f"dims {missing} of a packed tensor were not placed")  # internal bug
     present = [d for d in dims_out if d is not None and d in src]
     order = [src.index(d) for d in present]
-    # (the view ops that change something only: a mixture's (K, N) posterior is one permute)
     if not present:
-        x = t.reshape(())
-    elif order != list(range(t.dim())):
-        x = t.permute(order)
+        view, after = (), ()
+    elif order != list(range(len(shape))):
+        view, after = tuple(order), tuple(shape[i] for i in order)
     else:
-        x = t
-    if x.shape == shape_out:
-        return x
-    shape = [t.shape[src.index(d)] if d is not None and d in src else 1 for d in dims_out]
-    return x.reshape(shape).expand(shape_out)
+        view, after = None, tuple(shape)
+    if after == tuple(shape_out):
+        return view, None
+    return view, [shape[src.index(d)] if d is not None and d in src else 1 for d in dims_out]
 
 
 def _plate_layout(
@@ -798,10 +827,15 @@ def _two_factors(terms: list, symbol: str, scratch: frozenset):
 def _new_posterior(tr, log_z: torch.Tensor, scale: float) -> Posterior:
     """A :class:`Posterior` with ``log p(x)``, the common scale, the trace's dims and the
     minibatch it saw (its subsample sites); the posteriors are filled in after."""
+    return _bare_posterior(log_z, scale, tr.symbol_to_dim, tr._subsample_sites)
+
+
+def _bare_posterior(log_z, scale: float, symbol_to_dim: dict, subsample_sites: dict) -> Posterior:
+    """:func:`_new_posterior` from what it reads of the trace."""
     post = Posterior(log_likelihood=log_z, scale=scale)
-    post.symbol_to_dim = dict(tr.symbol_to_dim)
+    post.symbol_to_dim = dict(symbol_to_dim)
     post.subsample = poutine.Trace()
-    for name, site in tr._subsample_sites.items():
+    for name, site in subsample_sites.items():
         post.subsample.add_node(name, **site)
     return post
 
@@ -855,17 +889,38 @@ def _lean_posterior(tr) -> Posterior | None:
         for _, site, lp in sites
         if site.get("_emvae_scratch") == lp.untyped_storage().data_ptr()
     )
-    done = _two_factors([lp for _, _, lp in sites], symbol, scratch)
+    layouts = [_plate_layout(site["cond_indep_stack"], tr.plate_to_symbol) for _, site, _ in sites]
+    return _mixture_posterior(
+        [name for name, _, _ in sites],
+        [lp for _, _, lp in sites],
+        layouts,
+        latent,
+        symbol,
+        scratch,
+        float(scale),
+        tr.symbol_to_dim,
+        tr._subsample_sites,
+    )
+
+
+def _mixture_posterior(
+    names, lps, layouts, latent, symbol, scratch, scale, symbol_to_dim, subsample_sites
+) -> Posterior | None:
+    """The end of :func:`_lean_posterior` (and of :class:`_SteadyMixture`): the two factors
+    ``lps`` (packed, over the same dims) of the sites ``names`` summed and normalized by
+    :func:`_two_factors`, the posterior named and arranged per site (``layouts``: each
+    site's :func:`_plate_layout`). None where :func:`_two_factors` declines."""
+    done = _two_factors(lps, symbol, scratch)
     if done is None:
         return None
     log_z, (q, _) = done
+    dims = _compat.pyro_dims(lps[0])
     _compat.set_pyro_dims(q, dims)  # (as _fill names it: a buffer of its own has no name)
-    post = _new_posterior(tr, log_z, float(scale))
-    size = shape[dims.index(symbol)]
+    post = _bare_posterior(log_z, scale, symbol_to_dim, subsample_sites)
+    size = lps[0].shape[dims.index(symbol)]
     arranged: dict[tuple, torch.Tensor] = {}
-    for name, site, _ in sites:
+    for name, (plate_dims, plate_shape) in zip(names, layouts):
         post.factor_q[name] = q
-        plate_dims, plate_shape = _plate_layout(site["cond_indep_stack"], tr.plate_to_symbol)
         key = (tuple(plate_dims), plate_shape)
         joint = arranged.get(key)
         if joint is None:
@@ -874,6 +929,202 @@ def _lean_posterior(tr) -> Posterior | None:
         if name == latent:
             post.marginals[name] = joint
     return post
+
+
+# (the keys the trace's symbolize_dims adds to an enumerated site's infer: not the model's)
+_SYMBOLIZED = frozenset(("_dim_to_symbol", "_enumerate_symbol"))
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _plain_infer(infer: dict) -> dict | None:
+    """A site's ``infer`` as the model pass left it (without the trace's symbols), or None
+    if a value is neither a plain number or string nor a dict of them (compared by ``==``)."""
+    out = {}
+    for k, v in infer.items():
+        if k in _SYMBOLIZED:
+            continue
+        if isinstance(v, dict):
+            if not all(type(a) in _PLAIN and type(b) in _PLAIN for a, b in v.items()):
+                return None
+        elif type(v) not in _PLAIN:
+            return None
+        out[k] = v
+    return out
+
+
+def _frames(stack) -> list:
+    """A site's plates as plain tuples (name, dim, size, counter, full_size, the size's type)
+    for ``==``: Pyro's frames compare without ``full_size`` and by a slower ``__eq__``."""
+    return [(*f, type(f.size)) for f in stack]
+
+
+class _SteadyMixture:
+    r"""The steady E-step of a mixture, once :func:`_lean_posterior` took its trace: what
+    :meth:`ExactEStep._enum_trace` and :func:`_lean_posterior` do after the model pass, for a
+    trace with the same structure, without their general Python (the loop over the sites'
+    kinds, Pyro's ``compute_log_prob``, the site-shape checks, ``symbolize_dims`` and the
+    packing, the detection of the mixture): the two sites' fused log-probs
+    (:func:`~pyro_emvae.kernels.fused_log_prob`), named with the template's symbols, and
+    :func:`_mixture_posterior`: the same operations on the same tensors, bit for bit.
+
+    Made from the first trace the general path finished (``of``) and read at every later
+    E-step (``__call__``), which checks that the new trace is one the template's steps
+    apply to unchanged, else returns None (nothing written: the general path runs):
+
+    * the same nodes in the same order; each sample site with the same distribution type,
+      observed or not, its ``infer`` (enumeration dim and ids) and plates (name, dim, size),
+      value and batch shapes and value dtype, no mask, a scale of 1, no ``args``; so that its
+      site-shape check (a function of these, see :func:`_check_site_shape`), its packed dims
+      and the trace's symbols are the template's;
+    * the same ``max_plate_nesting``, and Pyro's validation on only if it was for the template
+      (whose site-shape checks then ran);
+    * the fused kernels apply (their own checks: the value's support, the plan, the
+      conditioning bound) and give the template's shapes, recording no autograd.
+
+    Pyro's non-finite log-prob warnings: the general path sums each site's log-prob and warns
+    on a NaN or a :math:`+\infty` sum. Either one in a factor makes :math:`\log p(x)` NaN or
+    :math:`+\infty` (it reaches every row's max, sum and log), and a finite sum of these
+    log-densities cannot overflow to :math:`+\infty` (a Gaussian's is below
+    :math:`745 D` per entry, a Categorical's at most 0); so with validation on a finite
+    :math:`\log p(x)` is the proof that neither sum warns, and a non-finite one returns None
+    (the general path then recomputes the factors, warns as it does and goes on).
+    """
+
+    __slots__ = (
+        "depth",
+        "dim_to_symbol",
+        "latent",
+        "layouts",
+        "names",
+        "nodes",
+        "packed",
+        "shape",
+        "sites",
+        "symbol",
+        "symbol_to_dim",
+        "validated",
+    )
+
+    @classmethod
+    def of(cls, tr, depth: int) -> _SteadyMixture | None:
+        """The recipe of ``tr`` (a trace :func:`_lean_posterior` took, finished by the general
+        path), or None if it is not one the recipe covers (a mask of True, a site whose
+        log-prob is not a fused kernel's, an ``infer`` not compared by ``==``)."""
+        sites = [(n, s) for n, s in tr.nodes.items() if s["type"] == "sample"]
+        if len(sites) != 2:
+            return None
+        out = cls()
+        out.sites, out.dim_to_symbol, out.packed = [], [], []
+        for name, site in sites:
+            lp = site["packed"]["unscaled_log_prob"]
+            infer = _plain_infer(site["infer"])
+            if (
+                infer is None
+                or site["mask"] is not None
+                or type(site["scale"]) not in (float, int)
+                or site["scale"] != 1
+                or site["args"]
+                or site["kwargs"]
+                or site.get("_emvae_scratch") != lp.untyped_storage().data_ptr()
+                or site["unscaled_log_prob"] is not site["log_prob"]
+                or not torch.is_tensor(site["value"])
+            ):
+                return None
+            if _validate.is_enumerated(site):
+                out.latent = name
+            out.sites.append(
+                (
+                    name,
+                    type(site["fn"]),
+                    site["is_observed"],
+                    infer,
+                    _frames(site["cond_indep_stack"]),
+                    site["value"].shape,
+                    site["value"].dtype,
+                    site["fn"].batch_shape,
+                )
+            )
+            to_symbol = dict(_compat.dim_to_symbol(site))
+            out.dim_to_symbol.append(to_symbol)
+            # (the names _pack_own gives an unnamed log-prob without a size-1 dim, or None)
+            n = lp.dim()
+            named = 1 not in lp.shape and all(d - n in to_symbol for d in range(n))
+            out.packed.append("".join(to_symbol[d - n] for d in range(n)) if named else None)
+        lp = sites[0][1]["packed"]["unscaled_log_prob"]
+        out.shape = lp.shape
+        out.names = [name for name, _ in sites]
+        out.nodes = tuple(tr.nodes)
+        out.symbol = _compat.enum_symbol(tr.nodes[out.latent])
+        out.layouts = [_plate_layout(s["cond_indep_stack"], tr.plate_to_symbol) for _, s in sites]
+        out.symbol_to_dim = dict(tr.symbol_to_dim)
+        out.depth = depth
+        out.validated = is_validation_enabled()
+        return out
+
+    def __call__(self, tr, depth: int) -> Posterior | None:
+        nodes = tr.nodes
+        validating = is_validation_enabled()
+        if depth != self.depth or (validating and not self.validated) or tuple(nodes) != self.nodes:
+            return None
+        lps = []
+        for (name, kind, observed, infer, stack, vshape, vdtype, bshape), to_symbol, dims in zip(
+            self.sites, self.dim_to_symbol, self.packed
+        ):
+            site = nodes[name]
+            fn, value, scale = site["fn"], site["value"], site["scale"]
+            if (
+                type(fn) is not kind
+                or site["is_observed"] is not observed
+                or site["mask"] is not None
+                or type(scale) not in (float, int)
+                or scale != 1
+                or site["args"]
+                or site["kwargs"]
+                or "_emvae_replaced" in site
+                or site.get("_emvae_mask") is not None
+                or not torch.is_tensor(value)
+                or value.shape != vshape
+                or value.dtype != vdtype
+                or fn.batch_shape != bshape
+                or _frames(site["cond_indep_stack"]) != stack
+            ):
+                return None
+            try:  # (a value of the new infer that == cannot compare: not the template's)
+                if site["infer"] != infer:
+                    return None
+            except (RuntimeError, TypeError, ValueError):
+                return None
+            try:  # (an error: the general path raises it, with the trace's shapes)
+                lp = _kernels.fused_log_prob(fn, value)
+            except (ValueError, RuntimeError):
+                return None
+            if lp is None or lp.shape != self.shape or lp.requires_grad:
+                return None
+            if dims is not None and _compat.pyro_dims(lp, _UNNAMED) is _UNNAMED:
+                lps.append(_named(lp, dims))  # (_pack_own's names, read from the template)
+                continue
+            try:
+                lps.append(_pack_own(lp, to_symbol))
+            except ValueError:
+                return None
+        post = _mixture_posterior(
+            self.names,
+            lps,
+            self.layouts,
+            self.latent,
+            self.symbol,
+            frozenset(map(id, lps)),
+            1.0,
+            self.symbol_to_dim,
+            tr._subsample_sites,
+        )
+        if post is not None and validating:
+            log_z = post.log_likelihood
+            value = log_z.tolist()
+            if not math.isfinite(value):
+                return None  # (see the class docstring: the general path warns)
+            post._read = (log_z, _compat.tensor_version(log_z), value)  # (the loop's read)
+        return post
 
 
 def _rows(t: torch.Tensor, at: tuple | None) -> torch.Tensor:
@@ -1336,6 +1587,27 @@ class _ExactViewModel:
             return self.__wrapped__(*args, **kwargs)
 
 
+class _ExactEnum(EnumMessenger):
+    """``poutine.enum`` over a model run under :class:`_ExactView`, as one handler: each sample
+    message goes through :class:`_ExactView`'s step then the enumeration's, in the order of
+    the two handlers stacked (``enum(_ExactViewModel(model))``), with one messenger fewer
+    on the stack (Pyro calls every messenger for every message: a few microseconds per
+    model pass). A fresh view at every run, as :class:`_ExactViewModel` makes one."""
+
+    def __init__(self, first_available_dim: int, latent_masks: bool = False) -> None:
+        super().__init__(first_available_dim)
+        self._latent_masks = latent_masks
+        self._view = _ExactView(latent_masks)
+
+    def __enter__(self):
+        self._view = _ExactView(self._latent_masks)
+        return super().__enter__()
+
+    def _pyro_sample(self, msg) -> None:
+        self._view._pyro_sample(msg)
+        super()._pyro_sample(msg)
+
+
 def plate_nesting(trace) -> int:
     """How many plate dims a model uses (``max_plate_nesting``), from one trace of it: the
     deepest vectorized plate dim of its sample sites (0 without plates)."""
@@ -1409,6 +1681,7 @@ class ExactEStep:
         state = dict(self.__dict__)
         state.pop("_tracer", None)
         state.pop("_probe", None)  # (a probe's trace for the next M-step: not state)
+        state.pop("_steady", None)  # (the steady E-step's recipe: a cache)
         return state
 
     # ------------------------------------------------------------------ tracing
@@ -1426,11 +1699,16 @@ class ExactEStep:
             self.max_plate_nesting = plate_nesting(tr)
         return self.max_plate_nesting
 
-    def _enum_trace(self, args: tuple, kwargs: dict, replay: Any = None, potentials=None):
+    def _enum_trace(
+        self, args: tuple, kwargs: dict, replay: Any = None, potentials=None, lean: bool = False
+    ):
         """Trace the model with every annotated discrete site enumerated, validate the sites,
         and compute and pack their log-probs. ``potentials(name, site)``, if given, may return
         a tensor that replaces an observed site's log-likelihood (for a DiscreteHMM site, its
-        per-step emission log-likelihoods ``(*batch, T, K)``): used by initializations."""
+        per-step emission log-likelihoods ``(*batch, T, K)``): used by initializations.
+        ``lean`` (:meth:`posterior`'s call): at arguments validated before, the steady recipe
+        of a mixture (:class:`_SteadyMixture`) may take the trace and return its
+        :class:`Posterior` instead."""
         depth = self._plate_nesting(args, kwargs)
         # the handlers (enum, trace) of the last call without replay, reused: they start
         # afresh at each run (a new Trace, new enumeration dims), and making them costs more
@@ -1440,6 +1718,10 @@ class ExactEStep:
         if replay is None and cached is not None and cached[:2] == (depth, self.model):
             tracer = cached[2]
             self._tracer = None
+        elif replay is None and type(self.model) is _ExactViewModel:
+            # (enum and _ExactView as one handler: see _ExactEnum)
+            enum = _ExactEnum(-1 - depth, self.model._latent_masks)
+            tracer = poutine.trace(enum(self.model.__wrapped__), graph_type="flat")
         else:
             model = poutine.enum(self.model, first_available_dim=-1 - depth)
             if replay is not None:
@@ -1468,6 +1750,11 @@ class ExactEStep:
         checked = _validate.validate_estep_trace(
             self._validation, self.model, args, kwargs, tr, depth, key=arg_key
         )
+        steady = getattr(self, "_steady", None) if lean else None
+        if steady is not None and checked is None and potentials is None and replay is None:
+            post = steady(tr, depth)
+            if post is not None:
+                return post
         for name, site in tr.nodes.items():
             if site["type"] != "sample":
                 continue
@@ -1796,8 +2083,15 @@ class ExactEStep:
                 log_z, inputs, grads, pgrads, scale = self._contract(tr, list(params.values()))
         else:
             with torch.no_grad():
-                tr = self._enum_trace(args, kwargs, potentials=potentials)
+                tr = self._enum_trace(args, kwargs, potentials=potentials, lean=True)
+            if isinstance(tr, Posterior):  # (the steady recipe took the trace)
+                return tr
             lean = _lean_posterior(tr)
+            if potentials is None:  # (the recipe for the next E-steps, or none)
+                # (only where the next E-steps may take it: between the E-steps of a fit's
+                # loop, which keep the arguments' checks; a direct call checks them again)
+                keep = lean is not None and self._keep_data
+                self._steady = _SteadyMixture.of(tr, self.max_plate_nesting) if keep else None
             if lean is not None:
                 return lean
             # (the posterior is a gradient, even under no_grad: see grad_mode)

@@ -625,11 +625,12 @@ class InMemory(_Exact):
             return post
 
         post = rb.guard(estep, n_done)
-        return float(post.log_likelihood), post
+        # (float(post.log_likelihood), without a scalar copy where the E-step read it)
+        return post.log_likelihood_value(), post
 
     def update(self, post: Posterior, ticks: int, rb: Rollback) -> Tick:
         info = dict(self.optimizer(self.guide, post, self.args, self.kwargs) or {})
-        return Tick(float(post.log_likelihood), info, report={"posterior": post})
+        return Tick(post.log_likelihood_value(), info, report={"posterior": post})
 
     def final(self, rb: Rollback, ticks: int) -> float:
         return self.evaluate(rb, ticks)[0]
