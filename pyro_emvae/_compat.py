@@ -182,6 +182,10 @@ def enum_symbol(site: dict) -> str | None:
     return (site["infer"] or {}).get("_enumerate_symbol")
 
 
+# the keys Trace.pack_tensors adds to an enumerated site's infer (the trace's, not the model's)
+PACKED_INFER_KEYS = frozenset(("_dim_to_symbol", "_enumerate_symbol"))
+
+
 def dim_to_symbol(site: dict) -> dict:
     """``Trace.pack_tensors``' map from tensor dims to symbols, as the site's packed values use."""
     return site["infer"]["_dim_to_symbol"]

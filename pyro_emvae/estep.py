@@ -932,7 +932,7 @@ def _mixture_posterior(
 
 
 # (the keys the trace's symbolize_dims adds to an enumerated site's infer: not the model's)
-_SYMBOLIZED = frozenset(("_dim_to_symbol", "_enumerate_symbol"))
+_SYMBOLIZED = _compat.PACKED_INFER_KEYS
 _PLAIN = (str, int, float, bool, type(None))
 
 
