@@ -456,8 +456,18 @@ def test_the_probes_short_path_gives_what_the_general_path_gives(monkeypatch):
         lambda a: a.permute(2, 0, 1), lambda a: a.flatten(0, 1), lambda a: a.squeeze(),
         lambda a: a.detach(), lambda a: a.index_select(1, torch.tensor([2, 0])), lambda a: a.mT,
         lambda a: torch.flip(a, [0]), lambda a: a.narrow(1, 1, 2), lambda a: a.select(0, 1),
+        # (a shape argument: a distribution's expand passes its batch shape as a torch.Size)
+        lambda a: a.expand(torch.Size([4, 2, 3, 2])), lambda a: a.expand((4, 2, 3, 2)),
+        lambda a: a.reshape(torch.Size([6, 2])), lambda a: a.reshape((3, 4)),
     ]  # fmt: skip
     fast = [op(t) for op in ops]
+    # (each shape-argument op took the short path: it runs no general-path helper)
+    calls = []
+    strip = _track._strip
+    monkeypatch.setattr(_track, "_strip", lambda o: calls.append(o) or strip(o))
+    for op in ops[-4:]:
+        op(t)
+    assert not calls
     monkeypatch.setattr(_track, "_FAST", frozenset())
     slow = [op(t) for op in ops]
     for i, (a, b) in enumerate(zip(fast, slow, strict=True)):
