@@ -64,6 +64,7 @@ from pyro.infer.discrete import infer_discrete
 from pyro.infer.util import is_validation_enabled
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
+from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
@@ -71,6 +72,7 @@ from pyro.util import check_site_shape, warn_if_inf, warn_if_nan
 
 from pyro_emvae import _compat
 from pyro_emvae import kernels as _kernels
+from pyro_emvae import params as _params
 from pyro_emvae import validate as _validate
 from pyro_emvae._compat import BackwardSampleMessenger, Subsample, find_ordinal, packed
 from pyro_emvae.amortized import preserved_rng
@@ -1464,6 +1466,99 @@ class _Unrecycled(Messenger):
             self.gaps[id_] = msg["name"]
 
 
+class _FirstPass(Messenger):
+    """For :meth:`ExactEStep._first_trace`: the first E-step's enumerated pass run as ``fit``'s
+    prior trace too. Installed between ``poutine.enum`` (``enum``) and the model, it
+
+    * draws the model's one latent from its prior, as the prior trace drew it (Pyro's own
+      sampling, ``fn(*args, **kwargs)``, then dropped), so that the RNG is left as the prior
+      trace left it;
+    * with ``depth`` None, sets the enumeration's first dim at the first enumerated site from
+      the plates its sample sites met so far (the caller checks that no later site lies
+      deeper: then the trace is the one ``poutine.enum(first_available_dim=-1 - depth)``
+      makes, whose allocator nothing read before that site);
+    * says why the pass cannot stand for the prior trace (``refused``): a second latent (its
+      prior draw would read the first's drawn value), a latent that is not enumerated or that
+      a handler gave a value, or an observed site that a ``poutine.condition`` holds (the
+      prior trace marks those, see :class:`~pyro_emvae.validate.MarkConditioned`)."""
+
+    def __init__(self, enum, depth: int | None) -> None:
+        super().__init__()
+        self.enum, self.depth = enum, depth
+        self.deepest = 0  # the deepest vectorized plate dim of the sample sites so far (> 0)
+        self.latents = 0
+        self.refused: str | None = None
+
+    def _pyro_sample(self, msg) -> None:
+        if isinstance(msg["fn"], Subsample):
+            return
+        for f in msg["cond_indep_stack"]:
+            if f.vectorized and -f.dim > self.deepest:
+                self.deepest = -f.dim
+        if msg["done"] or msg["is_observed"]:
+            return
+        enumerated = msg["infer"].get("enumerate") == "parallel"
+        if enumerated and self.depth is None:  # (the site enum allocates a dim for first)
+            self.depth = self.deepest
+            self.enum.first_available_dim = -1 - self.depth
+            _compat.ENUM_ALLOCATOR.set_first_available_dim(-1 - self.depth)
+        self.latents += 1
+        if msg["value"] is not None or self.latents > 1 or not enumerated:
+            self.refused = "a latent given a value, a second latent, or one not enumerated"
+            return
+        msg["fn"](*msg["args"], **msg["kwargs"])  # (the prior trace's draw, see above)
+
+    def _pyro_post_sample(self, msg) -> None:
+        if msg["is_observed"] and any(
+            isinstance(f, ConditionMessenger) for f in _compat.handler_stack()
+        ):
+            self.refused = "a site held by poutine.condition"
+
+
+@dataclass
+class _FirstTrace:
+    """A trace made by :meth:`ExactEStep._first_trace` for the guide's next E-step, with what
+    it was made from: the E-step takes it instead of tracing only for the same model, depth,
+    argument objects (same in-place versions) and param leaves (same in-place versions)."""
+
+    trace: Any
+    depth: int
+    model: Any
+    args: tuple
+    versions: tuple
+    params: tuple
+    # the plate dims fit's checks (validate_fit_inputs) read once they passed on this trace
+    # (its plate nesting), None before: the E-step does not run the same checks again
+    checked: int | None = None
+
+    @staticmethod
+    def state(args: tuple, kwargs: dict) -> tuple[tuple, tuple, tuple]:
+        objects = (*args, *(v for _, v in sorted(kwargs.items())))
+        versions = (
+            tuple(sorted(kwargs)),
+            *(_compat.tensor_version(a) if isinstance(a, torch.Tensor) else None for a in objects),
+        )
+        # (the leaves themselves, held: compared by identity, then by version)
+        leaves = tuple(
+            (n, u, _compat.tensor_version(u)) for n, u in _params.unconstrained().items()
+        )
+        return objects, versions, leaves
+
+    def matches(self, depth: int, model: Any, args: tuple, kwargs: dict) -> bool:
+        if depth != self.depth or model is not self.model:
+            return False
+        objects, versions, leaves = self.state(args, kwargs)
+        return (
+            len(objects) == len(self.args)
+            and all(a is b for a, b in zip(objects, self.args))
+            and versions == self.versions
+            and len(leaves) == len(self.params)
+            and all(
+                n == m and u is w and v == x for (n, u, v), (m, w, x) in zip(leaves, self.params)
+            )
+        )
+
+
 def _reads(tr) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """Each sample site's enumerated parents by name (from its factor's dims), and the dims
     of its factor that are neither a plate's nor an enumerated site's."""
@@ -1681,6 +1776,7 @@ class ExactEStep:
         state = dict(self.__dict__)
         state.pop("_tracer", None)
         state.pop("_probe", None)  # (a probe's trace for the next M-step: not state)
+        state.pop("_first", None)  # (fit's first pass, for the next E-step: not state)
         state.pop("_steady", None)  # (the steady E-step's recipe: a cache)
         return state
 
@@ -1699,6 +1795,35 @@ class ExactEStep:
             self.max_plate_nesting = plate_nesting(tr)
         return self.max_plate_nesting
 
+    def _first_trace(self, args: tuple, kwargs: dict):
+        """The first E-step's model pass, run by ``fit`` before its first iteration so that
+        the same pass serves as fit's prior trace (its input checks, the count of observed
+        values, the params, ``max_plate_nesting``): one model pass per fit fewer. Returns
+        ``(trace, depth)`` (the trace untouched: the E-step computes nothing on it until its
+        next call) and keeps the trace for that call (:class:`_FirstTrace`: taken only for the
+        same arguments and params), or None where the pass cannot stand for a prior trace
+        (see :class:`_FirstPass`; the caller then undoes its draws and params and takes the
+        separate passes). The pass is the E-step's own: parallel enumeration at ``depth`` (read
+        from the plates met before the first enumerated site when ``max_plate_nesting`` is
+        None, and checked against every site's after), under ``no_grad`` as the E-step runs
+        it, with the enumeration budget watching; it draws the model's one latent as the
+        prior trace did, so the RNG is left as that trace left it."""
+        depth = self.max_plate_nesting
+        enum = EnumMessenger(None if depth is None else -1 - depth)
+        first = _FirstPass(enum, depth)
+        tracer = poutine.trace(enum(first(self.model)), graph_type="flat")
+        with torch.no_grad(), _validate.explain_model_errors(tracer, depth, budget=True):
+            tr = tracer.get_trace(*args, **kwargs)
+        if first.refused is not None:
+            return None
+        found = plate_nesting(tr)
+        if first.depth is None:  # (nothing enumerated: any depth gives this trace)
+            first.depth = found if depth is None else depth
+        elif depth is None and found != first.depth:
+            return None  # (a plate deeper than the enumeration's dims: they would overlap)
+        self._first = _FirstTrace(tr, first.depth, self.model, *_FirstTrace.state(args, kwargs))
+        return tr, first.depth
+
     def _enum_trace(
         self, args: tuple, kwargs: dict, replay: Any = None, potentials=None, lean: bool = False
     ):
@@ -1710,33 +1835,21 @@ class ExactEStep:
         of a mixture (:class:`_SteadyMixture`) may take the trace and return its
         :class:`Posterior` instead."""
         depth = self._plate_nesting(args, kwargs)
-        # the handlers (enum, trace) of the last call without replay, reused: they start
-        # afresh at each run (a new Trace, new enumeration dims), and making them costs more
-        # than the E-step's own arithmetic on small data. Taken out while they run (a model
-        # that asks its own guide for a posterior gets handlers of its own).
-        cached = getattr(self, "_tracer", None)
-        if replay is None and cached is not None and cached[:2] == (depth, self.model):
-            tracer = cached[2]
-            self._tracer = None
-        elif replay is None and type(self.model) is _ExactViewModel:
-            # (enum and _ExactView as one handler: see _ExactEnum)
-            enum = _ExactEnum(-1 - depth, self.model._latent_masks)
-            tracer = poutine.trace(enum(self.model.__wrapped__), graph_type="flat")
+        # fit's first pass (_first_trace), made for this call: the pass this call would make
+        first = self.__dict__.pop("_first", None)
+        if (
+            first is not None
+            and replay is None
+            and potentials is None
+            and not torch.is_grad_enabled()
+            and first.matches(depth, self.model, args, kwargs)
+        ):
+            arg_key = self._validation.key(args, kwargs)
+            tr = first.trace
+            prechecked = first.checked  # (fit's checks of this very trace)
         else:
-            model = poutine.enum(self.model, first_available_dim=-1 - depth)
-            if replay is not None:
-                model = poutine.replay(model, trace=replay)
-            tracer = poutine.trace(model, graph_type="flat")
-        # (the enumeration's sizes follow the arguments' shapes: watched once per set of shapes,
-        # not at every minibatch of a stream)
-        # (the arguments' key, read once, before the model runs: a model that changes its
-        # arguments in place has them checked again at the next call, as it had before)
-        arg_key = self._validation.key(args, kwargs)
-        fresh = not self._validation.same_shapes(arg_key[1])
-        with _validate.explain_model_errors(tracer, depth, budget=fresh):
-            tr = tracer.get_trace(*args, **kwargs)
-        if replay is None:
-            self._tracer = (depth, self.model, tracer)
+            arg_key, tr = self._traced(args, kwargs, depth, replay)
+            prechecked = None
         subsample_sites = {
             n: s
             for n, s in tr.nodes.items()
@@ -1748,8 +1861,9 @@ class ExactEStep:
         tr._subsample_sites = subsample_sites
         # input checks, before any log-prob: once per set of arguments (see validate.py)
         checked = _validate.validate_estep_trace(
-            self._validation, self.model, args, kwargs, tr, depth, key=arg_key
-        )
+            self._validation, self.model, args, kwargs, tr, depth, key=arg_key,
+            prechecked=prechecked,
+        )  # fmt: skip
         steady = getattr(self, "_steady", None) if lean else None
         if steady is not None and checked is None and potentials is None and replay is None:
             post = steady(tr, depth)
@@ -1816,6 +1930,37 @@ class ExactEStep:
                 self._check_dims(tr, args, kwargs, depth)
             self._validation.remember(*checked)
         return tr
+
+    def _traced(self, args: tuple, kwargs: dict, depth: int, replay: Any):
+        """The E-step's model pass: ``(the arguments' key, the enumerated trace)``."""
+        # the handlers (enum, trace) of the last call without replay, reused: they start
+        # afresh at each run (a new Trace, new enumeration dims), and making them costs more
+        # than the E-step's own arithmetic on small data. Taken out while they run (a model
+        # that asks its own guide for a posterior gets handlers of its own).
+        cached = getattr(self, "_tracer", None)
+        if replay is None and cached is not None and cached[:2] == (depth, self.model):
+            tracer = cached[2]
+            self._tracer = None
+        elif replay is None and type(self.model) is _ExactViewModel:
+            # (enum and _ExactView as one handler: see _ExactEnum)
+            enum = _ExactEnum(-1 - depth, self.model._latent_masks)
+            tracer = poutine.trace(enum(self.model.__wrapped__), graph_type="flat")
+        else:
+            model = poutine.enum(self.model, first_available_dim=-1 - depth)
+            if replay is not None:
+                model = poutine.replay(model, trace=replay)
+            tracer = poutine.trace(model, graph_type="flat")
+        # (the enumeration's sizes follow the arguments' shapes: watched once per set of shapes,
+        # not at every minibatch of a stream)
+        # (the arguments' key, read once, before the model runs: a model that changes its
+        # arguments in place has them checked again at the next call, as it had before)
+        arg_key = self._validation.key(args, kwargs)
+        fresh = not self._validation.same_shapes(arg_key[1])
+        with _validate.explain_model_errors(tracer, depth, budget=fresh):
+            tr = tracer.get_trace(*args, **kwargs)
+        if replay is None:
+            self._tracer = (depth, self.model, tracer)
+        return arg_key, tr
 
     def _check_dims(self, tr, args, kwargs, depth: int) -> None:
         """Refuse a model whose factor graph under enumeration is not the one it describes,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.optim import PyroOptim
@@ -37,7 +38,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro_emvae import _compat
 from pyro_emvae import distributed as dp
 from pyro_emvae import params as _params
-from pyro_emvae.amortized import preserved_rng
+from pyro_emvae.amortized import preserved_rng, rng_state, set_rng
 from pyro_emvae.checkpoint import Checkpoint, StreamDigest, check_storable, data_digest
 from pyro_emvae.elbo import KLControlledELBO
 from pyro_emvae.estep import EnumerationError, ExactEStep, plate_nesting
@@ -209,6 +210,95 @@ def _inspect(model: Callable, args: tuple, kwargs: dict) -> _ModelInfo:
     total = observed_count(tr)
     params = [n for n, s in tr.nodes.items() if s["type"] == "param"]
     return _ModelInfo(params, max(total, 1), enumerates, tr, (args, kwargs), model, 0, total)
+
+
+def _info(model: Callable, args: tuple, kwargs: dict, tr) -> _ModelInfo:
+    enumerates = any(
+        s["type"] == "sample" and s["infer"].get("enumerate") == "parallel"
+        for s in tr.nodes.values()
+    )
+    total = observed_count(tr)
+    params = [n for n, s in tr.nodes.items() if s["type"] == "param"]
+    return _ModelInfo(params, max(total, 1), enumerates, tr, (args, kwargs), model, 0, total)
+
+
+def _inspect_first(guide: ExactEStep, args: tuple, kwargs: dict) -> _ModelInfo | None:
+    """:func:`_inspect` and fit's input checks on the guide's first E-step pass
+    (:meth:`ExactEStep._first_trace`, kept for that E-step), instead of a prior trace of their
+    own: one model pass per fit fewer. The same checks, on the enumerated trace: what they
+    read of it is what they read of the prior trace (the same params, observed values, masks
+    and plates) or more (every component's distribution parameters, where the prior trace
+    holds the drawn ones); the RNG is left as the prior trace left it (its one draw made
+    again), the params are created in the same order.
+
+    Returns None, with the draws and the params the pass made undone, where the pass cannot
+    stand for the prior trace (see :func:`_reads_as_prior` and
+    :class:`~pyro_emvae.estep._FirstPass`) or where the pass or a check fails: the caller then
+    takes the separate passes, which say what they said before (an error of the prior
+    trace's, or the first E-step's own). Not for a data-parallel fit or under the user's own
+    handlers (which a prior trace does not see and the E-step does)."""
+    if dp.active() or _compat.handler_stack():
+        return None
+    store = pyro.get_param_store()
+    before = set(store.keys())
+    rng = rng_state()
+    try:
+        first = guide._first_trace(args, kwargs)
+        if first is not None and _reads_as_prior(first[0], first[1]):
+            tr, depth = first
+            info = _info(guide.model, args, kwargs, tr)
+            validate_fit_inputs(guide.model, args, kwargs, tr, exact=True, components=False)
+            info.n_data = max(info.observed, 1)
+            check_components(prune_subsample_sites(tr), info.observed)
+            if guide.max_plate_nesting is None:
+                guide.max_plate_nesting = depth
+            # (validate_fit_inputs read the trace's own plate nesting: the first E-step skips
+            # the checks it shares with them on this same trace)
+            guide._first.checked = plate_nesting(tr)
+            return info
+    except Exception:  # noqa: BLE001, S110 - the separate passes say what it is, as before
+        pass
+    guide.__dict__.pop("_first", None)
+    for name in [n for n in store if n not in before]:
+        del store[name]
+    set_rng(rng)
+    return None
+
+
+def _reads_as_prior(tr, depth: int) -> bool:
+    """Whether fit's checks and count read the same of this enumerated trace as of a prior
+    trace: every observed site's support holds no tensor (a support read from the params, such
+    as a Binomial's, is checked for the drawn component in a prior trace and for any component
+    in an enumerated one), and every mask on an observed site spans no dim left of the plates
+    (where the enumerated dims lie; a mask computed from an enumerated value would count
+    other rows than a drawn one) and broadcasts to at most 2**24 cells (so that the share of
+    cells it keeps is the same float32 however many enumerated copies it is counted over)."""
+    for site in tr.nodes.values():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        fn = site["fn"]
+        try:
+            support = fn.support
+        except (NotImplementedError, AttributeError):
+            return False
+        while isinstance(support, dist.constraints.independent):
+            support = support.base_constraint
+        if any(isinstance(v, torch.Tensor) for v in vars(support).values()):
+            return False
+        masks = [(site["mask"], fn.batch_shape)]
+        inner = fn.observation_dist if isinstance(fn, dist.DiscreteHMM) else fn
+        while isinstance(inner, (dist.Independent, dist.MaskedDistribution)):
+            if isinstance(inner, dist.MaskedDistribution):
+                masks.append((_compat.mask_of(inner), inner.batch_shape))
+            inner = inner.base_dist
+        for mask, batch in masks:
+            if not torch.is_tensor(mask):
+                continue
+            if any(n != 1 for n in mask.shape[: max(mask.dim() - depth, 0)]):
+                return False
+            if math.prod(batch) * mask.numel() > 2**24:
+                return False
+    return True
 
 
 def _inspect_stream(
@@ -523,7 +613,9 @@ def fit(
         # the M-step's plan too: one setup pass fewer, see ExactEStep._shared_probe; no other
         # M-step reads a plan, and a stream's passes plan each batch afresh)
         guide.share_probe = isinstance(mstep, EMOptim) and stream is None
-    if stream is None:
+    # (an ExactEStep's first E-step pass serves as the prior trace where it can: _inspect_first)
+    info = _inspect_first(guide, args, kwargs) if exact and stream is None else None
+    if stream is None and info is None:
         info = _inspect(seen, args, kwargs)
         # bad data, params or shapes: a clear error before any work (pyro_emvae.validate)
         validate_fit_inputs(seen, args, kwargs, info.trace, exact=exact, components=False)
@@ -533,7 +625,7 @@ def fit(
             check_components(prune_subsample_sites(info.trace), observed)
             if guide.max_plate_nesting is None:  # (from this trace: the E-step needs no other)
                 guide.max_plate_nesting = plate_nesting(info.trace)
-    else:
+    elif stream is not None:
         info = _inspect_stream(seen, stream, exact, digest)
     if n_data is None:
         n_data = info.n_data

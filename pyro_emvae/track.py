@@ -190,9 +190,9 @@ class Tracked(torch.Tensor):
         return _plain(result)
 
 
-# The probe's most frequent ops, on one tracked value among plain arguments (no container,
-# no tensor keyword): shape inspections, whose result is not a tensor, and selections. They
-# take a shorter road to the same result as the general path below (the same op on the same
+# The probe's most frequent ops, on one tracked value among plain arguments (no container but
+# a shape, no tensor keyword): shape inspections, whose result is not a tensor, and selections.
+# They take a shorter road to the same result as the general path below (the same op on the same
 # plain tensors; the ids by the same op on the ids), with torch's subclass dispatch off once
 # instead of once per argument. Anything else goes the general way.
 _INSPECT = frozenset({
@@ -202,6 +202,13 @@ _INSPECT = frozenset({
 _FAST_SELECT = frozenset(_SELECT - {"__get__", "unbind", "split", "chunk"})  # (one tensor out)
 _FAST = _INSPECT | _FAST_SELECT
 _SLOW = object()
+
+
+def _is_shape(a) -> bool:
+    """A ``torch.Size`` or a flat tuple of ints (``expand(loc_shape)``, ``reshape((6, 2))``: a
+    distribution's ``expand`` passes its batch shape so): plain data, no tensor inside, which
+    the op reads the same on the values as on the ids."""
+    return type(a) is torch.Size or (type(a) is tuple and all(type(i) is int for i in a))
 
 
 def _fast(name: str, func, args: tuple, kwargs: dict):
@@ -214,7 +221,7 @@ def _fast(name: str, func, args: tuple, kwargs: dict):
             if src is not None or type(a) is not Tracked or a.form == "linear":
                 return _SLOW
             src = a
-        elif isinstance(a, _NESTED):
+        elif isinstance(a, _NESTED) and not _is_shape(a):
             return _SLOW
     if src is None or any(isinstance(v, (torch.Tensor, *_NESTED)) for v in kwargs.values()):
         return _SLOW

@@ -1812,6 +1812,7 @@ def validate_estep_trace(
     trace,
     max_plate_nesting: int,
     key: tuple | None = None,
+    prechecked: int | None = None,
 ) -> tuple | None:
     """The checks an ExactEStep runs on an enumerated trace before computing any log-prob, once
     per set of arguments (``state`` remembers which). Returns None when the arguments were
@@ -1822,17 +1823,22 @@ def validate_estep_trace(
     Params, observed values and shapes, the memory of the enumeration and the
     ``pyro.markov`` windows (the latter, one more model pass, only when the argument shapes
     change). Under subsampling the observed values are checked on every call (each call sees
-    another minibatch; a cheap pass over it).
+    another minibatch; a cheap pass over it). ``prechecked``: this very trace went through
+    :func:`validate_fit_inputs` (``exact=True``: fit's checks of its first E-step's pass, see
+    :meth:`~pyro_emvae.estep.ExactEStep._first_trace`), whose ``check_shapes`` read this many
+    plate dims; the same checks of the same trace are not run again.
     """
     key, shapes = state.key(args, kwargs) if key is None else key
     if state.seen(key):
         if _subsampled(trace):
             check_observed(trace, exact=True)
         return None
-    check_observed(trace, exact=True)
-    check_params(trace)
-    check_distributions(trace)
-    check_shapes(trace, max_plate_nesting)
+    if prechecked is None:
+        check_observed(trace, exact=True)
+        check_params(trace)
+        check_distributions(trace)
+    if prechecked != max_plate_nesting:
+        check_shapes(trace, max_plate_nesting)
     check_enumeration_memory(trace, max_plate_nesting)
     if not state.same_shapes(shapes):
         check_markov(model, args, kwargs, max_plate_nesting, trace=trace)

@@ -392,8 +392,8 @@ def test_a_shared_probe_is_used_only_for_what_it_saw(monkeypatch):
 
 
 def test_a_fit_makes_one_setup_pass_fewer(monkeypatch):
-    """Model passes of a GMM fit: one per E-step, fit's input-check trace, and one pass for
-    the structure check and the probe together."""
+    """Model passes of a GMM fit: one per E-step (the first also fit's input-check trace, see
+    ExactEStep._first_trace) and one pass for the structure check and the probe together."""
     model, args = _gmm("full")
     passes = [0]
 
@@ -403,7 +403,7 @@ def test_a_fit_makes_one_setup_pass_fewer(monkeypatch):
 
     res, probes = _fit(counted, args, True, monkeypatch, max_iter=5, tol=0)
     assert probes == 1
-    assert passes[0] == (res.n_iter + 1) + 2
+    assert passes[0] == (res.n_iter + 1) + 1
 
 
 @pytest.mark.parametrize("site", ["normal", "mvn", "categorical"])
@@ -456,8 +456,18 @@ def test_the_probes_short_path_gives_what_the_general_path_gives(monkeypatch):
         lambda a: a.permute(2, 0, 1), lambda a: a.flatten(0, 1), lambda a: a.squeeze(),
         lambda a: a.detach(), lambda a: a.index_select(1, torch.tensor([2, 0])), lambda a: a.mT,
         lambda a: torch.flip(a, [0]), lambda a: a.narrow(1, 1, 2), lambda a: a.select(0, 1),
+        # (a shape argument: a distribution's expand passes its batch shape as a torch.Size)
+        lambda a: a.expand(torch.Size([4, 2, 3, 2])), lambda a: a.expand((4, 2, 3, 2)),
+        lambda a: a.reshape(torch.Size([6, 2])), lambda a: a.reshape((3, 4)),
     ]  # fmt: skip
     fast = [op(t) for op in ops]
+    # (each shape-argument op took the short path: it runs no general-path helper)
+    calls = []
+    strip = _track._strip
+    monkeypatch.setattr(_track, "_strip", lambda o: calls.append(o) or strip(o))
+    for op in ops[-4:]:
+        op(t)
+    assert not calls
     monkeypatch.setattr(_track, "_FAST", frozenset())
     slow = [op(t) for op in ops]
     for i, (a, b) in enumerate(zip(fast, slow, strict=True)):
@@ -705,3 +715,345 @@ def test_the_update_reads_the_log_likelihood_again_if_it_changed():
     step2 = InMemory(guide, lambda *a: {}, args, {}, [])
     value, post = step2.evaluate(Rollback([], False), 0)
     assert step2.update(post, 0, Rollback([], False)).value == value
+
+
+# ---------------------------------------------------------------- fit's prior trace = first E-step
+def _random_init_after_latent():
+    """A param created after the latent from the RNG (so the prior trace's draw of z comes
+    between two param initializations), a masked plate inside an outer plate."""
+
+    def model(x):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=dist.constraints.simplex)
+        keep = torch.arange(x.shape[-1]) % 7 != 0
+        with (
+            pyro.plate("rep", x.shape[0], dim=-2),
+            pyro.plate("data", x.shape[-1]),
+            poutine.mask(mask=keep),
+        ):
+            z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+            locs = pyro.param("locs", lambda: torch.randn(2))
+            pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+
+    x = torch.randn(2, 30, generator=torch.Generator().manual_seed(4))
+    return model, (x,)
+
+
+def _no_latent():
+    def model(x):
+        loc = pyro.param("loc", torch.zeros(()))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    return model, (torch.randn(20, generator=torch.Generator().manual_seed(5)),)
+
+
+_FIRST_CASES = {
+    **{k: v for k, v in _SHARED_CASES.items() if k != "two-latents"},
+    "random-init-after-latent": _random_init_after_latent,
+    "no-latent": _no_latent,
+}
+
+
+def _fit_first(model, args, combined: bool, monkeypatch, **kw):
+    """fit with its first E-step pass as the prior trace (``combined``) or with the separate
+    prior trace; returns the result, the RNG state after, the model passes and whether the
+    separate prior trace ran."""
+    import sys
+
+    from pyro_emvae import EMOptim, fit
+
+    F = sys.modules["pyro_emvae.fit"]
+    passes, separate = [0], []
+
+    def counted(*a, **k):
+        passes[0] += 1
+        return model(*a, **k)
+
+    inspect = F._inspect
+    with monkeypatch.context() as m:
+        m.setattr(F, "_inspect", lambda *a, **k: separate.append(1) or inspect(*a, **k))
+        if not combined:
+            m.setattr(F, "_inspect_first", lambda *a, **k: None)
+        pyro.clear_param_store()
+        pyro.set_rng_seed(11)
+        guide = ExactEStep(counted)
+        res = fit(counted, guide, *args, optim=EMOptim(reg_covar=1e-6), progress=False, **kw)
+    return res, torch.get_rng_state(), passes[0], bool(separate), guide.max_plate_nesting
+
+
+@pytest.mark.parametrize("case", sorted(_FIRST_CASES))
+def test_fits_first_pass_gives_bitwise_the_fit_of_the_separate_prior_trace(case, monkeypatch):
+    """The first E-step's pass as fit's prior trace: bitwise the same fit (params, history,
+    n_data), the RNG left as the prior trace left it (its draw of the latent made again), the
+    same max_plate_nesting, one model pass fewer."""
+    model, args = _FIRST_CASES[case]()
+    a, rng_a, passes_a, sep_a, depth_a = _fit_first(model, args, True, monkeypatch, max_iter=4, tol=0)  # fmt: skip
+    b, rng_b, passes_b, sep_b, depth_b = _fit_first(model, args, False, monkeypatch, max_iter=4, tol=0)  # fmt: skip
+    assert not sep_a and sep_b
+    assert passes_a == passes_b - 1
+    assert torch.equal(rng_a, rng_b)
+    assert depth_a == depth_b
+    assert a.history.keys() == b.history.keys()
+    for key in b.history:
+        if key != "time":
+            assert a.history[key] == b.history[key], key
+    assert a.n_iter == b.n_iter and a.n_data == b.n_data
+    assert a.params.keys() == b.params.keys()
+    for k in b.params:
+        assert torch.equal(a.params[k], b.params[k]), k
+
+
+def _markov():
+    from models.hmm import gaussian_hmm_markov, init_params, sample_gaussian_hmm
+
+    data = sample_gaussian_hmm(N=2, T=5, K=2, D=2, seed=0)
+    data = data[0] if isinstance(data, tuple) else data
+    init = init_params(data, 2, "gaussian", seed=0)
+    return (lambda d: gaussian_hmm_markov(d, 2, init=init)), (data,)
+
+
+def _binomial():
+    """A support read from a param (a Binomial's total count per component)."""
+
+    def model(x):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=dist.constraints.simplex)
+        p = pyro.param("p", torch.tensor([0.3, 0.6]), constraint=dist.constraints.unit_interval)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+            pyro.sample("x", dist.Binomial(torch.tensor([10.0, 12.0])[z], p[z]), obs=x)
+
+    return model, (torch.tensor([1.0, 4.0, 9.0, 7.0, 2.0]),)
+
+
+def _mask_from_latent():
+    """A mask computed from the enumerated value: a prior trace counts the drawn rows."""
+
+    def model(x):
+        w = pyro.param("w", torch.tensor([0.3, 0.7]), constraint=dist.constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+            with poutine.mask(mask=z > 0):
+                pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+
+    return model, (torch.randn(12, generator=torch.Generator().manual_seed(6)),)
+
+
+def _deeper_plate_after():
+    """A plate at dim -2 entered only after the latent (inside the data plate at dim -1): the
+    enumeration's dim, set at the latent, would lie on it."""
+
+    def model(x):
+        w = pyro.param("w", torch.tensor([0.3, 0.7]), constraint=dist.constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("data", x.shape[-1], dim=-1):
+            z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+            with pyro.plate("rep", x.shape[0], dim=-2):
+                pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+
+    return model, (torch.randn(3, 8, generator=torch.Generator().manual_seed(7)),)
+
+
+def _conditioned():
+    def inner(x):
+        w = pyro.param("w", torch.tensor([0.3, 0.7]), constraint=dist.constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+            pyro.sample("x", dist.Normal(locs[z], s), obs=x)
+
+    model = poutine.condition(inner, data={"s": torch.tensor(1.5)})
+    return model, (torch.randn(12, generator=torch.Generator().manual_seed(8)),)
+
+
+_SEPARATE_CASES = {
+    "two-latents": _two_latents,
+    "markov": _markov,
+    "binomial-support": _binomial,
+    "mask-from-latent": _mask_from_latent,
+    "deeper-plate-after": _deeper_plate_after,
+    "conditioned": _conditioned,
+}
+
+
+@pytest.mark.parametrize("case", sorted(_SEPARATE_CASES))
+def test_models_the_first_pass_cannot_stand_for_keep_the_prior_trace(case, monkeypatch):
+    """Two latents (the prior trace's second draw reads the first's value), a support read
+    from params, a mask computed from the latent, a plate deeper than the enumeration's first
+    dim set at the latent, a site held by poutine.condition: the separate prior trace runs,
+    after the first pass's draws and params are undone (bitwise the fit and RNG as before)."""
+    model, args = _SEPARATE_CASES[case]()
+    a, rng_a, passes_a, sep_a, depth_a = _fit_first(model, args, True, monkeypatch, max_iter=3, tol=0)  # fmt: skip
+    b, rng_b, passes_b, sep_b, depth_b = _fit_first(model, args, False, monkeypatch, max_iter=3, tol=0)  # fmt: skip
+    assert sep_a and sep_b
+    assert passes_a == passes_b + 1  # (the first pass, undone)
+    assert torch.equal(rng_a, rng_b) and depth_a == depth_b
+    assert a.n_data == b.n_data and a.n_iter == b.n_iter
+    assert a.history["log_likelihood"] == b.history["log_likelihood"]
+    for k in b.params:
+        assert torch.equal(a.params[k], b.params[k]), k
+
+
+def _nan_in_data():
+    model, (x,) = _gmm("full")
+    x = x.clone()
+    x[3, 1] = float("nan")
+    return model, (x,)
+
+
+def _nan_in_an_undrawn_component():
+    """A component's loc is NaN and its weight 0: a prior trace never draws it (the first
+    E-step's checks refuse it)."""
+
+    def model(x):
+        w = pyro.param("w", torch.tensor([1.0, 0.0]), constraint=dist.constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([0.0, float("nan")]))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+            pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+
+    return model, (torch.randn(10, generator=torch.Generator().manual_seed(9)),)
+
+
+def _too_many_components():
+    model, (x,) = _gmm("diag")
+    return model, (x[:2],)
+
+
+def _bad_shape():
+    model, (x,) = _gmm("diag")
+    return model, (x[:, :1],)
+
+
+def _item_of_latent():
+    """A model that reads its latent as one number: fine on a drawn value, not under
+    enumeration."""
+
+    def model(x):
+        w = pyro.param("w", torch.tensor([0.3, 0.7]), constraint=dist.constraints.simplex)
+        z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(float(z), 1.0), obs=x)
+
+    return model, (torch.randn(10, generator=torch.Generator().manual_seed(10)),)
+
+
+_ERROR_CASES = {
+    "nan-in-data": _nan_in_data,
+    "nan-in-an-undrawn-component": _nan_in_an_undrawn_component,
+    "too-many-components": _too_many_components,
+    "bad-shape": _bad_shape,
+    "item-of-latent": _item_of_latent,
+}
+
+
+@pytest.mark.parametrize("case", sorted(_ERROR_CASES))
+def test_fits_first_pass_leaves_every_error_as_it_was(case, monkeypatch):
+    """Bad inputs and models fail with the same error (type and message) either way, and leave
+    the RNG and the param store as the separate passes leave them."""
+    model, args = _ERROR_CASES[case]()
+    got = []
+    for combined in (True, False):
+        with pytest.raises(Exception) as info:
+            _fit_first(model, args, combined, monkeypatch, max_iter=2, tol=0)
+        store = {n: pyro.param(n).detach().clone() for n in pyro.get_param_store()}
+        got.append((type(info.value), str(info.value), torch.get_rng_state(), store))
+    (ta, ma, ra, sa), (tb, mb, rb, sb) = got
+    assert ta is tb and ma == mb
+    assert torch.equal(ra, rb)
+    assert sa.keys() == sb.keys()
+    assert all(sa[k].numpy().tobytes() == sb[k].numpy().tobytes() for k in sa)  # (NaN too)
+
+
+def test_the_kept_first_pass_is_taken_only_for_what_it_was_made_from():
+    """ExactEStep._first_trace's trace is taken by the next E-step only for the same arguments
+    (not another tensor, not one changed in place) and params (not one changed in place, not
+    a new one), and only once; the posterior then is bitwise the one of its own pass."""
+    model, (x,) = _gmm("full")
+    passes = [0]
+
+    def counted(d):
+        passes[0] += 1
+        return model(d)
+
+    def run(change=None):
+        pyro.clear_param_store()
+        guide = ExactEStep(counted)
+        _, depth = guide._first_trace((x,), {})
+        guide.max_plate_nesting = depth
+        args = (x,)
+        if change is not None:
+            args = change() or args
+        passes[0] = 0
+        post = guide.posterior(*args)
+        used = passes[0] == 1  # (the structure check's own pass only)
+        assert passes[0] in (1, 2)
+        passes[0] = 0
+        again = guide.posterior(*args)  # (taken once: the next call traces)
+        assert passes[0] == 1
+        return used, post, again
+
+    used, post, again = run()
+    assert used
+    assert torch.equal(post.log_likelihood, again.log_likelihood)
+    for k in again.marginals:
+        assert torch.equal(post.marginals[k], again.marginals[k])
+
+    x2 = x.clone()
+    assert not run(lambda: (x2,))[0]  # another tensor
+    y = x.clone()
+    x_saved = x.clone()
+
+    def in_place():
+        x.add_(0.0)  # (a write: the version moves)
+
+    assert not run(in_place)[0]
+    x.copy_(x_saved)
+    del y
+
+    def param_in_place():
+        with torch.no_grad():
+            pyro.get_param_store().named_parameters().mapping["locs"].add_(0.5)
+
+    used, post, again = run(param_in_place)
+    assert not used and torch.equal(post.log_likelihood, again.log_likelihood)
+
+    def new_param():
+        pyro.param("extra", torch.zeros(2))
+
+    assert not run(new_param)[0]
+
+
+@pytest.mark.parametrize("depth", [None, 2])
+def test_the_first_e_step_does_not_repeat_fits_checks_of_the_same_trace(depth, monkeypatch):
+    """fit's input checks ran on the first E-step's own trace: the E-step runs its other checks
+    only (check_shapes again where it reads more plate dims than fit's did: a
+    max_plate_nesting above the model's); with the separate prior trace each runs twice."""
+    import sys
+
+    from pyro_emvae import EMOptim, fit
+
+    F = sys.modules["pyro_emvae.fit"]
+    model, args = _gmm("full")
+    names = ["check_observed", "check_params", "check_distributions", "check_shapes"]
+    for combined in (True, False):
+        calls = {n: 0 for n in names}
+        with monkeypatch.context() as m:
+            for n in names:
+                f = getattr(validate, n)
+
+                def counted(*a, _n=n, _f=f, _calls=calls, **k):
+                    _calls[_n] += 1
+                    return _f(*a, **k)
+
+                m.setattr(validate, n, counted)
+            if not combined:
+                m.setattr(F, "_inspect_first", lambda *a, **k: None)
+            pyro.clear_param_store()
+            guide = ExactEStep(model, max_plate_nesting=depth)
+            fit(model, guide, *args, optim=EMOptim(reg_covar=1e-6), max_iter=2, tol=0, progress=False)  # fmt: skip
+        once = {n: 1 for n in names}
+        if combined and depth is not None:
+            once["check_shapes"] = 2
+        assert calls == (once if combined else {n: 2 for n in names}), (combined, calls)
