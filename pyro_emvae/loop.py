@@ -72,7 +72,12 @@ from pyro_emvae.elbo import KLControlledELBO
 from pyro_emvae.errors import ConvergenceWarning
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
-from pyro_emvae.params import constrained, restore, snapshot, stamped_snapshot
+from pyro_emvae.params import (
+    constrained,
+    restore,
+    snapshot,  # noqa: F401 (fit imports it from here)
+    stamped_snapshot,
+)
 from pyro_emvae.result import FitResult
 from pyro_emvae.stream import Batches
 
