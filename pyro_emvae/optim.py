@@ -34,7 +34,7 @@ from pyro_emvae.checkpoint import load_optim_state
 from pyro_emvae.errors import ClosedFormWarning
 from pyro_emvae.estep import ExactEStep, Posterior, is_implicit
 from pyro_emvae.kernels import outer_rows
-from pyro_emvae.plan import Plan, PlanKey, same_rows
+from pyro_emvae.plan import Plan, PlanKey, same_rows, subsample_sites
 from pyro_emvae.rules import (
     MAXIMIZERS,
     MStepContext,
@@ -272,16 +272,17 @@ class EMOptim:
         is probed again at each call: its trace holds the values of the arguments no param
         tracks, some of them functions of the gradient params (a scale = softplus(ρ)), which
         move."""
-        key = PlanKey(args, kwargs)
+        cached = self._plan
         if (
             cache
-            and self._plan is not None
-            and not self._plan.gradient
+            and cached is not None
+            and not cached.gradient
             and self._plan_key is not None
-            and self._plan_key.matches(key)
-            and same_rows(self._plan.trace, subsample)
+            and self._plan_key.holds(args, kwargs)
+            and same_rows(cached.trace, subsample, self._probed_rows(cached))
         ):
-            return self._plan
+            return cached
+        key = PlanKey(args, kwargs)
         depth = guide._plate_nesting(args, kwargs)
         shared, dims = getattr(guide, "_probe", None), {}
         if shared is not None:
@@ -352,6 +353,16 @@ class EMOptim:
         # (after the probe: it may create params)
         self._plan_key = shared_key if shared_key is not None else PlanKey(args, kwargs)
         return self._plan
+
+    def _probed_rows(self, plan: Plan) -> dict:
+        """``subsample_sites(plan.trace)``, read once per plan (a plan's trace does not
+        change): what the cached plan's check compares the posterior's rows with."""
+        hit = self.__dict__.get("_rows")
+        if hit is not None and hit[0] is plan.trace:
+            return hit[1]
+        rows = subsample_sites(plan.trace)
+        self._rows = (plan.trace, rows)
+        return rows
 
     # ---------------------------------------------------------------- statistics
     def summarize(

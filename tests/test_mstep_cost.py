@@ -943,3 +943,77 @@ def test_the_mixture_recipe_reads_the_written_locs_as_the_store_holds_them(
     _assert_same(fast, general)
     recipe = _optim._Mixture((2, 50), 2, "weights", "locs", "scale_tril", [], torch.float64)
     assert recipe.loc_constraint is _params.constraint_of("locs")
+
+
+def test_the_plan_keys_check_in_place_agrees_with_a_new_key():
+    """``PlanKey.holds(args, kwargs)`` (the cached plan's check) is
+    ``matches(PlanKey(args, kwargs))`` under every change the key is made of: the argument
+    objects, their versions, shapes and dtypes, kwargs, the params' names, shapes and
+    constraints; and the plan is probed again exactly when it says no."""
+    from pyro_emvae.plan import PlanKey
+
+    pyro.clear_param_store()
+    x = torch.randn(5, 2)
+    pyro.param("a", torch.ones(2))
+    pyro.param("b", torch.ones(3), constraint=constraints.positive)
+    key = PlanKey((x,), {})
+
+    def agree(args, kwargs):
+        want = key.matches(PlanKey(args, kwargs))
+        assert key.holds(args, kwargs) is want
+        return want
+
+    assert agree((x,), {})
+    assert not agree((x.clone(),), {})  # another object
+    assert not agree((x, x), {})
+    assert not agree((), {})
+    assert not agree((x,), {"y": x})
+    x.add_(1.0)  # in place: its version
+    assert not agree((x,), {})
+    key = PlanKey((x, 3), {"y": x})
+    assert agree((x, 3), {"y": x}) and not agree((x, 4), {"y": x})
+    key = PlanKey((x,), {})
+    _params.write({"a": torch.zeros(2)})  # a value: no part of the key
+    assert agree((x,), {})
+    store = pyro.get_param_store()
+    del store["b"]
+    pyro.param("b", torch.ones(3))  # another constraint (the same names, in order)
+    assert not agree((x,), {})
+    key = PlanKey((x,), {})
+    del store["b"]
+    pyro.param("b", torch.ones(4))  # another shape
+    assert not agree((x,), {})
+    key = PlanKey((x,), {})
+    pyro.param("c", torch.ones(1))  # a new param
+    assert not agree((x,), {})
+    key = PlanKey((x,), {})
+    del store["c"]
+    pyro.param("c", torch.ones(1, dtype=torch.float32))  # another dtype
+    assert not agree((x,), {})
+
+
+def test_the_cached_plan_is_kept_and_dropped_as_before():
+    """The plan is kept across M-steps on the same data, and probed again when the data
+    change in place, another data object comes, or a param is added."""
+    data, _ = sample_gmm(N=40, K=2, D=2, seed=1)
+    init = init_params(data, 2, "full", seed=1)
+
+    def model(x):
+        return gmm_model(x, 2, "full", init=init)
+
+    pyro.clear_param_store()
+    guide, mstep = ExactEStep(model), EMOptim()
+    post = guide.posterior(data)
+    plan = mstep.plan(guide, (data,), {}, post.subsample)
+    assert mstep.plan(guide, (data,), {}, post.subsample) is plan
+    mstep(guide, post, (data,), {})
+    post = guide.posterior(data)
+    assert mstep.plan(guide, (data,), {}, post.subsample) is plan
+    data.mul_(1.0)  # in place, same values: its version moved
+    other = mstep.plan(guide, (data,), {}, guide.posterior(data).subsample)
+    assert other is not plan
+    copy = data.clone()
+    assert mstep.plan(guide, (copy,), {}, guide.posterior(copy).subsample) is not other
+    plan = mstep.plan(guide, (copy,), {}, guide.posterior(copy).subsample)
+    pyro.param("extra", torch.ones(1))
+    assert mstep.plan(guide, (copy,), {}, guide.posterior(copy).subsample) is not plan
