@@ -521,8 +521,10 @@ def test_a_steady_mstep_takes_few_ops():
 
     with Count():
         mstep(guide, post, (x,), {})
-    # (145 before the steady paths, 113 before EMOptim's mixture recipe; 72 now)
-    assert count[0] <= 75, count[0]
+    # (145 before the steady paths, 113 before EMOptim's mixture recipe, 72 before its
+    # one-op tests and shared unpack; 68 now, called directly: fit's loop also hands the
+    # M-step its rollback's copies, 3 clones fewer)
+    assert count[0] <= 70, count[0]
 
 
 def _three_msteps(model, data, fast: bool, **options):
