@@ -72,7 +72,12 @@ from pyro_emvae.elbo import KLControlledELBO
 from pyro_emvae.errors import ConvergenceWarning
 from pyro_emvae.estep import EnumerationError, ExactEStep, Posterior
 from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
-from pyro_emvae.params import constrained, restore, snapshot
+from pyro_emvae.params import (
+    constrained,
+    restore,
+    snapshot,  # noqa: F401 (fit imports it from here)
+    stamped_snapshot,
+)
 from pyro_emvae.result import FitResult
 from pyro_emvae.stream import Batches
 
@@ -133,10 +138,15 @@ class Rollback:
 
     def __init__(self, names: list[str], keep: bool) -> None:
         self.names = names
-        self.snap: dict[str, torch.Tensor] = snapshot(names) if keep else {}
+        self.snap: dict[str, torch.Tensor] = {}
+        # (each leaf and its version at the copy: an EMOptim step that follows at once takes
+        # these copies for its own rollback, see InMemory.update)
+        self.stamps: dict[str, tuple] = {}
+        if keep:
+            self.take()
 
     def take(self) -> None:
-        self.snap = snapshot(self.names)
+        self.snap, self.stamps = stamped_snapshot(self.names)
 
     def restore(self) -> None:
         restore(self.snap)
@@ -629,7 +639,16 @@ class InMemory(_Exact):
         return post.log_likelihood_value(), post
 
     def update(self, post: Posterior, ticks: int, rb: Rollback) -> Tick:
-        info = dict(self.optimizer(self.guide, post, self.args, self.kwargs) or {})
+        opt = self.optimizer
+        if isinstance(opt, EMOptim):
+            # (the rollback's copies, taken after this E-step with no code run since that
+            # could write a param unseen: the M-step's own rollback copy is the same bits)
+            opt._taken = (rb.snap, rb.stamps)
+        try:
+            info = dict(opt(self.guide, post, self.args, self.kwargs) or {})
+        finally:
+            if isinstance(opt, EMOptim):
+                opt._taken = None
         return Tick(post.log_likelihood_value(), info, report={"posterior": post})
 
     def final(self, rb: Rollback, ticks: int) -> float:

@@ -20,7 +20,8 @@ import pyro
 import torch
 from pyro.distributions import Categorical, DiscreteHMM, MultivariateNormal
 from pyro.optim import PyroOptim
-from torch.distributions import constraints
+from torch.distributions import constraints, transform_to
+from torch.distributions.transforms import ComposeTransform, IndependentTransform
 
 from pyro_emvae import _compat
 from pyro_emvae import distributed as dp
@@ -33,7 +34,7 @@ from pyro_emvae.checkpoint import load_optim_state
 from pyro_emvae.errors import ClosedFormWarning
 from pyro_emvae.estep import ExactEStep, Posterior, is_implicit
 from pyro_emvae.kernels import outer_rows
-from pyro_emvae.plan import Plan, PlanKey, same_rows
+from pyro_emvae.plan import Plan, PlanKey, same_rows, subsample_sites
 from pyro_emvae.rules import (
     MAXIMIZERS,
     MStepContext,
@@ -235,6 +236,8 @@ class EMOptim:
         self._plan: Plan | None = None
         self._plan_key: PlanKey | None = None
         self._two_pass: bool | None = None  # streaming: whether stage 1 needs its own pass
+        # (fit's loop sets it for one call: its rollback's copies and stamps, see __call__)
+        self._taken: tuple | None = None
 
     needs_param_grads = False
 
@@ -269,16 +272,17 @@ class EMOptim:
         is probed again at each call: its trace holds the values of the arguments no param
         tracks, some of them functions of the gradient params (a scale = softplus(ρ)), which
         move."""
-        key = PlanKey(args, kwargs)
+        cached = self._plan
         if (
             cache
-            and self._plan is not None
-            and not self._plan.gradient
+            and cached is not None
+            and not cached.gradient
             and self._plan_key is not None
-            and self._plan_key.matches(key)
-            and same_rows(self._plan.trace, subsample)
+            and self._plan_key.holds(args, kwargs)
+            and same_rows(cached.trace, subsample, self._probed_rows(cached))
         ):
-            return self._plan
+            return cached
+        key = PlanKey(args, kwargs)
         depth = guide._plate_nesting(args, kwargs)
         shared, dims = getattr(guide, "_probe", None), {}
         if shared is not None:
@@ -350,6 +354,16 @@ class EMOptim:
         self._plan_key = shared_key if shared_key is not None else PlanKey(args, kwargs)
         return self._plan
 
+    def _probed_rows(self, plan: Plan) -> dict:
+        """``subsample_sites(plan.trace)``, read once per plan (a plan's trace does not
+        change): what the cached plan's check compares the posterior's rows with."""
+        hit = self.__dict__.get("_rows")
+        if hit is not None and hit[0] is plan.trace:
+            return hit[1]
+        rows = subsample_sites(plan.trace)
+        self._rows = (plan.trace, rows)
+        return rows
+
     # ---------------------------------------------------------------- statistics
     def summarize(
         self,
@@ -419,17 +433,21 @@ class EMOptim:
         symbol_to_dim = posterior.symbol_to_dim
         if plan.dims:  # (the probe's enumerated dims: see Plan.dims)
             symbol_to_dim = {s: plan.dims.get(d, d) for s, d in symbol_to_dim.items()}
+        # (a factor posterior shared by several sites, a mixture's latent and observation:
+        # its unpacked view made once, the same view of the same tensor for each)
+        unpacked: dict[int, torch.Tensor] = {}
         for name, fn, value, direct, mask, scale in _site_layout(plan):
             if direct:
                 # factor_q: zero on a sequence poutine.mask drops (pairwise holds its prior)
                 weight = posterior.factor_q[name]
             else:
                 q = posterior.factor_q.get(name)
-                weight = (
-                    _unpack(q, symbol_to_dim)
-                    if q is not None
-                    else torch.ones((), device=value.device)
-                )
+                if q is None:
+                    weight = torch.ones((), device=value.device)
+                else:
+                    weight = unpacked.get(id(q))
+                    if weight is None:
+                        weight = unpacked[id(q)] = _unpack(q, symbol_to_dim)
                 if mask is not None:
                     weight = weight * mask
             if scale is not None:
@@ -590,9 +608,15 @@ class EMOptim:
         self.reg_covar = state.get("reg_covar", self.reg_covar)
 
     def __call__(self, guide: ExactEStep, posterior: Posterior, args: tuple, kwargs: dict):
+        # (fit's loop: its rollback's copies, for this call only)
+        taken, self._taken = self.__dict__.get("_taken"), None
+        cached = self._plan
         plan = self.plan(guide, args, kwargs, posterior.subsample)
-        # (the values to roll back to and the guard's memory: read only when needed)
-        before = _params.Snapshot(plan.closed_form + plan.gradient)
+        # (the values to roll back to and the guard's memory: read only when needed; the
+        # loop's copies of this E-step's params where no probe ran the model since)
+        before = _params.Snapshot(
+            plan.closed_form + plan.gradient, taken if plan is cached else None
+        )
         try:
             # (the plan was checked, or probed, on the posterior's rows: posterior.subsample)
             return self._step(guide, posterior, plan, args, kwargs, before, checked=True)
@@ -955,13 +979,29 @@ class _Mixture:
     Made once per plan (structure only: which params, their ids in their own layout, the
     sites' shapes); ``None`` where the plan is anything else."""
 
-    __slots__ = ("batch", "d", "dtype", "k", "locs", "n", "probs", "stage0", "tril")
+    __slots__ = (
+        "batch",
+        "d",
+        "dtype",
+        "k",
+        "loc_constraint",
+        "locs",
+        "n",
+        "probs",
+        "stage0",
+        "tril",
+    )
 
     def __init__(self, batch, d, probs, locs, tril, order, dtype) -> None:
         self.batch, self.k, self.n, self.d = batch, batch[0], batch[-1], d
         self.probs, self.locs, self.tril = probs, locs, tril
         self.stage0 = [p for p in order if p != tril]  # (the maximizers' order)
         self.dtype = dtype
+        # the locs' constraint when its transform is the identity (real, real_vector): the
+        # store then holds the written locs bit for bit (u.copy_(T^{-1}(L)) with T^{-1} = id),
+        # and stage 1 reads them without _params.value's transform and detach; else None
+        c = _params.constraint_of(locs)
+        self.loc_constraint = c if _identity_transform(c) else None
 
     def run(self, opt: EMOptim, plan: Plan, sites: list) -> int:
         """Make the stages the usual case allows (0, 1 or 2 of them), as the general path would:
@@ -986,8 +1026,9 @@ class _Mixture:
         if w.dim() != 2:  # (a view: the one Stats.add and outer_scatter read)
             w = w.reshape(self.k, self.n)
         nk = w.sum(1)  # (the general path's three sums of W over the plate: the same op)
-        # (tolist(): the bool without an aten op)
-        if not (nk > 0).all().tolist():
+        # (every count > 0, in one op: amin propagates a nan, which fails the test as
+        # (nk > 0).all() does; tolist(): the number without an aten op)
+        if not nk.amin().tolist() > 0:
             return 0  # (an empty component, a nan: the general path warns, keeps, raises)
         # stage 0: the weights (_Counts) and the locs (the weighted means, unbounded)
         counts, _, exact, probs = probability_rows(nk, opt.dirichlet, opt.min_prob)
@@ -1002,18 +1043,37 @@ class _Mixture:
                 else 0.0
             )
         _params.write({name: new[name] for name in self.stage0})
-        # stage 1: the Cholesky factors about the new locs (as the store holds them)
+        # stage 1: the Cholesky factors about the new locs (as the store holds them: the
+        # written tensor itself where the locs' transform is the identity, see __init__)
         wt = w.as_strided((self.n, self.k, 1), (w.stride(1), w.stride(0), 1))  # (N, K, 1)
-        s, _ = outer_rows(w, wt, x, _params.value(self.locs), den=nk)
+        c = self.loc_constraint
+        mu = (
+            new[self.locs]
+            if c is not None and _params.constraint_of(self.locs) is c
+            else _params.value(self.locs)
+        )
+        s, _ = outer_rows(w, wt, x, mu, den=nk)
         ml, cov = regularized_covariances(s + 0.0, nk, opt.reg_covar)
         chol, info = torch.linalg.cholesky_ex(cov)
-        if not (info == 0).all().tolist():
+        if info.any().tolist():  # (info >= 0: one op where (info == 0).all() is two)
             return 1  # (a singular covariance: the general path raises)
         opt._allowance.add(
             [functools.partial(_reg_cost_later, ml, chol, nk)] if opt.reg_covar > 0 else 0.0
         )
         _params.write({self.tril: chol})
         return 2
+
+
+def _identity_transform(c) -> bool:
+    """Whether ``transform_to(c)`` is the identity map (``constraints.real``, or
+    ``real_vector`` and other ``independent`` wrappers of it: an empty composition)."""
+    try:
+        t = transform_to(c)
+    except NotImplementedError:
+        return False
+    while isinstance(t, IndependentTransform):
+        t = t.base_transform
+    return type(t) is ComposeTransform and not t.parts
 
 
 def _mixture_recipe(plan: Plan) -> _Mixture | None:

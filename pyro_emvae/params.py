@@ -46,6 +46,7 @@ __all__ = [
     "put",
     "restore",
     "snapshot",
+    "stamped_snapshot",
     "unconstrained",
     "value",
     "write",
@@ -91,6 +92,17 @@ def snapshot(names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     # two: the loop takes one at every iteration)
     with torch.no_grad():
         return {n: u.clone() for n, u in unconstrained(names).items()}
+
+
+def stamped_snapshot(names: Iterable[str]) -> tuple[dict, dict]:
+    """:func:`snapshot` of the named params, and each leaf with its in-place version at the
+    copy (``{name: (u, version)}``): a :class:`Snapshot` made right after, with nothing run
+    in between that could write a param behind torch's version counter (a numpy view's
+    write does not move it), takes these copies instead of making its own (``taken``)."""
+    leaves = unconstrained(names)
+    with torch.no_grad():  # (the same clone as snapshot's)
+        copies = {n: u.clone() for n, u in leaves.items()}
+    return copies, {n: (u, _compat.tensor_version(u)) for n, u in leaves.items()}
 
 
 def restore(snap: dict[str, torch.Tensor]) -> None:
@@ -156,6 +168,9 @@ class Snapshot(Mapping):
     """The constrained values :math:`\theta = T_c(u)` of the named params as they are now,
     each computed when first read: a mapping like :func:`constrained`'s (the same bits), that
     keeps copies of the leaves :math:`u` and their constraints, and no more, until asked.
+    ``taken``: a :func:`stamped_snapshot` made just before, whose copy of a leaf is kept
+    where the store still holds that leaf at that version (the same bits, one copy fewer);
+    the caller vouches that nothing wrote a param behind the version counter in between.
     An M-step keeps one for its rollback and its guard, which read it only when something
     went wrong; a param's transform (a simplex, a Cholesky factor: several ops) is then not
     computed at every step.
@@ -170,10 +185,24 @@ class Snapshot(Mapping):
         tensor([1., 2.])
     """
 
-    def __init__(self, names: Iterable[str]) -> None:
+    def __init__(self, names: Iterable[str], taken: tuple | None = None) -> None:
         leaves = pyro.get_param_store().named_parameters().mapping
-        with torch.no_grad():  # (a copy out of autograd: one op where detach().clone() is two)
-            self._leaves = {n: leaves[n].clone() for n in names if n in leaves}
+        if taken is not None:  # (copies made already: see Taken)
+            copies, stamps = taken
+            self._leaves = {}
+            for n in names:
+                u = leaves.get(n)
+                if u is None:
+                    continue
+                stamp = stamps.get(n)
+                if stamp is not None and stamp[0] is u and stamp[1] == _compat.tensor_version(u):
+                    self._leaves[n] = copies[n]
+                else:
+                    with torch.no_grad():
+                        self._leaves[n] = u.clone()
+        else:
+            with torch.no_grad():  # (a copy out of autograd: one op where detach().clone() is two)
+                self._leaves = {n: leaves[n].clone() for n in names if n in leaves}
         self._constraint = {n: _compat.param_constraint(n) for n in self._leaves}
         self._values: dict[str, torch.Tensor] = {}
 

@@ -21,7 +21,7 @@ from pyro_emvae import params as _params
 from pyro_emvae._compat import Subsample
 from pyro_emvae.track import IdSpace
 
-__all__ = ["Plan", "PlanKey", "same_rows"]
+__all__ = ["Plan", "PlanKey", "same_rows", "subsample_sites"]
 
 
 @dataclass
@@ -58,6 +58,32 @@ class PlanKey:
             for n, v in _params.unconstrained().items()
         )
 
+    def holds(self, args: tuple, kwargs: dict) -> bool:
+        """``self.matches(PlanKey(args, kwargs))``, without making that key: the same
+        comparisons of the same things (the argument objects, their shapes, dtypes, devices
+        and versions; the store's param names in order, shapes, dtypes, devices and
+        constraints), for the cached plan's check at every M-step."""
+        if kwargs or self.names:
+            return self.matches(PlanKey(args, kwargs))
+        if len(args) != len(self.objects):
+            return False
+        for a, b, m in zip(args, self.objects, self.meta):
+            if a is not b or _meta(a) != m:
+                return False
+        leaves = _params.unconstrained()
+        if len(leaves) != len(self.params):
+            return False
+        for (n, shape, dtype, device, c), (name, v) in zip(self.params, leaves.items()):
+            if (
+                n != name
+                or tuple(v.shape) != shape
+                or v.dtype != dtype
+                or v.device != device
+                or id(_params.constraint_of(n)) != c
+            ):
+                return False
+        return True
+
     def matches(self, other: PlanKey) -> bool:
         return (
             len(self.objects) == len(other.objects)
@@ -74,15 +100,22 @@ def _meta(a) -> tuple:
     return ()
 
 
-def same_rows(trace, subsample) -> bool:
-    """Whether ``subsample`` (the E-step's plate subsample sites) selects the same rows as the
-    probe's ``trace`` did (no subsample sites: a model without plates)."""
-    sites = subsample.nodes if subsample is not None else {}
-    probed = {
+def subsample_sites(trace) -> dict:
+    """The plate subsample sites of a probe's ``trace`` (what :func:`same_rows` compares)."""
+    return {
         n: s
         for n, s in trace.nodes.items()
         if s["type"] == "sample" and isinstance(s["fn"], Subsample)
     }
+
+
+def same_rows(trace, subsample, probed: dict | None = None) -> bool:
+    """Whether ``subsample`` (the E-step's plate subsample sites) selects the same rows as the
+    probe's ``trace`` did (no subsample sites: a model without plates). ``probed``:
+    ``subsample_sites(trace)``, read before (a plan's trace does not change)."""
+    sites = subsample.nodes if subsample is not None else {}
+    if probed is None:
+        probed = subsample_sites(trace)
     if set(sites) != set(probed):
         return not sites  # (a probe made without the E-step's subsample trace)
     for name, site in sites.items():
