@@ -737,13 +737,12 @@ def _mvn_loc_precision_weighted(fn, loc, mats, value, weight, stats, current) ->
 
 
 def _compact(ids: torch.Tensor) -> torch.Tensor:
-    """``ids`` with every broadcast (stride-0) dim sliced to size 1."""
-    return ids[
-        tuple(
-            slice(0, 1) if st == 0 and n > 1 else slice(None)
-            for st, n in zip(ids.stride(), ids.shape)
-        )
-    ]
+    """``ids`` with every broadcast (stride-0) dim sliced to size 1 (``ids`` itself where
+    none is: the whole slice would be a view of the same elements, one op more)."""
+    index = tuple(
+        slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(ids.stride(), ids.shape)
+    )
+    return ids[index] if any(i.stop == 1 for i in index) else ids
 
 
 def _pool_time(ids: torch.Tensor, pair: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -209,11 +209,12 @@ def _tensors(fn) -> Iterator[tuple[str, torch.Tensor]]:
 def _compact(t: torch.Tensor) -> torch.Tensor:
     """``t`` with every broadcast (stride-0) dim sliced to size 1: an expanded view of an
     enumerated factor's parameters is never materialized."""
-    return t[
-        tuple(
-            slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(t.stride(), t.shape)
-        )
-    ]
+    index = tuple(
+        slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(t.stride(), t.shape)
+    )
+    # (``t`` itself where no dim is broadcast: the whole slice would be a view of the same
+    # elements, one op more)
+    return t[index] if any(i.stop == 1 for i in index) else t
 
 
 def _site_dtype(site: dict) -> torch.dtype:
@@ -559,14 +560,32 @@ def check_distributions(trace) -> None:
     the argument but not the site), with it off the NaN is silent. Infinite entries are allowed
     (``-inf`` logits are zero probabilities).
     """
-    held = [
-        (name, site["fn"], attr, _compact(t))
-        for name, site in trace.nodes.items()
-        if _is_sample(site) and not _is_deterministic(site)
-        for attr, held_t in _tensors(site["fn"])
-        if (t := detach_provenance(held_t)).is_floating_point()
-    ]
-    if _all_finite_sums([t for *_, t in held]):
+    held = []
+    compacts: dict[int, torch.Tensor] = {}  # (a tensor held under two names is compacted once)
+    for name, site in trace.nodes.items():
+        if not _is_sample(site) or _is_deterministic(site):
+            continue
+        for attr, held_t in _tensors(site["fn"]):
+            t = detach_provenance(held_t)
+            if t.is_floating_point():
+                c = compacts.get(id(t))
+                if c is None:
+                    c = compacts[id(t)] = _compact(t)
+                held.append((name, site["fn"], attr, c))
+    # each view of the same elements summed once (a Categorical's probs and _param, an MVN's
+    # scale_tril and _unbroadcasted_scale_tril once compact): the same flag, fewer ops (the
+    # stride of a dim of size 1 reads no other element)
+    distinct = {
+        (
+            t.data_ptr(),
+            t.shape,
+            tuple(st if n > 1 else 0 for st, n in zip(t.stride(), t.shape)),
+            t.dtype,
+            t.device,
+        ): t
+        for *_, t in held
+    }
+    if _all_finite_sums(list(distinct.values())):
         return  # (no NaN anywhere: one read of one flag, not one per tensor)
     for name, fn, attr, t in held:
         if _finite_sum(t):

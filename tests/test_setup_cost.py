@@ -1057,3 +1057,151 @@ def test_the_first_e_step_does_not_repeat_fits_checks_of_the_same_trace(depth, m
         if combined and depth is not None:
             once["check_shapes"] = 2
         assert calls == (once if combined else {n: 2 for n in names}), (combined, calls)
+
+
+# ---------------------------------------------------------------- the check's reads from shapes
+def _scaled_masked_by_latent():
+    """A mask computed from the enumerated value (the site then reads it through its mask),
+    a tensor mask and a scalar scale on the latent's plates, a tensor scale on a site that
+    reads no latent, nested plates."""
+
+    def model(x):
+        w = pyro.param("w", torch.tensor([0.3, 0.7]), constraint=dist.constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("outer", 2, dim=-2), pyro.plate("data", x.shape[-1], dim=-1):
+            with poutine.scale(scale=torch.tensor([1.0, 2.0]).unsqueeze(-1)):
+                pyro.sample("u", dist.Normal(locs[0], 1.0), obs=x)
+            keep = torch.tensor([True, False]).unsqueeze(-1)
+            with poutine.scale(scale=2.0), poutine.mask(mask=keep):
+                z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+                with poutine.mask(mask=z == 1):
+                    pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+                    pyro.sample("v", dist.Normal(0.0, 1.0), obs=x)  # (reads z by its mask only)
+
+    return model, (torch.randn(2, 5, generator=torch.Generator().manual_seed(4)),)
+
+
+def _grid_keep():
+    from collections import defaultdict
+
+    from pyro.ops.indexing import Vindex
+
+    p = torch.full((2, 2, 2), 0.5)
+    obs = torch.tensor([[0.3, -0.5], [1.2, 0.1]])
+
+    def model():
+        x = defaultdict(lambda: torch.tensor(0))
+        cols = pyro.markov(range(2), keep=True)  # (reused across rows: refused)
+        for i in pyro.markov(range(2)):
+            for j in cols:
+                x[i, j] = pyro.sample(
+                    f"x_{i}_{j}", dist.Categorical(Vindex(p)[x[i - 1, j], x[i, j - 1]]), infer=PAR
+                )
+                pyro.sample(f"o_{i}_{j}", dist.Normal(1.5 * x[i, j], 1.0), obs=obs[i, j])
+
+    return model, ()
+
+
+def _categorical_reduction(site: str):
+    """:func:`_reduction` with Categorical latents (a family whose factor shape is known)."""
+
+    def model():
+        pyro.sample("c", dist.Categorical(torch.tensor([0.5, 0.5])), infer=PAR)
+        with pyro.plate("p", 2):
+            x = pyro.sample("x", dist.Categorical(torch.tensor([[0.8, 0.2], [0.6, 0.4]])), infer=PAR)  # fmt: skip
+        m = x.float().mean(-1)
+        if site == "normal":
+            pyro.sample("y", dist.Normal(m, 1.0), obs=torch.tensor(0.3))
+        else:
+            pyro.sample("y", dist.Categorical(torch.stack([m, 1 - m], -1)), obs=torch.tensor(1))
+
+    return model
+
+
+_READS_CASES = {
+    **_SHARED_CASES,
+    "scaled-masked-by-latent": _scaled_masked_by_latent,
+    "grid-keep": _grid_keep,
+    "reduction-bernoulli": lambda: (_reduction("normal"), ()),
+    **{
+        f"reduction-{s}": (lambda s=s: (_categorical_reduction(s), ()))
+        for s in ("normal", "categorical")
+    },
+}
+_REFUSED = {"grid-keep", "reduction-bernoulli", "reduction-normal", "reduction-categorical"}
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("case", sorted(_READS_CASES))
+def test_the_checks_reads_from_shapes_equal_the_packed_log_probs(case, shared, monkeypatch):
+    """ExactEStep._check_dims reads each factor's dims from shapes (estep._shape_reads) where
+    every site's family is one whose log-prob shape is known: what it reads equals the long way
+    (log-probs computed on a copy, packed by Pyro, then estep._reads), on the shared probe's
+    trace and on the check's own pass; the probe's trace is left unwritten (no log-prob, no
+    packed values), and a model with another family takes the long way."""
+    from pyro_emvae import estep
+
+    seen = []
+    fast = estep._shape_reads
+
+    def both(trace):
+        got = fast(trace)
+        before = {n: set(s) for n, s in trace.nodes.items()}
+        copy = estep._copied(trace)
+        for name, site in list(copy.nodes.items()):
+            if estep.site_is_subsample(site):
+                copy.remove_node(name)
+        want = ExactEStep._long_reads(copy)
+        assert {n: set(s) for n, s in trace.nodes.items()} == before  # (nothing written)
+        seen.append((got, want))
+        return got
+
+    monkeypatch.setattr(estep, "_shape_reads", both)
+    model, args = _READS_CASES[case]()
+    pyro.clear_param_store()
+    guide = ExactEStep(model)
+    guide.share_probe = shared
+    with pytest.raises(EnumerationError) if case in _REFUSED else contextlib.nullcontext():
+        guide.posterior(*args)
+    assert len(seen) == 1
+    got, want = seen[0]
+    if case in ("poisson", "reduction-bernoulli"):  # (no shape without their log-probs)
+        assert got is None
+    else:
+        assert got is not None and got == want
+
+
+def test_compact_and_the_distinct_views_keep_each_finiteness_check():
+    """validate._compact / rules._compact give the tensor itself where no dim is broadcast
+    (else its compact slice, the same elements); check_distributions sums each distinct view
+    once (an MVN's scale_tril and _unbroadcasted_scale_tril, a Categorical's probs and
+    _param) and still names the first NaN as before, under each attribute it is held by."""
+    from pyro_emvae import rules
+    from pyro_emvae.errors import ModelInputError
+
+    for compact in (validate._compact, rules._compact):
+        t = torch.arange(6.0).reshape(2, 3)
+        assert compact(t) is t
+        e = torch.arange(3.0).reshape(1, 3, 1).expand(4, 3, 2)
+        assert compact(e).shape == (1, 3, 1) and torch.equal(compact(e).expand(4, 3, 2), e)
+
+    def model(tril):
+        with pyro.plate("p", 3):
+            pyro.sample("x", dist.MultivariateNormal(torch.zeros(2), scale_tril=tril), obs=torch.zeros(3, 2))  # fmt: skip
+
+    def trace(tril):
+        with pyro.validation_enabled(False):
+            return poutine.trace(model).get_trace(tril)
+
+    sums = []
+    finite = validate._all_finite_sums
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(validate, "_all_finite_sums", lambda ts: sums.append(len(ts)) or finite(ts))
+        validate.check_distributions(trace(torch.eye(2).expand(1, 2, 2)))
+    fn = trace(torch.eye(2).expand(1, 2, 2)).nodes["x"]["fn"]
+    held = [a for a, t in validate._tensors(fn) if t.is_floating_point()]
+    assert len(held) > sums[0]  # (views of the same elements summed once)
+    bad = torch.eye(2)
+    bad[1, 0] = float("nan")
+    with pytest.raises(ModelInputError, match=r"site 'x' .*'(loc|_unbroadcasted_scale_tril|scale_tril)'.* 1 NaN"):  # fmt: skip
+        validate.check_distributions(trace(bad))
