@@ -50,6 +50,7 @@ from pyro_emvae.rules import (
     regularized_covariances,
     roles_of,
     rows_aligned,
+    small_ints,
     sum_allowance,
     summarize_site,
     unhandled_params,
@@ -1031,9 +1032,20 @@ def _identity_ids(ids: torch.Tensor, offset: int, shape: tuple) -> bool:
     """Whether ``ids`` are ``offset + arange`` in the shape ``shape`` (a param read whole, in
     its own layout)."""
     n = math.prod(shape)
-    return tuple(ids.shape) == shape and torch.equal(
-        ids.reshape(-1) - offset, torch.arange(n, device=ids.device)
-    )
+    if tuple(ids.shape) != shape:
+        return False
+    flat = small_ints(ids)
+    if flat is not None:  # (a few ids: compared as Python ints, as torch.equal compares them)
+        return flat == list(range(offset, offset + n))
+    return torch.equal(ids.reshape(-1) - offset, torch.arange(n, device=ids.device))
+
+
+def _enumeration_values(z: torch.Tensor, k: int) -> bool:
+    """Whether ``z`` holds ``0 .. k - 1`` in order (``torch.equal(z.reshape(-1), arange(k))``)."""
+    flat = small_ints(z)
+    if flat is not None:  # (a few values: compared as Python numbers, as torch.equal does)
+        return flat == list(range(k))
+    return torch.equal(z.reshape(-1), torch.arange(k, device=z.device))
 
 
 def _make_mixture(plan: Plan) -> _Mixture | None:
@@ -1100,12 +1112,13 @@ def _make_mixture(plan: Plan) -> _Mixture | None:
         and tuple(space.shapes[locs]) == (k, d)
         and tuple(space.shapes[tril]) == (k, d, d)
         and zval.shape == (k, *ones, 1)
-        and torch.equal(zval.reshape(-1), torch.arange(k, device=zval.device))
+        and _enumeration_values(zval, k)
         # (each component's row of every param at its own place: component j is row j)
         and _identity_ids(_compact(t.ids.expand(t.shape)), space.offsets[probs], (1, k))
         and _identity_ids(_compact(loc.ids), space.offsets[locs], (k, *ones, 1, d))
         and _identity_ids(
-            _compact(mat.expand(xfn.batch_shape + mat.shape[-2:]).ids),
+            # (the ids the tracked expand gives: the same expand of the ids)
+            _compact(mat.ids.expand(xfn.batch_shape + mat.shape[-2:])),
             space.offsets[tril],
             (k, *ones, 1, d, d),
         )

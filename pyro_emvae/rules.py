@@ -708,10 +708,31 @@ def mvn_precision(fn, mats: dict, current) -> torch.Tensor:
     return torch.cholesky_inverse(_compat.mvn_scale_tril(fn))
 
 
+#: at most this many ids are read as Python ints by the plan's structure tests (a mixture's
+#: K rows: no tensor op per comparison); more are compared by tensor ops
+SMALL_IDS = 4096
+
+
+def small_ints(ids: torch.Tensor) -> list[int] | None:
+    """The entries of ``ids`` in row-major order as Python ints (``ids.reshape(-1).tolist()``
+    without the reshape's op), or None where there are more than :data:`SMALL_IDS`."""
+    if ids.numel() > SMALL_IDS:
+        return None
+    out = ids.tolist()
+    if ids.dim() == 0:
+        return [out]
+    for _ in range(ids.dim() - 1):
+        out = [v for row in out for v in row]
+    return out
+
+
 def rows_aligned(ids: torch.Tensor, offset: int) -> bool:
     """Whether the last dim of ``ids`` runs over whole rows of its param, in order (element
     ``a`` of every position is element ``a`` of some row of a param whose last dim is D)."""
     d = ids.shape[-1]
+    flat = small_ints(ids)
+    if flat is not None:  # (Python's % is torch's: the remainder takes the divisor's sign)
+        return all((v - offset) % d == i % d for i, v in enumerate(flat))
     rel = ids - offset
     return bool(((rel % d) == torch.arange(d, device=ids.device)).all())
 

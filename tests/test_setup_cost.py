@@ -1205,3 +1205,47 @@ def test_compact_and_the_distinct_views_keep_each_finiteness_check():
     bad[1, 0] = float("nan")
     with pytest.raises(ModelInputError, match=r"site 'x' .*'(loc|_unbroadcasted_scale_tril|scale_tril)'.* 1 NaN"):  # fmt: skip
         validate.check_distributions(trace(bad))
+
+
+def test_the_plans_small_id_tests_equal_their_tensor_ops(monkeypatch):
+    """rules.rows_aligned, optim._identity_ids and optim._enumeration_values read a few ids as
+    Python ints (rules.small_ints): the same answers as their tensor ops (SMALL_IDS = 0)."""
+    from pyro_emvae import optim, rules
+
+    ids = [
+        torch.arange(6).reshape(3, 2),
+        torch.arange(6).reshape(3, 2) + 10,
+        torch.arange(6).reshape(3, 2).flip(-1),
+        torch.arange(6).reshape(2, 3),
+        torch.arange(4).reshape(2, 1, 2).expand(2, 5, 2),  # (a broadcast view)
+        torch.tensor([[3, 4], [1, 2]]),
+        torch.tensor([[-1, 0]]),
+        torch.arange(6).reshape(3, 2)[:, :1],
+        torch.tensor(5),
+    ]
+    values = [
+        torch.arange(3).reshape(3, 1),
+        torch.tensor([[0.0], [1.0]]),
+        torch.tensor([False, True]),
+    ]
+    values += [torch.tensor([1, 0]), torch.tensor([0.0, float("nan")]), torch.tensor([[0, 1]])]
+
+    def answers():
+        out = []
+        for t in ids:
+            for offset in (0, 1, 10, -2):
+                out.append(rules.rows_aligned(t, offset) if t.dim() else None)
+                for shape in (tuple(t.shape), (6,), (3, 2)):
+                    out.append(optim._identity_ids(t, offset, shape))
+        out += [optim._enumeration_values(v, k) for v in values for k in (2, 3)]
+        return out
+
+    small = answers()
+    assert (
+        rules.small_ints(torch.arange(4).reshape(2, 1, 2).expand(2, 3, 2))
+        == [0, 1] * 3 + [2, 3] * 3
+    )
+    monkeypatch.setattr(rules, "SMALL_IDS", -1)
+    assert rules.small_ints(torch.arange(3)) is None
+    assert answers() == small
+    assert any(small) and not all(a for a in small if a is not None)
