@@ -135,6 +135,10 @@ class Tracked(torch.Tensor):
             out = _fast(name, func, args, kwargs)
             if out is not _SLOW:
                 return out
+        elif name in _ROW_FAST and type(args) is tuple:
+            out = _row_fast(name, func, args, kwargs)
+            if out is not _SLOW:
+                return out
         plain_args, plain_kwargs = _strip(args), _strip(kwargs)
         with _compat.disable_torch_function_subclass():
             result = func(*plain_args, **plain_kwargs)
@@ -242,6 +246,35 @@ def _fast(name: str, func, args: tuple, kwargs: dict):
         out = result.as_subclass(Tracked)
     out.param, out.ids, out.form, out.param_names = src.param, ids, src.form, src.param_names
     return out
+
+
+# A row normalization, ``p / p.sum(-1, keepdim=True)`` (what ``Categorical(probs=p)`` does with a
+# param's value): its two ops by a shorter road to the general path's results (the same ops on
+# the same plain tensors, the same wrapping), where nothing else is among the arguments.
+_ROW_FAST = frozenset({"sum", "div", "__truediv__"})
+
+
+def _row_fast(name: str, func, args: tuple, kwargs: dict):
+    """``Tracked.__torch_function__`` of a row sum of a value-form tracked tensor, or of its
+    division by that sum, as the general path makes it; :data:`_SLOW` for anything else."""
+    src = args[0] if args else None
+    if type(src) is not Tracked or src.form != "value":
+        return _SLOW
+    if name == "sum":
+        if any(isinstance(a, (torch.Tensor, *_NESTED)) for a in (*args[1:], *kwargs.values())):
+            return _SLOW
+        if not _is_last_dim_keepdim(args, kwargs):
+            return _SLOW
+        with _compat.disable_torch_function_subclass():
+            result = func(*args, **kwargs)
+        out = result.as_subclass(_RowSum)
+        out.source = src
+        return out
+    if kwargs or len(args) != 2 or type(args[1]) is not _RowSum or args[1].source is not src:
+        return _SLOW
+    with _compat.disable_torch_function_subclass():
+        result = func(*args)
+    return _rewrap(result, src, src.ids, "normalized")
 
 
 class _RowSum(torch.Tensor):

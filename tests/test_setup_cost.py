@@ -1249,3 +1249,37 @@ def test_the_plans_small_id_tests_equal_their_tensor_ops(monkeypatch):
     assert rules.small_ints(torch.arange(3)) is None
     assert answers() == small
     assert any(small) and not all(a for a in small if a is not None)
+
+
+def test_the_probes_row_normalization_short_path_gives_the_general_paths(monkeypatch):
+    """A value-form tracked tensor's row sum and its division by it (Categorical(probs=p))
+    by the short path (track._row_fast) equal the general path's: values, ids, form, param
+    names, the _RowSum's source; other sums and divisions go the general way."""
+    from pyro_emvae import track as _track
+
+    p = _track.Tracked.wrap(torch.tensor([[0.2, 0.6], [1.0, 3.0]]), "p")
+
+    def ops():
+        s = p.sum(-1, keepdim=True)
+        out = [s, p / s, torch.div(p, p.sum(dim=-1, keepdim=True)), torch.sum(p, -1, True)]
+        out += [p.sum(-1), p.sum(0, keepdim=True), p / 2.0, p / p.sum(-1, keepdim=True).clone()]
+        c = dist.Categorical(p)
+        return out + [c.probs, c.logits]
+
+    calls = []
+    strip = _track._strip
+    monkeypatch.setattr(_track, "_strip", lambda o: calls.append(o) or strip(o))
+    _ = p / p.sum(-1, keepdim=True), torch.div(p, torch.sum(p, dim=-1, keepdim=True))
+    assert not calls  # (the short path: no general-path helper ran)
+    fast = ops()
+    monkeypatch.setattr(_track, "_ROW_FAST", frozenset())
+    slow = ops()
+    for i, (a, b) in enumerate(zip(fast, slow, strict=True)):
+        assert type(a) is type(b), i
+        assert torch.equal(a.as_subclass(torch.Tensor), b.as_subclass(torch.Tensor)), i
+        if isinstance(b, _track.Tracked):
+            assert torch.equal(a.ids, b.ids) and a.form == b.form, i
+            assert a.param == b.param and a.param_names == b.param_names, i
+        if isinstance(b, _track._RowSum):
+            assert a.source is b.source, i
+    assert fast[1].form == "normalized" and isinstance(fast[0], _track._RowSum)
