@@ -54,6 +54,7 @@ from pyro_emvae.rules import (
     sum_allowance,
     summarize_site,
     unhandled_params,
+    uses,
 )
 from pyro_emvae.stats import _memoized
 from pyro_emvae.track import IdSpace, Tracked
@@ -306,13 +307,14 @@ class EMOptim:
             if site["type"] == "sample" and not isinstance(site["fn"], Subsample)
         ]
         for name, site in sites:
-            for p in unhandled_params(site["fn"]):
+            found = uses(site["fn"])  # (read once: unhandled_params and roles_of, from it)
+            for p in unhandled_params(site["fn"], found):
                 reasons.setdefault(
                     p,
                     f"reaches site '{name}' ({type(site['fn']).__name__}) "
                     "in a form no closed-form rule covers",
                 )
-            for p, r in roles_of(site["fn"]).items():
+            for p, r in roles_of(site["fn"], found).items():
                 roles.setdefault(p, set()).update(r)
             covered |= _tracked_params(site["fn"])
         for p, r in roles.items():

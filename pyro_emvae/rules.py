@@ -1523,15 +1523,17 @@ def _all_tracked(fn) -> list[tuple[Tracked, None]]:
     return out
 
 
-def unhandled_params(fn) -> set[str]:
-    """Params reaching ``fn``'s arguments in a way no rule covers (they need gradient steps)."""
-    return {p for t, role in uses(fn) if role is None for p in t.param_names}
+def unhandled_params(fn, found: list | None = None) -> set[str]:
+    """Params reaching ``fn``'s arguments in a way no rule covers (they need gradient steps).
+    ``found``: :func:`uses` of ``fn``, if the caller has it."""
+    return {p for t, role in (uses(fn) if found is None else found) if role is None for p in t.param_names}  # fmt: skip
 
 
-def roles_of(fn) -> dict[str, set[str]]:
-    """``{param: roles}`` of the params some rule updates through ``fn``'s arguments."""
+def roles_of(fn, found: list | None = None) -> dict[str, set[str]]:
+    """``{param: roles}`` of the params some rule updates through ``fn``'s arguments.
+    ``found``: :func:`uses` of ``fn``, if the caller has it."""
     out: dict[str, set[str]] = {}
-    for t, role in uses(fn):
+    for t, role in uses(fn) if found is None else found:
         if role is not None:
             for p in t.param_names:
                 out.setdefault(p, set()).add(role)

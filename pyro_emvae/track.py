@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import torch
 from pyro import poutine
@@ -595,6 +597,31 @@ def _stored_linear(trace) -> set[int]:
     return found
 
 
+# (start, shape, device) -> (the ids start + arange(numel) in that shape, their in-place version)
+_ID_RANGES: dict[tuple, tuple[torch.Tensor, int]] = {}
+_SMALL_RANGE = 4096
+
+
+def _id_range(start: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """``torch.arange(start, start + numel).reshape(shape)`` on ``device``: a param's ids, a
+    function of these three only. A small range (at most :data:`_SMALL_RANGE` ids: no memory
+    held worth the name) is made once and given again while unchanged in place (its version
+    is checked): every probe of a fit, and of the next fit, reads the same ranges."""
+    n = math.prod(shape)
+    key = (start, tuple(shape), device)
+    hit = _ID_RANGES.get(key) if n <= _SMALL_RANGE else None
+    if hit is not None and _compat.tensor_version(hit[0]) == hit[1]:
+        return hit[0]
+    # (the range from the offset: one op fewer than offset + arange, the same ids)
+    ids = torch.arange(start, start + n, device=device).reshape(shape)
+    if n > _SMALL_RANGE:
+        return ids
+    if len(_ID_RANGES) >= 256:  # (ranges of models long gone: start over)
+        _ID_RANGES.clear()
+    _ID_RANGES[key] = (ids, _compat.tensor_version(ids))
+    return ids
+
+
 class IdSpace(Messenger):
     """Replaces every param's value by a :class:`Tracked` copy (detached: a probe, no grads),
     giving each param a range of global element ids."""
@@ -614,9 +641,7 @@ class IdSpace(Messenger):
             self.offsets[name], self.shapes[name] = self._next, value.shape
             self._next += value.numel()
         # (on the param's device: the rules gather and scatter with them beside the data)
-        # (the range from the offset: one op fewer than offset + arange, the same ids)
-        start = self.offsets[name]
-        ids = torch.arange(start, start + value.numel(), device=value.device).reshape(value.shape)
+        ids = _id_range(self.offsets[name], value.shape, value.device)
         msg["value"] = Tracked.wrap(value.detach(), name, ids)
         msg["value"].param_names = frozenset([name])
 

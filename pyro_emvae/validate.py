@@ -477,10 +477,7 @@ def check_params(trace) -> None:
     log-likelihood NaN. A simplex initial value that does not sum to one is *not* an error:
     Pyro's simplex transform normalizes it (``[1, 3]`` becomes ``[0.25, 0.75]``).
     """
-    values = [
-        detach_provenance(site["value"]) for site in trace.nodes.values() if site["type"] == "param"
-    ]
-    if _all_finite_sums([v for v in values if isinstance(v, torch.Tensor)]):
+    if _all_finite_sums(_param_values(trace)):
         return  # (every param finite: one read of one flag, not one per param)
     for name, site in trace.nodes.items():
         if site["type"] != "param":
@@ -551,15 +548,9 @@ def check_observed(trace, *, exact: bool = True) -> None:
         )
 
 
-def check_distributions(trace) -> None:
-    """The tensors each sample site's distribution holds (built by the model from its inputs
-    and params) must not be NaN.
-
-    Why: a NaN covariate or a NaN computed from a param makes the site's log-prob NaN; with
-    Pyro's validation on the model fails while building the distribution (a message that names
-    the argument but not the site), with it off the NaN is silent. Infinite entries are allowed
-    (``-inf`` logits are zero probabilities).
-    """
+def _distribution_tensors(trace) -> list[tuple]:
+    """``(site name, fn, attribute, compact tensor)`` of the floating tensors each sample
+    site's distribution holds (:func:`check_distributions` reads them)."""
     held = []
     compacts: dict[int, torch.Tensor] = {}  # (a tensor held under two names is compacted once)
     for name, site in trace.nodes.items():
@@ -572,20 +563,58 @@ def check_distributions(trace) -> None:
                 if c is None:
                     c = compacts[id(t)] = _compact(t)
                 held.append((name, site["fn"], attr, c))
-    # each view of the same elements summed once (a Categorical's probs and _param, an MVN's
-    # scale_tril and _unbroadcasted_scale_tril once compact): the same flag, fewer ops (the
-    # stride of a dim of size 1 reads no other element)
-    distinct = {
-        (
-            t.data_ptr(),
-            t.shape,
-            tuple(st if n > 1 else 0 for st, n in zip(t.stride(), t.shape)),
-            t.dtype,
-            t.device,
-        ): t
-        for *_, t in held
-    }
-    if _all_finite_sums(list(distinct.values())):
+    return held
+
+
+def _distinct(tensors) -> list[torch.Tensor]:
+    """Each view of the same elements once (a Categorical's probs and _param, an MVN's
+    scale_tril and _unbroadcasted_scale_tril once compact; the stride of a dim of size 1 reads
+    no other element)."""
+    return list(
+        {
+            (
+                t.data_ptr(),
+                t.shape,
+                tuple(st if n > 1 else 0 for st, n in zip(t.stride(), t.shape)),
+                t.dtype,
+                t.device,
+            ): t
+            for t in tensors
+        }.values()
+    )
+
+
+def _param_values(trace) -> list[torch.Tensor]:
+    values = [
+        detach_provenance(site["value"]) for site in trace.nodes.values() if site["type"] == "param"
+    ]
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def check_params_and_distributions(trace) -> None:
+    """:func:`check_params` then :func:`check_distributions`, with one finiteness flag read
+    for both where every param and every distribution tensor is finite (then neither can
+    raise); otherwise each runs as it does alone, in that order."""
+    held = _distribution_tensors(trace)
+    if _all_finite_sums(_distinct([*_param_values(trace), *(t for *_, t in held)])):
+        return
+    check_params(trace)
+    check_distributions(trace, held)
+
+
+def check_distributions(trace, held: list | None = None) -> None:
+    """The tensors each sample site's distribution holds (built by the model from its inputs
+    and params) must not be NaN.
+
+    Why: a NaN covariate or a NaN computed from a param makes the site's log-prob NaN; with
+    Pyro's validation on the model fails while building the distribution (a message that names
+    the argument but not the site), with it off the NaN is silent. Infinite entries are allowed
+    (``-inf`` logits are zero probabilities).
+    """
+    if held is None:
+        held = _distribution_tensors(trace)
+    # (each view of the same elements summed once: the same flag, fewer ops)
+    if _all_finite_sums(_distinct([t for *_, t in held])):
         return  # (no NaN anywhere: one read of one flag, not one per tensor)
     for name, fn, attr, t in held:
         if _finite_sum(t):
@@ -1602,8 +1631,7 @@ def validate_fit_inputs(
     depth = _max_plate_nesting(trace) if max_plate_nesting is None else max_plate_nesting
     check_observed_types(trace, args, kwargs)
     check_observed(trace, exact=exact)
-    check_params(trace)
-    check_distributions(trace)
+    check_params_and_distributions(trace)
     check_shapes(trace, depth)
     check_nonempty(trace)
     if exact:
@@ -1854,8 +1882,7 @@ def validate_estep_trace(
         return None
     if prechecked is None:
         check_observed(trace, exact=True)
-        check_params(trace)
-        check_distributions(trace)
+        check_params_and_distributions(trace)
     if prechecked != max_plate_nesting:
         check_shapes(trace, max_plate_nesting)
     check_enumeration_memory(trace, max_plate_nesting)

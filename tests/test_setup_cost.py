@@ -1036,7 +1036,8 @@ def test_the_first_e_step_does_not_repeat_fits_checks_of_the_same_trace(depth, m
 
     F = sys.modules["pyro_emvae.fit"]
     model, args = _gmm("full")
-    names = ["check_observed", "check_params", "check_distributions", "check_shapes"]
+    # (check_params and check_distributions run as one, check_params_and_distributions)
+    names = ["check_observed", "check_params_and_distributions", "check_shapes"]
     for combined in (True, False):
         calls = {n: 0 for n in names}
         with monkeypatch.context() as m:
@@ -1283,3 +1284,77 @@ def test_the_probes_row_normalization_short_path_gives_the_general_paths(monkeyp
         if isinstance(b, _track._RowSum):
             assert a.source is b.source, i
     assert fast[1].form == "normalized" and isinstance(fast[0], _track._RowSum)
+
+
+@pytest.mark.parametrize(
+    "param, tril",
+    [
+        (1.0, 1.0),
+        (float("inf"), 1.0),
+        (1.0, float("nan")),
+        (1.0, float("inf")),
+        (float("nan"), float("nan")),
+        (1e308, 1e308),
+    ],
+)
+def test_one_flag_for_params_and_distributions_says_what_each_check_says(param, tril):
+    """validate.check_params_and_distributions (one flag for both where all is finite) passes
+    or raises exactly as check_params then check_distributions do: a non-finite param first,
+    a NaN in a distribution next, an inf in a distribution allowed."""
+    from pyro_emvae.errors import ModelInputError
+
+    def model():
+        a = pyro.param("a", torch.tensor([param, 2.0]))
+        m = torch.eye(2).expand(1, 2, 2).clone()
+        m[0, 1, 0] = tril
+        with pyro.plate("p", 3):
+            pyro.sample("x", dist.MultivariateNormal(a, scale_tril=m), obs=torch.zeros(3, 2))
+
+    pyro.clear_param_store()
+    with pyro.validation_enabled(False):
+        tr = poutine.trace(model).get_trace()
+
+    def outcome(check):
+        try:
+            check(tr)
+        except ModelInputError as e:
+            return str(e)
+        return None
+
+    def separate(t):
+        validate.check_params(t)
+        validate.check_distributions(t)
+
+    got = outcome(validate.check_params_and_distributions)
+    assert got == outcome(separate)
+    import math
+
+    assert (got is not None) == (not math.isfinite(param) or math.isnan(tril))
+
+
+def test_a_params_id_range_is_made_once_and_again_when_changed(monkeypatch):
+    """track._id_range gives start + arange(numel) in the param's shape (the probe's ids),
+    the same tensor again for the same start, shape and device (a small range), a new one
+    after an in-place change of the old, and never keeps a large range."""
+    from pyro_emvae import track as _track
+
+    monkeypatch.setattr(_track, "_ID_RANGES", {})
+    a = _track._id_range(5, torch.Size([2, 3]), torch.device("cpu"))
+    assert torch.equal(a, torch.arange(5, 11).reshape(2, 3)) and a.dtype == torch.long
+    assert _track._id_range(5, torch.Size([2, 3]), torch.device("cpu")) is a
+    assert _track._id_range(5, torch.Size([3, 2]), torch.device("cpu")) is not a
+    assert torch.equal(_track._id_range(0, torch.Size([]), torch.device("cpu")), torch.tensor(0))
+    a[0, 0] = 99  # (an in-place change: made again)
+    b = _track._id_range(5, torch.Size([2, 3]), torch.device("cpu"))
+    assert b is not a and torch.equal(b, torch.arange(5, 11).reshape(2, 3))
+    big = torch.Size([_track._SMALL_RANGE + 1])
+    assert _track._id_range(0, big, torch.device("cpu")) is not _track._id_range(0, big, torch.device("cpu"))  # fmt: skip
+    # a probe reads the same ids as the long way made them: every param's range from its offset
+    model, (x,) = _gmm("full")
+    pyro.clear_param_store()
+    model(x)
+    tr, space = _track.probe(model, (x,), {}, 1)
+    for name in space.offsets:
+        ids = tr.nodes[name]["value"].ids
+        want = torch.arange(space.offsets[name], space.offsets[name] + ids.numel())
+        assert torch.equal(ids, want.reshape(space.shapes[name]))
