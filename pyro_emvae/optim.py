@@ -11,6 +11,7 @@ attribute ``needs_param_grads = True`` receives ``posterior.param_grads`` (the g
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -1220,6 +1221,49 @@ def _device(plan: Plan) -> torch.device:
 _SMALL_PAIRS = 4096  # (row, key) pair entries read as Python tuples in _mvn_loc_sharing
 
 
+def _pair_entries(ids: torch.Tensor, key, shape: torch.Size) -> int:
+    """The number of entries of :func:`_pair_tensor`'s result."""
+    return math.prod(shape) * (1 + (key.shape[-1] if torch.is_tensor(key) else 1))
+
+
+def _pair_tensor(ids: torch.Tensor, key, shape: torch.Size) -> torch.Tensor:
+    """``(row, *key)`` at every position of ``shape``: the first id of each position's loc row
+    beside the ids of its covariance (``key``, ``(..., W)``), or an int standing for one
+    matrix, broadcast; shape ``(positions, 1 + W)``."""
+    if not torch.is_tensor(key):
+        key = torch.full((1,), key, device=ids.device)
+    rows = ids[..., :1]
+    return torch.cat(
+        [rows.expand(shape + rows.shape[-1:]), key.expand(shape + key.shape[-1:])], -1
+    ).reshape(-1, 1 + key.shape[-1])
+
+
+def _rows_at(t: torch.Tensor, shape: torch.Size) -> list[tuple] | None:
+    """The last-dim rows of ``t`` (as tuples of Python ints) at every position of ``shape``
+    (``t``'s other dims broadcast to it), in row-major order; None for many ids."""
+    flat = small_ints(t)
+    if flat is None:
+        return None
+    w, batch = t.shape[-1], tuple(t.shape[:-1])
+    lead = len(shape) - len(batch)
+    steps = [math.prod(batch[i + 1 :]) if n > 1 else 0 for i, n in enumerate(batch)]
+    out = []
+    for index in itertools.product(*(range(n) for n in shape)):
+        at = w * sum(i * st for i, st in zip(index[lead:], steps))
+        out.append(tuple(flat[at : at + w]))
+    return out
+
+
+def _pair_tuples(ids: torch.Tensor, key, shape: torch.Size) -> list[tuple]:
+    """``_pair_tensor(ids, key, shape).tolist()``'s rows as tuples, read as Python ints
+    without the tensor ops where the ids are few."""
+    rows = _rows_at(ids, shape)
+    keys = _rows_at(key, shape) if torch.is_tensor(key) else [(key,)] * math.prod(shape)
+    if rows is None or keys is None:
+        return [tuple(r) for r in _pair_tensor(ids, key, shape).tolist()]
+    return [(r[0], *k) for r, k in zip(rows, keys, strict=True)]
+
+
 def _mvn_loc_sharing(sites, space: IdSpace, roles: dict, reasons: dict) -> set[str]:
     """The MultivariateNormal loc params each of whose rows meets a single covariance over
     every position of every site (GMMs full, tied, diagonal; an HMM's emissions): their
@@ -1247,28 +1291,27 @@ def _mvn_loc_sharing(sites, space: IdSpace, roles: dict, reasons: dict) -> set[s
             if mats:  # a matrix of params: known by its elements' ids
                 key = _compact(next(iter(mats.values())).ids).flatten(-2)
             elif all(n == 1 for n in _compat.mvn_scale_tril(leaf).shape[:-2]):
-                key = torch.full((1,), -1 - index, device=ids.device)  # one matrix: this site's
+                key = -1 - index  # one matrix: this site's
             else:  # a matrix per position, not of params (data, or a function of params)
                 varies |= loc.param_names
                 continue
-            rows = ids[..., :1]
-            shape = _compat.broadcast_shapes(rows.shape[:-1], key.shape[:-1])
-            pair = torch.cat(
-                [rows.expand(shape + rows.shape[-1:]), key.expand(shape + key.shape[-1:])], -1
-            ).reshape(-1, 1 + key.shape[-1])
+            # (made when read: as Python tuples where they are few)
+            key_batch = key.shape[:-1] if torch.is_tensor(key) else ()
+            shape = _compat.broadcast_shapes(ids.shape[:-1], key_batch)
             for p in loc.param_names:
-                pairs.setdefault(p, []).append(pair)
+                pairs.setdefault(p, []).append((ids, key, shape))
     plain = set()
     for p, found in pairs.items():
         if p in varies:
             continue
-        if sum(f.numel() for f in found) <= _SMALL_PAIRS:
+        if sum(_pair_entries(*f) for f in found) <= _SMALL_PAIRS:
             # (a few pairs, as for a mixture's K rows: the same test on the pairs read once,
             # as tuples, without torch.unique's sorts; a shorter key cannot equal a padded one)
-            pairs_seen = {tuple(r) for f in found for r in f.tolist()}
+            pairs_seen = {r for f in found for r in _pair_tuples(*f)}
             if len({r[0] for r in pairs_seen}) == len(pairs_seen):  # one key per row
                 plain.add(p)
             continue
+        found = [_pair_tensor(*f) for f in found]
         width = max(f.shape[-1] for f in found)  # (sites' matrices may differ in size)
         found = [
             torch.nn.functional.pad(f, (0, width - f.shape[-1]), value=-(2**62)) for f in found

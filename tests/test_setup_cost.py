@@ -1358,3 +1358,28 @@ def test_a_params_id_range_is_made_once_and_again_when_changed(monkeypatch):
         ids = tr.nodes[name]["value"].ids
         want = torch.arange(space.offsets[name], space.offsets[name] + ids.numel())
         assert torch.equal(ids, want.reshape(space.shapes[name]))
+
+
+def test_mvn_loc_sharings_pairs_as_python_ints_equal_the_tensor_pairs(monkeypatch):
+    """optim._pair_tuples (the (row, covariance ids) pairs read as Python ints, broadcast in
+    Python) equals optim._pair_tensor's rows, for broadcast batch dims, a leading dim only one
+    side has, a constant key and many ids (the tensor way)."""
+    from pyro_emvae import optim, rules
+
+    loc = torch.arange(12).reshape(3, 1, 1, 4) + 7
+    key = torch.arange(100, 100 + 2 * 5 * 4).reshape(2, 5, 4)
+    cases = [
+        (loc, key, torch.Size([3, 2, 5])),
+        (loc, -3, torch.Size([3, 1, 1])),
+        (loc[:, 0], key[:1, :1], torch.Size([3, 1])),
+        (torch.arange(8).reshape(2, 4).expand(6, 2, 4), key[1, :2], torch.Size([6, 2])),
+        (torch.arange(4).reshape(1, 4), torch.arange(3).reshape(3, 1), torch.Size([3])),
+    ]
+    for ids, k, shape in cases:
+        assert shape == torch.broadcast_shapes(ids.shape[:-1], k.shape[:-1] if torch.is_tensor(k) else ())  # fmt: skip
+        want = [tuple(r) for r in optim._pair_tensor(ids, k, shape).tolist()]
+        assert optim._pair_tuples(ids, k, shape) == want
+        assert optim._pair_entries(ids, k, shape) == optim._pair_tensor(ids, k, shape).numel()
+        monkeypatch.setattr(rules, "SMALL_IDS", -1)
+        assert optim._pair_tuples(ids, k, shape) == want
+        monkeypatch.setattr(rules, "SMALL_IDS", 4096)
