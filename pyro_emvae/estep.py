@@ -1621,15 +1621,15 @@ def _shape_reads(trace) -> tuple[dict[str, set[str]], dict[str, set[str]]] | Non
                     symbol = opt_einsum.get_symbol(2 * len(plate_to_symbol))
                     plate_to_symbol[frame.name] = symbol
                 dim_to_symbol[frame.dim] = symbol
-        for dim, id_ in infer.get("_dim_to_id", {}).items():
+        for dim, id_ in _compat.enum_dim_ids(site).items():
             dim_to_symbol[dim] = opt_einsum.get_symbol(1 + 2 * id_)
-        enum_dim = infer.get("_enumerate_dim")
+        enum_dim = _compat.enum_dim(site)
         if enum_dim is not None and enum_dim not in dim_to_symbol:
             return None
         mask, scale = site["mask"], site["scale"]
         shapes = [shape]
         if torch.is_tensor(mask):
-            if hasattr(mask, "_pyro_dims"):
+            if _compat.pyro_dims(mask, _UNNAMED) is not _UNNAMED:  # (packed: pack asserts)
                 return None
             shapes.append(mask.shape)
         if torch.is_tensor(scale):
