@@ -2187,7 +2187,10 @@ class ExactEStep:
         from pyro_emvae.plan import PlanKey
 
         try:
-            probed, space = _track.probe(spread(self.model), args, kwargs, depth, replay=sub)
+            # (_check_dims runs this with validation off, under no_grad and poutine.block)
+            probed, space = _track.probe(
+                spread(self.model), args, kwargs, depth, replay=sub, guarded=True
+            )
         except (ValueError, RuntimeError, IndexError, TypeError, AssertionError):
             spread.gaps.clear()  # (the untracked pass allocates its own)
             return None

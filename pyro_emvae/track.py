@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pyro
@@ -650,10 +651,15 @@ class IdSpace(Messenger):
         return self._next
 
 
-def probe(model, args: tuple, kwargs: dict, max_plate_nesting: int, replay=None):
+def probe(
+    model, args: tuple, kwargs: dict, max_plate_nesting: int, replay=None, guarded: bool = False
+):
     """Trace ``model`` under parallel enumeration (the E-step's layout: enumerated dims left of
     ``max_plate_nesting`` plate dims) with tracked params; validation is off, since the probe
-    only reads which param elements reach each distribution argument."""
+    only reads which param elements reach each distribution argument. ``guarded``: the caller
+    runs it with validation off, under ``no_grad`` and ``poutine.block`` already (the E-step's
+    structure check, :meth:`~pyro_emvae.estep.ExactEStep._shared_probe`), which are then not
+    entered twice (a second block on the stack would see every message again)."""
     global _OPAQUE, _LINEAR, _CONSUMED
     model = poutine.enum(model, first_available_dim=-1 - max_plate_nesting)
     if replay is not None:  # the E-step's minibatch
@@ -661,8 +667,13 @@ def probe(model, args: tuple, kwargs: dict, max_plate_nesting: int, replay=None)
     space = IdSpace()
     _OPAQUE, _LINEAR, _CONSUMED = space.opaque, [], set()
     try:
-        with pyro.validation_enabled(False), torch.no_grad(), poutine.block(), space:
-            tr = poutine.trace(model, graph_type="flat").get_trace(*args, **kwargs)
+        with contextlib.ExitStack() as scope:
+            if not guarded:
+                scope.enter_context(pyro.validation_enabled(False))
+                scope.enter_context(torch.no_grad())
+                scope.enter_context(poutine.block())
+            with space:
+                tr = poutine.trace(model, graph_type="flat").get_trace(*args, **kwargs)
         stored = _stored_linear(tr)
         for t in _LINEAR:  # computed and dropped (or only inspected): an opaque use
             if id(t) not in _CONSUMED and id(t) not in stored:

@@ -1383,3 +1383,27 @@ def test_mvn_loc_sharings_pairs_as_python_ints_equal_the_tensor_pairs(monkeypatc
         monkeypatch.setattr(rules, "SMALL_IDS", -1)
         assert optim._pair_tuples(ids, k, shape) == want
         monkeypatch.setattr(rules, "SMALL_IDS", 4096)
+
+
+def test_a_guarded_probe_is_the_probe():
+    """track.probe(guarded=True), run under the guards its caller holds (validation off,
+    no_grad, poutine.block: the E-step's structure check), traces what probe() does with its
+    own: the same sites, values, ids and opaque params."""
+    from pyro_emvae import track as _track
+
+    for case in ("gmm-full", "two-latents"):
+        model, args = _SHARED_CASES[case]()
+        pyro.clear_param_store()
+        own, own_space = _track.probe(model, args, {}, 1)
+        with pyro.validation_enabled(False), torch.no_grad(), poutine.block():
+            got, space = _track.probe(model, args, {}, 1, guarded=True)
+        assert list(got.nodes) == list(own.nodes)
+        assert space.offsets == own_space.offsets and space.opaque == own_space.opaque
+        for name, site in own.nodes.items():
+            if "value" not in site:  # (the trace's input and return nodes)
+                continue
+            other = got.nodes[name]["value"]
+            if isinstance(site["value"], torch.Tensor):
+                assert torch.equal(other, site["value"]), name
+            if isinstance(site["value"], _track.Tracked):
+                assert torch.equal(other.ids, site["value"].ids), name
