@@ -177,6 +177,12 @@ def enum_dim(site: dict) -> int | None:
     return (site["infer"] or {}).get("_enumerate_dim")
 
 
+def enum_dim_ids(site: dict) -> dict:
+    """The enum messenger's map of a site's enumeration dims (negative tensor dims) to their
+    allocation ids (``Trace.symbolize_dims`` names each by ``get_symbol(1 + 2 * id)``)."""
+    return (site["infer"] or {}).get("_dim_to_id", {})
+
+
 def enum_symbol(site: dict) -> str | None:
     """The packed-dim symbol of an enumerated site (set by ``Trace.pack_tensors``), or None."""
     return (site["infer"] or {}).get("_enumerate_symbol")

@@ -1559,6 +1559,100 @@ class _FirstTrace:
         )
 
 
+def _copied(trace):
+    """A copy of ``trace`` whose sites (and their ``infer`` dicts) are its own: what is written
+    into it stays out of ``trace``."""
+    out = poutine.Trace(graph_type="flat")
+    for name, site in trace.nodes.items():
+        node = dict(site)
+        if node.get("infer") is not None:
+            node["infer"] = dict(node["infer"])
+        out.add_node(name, **node)
+    return out
+
+
+def _named_dims(shape, dim_to_symbol: dict) -> str | None:
+    """The dims string ``pyro.ops.packed.pack`` gives a tensor of ``shape`` (its dims of size
+    > 1, by symbol), or None where one has no symbol (where ``pack`` raises)."""
+    n = len(shape)
+    out = []
+    for i, size in enumerate(shape):
+        if size > 1:
+            symbol = dim_to_symbol.get(i - n)
+            if symbol is None:
+                return None
+            out.append(symbol)
+    return "".join(out)
+
+
+def _shape_reads(trace) -> tuple[dict[str, set[str]], dict[str, set[str]]] | None:
+    """:func:`_reads` of the structure check's trace as :meth:`ExactEStep._long_reads` finds
+    it, read from shapes alone and writing nothing, where every sample site (subsample sites
+    aside) is of a family whose log-prob shape
+    :func:`~pyro_emvae.kernels.fused_log_prob_shape` knows (the long way packs zeros of that
+    shape, scaled and masked). Symbols as ``Trace.symbolize_dims`` gives them: plates even, in
+    order of appearance; enumeration dims odd, by allocation id. None, for the long way to
+    run (and raise, or stay silent, as it does), wherever the two could differ: another
+    family, a site with args, a mask packed already, shapes that do not broadcast, or a dim
+    of the log-prob, its mask or the scaled log-prob without a symbol (``pack`` raises).
+
+    Example: a mixture's ``z`` (enumerated on its own dim, id 1) and ``x`` in one plate::
+
+        reads == {"z": {"z"}, "x": {"z"}}, stray == {"z": set(), "x": set()}
+    """
+    plate_to_symbol: dict[str, str] = {}
+    factors = []
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        infer = site["infer"]
+        if infer is None or site["args"] or site["kwargs"]:
+            return None
+        shape = _kernels.fused_log_prob_shape(site["fn"], site["value"])
+        if shape is None:
+            return None
+        dim_to_symbol: dict[int, str] = {}
+        for frame in site["cond_indep_stack"]:
+            if frame.vectorized:
+                if frame.dim is None:
+                    return None
+                symbol = plate_to_symbol.get(frame.name)
+                if symbol is None:
+                    symbol = opt_einsum.get_symbol(2 * len(plate_to_symbol))
+                    plate_to_symbol[frame.name] = symbol
+                dim_to_symbol[frame.dim] = symbol
+        for dim, id_ in _compat.enum_dim_ids(site).items():
+            dim_to_symbol[dim] = opt_einsum.get_symbol(1 + 2 * id_)
+        enum_dim = _compat.enum_dim(site)
+        if enum_dim is not None and enum_dim not in dim_to_symbol:
+            return None
+        mask, scale = site["mask"], site["scale"]
+        shapes = [shape]
+        if torch.is_tensor(mask):
+            if _compat.pyro_dims(mask, _UNNAMED) is not _UNNAMED:  # (packed: pack asserts)
+                return None
+            shapes.append(mask.shape)
+        if torch.is_tensor(scale):
+            shapes.append(scale.shape)
+        try:
+            scaled = _compat.broadcast_shapes(*shapes)
+        except RuntimeError:
+            return None
+        dims = _named_dims(shape, dim_to_symbol)
+        mask_dims = _named_dims(mask.shape, dim_to_symbol) if torch.is_tensor(mask) else ""
+        if dims is None or mask_dims is None or _named_dims(scaled, dim_to_symbol) is None:
+            return None
+        owner = dim_to_symbol[enum_dim] if enum_dim is not None else None
+        factors.append((name, dims + "".join(d for d in mask_dims if d not in dims), owner))
+    owners = {owner: name for name, _, owner in factors if owner is not None}
+    plates = set(plate_to_symbol.values())
+    reads, stray = {}, {}
+    for name, dims, _ in factors:
+        reads[name] = {owners[d] for d in dims if d in owners}
+        stray[name] = {d for d in dims if d not in owners and d not in plates}
+    return reads, stray
+
+
 def _reads(tr) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """Each sample site's enumerated parents by name (from its factor's dims), and the dims
     of its factor that are neither a plate's nor an enumerated site's."""
@@ -1994,33 +2088,30 @@ class ExactEStep:
             # raise here is swallowed below anyway)
             with pyro.validation_enabled(False), torch.no_grad(), poutine.block():
                 check = self._shared_probe(tr, spread, sub, args, kwargs, depth)
+                shared = check is not None
                 if check is None:
                     check = poutine.trace(poutine.replay(model, trace=sub)).get_trace(
                         *args, **kwargs
                     )
-                    check = prune_subsample_sites(check)
-                else:  # (the probe's copy, this check's own: pruned in place, not copied again)
+                # (each factor's dims from the shapes alone, where every site's is known so:
+                # the trace is read, not written, so a shared probe's needs no copy)
+                found = _shape_reads(check)
+                if found is None and shared:
+                    # (the probe's copy, this check's own: the check's log-probs stay out of
+                    # the probe's trace; pruned in place, not copied again)
+                    check = _copied(check)
                     for name, site in list(check.nodes.items()):
                         if site_is_subsample(site):
                             check.remove_node(name)
-                for site in check.nodes.values():
-                    if site["type"] != "sample" or site["args"] or site["kwargs"]:
-                        continue
-                    # only the dims a factor spans are read: where its shape is known
-                    # without computing it, a zero of that shape stands in for it (pack_tensors
-                    # reads the same dims; the values never were read)
-                    shape = _kernels.fused_log_prob_shape(site["fn"], site["value"])
-                    if shape is not None:
-                        lp = torch.zeros((), device=site["value"].device).expand(shape)
-                        site["unscaled_log_prob"] = lp
-                        site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
-                check.compute_log_prob()  # (the other families, DiscreteHMM, implicit latents)
-                check.pack_tensors()
+                elif found is None:
+                    check = prune_subsample_sites(check)
+                if found is None:
+                    found = self._long_reads(check)
         # the model ran once with its own dims; extra ones may upset it (then nothing is said)
         except (ValueError, RuntimeError, IndexError, TypeError, AssertionError):
             return
         want, _ = _reads(tr)
-        got, stray = _reads(check)
+        got, stray = found
         gap = {opt_einsum.get_symbol(1 + 2 * i): n for i, n in spread.gaps.items()}
         for name in want:
             moved = sorted(gap[d] for d in stray.get(name, ()) if d in gap)
@@ -2049,6 +2140,26 @@ class ExactEStep:
                     "site that is read."
                 )
 
+    @staticmethod
+    def _long_reads(check) -> tuple[dict, dict]:
+        """:func:`_reads` of the structure check's trace (pruned of subsample sites, its own to
+        write) with its log-probs computed and packed: the way for any trace, where
+        :func:`_shape_reads` reads the same from shapes for the families it knows."""
+        for site in check.nodes.values():
+            if site["type"] != "sample" or site["args"] or site["kwargs"]:
+                continue
+            # only the dims a factor spans are read: where its shape is known without computing
+            # it, a zero of that shape stands in for it (pack_tensors reads the same dims; the
+            # values never were read)
+            shape = _kernels.fused_log_prob_shape(site["fn"], site["value"])
+            if shape is not None:
+                lp = torch.zeros((), device=site["value"].device).expand(shape)
+                site["unscaled_log_prob"] = lp
+                site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
+        check.compute_log_prob()  # (the other families, DiscreteHMM, implicit latents)
+        check.pack_tensors()
+        return _reads(check)
+
     def _shared_probe(self, tr, spread, sub, args, kwargs, depth: int):
         """This structure check's pass, run as the M-step's provenance probe too (one model
         pass instead of two, :func:`pyro_emvae.track.probe`: params as tracked values), when
@@ -2076,7 +2187,10 @@ class ExactEStep:
         from pyro_emvae.plan import PlanKey
 
         try:
-            probed, space = _track.probe(spread(self.model), args, kwargs, depth, replay=sub)
+            # (_check_dims runs this with validation off, under no_grad and poutine.block)
+            probed, space = _track.probe(
+                spread(self.model), args, kwargs, depth, replay=sub, guarded=True
+            )
         except (ValueError, RuntimeError, IndexError, TypeError, AssertionError):
             spread.gaps.clear()  # (the untracked pass allocates its own)
             return None
@@ -2089,13 +2203,7 @@ class ExactEStep:
                     return None
                 dims[_compat.enum_dim(site)] = _compat.enum_dim(other)
         self._probe = (probed, space, dims, PlanKey(args, kwargs))
-        check = poutine.Trace(graph_type="flat")
-        for name, site in probed.nodes.items():
-            node = dict(site)
-            if node.get("infer") is not None:
-                node["infer"] = dict(node["infer"])
-            check.add_node(name, **node)
-        return check
+        return probed
 
     def _contract(
         self,

@@ -11,6 +11,7 @@ attribute ``needs_param_grads = True`` receives ``posterior.param_grads`` (the g
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -51,9 +52,11 @@ from pyro_emvae.rules import (
     regularized_covariances,
     roles_of,
     rows_aligned,
+    small_ints,
     sum_allowance,
     summarize_site,
     unhandled_params,
+    uses,
 )
 from pyro_emvae.stats import _memoized
 from pyro_emvae.track import IdSpace, Tracked
@@ -309,13 +312,14 @@ class EMOptim:
             if site["type"] == "sample" and not isinstance(site["fn"], Subsample)
         ]
         for name, site in sites:
-            for p in unhandled_params(site["fn"]):
+            found = uses(site["fn"])  # (read once: unhandled_params and roles_of, from it)
+            for p in unhandled_params(site["fn"], found):
                 reasons.setdefault(
                     p,
                     f"reaches site '{name}' ({type(site['fn']).__name__}) "
                     "in a form no closed-form rule covers",
                 )
-            for p, r in roles_of(site["fn"]).items():
+            for p, r in roles_of(site["fn"], found).items():
                 roles.setdefault(p, set()).update(r)
             covered |= _tracked_params(site["fn"])
         for p, r in roles.items():
@@ -1091,9 +1095,20 @@ def _identity_ids(ids: torch.Tensor, offset: int, shape: tuple) -> bool:
     """Whether ``ids`` are ``offset + arange`` in the shape ``shape`` (a param read whole, in
     its own layout)."""
     n = math.prod(shape)
-    return tuple(ids.shape) == shape and torch.equal(
-        ids.reshape(-1) - offset, torch.arange(n, device=ids.device)
-    )
+    if tuple(ids.shape) != shape:
+        return False
+    flat = small_ints(ids)
+    if flat is not None:  # (a few ids: compared as Python ints, as torch.equal compares them)
+        return flat == list(range(offset, offset + n))
+    return torch.equal(ids.reshape(-1) - offset, torch.arange(n, device=ids.device))
+
+
+def _enumeration_values(z: torch.Tensor, k: int) -> bool:
+    """Whether ``z`` holds ``0 .. k - 1`` in order (``torch.equal(z.reshape(-1), arange(k))``)."""
+    flat = small_ints(z)
+    if flat is not None:  # (a few values: compared as Python numbers, as torch.equal does)
+        return flat == list(range(k))
+    return torch.equal(z.reshape(-1), torch.arange(k, device=z.device))
 
 
 def _make_mixture(plan: Plan) -> _Mixture | None:
@@ -1160,12 +1175,13 @@ def _make_mixture(plan: Plan) -> _Mixture | None:
         and tuple(space.shapes[locs]) == (k, d)
         and tuple(space.shapes[tril]) == (k, d, d)
         and zval.shape == (k, *ones, 1)
-        and torch.equal(zval.reshape(-1), torch.arange(k, device=zval.device))
+        and _enumeration_values(zval, k)
         # (each component's row of every param at its own place: component j is row j)
         and _identity_ids(_compact(t.ids.expand(t.shape)), space.offsets[probs], (1, k))
         and _identity_ids(_compact(loc.ids), space.offsets[locs], (k, *ones, 1, d))
         and _identity_ids(
-            _compact(mat.expand(xfn.batch_shape + mat.shape[-2:]).ids),
+            # (the ids the tracked expand gives: the same expand of the ids)
+            _compact(mat.ids.expand(xfn.batch_shape + mat.shape[-2:])),
             space.offsets[tril],
             (k, *ones, 1, d, d),
         )
@@ -1265,6 +1281,49 @@ def _device(plan: Plan) -> torch.device:
 _SMALL_PAIRS = 4096  # (row, key) pair entries read as Python tuples in _mvn_loc_sharing
 
 
+def _pair_entries(ids: torch.Tensor, key, shape: torch.Size) -> int:
+    """The number of entries of :func:`_pair_tensor`'s result."""
+    return math.prod(shape) * (1 + (key.shape[-1] if torch.is_tensor(key) else 1))
+
+
+def _pair_tensor(ids: torch.Tensor, key, shape: torch.Size) -> torch.Tensor:
+    """``(row, *key)`` at every position of ``shape``: the first id of each position's loc row
+    beside the ids of its covariance (``key``, ``(..., W)``), or an int standing for one
+    matrix, broadcast; shape ``(positions, 1 + W)``."""
+    if not torch.is_tensor(key):
+        key = torch.full((1,), key, device=ids.device)
+    rows = ids[..., :1]
+    return torch.cat(
+        [rows.expand(shape + rows.shape[-1:]), key.expand(shape + key.shape[-1:])], -1
+    ).reshape(-1, 1 + key.shape[-1])
+
+
+def _rows_at(t: torch.Tensor, shape: torch.Size) -> list[tuple] | None:
+    """The last-dim rows of ``t`` (as tuples of Python ints) at every position of ``shape``
+    (``t``'s other dims broadcast to it), in row-major order; None for many ids."""
+    flat = small_ints(t)
+    if flat is None:
+        return None
+    w, batch = t.shape[-1], tuple(t.shape[:-1])
+    lead = len(shape) - len(batch)
+    steps = [math.prod(batch[i + 1 :]) if n > 1 else 0 for i, n in enumerate(batch)]
+    out = []
+    for index in itertools.product(*(range(n) for n in shape)):
+        at = w * sum(i * st for i, st in zip(index[lead:], steps))
+        out.append(tuple(flat[at : at + w]))
+    return out
+
+
+def _pair_tuples(ids: torch.Tensor, key, shape: torch.Size) -> list[tuple]:
+    """``_pair_tensor(ids, key, shape).tolist()``'s rows as tuples, read as Python ints
+    without the tensor ops where the ids are few."""
+    rows = _rows_at(ids, shape)
+    keys = _rows_at(key, shape) if torch.is_tensor(key) else [(key,)] * math.prod(shape)
+    if rows is None or keys is None:
+        return [tuple(r) for r in _pair_tensor(ids, key, shape).tolist()]
+    return [(r[0], *k) for r, k in zip(rows, keys, strict=True)]
+
+
 def _mvn_loc_sharing(sites, space: IdSpace, roles: dict, reasons: dict) -> set[str]:
     """The MultivariateNormal loc params each of whose rows meets a single covariance over
     every position of every site (GMMs full, tied, diagonal; an HMM's emissions): their
@@ -1292,28 +1351,27 @@ def _mvn_loc_sharing(sites, space: IdSpace, roles: dict, reasons: dict) -> set[s
             if mats:  # a matrix of params: known by its elements' ids
                 key = _compact(next(iter(mats.values())).ids).flatten(-2)
             elif all(n == 1 for n in _compat.mvn_scale_tril(leaf).shape[:-2]):
-                key = torch.full((1,), -1 - index, device=ids.device)  # one matrix: this site's
+                key = -1 - index  # one matrix: this site's
             else:  # a matrix per position, not of params (data, or a function of params)
                 varies |= loc.param_names
                 continue
-            rows = ids[..., :1]
-            shape = _compat.broadcast_shapes(rows.shape[:-1], key.shape[:-1])
-            pair = torch.cat(
-                [rows.expand(shape + rows.shape[-1:]), key.expand(shape + key.shape[-1:])], -1
-            ).reshape(-1, 1 + key.shape[-1])
+            # (made when read: as Python tuples where they are few)
+            key_batch = key.shape[:-1] if torch.is_tensor(key) else ()
+            shape = _compat.broadcast_shapes(ids.shape[:-1], key_batch)
             for p in loc.param_names:
-                pairs.setdefault(p, []).append(pair)
+                pairs.setdefault(p, []).append((ids, key, shape))
     plain = set()
     for p, found in pairs.items():
         if p in varies:
             continue
-        if sum(f.numel() for f in found) <= _SMALL_PAIRS:
+        if sum(_pair_entries(*f) for f in found) <= _SMALL_PAIRS:
             # (a few pairs, as for a mixture's K rows: the same test on the pairs read once,
             # as tuples, without torch.unique's sorts; a shorter key cannot equal a padded one)
-            pairs_seen = {tuple(r) for f in found for r in f.tolist()}
+            pairs_seen = {r for f in found for r in _pair_tuples(*f)}
             if len({r[0] for r in pairs_seen}) == len(pairs_seen):  # one key per row
                 plain.add(p)
             continue
+        found = [_pair_tensor(*f) for f in found]
         width = max(f.shape[-1] for f in found)  # (sites' matrices may differ in size)
         found = [
             torch.nn.functional.pad(f, (0, width - f.shape[-1]), value=-(2**62)) for f in found

@@ -708,10 +708,31 @@ def mvn_precision(fn, mats: dict, current) -> torch.Tensor:
     return torch.cholesky_inverse(_compat.mvn_scale_tril(fn))
 
 
+#: at most this many ids are read as Python ints by the plan's structure tests (a mixture's
+#: K rows: no tensor op per comparison); more are compared by tensor ops
+SMALL_IDS = 4096
+
+
+def small_ints(ids: torch.Tensor) -> list[int] | None:
+    """The entries of ``ids`` in row-major order as Python ints (``ids.reshape(-1).tolist()``
+    without the reshape's op), or None where there are more than :data:`SMALL_IDS`."""
+    if ids.numel() > SMALL_IDS:
+        return None
+    out = ids.tolist()
+    if ids.dim() == 0:
+        return [out]
+    for _ in range(ids.dim() - 1):
+        out = [v for row in out for v in row]
+    return out
+
+
 def rows_aligned(ids: torch.Tensor, offset: int) -> bool:
     """Whether the last dim of ``ids`` runs over whole rows of its param, in order (element
     ``a`` of every position is element ``a`` of some row of a param whose last dim is D)."""
     d = ids.shape[-1]
+    flat = small_ints(ids)
+    if flat is not None:  # (Python's % is torch's: the remainder takes the divisor's sign)
+        return all((v - offset) % d == i % d for i, v in enumerate(flat))
     rel = ids - offset
     return bool(((rel % d) == torch.arange(d, device=ids.device)).all())
 
@@ -737,13 +758,12 @@ def _mvn_loc_precision_weighted(fn, loc, mats, value, weight, stats, current) ->
 
 
 def _compact(ids: torch.Tensor) -> torch.Tensor:
-    """``ids`` with every broadcast (stride-0) dim sliced to size 1."""
-    return ids[
-        tuple(
-            slice(0, 1) if st == 0 and n > 1 else slice(None)
-            for st, n in zip(ids.stride(), ids.shape)
-        )
-    ]
+    """``ids`` with every broadcast (stride-0) dim sliced to size 1 (``ids`` itself where
+    none is: the whole slice would be a view of the same elements, one op more)."""
+    index = tuple(
+        slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(ids.stride(), ids.shape)
+    )
+    return ids[index] if any(i.stop == 1 for i in index) else ids
 
 
 def _pool_time(ids: torch.Tensor, pair: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -1503,15 +1523,17 @@ def _all_tracked(fn) -> list[tuple[Tracked, None]]:
     return out
 
 
-def unhandled_params(fn) -> set[str]:
-    """Params reaching ``fn``'s arguments in a way no rule covers (they need gradient steps)."""
-    return {p for t, role in uses(fn) if role is None for p in t.param_names}
+def unhandled_params(fn, found: list | None = None) -> set[str]:
+    """Params reaching ``fn``'s arguments in a way no rule covers (they need gradient steps).
+    ``found``: :func:`uses` of ``fn``, if the caller has it."""
+    return {p for t, role in (uses(fn) if found is None else found) if role is None for p in t.param_names}  # fmt: skip
 
 
-def roles_of(fn) -> dict[str, set[str]]:
-    """``{param: roles}`` of the params some rule updates through ``fn``'s arguments."""
+def roles_of(fn, found: list | None = None) -> dict[str, set[str]]:
+    """``{param: roles}`` of the params some rule updates through ``fn``'s arguments.
+    ``found``: :func:`uses` of ``fn``, if the caller has it."""
     out: dict[str, set[str]] = {}
-    for t, role in uses(fn):
+    for t, role in uses(fn) if found is None else found:
         if role is not None:
             for p in t.param_names:
                 out.setdefault(p, set()).add(role)

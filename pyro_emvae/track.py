@@ -21,6 +21,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import pyro
 import torch
 from pyro import poutine
@@ -135,6 +138,10 @@ class Tracked(torch.Tensor):
             out = _fast(name, func, args, kwargs)
             if out is not _SLOW:
                 return out
+        elif name in _ROW_FAST and type(args) is tuple:
+            out = _row_fast(name, func, args, kwargs)
+            if out is not _SLOW:
+                return out
         plain_args, plain_kwargs = _strip(args), _strip(kwargs)
         with _compat.disable_torch_function_subclass():
             result = func(*plain_args, **plain_kwargs)
@@ -242,6 +249,35 @@ def _fast(name: str, func, args: tuple, kwargs: dict):
         out = result.as_subclass(Tracked)
     out.param, out.ids, out.form, out.param_names = src.param, ids, src.form, src.param_names
     return out
+
+
+# A row normalization, ``p / p.sum(-1, keepdim=True)`` (what ``Categorical(probs=p)`` does with a
+# param's value): its two ops by a shorter road to the general path's results (the same ops on
+# the same plain tensors, the same wrapping), where nothing else is among the arguments.
+_ROW_FAST = frozenset({"sum", "div", "__truediv__"})
+
+
+def _row_fast(name: str, func, args: tuple, kwargs: dict):
+    """``Tracked.__torch_function__`` of a row sum of a value-form tracked tensor, or of its
+    division by that sum, as the general path makes it; :data:`_SLOW` for anything else."""
+    src = args[0] if args else None
+    if type(src) is not Tracked or src.form != "value":
+        return _SLOW
+    if name == "sum":
+        if any(isinstance(a, (torch.Tensor, *_NESTED)) for a in (*args[1:], *kwargs.values())):
+            return _SLOW
+        if not _is_last_dim_keepdim(args, kwargs):
+            return _SLOW
+        with _compat.disable_torch_function_subclass():
+            result = func(*args, **kwargs)
+        out = result.as_subclass(_RowSum)
+        out.source = src
+        return out
+    if kwargs or len(args) != 2 or type(args[1]) is not _RowSum or args[1].source is not src:
+        return _SLOW
+    with _compat.disable_torch_function_subclass():
+        result = func(*args)
+    return _rewrap(result, src, src.ids, "normalized")
 
 
 class _RowSum(torch.Tensor):
@@ -562,6 +598,31 @@ def _stored_linear(trace) -> set[int]:
     return found
 
 
+# (start, shape, device) -> (the ids start + arange(numel) in that shape, their in-place version)
+_ID_RANGES: dict[tuple, tuple[torch.Tensor, int]] = {}
+_SMALL_RANGE = 4096
+
+
+def _id_range(start: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """``torch.arange(start, start + numel).reshape(shape)`` on ``device``: a param's ids, a
+    function of these three only. A small range (at most :data:`_SMALL_RANGE` ids: no memory
+    held worth the name) is made once and given again while unchanged in place (its version
+    is checked): every probe of a fit, and of the next fit, reads the same ranges."""
+    n = math.prod(shape)
+    key = (start, tuple(shape), device)
+    hit = _ID_RANGES.get(key) if n <= _SMALL_RANGE else None
+    if hit is not None and _compat.tensor_version(hit[0]) == hit[1]:
+        return hit[0]
+    # (the range from the offset: one op fewer than offset + arange, the same ids)
+    ids = torch.arange(start, start + n, device=device).reshape(shape)
+    if n > _SMALL_RANGE:
+        return ids
+    if len(_ID_RANGES) >= 256:  # (ranges of models long gone: start over)
+        _ID_RANGES.clear()
+    _ID_RANGES[key] = (ids, _compat.tensor_version(ids))
+    return ids
+
+
 class IdSpace(Messenger):
     """Replaces every param's value by a :class:`Tracked` copy (detached: a probe, no grads),
     giving each param a range of global element ids."""
@@ -581,9 +642,7 @@ class IdSpace(Messenger):
             self.offsets[name], self.shapes[name] = self._next, value.shape
             self._next += value.numel()
         # (on the param's device: the rules gather and scatter with them beside the data)
-        # (the range from the offset: one op fewer than offset + arange, the same ids)
-        start = self.offsets[name]
-        ids = torch.arange(start, start + value.numel(), device=value.device).reshape(value.shape)
+        ids = _id_range(self.offsets[name], value.shape, value.device)
         msg["value"] = Tracked.wrap(value.detach(), name, ids)
         msg["value"].param_names = frozenset([name])
 
@@ -592,10 +651,15 @@ class IdSpace(Messenger):
         return self._next
 
 
-def probe(model, args: tuple, kwargs: dict, max_plate_nesting: int, replay=None):
+def probe(
+    model, args: tuple, kwargs: dict, max_plate_nesting: int, replay=None, guarded: bool = False
+):
     """Trace ``model`` under parallel enumeration (the E-step's layout: enumerated dims left of
     ``max_plate_nesting`` plate dims) with tracked params; validation is off, since the probe
-    only reads which param elements reach each distribution argument."""
+    only reads which param elements reach each distribution argument. ``guarded``: the caller
+    runs it with validation off, under ``no_grad`` and ``poutine.block`` already (the E-step's
+    structure check, :meth:`~pyro_emvae.estep.ExactEStep._shared_probe`), which are then not
+    entered twice (a second block on the stack would see every message again)."""
     global _OPAQUE, _LINEAR, _CONSUMED
     model = poutine.enum(model, first_available_dim=-1 - max_plate_nesting)
     if replay is not None:  # the E-step's minibatch
@@ -603,8 +667,13 @@ def probe(model, args: tuple, kwargs: dict, max_plate_nesting: int, replay=None)
     space = IdSpace()
     _OPAQUE, _LINEAR, _CONSUMED = space.opaque, [], set()
     try:
-        with pyro.validation_enabled(False), torch.no_grad(), poutine.block(), space:
-            tr = poutine.trace(model, graph_type="flat").get_trace(*args, **kwargs)
+        with contextlib.ExitStack() as scope:
+            if not guarded:
+                scope.enter_context(pyro.validation_enabled(False))
+                scope.enter_context(torch.no_grad())
+                scope.enter_context(poutine.block())
+            with space:
+                tr = poutine.trace(model, graph_type="flat").get_trace(*args, **kwargs)
         stored = _stored_linear(tr)
         for t in _LINEAR:  # computed and dropped (or only inspected): an opaque use
             if id(t) not in _CONSUMED and id(t) not in stored:

@@ -209,11 +209,12 @@ def _tensors(fn) -> Iterator[tuple[str, torch.Tensor]]:
 def _compact(t: torch.Tensor) -> torch.Tensor:
     """``t`` with every broadcast (stride-0) dim sliced to size 1: an expanded view of an
     enumerated factor's parameters is never materialized."""
-    return t[
-        tuple(
-            slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(t.stride(), t.shape)
-        )
-    ]
+    index = tuple(
+        slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(t.stride(), t.shape)
+    )
+    # (``t`` itself where no dim is broadcast: the whole slice would be a view of the same
+    # elements, one op more)
+    return t[index] if any(i.stop == 1 for i in index) else t
 
 
 def _site_dtype(site: dict) -> torch.dtype:
@@ -476,10 +477,7 @@ def check_params(trace) -> None:
     log-likelihood NaN. A simplex initial value that does not sum to one is *not* an error:
     Pyro's simplex transform normalizes it (``[1, 3]`` becomes ``[0.25, 0.75]``).
     """
-    values = [
-        detach_provenance(site["value"]) for site in trace.nodes.values() if site["type"] == "param"
-    ]
-    if _all_finite_sums([v for v in values if isinstance(v, torch.Tensor)]):
+    if _all_finite_sums(_param_values(trace)):
         return  # (every param finite: one read of one flag, not one per param)
     for name, site in trace.nodes.items():
         if site["type"] != "param":
@@ -550,7 +548,61 @@ def check_observed(trace, *, exact: bool = True) -> None:
         )
 
 
-def check_distributions(trace) -> None:
+def _distribution_tensors(trace) -> list[tuple]:
+    """``(site name, fn, attribute, compact tensor)`` of the floating tensors each sample
+    site's distribution holds (:func:`check_distributions` reads them)."""
+    held = []
+    compacts: dict[int, torch.Tensor] = {}  # (a tensor held under two names is compacted once)
+    for name, site in trace.nodes.items():
+        if not _is_sample(site) or _is_deterministic(site):
+            continue
+        for attr, held_t in _tensors(site["fn"]):
+            t = detach_provenance(held_t)
+            if t.is_floating_point():
+                c = compacts.get(id(t))
+                if c is None:
+                    c = compacts[id(t)] = _compact(t)
+                held.append((name, site["fn"], attr, c))
+    return held
+
+
+def _distinct(tensors) -> list[torch.Tensor]:
+    """Each view of the same elements once (a Categorical's probs and _param, an MVN's
+    scale_tril and _unbroadcasted_scale_tril once compact; the stride of a dim of size 1 reads
+    no other element)."""
+    return list(
+        {
+            (
+                t.data_ptr(),
+                t.shape,
+                tuple(st if n > 1 else 0 for st, n in zip(t.stride(), t.shape)),
+                t.dtype,
+                t.device,
+            ): t
+            for t in tensors
+        }.values()
+    )
+
+
+def _param_values(trace) -> list[torch.Tensor]:
+    values = [
+        detach_provenance(site["value"]) for site in trace.nodes.values() if site["type"] == "param"
+    ]
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def check_params_and_distributions(trace) -> None:
+    """:func:`check_params` then :func:`check_distributions`, with one finiteness flag read
+    for both where every param and every distribution tensor is finite (then neither can
+    raise); otherwise each runs as it does alone, in that order."""
+    held = _distribution_tensors(trace)
+    if _all_finite_sums(_distinct([*_param_values(trace), *(t for *_, t in held)])):
+        return
+    check_params(trace)
+    check_distributions(trace, held)
+
+
+def check_distributions(trace, held: list | None = None) -> None:
     """The tensors each sample site's distribution holds (built by the model from its inputs
     and params) must not be NaN.
 
@@ -559,14 +611,10 @@ def check_distributions(trace) -> None:
     the argument but not the site), with it off the NaN is silent. Infinite entries are allowed
     (``-inf`` logits are zero probabilities).
     """
-    held = [
-        (name, site["fn"], attr, _compact(t))
-        for name, site in trace.nodes.items()
-        if _is_sample(site) and not _is_deterministic(site)
-        for attr, held_t in _tensors(site["fn"])
-        if (t := detach_provenance(held_t)).is_floating_point()
-    ]
-    if _all_finite_sums([t for *_, t in held]):
+    if held is None:
+        held = _distribution_tensors(trace)
+    # (each view of the same elements summed once: the same flag, fewer ops)
+    if _all_finite_sums(_distinct([t for *_, t in held])):
         return  # (no NaN anywhere: one read of one flag, not one per tensor)
     for name, fn, attr, t in held:
         if _finite_sum(t):
@@ -1583,8 +1631,7 @@ def validate_fit_inputs(
     depth = _max_plate_nesting(trace) if max_plate_nesting is None else max_plate_nesting
     check_observed_types(trace, args, kwargs)
     check_observed(trace, exact=exact)
-    check_params(trace)
-    check_distributions(trace)
+    check_params_and_distributions(trace)
     check_shapes(trace, depth)
     check_nonempty(trace)
     if exact:
@@ -1835,8 +1882,7 @@ def validate_estep_trace(
         return None
     if prechecked is None:
         check_observed(trace, exact=True)
-        check_params(trace)
-        check_distributions(trace)
+        check_params_and_distributions(trace)
     if prechecked != max_plate_nesting:
         check_shapes(trace, max_plate_nesting)
     check_enumeration_memory(trace, max_plate_nesting)

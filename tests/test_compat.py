@@ -8,6 +8,7 @@ import functools
 import re
 from pathlib import Path
 
+import opt_einsum
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -78,6 +79,11 @@ def test_infer_keys_of_enumerated_sites():
     assert _compat.enum_symbol(x) is None
     d2s = _compat.dim_to_symbol(z)
     assert d2s[-2] == sym and d2s[-1] == tr.plate_to_symbol["data"]
+    # the allocation id of each enumeration dim a site sees (its own, those it may read),
+    # which symbolize_dims names get_symbol(1 + 2 id)
+    ids = _compat.enum_dim_ids(z)
+    assert set(ids) == {-2} and sym == opt_einsum.get_symbol(1 + 2 * ids[-2])
+    assert _compat.enum_dim_ids(x) == ids
     # the packed log-density names its dims by these symbols
     assert set(_compat.pyro_dims(x["packed"]["log_prob"])) == {sym, d2s[-1]}
 
@@ -416,7 +422,7 @@ _PRIVATE_ATTR = re.compile(
     r"\._(pyro_dims|constraints|mask|num_events|validate_args|categorical|version|pyro_name|"
     r"unbroadcasted_scale_tril|param|PYRO_STACK|ENUM_ALLOCATOR)\b|torch\._C\b|"
     r"\bconstraints\._[A-Z]|"
-    r"\"_(enumerate_dim|enumerate_symbol|dim_to_symbol|markov_scope|markov_depth|deterministic|"
+    r"\"_(enumerate_dim|enumerate_symbol|dim_to_symbol|dim_to_id|markov_scope|markov_depth|deterministic|"
     r"pyro_dims|validate_args|unbroadcasted_scale_tril|param|categorical|is_all_true)\""
 )
 

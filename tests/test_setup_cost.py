@@ -1036,7 +1036,8 @@ def test_the_first_e_step_does_not_repeat_fits_checks_of_the_same_trace(depth, m
 
     F = sys.modules["pyro_emvae.fit"]
     model, args = _gmm("full")
-    names = ["check_observed", "check_params", "check_distributions", "check_shapes"]
+    # (check_params and check_distributions run as one, check_params_and_distributions)
+    names = ["check_observed", "check_params_and_distributions", "check_shapes"]
     for combined in (True, False):
         calls = {n: 0 for n in names}
         with monkeypatch.context() as m:
@@ -1057,3 +1058,352 @@ def test_the_first_e_step_does_not_repeat_fits_checks_of_the_same_trace(depth, m
         if combined and depth is not None:
             once["check_shapes"] = 2
         assert calls == (once if combined else {n: 2 for n in names}), (combined, calls)
+
+
+# ---------------------------------------------------------------- the check's reads from shapes
+def _scaled_masked_by_latent():
+    """A mask computed from the enumerated value (the site then reads it through its mask),
+    a tensor mask and a scalar scale on the latent's plates, a tensor scale on a site that
+    reads no latent, nested plates."""
+
+    def model(x):
+        w = pyro.param("w", torch.tensor([0.3, 0.7]), constraint=dist.constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("outer", 2, dim=-2), pyro.plate("data", x.shape[-1], dim=-1):
+            with poutine.scale(scale=torch.tensor([1.0, 2.0]).unsqueeze(-1)):
+                pyro.sample("u", dist.Normal(locs[0], 1.0), obs=x)
+            keep = torch.tensor([True, False]).unsqueeze(-1)
+            with poutine.scale(scale=2.0), poutine.mask(mask=keep):
+                z = pyro.sample("z", dist.Categorical(w), infer=PAR)
+                with poutine.mask(mask=z == 1):
+                    pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+                    pyro.sample("v", dist.Normal(0.0, 1.0), obs=x)  # (reads z by its mask only)
+
+    return model, (torch.randn(2, 5, generator=torch.Generator().manual_seed(4)),)
+
+
+def _grid_keep():
+    from collections import defaultdict
+
+    from pyro.ops.indexing import Vindex
+
+    p = torch.full((2, 2, 2), 0.5)
+    obs = torch.tensor([[0.3, -0.5], [1.2, 0.1]])
+
+    def model():
+        x = defaultdict(lambda: torch.tensor(0))
+        cols = pyro.markov(range(2), keep=True)  # (reused across rows: refused)
+        for i in pyro.markov(range(2)):
+            for j in cols:
+                x[i, j] = pyro.sample(
+                    f"x_{i}_{j}", dist.Categorical(Vindex(p)[x[i - 1, j], x[i, j - 1]]), infer=PAR
+                )
+                pyro.sample(f"o_{i}_{j}", dist.Normal(1.5 * x[i, j], 1.0), obs=obs[i, j])
+
+    return model, ()
+
+
+def _categorical_reduction(site: str):
+    """:func:`_reduction` with Categorical latents (a family whose factor shape is known)."""
+
+    def model():
+        pyro.sample("c", dist.Categorical(torch.tensor([0.5, 0.5])), infer=PAR)
+        with pyro.plate("p", 2):
+            x = pyro.sample("x", dist.Categorical(torch.tensor([[0.8, 0.2], [0.6, 0.4]])), infer=PAR)  # fmt: skip
+        m = x.float().mean(-1)
+        if site == "normal":
+            pyro.sample("y", dist.Normal(m, 1.0), obs=torch.tensor(0.3))
+        else:
+            pyro.sample("y", dist.Categorical(torch.stack([m, 1 - m], -1)), obs=torch.tensor(1))
+
+    return model
+
+
+_READS_CASES = {
+    **_SHARED_CASES,
+    "scaled-masked-by-latent": _scaled_masked_by_latent,
+    "grid-keep": _grid_keep,
+    "reduction-bernoulli": lambda: (_reduction("normal"), ()),
+    **{
+        f"reduction-{s}": (lambda s=s: (_categorical_reduction(s), ()))
+        for s in ("normal", "categorical")
+    },
+}
+_REFUSED = {"grid-keep", "reduction-bernoulli", "reduction-normal", "reduction-categorical"}
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("case", sorted(_READS_CASES))
+def test_the_checks_reads_from_shapes_equal_the_packed_log_probs(case, shared, monkeypatch):
+    """ExactEStep._check_dims reads each factor's dims from shapes (estep._shape_reads) where
+    every site's family is one whose log-prob shape is known: what it reads equals the long way
+    (log-probs computed on a copy, packed by Pyro, then estep._reads), on the shared probe's
+    trace and on the check's own pass; the probe's trace is left unwritten (no log-prob, no
+    packed values), and a model with another family takes the long way."""
+    from pyro_emvae import estep
+
+    seen = []
+    fast = estep._shape_reads
+
+    def both(trace):
+        got = fast(trace)
+        before = {n: set(s) for n, s in trace.nodes.items()}
+        copy = estep._copied(trace)
+        for name, site in list(copy.nodes.items()):
+            if estep.site_is_subsample(site):
+                copy.remove_node(name)
+        want = ExactEStep._long_reads(copy)
+        assert {n: set(s) for n, s in trace.nodes.items()} == before  # (nothing written)
+        seen.append((got, want))
+        return got
+
+    monkeypatch.setattr(estep, "_shape_reads", both)
+    model, args = _READS_CASES[case]()
+    pyro.clear_param_store()
+    guide = ExactEStep(model)
+    guide.share_probe = shared
+    with pytest.raises(EnumerationError) if case in _REFUSED else contextlib.nullcontext():
+        guide.posterior(*args)
+    assert len(seen) == 1
+    got, want = seen[0]
+    if case in ("poisson", "reduction-bernoulli"):  # (no shape without their log-probs)
+        assert got is None
+    else:
+        assert got is not None and got == want
+
+
+def test_compact_and_the_distinct_views_keep_each_finiteness_check():
+    """validate._compact / rules._compact give the tensor itself where no dim is broadcast
+    (else its compact slice, the same elements); check_distributions sums each distinct view
+    once (an MVN's scale_tril and _unbroadcasted_scale_tril, a Categorical's probs and
+    _param) and still names the first NaN as before, under each attribute it is held by."""
+    from pyro_emvae import rules
+    from pyro_emvae.errors import ModelInputError
+
+    for compact in (validate._compact, rules._compact):
+        t = torch.arange(6.0).reshape(2, 3)
+        assert compact(t) is t
+        e = torch.arange(3.0).reshape(1, 3, 1).expand(4, 3, 2)
+        assert compact(e).shape == (1, 3, 1) and torch.equal(compact(e).expand(4, 3, 2), e)
+
+    def model(tril):
+        with pyro.plate("p", 3):
+            pyro.sample("x", dist.MultivariateNormal(torch.zeros(2), scale_tril=tril), obs=torch.zeros(3, 2))  # fmt: skip
+
+    def trace(tril):
+        with pyro.validation_enabled(False):
+            return poutine.trace(model).get_trace(tril)
+
+    sums = []
+    finite = validate._all_finite_sums
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(validate, "_all_finite_sums", lambda ts: sums.append(len(ts)) or finite(ts))
+        validate.check_distributions(trace(torch.eye(2).expand(1, 2, 2)))
+    fn = trace(torch.eye(2).expand(1, 2, 2)).nodes["x"]["fn"]
+    held = [a for a, t in validate._tensors(fn) if t.is_floating_point()]
+    assert len(held) > sums[0]  # (views of the same elements summed once)
+    bad = torch.eye(2)
+    bad[1, 0] = float("nan")
+    with pytest.raises(ModelInputError, match=r"site 'x' .*'(loc|_unbroadcasted_scale_tril|scale_tril)'.* 1 NaN"):  # fmt: skip
+        validate.check_distributions(trace(bad))
+
+
+def test_the_plans_small_id_tests_equal_their_tensor_ops(monkeypatch):
+    """rules.rows_aligned, optim._identity_ids and optim._enumeration_values read a few ids as
+    Python ints (rules.small_ints): the same answers as their tensor ops (SMALL_IDS = 0)."""
+    from pyro_emvae import optim, rules
+
+    ids = [
+        torch.arange(6).reshape(3, 2),
+        torch.arange(6).reshape(3, 2) + 10,
+        torch.arange(6).reshape(3, 2).flip(-1),
+        torch.arange(6).reshape(2, 3),
+        torch.arange(4).reshape(2, 1, 2).expand(2, 5, 2),  # (a broadcast view)
+        torch.tensor([[3, 4], [1, 2]]),
+        torch.tensor([[-1, 0]]),
+        torch.arange(6).reshape(3, 2)[:, :1],
+        torch.tensor(5),
+    ]
+    values = [
+        torch.arange(3).reshape(3, 1),
+        torch.tensor([[0.0], [1.0]]),
+        torch.tensor([False, True]),
+    ]
+    values += [torch.tensor([1, 0]), torch.tensor([0.0, float("nan")]), torch.tensor([[0, 1]])]
+
+    def answers():
+        out = []
+        for t in ids:
+            for offset in (0, 1, 10, -2):
+                out.append(rules.rows_aligned(t, offset) if t.dim() else None)
+                for shape in (tuple(t.shape), (6,), (3, 2)):
+                    out.append(optim._identity_ids(t, offset, shape))
+        out += [optim._enumeration_values(v, k) for v in values for k in (2, 3)]
+        return out
+
+    small = answers()
+    assert (
+        rules.small_ints(torch.arange(4).reshape(2, 1, 2).expand(2, 3, 2))
+        == [0, 1] * 3 + [2, 3] * 3
+    )
+    monkeypatch.setattr(rules, "SMALL_IDS", -1)
+    assert rules.small_ints(torch.arange(3)) is None
+    assert answers() == small
+    assert any(small) and not all(a for a in small if a is not None)
+
+
+def test_the_probes_row_normalization_short_path_gives_the_general_paths(monkeypatch):
+    """A value-form tracked tensor's row sum and its division by it (Categorical(probs=p))
+    by the short path (track._row_fast) equal the general path's: values, ids, form, param
+    names, the _RowSum's source; other sums and divisions go the general way."""
+    from pyro_emvae import track as _track
+
+    p = _track.Tracked.wrap(torch.tensor([[0.2, 0.6], [1.0, 3.0]]), "p")
+
+    def ops():
+        s = p.sum(-1, keepdim=True)
+        out = [s, p / s, torch.div(p, p.sum(dim=-1, keepdim=True)), torch.sum(p, -1, True)]
+        out += [p.sum(-1), p.sum(0, keepdim=True), p / 2.0, p / p.sum(-1, keepdim=True).clone()]
+        c = dist.Categorical(p)
+        return out + [c.probs, c.logits]
+
+    calls = []
+    strip = _track._strip
+    monkeypatch.setattr(_track, "_strip", lambda o: calls.append(o) or strip(o))
+    _ = p / p.sum(-1, keepdim=True), torch.div(p, torch.sum(p, dim=-1, keepdim=True))
+    assert not calls  # (the short path: no general-path helper ran)
+    fast = ops()
+    monkeypatch.setattr(_track, "_ROW_FAST", frozenset())
+    slow = ops()
+    for i, (a, b) in enumerate(zip(fast, slow, strict=True)):
+        assert type(a) is type(b), i
+        assert torch.equal(a.as_subclass(torch.Tensor), b.as_subclass(torch.Tensor)), i
+        if isinstance(b, _track.Tracked):
+            assert torch.equal(a.ids, b.ids) and a.form == b.form, i
+            assert a.param == b.param and a.param_names == b.param_names, i
+        if isinstance(b, _track._RowSum):
+            assert a.source is b.source, i
+    assert fast[1].form == "normalized" and isinstance(fast[0], _track._RowSum)
+
+
+@pytest.mark.parametrize(
+    "param, tril",
+    [
+        (1.0, 1.0),
+        (float("inf"), 1.0),
+        (1.0, float("nan")),
+        (1.0, float("inf")),
+        (float("nan"), float("nan")),
+        (1e308, 1e308),
+    ],
+)
+def test_one_flag_for_params_and_distributions_says_what_each_check_says(param, tril):
+    """validate.check_params_and_distributions (one flag for both where all is finite) passes
+    or raises exactly as check_params then check_distributions do: a non-finite param first,
+    a NaN in a distribution next, an inf in a distribution allowed."""
+    from pyro_emvae.errors import ModelInputError
+
+    def model():
+        a = pyro.param("a", torch.tensor([param, 2.0]))
+        m = torch.eye(2).expand(1, 2, 2).clone()
+        m[0, 1, 0] = tril
+        with pyro.plate("p", 3):
+            pyro.sample("x", dist.MultivariateNormal(a, scale_tril=m), obs=torch.zeros(3, 2))
+
+    pyro.clear_param_store()
+    with pyro.validation_enabled(False):
+        tr = poutine.trace(model).get_trace()
+
+    def outcome(check):
+        try:
+            check(tr)
+        except ModelInputError as e:
+            return str(e)
+        return None
+
+    def separate(t):
+        validate.check_params(t)
+        validate.check_distributions(t)
+
+    got = outcome(validate.check_params_and_distributions)
+    assert got == outcome(separate)
+    import math
+
+    assert (got is not None) == (not math.isfinite(param) or math.isnan(tril))
+
+
+def test_a_params_id_range_is_made_once_and_again_when_changed(monkeypatch):
+    """track._id_range gives start + arange(numel) in the param's shape (the probe's ids),
+    the same tensor again for the same start, shape and device (a small range), a new one
+    after an in-place change of the old, and never keeps a large range."""
+    from pyro_emvae import track as _track
+
+    monkeypatch.setattr(_track, "_ID_RANGES", {})
+    a = _track._id_range(5, torch.Size([2, 3]), torch.device("cpu"))
+    assert torch.equal(a, torch.arange(5, 11).reshape(2, 3)) and a.dtype == torch.long
+    assert _track._id_range(5, torch.Size([2, 3]), torch.device("cpu")) is a
+    assert _track._id_range(5, torch.Size([3, 2]), torch.device("cpu")) is not a
+    assert torch.equal(_track._id_range(0, torch.Size([]), torch.device("cpu")), torch.tensor(0))
+    a[0, 0] = 99  # (an in-place change: made again)
+    b = _track._id_range(5, torch.Size([2, 3]), torch.device("cpu"))
+    assert b is not a and torch.equal(b, torch.arange(5, 11).reshape(2, 3))
+    big = torch.Size([_track._SMALL_RANGE + 1])
+    assert _track._id_range(0, big, torch.device("cpu")) is not _track._id_range(0, big, torch.device("cpu"))  # fmt: skip
+    # a probe reads the same ids as the long way made them: every param's range from its offset
+    model, (x,) = _gmm("full")
+    pyro.clear_param_store()
+    model(x)
+    tr, space = _track.probe(model, (x,), {}, 1)
+    for name in space.offsets:
+        ids = tr.nodes[name]["value"].ids
+        want = torch.arange(space.offsets[name], space.offsets[name] + ids.numel())
+        assert torch.equal(ids, want.reshape(space.shapes[name]))
+
+
+def test_mvn_loc_sharings_pairs_as_python_ints_equal_the_tensor_pairs(monkeypatch):
+    """optim._pair_tuples (the (row, covariance ids) pairs read as Python ints, broadcast in
+    Python) equals optim._pair_tensor's rows, for broadcast batch dims, a leading dim only one
+    side has, a constant key and many ids (the tensor way)."""
+    from pyro_emvae import optim, rules
+
+    loc = torch.arange(12).reshape(3, 1, 1, 4) + 7
+    key = torch.arange(100, 100 + 2 * 5 * 4).reshape(2, 5, 4)
+    cases = [
+        (loc, key, torch.Size([3, 2, 5])),
+        (loc, -3, torch.Size([3, 1, 1])),
+        (loc[:, 0], key[:1, :1], torch.Size([3, 1])),
+        (torch.arange(8).reshape(2, 4).expand(6, 2, 4), key[1, :2], torch.Size([6, 2])),
+        (torch.arange(4).reshape(1, 4), torch.arange(3).reshape(3, 1), torch.Size([3])),
+    ]
+    for ids, k, shape in cases:
+        assert shape == torch.broadcast_shapes(ids.shape[:-1], k.shape[:-1] if torch.is_tensor(k) else ())  # fmt: skip
+        want = [tuple(r) for r in optim._pair_tensor(ids, k, shape).tolist()]
+        assert optim._pair_tuples(ids, k, shape) == want
+        assert optim._pair_entries(ids, k, shape) == optim._pair_tensor(ids, k, shape).numel()
+        monkeypatch.setattr(rules, "SMALL_IDS", -1)
+        assert optim._pair_tuples(ids, k, shape) == want
+        monkeypatch.setattr(rules, "SMALL_IDS", 4096)
+
+
+def test_a_guarded_probe_is_the_probe():
+    """track.probe(guarded=True), run under the guards its caller holds (validation off,
+    no_grad, poutine.block: the E-step's structure check), traces what probe() does with its
+    own: the same sites, values, ids and opaque params."""
+    from pyro_emvae import track as _track
+
+    for case in ("gmm-full", "two-latents"):
+        model, args = _SHARED_CASES[case]()
+        pyro.clear_param_store()
+        own, own_space = _track.probe(model, args, {}, 1)
+        with pyro.validation_enabled(False), torch.no_grad(), poutine.block():
+            got, space = _track.probe(model, args, {}, 1, guarded=True)
+        assert list(got.nodes) == list(own.nodes)
+        assert space.offsets == own_space.offsets and space.opaque == own_space.opaque
+        for name, site in own.nodes.items():
+            if "value" not in site:  # (the trace's input and return nodes)
+                continue
+            other = got.nodes[name]["value"]
+            if isinstance(site["value"], torch.Tensor):
+                assert torch.equal(other, site["value"]), name
+            if isinstance(site["value"], _track.Tracked):
+                assert torch.equal(other.ids, site["value"].ids), name
