@@ -203,16 +203,12 @@ def _inspect(model: Callable, args: tuple, kwargs: dict) -> _ModelInfo:
         MarkConditioned(),
     ):
         tr = tracer.get_trace(*args, **kwargs)
-    enumerates = any(
-        s["type"] == "sample" and s["infer"].get("enumerate") == "parallel"
-        for s in tr.nodes.values()
-    )
-    total = observed_count(tr)
-    params = [n for n, s in tr.nodes.items() if s["type"] == "param"]
-    return _ModelInfo(params, max(total, 1), enumerates, tr, (args, kwargs), model, 0, total)
+    return _info(model, args, kwargs, tr)
 
 
 def _info(model: Callable, args: tuple, kwargs: dict, tr) -> _ModelInfo:
+    """What fit reads of a trace of the model (a prior trace, or the first E-step's pass):
+    its params, the observed count (:func:`_inspect`) and whether it enumerates."""
     enumerates = any(
         s["type"] == "sample" and s["infer"].get("enumerate") == "parallel"
         for s in tr.nodes.values()
