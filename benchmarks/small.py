@@ -161,7 +161,8 @@ def breakdown(x: torch.Tensor, init: dict, repeat: int) -> dict[str, float]:
     passes = statistics.median(counts["model passes"])
     print(
         f"model passes per fit: {passes:g} (one per E-step, {n_iter + 1:g}; the rest is setup: "
-        "the input checks' trace, and the E-step's structure check, the plan's probe too)"
+        "the E-step's structure check, the plan's probe too; the first E-step's pass is fit's "
+        "input checks' trace too)"
     )
     return out
 

@@ -76,8 +76,7 @@ def test_small_data_run_prints_the_table_and_the_breakdown(capsys):
     if HAVE_SKLEARN:
         checks = [ln for ln in out.splitlines() if ln.lstrip().startswith("check ")]
         assert len(checks) == 2 and all(ln.endswith(" ok") for ln in checks), checks
-    # the breakdown: E-steps, M-steps, and one model pass per E-step plus the setup's two
-    # (fit's input checks; the E-step's structure check, which is also the plan's probe)
+    # the breakdown: E-steps, M-steps, and the model passes per fit
     assert "where our fit's time goes" in out
     for part in ("whole fit", "E-step", "M-step", "rest ("):
         assert any(ln.startswith(part) for ln in out.splitlines()), part
@@ -87,7 +86,9 @@ def test_small_data_run_prints_the_table_and_the_breakdown(capsys):
     assert "  mixture recipe" in shown or {"  statistics    ", "  maximize      "} <= shown
     line = next(ln for ln in out.splitlines() if ln.startswith("model passes per fit:"))
     passes, e_steps = line.split()[4], line.split("one per E-step, ")[1].split(";")[0]
-    assert int(passes) == int(e_steps) + 2
+    # (one setup pass: the structure check that is the plan's probe too; the first E-step's
+    # pass is fit's input checks' trace too)
+    assert int(passes) == int(e_steps) + 1
 
 
 def test_failed_check_raises():
