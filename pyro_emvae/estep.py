@@ -1477,17 +1477,18 @@ class _FirstPass(Messenger):
       the plates its sample sites met so far (the caller checks that no later site lies
       deeper: then the trace is the one ``poutine.enum(first_available_dim=-1 - depth)``
       makes, whose allocator nothing read before that site);
-    * says why the pass cannot stand for the prior trace (``refused``): a second latent (its
-      prior draw would read the first's drawn value), a latent that is not enumerated or that
-      a handler gave a value, or an observed site that a ``poutine.condition`` holds (the
-      prior trace marks those, see :class:`~pyro_emvae.validate.MarkConditioned`)."""
+    * stops the pass (:class:`_Refused`, at the site that shows it) where it cannot stand for
+      the prior trace: a second latent (its prior draw would read the first's drawn value), a
+      latent that is not enumerated or that a handler gave a value, or an observed site that
+      a ``poutine.condition`` holds (the prior trace marks those, see
+      :class:`~pyro_emvae.validate.MarkConditioned`). (Stopped, not run to its end: a model
+      with two latents, every pyro.markov chain, then costs no whole pass more than before.)"""
 
     def __init__(self, enum, depth: int | None) -> None:
         super().__init__()
         self.enum, self.depth = enum, depth
         self.deepest = 0  # the deepest vectorized plate dim of the sample sites so far (> 0)
         self.latents = 0
-        self.refused: str | None = None
 
     def _pyro_sample(self, msg) -> None:
         if isinstance(msg["fn"], Subsample):
@@ -1504,15 +1505,19 @@ class _FirstPass(Messenger):
             _compat.ENUM_ALLOCATOR.set_first_available_dim(-1 - self.depth)
         self.latents += 1
         if msg["value"] is not None or self.latents > 1 or not enumerated:
-            self.refused = "a latent given a value, a second latent, or one not enumerated"
-            return
+            raise _Refused("a latent given a value, a second latent, or one not enumerated")
         msg["fn"](*msg["args"], **msg["kwargs"])  # (the prior trace's draw, see above)
 
     def _pyro_post_sample(self, msg) -> None:
         if msg["is_observed"] and any(
             isinstance(f, ConditionMessenger) for f in _compat.handler_stack()
         ):
-            self.refused = "a site held by poutine.condition"
+            raise _Refused("a site held by poutine.condition")
+
+
+class _Refused(Exception):
+    """:class:`_FirstPass` stops its pass: it cannot stand for fit's prior trace (not an
+    error of the model's: none of the errors the model's own run is explained by)."""
 
 
 @dataclass
@@ -1786,7 +1791,7 @@ class _ExactEnum(EnumMessenger):
     def __init__(self, first_available_dim: int, latent_masks: bool = False) -> None:
         super().__init__(first_available_dim)
         self._latent_masks = latent_masks
-        self._view = _ExactView(latent_masks)
+        self._view: _ExactView | None = None  # (a fresh one per run: __enter__)
 
     def __enter__(self):
         self._view = _ExactView(self._latent_masks)
@@ -1861,10 +1866,11 @@ class ExactEStep:
         finite and in support, the Gaussian kernels' centred rows) is keyed on the tensors and
         their in-place versions, which a write through a numpy alias does not move: kept only
         between the E-steps of one fit's loop (which sets ``_keep_data``; ``fit`` calls this
-        when it starts), forgotten at any other call."""
+        when it starts), forgotten at any other call; so is a first pass that ``fit`` kept for
+        its first E-step and did not reach (a fit that failed after it)."""
         _kernels.forget_data()
-        _validate.forget_data()
         self._validation.forget_values()
+        self.__dict__.pop("_first", None)
 
     def __getstate__(self) -> dict:  # (the cached handlers of _enum_trace are not state)
         state = dict(self.__dict__)
@@ -1906,9 +1912,10 @@ class ExactEStep:
         enum = EnumMessenger(None if depth is None else -1 - depth)
         first = _FirstPass(enum, depth)
         tracer = poutine.trace(enum(first(self.model)), graph_type="flat")
-        with torch.no_grad(), _validate.explain_model_errors(tracer, depth, budget=True):
-            tr = tracer.get_trace(*args, **kwargs)
-        if first.refused is not None:
+        try:
+            with torch.no_grad(), _validate.explain_model_errors(tracer, depth, budget=True):
+                tr = tracer.get_trace(*args, **kwargs)
+        except _Refused:
             return None
         found = plate_nesting(tr)
         if first.depth is None:  # (nothing enumerated: any depth gives this trace)

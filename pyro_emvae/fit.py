@@ -605,10 +605,6 @@ def fit(
         guide.forget_data()
         if isinstance(mstep, EMOptim):
             mstep._plan_key = None
-        # (with EMOptim in memory, the first E-step's structure check probes the model for
-        # the M-step's plan too: one setup pass fewer, see ExactEStep._shared_probe; no other
-        # M-step reads a plan, and a stream's passes plan each batch afresh)
-        guide.share_probe = isinstance(mstep, EMOptim) and stream is None
     # (an ExactEStep's first E-step pass serves as the prior trace where it can: _inspect_first)
     info = _inspect_first(guide, args, kwargs) if exact and stream is None else None
     if stream is None and info is None:
@@ -684,6 +680,13 @@ def fit(
     # (the prior trace holds what the model computed on the whole data: a mixture's locs[z]
     # at a drawn z, (N, D) per param; nothing reads it from here on)
     info.trace = None
+    if exact:
+        # (with EMOptim in memory, the first E-step's structure check probes the model for
+        # the M-step's plan too: one setup pass fewer, see ExactEStep._shared_probe; no other
+        # M-step reads a plan, and a stream's passes plan each batch afresh. For this fit's
+        # loop only: a later direct posterior call probes for no M-step)
+        guide.share_probe = isinstance(mstep, EMOptim) and stream is None
+        scope.callback(_stop_sharing_probes, guide)
     with scope:
         for run in range(state["run"] if state else 0, n_init):
             resume = state if state is not None and run == state["run"] else None
@@ -725,6 +728,13 @@ def fit(
     return best
 
 
+def _stop_sharing_probes(guide: ExactEStep) -> None:
+    """The end of a fit's loop: the guide's structure checks probe for no M-step any more, and
+    a probe not taken (an error, an interrupt) is let go."""
+    guide.share_probe = False
+    guide.__dict__.pop("_probe", None)
+
+
 def _algorithm_key(exact: bool, mstep: Any, optim: Any) -> str:
     """What a checkpoint's optimizer state belongs to: the M-step's class and its gradient
     optimizer's (``"EMOptim(Adam)"``, ``"GradientMStep(Adam)"``, ``"SVI(Adam)"``)."""
@@ -757,6 +767,12 @@ def _start_run(run, seed, exact, mstep, optim, init, info, guide, stream, per_ba
 
 def _init_run(run, seed, exact, mstep, optim, init, info, guide, stream, per_batch) -> None:
     args, kwargs = info.first
+    if seed is not None or callable(init):
+        # fit's first pass, kept for the first E-step (_inspect_first), ran before this seed
+        # and this init: a model that draws (a subsampled plate) would keep the draws made
+        # before the seed, and a write the init makes behind the version counters (.data)
+        # would not be seen; the E-step traces the model again
+        getattr(guide, "__dict__", {}).pop("_first", None)
     if seed is not None:
         pyro.set_rng_seed(seed + run)
     if hasattr(mstep if exact else optim, "reset"):

@@ -685,39 +685,9 @@ def _real_support(fn) -> bool:
     return support is constraints.real
 
 
-# observed values found finite: id -> (weak reference, in-place version). fit's checks of its
-# prior trace and its first E-step's checks of the enumerated trace read the same data tensor:
-# the same tensor, unmodified, is finite again (forgotten when a fit starts and at any E-step
-# outside a fit's loop: ExactEStep.forget_data)
-_FINITE_VALUES: dict[int, tuple] = {}
-
-
-def forget_data() -> None:
-    """Forget which data values were found finite (see :func:`pyro_emvae.kernels.forget_data`:
-    a write through a numpy alias does not move a tensor's version)."""
-    _FINITE_VALUES.clear()
-
-
-def _known_finite(value: torch.Tensor) -> bool:
-    hit = _FINITE_VALUES.get(id(value))
-    return hit is not None and hit[0]() is value and hit[1] == _compat.tensor_version(value)
-
-
-def _remember_finite(value: torch.Tensor) -> None:
-    if len(_FINITE_VALUES) >= 256:  # (tensors long gone: start over)
-        _FINITE_VALUES.clear()
-    try:
-        _FINITE_VALUES[id(value)] = (weakref.ref(value), _compat.tensor_version(value))
-    except TypeError:  # (a tensor without weak references: checked each time)
-        pass
-
-
 def _check_finite_value(name: str, site: dict, value: torch.Tensor, exact: bool) -> bool:
     """Raise for a NaN or inf entry of ``value``; returns True (every entry finite)."""
-    if _known_finite(value):
-        return True
     if _finite_sum(value):
-        _remember_finite(value)
         return True
     nan = torch.isnan(value)
     # (torch.isinf(x) is x.abs() == inf: a float copy of the data; the comparisons are bools)

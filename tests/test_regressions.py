@@ -4,6 +4,7 @@ devices, poutine.scale under enumeration, obs_mask counting, recovery state, wit
 
 import os
 import signal
+import sys
 
 import pyro
 import pyro.distributions as dist
@@ -12,8 +13,10 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.optim import PyroOptim
+from torch.distributions import constraints
 
 from pyro_emvae import AmortizedGuide, EMOptim, ExactEStep, KLControlledELBO, fit
+from pyro_emvae.errors import ModelInputError
 from pyro_emvae.evaluate import _plan, _weights
 
 
@@ -487,3 +490,120 @@ def test_direct_posterior_calls_read_data_changed_through_numpy():
     arr[4, 0] = float("nan")
     with pytest.raises(ModelInputError, match=r"1 NaN value.*\(4, 0\)"):
         guide.posterior(x)
+
+
+# ---------------------------------------------------------------- fit's kept first pass
+# fit's first model pass (fit._inspect_first) is kept for the first E-step of the loop; found in
+# review: it outlived what it was made from (an init's .data write, a seed, a failed fit), and a
+# refused pass ran to its end; the public finiteness check kept tensors found finite across calls
+
+
+def _mixture_1d(x, subsample=None):
+    w = pyro.param("w", torch.tensor([0.5, 0.5]), constraint=constraints.simplex)
+    locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+    with pyro.plate("n", len(x), subsample_size=subsample) as idx:
+        z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x[idx])
+
+
+def _xs(n=120):
+    g = torch.Generator().manual_seed(0)
+    return torch.cat([torch.randn(n // 2, generator=g) - 3, torch.randn(n // 2, generator=g) + 3])
+
+
+def test_an_init_that_writes_params_through_data_is_seen_by_the_first_e_step():
+    x = _xs()
+    target = torch.tensor([-3.0, 3.0])
+
+    def init(run):
+        pyro.param("locs").unconstrained().data.copy_(target)  # (no version bump)
+
+    pyro.clear_param_store()
+    result = fit(_mixture_1d, ExactEStep(_mixture_1d), x, init=init, max_iter=2, progress=False)
+    pyro.clear_param_store()
+    _mixture_1d(x)
+    pyro.param("locs").unconstrained().data.copy_(target)
+    want = -TraceEnum_ELBO(max_plate_nesting=1).loss(_mixture_1d, lambda *a: None, x)
+    assert result.history["log_likelihood"][0] == pytest.approx(want, rel=1e-12)
+
+
+def test_a_seed_fixes_the_first_e_step_of_a_model_that_draws():
+    x = _xs()
+
+    def model(x):
+        return _mixture_1d(x, subsample=40)
+
+    runs = []
+    for outer in (1, 2):
+        torch.manual_seed(outer)
+        pyro.clear_param_store()
+        result = fit(model, ExactEStep(model), x, seed=7, max_iter=2, progress=False)
+        runs.append(result.history["log_likelihood"])
+    assert runs[0] == runs[1]
+
+
+def test_a_failed_fit_leaves_no_first_pass_behind():
+    arr = _xs().numpy().copy()
+    x = torch.from_numpy(arr)
+    guide = ExactEStep(_mixture_1d)
+    pyro.clear_param_store()
+
+    def failing(run):
+        raise RuntimeError("init failed")
+
+    with pytest.raises(RuntimeError, match="init failed"):
+        fit(_mixture_1d, guide, x, init=failing, progress=False)
+    arr *= 2.0  # (through the numpy alias: torch's version counter does not move)
+    got = guide.posterior(x).log_likelihood
+    want = ExactEStep(_mixture_1d).posterior(x.clone()).log_likelihood
+    assert torch.equal(got, want)
+    assert not getattr(guide, "share_probe", False) and guide.__dict__.get("_probe") is None
+
+
+def test_nan_written_through_a_numpy_alias_is_refused_by_a_later_fit():
+    arr = _xs().numpy().copy()
+    x = torch.from_numpy(arr)
+
+    def model(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        with pyro.plate("n", len(x)):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    def guide(x):
+        pass
+
+    pyro.clear_param_store()
+    fit(model, guide, x, optim=pyro.optim.Adam({"lr": 0.01}), max_iter=2, progress=False)
+    arr[3] = float("nan")
+    with pytest.raises(ModelInputError, match="NaN"):
+        fit(model, guide, x, optim=pyro.optim.Adam({"lr": 0.01}), max_iter=2, progress=False)
+
+
+def test_a_refused_first_pass_stops_at_the_site_that_refuses_it(monkeypatch):
+    """A model with two latents: the first pass stops at the second, so fit makes no more
+    whole model passes than with the separate prior trace."""
+    x = _xs(60)
+    done = [0]
+
+    def model(x):
+        w = pyro.param("w", torch.tensor([0.5, 0.5]), constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("n", len(x)):
+            a = pyro.sample("a", dist.Categorical(w), infer={"enumerate": "parallel"})
+            b = pyro.sample("b", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(locs[a] + locs[b], 1.0), obs=x)
+        done[0] += 1
+
+    counts = []
+    for first in (True, False):
+        with monkeypatch.context() as m:
+            if not first:
+                m.setattr(_fit_module, "_inspect_first", lambda *a, **k: None)
+            pyro.clear_param_store()
+            done[0] = 0
+            fit(model, ExactEStep(model), x, max_iter=2, tol=0, progress=False)
+            counts.append(done[0])
+    assert counts[0] == counts[1]
+
+
+_fit_module = sys.modules["pyro_emvae.fit"]

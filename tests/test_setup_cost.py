@@ -980,6 +980,7 @@ def test_the_kept_first_pass_is_taken_only_for_what_it_was_made_from():
     def run(change=None):
         pyro.clear_param_store()
         guide = ExactEStep(counted)
+        guide._keep_data = True  # (the E-steps of a fit's loop, which the kept pass is for)
         _, depth = guide._first_trace((x,), {})
         guide.max_plate_nesting = depth
         args = (x,)
