@@ -826,14 +826,9 @@ def _two_factors(terms: list, symbol: str, scratch: frozenset):
     return log_z, [total, total]
 
 
-def _new_posterior(tr, log_z: torch.Tensor, scale: float) -> Posterior:
+def _bare_posterior(log_z, scale: float, symbol_to_dim: dict, subsample_sites: dict) -> Posterior:
     """A :class:`Posterior` with ``log p(x)``, the common scale, the trace's dims and the
     minibatch it saw (its subsample sites); the posteriors are filled in after."""
-    return _bare_posterior(log_z, scale, tr.symbol_to_dim, tr._subsample_sites)
-
-
-def _bare_posterior(log_z, scale: float, symbol_to_dim: dict, subsample_sites: dict) -> Posterior:
-    """:func:`_new_posterior` from what it reads of the trace."""
     post = Posterior(log_likelihood=log_z, scale=scale)
     post.symbol_to_dim = dict(symbol_to_dim)
     post.subsample = poutine.Trace()
@@ -2357,7 +2352,7 @@ class ExactEStep:
             # (the posterior is a gradient, even under no_grad: see grad_mode)
             log_z, inputs, grads, pgrads, scale = self._contract(tr, grad_mode=True)
         log_z = log_z.detach() if log_z.requires_grad else log_z
-        post = _new_posterior(tr, log_z, scale)
+        post = _bare_posterior(log_z, scale, tr.symbol_to_dim, tr._subsample_sites)
         if param_grads:
             post.param_grads = {
                 n: (g if g is not None else torch.zeros_like(p))

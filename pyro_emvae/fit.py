@@ -50,8 +50,6 @@ from pyro_emvae.loop import (
     Options,
     Streamed,
     SVIStep,
-    restore,
-    snapshot,
 )
 from pyro_emvae.loop import run as run_loop
 from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
@@ -713,7 +711,7 @@ def fit(
                 if n_init > 1 or ckpt is not None:
                     # (read only to restore the best of several runs, or by a checkpoint: one
                     # run without a checkpoint keeps its params where they are)
-                    best_snapshot = snapshot(_params.names())
+                    best_snapshot = _params.snapshot(_params.names())
             if result.interrupted:
                 best.interrupted = True  # the fit as a whole was cut short, whichever run is best
                 break
@@ -721,7 +719,7 @@ def fit(
                 ckpt.save({"run": run + 1, "n_done": None, **outer()})
     assert best is not None
     if n_init > 1:
-        restore(best_snapshot)
+        _params.restore(best_snapshot)
         best.restarts = finals
     if reg_covar is not None:
         mstep.reg_covar = reg_covar  # the user's EMOptim as it was given

@@ -673,6 +673,7 @@ def _geometry_of(shape: tuple, stride: tuple, event: int) -> tuple:
 
 
 def _as_view(t: torch.Tensor, view) -> torch.Tensor:
+    """``t`` seen through ``view`` = (shape, strides, offset from t's own), or ``t`` if None."""
     return t if view is None else t.as_strided(view[0], view[1], t.storage_offset() + view[2])
 
 
@@ -946,12 +947,6 @@ def _relative_view(view: torch.Tensor, base: torch.Tensor):
     return geometry
 
 
-def _view_of(t: torch.Tensor, geometry) -> torch.Tensor:
-    if geometry is None:
-        return t
-    return t.as_strided(geometry[0], geometry[1], t.storage_offset() + geometry[2])
-
-
 def _outer_steady(weight, value, loc, param_batch):
     """:func:`outer_scatter` (``outer=True``) for a call of the same geometry as the last
     one (the shapes, strides and dtypes of the weight, value and loc, and ``param_batch``):
@@ -976,9 +971,9 @@ def _outer_steady(weight, value, loc, param_batch):
     prep = hit[1]
     if prep is None or weight.requires_grad or loc.requires_grad or value.requires_grad:
         return None
-    wfull = _view_of(weight, prep.w_view)  # (M, N)
-    mu = _view_of(loc, prep.loc_view)  # (M, D)
-    s, den = outer_rows(wfull, _view_of(weight, prep.wt_view), value, mu)
+    wfull = _as_view(weight, prep.w_view)  # (M, N)
+    mu = _as_view(loc, prep.loc_view)  # (M, D)
+    s, den = outer_rows(wfull, _as_view(weight, prep.wt_view), value, mu)
     big = prep.big
     return den.reshape(big), s.reshape(big + [prep.d, prep.d])
 

@@ -75,7 +75,6 @@ from pyro_emvae.optim import EMOptim, GradientMStep, OnlineEM
 from pyro_emvae.params import (
     constrained,
     restore,
-    snapshot,  # noqa: F401 (fit imports it from here)
     stamped_snapshot,
 )
 from pyro_emvae.result import FitResult

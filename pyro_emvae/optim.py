@@ -1082,7 +1082,7 @@ def _identity_transform(c) -> bool:
 
 def _mixture_recipe(plan: Plan) -> _Mixture | None:
     """The plan's :class:`_Mixture`, made once (held in its memo), or None."""
-    memo = plan.memo if plan.memo is not None else {}
+    memo = plan.memo
     hit = memo.get("_mixture")
     if hit is not None and hit[0] is plan.trace:
         return hit[1]
@@ -1195,7 +1195,6 @@ def _make_mixture(plan: Plan) -> _Mixture | None:
 
 # (shape, strides, dims, their places) of a packed factor -> the geometry of its unpacked view
 _UNPACKED: dict = {}
-_UNPACK = True  # False: Pyro's packed.unpack at every call (the tests compare the two)
 
 
 def _unpack(q: torch.Tensor, symbol_to_dim: dict) -> torch.Tensor:
@@ -1203,7 +1202,7 @@ def _unpack(q: torch.Tensor, symbol_to_dim: dict) -> torch.Tensor:
     places ``symbol_to_dim`` gives them), made in one ``as_strided`` op where Pyro's takes a
     permute and a reshape; the geometry is worked out by Pyro's once per layout."""
     dims = _compat.pyro_dims(q)
-    if not _UNPACK or q.dim() == 0 or q.requires_grad:
+    if q.dim() == 0 or q.requires_grad:
         return packed.unpack(q, symbol_to_dim)
     key = (q.shape, q.stride(), dims, tuple([symbol_to_dim[d] for d in dims]))
     hit = _UNPACKED.get(key)
@@ -1225,7 +1224,7 @@ def _site_layout(plan: Plan) -> list[tuple]:
     ``direct`` when the E-step's factor is the weight as it is (a chain's pairwise posterior,
     an implicit latent's counts), ``scale`` None where it is 1. Structure only, read from
     the probe's trace: made once per plan (held in its memo, which the plan owns)."""
-    memo = plan.memo if plan.memo is not None else {}  # (None: nothing kept)
+    memo = plan.memo
     layout = memo.get("_sites")
     if layout is not None and layout[0] is plan.trace:
         return layout[1]

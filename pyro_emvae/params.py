@@ -187,7 +187,7 @@ class Snapshot(Mapping):
 
     def __init__(self, names: Iterable[str], taken: tuple | None = None) -> None:
         leaves = pyro.get_param_store().named_parameters().mapping
-        if taken is not None:  # (copies made already: see Taken)
+        if taken is not None:  # (copies made already: see stamped_snapshot)
             copies, stamps = taken
             self._leaves = {}
             for n in names:
