@@ -967,10 +967,16 @@ def enumeration_budget(device: torch.device | None = None) -> tuple[float | None
         (2147483648.0, 'PYRO_EMVAE_MAX_ENUM_BYTES=2GiB')
         >>> del os.environ["PYRO_EMVAE_MAX_ENUM_BYTES"]
     """
-    raw = os.environ.get(ENUM_BUDGET_ENV)
-    if raw is not None and raw.strip():
-        return _parse_bytes(raw), f"{ENUM_BUDGET_ENV}={raw.strip()}"
+    raw = _budget_set()
+    if raw is not None:
+        return _parse_bytes(raw), f"{ENUM_BUDGET_ENV}={raw}"
     return available_memory(device), "the available memory"
+
+
+def _budget_set() -> str | None:
+    """The budget ``ENUM_BUDGET_ENV`` sets (stripped), or None where it is unset or blank."""
+    raw = os.environ.get(ENUM_BUDGET_ENV)
+    return raw.strip() if raw is not None and raw.strip() else None
 
 
 def _budget_advice() -> str:
@@ -1069,9 +1075,8 @@ class EnumerationBudget(Messenger):
         self.sites: dict[int, tuple[str, int, Any, int]] = {}
         self._count = 0
         self._budget: tuple[float | None, str] | None = None
-        raw = os.environ.get(ENUM_BUDGET_ENV)
         self._floor = float(self.FLOOR)
-        if raw is not None and raw.strip():
+        if _budget_set() is not None:
             self._budget = enumeration_budget()
             self._floor = self._budget[0]
         # The watch does nothing until a site is enumerated (it checks only ops over
@@ -1219,8 +1224,7 @@ def check_enumeration_memory(
     source = "available"
     if available is None:
         device = _site_device(trace.nodes[name])
-        raw = os.environ.get(ENUM_BUDGET_ENV)
-        if not (raw and raw.strip()) and _fits_recent_read(need, device):
+        if _budget_set() is None and _fits_recent_read(need, device):
             return
         available, source = enumeration_budget(device)
         if source == "the available memory" and available is not None:
