@@ -21,8 +21,7 @@ import pyro
 import torch
 from pyro.distributions import Categorical, DiscreteHMM, MultivariateNormal
 from pyro.optim import PyroOptim
-from torch.distributions import constraints, transform_to
-from torch.distributions.transforms import ComposeTransform, IndependentTransform
+from torch.distributions import constraints
 
 from pyro_emvae import _compat
 from pyro_emvae import distributed as dp
@@ -988,7 +987,6 @@ class _Mixture:
         "d",
         "dtype",
         "k",
-        "loc_constraint",
         "locs",
         "n",
         "probs",
@@ -1001,11 +999,6 @@ class _Mixture:
         self.probs, self.locs, self.tril = probs, locs, tril
         self.stage0 = [p for p in order if p != tril]  # (the maximizers' order)
         self.dtype = dtype
-        # the locs' constraint when its transform is the identity (real, real_vector): the
-        # store then holds the written locs bit for bit (u.copy_(T^{-1}(L)) with T^{-1} = id),
-        # and stage 1 reads them without _params.value's transform and detach; else None
-        c = _params.constraint_of(locs)
-        self.loc_constraint = c if _identity_transform(c) else None
 
     def run(self, opt: EMOptim, plan: Plan, sites: list) -> int:
         """Make the stages the usual case allows (0, 1 or 2 of them), as the general path would:
@@ -1047,16 +1040,9 @@ class _Mixture:
                 else 0.0
             )
         _params.write({name: new[name] for name in self.stage0})
-        # stage 1: the Cholesky factors about the new locs (as the store holds them: the
-        # written tensor itself where the locs' transform is the identity, see __init__)
+        # stage 1: the Cholesky factors about the new locs (as the store holds them)
         wt = w.as_strided((self.n, self.k, 1), (w.stride(1), w.stride(0), 1))  # (N, K, 1)
-        c = self.loc_constraint
-        mu = (
-            new[self.locs]
-            if c is not None and _params.constraint_of(self.locs) is c
-            else _params.value(self.locs)
-        )
-        s, _ = outer_rows(w, wt, x, mu, den=nk)
+        s, _ = outer_rows(w, wt, x, _params.value(self.locs), den=nk)
         ml, cov = regularized_covariances(s + 0.0, nk, opt.reg_covar)
         chol, info = torch.linalg.cholesky_ex(cov)
         if info.any().tolist():  # (info >= 0: one op where (info == 0).all() is two)
@@ -1066,18 +1052,6 @@ class _Mixture:
         )
         _params.write({self.tril: chol})
         return 2
-
-
-def _identity_transform(c) -> bool:
-    """Whether ``transform_to(c)`` is the identity map (``constraints.real``, or
-    ``real_vector`` and other ``independent`` wrappers of it: an empty composition)."""
-    try:
-        t = transform_to(c)
-    except NotImplementedError:
-        return False
-    while isinstance(t, IndependentTransform):
-        t = t.base_transform
-    return type(t) is ComposeTransform and not t.parts
 
 
 def _mixture_recipe(plan: Plan) -> _Mixture | None:

@@ -911,21 +911,12 @@ def test_the_loops_rollback_copies_serve_the_mstep_and_give_the_same_fit(monkeyp
     assert shared == [False, False]  # (a direct call: its own copies)
 
 
-def test_the_identity_transform_is_known():
-    assert _optim._identity_transform(constraints.real)
-    assert _optim._identity_transform(constraints.real_vector)
-    assert _optim._identity_transform(constraints.independent(constraints.real, 2))
-    for c in (constraints.positive, constraints.simplex, constraints.lower_cholesky):
-        assert not _optim._identity_transform(c)
-    assert not _optim._identity_transform(constraints.nonnegative_integer)  # (no transform)
-
-
 @pytest.mark.parametrize("loc_constraint", [constraints.real, constraints.real_vector])
 def test_the_mixture_recipe_reads_the_written_locs_as_the_store_holds_them(
     monkeypatch, loc_constraint
 ):
-    """Stage 1 of the mixture recipe centres on the locs just written (the store's leaf is
-    that tensor's copy: an identity transform), giving the general path's bits."""
+    """Stage 1 of the mixture recipe centres on the locs just written, as the store holds
+    them (real and real_vector locs: identity transforms), giving the general path's bits."""
     data, _ = sample_gmm(N=50, K=2, D=2, seed=5)
     init = init_params(data, 2, "full", seed=2)
 
@@ -943,8 +934,6 @@ def test_the_mixture_recipe_reads_the_written_locs_as_the_store_holds_them(
     (fast, general), made = _fit_both(monkeypatch, model, data)
     assert made and set(made) == {2}
     _assert_same(fast, general)
-    recipe = _optim._Mixture((2, 50), 2, "weights", "locs", "scale_tril", [], torch.float64)
-    assert recipe.loc_constraint is _params.constraint_of("locs")
 
 
 def test_the_plan_keys_check_in_place_agrees_with_a_new_key():
