@@ -53,10 +53,7 @@ class PlanKey:
         self.objects = (*args, *(v for _, v in sorted(kwargs.items())))
         self.names = tuple(sorted(kwargs))
         self.meta = tuple(_meta(a) for a in self.objects)
-        self.params = tuple(
-            (n, tuple(v.shape), v.dtype, v.device, id(_params.constraint_of(n)))
-            for n, v in _params.unconstrained().items()
-        )
+        self.params = tuple(_param_meta(n, v) for n, v in _params.unconstrained().items())
 
     def holds(self, args: tuple, kwargs: dict) -> bool:
         """``self.matches(PlanKey(args, kwargs))``, without making that key: the same
@@ -73,16 +70,7 @@ class PlanKey:
         leaves = _params.unconstrained()
         if len(leaves) != len(self.params):
             return False
-        for (n, shape, dtype, device, c), (name, v) in zip(self.params, leaves.items()):
-            if (
-                n != name
-                or tuple(v.shape) != shape
-                or v.dtype != dtype
-                or v.device != device
-                or id(_params.constraint_of(n)) != c
-            ):
-                return False
-        return True
+        return all(p == _param_meta(n, v) for p, (n, v) in zip(self.params, leaves.items()))
 
     def matches(self, other: PlanKey) -> bool:
         return (
@@ -92,6 +80,11 @@ class PlanKey:
             and self.meta == other.meta
             and self.params == other.params
         )
+
+
+def _param_meta(name: str, leaf: torch.Tensor) -> tuple:
+    """What a plan depends on of one param: its name, shape, dtype, device and constraint."""
+    return (name, tuple(leaf.shape), leaf.dtype, leaf.device, id(_params.constraint_of(name)))
 
 
 def _meta(a) -> tuple:
