@@ -1056,7 +1056,7 @@ class _Mixture:
 
 def _mixture_recipe(plan: Plan) -> _Mixture | None:
     """The plan's :class:`_Mixture`, made once (held in its memo), or None."""
-    memo = plan.memo
+    memo = plan.memo if plan.memo is not None else {}
     hit = memo.get("_mixture")
     if hit is not None and hit[0] is plan.trace:
         return hit[1]
@@ -1198,7 +1198,7 @@ def _site_layout(plan: Plan) -> list[tuple]:
     ``direct`` when the E-step's factor is the weight as it is (a chain's pairwise posterior,
     an implicit latent's counts), ``scale`` None where it is 1. Structure only, read from
     the probe's trace: made once per plan (held in its memo, which the plan owns)."""
-    memo = plan.memo
+    memo = plan.memo if plan.memo is not None else {}  # (None: nothing kept, as the tests ask)
     layout = memo.get("_sites")
     if layout is not None and layout[0] is plan.trace:
         return layout[1]
